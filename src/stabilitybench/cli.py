@@ -1,0 +1,207 @@
+"""The command line: a thin typer adapter over plain functions in the modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stabilitybench.errors import StabilityBenchError
+
+app = typer.Typer(
+    name="stabilitybench",
+    help="Audit the stability of deep-learning training: telemetry, perturbations, early warning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+monitor_app = typer.Typer(help="Fit the Meta-State Monitor and evaluate early-warning detectors.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+class Backend(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Turn a user error into one red line and exit code 2 — never a traceback."""
+    try:
+        return fn()
+    except StabilityBenchError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from stabilitybench import __version__
+
+        console.print(f"stabilitybench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+    ] = False,
+) -> None:
+    """StabilityBench: audit the stability of deep-learning training."""
+
+
+@app.command()
+def audit(
+    spec: Annotated[Path, typer.Argument(help="The audit spec (YAML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The audit folder (created or resumed).")],
+    backend: Annotated[Backend, typer.Option(help="Where runs execute.")] = Backend.local,
+    workers: Annotated[int | None, typer.Option(help="Runs in parallel (local backend); default: one per core.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Address of an existing Ray cluster.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded grid and its estimated cost; run nothing.")] = False,
+    report: Annotated[bool, typer.Option(help="Fit the monitor and write the HTML report at the end.")] = True,
+) -> None:
+    """Run every run of an audit spec (resumable: finished runs are skipped)."""
+    from stabilitybench.audit.runner import run_audit_cli
+
+    code = _guard(
+        lambda: run_audit_cli(
+            spec, out, backend=backend.value, workers=workers, ray_address=ray_address,
+            dry_run=dry_run, report=report, console=console,
+        )
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) -> None:
+    """Counts of runs by status, and the first error line of each failed run."""
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    counts = store.status_counts()
+    table = Table(title=f"audit {store.audit().get('name', audit_dir)}")
+    table.add_column("status")
+    table.add_column("runs", justify="right")
+    for name, count in counts.items():
+        table.add_row(name, str(count))
+    console.print(table)
+    failed = [i for i in store.infos() if i.get("status") == "failed"]
+    for info in failed:
+        first = (info.get("error") or "").strip().splitlines()
+        console.print(f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {first[-1] if first else '?'}", highlight=False)
+
+
+@app.command()
+def query(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
+    sql: Annotated[str, typer.Argument(help="SQL over the views runs, telemetry, evals, events, scores.")],
+    output_json: Annotated[bool, typer.Option("--json", help="Print JSON records instead of a table.")] = False,
+    limit: Annotated[int, typer.Option(help="Rows to print (the table view).")] = 50,
+) -> None:
+    """Run DuckDB SQL over the audit's Parquet files and print the result."""
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    frame = _guard(lambda: store.query(sql))
+    if output_json:
+        sys.stdout.write(frame.to_json(orient="records", date_format="iso") + "\n")
+        return
+    table = Table(show_lines=False)
+    for column in frame.columns:
+        table.add_column(str(column), overflow="fold")
+    for row in frame.head(limit).itertuples(index=False):
+        table.add_row(*[_cell(v) for v in row])
+    console.print(table)
+    if len(frame) > limit:
+        console.print(f"… {len(frame) - limit} more rows (use --limit or --json)")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@app.command()
+def summary(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
+    output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Stability metrics per run and per condition, with confidence intervals."""
+    from stabilitybench.metrics.summary import print_summary, summarize
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    result = _guard(lambda: summarize(store))
+    if output_json:
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    else:
+        print_summary(result, console)
+
+
+@monitor_app.command("fit")
+def monitor_fit(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
+    latent_dim: Annotated[int, typer.Option(help="Size k of the latent meta-state.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for the monitor's own training.")] = 0,
+) -> None:
+    """Fit the Meta-State Monitor on the audit's baseline runs and score every run."""
+    from stabilitybench.monitor.evaluate import fit_audit
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    _guard(lambda: fit_audit(store, latent_dim=latent_dim, seed=seed, console=console))
+
+
+@monitor_app.command("evaluate")
+def monitor_evaluate(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
+    output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    target_false_alarms: Annotated[float, typer.Option(help="Target false alarms per 1,000 steps on baseline runs.")] = 1.0,
+) -> None:
+    """Compare the monitor with reactive guards: AUROC, recall, precision, lead time, false alarms."""
+    from stabilitybench.monitor.evaluate import evaluate_audit, print_evaluation
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    result = _guard(lambda: evaluate_audit(store, target_false_alarms=target_false_alarms))
+    if output_json:
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    else:
+        print_evaluation(result, console)
+
+
+@app.command()
+def report(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="The HTML file (default: DIR/report.html).")] = None,
+    figures: Annotated[Path | None, typer.Option("--figures", help="Also write each figure as PNG here.")] = None,
+) -> None:
+    """Write one self-contained HTML report (and optionally PNG figures)."""
+    from stabilitybench.report.html import write_report
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    path = _guard(lambda: write_report(store, output=output, figures_dir=figures))
+    console.print(f"report written to [bold]{path}[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

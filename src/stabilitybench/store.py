@@ -1,0 +1,305 @@
+"""RunStore: one folder per audit, one sub-folder per run; Parquet tables queried with DuckDB.
+
+Layout::
+
+    <audit>/audit.json                  the resolved spec, its hash, the package version
+    <audit>/runs/<run_id>/run.json      spec, status, seed, timings, outcome, error text
+    <audit>/runs/<run_id>/telemetry.parquet   one row per optimizer step
+    <audit>/runs/<run_id>/evals.parquet       one row per evaluation (step, env_step, perf, …)
+    <audit>/runs/<run_id>/events.parquet      one row per perturbation window
+    <audit>/runs/<run_id>/scores.parquet      detector scores per step (written by the monitor)
+
+Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.io import read_json, write_json, write_parquet
+from stabilitybench.types import RunStatus
+
+TABLES = ("telemetry", "evals", "events")
+EVENT_COLUMNS = (
+    "kind",
+    "name",
+    "dimension",
+    "params",
+    "start_step",
+    "end_step",
+    "start_env_step",
+    "end_env_step",
+)
+AUDIT_FILE = "audit.json"
+RUNS_DIR = "runs"
+
+
+@dataclass
+class RunData:
+    """Everything stored for one run, loaded into memory."""
+
+    run_id: str
+    info: dict[str, Any]  # the contents of run.json
+    telemetry: pd.DataFrame
+    evals: pd.DataFrame
+    events: pd.DataFrame
+    scores: pd.DataFrame | None = None
+
+    @property
+    def status(self) -> str:
+        return str(self.info.get("status", "pending"))
+
+    @property
+    def seed(self) -> int | None:
+        return self.info.get("seed")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.info.get("perturbation", {}).get("kind", "none") == "none"
+
+
+def empty_events() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype="object") for c in EVENT_COLUMNS})
+
+
+class RunWriter:
+    """Writes one run's folder; also a telemetry sink (`close()` writes telemetry.parquet)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_json = self.run_dir / "run.json"
+
+    # -- run.json ----------------------------------------------------------------------------
+    def read_info(self) -> dict[str, Any]:
+        if self.run_json.exists():
+            info: dict[str, Any] = read_json(self.run_json)
+            return info
+        return {}
+
+    def update_info(self, **fields: Any) -> dict[str, Any]:
+        info = self.read_info()
+        info.update(fields)
+        write_json(self.run_json, info)
+        return info
+
+    def start(self, info: Mapping[str, Any]) -> None:
+        """Mark the run as running, clearing any half-finished output of an earlier attempt."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for item in self.run_dir.iterdir():
+            if item.name != "run.json":
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+        attempts = int(self.read_info().get("attempts", 0)) + 1
+        write_json(
+            self.run_json,
+            {
+                **info,
+                "status": RunStatus.RUNNING.value,
+                "started": time.time(),
+                "attempts": attempts,
+                "error": None,
+            },
+        )
+
+    def finish(self, outcome: Mapping[str, Any] | None = None) -> None:
+        info = self.read_info()
+        now = time.time()
+        info.update(
+            status=RunStatus.DONE.value,
+            finished=now,
+            wall_s=now - float(info.get("started", now)),
+            outcome=dict(outcome or {}),
+        )
+        write_json(self.run_json, info)
+
+    def fail(self, error: str) -> None:
+        info = self.read_info()
+        now = time.time()
+        info.update(
+            status=RunStatus.FAILED.value,
+            finished=now,
+            wall_s=now - float(info.get("started", now)),
+            error=error,
+        )
+        write_json(self.run_json, info)
+
+    # -- tables ------------------------------------------------------------------------------
+    def write_table(self, name: str, table: pd.DataFrame) -> None:
+        write_parquet(self.run_dir / f"{name}.parquet", table)
+
+    def write_events(self, events: list[Mapping[str, Any]]) -> None:
+        if not events:
+            self.write_table("events", empty_events())
+            return
+        rows = []
+        for event in events:
+            row = {c: event.get(c) for c in EVENT_COLUMNS}
+            if not isinstance(row["params"], str):
+                row["params"] = json.dumps(row["params"] or {}, sort_keys=True)
+            rows.append(row)
+        self.write_table("events", pd.DataFrame(rows, columns=list(EVENT_COLUMNS)))
+
+    # -- Sink protocol -----------------------------------------------------------------------
+    def write_row(self, row: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self, table: pd.DataFrame) -> None:
+        self.write_table("telemetry", table)
+
+
+class RunStore:
+    """An audit folder: its spec, its runs, and SQL over their tables."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- audit level -------------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / RUNS_DIR
+
+    @property
+    def audit_file(self) -> Path:
+        return self.root / AUDIT_FILE
+
+    def exists(self) -> bool:
+        return self.audit_file.exists()
+
+    @classmethod
+    def open(cls, root: str | Path) -> RunStore:
+        """Open an existing audit folder; a folder that is not an audit is a user error."""
+        store = cls(root)
+        if not store.root.is_dir():
+            raise StabilityBenchError(f"{store.root}: no such folder")
+        if not store.exists():
+            raise StabilityBenchError(
+                f"{store.root} is not a StabilityBench audit (no {AUDIT_FILE}); "
+                "create one with `stabilitybench audit SPEC --out DIR`"
+            )
+        return store
+
+    def audit(self) -> dict[str, Any]:
+        data: dict[str, Any] = read_json(self.audit_file)
+        return data
+
+    def write_audit(self, data: Mapping[str, Any]) -> None:
+        write_json(self.audit_file, dict(data))
+
+    # -- runs --------------------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def writer(self, run_id: str) -> RunWriter:
+        return RunWriter(self.run_dir(run_id))
+
+    def run_ids(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if (p / "run.json").exists())
+
+    def info(self, run_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = read_json(self.run_dir(run_id) / "run.json")
+        return data
+
+    def infos(self) -> list[dict[str, Any]]:
+        return [self.info(r) for r in self.run_ids()]
+
+    def table(self, run_id: str, name: str) -> pd.DataFrame:
+        path = self.run_dir(run_id) / f"{name}.parquet"
+        if not path.exists():
+            return empty_events() if name == "events" else pd.DataFrame()
+        return pd.read_parquet(path)
+
+    def load(self, run_id: str) -> RunData:
+        scores_path = self.run_dir(run_id) / "scores.parquet"
+        return RunData(
+            run_id=run_id,
+            info=self.info(run_id),
+            telemetry=self.table(run_id, "telemetry"),
+            evals=self.table(run_id, "evals"),
+            events=self.table(run_id, "events"),
+            scores=pd.read_parquet(scores_path) if scores_path.exists() else None,
+        )
+
+    def iter_runs(self, status: str | None = RunStatus.DONE.value) -> Iterator[RunData]:
+        """Load runs one by one; by default only finished ones."""
+        for run_id in self.run_ids():
+            info = self.info(run_id)
+            if status is None or info.get("status") == status:
+                yield self.load(run_id)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in RunStatus}
+        for info in self.infos():
+            counts[str(info.get("status", "pending"))] = counts.get(str(info.get("status")), 0) + 1
+        return counts
+
+    # -- SQL ---------------------------------------------------------------------------------
+    def runs_frame(self) -> pd.DataFrame:
+        """One row per run: the flat fields of run.json (knobs and outcome as JSON text)."""
+        rows = []
+        for info in self.infos():
+            pert = info.get("perturbation") or {}
+            rows.append(
+                {
+                    "run_id": info.get("run_id"),
+                    "status": info.get("status"),
+                    "workload": info.get("workload"),
+                    "kind": info.get("kind"),
+                    "perturbation": pert.get("label", pert.get("kind")),
+                    "seed": info.get("seed"),
+                    "knobs": json.dumps(info.get("knobs", {}), sort_keys=True),
+                    "wall_s": info.get("wall_s"),
+                    "attempts": info.get("attempts"),
+                    "error": info.get("error"),
+                    "outcome": json.dumps(info.get("outcome", {}), sort_keys=True),
+                }
+            )
+        columns = ["run_id", "status", "workload", "kind", "perturbation", "seed", "knobs",
+                   "wall_s", "attempts", "error", "outcome"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def connect(self) -> Any:
+        """A DuckDB connection with views `runs`, `telemetry`, `evals`, `events` (and `scores`)."""
+        import duckdb
+
+        con = duckdb.connect()
+        con.register("runs_df", self.runs_frame())
+        con.execute("CREATE VIEW runs AS SELECT * FROM runs_df")
+        for name in (*TABLES, "scores"):
+            files = sorted(self.runs_dir.glob(f"*/{name}.parquet")) if self.runs_dir.is_dir() else []
+            if files:
+                file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+                con.execute(
+                    f"CREATE VIEW {name} AS SELECT "
+                    f"regexp_extract(filename, '([^/\\\\]+)[/\\\\][^/\\\\]+$', 1) AS run_id, "
+                    f"* EXCLUDE (filename) FROM read_parquet([{file_list}], "
+                    "union_by_name = true, filename = true)"
+                )
+            else:
+                con.execute(f"CREATE VIEW {name} AS SELECT NULL::VARCHAR AS run_id WHERE false")
+        return con
+
+    def query(self, sql: str) -> pd.DataFrame:
+        """Run SQL over the audit's views; a SQL error is a user error with DuckDB's message."""
+        import duckdb
+
+        con = self.connect()
+        try:
+            result: pd.DataFrame = con.execute(sql).df()
+            return result
+        except duckdb.Error as exc:
+            raise StabilityBenchError(f"query failed: {str(exc).splitlines()[0]}") from None
+        finally:
+            con.close()

@@ -1,0 +1,348 @@
+"""Built-in probes: the cheap every-step set and the scheduled "full" extras."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+
+import torch
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.telemetry.base import Probe, Value
+from stabilitybench.types import Phase, Schedule, StepContext
+
+_EPS = 1e-12
+
+LossClosure = Callable[[], torch.Tensor]
+MicroBatches = Callable[[], Iterable[torch.Tensor]]
+
+
+class GradNorm(Probe):
+    """Global and largest per-tensor gradient norm, and the count of non-finite gradient entries."""
+
+    name = "grad_norm"
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        per_tensor = torch.stack(torch._foreach_norm(ctx.grads())).float()  # (n_tensors,)
+        flat = ctx.grad_flat()
+        return {
+            "grad_norm": per_tensor.norm(),
+            "grad_norm_max_layer": per_tensor.max(),
+            "nonfinite_grads": (~torch.isfinite(flat)).sum(),
+        }
+
+
+class GradCoherence(Probe):
+    """Cosine of this step's gradient with the previous step's and with an EMA of past gradients.
+
+    Keeps two flat copies of the gradient as state. A non-finite gradient is not folded into the
+    state (selected with `torch.where`, which needs no host sync).
+    """
+
+    name = "grad_coherence"
+
+    def __init__(self, every: int | Schedule = 1, ema_decay: float = 0.9) -> None:
+        super().__init__(every)
+        self.ema_decay = ema_decay
+        self._prev: torch.Tensor | None = None
+        self._ema: torch.Tensor | None = None
+
+    def tracks(self, step: int) -> bool:
+        return self.wants(step) or self.wants(step + 1)
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        g = ctx.grad_flat()  # (P,)
+        g_norm = g.norm()
+        nan = torch.tensor(float("nan"))
+        if self._prev is None or self._ema is None or self._prev.shape != g.shape:
+            cos_prev, cos_ema = nan, nan
+            self._prev = torch.zeros_like(g)
+            self._ema = torch.zeros_like(g)
+            first = True
+        else:
+            cos_prev = torch.dot(g, self._prev) / (g_norm * self._prev.norm() + _EPS)
+            cos_ema = torch.dot(g, self._ema) / (g_norm * self._ema.norm() + _EPS)
+            first = False
+        finite = torch.isfinite(g_norm)
+        self._prev = torch.where(finite, g, self._prev)
+        if first:
+            self._ema = torch.where(finite, g, self._ema)
+        else:
+            new_ema = self._ema * self.ema_decay + g * (1.0 - self.ema_decay)
+            self._ema = torch.where(finite, new_ema, self._ema)
+        return {"grad_cos_prev": cos_prev, "grad_cos_ema": cos_ema}
+
+
+class UpdateNorm(Probe):
+    """‖Δθ‖ of the optimizer step, ‖θ‖ after it, and their ratio ‖Δθ‖/‖θ_before‖."""
+
+    name = "update_norm"
+    phase = Phase.POST_STEP
+
+    def __init__(self, every: int | Schedule = 1) -> None:
+        super().__init__(every)
+        self._before: torch.Tensor | None = None
+
+    def before_step(self, ctx: StepContext) -> None:
+        self._before = ctx.param_flat()  # a copy of every parameter
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        after = ctx.param_flat()
+        if self._before is None:
+            return {}
+        update = (after - self._before).norm()
+        out = {
+            "update_norm": update,
+            "update_ratio": update / (self._before.norm() + _EPS),
+            "param_norm": after.norm(),
+        }
+        self._before = None
+        return out
+
+
+class LearningRate(Probe):
+    """The learning rate the optimizer uses on this step (after any perturbation)."""
+
+    name = "lr"
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        groups = ctx.optimizer.param_groups
+        out: dict[str, Value] = {"lr": float(groups[0]["lr"])}
+        if len(groups) > 1:
+            for i, group in enumerate(groups[1:], start=1):
+                out[f"lr/group{i}"] = float(group["lr"])
+        return out
+
+
+class LayerNorms(Probe):
+    """Per-parameter gradient norms (`grad_norm/<name>`) and update norms (`update_norm/<name>`)."""
+
+    name = "layer_norms"
+    phase = Phase.POST_STEP
+
+    def __init__(self, every: int | Schedule = 1) -> None:
+        super().__init__(every)
+        self._grad_norms: list[torch.Tensor] | None = None
+        self._before: list[torch.Tensor] | None = None
+
+    def before_step(self, ctx: StepContext) -> None:
+        self._grad_norms = list(torch._foreach_norm(ctx.grads()))
+        self._before = [p.detach().clone() for p in ctx.params]  # a copy of every parameter
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        if self._before is None or self._grad_norms is None:
+            return {}
+        deltas = torch._foreach_sub([p.detach() for p in ctx.params], self._before)
+        update_norms = torch._foreach_norm(deltas)
+        out: dict[str, Value] = {}
+        for name, g, u in zip(ctx.param_names, self._grad_norms, update_norms, strict=True):
+            out[f"grad_norm/{name}"] = g
+            out[f"update_norm/{name}"] = u
+        self._before, self._grad_norms = None, None
+        return out
+
+
+def _rng_devices(params: Iterable[torch.Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+class Sharpness(Probe):
+    """Top Hessian eigenvalue of the loss on a probe batch, by Hessian-vector-product power iteration.
+
+    `closure()` returns the probe-batch loss as a differentiable tensor. Costs about
+    `iters` double-backward passes; runs under a forked RNG so training is not disturbed.
+    """
+
+    name = "sharpness"
+    phase = Phase.POST_STEP
+
+    def __init__(
+        self,
+        closure: LossClosure | None,
+        every: int | Schedule = 50,
+        iters: int = 20,
+        tol: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        if closure is None:
+            raise StabilityBenchError(
+                "probe 'sharpness' needs a probe batch: pass closure=<function returning the loss> "
+                "to Telemetry (or Sharpness(closure=...))"
+            )
+        super().__init__(every)
+        self.closure, self.iters, self.tol, self.seed = closure, iters, tol, seed
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        params = list(ctx.params)
+        with torch.random.fork_rng(devices=_rng_devices(params)):
+            loss = self.closure()
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+            v = [torch.randn(p.shape, generator=gen).to(p) for p in ps]
+            v_norm = torch.sqrt(sum((x * x).sum() for x in v))  # type: ignore[arg-type]
+            v = [x / v_norm for x in v]
+            eig = torch.tensor(0.0)
+            for i in range(self.iters):
+                hv = torch.autograd.grad(gs, ps, grad_outputs=v, retain_graph=True)
+                new_eig = sum((h * x).sum() for h, x in zip(hv, v, strict=True))
+                hv_norm = torch.sqrt(sum((h * h).sum() for h in hv))  # type: ignore[arg-type]
+                v = [h / (hv_norm + _EPS) for h in hv]
+                converged = i > 0 and abs(float(new_eig) - float(eig)) <= self.tol * abs(
+                    float(new_eig)
+                )
+                eig = torch.as_tensor(new_eig).detach()
+                if converged:
+                    break
+        return {"sharpness": eig}
+
+
+def micro_batch_grads(ctx: StepContext, micro_batches: MicroBatches) -> list[torch.Tensor]:
+    """Flat gradient of each micro-batch loss, computed once per step and shared by probes."""
+
+    def compute() -> list[torch.Tensor]:
+        params = list(ctx.params)
+        out = []
+        with torch.random.fork_rng(devices=_rng_devices(params)):
+            for loss in micro_batches():
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                out.append(
+                    torch.cat(
+                        [
+                            (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                            for g, p in zip(grads, params, strict=True)
+                        ]
+                    )
+                )
+        if len(out) < 2:
+            raise StabilityBenchError(
+                f"micro_batches must yield at least 2 micro-batch losses, got {len(out)}"
+            )
+        return out
+
+    grads: list[torch.Tensor] = ctx.cached("micro_batch_grads", compute)
+    return grads
+
+
+class MCoherence(Probe):
+    """m-coherence (Chatterjee & Zielinski 2020) of k micro-batch gradients: k·‖mean g‖²/mean ‖g_i‖².
+
+    About 1 when micro-batch gradients are orthogonal, k when they are identical.
+    """
+
+    name = "m_coherence"
+    phase = Phase.POST_STEP
+
+    def __init__(self, micro_batches: MicroBatches | None, every: int | Schedule = 50) -> None:
+        if micro_batches is None:
+            raise StabilityBenchError(
+                "probe 'm_coherence' needs micro_batches=<function yielding k micro-batch losses>"
+            )
+        super().__init__(every)
+        self.micro_batches = micro_batches
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        g = torch.stack(micro_batch_grads(ctx, self.micro_batches))  # (k, P)
+        k = g.shape[0]
+        mean_sq = g.mean(dim=0).pow(2).sum()
+        sq_mean = g.pow(2).sum(dim=1).mean()
+        return {"m_coherence": k * mean_sq / (sq_mean + _EPS)}
+
+
+class GradNoiseScale(Probe):
+    """Simple gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, appendix A).
+
+    Unbiased estimates from k micro-batches of `micro_batch_size` examples: the small batch is one
+    micro-batch (its squared norm averaged over the k), the big batch is their mean.
+    """
+
+    name = "grad_noise_scale"
+    phase = Phase.POST_STEP
+
+    def __init__(
+        self,
+        micro_batches: MicroBatches | None,
+        micro_batch_size: int | None,
+        every: int | Schedule = 50,
+    ) -> None:
+        if micro_batches is None or not micro_batch_size or micro_batch_size < 1:
+            raise StabilityBenchError(
+                "probe 'grad_noise_scale' needs micro_batches=<function yielding k micro-batch "
+                "losses> and micro_batch_size=<examples per micro-batch, >= 1>"
+            )
+        super().__init__(every)
+        self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        g = torch.stack(micro_batch_grads(ctx, self.micro_batches))  # (k, P)
+        k, b_small = g.shape[0], float(self.micro_batch_size)
+        b_big = k * b_small
+        small_sq = g.pow(2).sum(dim=1).mean()
+        big_sq = g.mean(dim=0).pow(2).sum()
+        g_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+        trace_sigma = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+        return {"grad_noise_scale": trace_sigma / g_sq}
+
+
+CHEAP: tuple[str, ...] = ("grad_norm", "grad_coherence", "update_norm", "lr")
+FULL_EXTRAS: tuple[str, ...] = ("layer_norms", "sharpness", "m_coherence", "grad_noise_scale")
+PRESETS: dict[str, tuple[str, ...]] = {"cheap": CHEAP, "full": CHEAP + FULL_EXTRAS}
+PROBE_NAMES: tuple[str, ...] = CHEAP + FULL_EXTRAS
+
+
+class ProbeOptions:
+    """What named probes may need from the Telemetry call (closures and their schedules)."""
+
+    def __init__(
+        self,
+        every: int | Schedule = 1,
+        closure: LossClosure | None = None,
+        micro_batches: MicroBatches | None = None,
+        micro_batch_size: int | None = None,
+        scheduled_every: int | Schedule = 50,
+    ) -> None:
+        self.every, self.closure = every, closure
+        self.micro_batches, self.micro_batch_size = micro_batches, micro_batch_size
+        self.scheduled_every = scheduled_every
+
+
+def build_probe(name: str, options: ProbeOptions) -> Probe:
+    """Make a built-in probe by name; an unknown name is a user error listing the choices."""
+    factories: dict[str, Callable[[], Probe]] = {
+        "grad_norm": lambda: GradNorm(options.every),
+        "grad_coherence": lambda: GradCoherence(options.every),
+        "update_norm": lambda: UpdateNorm(options.every),
+        "lr": lambda: LearningRate(options.every),
+        "layer_norms": lambda: LayerNorms(options.scheduled_every),
+        "sharpness": lambda: Sharpness(options.closure, options.scheduled_every),
+        "m_coherence": lambda: MCoherence(options.micro_batches, options.scheduled_every),
+        "grad_noise_scale": lambda: GradNoiseScale(
+            options.micro_batches, options.micro_batch_size, options.scheduled_every
+        ),
+    }
+    if name not in factories:
+        raise StabilityBenchError(
+            f"unknown probe {name!r}; allowed probes: {', '.join(PROBE_NAMES)}; "
+            f"presets: {', '.join(PRESETS)}"
+        )
+    return factories[name]()
+
+
+ProbeSpec = str | Probe | Iterable[str | Probe]
+
+
+def resolve_probes(spec: ProbeSpec, options: ProbeOptions) -> list[Probe]:
+    """Turn a preset name, a probe name, a Probe, or a list of these into probe instances."""
+    items: list[str | Probe] = [spec] if isinstance(spec, str | Probe) else list(spec)
+    probes: list[Probe] = []
+    for item in items:
+        if isinstance(item, Probe):
+            probes.append(item)
+        elif item in PRESETS:
+            probes.extend(build_probe(n, options) for n in PRESETS[item])
+        else:
+            probes.append(build_probe(item, options))
+    return probes
+
+
