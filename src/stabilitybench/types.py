@@ -118,6 +118,20 @@ class StepContext:
         )
         return out
 
+    def grad_norms(self) -> torch.Tensor:
+        """Norm of each parameter's gradient, shape (n_params,)."""
+        import torch
+
+        out: torch.Tensor = self.cached(
+            "grad_norms", lambda: torch.stack(torch._foreach_norm(self.grads())).float()
+        )
+        return out
+
+    def grads_finite(self) -> bool:
+        """Whether every gradient entry is finite (reads one scalar: a host sync on GPU)."""
+        out: bool = self.cached("grads_finite", lambda: bool(self.grad_norms().sum().isfinite()))
+        return out
+
     def param_flat(self) -> torch.Tensor:
         """All trainable parameters as one float32 vector (a copy of every parameter)."""
         import torch
@@ -130,3 +144,69 @@ class StepContext:
 
     def named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         return zip(self.param_names, self.params, strict=True)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of an audit: a workload with every knob fixed, its perturbations, and a seed.
+
+    `workload` is the workload's resolved config (`name`, `kind`, kind-specific fields such as
+    `algo`/`env` or `size`/`corpus`, `total_steps`, `eval`, and `knobs` with one value each).
+    `perturbations` is empty for a baseline run; otherwise each item is a perturbation config
+    such as {"kind": "lr_spike", "at": 0.3, "factor": 10, "duration": 10}.
+    """
+
+    workload: dict[str, Any]
+    perturbations: tuple[dict[str, Any], ...] = ()
+    seed: int = 0
+    audit: str = ""
+    collapse: dict[str, float] = field(default_factory=lambda: {"threshold": 0.5, "recovery": 0.9})
+
+    @property
+    def run_id(self) -> str:
+        """A stable hash of everything that defines the run (not the audit's name)."""
+        import hashlib
+        import json
+
+        payload = json.dumps(
+            {"workload": self.workload, "perturbations": list(self.perturbations), "seed": self.seed},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    @property
+    def perturbation_label(self) -> str:
+        """`none`, or the perturbations as `kind(k=v,…)` joined by `+`."""
+        if not self.perturbations:
+            return "none"
+        parts = []
+        for p in self.perturbations:
+            args = ",".join(f"{k}={v}" for k, v in p.items() if k != "kind")
+            parts.append(f"{p['kind']}({args})")
+        return "+".join(parts)
+
+    @property
+    def label(self) -> str:
+        knobs = ",".join(f"{k}={v}" for k, v in sorted(self.workload.get("knobs", {}).items()))
+        knob_part = f"[{knobs}]" if knobs else ""
+        return f"{self.workload.get('name', '?')}{knob_part}/{self.perturbation_label}/seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "perturbations": list(self.perturbations),
+            "seed": self.seed,
+            "audit": self.audit,
+            "collapse": dict(self.collapse),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        return cls(
+            workload=dict(data["workload"]),
+            perturbations=tuple(dict(p) for p in data.get("perturbations", [])),
+            seed=int(data.get("seed", 0)),
+            audit=str(data.get("audit", "")),
+            collapse=dict(data.get("collapse", {"threshold": 0.5, "recovery": 0.9})),
+        )

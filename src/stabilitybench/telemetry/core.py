@@ -269,15 +269,18 @@ class Telemetry:
     def _store(self, inst: _Instrumented, values: Mapping[str, Any]) -> None:
         if not values or self._open is None:
             return
-        keys = list(values)
-        tensors = [values[k] for k in keys]
-        # One host-device sync for all of this phase's values.
-        host = torch.stack(
-            [t.detach().float().reshape(()) if isinstance(t, torch.Tensor) else torch.tensor(float(t)) for t in tensors]
-        ).tolist()
-        for key, value in zip(keys, host, strict=True):
-            if key == "nonfinite_grads":
-                value = int(value) if math.isfinite(value) else value
+        tensor_keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        # One host-device sync for all of this phase's tensor values; plain numbers stay exact.
+        host = (
+            torch.stack([values[k].detach().float().reshape(()) for k in tensor_keys]).tolist()
+            if tensor_keys
+            else []
+        )
+        merged = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        merged.update(zip(tensor_keys, host, strict=True))
+        for key, value in merged.items():
+            if key == "nonfinite_grads" and math.isfinite(value):
+                value = int(value)
             self._open[inst.prefix + key] = value
 
 

@@ -23,20 +23,23 @@ class GradNorm(Probe):
     name = "grad_norm"
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        per_tensor = torch.stack(torch._foreach_norm(ctx.grads())).float()  # (n_tensors,)
-        flat = ctx.grad_flat()
+        per_tensor = ctx.grad_norms()  # (n_params,)
+        if ctx.grads_finite():
+            nonfinite: Value = 0
+        else:  # counting is a full pass over every gradient: only when something is wrong
+            nonfinite = sum(int((~torch.isfinite(g)).sum()) for g in ctx.grads())
         return {
             "grad_norm": per_tensor.norm(),
             "grad_norm_max_layer": per_tensor.max(),
-            "nonfinite_grads": (~torch.isfinite(flat)).sum(),
+            "nonfinite_grads": nonfinite,
         }
 
 
 class GradCoherence(Probe):
     """Cosine of this step's gradient with the previous step's and with an EMA of past gradients.
 
-    Keeps two flat copies of the gradient as state. A non-finite gradient is not folded into the
-    state (selected with `torch.where`, which needs no host sync).
+    Keeps the previous flat gradient and an EMA buffer (one copy of the gradient each). A
+    non-finite gradient is not folded into either.
     """
 
     name = "grad_coherence"
@@ -45,31 +48,27 @@ class GradCoherence(Probe):
         super().__init__(every)
         self.ema_decay = ema_decay
         self._prev: torch.Tensor | None = None
+        self._prev_norm: torch.Tensor | None = None
         self._ema: torch.Tensor | None = None
 
     def tracks(self, step: int) -> bool:
         return self.wants(step) or self.wants(step + 1)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        g = ctx.grad_flat()  # (P,)
-        g_norm = g.norm()
-        nan = torch.tensor(float("nan"))
-        if self._prev is None or self._ema is None or self._prev.shape != g.shape:
-            cos_prev, cos_ema = nan, nan
-            self._prev = torch.zeros_like(g)
-            self._ema = torch.zeros_like(g)
-            first = True
-        else:
-            cos_prev = torch.dot(g, self._prev) / (g_norm * self._prev.norm() + _EPS)
+        nan = float("nan")
+        if not ctx.grads_finite():
+            return {"grad_cos_prev": nan, "grad_cos_ema": nan}
+        g = ctx.grad_flat()  # (P,) a fresh copy each step: kept as `prev` without another copy
+        g_norm = ctx.grad_norms().norm()
+        cos_prev: Value = nan
+        cos_ema: Value = nan
+        if self._prev is not None and self._ema is not None and self._prev.shape == g.shape:
+            cos_prev = torch.dot(g, self._prev) / (g_norm * self._prev_norm + _EPS)
             cos_ema = torch.dot(g, self._ema) / (g_norm * self._ema.norm() + _EPS)
-            first = False
-        finite = torch.isfinite(g_norm)
-        self._prev = torch.where(finite, g, self._prev)
-        if first:
-            self._ema = torch.where(finite, g, self._ema)
+            self._ema.mul_(self.ema_decay).add_(g, alpha=1.0 - self.ema_decay)
         else:
-            new_ema = self._ema * self.ema_decay + g * (1.0 - self.ema_decay)
-            self._ema = torch.where(finite, new_ema, self._ema)
+            self._ema = g.clone()
+        self._prev, self._prev_norm = g, g_norm
         return {"grad_cos_prev": cos_prev, "grad_cos_ema": cos_ema}
 
 
@@ -87,17 +86,17 @@ class UpdateNorm(Probe):
         self._before = ctx.param_flat()  # a copy of every parameter
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        after = ctx.param_flat()
         if self._before is None:
             return {}
-        update = (after - self._before).norm()
-        out = {
+        before, self._before = self._before, None
+        before_norm = before.norm()
+        after = ctx.param_flat()
+        update = before.sub_(after).norm()  # in place: `before` is our own copy
+        return {
             "update_norm": update,
-            "update_ratio": update / (self._before.norm() + _EPS),
+            "update_ratio": update / (before_norm + _EPS),
             "param_norm": after.norm(),
         }
-        self._before = None
-        return out
 
 
 class LearningRate(Probe):
@@ -177,7 +176,13 @@ class Sharpness(Probe):
         with torch.random.fork_rng(devices=_rng_devices(params)):
             loss = self.closure()
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+            # A gradient that does not depend on the parameters has zero Hessian rows (and, by
+            # symmetry, columns): dropping those parameters leaves the eigenvalues unchanged.
+            pairs = [
+                (p, g) for p, g in zip(params, grads, strict=True) if g is not None and g.requires_grad
+            ]
+            if not pairs:
+                return {"sharpness": torch.tensor(0.0)}
             ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
             v = [torch.randn(p.shape, generator=gen).to(p) for p in ps]
@@ -185,7 +190,8 @@ class Sharpness(Probe):
             v = [x / v_norm for x in v]
             eig = torch.tensor(0.0)
             for i in range(self.iters):
-                hv = torch.autograd.grad(gs, ps, grad_outputs=v, retain_graph=True)
+                hv_raw = torch.autograd.grad(gs, ps, grad_outputs=v, retain_graph=True, allow_unused=True)
+                hv = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv_raw, ps, strict=True)]
                 new_eig = sum((h * x).sum() for h, x in zip(hv, v, strict=True))
                 hv_norm = torch.sqrt(sum((h * h).sum() for h in hv))  # type: ignore[arg-type]
                 v = [h / (hv_norm + _EPS) for h in hv]

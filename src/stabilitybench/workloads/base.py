@@ -1,0 +1,70 @@
+"""The Workload protocol: something that trains a model for one RunSpec and writes its run folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunWriter
+from stabilitybench.types import RunSpec
+
+RunOutcome = dict[str, Any]
+"""What `Workload.run` returns, stored as run.json's `outcome`: at least `final_perf` (mean perf of
+the last 3 evaluations, may be -inf), `diverged` (bool: a non-finite loss was seen), `steps`
+(optimizer steps taken) and, for RL, `env_steps`."""
+
+
+class Workload(Protocol):
+    """Trains one run. Creates model, optimizer, Telemetry (with `writer` as a sink) and the
+    perturbation schedule; writes telemetry, evals and events tables through `writer`."""
+
+    kind: str
+
+    def validate(self, spec: RunSpec) -> None:
+        """Raise StabilityBenchError if the spec cannot run here (before any training starts)."""
+        ...
+
+    def run(self, spec: RunSpec, writer: RunWriter) -> RunOutcome: ...
+
+
+WorkloadFactory = Callable[[dict[str, Any]], Workload]
+_REGISTRY: dict[str, WorkloadFactory] = {}
+_BUILTINS_LOADED = False
+
+
+def register_workload(kind: str, factory: WorkloadFactory) -> None:
+    """Make a workload kind available to audit specs (`kind: <name>`)."""
+    _REGISTRY[kind] = factory
+
+
+def _ensure_builtin() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    import importlib
+
+    for module in ("stabilitybench.workloads.rl", "stabilitybench.workloads.lm", "stabilitybench.workloads.toy"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("stabilitybench"):
+                continue
+            raise
+
+
+def workload_kinds() -> list[str]:
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def build_workload(config: dict[str, Any]) -> Workload:
+    """Build the workload for a resolved workload config (the `workload` field of a RunSpec)."""
+    _ensure_builtin()
+    kind = config.get("kind")
+    if kind not in _REGISTRY:
+        raise StabilityBenchError(
+            f"workload {config.get('name', '?')!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
+        )
+    return _REGISTRY[kind](config)
