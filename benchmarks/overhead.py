@@ -50,7 +50,10 @@ def mlp_loop() -> tuple[torch.nn.Module, torch.optim.Optimizer, Loop, Callable[[
     """A small MLP regression loop: tiny steps, so telemetry's fixed cost shows most."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(16, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
         torch.nn.Linear(64, 1),
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -60,7 +63,10 @@ def mlp_loop() -> tuple[torch.nn.Module, torch.optim.Optimizer, Loop, Callable[[
 
     def loop(steps: int, tel: Telemetry | None) -> None:
         for i in range(steps):
-            xb, yb = x[(i * 32) % 224 : (i * 32) % 224 + 32], y[(i * 32) % 224 : (i * 32) % 224 + 32]
+            xb, yb = (
+                x[(i * 32) % 224 : (i * 32) % 224 + 32],
+                y[(i * 32) % 224 : (i * 32) % 224 + 32],
+            )
             opt.zero_grad(set_to_none=True)
             loss = ((model(xb) - yb) ** 2).mean()
             loss.backward()
@@ -71,7 +77,9 @@ def mlp_loop() -> tuple[torch.nn.Module, torch.optim.Optimizer, Loop, Callable[[
     return model, opt, loop, lambda: ((model(x[:64]) - y[:64]) ** 2).mean()
 
 
-def measure(name: str, make: Callable[..., tuple], steps: int, reps: int, sharpness_every: int) -> dict[str, float]:  # type: ignore[type-arg]
+def measure(
+    name: str, make: Callable[..., tuple], steps: int, reps: int, sharpness_every: int
+) -> dict[str, float]:  # type: ignore[type-arg]
     model, opt, loop, closure = make()
     loop(3, None)  # warm-up
     times: dict[str, list[float]] = {"off": [], "cheap": [], "full": []}
@@ -82,8 +90,11 @@ def measure(name: str, make: Callable[..., tuple], steps: int, reps: int, sharpn
                 tel = Telemetry(model, opt)
             elif condition == "full":
                 tel = Telemetry(
-                    model, opt, probes=["cheap", "layer_norms", "sharpness"],
-                    closure=closure, scheduled_every=sharpness_every,
+                    model,
+                    opt,
+                    probes=["cheap", "layer_norms", "sharpness"],
+                    closure=closure,
+                    scheduled_every=sharpness_every,
                 )
             start = time.perf_counter()
             loop(steps, tel)
@@ -113,8 +124,12 @@ def main() -> None:
     parser.add_argument("--sharpness-every", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, median per step")
-    measure("(a) GPT-2 4L n_embd128 b16", gpt2_loop, args.gpt2_steps, args.reps, args.sharpness_every)
+    print(
+        f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, median per step"
+    )
+    measure(
+        "(a) GPT-2 4L n_embd128 b16", gpt2_loop, args.gpt2_steps, args.reps, args.sharpness_every
+    )
     measure("(b) MLP regression b32", mlp_loop, args.mlp_steps, args.reps, args.sharpness_every)
 
 

@@ -22,7 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-monitor_app = typer.Typer(help="Fit the Meta-State Monitor and evaluate early-warning detectors.", no_args_is_help=True)
+monitor_app = typer.Typer(
+    help="Fit the Meta-State Monitor and evaluate early-warning detectors.", no_args_is_help=True
+)
 app.add_typer(monitor_app, name="monitor")
 
 console = Console()
@@ -41,7 +43,9 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except StabilityBenchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True
+        )
         raise typer.Exit(2) from None
 
 
@@ -57,7 +61,12 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            callback=_version_callback,
+            is_eager=True,
+        ),
     ] = False,
 ) -> None:
     """StabilityBench: audit the stability of deep-learning training."""
@@ -66,20 +75,39 @@ def _root(
 @app.command()
 def audit(
     spec: Annotated[Path, typer.Argument(help="The audit spec (YAML).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The audit folder (created or resumed).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="The audit folder (created or resumed).")
+    ],
     backend: Annotated[Backend, typer.Option(help="Where runs execute.")] = Backend.local,
-    workers: Annotated[int | None, typer.Option(help="Runs in parallel (local backend); default: one per core.")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Address of an existing Ray cluster.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded grid and its estimated cost; run nothing.")] = False,
-    report: Annotated[bool, typer.Option(help="Fit the monitor and write the HTML report at the end.")] = True,
+    workers: Annotated[
+        int | None, typer.Option(help="Runs in parallel (local backend); default: one per core.")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Address of an existing Ray cluster.")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the expanded grid and its estimated cost; run nothing."
+        ),
+    ] = False,
+    report: Annotated[
+        bool, typer.Option(help="Fit the monitor and write the HTML report at the end.")
+    ] = True,
 ) -> None:
     """Run every run of an audit spec (resumable: finished runs are skipped)."""
     from stabilitybench.audit.runner import run_audit_cli
 
     code = _guard(
         lambda: run_audit_cli(
-            spec, out, backend=backend.value, workers=workers, ray_address=ray_address,
-            dry_run=dry_run, report=report, console=console,
+            spec,
+            out,
+            backend=backend.value,
+            workers=workers,
+            ray_address=ray_address,
+            dry_run=dry_run,
+            report=report,
+            console=console,
         )
     )
     raise typer.Exit(code)
@@ -101,14 +129,21 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
     failed = [i for i in store.infos() if i.get("status") == "failed"]
     for info in failed:
         first = (info.get("error") or "").strip().splitlines()
-        console.print(f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {first[-1] if first else '?'}", highlight=False)
+        console.print(
+            f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {first[-1] if first else '?'}",
+            highlight=False,
+        )
 
 
 @app.command()
 def query(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
-    sql: Annotated[str, typer.Argument(help="SQL over the views runs, telemetry, evals, events, scores.")],
-    output_json: Annotated[bool, typer.Option("--json", help="Print JSON records instead of a table.")] = False,
+    sql: Annotated[
+        str, typer.Argument(help="SQL over the views runs, telemetry, evals, events, scores.")
+    ],
+    output_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON records instead of a table.")
+    ] = False,
     limit: Annotated[int, typer.Option(help="Rows to print (the table view).")] = 50,
 ) -> None:
     """Run DuckDB SQL over the audit's Parquet files and print the result."""
@@ -170,7 +205,9 @@ def monitor_fit(
 def monitor_evaluate(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
-    target_false_alarms: Annotated[float, typer.Option(help="Target false alarms per 1,000 steps on baseline runs.")] = 1.0,
+    target_false_alarms: Annotated[
+        float, typer.Option(help="Target false alarms per 1,000 steps on baseline runs.")
+    ] = 1.0,
 ) -> None:
     """Compare the monitor with reactive guards: AUROC, recall, precision, lead time, false alarms."""
     from stabilitybench.monitor.evaluate import evaluate_audit, print_evaluation
@@ -187,8 +224,13 @@ def monitor_evaluate(
 @app.command()
 def report(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="The HTML file (default: DIR/report.html).")] = None,
-    figures: Annotated[Path | None, typer.Option("--figures", help="Also write each figure as PNG here.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The HTML file (default: DIR/report.html)."),
+    ] = None,
+    figures: Annotated[
+        Path | None, typer.Option("--figures", help="Also write each figure as PNG here.")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML report (and optionally PNG figures)."""
     from stabilitybench.report.html import write_report

@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +266,19 @@ class RunStore:
                     "outcome": json.dumps(info.get("outcome", {}), sort_keys=True),
                 }
             )
-        columns = ["run_id", "status", "workload", "kind", "perturbation", "seed", "knobs",
-                   "wall_s", "attempts", "error", "outcome"]
+        columns = [
+            "run_id",
+            "status",
+            "workload",
+            "kind",
+            "perturbation",
+            "seed",
+            "knobs",
+            "wall_s",
+            "attempts",
+            "error",
+            "outcome",
+        ]
         return pd.DataFrame(rows, columns=columns)
 
     def connect(self) -> Any:
@@ -278,7 +289,9 @@ class RunStore:
         con.register("runs_df", self.runs_frame())
         con.execute("CREATE VIEW runs AS SELECT * FROM runs_df")
         for name in (*TABLES, "scores"):
-            files = sorted(self.runs_dir.glob(f"*/{name}.parquet")) if self.runs_dir.is_dir() else []
+            files = (
+                sorted(self.runs_dir.glob(f"*/{name}.parquet")) if self.runs_dir.is_dir() else []
+            )
             if files:
                 file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
                 con.execute(

@@ -169,7 +169,11 @@ class RunSpec:
         import json
 
         payload = json.dumps(
-            {"workload": self.workload, "perturbations": list(self.perturbations), "seed": self.seed},
+            {
+                "workload": self.workload,
+                "perturbations": list(self.perturbations),
+                "seed": self.seed,
+            },
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -190,7 +194,9 @@ class RunSpec:
     def label(self) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in sorted(self.workload.get("knobs", {}).items()))
         knob_part = f"[{knobs}]" if knobs else ""
-        return f"{self.workload.get('name', '?')}{knob_part}/{self.perturbation_label}/seed{self.seed}"
+        return (
+            f"{self.workload.get('name', '?')}{knob_part}/{self.perturbation_label}/seed{self.seed}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,12 +19,31 @@ def _make_audit(root) -> RunStore:  # type: ignore[no-untyped-def]
     store.write_audit({"name": "demo", "spec": {}, "version": "0"})
     for i, status in enumerate(["done", "done", "failed"]):
         writer = store.writer(f"run{i}")
-        writer.start({"run_id": f"run{i}", "workload": "toy", "seed": i,
-                      "perturbation": {"kind": "none", "label": "none"}, "knobs": {"lr": 0.1}})
-        writer.write_table("telemetry", pd.DataFrame({"step": [0, 1, 2], "grad_norm": [1.0, 2.0, 3.0 + i]}))
+        writer.start(
+            {
+                "run_id": f"run{i}",
+                "workload": "toy",
+                "seed": i,
+                "perturbation": {"kind": "none", "label": "none"},
+                "knobs": {"lr": 0.1},
+            }
+        )
+        writer.write_table(
+            "telemetry", pd.DataFrame({"step": [0, 1, 2], "grad_norm": [1.0, 2.0, 3.0 + i]})
+        )
         writer.write_table("evals", pd.DataFrame({"step": [0, 2], "perf": [-1.0, -0.5]}))
-        writer.write_events([{"kind": "lr_spike", "name": "lr_spike", "dimension": "optimization",
-                              "params": {"factor": 10}, "start_step": 1, "end_step": 1}])
+        writer.write_events(
+            [
+                {
+                    "kind": "lr_spike",
+                    "name": "lr_spike",
+                    "dimension": "optimization",
+                    "params": {"factor": 10},
+                    "start_step": 1,
+                    "end_step": 1,
+                }
+            ]
+        )
         if status == "done":
             writer.finish({"final_perf": -0.5})
         else:
@@ -65,12 +84,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path) -> None:  # type: ign
 
 def test_query_views(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = _make_audit(tmp_path / "a")
-    df = store.query("SELECT run_id, max(grad_norm) AS g FROM telemetry GROUP BY run_id ORDER BY run_id")
+    df = store.query(
+        "SELECT run_id, max(grad_norm) AS g FROM telemetry GROUP BY run_id ORDER BY run_id"
+    )
     assert df["run_id"].tolist() == ["run0", "run1", "run2"]
     assert df["g"].tolist() == [3.0, 4.0, 5.0]
     runs = store.query("SELECT run_id, status, seed FROM runs WHERE status = 'failed'")
     assert runs.to_dict("records") == [{"run_id": "run2", "status": "failed", "seed": 2}]
-    joined = store.query("SELECT count(*) AS n FROM evals JOIN runs USING (run_id) WHERE status='done'")
+    joined = store.query(
+        "SELECT count(*) AS n FROM evals JOIN runs USING (run_id) WHERE status='done'"
+    )
     assert int(joined["n"].iloc[0]) == 4
     assert len(store.query("SELECT * FROM scores")) == 0
     with pytest.raises(StabilityBenchError, match="query failed"):
@@ -97,7 +120,9 @@ def test_cli_version_help_status_query(tmp_path) -> None:  # type: ignore[no-unt
     store = _make_audit(tmp_path / "a")
     result = runner.invoke(app, ["status", str(store.root)])
     assert result.exit_code == 0 and "boom" in result.output
-    result = runner.invoke(app, ["query", str(store.root), "SELECT count(*) AS n FROM telemetry", "--json"])
+    result = runner.invoke(
+        app, ["query", str(store.root), "SELECT count(*) AS n FROM telemetry", "--json"]
+    )
     assert result.exit_code == 0 and json.loads(result.output) == [{"n": 9}]
     result = runner.invoke(app, ["query", str(tmp_path), "SELECT 1"])
     assert result.exit_code == 2 and "not a StabilityBench audit" in result.output

@@ -97,7 +97,9 @@ def test_sharpness_matches_analytic_top_eigenvalue() -> None:
     assert table["sharpness"].iloc[-1] == pytest.approx(float(eigs.max()), rel=0.01)
 
 
-def _micro_batch_setup() -> tuple[torch.nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _micro_batch_setup() -> tuple[
+    torch.nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]
+]:
     model = _mlp(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _data(4)
@@ -112,8 +114,12 @@ def test_m_coherence_and_noise_scale_match_reference() -> None:
         return [((model(xb) - yb) ** 2).mean() for xb, yb in micro]
 
     tel = Telemetry(
-        model, opt, probes=["m_coherence", "grad_noise_scale"], micro_batches=losses,
-        micro_batch_size=8, scheduled_every=1,
+        model,
+        opt,
+        probes=["m_coherence", "grad_noise_scale"],
+        micro_batches=losses,
+        micro_batch_size=8,
+        scheduled_every=1,
     )
     x = torch.cat([m[0] for m in micro])
     y = torch.cat([m[1] for m in micro])
@@ -140,8 +146,13 @@ def test_m_coherence_and_noise_scale_match_reference() -> None:
 def test_identical_micro_batches_have_full_coherence() -> None:
     model, opt, micro = _micro_batch_setup()
     xb, yb = micro[0]
-    tel = Telemetry(model, opt, probes="m_coherence", scheduled_every=1,
-                    micro_batches=lambda: [((model(xb) - yb) ** 2).mean() for _ in range(5)])
+    tel = Telemetry(
+        model,
+        opt,
+        probes="m_coherence",
+        scheduled_every=1,
+        micro_batches=lambda: [((model(xb) - yb) ** 2).mean() for _ in range(5)],
+    )
     opt.zero_grad()
     ((model(xb) - yb) ** 2).mean().backward()
     opt.step()
@@ -167,8 +178,13 @@ def test_scheduled_probe_writes_only_on_its_steps() -> None:
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = _data()
-    tel = Telemetry(model, opt, probes=["cheap", "sharpness"], scheduled_every=3,
-                    closure=lambda: ((model(x) - y) ** 2).mean())
+    tel = Telemetry(
+        model,
+        opt,
+        probes=["cheap", "sharpness"],
+        scheduled_every=3,
+        closure=lambda: ((model(x) - y) ** 2).mean(),
+    )
     for _ in range(7):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()

@@ -35,8 +35,14 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, sched
 def test_close_removes_every_hook() -> None:
     model = _model()
     opt = torch.optim.Adam(model.parameters())
-    tel = Telemetry(model, opt, probes="full", closure=lambda: model(torch.ones(2, 6)).sum(),
-                    micro_batches=lambda: [model(torch.ones(2, 6)).sum() for _ in range(2)], micro_batch_size=2)
+    tel = Telemetry(
+        model,
+        opt,
+        probes="full",
+        closure=lambda: model(torch.ones(2, 6)).sum(),
+        micro_batches=lambda: [model(torch.ones(2, 6)).sum() for _ in range(2)],
+        micro_batch_size=2,
+    )
     assert len(opt._optimizer_step_pre_hooks) == 1 and len(opt._optimizer_step_post_hooks) == 1
     _train(model, opt, 3, tel=tel)
     tel.close()
@@ -73,9 +79,12 @@ def test_telemetry_does_not_change_the_trajectory() -> None:
         if with_telemetry:
             probe_x = torch.ones(4, 6)
             tel = Telemetry(
-                model, opt, probes="full", scheduled_every=7,
+                model,
+                opt,
+                probes="full",
+                scheduled_every=7,
                 closure=lambda: model(probe_x).pow(2).mean(),  # noqa: B023
-                micro_batches=lambda: [model(probe_x[i:i + 2]).pow(2).mean() for i in (0, 2)],  # noqa: B023
+                micro_batches=lambda: [model(probe_x[i : i + 2]).pow(2).mean() for i in (0, 2)],  # noqa: B023
                 micro_batch_size=2,
             )
         _train(model, opt, 50, tel=tel)
@@ -86,19 +95,33 @@ def test_telemetry_does_not_change_the_trajectory() -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    ],
+)
 def test_works_with_common_optimizers(make_opt) -> None:  # type: ignore[no-untyped-def]
     model = _model()
     opt = make_opt(model.parameters())
     tel = Telemetry(model, opt)
     _train(model, opt, 5, tel=tel)
     table = tel.close()
-    cheap = ["step", "loss", "grad_norm", "grad_norm_max_layer", "grad_cos_prev", "grad_cos_ema",
-             "update_norm", "update_ratio", "param_norm", "lr", "nonfinite_grads"]
+    cheap = [
+        "step",
+        "loss",
+        "grad_norm",
+        "grad_norm_max_layer",
+        "grad_cos_prev",
+        "grad_cos_ema",
+        "update_norm",
+        "update_ratio",
+        "param_norm",
+        "lr",
+        "nonfinite_grads",
+    ]
     assert set(cheap) <= set(table.columns)
     assert table[cheap].iloc[1:].notna().all().all()
 
@@ -108,16 +131,23 @@ def test_frozen_params_none_grads_and_param_groups() -> None:
     model[0].bias.requires_grad_(False)  # frozen: not measured
     extra = torch.nn.Parameter(torch.zeros(3))  # never used: grad stays None
     opt = torch.optim.SGD(
-        [{"params": [model[0].weight, model[0].bias], "lr": 0.1},
-         {"params": [*model[3].parameters(), extra], "lr": 0.01}]
+        [
+            {"params": [model[0].weight, model[0].bias], "lr": 0.1},
+            {"params": [*model[3].parameters(), extra], "lr": 0.01},
+        ]
     )
     tel = Telemetry(model, opt)
     _train(model, opt, 4, tel=tel)
     table = tel.close()
     assert table["lr"].tolist() == [0.1] * 4
     assert table["lr/group1"].tolist() == [0.01] * 4
-    grads = torch.cat([model[0].weight.grad.reshape(-1), model[3].weight.grad.reshape(-1),
-                       model[3].bias.grad.reshape(-1)])
+    grads = torch.cat(
+        [
+            model[0].weight.grad.reshape(-1),
+            model[3].weight.grad.reshape(-1),
+            model[3].bias.grad.reshape(-1),
+        ]
+    )
     assert table["grad_norm"].iloc[-1] == pytest.approx(float(grads.norm()), rel=1e-5)
 
 
@@ -186,14 +216,16 @@ def test_no_trainable_parameters_is_a_clear_error() -> None:
 def test_unknown_probe_name_lists_allowed_names() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(StabilityBenchError, match=r"unknown probe 'hessian'.*allowed probes: .*sharpness"):
+    with pytest.raises(
+        StabilityBenchError, match=r"unknown probe 'hessian'.*allowed probes: .*sharpness"
+    ):
         Telemetry(model, opt, probes=["cheap", "hessian"])
 
 
 def test_sharpness_without_closure_is_a_clear_error() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(StabilityBenchError, match="sharpness.*closure"):
+    with pytest.raises(StabilityBenchError, match=r"sharpness.*closure"):
         Telemetry(model, opt, probes="full")
     with pytest.raises(StabilityBenchError, match="closure"):
         Sharpness(None)

@@ -89,21 +89,15 @@ class Telemetry:
         scheduled_every: int | Schedule = 50,
         total_steps: int | None = None,
     ) -> None:
-        optimizers = (
-            dict(optimizer) if isinstance(optimizer, Mapping) else {"": optimizer}
-        )
+        optimizers = dict(optimizer) if isinstance(optimizer, Mapping) else {"": optimizer}
         if not optimizers:
             raise StabilityBenchError("Telemetry needs at least one optimizer")
-        names_by_id = (
-            {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        )
+        names_by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         options = ProbeOptions(every, closure, micro_batches, micro_batch_size, scheduled_every)
         base_probes = resolve_probes(probes, options)
         self._opts: list[_Instrumented] = []
         for i, (role, opt) in enumerate(optimizers.items()):
-            role_probes = (
-                base_probes if i == 0 else [copy.deepcopy(p) for p in base_probes]
-            )
+            role_probes = base_probes if i == 0 else [copy.deepcopy(p) for p in base_probes]
             inst = _Instrumented(role, opt, names_by_id, role_probes)
             if not inst.params:
                 label = f"optimizer {role!r}" if role else "the optimizer"
@@ -121,9 +115,7 @@ class Telemetry:
         self._pending: dict[str, Any] = {}
         self._hooks: list[StepHook] = []
         self._row_callbacks: list[RowCallback] = []
-        self._sinks: list[Sink] = (
-            [] if sink is None else [sink] if hasattr(sink, "write_row") else list(sink)  # type: ignore[arg-type]
-        )
+        self._sinks: list[Sink] = _as_sinks(sink)
         self._closed = False
         for inst in self._opts:
             self._attach(inst, clock=inst is self._opts[0])
@@ -282,6 +274,14 @@ class Telemetry:
             if key == "nonfinite_grads" and math.isfinite(value):
                 value = int(value)
             self._open[inst.prefix + key] = value
+
+
+def _as_sinks(sink: Sink | Iterable[Sink] | None) -> list[Sink]:
+    if sink is None:
+        return []
+    if hasattr(sink, "write_row"):
+        return [sink]  # type: ignore[list-item]
+    return list(sink)  # type: ignore[arg-type]
 
 
 def _to_float(value: float | int | torch.Tensor) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-
 import torch
 
 from stabilitybench.errors import StabilityBenchError
@@ -179,7 +178,9 @@ class Sharpness(Probe):
             # A gradient that does not depend on the parameters has zero Hessian rows (and, by
             # symmetry, columns): dropping those parameters leaves the eigenvalues unchanged.
             pairs = [
-                (p, g) for p, g in zip(params, grads, strict=True) if g is not None and g.requires_grad
+                (p, g)
+                for p, g in zip(params, grads, strict=True)
+                if g is not None and g.requires_grad
             ]
             if not pairs:
                 return {"sharpness": torch.tensor(0.0)}
@@ -190,8 +191,13 @@ class Sharpness(Probe):
             v = [x / v_norm for x in v]
             eig = torch.tensor(0.0)
             for i in range(self.iters):
-                hv_raw = torch.autograd.grad(gs, ps, grad_outputs=v, retain_graph=True, allow_unused=True)
-                hv = [h if h is not None else torch.zeros_like(p) for h, p in zip(hv_raw, ps, strict=True)]
+                hv_raw = torch.autograd.grad(
+                    gs, ps, grad_outputs=v, retain_graph=True, allow_unused=True
+                )
+                hv = [
+                    h if h is not None else torch.zeros_like(p)
+                    for h, p in zip(hv_raw, ps, strict=True)
+                ]
                 new_eig = sum((h * x).sum() for h, x in zip(hv, v, strict=True))
                 hv_norm = torch.sqrt(sum((h * h).sum() for h in hv))  # type: ignore[arg-type]
                 v = [h / (hv_norm + _EPS) for h in hv]
@@ -350,5 +356,3 @@ def resolve_probes(spec: ProbeSpec, options: ProbeOptions) -> list[Probe]:
         else:
             probes.append(build_probe(item, options))
     return probes
-
-

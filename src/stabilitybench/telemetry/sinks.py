@@ -27,7 +27,9 @@ class ParquetSink:
 class TensorBoardSink:
     """Writes every numeric column as a TensorBoard scalar under `prefix`, x-axis = step."""
 
-    def __init__(self, writer: Any = None, log_dir: str | Path | None = None, prefix: str = "stability/") -> None:
+    def __init__(
+        self, writer: Any = None, log_dir: str | Path | None = None, prefix: str = "stability/"
+    ) -> None:
         if writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

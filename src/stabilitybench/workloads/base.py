@@ -45,7 +45,11 @@ def _ensure_builtin() -> None:
     _BUILTINS_LOADED = True
     import importlib
 
-    for module in ("stabilitybench.workloads.rl", "stabilitybench.workloads.lm", "stabilitybench.workloads.toy"):
+    for module in (
+        "stabilitybench.workloads.rl",
+        "stabilitybench.workloads.lm",
+        "stabilitybench.workloads.toy",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
