@@ -1,0 +1,130 @@
+"""Per-run stability score, the decoupling analysis, and dose-response curves (pure functions)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+
+from stabilitybench.metrics.intervals import DEFAULT_REPS, spearman_ci, wilson_interval
+
+COLLAPSE_WEIGHT = 0.75
+DISPERSION_HALF_POINT = 0.1  # dispersion (in curve ranges per evaluation) that halves its term
+COUPLING_RHO = 0.3
+MIN_DECOUPLING_RUNS = 5
+
+
+def stability_score(
+    collapsed: bool | None,
+    irreversible: bool | None,
+    recovery_steps: int | None,
+    steps_after_collapse: int | None,
+    dispersion: float | None,
+) -> float:
+    """A run's stability in [0, 1], higher is more stable.
+
+    `score = 0.75·C + 0.25·D`, where C is the collapse term — 1 without a collapse, 0 for an
+    irreversible one, `1 − recovery_steps / steps_after_collapse` for a recovered one (the share
+    of the time left after the collapse that the run spent recovered) — and D the dispersion
+    term `1 / (1 + dispersion / 0.1)` with `dispersion` the run's dispersion across time in units
+    of its curve range (D = 0.5 when the middle half of per-evaluation changes spans a tenth of
+    the curve's range). Collapse dominates because it is the event an audit is about; D orders
+    runs that never collapse by how jittery they are. Without a usable dispersion (NaN/None),
+    the score is C alone. A run that could not be judged (`collapsed` None) has C = 1.
+    """
+    if collapsed and irreversible:
+        collapse_term = 0.0
+    elif collapsed:
+        if recovery_steps is None or not steps_after_collapse or steps_after_collapse <= 0:
+            collapse_term = 0.5
+        else:
+            collapse_term = float(np.clip(1.0 - recovery_steps / steps_after_collapse, 0.0, 1.0))
+    else:
+        collapse_term = 1.0
+    if dispersion is None or not math.isfinite(dispersion):
+        return collapse_term
+    dispersion_term = 1.0 / (1.0 + max(dispersion, 0.0) / DISPERSION_HALF_POINT)
+    return COLLAPSE_WEIGHT * collapse_term + (1 - COLLAPSE_WEIGHT) * dispersion_term
+
+
+def decoupling_verdict(n: int, rho: float, ci: tuple[float, float]) -> str:
+    """Plain-words reading of a Spearman rho and its CI between final perf and stability.
+
+    `insufficient_data`: fewer than 5 runs or rho undefined; `coupled`: rho >= 0.3 and the CI
+    excludes 0; `anti_coupled`: rho <= −0.3 and the CI excludes 0; otherwise `decoupled` (no
+    evidence, at this n, that better final performance goes with more stable training).
+    """
+    if n < MIN_DECOUPLING_RUNS or not math.isfinite(rho):
+        return "insufficient_data"
+    low, high = ci
+    if rho >= COUPLING_RHO and math.isfinite(low) and low > 0:
+        return "coupled"
+    if rho <= -COUPLING_RHO and math.isfinite(high) and high < 0:
+        return "anti_coupled"
+    return "decoupled"
+
+
+def decoupling(
+    final_perf: ArrayLike,
+    stability: ArrayLike,
+    *,
+    rng: np.random.Generator,
+    reps: int = DEFAULT_REPS,
+) -> dict[str, Any]:
+    """Spearman rho between final performance and stability across runs, with a bootstrap CI.
+
+    final_perf, stability: (n_runs,); -inf final perf (diverged) ranks lowest; NaN pairs are
+    dropped. Returns {"n", "rho", "ci", "verdict"}.
+    """
+    perf = np.asarray(final_perf, dtype=float)
+    score = np.asarray(stability, dtype=float)
+    keep = ~np.isnan(perf) & ~np.isnan(score)
+    perf, score = perf[keep], score[keep]
+    # Ranks make -inf usable: a diverged run is simply the worst.
+    perf_ranks = stats.rankdata(perf) if perf.size else perf
+    rho, ci = spearman_ci(perf_ranks, score, rng=rng, reps=reps)
+    n = int(perf.size)
+    return {"n": n, "rho": rho, "ci": list(ci), "verdict": decoupling_verdict(n, rho, ci)}
+
+
+def within_group_rank(values: ArrayLike, groups: Sequence[str]) -> np.ndarray:
+    """Each value's rank within its group scaled to [0, 1] (values: (n,)), for pooling workloads."""
+    arr = np.asarray(values, dtype=float)
+    out = np.full(arr.shape, np.nan)
+    group_arr = np.asarray(groups, dtype=object)
+    for group in dict.fromkeys(groups):
+        mask = (group_arr == group) & ~np.isnan(arr)
+        count = int(mask.sum())
+        if count == 1:
+            out[mask] = 0.5
+        elif count > 1:
+            out[mask] = (stats.rankdata(arr[mask]) - 1) / (count - 1)
+    return out
+
+
+def collapse_rate_by(x: Sequence[float], collapsed: Sequence[bool | None]) -> list[dict[str, Any]]:
+    """Collapse rate with a Wilson 95% CI at each distinct x (dose-response).
+
+    x: (n_runs,) numeric dose (perturbation magnitude or knob value); collapsed: (n_runs,) with
+    None for runs that could not be judged (skipped). Returns points sorted by x:
+    {"x", "collapse_rate", "ci", "n", "n_collapsed"}.
+    """
+    counts: dict[float, list[int]] = {}
+    for dose, hit in zip(x, collapsed, strict=True):
+        if hit is None or dose is None or not math.isfinite(float(dose)):
+            continue
+        entry = counts.setdefault(float(dose), [0, 0])
+        entry[0] += int(bool(hit))
+        entry[1] += 1
+    points = []
+    for dose in sorted(counts):
+        hits, n = counts[dose]
+        low, high = wilson_interval(hits, n)
+        points.append(
+            {"x": dose, "collapse_rate": hits / n, "ci": [low, high], "n": n, "n_collapsed": hits}
+        )
+    return points
