@@ -1,0 +1,158 @@
+"""Figure functions: the statistics they draw, and what ends up on the axes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stabilitybench.report import figures as figs
+from stabilitybench.report.data import project_2d, slug, unique_slugs
+
+
+def test_quantile_band_is_median_and_quartiles_across_runs() -> None:
+    x = [0.0, 1.0, 2.0]
+    frames = [pd.DataFrame({"x": x, "perf": [1.0 * k, 2.0 * k, 3.0 * k]}) for k in (1, 2, 3)]
+    band = figs.quantile_band(frames, "perf")
+    # values at each x are (1, 2, 3)·(x+1): median 2(x+1), quartiles 1.5(x+1) and 2.5(x+1)
+    np.testing.assert_allclose(band["median"], [2.0, 4.0, 6.0])
+    np.testing.assert_allclose(band["q25"], [1.5, 3.0, 4.5])
+    np.testing.assert_allclose(band["q75"], [2.5, 5.0, 7.5])
+
+
+def test_quantile_band_keeps_a_diverged_run_at_the_floor() -> None:
+    alive = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0], "perf": [0.0, 1.0, 2.0, 3.0]})
+    dead = pd.DataFrame({"x": [0.0, 1.0], "perf": [0.0, -math.inf]})
+    band = figs.quantile_band([alive, dead], "perf", floor=-10.0, x_end=3.0)
+    # after its divergence the dead run counts as -10 until the end, so the median is the mean
+    np.testing.assert_allclose(band["median"], [0.0, -4.5, -4.0, -3.5])
+
+
+def test_quantile_band_interpolates_runs_with_different_eval_steps() -> None:
+    a = pd.DataFrame({"x": [0.0, 10.0], "perf": [0.0, 10.0]})
+    b = pd.DataFrame({"x": [0.0, 5.0, 10.0], "perf": [0.0, 1.0, 2.0]})
+    band = figs.quantile_band([a, b], "perf")
+    np.testing.assert_allclose(band["x"], [0.0, 5.0, 10.0])
+    np.testing.assert_allclose(band["median"], [0.0, 3.0, 6.0])  # mean of (5, 1) and (10, 2)
+
+
+def _series(label: str, seeds: int, *, with_msd: bool) -> figs.ConditionSeries:
+    steps = np.arange(50, dtype=float)
+    telemetry = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        frame = pd.DataFrame(
+            {
+                "x": steps,
+                "grad_norm": np.exp(rng.normal(0, 0.1, 50)),
+                "grad_cos_prev": rng.uniform(-0.2, 0.5, 50),
+                "update_ratio": np.full(50, 1e-3),
+            }
+        )
+        if with_msd:
+            frame["msd"] = rng.random(50)
+        telemetry.append(frame)
+    perf = [
+        pd.DataFrame({"x": steps[::10], "perf": -np.exp(-steps[::10] / 20)}) for _ in range(seeds)
+    ]
+    return figs.ConditionSeries(
+        label=label, perf=perf, telemetry=telemetry, collapses=[(20.0, -0.5)]
+    )
+
+
+@pytest.mark.parametrize("with_msd", [True, False])
+def test_condition_figure_has_one_panel_per_available_signal(with_msd: bool) -> None:
+    fig = figs.condition_figure(
+        [_series("lr=0.1", 3, with_msd=with_msd), _series("lr=$1$", 2, with_msd=with_msd)],
+        windows=[(20.0, 30.0)],
+        title="toy · lr_spike",
+    )
+    try:
+        axes = fig.axes
+        assert len(axes) == 1 + 3 + int(with_msd)  # performance + grad norm, cosine, ratio (+ MSD)
+        assert axes[1].get_yscale() == "log"  # gradient norm
+        assert axes[2].get_yscale() == "linear"  # cosine can be negative
+        assert [a.get_xlim() for a in axes[1:]] == [axes[0].get_xlim()] * (len(axes) - 1)  # aligned
+        legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+        assert legend[:2] == ["lr=0.1 (n=3)", r"lr=\$1\$ (n=2)"]
+        assert "perturbation window" in legend and "collapse" in legend
+        shaded = [p for p in axes[0].patches if p.get_x() == 20.0]
+        assert shaded and math.isclose(shaded[0].get_width(), 10.0)
+        image = Image.open(io.BytesIO(figs.png_bytes(fig)))
+        assert image.size == (round(fig.get_figwidth() * 100), round(fig.get_figheight() * 100))
+    finally:
+        plt.close(fig)
+
+
+def test_latent_figure_marks_collapses_and_onsets() -> None:
+    t = np.linspace(0, 1, 30)
+    circle = np.stack([np.cos(t), np.sin(t)], axis=1)
+    trajectories = [
+        figs.LatentTrajectory("baseline", circle),
+        figs.LatentTrajectory("lr_spike", circle + 0.5, onset_index=10, collapse_index=20),
+    ]
+    fig = figs.latent_figure(trajectories, axis_label="z_1 / z_2")
+    try:
+        ax = fig.axes[0]
+        offsets = [c.get_offsets() for c in ax.collections]
+        collapse_xy = circle[20] + 0.5
+        assert any(np.allclose(o, [collapse_xy]) for o in offsets if len(o) == 1)
+        assert ax.get_xlabel() == "z_1" and ax.get_ylabel() == "z_2"
+    finally:
+        plt.close(fig)
+
+
+def test_decoupling_and_dose_response_figures_draw_every_point() -> None:
+    runs = pd.DataFrame(
+        {
+            "workload": ["a", "a", "a", "b"],
+            "perturbation": ["none", "lr_spike", "lr_spike", "none"],
+            "final_perf": [1.0, 0.5, 0.7, -3.0],
+            "stability_score": [0.9, 0.2, 0.4, 1.0],
+        }
+    )
+    fig = figs.decoupling_figure(runs, stats={"a": "Spearman ρ = 1"})
+    try:
+        drawn = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections)
+        assert drawn == 4
+        assert "Spearman ρ = 1" in fig.axes[0].get_title(loc="left")
+    finally:
+        plt.close(fig)
+    points = pd.DataFrame(
+        {
+            "panel": ["a · dropout"] * 2,
+            "series": ["all"] * 2,
+            "x": [0.0, 0.1],
+            "rate": [0.8, 0.2],
+            "lo": [0.5, 0.05],
+            "hi": [0.95, 0.5],
+        }
+    )
+    fig = figs.dose_response_figure(points)
+    try:
+        line = fig.axes[0].lines[0]
+        np.testing.assert_allclose(line.get_ydata(), [0.8, 0.2])
+        assert fig.axes[0].get_xlabel() == "dropout"
+    finally:
+        plt.close(fig)
+
+
+def test_projection_uses_baseline_principal_axes() -> None:
+    rng = np.random.default_rng(0)
+    # baseline varies along e1 (large) and e2 (small), almost nothing along e3
+    baseline = rng.normal(size=(200, 3)) * np.array([5.0, 1.0, 0.01])
+    (projected,), label = project_2d(baseline, [baseline])
+    assert "PC" in label
+    spreads = projected.std(axis=0)
+    assert spreads[0] == pytest.approx(5.0, rel=0.15) and spreads[1] == pytest.approx(1.0, rel=0.15)
+
+
+def test_slugs_are_file_safe_and_unique() -> None:
+    assert slug("toy · lr_spike(at=0.3,factor=10)") == "toy-lr-spike-at-0-3-factor-10"
+    assert slug("<script>") == "script"
+    assert unique_slugs(["a b", "a-b", "c"]) == ["a-b", "a-b-2", "c"]
