@@ -1,0 +1,505 @@
+"""Reactive guards people use today, faithful to their published defaults, as per-step scores.
+
+Each detector has a pure scoring function over arrays and a thin class with
+`score(df) -> (n,)` (higher = more alarming; offline), `alarms(df) -> (n,) bool` (the guard's own
+native rule) and an online `update(row) -> float` that equals `score` step by step.
+
+Every guard also treats a non-finite value as an alarm (score +inf), as every framework checks
+for NaN/Inf separately. The "loss" a guard watches is the `loss` column; an RL run without one
+uses the best available stand-in: `value_loss`, then `critic_loss`, then `critic/loss`
+(see `loss_series`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
+
+LOSS_COLUMNS = ("loss", "value_loss", "critic_loss", "critic/loss")
+GRAD_NORM_COLUMNS = ("grad_norm", "actor/grad_norm", "critic/grad_norm")
+
+
+def _column(df: pd.DataFrame, candidates: Sequence[str]) -> np.ndarray:
+    for name in candidates:
+        if name in df.columns:
+            values = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+            if not np.all(np.isnan(values)):
+                return values
+    return np.full(len(df), np.nan)
+
+
+def loss_series(df: pd.DataFrame) -> np.ndarray:
+    """The loss a guard watches: `loss`, else `value_loss`, `critic_loss`, `critic/loss` (n,)."""
+    return _column(df, LOSS_COLUMNS)
+
+
+def grad_norm_series(df: pd.DataFrame) -> np.ndarray:
+    """The total gradient norm: `grad_norm`, else the actor's, else the critic's (n,)."""
+    return _column(df, GRAD_NORM_COLUMNS)
+
+
+def _row_value(row: Mapping[str, Any], candidates: Sequence[str]) -> float:
+    for name in candidates:
+        value = row.get(name)
+        if value is not None:
+            return float(value)
+    return math.nan
+
+
+# -- pure scoring functions -------------------------------------------------------------------
+
+
+def zclip_scores(
+    grad_norm: np.ndarray,
+    alpha: float = 0.97,
+    z_thresh: float = 2.5,
+    warmup_steps: int = 25,
+    eps: float = 1e-6,
+) -> np.ndarray:
+    """ZClip z-score of the gradient norm against its EMA mean/variance (grad_norm: (n,) → (n,)).
+
+    Follows the reference implementation (bluorion-com/ZClip, `zscore` mode with
+    `adaptive_scaling`): the first `warmup_steps` norms initialise mean and (population)
+    variance; afterwards z = (g − mean) / (std + eps); a spike (z > z_thresh) updates the EMA with
+    the clipped value mean + z_thresh·std / (z / z_thresh) instead of g. Score 0 during warm-up.
+    """
+    out = np.zeros(len(grad_norm))
+    state = _ZClipState(alpha, z_thresh, warmup_steps, eps)
+    for i, g in enumerate(grad_norm):
+        out[i] = state.update(float(g))
+    return out
+
+
+class _ZClipState:
+    """Running state of ZClip's EMA statistics."""
+
+    def __init__(self, alpha: float, z_thresh: float, warmup_steps: int, eps: float) -> None:
+        self.alpha, self.z_thresh, self.warmup_steps, self.eps = alpha, z_thresh, warmup_steps, eps
+        self.buffer: list[float] = []
+        self.mean: float | None = None
+        self.var = 0.0
+
+    def update(self, g: float) -> float:
+        if not math.isfinite(g):
+            return math.inf
+        if self.mean is None:
+            self.buffer.append(g)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+            return 0.0
+        std = self.var**0.5
+        z = (g - self.mean) / (std + self.eps)
+        effective = g
+        if z > self.z_thresh:
+            effective = self.mean + (self.z_thresh * std) / (z / self.z_thresh)
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * effective
+        self.var = self.alpha * self.var + (1 - self.alpha) * (effective - self.mean) ** 2
+        return z
+
+
+def rolling_zscores(values: np.ndarray, window: int = 128) -> np.ndarray:
+    """z of each value against the previous `window` values (population std) (n,) → (n,).
+
+    0 until the window is full or when std < 1e-10 (OLMo-core's `_is_spike` returns False there).
+    Non-finite values score +inf and, as in OLMo-core, still enter the history.
+    """
+    n = len(values)
+    out = np.zeros(n)
+    if n <= window:
+        out[~np.isfinite(values)] = np.inf
+        return out
+    history = sliding_window_view(values[:-1], window)  # (n - window, window): values before i
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = history.mean(axis=1)
+        std = history.std(axis=1)
+        z = (values[window:] - mean) / std
+    z[~(std >= 1e-10)] = 0.0
+    out[window:] = z
+    out[~np.isfinite(out)] = 0.0
+    out[~np.isfinite(values)] = np.inf
+    return out
+
+
+def lightning_scores(loss: np.ndarray, window: int = 10, warmup: int = 1) -> np.ndarray:
+    """Relative excess of the loss over Lightning's running mean, (loss − mean) / |mean| (n,).
+
+    Lightning's `SpikeDetection` (lightning.fabric.utilities.spike, mode "min"): a running mean
+    over the last `window` accepted losses; a loss that improves on the last accepted one is
+    never a spike (score 0 here); a spike is not added to the statistics; non-finite is a spike.
+    The native rule is score ≥ rtol (default 2.0) from batch `warmup` on.
+    """
+    out = np.zeros(len(loss))
+    state = _LightningState(window, warmup)
+    for i, value in enumerate(loss):
+        out[i] = state.update(float(value))
+    return out
+
+
+class _LightningState:
+    """Running mean of accepted losses and the last accepted loss."""
+
+    def __init__(self, window: int, warmup: int, rtol: float = 2.0) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.last = 0.0
+        self.warmup, self.rtol, self.batch = warmup, rtol, 0
+
+    def update(self, loss: float) -> float:
+        batch, self.batch = self.batch, self.batch + 1
+        if math.isnan(loss):
+            return math.inf if batch >= self.warmup else 0.0
+        if not math.isfinite(loss):
+            return math.inf if batch >= self.warmup else 0.0
+        score = 0.0
+        if self.values and loss - self.last > 0:
+            mean = sum(self.values) / len(self.values)
+            score = abs(loss - mean) / max(abs(mean), 1e-12)
+        if batch < self.warmup or score < self.rtol:
+            self.values.append(loss)
+            self.last = loss
+        return score if batch >= self.warmup else 0.0
+
+
+def megatron_scores(loss: np.ndarray, num_samples: int = 100) -> np.ndarray:
+    """|loss| as a multiple of the largest |loss| among the first `num_samples` finite ones (n,).
+
+    Megatron-LM's `RerunStateMachine.is_unexpectedly_large` (used by `check_for_spiky_loss` with
+    threshold 10): the max is taken over the first `num_samples` finite values; those steps are
+    never flagged (score 0). Non-finite values are Megatron's separate NaN/Inf check (+inf here).
+    """
+    out = np.zeros(len(loss))
+    state = _MegatronState(num_samples)
+    for i, value in enumerate(loss):
+        out[i] = state.update(float(value))
+    return out
+
+
+class _MegatronState:
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples, self.count, self.max_value = num_samples, 0, 0.0
+
+    def update(self, loss: float) -> float:
+        value = abs(loss)
+        if not math.isfinite(value):
+            return math.inf
+        if self.count < self.num_samples:
+            self.count += 1
+            self.max_value = max(self.max_value, value)
+            return 0.0
+        return value / max(self.max_value, 1e-12)
+
+
+def causal_detrend(values: np.ndarray, span: int = 20) -> np.ndarray:
+    """Residuals from a trailing EMA with the given span (n,) → (n,), using only the past."""
+    alpha = 2.0 / (span + 1.0)
+    out = np.zeros(len(values))
+    level = math.nan
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            out[i] = math.nan
+            continue
+        if math.isnan(level):
+            level = v
+        out[i] = v - level
+        level = (1 - alpha) * level + alpha * v
+    return out
+
+
+def rolling_variance(values: np.ndarray, window: int) -> np.ndarray:
+    """Variance (ddof=1) over the trailing `window` values; NaN until full (n,) → (n,).
+
+    Same convention as pandas `.rolling(window).var()`, which ewstools uses.
+    """
+    out = np.full(len(values), np.nan)
+    if len(values) >= window:
+        out[window - 1 :] = sliding_window_view(values, window).var(axis=1, ddof=1)
+    return out
+
+
+def rolling_lag1_autocorrelation(values: np.ndarray, window: int) -> np.ndarray:
+    """Pearson correlation of x[t] with x[t+1] inside each trailing window; NaN until full.
+
+    Same as ewstools' `compute_auto(lag=1)` (pandas `Series.autocorr` on each window).
+    """
+    out = np.full(len(values), np.nan)
+    if len(values) < window:
+        return out
+    win = sliding_window_view(values, window)  # (m, w)
+    a, b = win[:, :-1], win[:, 1:]
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    out[window - 1 :] = corr
+    return out
+
+
+def rolling_kendall_tau(values: np.ndarray, window: int) -> np.ndarray:
+    """Kendall's tau (tau-a) between time and value over each trailing window; NaN until full.
+
+    The classic early-warning trend statistic (Dakos et al. 2012). Windows with NaN give NaN.
+    """
+    out = np.full(len(values), np.nan)
+    if len(values) < window:
+        return out
+    win = sliding_window_view(values, window)  # (m, w)
+    diffs = np.sign(win[:, None, :] - win[:, :, None])  # (m, w, w): sign(x_j − x_i)
+    upper = np.triu(np.ones((window, window), dtype=bool), k=1)
+    tau = diffs[:, upper].sum(axis=1) / upper.sum()
+    tau[np.isnan(win).any(axis=1)] = np.nan
+    out[window - 1 :] = tau
+    return out
+
+
+def ews_scores(
+    loss: np.ndarray, grad_norm: np.ndarray, window: int = 50, tau_window: int = 50, span: int = 20
+) -> np.ndarray:
+    """Classic early-warning score: the largest Kendall tau of rolling variance / lag-1 AC (n,).
+
+    For the detrended loss and log gradient norm, rolling variance and lag-1 autocorrelation over
+    `window` steps; the score is the largest Kendall tau of any of the four indicators over the
+    last `tau_window` steps (Scheffer et al. 2009; Dakos et al. 2012). 0 until defined.
+    """
+    n = len(grad_norm)
+    best = np.full(n, -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        signals = [loss, np.log(np.abs(grad_norm))]
+    for signal in signals:
+        if np.all(np.isnan(signal)):
+            continue
+        residual = causal_detrend(signal, span)
+        for indicator in (
+            rolling_variance(residual, window),
+            rolling_lag1_autocorrelation(residual, window),
+        ):
+            tau = rolling_kendall_tau(indicator, tau_window)
+            best = np.fmax(best, tau)
+    best[~np.isfinite(best)] = 0.0
+    bad = ~np.isfinite(grad_norm) | (np.isinf(loss))
+    best[bad] = np.inf
+    return best
+
+
+# -- detector classes -------------------------------------------------------------------------
+
+
+class Detector:
+    """A per-step score with a native alarm rule; subclasses fill `_scores` and `_native`."""
+
+    name: ClassVar[str]
+    citation: ClassVar[str]
+
+    def score(self, df: pd.DataFrame) -> np.ndarray:
+        """Per-step score (n,), higher is more alarming; +inf for non-finite input."""
+        return self._scores(df)
+
+    def alarms(self, df: pd.DataFrame) -> np.ndarray:
+        """The guard's own rule, per step (n,) bool."""
+        return self._native(self._scores(df))
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ZClipDetector(Detector):
+    """ZClip (Kumar et al. 2025, arXiv 2504.02507): EMA z-score of the gradient norm.
+
+    Defaults as published: alpha 0.97, z_thresh 2.5, 25 warm-up steps; native rule z > 2.5.
+    """
+
+    name = "zclip"
+    citation = "ZClip, arXiv 2504.02507"
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25) -> None:
+        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self._state = _ZClipState(alpha, z_thresh, warmup_steps, 1e-6)
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        return zclip_scores(grad_norm_series(df), self.alpha, self.z_thresh, self.warmup_steps)
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        return scores > self.z_thresh
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self._state.update(_row_value(row, GRAD_NORM_COLUMNS))
+
+
+class OLMoDetector(Detector):
+    """OLMo 2 / OLMo-core `StabilityMonitorCallback`: rolling z-score of loss and grad norm.
+
+    A spike is a value above mean + 6·std of the previous 128 values (population std), for the
+    loss or the gradient norm; the score is the larger of the two z-scores.
+    """
+
+    name = "olmo"
+    citation = "OLMo 2 (arXiv 2501.00656), olmo_core StabilityMonitorCallback"
+
+    def __init__(self, window: int = 128, threshold_std: float = 6.0) -> None:
+        self.window, self.threshold_std = window, threshold_std
+        self._history: dict[str, deque[float]] = {}
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        scores = [rolling_zscores(grad_norm_series(df), self.window)]
+        loss = loss_series(df)
+        if not np.all(np.isnan(loss)):
+            scores.append(rolling_zscores(loss, self.window))
+        return np.maximum.reduce(scores)
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        return scores > self.threshold_std
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        best = -math.inf
+        for key, candidates in (("grad_norm", GRAD_NORM_COLUMNS), ("loss", LOSS_COLUMNS)):
+            value = _row_value(row, candidates)
+            if key == "loss" and math.isnan(value) and key not in self._history:
+                continue
+            history = self._history.setdefault(key, deque(maxlen=self.window))
+            z = 0.0
+            if not math.isfinite(value):
+                z = math.inf
+            elif len(history) == self.window:
+                arr = np.fromiter(history, dtype=float)
+                std = float(arr.std())
+                if std >= 1e-10:
+                    z = (value - float(arr.mean())) / std
+                    z = z if math.isfinite(z) else 0.0
+            history.append(value)
+            best = max(best, z)
+        return best if best > -math.inf else 0.0
+
+
+class LightningDetector(Detector):
+    """Lightning's `SpikeDetection` on the loss: window 10, rtol 2.0 (mode "min", warmup 1)."""
+
+    name = "lightning"
+    citation = "lightning.fabric.utilities.spike.SpikeDetection"
+
+    def __init__(self, window: int = 10, rtol: float = 2.0, warmup: int = 1) -> None:
+        self.window, self.rtol, self.warmup = window, rtol, warmup
+        self._state = _LightningState(window, warmup, rtol)
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        state = _LightningState(self.window, self.warmup, self.rtol)
+        return np.asarray([state.update(float(v)) for v in loss_series(df)])
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        return scores >= self.rtol
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self._state.update(_row_value(row, LOSS_COLUMNS))
+
+
+class MegatronDetector(Detector):
+    """Megatron-LM's spiky-loss check: |loss| ≥ 10 × the max |loss| of the first 100 values."""
+
+    name = "megatron"
+    citation = "Megatron-LM RerunStateMachine.is_unexpectedly_large (check_for_spiky_loss)"
+
+    def __init__(self, threshold: float = 10.0, num_samples: int = 100) -> None:
+        self.threshold, self.num_samples = threshold, num_samples
+        self._state = _MegatronState(num_samples)
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        return megatron_scores(loss_series(df), self.num_samples)
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        return scores >= self.threshold
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self._state.update(_row_value(row, LOSS_COLUMNS))
+
+
+class EWSDetector(Detector):
+    """Classic early-warning statistics: rising variance / lag-1 autocorrelation (Kendall tau).
+
+    Scheffer et al. 2009 (Nature 461:53); Dakos et al. 2012 (PLoS ONE 7:e41010). There is no
+    single published alarm rule; the native rule here is the common convention tau > 0.8.
+    Offline only (`update` recomputes over the kept history).
+    """
+
+    name = "ews"
+    citation = "Scheffer et al. 2009; Dakos et al. 2012"
+
+    def __init__(
+        self, window: int = 50, tau_window: int = 50, span: int = 20, tau_alarm: float = 0.8
+    ) -> None:
+        self.window, self.tau_window, self.span, self.tau_alarm = (
+            window,
+            tau_window,
+            span,
+            tau_alarm,
+        )
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        return ews_scores(
+            loss_series(df), grad_norm_series(df), self.window, self.tau_window, self.span
+        )
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        return scores > self.tau_alarm
+
+
+class PCADetector(Detector):
+    """A linear meta-state: PCA of the monitor's features to k dims + Mahalanobis distance.
+
+    Fitted on baseline runs (`fit`); it isolates what the recurrent model adds over a linear
+    projection. Its native rule is the chi-square 99.9% quantile of the squared distance.
+    """
+
+    name = "pca"
+    citation = "linear meta-state (PCA + Mahalanobis)"
+
+    def __init__(self, latent_dim: int = 4) -> None:
+        from stabilitybench.monitor.features import FeatureExtractor
+
+        self.latent_dim = latent_dim
+        self.features: FeatureExtractor | None = None
+        self.mean = np.zeros(0)
+        self.components = np.zeros((0, 0))
+        self.variances = np.zeros(0)
+
+    def fit(self, tables: Sequence[pd.DataFrame]) -> PCADetector:
+        from stabilitybench.monitor.features import FeatureExtractor
+
+        self.features = FeatureExtractor.fit(tables)
+        x = np.concatenate([self.features.transform(t) for t in tables])
+        self.mean = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - self.mean, full_matrices=False)
+        k = min(self.latent_dim, vt.shape[0])
+        self.components = vt[:k]  # (k, d)
+        self.variances = np.maximum((s[:k] ** 2) / max(len(x) - 1, 1), 1e-6)
+        return self
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """(n, d) normalised features → (n, k) principal scores."""
+        return (features - self.mean) @ self.components.T
+
+    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+        if self.features is None:
+            raise RuntimeError("PCADetector.fit must be called before scoring")
+        z = self.project(self.features.transform(df))
+        return np.sqrt(((z**2) / self.variances).sum(axis=1))
+
+    def _native(self, scores: np.ndarray) -> np.ndarray:
+        from scipy.stats import chi2
+
+        return scores**2 > chi2.ppf(0.999, df=len(self.variances))
+
+
+GUARDS: tuple[type[Detector], ...] = (
+    ZClipDetector,
+    OLMoDetector,
+    LightningDetector,
+    MegatronDetector,
+    EWSDetector,
+)

@@ -1,0 +1,194 @@
+"""Baseline detectors on hand-made series, against their reference implementations."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stabilitybench.monitor import detectors as det
+
+
+def _frame(grad_norm: np.ndarray, loss: np.ndarray | None = None) -> pd.DataFrame:
+    data = {"step": np.arange(len(grad_norm)), "grad_norm": grad_norm}
+    if loss is not None:
+        data["loss"] = loss
+    return pd.DataFrame(data)
+
+
+def _noise(n: int, seed: int = 0, level: float = 1.0) -> np.ndarray:
+    return level + 0.05 * np.random.default_rng(seed).standard_normal(n)
+
+
+def _smooth(n: int) -> np.ndarray:
+    """A flat series with a gentle wobble (bounded z-scores, no spike)."""
+    return 1.0 + 0.05 * np.sin(np.arange(n) / 3.0)
+
+
+def test_zclip_warmup_spike_and_flat() -> None:
+    assert not det.ZClipDetector().alarms(_frame(_smooth(300))).any()
+    flat = _noise(300)
+    early = flat.copy()
+    early[10] = 100.0  # inside the 25-step warm-up: never an alarm
+    assert det.zclip_scores(early)[:25].tolist() == [0.0] * 25
+    spiky = _smooth(300)
+    spiky[200] = 5.0
+    alarms = det.ZClipDetector().alarms(_frame(spiky))
+    assert alarms[200] and alarms.sum() == 1
+    # first z after warm-up, worked out by hand from the warm-up mean/variance
+    warm = flat[:25]
+    z = (flat[25] - warm.mean()) / (warm.std() + 1e-6)
+    assert det.zclip_scores(flat)[25] == pytest.approx(z)
+
+
+def test_olmo_needs_a_full_window_and_uses_six_sigma() -> None:
+    values = _noise(300, seed=1)
+    values[100] = 50.0  # before 128 values of history: not judged
+    values[250] = 50.0
+    scores = det.rolling_zscores(values, 128)
+    assert scores[100] == 0.0
+    history = values[250 - 128 : 250]
+    assert scores[250] == pytest.approx((50.0 - history.mean()) / history.std())
+    alarms = det.OLMoDetector().alarms(_frame(values, loss=_noise(300, seed=2)))
+    assert alarms[250] and alarms.sum() == 1
+    assert not det.OLMoDetector().alarms(_frame(_smooth(300), loss=_smooth(300))).any()
+
+
+def test_lightning_matches_spike_detection_source() -> None:
+    pytest.importorskip("torchmetrics")
+    import torch
+    from lightning.fabric.utilities.spike import SpikeDetection
+
+    rng = np.random.default_rng(3)
+    loss = 1.0 + 0.1 * rng.random(60)
+    loss[30] = 3.5  # 3.5 - ~1.05 ≥ 2 × ~1.05: a spike
+    loss[45] = 2.0  # below rtol: not a spike
+    reference = SpikeDetection(window=10, rtol=2.0, warmup=1)
+    expected = []
+    for i, value in enumerate(loss):  # on_train_batch_end without a Fabric
+        tensor = torch.tensor(value)
+        spike = bool(i >= reference.warmup and reference._is_spike(tensor))
+        expected.append(spike)
+        if not spike:
+            reference._update_stats(tensor)
+    ours = det.LightningDetector().alarms(_frame(np.ones(60), loss=loss))
+    assert ours.tolist() == expected
+    assert ours[30] and not ours[45]
+
+
+def test_megatron_ten_times_the_max_of_the_first_hundred() -> None:
+    loss = np.full(200, 1.0)
+    loss[50] = 2.0  # the max of the first 100 values
+    loss[150] = 19.9
+    loss[160] = 20.0
+    alarms = det.MegatronDetector().alarms(_frame(np.ones(200), loss=loss))
+    assert np.flatnonzero(alarms).tolist() == [160]
+    loss[170] = math.nan
+    assert det.MegatronDetector().alarms(_frame(np.ones(200), loss=loss))[170]
+
+
+def test_online_update_equals_offline_score() -> None:
+    rng = np.random.default_rng(4)
+    frame = _frame(1 + 0.1 * rng.random(250), loss=1 + 0.1 * rng.random(250))
+    frame.loc[200, "grad_norm"] = 9.0
+    frame.loc[210, "loss"] = 9.0
+    for detector_cls in (
+        det.ZClipDetector,
+        det.OLMoDetector,
+        det.LightningDetector,
+        det.MegatronDetector,
+    ):
+        offline = detector_cls().score(frame)
+        online_detector = detector_cls()
+        online = [online_detector.update(row) for row in frame.to_dict("records")]
+        np.testing.assert_allclose(online, offline, rtol=1e-9, atol=1e-9, err_msg=detector_cls.name)
+
+
+def _import_ewstools():  # type: ignore[no-untyped-def]
+    """ewstools imports `arch` only for bootstrapping; an arch release broken by pandas 3 is stubbed."""
+    try:
+        import ewstools
+    except TypeError:
+        stub = types.ModuleType("arch.bootstrap")
+        stub.StationaryBootstrap = stub.CircularBlockBootstrap = stub.IIDBootstrap = object  # type: ignore[attr-defined]
+        sys.modules["arch"] = types.ModuleType("arch")
+        sys.modules["arch.bootstrap"] = stub
+        import ewstools
+    return ewstools
+
+
+def test_rolling_variance_and_lag1_autocorrelation_match_ewstools() -> None:
+    ewstools = _import_ewstools()
+    rng = np.random.default_rng(5)
+    x = np.zeros(200)
+    for t in range(1, 200):  # AR(1) with slowly rising memory: a critical-slowing-down toy
+        x[t] = (0.2 + 0.7 * t / 200) * x[t - 1] + rng.standard_normal()
+    series = ewstools.TimeSeries(pd.Series(x))
+    series.detrend(method="Gaussian", bandwidth=0.2)
+    series.compute_var(rolling_window=0.25)
+    series.compute_auto(rolling_window=0.25, lag=1)
+    residuals = series.state["residuals"].to_numpy()
+    window = int(0.25 * 200)
+    np.testing.assert_allclose(
+        det.rolling_variance(residuals, window), series.ews["variance"].to_numpy(), rtol=1e-8
+    )
+    np.testing.assert_allclose(
+        det.rolling_lag1_autocorrelation(residuals, window), series.ews["ac1"].to_numpy(), rtol=1e-8
+    )
+
+
+def test_rolling_kendall_tau_matches_scipy() -> None:
+    from scipy.stats import kendalltau
+
+    values = np.random.default_rng(6).standard_normal(40).cumsum()
+    taus = det.rolling_kendall_tau(values, 15)
+    for end in (14, 25, 39):
+        window = values[end - 14 : end + 1]
+        assert taus[end] == pytest.approx(kendalltau(np.arange(15), window).statistic)
+    assert np.isnan(taus[13])
+
+
+def test_ews_rises_on_critical_slowing_down_and_stays_low_on_white_noise() -> None:
+    rng = np.random.default_rng(7)
+    n = 400
+    white = 1.0 + 0.05 * rng.standard_normal(n)
+    slowing = np.ones(n)
+    for t in range(1, n):
+        phi = 0.1 + 0.85 * max(0, t - 200) / 200
+        slowing[t] = (
+            1.0
+            + phi * (slowing[t - 1] - 1.0)
+            + 0.05 * (1 + 3 * max(0, t - 200) / 200) * rng.standard_normal()
+        )
+    calm = det.ews_scores(white, white)
+    rising = det.ews_scores(slowing, slowing)
+    assert np.nanmax(rising[300:]) > 0.8
+    assert np.mean(rising[300:]) > np.mean(calm[300:]) + 0.2
+
+
+def test_pca_mahalanobis_is_chi_like_on_baseline_and_large_on_an_outlier() -> None:
+    rng = np.random.default_rng(8)
+    tables = []
+    for _ in range(4):
+        g = np.exp(0.3 * rng.standard_normal(300))
+        tables.append(
+            pd.DataFrame(
+                {
+                    "step": np.arange(300),
+                    "grad_norm": g,
+                    "update_norm": g * 1e-3,
+                    "grad_cos_prev": 0.2 * rng.standard_normal(300),
+                }
+            )
+        )
+    pca = det.PCADetector(latent_dim=2).fit(tables)
+    scores = np.concatenate([pca.score(t) for t in tables])
+    assert np.mean(scores**2) == pytest.approx(2.0, rel=0.05)  # E[d²] = k on the fitted data
+    outlier = tables[0].copy()
+    outlier.loc[100, ["grad_norm", "update_norm"]] = [100.0, 0.1]
+    assert pca.score(outlier)[100] > 5 * np.sqrt(2.0)
+    assert pca.alarms(outlier)[100]

@@ -1,0 +1,140 @@
+"""fit_audit / evaluate_audit on small synthetic audits, the statistics, and the CLI's bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from monitor_synthetic import make_audit
+from typer.testing import CliRunner
+
+from stabilitybench.cli import app
+from stabilitybench.monitor.evaluate import (
+    DETECTORS,
+    auroc,
+    auroc_bootstrap_ci,
+    evaluate_audit,
+    fit_audit,
+)
+from stabilitybench.store import RunStore
+
+FAST = {"max_epochs": 3, "window": 32, "hidden": 16}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> RunStore:
+    store = make_audit(tmp_path_factory.mktemp("audit") / "a", factors=(None, 1.2, 1.5, 20.0, 30.0))
+    fit_audit(store, latent_dim=3, seed=0, monitor_options=FAST)
+    return store
+
+
+def test_auroc_by_hand_and_bootstrap_interval() -> None:
+    labels = np.array([True, True, False, False])
+    assert auroc(np.array([0.9, 0.4, 0.5, 0.1]), labels) == pytest.approx(0.75)  # 3 of 4 pairs
+    assert auroc(np.array([1.0, 1.0, 1.0, 1.0]), labels) == pytest.approx(0.5)  # ties count 1/2
+    lo, hi = auroc_bootstrap_ci(
+        np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.3]),
+        np.array([1, 1, 1, 0, 0, 0], bool),
+        np.random.default_rng(0),
+        reps=200,
+    )
+    assert lo == hi == 1.0
+
+
+def test_fit_writes_models_and_scores(fitted: RunStore) -> None:
+    root = fitted.root
+    assert (root / "monitor" / "monitor.json").exists() and (
+        root / "monitor" / "model.safetensors"
+    ).exists()
+    assert (root / "monitor" / "synth" / "monitor.json").exists()
+    run = fitted.load(fitted.run_ids()[0])
+    assert run.scores is not None
+    for column in ("step", "msd", "z_1", "z_3", *DETECTORS[1:], "zclip_native", "msd_alarm"):
+        assert column in run.scores.columns
+    assert len(run.scores) == len(run.telemetry)
+    fit = json.loads((root / "monitor" / "fit.json").read_text())
+    assert fit["workloads"]["synth"]["leave_one_seed_out"] == 3
+
+
+def test_leave_one_seed_out_scores_differ_from_the_full_model(fitted: RunStore) -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    full = MetaStateMonitor.load(fitted.root / "monitor")
+    run = fitted.load("s0-None")
+    assert run.scores is not None
+    assert not np.allclose(full.score(run.telemetry)["msd"], run.scores["msd"])
+
+
+def test_evaluate_separates_clear_collapses(fitted: RunStore) -> None:
+    result = evaluate_audit(fitted, target_false_alarms=5.0)
+    assert result["n_collapsed"] == 6 and result["n_recovered"] == 6 and result["n_baseline"] == 3
+    msm = result["detectors"]["msm"]
+    assert msm["auroc"] >= 0.9
+    assert msm["auroc_ci"][0] <= msm["auroc"] <= msm["auroc_ci"][1]
+    assert set(result["detectors"]) == set(DETECTORS)
+    for entry in result["detectors"].values():
+        for key in (
+            "auroc",
+            "auroc_ci",
+            "recall",
+            "precision",
+            "lead_time_median",
+            "lead_time_iqr",
+            "false_alarms_per_1k",
+        ):
+            assert key in entry
+    json.dumps(result, allow_nan=False)  # what the CLI prints
+    saved = json.loads((fitted.root / "monitor" / "evaluation.json").read_text())
+    assert saved["detectors"]["msm"]["auroc"] == msm["auroc"]
+
+
+def test_too_few_runs_says_so_instead_of_a_number(tmp_path: Path) -> None:
+    store = make_audit(tmp_path / "a", seeds=(0, 1), factors=(None, 30.0))
+    fit_audit(store, latent_dim=2, monitor_options=FAST)
+    result = evaluate_audit(store)
+    assert result["n_recovered"] == 0
+    assert result["detectors"]["msm"]["auroc"].startswith("too few runs")
+    assert isinstance(result["detectors"]["zclip"]["recall"], float)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    outcome = CliRunner().invoke(app, list(args))
+    return outcome.exit_code, outcome.output
+
+
+def test_cli_bad_inputs_exit_2_with_what_is_missing(tmp_path: Path) -> None:
+    only_perturbed = make_audit(tmp_path / "p", seeds=(0,), factors=(20.0,))
+    code, out = _cli("monitor", "evaluate", str(only_perturbed.root))
+    assert code == 2 and "no finished baseline runs" in out and "none" in out
+    code, out = _cli("monitor", "fit", str(only_perturbed.root))
+    assert code == 2 and "baseline" in out
+    only_baseline = make_audit(tmp_path / "b", seeds=(0,), factors=(None,))
+    code, out = _cli("monitor", "evaluate", str(only_baseline.root))
+    assert code == 2 and "no finished perturbed runs" in out and "lr_spike" in out
+    unfitted = make_audit(tmp_path / "u", seeds=(0,), factors=(None, 20.0))
+    code, out = _cli("monitor", "evaluate", str(unfitted.root))
+    assert code == 2 and "no fitted monitor" in out and "stabilitybench monitor fit" in out
+    code, out = _cli("monitor", "evaluate", str(unfitted.root), "--target-false-alarms", "0")
+    assert code == 2 and "--target-false-alarms" in out
+
+
+def test_cli_evaluate_json(fitted: RunStore) -> None:
+    code, out = _cli(
+        "monitor", "evaluate", str(fitted.root), "--json", "--target-false-alarms", "2"
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["target_false_alarms_per_1k"] == 2.0
+    assert isinstance(data["detectors"]["pca"]["auroc"], float)
+    code, out = _cli("monitor", "evaluate", str(fitted.root))
+    assert code == 0 and "msm" in out
+
+
+def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:
+    frame = fitted.query("SELECT count(*) AS n, max(msd) AS top FROM scores")
+    assert int(frame["n"].iloc[0]) == sum(len(fitted.load(r).telemetry) for r in fitted.run_ids())
+    assert np.isfinite(frame["top"].iloc[0])
+    assert isinstance(frame, pd.DataFrame)

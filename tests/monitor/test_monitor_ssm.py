@@ -1,0 +1,99 @@
+"""The Meta-State Monitor: determinism, persistence, online = offline, and sensitivity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from monitor_synthetic import ONSET, synthetic_telemetry
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.monitor.ssm import MetaStateMonitor, calibrate_threshold, false_alarm_rate
+
+FAST = {"max_epochs": 4, "window": 32, "hidden": 16}
+
+
+class _Run:
+    def __init__(self, seed: int, telemetry: pd.DataFrame) -> None:
+        self.seed, self.telemetry = seed, telemetry
+
+
+@pytest.fixture(scope="module")
+def baseline() -> list[_Run]:
+    return [_Run(seed, synthetic_telemetry(seed, n=120)) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def monitor(baseline: list[_Run]) -> MetaStateMonitor:
+    return MetaStateMonitor(latent_dim=3, seed=0, **FAST).fit(baseline)
+
+
+def test_fit_is_deterministic_with_the_seed(
+    baseline: list[_Run], monitor: MetaStateMonitor
+) -> None:
+    again = MetaStateMonitor(latent_dim=3, seed=0, **FAST).fit(baseline)
+    probe = synthetic_telemetry(10, n=120)
+    np.testing.assert_array_equal(again.score(probe)["msd"], monitor.score(probe)["msd"])
+    other = MetaStateMonitor(latent_dim=3, seed=1, **FAST).fit(baseline)
+    assert not np.allclose(other.weights["to_latent.weight"], monitor.weights["to_latent.weight"])
+    assert monitor.fit_info["holdout"] == "seed 3" and monitor.fit_info["validation_runs"] == 1
+
+
+def test_score_columns_and_online_step_equal_offline(monitor: MetaStateMonitor) -> None:
+    run = synthetic_telemetry(11, n=120, drift_at=60, factor=8.0)
+    offline = monitor.score(run)
+    assert list(offline.columns) == ["step", "msd", "z_1", "z_2", "z_3", "alarm"]
+    monitor.reset()
+    online = [monitor.step(row) for row in run.to_dict("records")]
+    np.testing.assert_allclose(online, offline["msd"].to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_save_load_round_trip_gives_identical_scores(
+    monitor: MetaStateMonitor, tmp_path: Path
+) -> None:
+    folder = monitor.save(tmp_path / "m")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "monitor.json"]
+    loaded = MetaStateMonitor.load(folder)
+    run = synthetic_telemetry(12, n=120, drift_at=60, factor=8.0)
+    pd.testing.assert_frame_equal(loaded.score(run), monitor.score(run))
+    assert loaded.threshold == monitor.threshold
+    with pytest.raises(StabilityBenchError, match="monitor fit"):
+        MetaStateMonitor.load(tmp_path / "nothing")
+
+
+def test_drift_raises_the_deviation_after_onset(monitor: MetaStateMonitor) -> None:
+    healthy = monitor.score(synthetic_telemetry(13, n=120))["msd"].to_numpy()
+    drifting = monitor.score(synthetic_telemetry(13, n=120, drift_at=ONSET - 40, factor=10.0))[
+        "msd"
+    ].to_numpy()
+    np.testing.assert_allclose(
+        drifting[: ONSET - 40], healthy[: ONSET - 40]
+    )  # same run before drift
+    assert drifting[-20:].mean() > healthy[-20:].mean() + 3.0
+    assert drifting.max() > monitor.threshold
+
+
+def test_non_finite_telemetry_scores_instead_of_crashing(monitor: MetaStateMonitor) -> None:
+    run = synthetic_telemetry(14, n=60)
+    run.loc[50:, "grad_norm"] = np.inf
+    run.loc[50:, "loss"] = np.nan
+    msd = monitor.score(run)["msd"].to_numpy()
+    assert np.all(np.isfinite(msd)) and msd[55] > msd[:50].max()
+
+
+def test_calibrated_threshold_meets_the_false_alarm_target() -> None:
+    rng = np.random.default_rng(0)
+    runs = [rng.standard_normal(2000) for _ in range(5)]
+    threshold = calibrate_threshold(runs, target_per_1k=5.0)
+    assert false_alarm_rate(runs, threshold) <= 5.0
+    assert false_alarm_rate(runs, threshold - 0.05) > 5.0  # and it is the smallest such one
+    assert calibrate_threshold(runs, target_per_1k=1e-6) > max(r.max() for r in runs)
+
+
+def test_unfitted_monitor_and_empty_input_are_user_errors() -> None:
+    with pytest.raises(StabilityBenchError, match="not fitted"):
+        MetaStateMonitor().score(synthetic_telemetry(0, n=10))
+    with pytest.raises(StabilityBenchError, match="no baseline runs"):
+        MetaStateMonitor().fit([])
