@@ -1,0 +1,276 @@
+"""Stable-Baselines3 callback: stability telemetry for PPO, SAC, TD3 (and other SB3 algorithms).
+
+Usage::
+
+    from stable_baselines3 import PPO
+    from stabilitybench.integrations.sb3 import StabilityCallback
+
+    callback = StabilityCallback()
+    PPO("MlpPolicy", "CartPole-v1").learn(5_000, callback=callback)
+    table = callback.telemetry.rows()  # one row per optimizer step, with env_step
+
+Every optimizer the algorithm uses is instrumented: a single-optimizer algorithm (PPO, A2C, DQN)
+gives unprefixed columns; an actor-critic one (SAC, TD3, DDPG) gives `critic/…` and `actor/…`
+columns, with the critic's steps as the clock. The algorithm's own training signals, which SB3
+records in its logger after each update, are added to the row of the update's last optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.telemetry import Sink, Telemetry
+from stabilitybench.telemetry.probes import ProbeSpec
+from stabilitybench.types import Schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+
+class OnlineMonitor(Protocol):
+    """Anything that turns a finished telemetry row into a deviation score (a fitted monitor)."""
+
+    def step(self, row: Mapping[str, Any]) -> float: ...
+
+
+class PerturbationHook(Protocol):
+    """The part of a `PerturbationSchedule` the callback uses."""
+
+    def attach(self, telemetry: Telemetry) -> None: ...
+
+
+class TrainingDiverged(Exception):
+    """Raised from inside `learn()` when `stop_on_divergence=True` and the parameters or a loss
+    went non-finite (SB3 cannot otherwise be stopped before its next forward pass fails)."""
+
+
+SB3_SIGNALS: dict[str, str] = {
+    "train/entropy_loss": "entropy",  # stored negated: entropy = -entropy_loss
+    "train/approx_kl": "approx_kl",
+    "train/clip_fraction": "clip_fraction",
+    "train/value_loss": "value_loss",
+    "train/policy_gradient_loss": "policy_loss",
+    "train/explained_variance": "explained_variance",
+    "train/loss": "loss",
+    "train/std": "action_std",
+    "train/ent_coef": "ent_coef",
+    "train/ent_coef_loss": "ent_coef_loss",
+    "train/actor_loss": "actor_loss",
+    "train/critic_loss": "critic_loss",
+}
+"""SB3 logger key → telemetry column for the algorithm's own signals."""
+
+_LOSS_SIGNALS = frozenset(
+    {"loss", "value_loss", "policy_loss", "actor_loss", "critic_loss", "ent_coef_loss"}
+)
+
+
+def sb3_optimizers(model: BaseAlgorithm) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers an SB3 algorithm trains with: {"critic": …, "actor": …} or {"": policy's}."""
+    actor, critic = getattr(model, "actor", None), getattr(model, "critic", None)
+    actor_opt = getattr(actor, "optimizer", None)
+    critic_opt = getattr(critic, "optimizer", None)
+    if isinstance(actor_opt, torch.optim.Optimizer) and isinstance(
+        critic_opt, torch.optim.Optimizer
+    ):
+        # The critic steps on every gradient step (TD3's actor only every `policy_delay`): clock.
+        return {"critic": critic_opt, "actor": actor_opt}
+    policy_opt = getattr(model.policy, "optimizer", None)
+    if isinstance(policy_opt, torch.optim.Optimizer):
+        return {"": policy_opt}
+    raise StabilityBenchError(
+        f"StabilityCallback: cannot find the optimizer of {type(model).__name__}; supported: "
+        "algorithms with `policy.optimizer` (PPO, A2C, DQN) or `actor.optimizer` and "
+        "`critic.optimizer` (SAC, TD3, DDPG)"
+    )
+
+
+class StabilityCallback(BaseCallback):
+    """Records stability telemetry while an SB3 algorithm learns; a thin adapter over Telemetry.
+
+    `probes`, `every`, `sink` and `total_steps` are passed to `Telemetry`. `schedule` (a
+    `PerturbationSchedule`) is attached to the telemetry; perturbations that act on the
+    environment also need `schedule.wrap_env(env)` on the training env. `monitor` (any object
+    with `.step(row) -> float`) scores each finished row; the score is stored in the row as `msd`.
+    The telemetry is created at the first `learn()` and kept across later `learn()` calls on the
+    same model; call `close()` (or `telemetry.close()`) to remove its hooks and finish sinks.
+    """
+
+    def __init__(
+        self,
+        probes: ProbeSpec = "cheap",
+        every: int | Schedule = 1,
+        sink: Sink | Iterable[Sink] | None = None,
+        *,
+        schedule: PerturbationHook | None = None,
+        monitor: OnlineMonitor | None = None,
+        total_steps: int | None = None,
+        stop_on_divergence: bool = False,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        self.probes, self.every, self.sink = probes, every, sink
+        self.schedule, self.monitor = schedule, monitor
+        self.total_steps = total_steps
+        self.stop_on_divergence = stop_on_divergence
+        self._telemetry: Telemetry | None = None
+        self._model_id: int | None = None
+        self._loss_diverged = False
+        self._restore_record: Callable[[], None] | None = None
+
+    # ---- public -------------------------------------------------------------------------------
+    @property
+    def telemetry(self) -> Telemetry:
+        """The Telemetry this callback drives (exists once `learn()` has started)."""
+        if self._telemetry is None:
+            raise StabilityBenchError(
+                "StabilityCallback.telemetry: not attached yet; pass the callback to "
+                "model.learn(..., callback=callback) first"
+            )
+        return self._telemetry
+
+    @property
+    def attached(self) -> bool:
+        """True once `learn()` has created the telemetry."""
+        return self._telemetry is not None
+
+    @property
+    def diverged(self) -> bool:
+        """True once a logged loss or a trained parameter is non-finite (NaN or inf)."""
+        return self._loss_diverged or not self._params_finite()
+
+    def close(self) -> pd.DataFrame:
+        """Remove the telemetry's hooks, finish its sinks, and return its table."""
+        self._unwrap_logger()
+        return self.telemetry.close()
+
+    # ---- SB3 hooks ----------------------------------------------------------------------------
+    def _init_callback(self) -> None:
+        if self._telemetry is not None and self._model_id == id(self.model):
+            return
+        if self._telemetry is not None:
+            self._telemetry.close()
+        self._telemetry = Telemetry(
+            self.model.policy,
+            sb3_optimizers(self.model),
+            probes=self.probes,
+            every=self.every,
+            sink=self.sink,
+            total_steps=self.total_steps,
+        )
+        self._model_id = id(self.model)
+        if self.schedule is not None:
+            self.schedule.attach(self._telemetry)
+        if self.monitor is not None:
+            self._telemetry.on_row(self._score_row)
+
+    def _on_training_start(self) -> None:
+        self.telemetry.env_step = int(self.model.num_timesteps)
+        self._wrap_logger()
+
+    def _on_rollout_start(self) -> None:
+        self.telemetry.env_step = int(self.model.num_timesteps)
+        if self.stop_on_divergence and self.diverged:
+            raise TrainingDiverged(
+                f"training diverged at env step {self.model.num_timesteps} "
+                f"(optimizer step {self.telemetry.step})"
+            )
+
+    def _on_step(self) -> bool:
+        self.telemetry.env_step = int(self.num_timesteps)
+        return not (self.stop_on_divergence and self._loss_diverged)
+
+    def _on_rollout_end(self) -> None:
+        self.telemetry.env_step = int(self.model.num_timesteps)
+
+    def _on_training_end(self) -> None:
+        self._unwrap_logger()
+        self.telemetry.flush()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _wrap_logger(self) -> None:
+        """Forward SB3's `train/…` records to the telemetry row of the latest optimizer step."""
+        self._unwrap_logger()
+        logger = self.model.logger
+        original = logger.record
+
+        def record(key: str, value: Any, exclude: Any = None) -> None:
+            original(key, value, exclude)
+            name = SB3_SIGNALS.get(key)
+            if name is None:
+                return
+            number = float(value)
+            if name == "entropy":
+                number = -number
+            self.telemetry.log(**{name: number})
+            if name in _LOSS_SIGNALS and not math.isfinite(number):
+                self._loss_diverged = True
+
+        logger.record = record  # type: ignore[method-assign]
+
+        def restore() -> None:
+            if logger.record is record:
+                del logger.record  # the class's method shows through again
+
+        self._restore_record = restore
+
+    def _unwrap_logger(self) -> None:
+        if self._restore_record is not None:
+            self._restore_record()
+            self._restore_record = None
+
+    def _params_finite(self) -> bool:
+        if self._telemetry is None:
+            return True
+        params = [
+            p
+            for opt in self._telemetry.optimizers.values()
+            for g in opt.param_groups
+            for p in g["params"]
+        ]
+        with torch.no_grad():
+            total = torch.stack(torch._foreach_norm(params)).sum()  # one host sync
+        return bool(torch.isfinite(total))
+
+    def _score_row(self, row: dict[str, Any]) -> None:
+        assert self.monitor is not None
+        row["msd"] = float(self.monitor.step(row))
+
+
+class EveryEnvSteps(BaseCallback):
+    """Calls `fn(env_step)` between updates once another `every` environment steps have passed.
+
+    It fires at the start of a rollout (after the previous update) and when training ends, so the
+    policy it sees has been trained on all data up to `env_step`; with PPO the granularity is one
+    rollout (`n_steps` env steps).
+    """
+
+    def __init__(self, every: int, fn: Callable[[int], None]) -> None:
+        super().__init__()
+        if every < 1:
+            raise StabilityBenchError(f"EveryEnvSteps: every must be >= 1, got {every}")
+        self.every, self.fn = every, fn
+        self.next_at = every
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._maybe_fire()
+
+    def _on_training_end(self) -> None:
+        self._maybe_fire()
+
+    def _maybe_fire(self) -> None:
+        env_step = int(self.model.num_timesteps)
+        if env_step >= self.next_at:
+            self.fn(env_step)
+            while self.next_at <= env_step:
+                self.next_at += self.every

@@ -1,0 +1,437 @@
+"""The RL workload: Stable-Baselines3 PPO, SAC or TD3 on a Gymnasium (MuJoCo or classic) env.
+
+Config (the `workload` dict of a RunSpec)::
+
+    name: ppo-halfcheetah
+    kind: rl
+    algo: ppo                         # ppo | sac | td3
+    env: HalfCheetah-v5
+    total_steps: 100000               # environment steps
+    eval: {every: 5000, episodes: 5}  # every N env steps, M deterministic episodes
+    knobs: {ent_coef: 0.01}           # one value each; see KNOBS
+
+Telemetry records every optimizer (SAC/TD3: `critic/…` and `actor/…` columns, the critic is the
+clock), SB3's own training signals (entropy, approx_kl, clip_fraction, value_loss,
+explained_variance, ent_coef, actor_loss, critic_loss) and `env_step` on every row. Evaluation
+runs on a separate env, also once before training (perf_0). The SB3 modules are imported only
+when a run is validated or started, so `import stabilitybench` does not need the `rl` extra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeGuard
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunWriter
+from stabilitybench.types import RunSpec
+from stabilitybench.workloads.base import RunOutcome, register_workload
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.vec_env import VecEnv
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """What the workload needs to know about a supported environment before creating it."""
+
+    continuous: bool  # Box actions (SAC/TD3 need this); else Discrete
+    mujoco: bool  # dynamics perturbations (adapter "mujoco") can edit its physics
+
+
+ENVS: dict[str, EnvInfo] = {
+    "HalfCheetah-v5": EnvInfo(continuous=True, mujoco=True),
+    "Hopper-v5": EnvInfo(continuous=True, mujoco=True),
+    "Walker2d-v5": EnvInfo(continuous=True, mujoco=True),
+    "InvertedPendulum-v5": EnvInfo(continuous=True, mujoco=True),
+    "InvertedDoublePendulum-v5": EnvInfo(continuous=True, mujoco=True),
+    "Ant-v5": EnvInfo(continuous=True, mujoco=True),
+    "Swimmer-v5": EnvInfo(continuous=True, mujoco=True),
+    "Reacher-v5": EnvInfo(continuous=True, mujoco=True),
+    "CartPole-v1": EnvInfo(continuous=False, mujoco=False),
+    "Acrobot-v1": EnvInfo(continuous=False, mujoco=False),
+    "Pendulum-v1": EnvInfo(continuous=True, mujoco=False),
+    "MountainCarContinuous-v0": EnvInfo(continuous=True, mujoco=False),
+}
+ALGOS: tuple[str, ...] = ("ppo", "sac", "td3")
+CONFIG_FIELDS: tuple[str, ...] = ("name", "kind", "algo", "env", "total_steps", "eval", "knobs")
+EVAL_FIELDS: tuple[str, ...] = ("every", "episodes")
+EVAL_SEED_OFFSET = 1_000_003  # the evaluation env's seed is the run's seed plus this
+
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One hyper-parameter a spec may set: its type, its allowed range [low, high], its default."""
+
+    kind: str  # "int" | "float" | "ent_coef" (a float or "auto"/"auto_<initial value>")
+    low: float = 0.0
+    high: float = _INF
+    low_open: bool = False  # low itself is not allowed
+
+
+_COMMON: dict[str, Knob] = {
+    "learning_rate": Knob("float", 0.0, low_open=True),
+    "batch_size": Knob("int", 1),
+    "gamma": Knob("float", 0.0, 1.0, low_open=True),
+}
+_OFF_POLICY: dict[str, Knob] = {
+    "learning_starts": Knob("int", 0),
+    "buffer_size": Knob("int", 1),
+    "tau": Knob("float", 0.0, 1.0, low_open=True),
+    "train_freq": Knob("int", 1),
+    "gradient_steps": Knob("int", 1),
+}
+KNOBS: dict[str, dict[str, Knob]] = {
+    "ppo": {
+        "ent_coef": Knob("float", 0.0),
+        "n_steps": Knob("int", 2),
+        "n_epochs": Knob("int", 1),
+        "clip_range": Knob("float", 0.0, low_open=True),
+        "gae_lambda": Knob("float", 0.0, 1.0),
+        "vf_coef": Knob("float", 0.0),
+        "max_grad_norm": Knob("float", 0.0, low_open=True),
+        **_COMMON,
+    },
+    "sac": {"ent_coef": Knob("ent_coef", 0.0), **_OFF_POLICY, **_COMMON},
+    "td3": {
+        "action_noise": Knob("float", 0.0),
+        "policy_delay": Knob("int", 1),
+        "target_policy_noise": Knob("float", 0.0),
+        "target_noise_clip": Knob("float", 0.0),
+        **_OFF_POLICY,
+        **_COMMON,
+    },
+}
+"""Knobs each algorithm accepts. `ent_coef` (PPO: entropy bonus; SAC: a fixed temperature, or
+"auto" to learn it) and TD3's `action_noise` (std of Gaussian exploration noise in units of half
+the action range) are the stochasticity knobs; the rest are SB3's hyper-parameters of that name."""
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    """A checked workload config with every default filled in."""
+
+    name: str
+    algo: str
+    env: str
+    total_steps: int
+    eval_every: int
+    eval_episodes: int
+    knobs: dict[str, Any]  # SB3 constructor arguments plus `action_noise` for TD3
+
+    @property
+    def env_info(self) -> EnvInfo:
+        return ENVS[self.env]
+
+    def expected_updates(self) -> int:
+        """About how many clock optimizer steps `total_steps` env steps give (for fractions)."""
+        k = self.knobs
+        if self.algo == "ppo":
+            iterations = math.ceil(self.total_steps / k["n_steps"])
+            return iterations * k["n_epochs"] * math.ceil(k["n_steps"] / k["batch_size"])
+        trained = max(self.total_steps - k["learning_starts"], 0)
+        return max(trained // k["train_freq"] * k["gradient_steps"], 1)
+
+
+def parse_config(config: dict[str, Any]) -> RLSettings:
+    """Check an RL workload config and fill defaults; any problem is one StabilityBenchError."""
+    name = str(config.get("name", "rl"))
+    where = f"workload {name!r}"
+    unknown = sorted(set(config) - set(CONFIG_FIELDS))
+    if unknown:
+        raise StabilityBenchError(
+            f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(CONFIG_FIELDS)}"
+        )
+    algo = config.get("algo")
+    if algo not in ALGOS:
+        raise StabilityBenchError(f"{where}: unknown algo {algo!r}; allowed: {', '.join(ALGOS)}")
+    env = config.get("env")
+    if env not in ENVS:
+        raise StabilityBenchError(f"{where}: unknown env {env!r}; allowed: {', '.join(ENVS)}")
+    if algo in ("sac", "td3") and not ENVS[env].continuous:
+        continuous = [e for e, info in ENVS.items() if info.continuous]
+        raise StabilityBenchError(
+            f"{where}: algo {algo!r} needs continuous (Box) actions but env {env!r} has discrete "
+            f"actions; use algo 'ppo', or one of: {', '.join(continuous)}"
+        )
+    total_steps = config.get("total_steps")
+    if not _is_int(total_steps) or total_steps < 1:
+        raise StabilityBenchError(
+            f"{where}: total_steps (environment steps) must be an integer >= 1, got {total_steps!r}"
+        )
+    evaluation = config.get("eval") or {}
+    if not isinstance(evaluation, dict):
+        raise StabilityBenchError(f"{where}: eval must be a mapping {{every: N, episodes: M}}")
+    bad = sorted(set(evaluation) - set(EVAL_FIELDS))
+    if bad:
+        raise StabilityBenchError(
+            f"{where}: unknown field eval.{bad[0]}; allowed: {', '.join(EVAL_FIELDS)}"
+        )
+    every = evaluation.get("every", max(total_steps // 10, 1))
+    episodes = evaluation.get("episodes", 5)
+    for key, value in (("every", every), ("episodes", episodes)):
+        if not _is_int(value) or value < 1:
+            raise StabilityBenchError(f"{where}: eval.{key} must be an integer >= 1, got {value!r}")
+    knobs = _check_knobs(where, algo, dict(config.get("knobs") or {}))
+    return RLSettings(
+        name, algo, env, total_steps, every, episodes, _defaults(algo, total_steps, knobs)
+    )
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    allowed = KNOBS[algo]
+    for key, value in knobs.items():
+        if key not in allowed:
+            raise StabilityBenchError(
+                f"{where}: unknown knob knobs.{key} for algo {algo!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        knob = allowed[key]
+        if knob.kind == "ent_coef" and isinstance(value, str):
+            if value == "auto" or (value.startswith("auto_") and _positive_float(value[5:])):
+                continue
+            raise StabilityBenchError(
+                f"{where}: knobs.ent_coef must be a number >= 0, 'auto' or 'auto_<initial value>' "
+                f"(e.g. 'auto_0.1'), got {value!r}"
+            )
+        is_number = (
+            _is_int(value)
+            if knob.kind == "int"
+            else (isinstance(value, int | float) and not isinstance(value, bool))
+        )
+        in_range = is_number and (
+            (value > knob.low if knob.low_open else value >= knob.low) and value <= knob.high
+        )
+        if not in_range:
+            kind = "an integer" if knob.kind == "int" else "a number"
+            left = "(" if knob.low_open else "["
+            right = "]" if math.isfinite(knob.high) else ")"
+            extra = ", or 'auto'" if knob.kind == "ent_coef" else ""
+            raise StabilityBenchError(
+                f"{where}: knobs.{key} must be {kind} in {left}{knob.low}, {knob.high}{right}"
+                f"{extra}, got {value!r}"
+            )
+    return knobs
+
+
+def _positive_float(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _defaults(algo: str, total_steps: int, knobs: dict[str, Any]) -> dict[str, Any]:
+    """SB3's defaults, adjusted so that a short run still trains several times."""
+    if algo == "ppo":
+        # 2048 env steps per update, unless that leaves fewer than 4 updates in the budget.
+        n_steps = 2048
+        while n_steps > 64 and n_steps * 4 > total_steps:
+            n_steps //= 2
+        return {"ent_coef": 0.0, "n_steps": n_steps, "n_epochs": 10, "batch_size": 64, **knobs}
+    out: dict[str, Any] = {
+        "learning_starts": min(100, total_steps // 2),
+        "buffer_size": min(1_000_000, total_steps),
+        "batch_size": 256,
+        "train_freq": 1,
+        "gradient_steps": 1,
+    }
+    if algo == "sac":
+        out["ent_coef"] = "auto"
+    else:
+        out["action_noise"] = 0.1
+    out.update(knobs)
+    return out
+
+
+def build_model(
+    settings: RLSettings,
+    seed: int,
+    wrap_env: Callable[[Any], Any] | None = None,
+) -> BaseAlgorithm:
+    """Seed everything and build the SB3 model (CPU) on a fresh, seeded training env."""
+    import numpy as np
+    from stable_baselines3 import PPO, SAC, TD3
+    from stable_baselines3.common.noise import NormalActionNoise
+    from stable_baselines3.common.utils import set_random_seed
+
+    set_random_seed(seed)
+    train_env = make_env(settings.env, seed, wrap_env)
+    kwargs = dict(settings.knobs)
+    if settings.algo == "td3":
+        sigma = float(kwargs.pop("action_noise"))
+        n_actions = int(np.prod(train_env.action_space.shape or (1,)))
+        kwargs["action_noise"] = (
+            NormalActionNoise(np.zeros(n_actions), sigma * np.ones(n_actions))
+            if sigma > 0
+            else None
+        )
+    algo_class = {"ppo": PPO, "sac": SAC, "td3": TD3}[settings.algo]
+    model: BaseAlgorithm = algo_class(
+        "MlpPolicy", train_env, seed=seed, device="cpu", verbose=0, **kwargs
+    )
+    return model
+
+
+def make_env(env_id: str, seed: int, wrap_env: Callable[[Any], Any] | None = None) -> VecEnv:
+    """A one-env, monitored, seeded VecEnv; `wrap_env` wraps the Gymnasium env (perturbations)."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    return make_vec_env(env_id, n_envs=1, seed=seed, wrapper_class=wrap_env)
+
+
+def _sb3_available() -> None:
+    try:
+        import gymnasium  # noqa: F401
+        import stable_baselines3  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise StabilityBenchError(
+            f"the rl workload needs {exc.name}; install it with `pip install stabilitybench[rl]`"
+        ) from None
+
+
+class RLWorkload:
+    """SB3 PPO/SAC/TD3 on a Gymnasium env; perf = mean deterministic evaluation return."""
+
+    kind = "rl"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.settings = parse_config(config)
+        self.name = self.settings.name
+
+    def adapters(self) -> set[str]:
+        """What perturbations may act on: the training env, and MuJoCo physics for MuJoCo envs."""
+        return {"env", "mujoco"} if self.settings.env_info.mujoco else {"env"}
+
+    def _schedule(self, spec: RunSpec, settings: RLSettings) -> Any:
+        """The perturbation schedule (validated against this workload), or None for a baseline."""
+        if not spec.perturbations:
+            return None
+        from stabilitybench.perturbations import PerturbationSchedule, build
+
+        schedule = PerturbationSchedule(
+            [build(dict(p)) for p in spec.perturbations],
+            total_steps=settings.expected_updates(),
+            total_env_steps=settings.total_steps,
+            seed=spec.seed,
+        )
+        schedule.validate(
+            self.adapters(), where=f"workload {settings.name!r} (kind rl, env {settings.env})"
+        )
+        return schedule
+
+    def validate(self, spec: RunSpec) -> None:
+        """Check algo, env, action space, knobs and perturbation adapters before any training."""
+        settings = parse_config(spec.workload)
+        _sb3_available()
+        self._schedule(spec, settings)
+
+    def run(self, spec: RunSpec, writer: RunWriter) -> RunOutcome:
+        """Train for `total_steps` env steps, evaluating periodically; write the run's tables."""
+        _sb3_available()
+        import numpy as np
+        from stable_baselines3.common.callbacks import CallbackList
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        from stabilitybench.integrations.sb3 import (
+            EveryEnvSteps,
+            StabilityCallback,
+            TrainingDiverged,
+        )
+
+        settings = parse_config(spec.workload)
+        schedule = self._schedule(spec, settings)
+        model = build_model(
+            settings, spec.seed, schedule.wrap_env if schedule is not None else None
+        )
+        eval_env = make_env(settings.env, spec.seed + EVAL_SEED_OFFSET)
+        evals: list[dict[str, Any]] = []
+
+        def evaluate(step: int, env_step: int) -> None:
+            returns, _ = evaluate_policy(
+                model,
+                eval_env,
+                n_eval_episodes=settings.eval_episodes,
+                deterministic=True,
+                return_episode_rewards=True,
+                warn=False,
+            )
+            values = np.asarray(returns, dtype=np.float64)  # (episodes,)
+            evals.append(
+                {
+                    "step": step,
+                    "env_step": env_step,
+                    "perf": float(values.mean()),
+                    "return_std": float(values.std()),
+                }
+            )
+
+        telemetry_callback = StabilityCallback(
+            sink=writer,
+            schedule=schedule,
+            total_steps=settings.expected_updates(),
+            stop_on_divergence=True,
+        )
+
+        def periodic_eval(env_step: int) -> None:
+            if not telemetry_callback.diverged:  # a NaN policy cannot act; run() records -inf
+                evaluate(max(telemetry_callback.telemetry.step, 0), env_step)
+
+        callback = CallbackList(
+            [telemetry_callback, EveryEnvSteps(settings.eval_every, periodic_eval)]
+        )
+        evaluate(0, 0)
+        try:
+            try:
+                model.learn(settings.total_steps, callback=callback)
+            except TrainingDiverged:
+                pass
+            except ValueError:
+                # torch.distributions rejects NaN parameters in the policy's next forward pass.
+                if not telemetry_callback.diverged:
+                    raise
+            diverged = telemetry_callback.diverged
+            step = max(telemetry_callback.telemetry.step, 0)
+            env_step = int(model.num_timesteps)
+            if diverged:
+                evals.append(
+                    {"step": step, "env_step": env_step, "perf": -_INF, "return_std": math.nan}
+                )
+            elif evals[-1]["env_step"] < env_step:
+                evaluate(step, env_step)
+        finally:
+            if telemetry_callback.attached:
+                telemetry_callback.close()
+            eval_env.close()
+            model.get_env().close()  # type: ignore[union-attr]
+        writer.write_table("evals", _evals_frame(evals))
+        writer.write_events(schedule.events() if schedule is not None else [])
+        last = [e["perf"] for e in evals[-3:]]
+        return {
+            "final_perf": -_INF if diverged else sum(last) / len(last),
+            "diverged": diverged,
+            "steps": telemetry_callback.telemetry.step + 1,
+            "env_steps": env_step,
+        }
+
+
+def _evals_frame(evals: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    frame = pd.DataFrame(evals, columns=["step", "env_step", "perf", "return_std"])
+    frame["step"] = frame["step"].astype("int64")
+    frame["env_step"] = frame["env_step"].astype("Int64")
+    return frame
+
+
+register_workload("rl", RLWorkload)

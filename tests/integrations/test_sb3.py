@@ -1,0 +1,176 @@
+"""StabilityCallback with the real framework: SB3 `learn()` on CartPole and Pendulum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO, SAC, TD3
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.integrations.sb3 import EveryEnvSteps, StabilityCallback, TrainingDiverged
+from stabilitybench.perturbations import PerturbationSchedule
+from stabilitybench.store import RunStore
+
+
+def _ppo(seed: int = 0, **kwargs: Any) -> PPO:
+    return PPO(
+        "MlpPolicy",
+        "CartPole-v1",
+        n_steps=256,
+        batch_size=64,
+        n_epochs=4,
+        seed=seed,
+        device="cpu",
+        **kwargs,
+    )
+
+
+class _CountSteps:
+    """Counts optimizer.step() calls independently of Telemetry."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.count = 0
+        optimizer.register_step_post_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+
+def test_default_callback_on_cartpole_learn() -> None:
+    model = _ppo()
+    counter = _CountSteps(model.policy.optimizer)
+    callback = StabilityCallback()
+    model.learn(2048, callback=callback)
+    rows = callback.telemetry.rows()
+    assert len(rows) == counter.count == 8 * 4 * 4  # 8 updates × 4 epochs × 4 minibatches
+    for column in (
+        "step",
+        "env_step",
+        "grad_norm",
+        "grad_cos_ema",
+        "update_ratio",
+        "lr",
+        "entropy",
+        "approx_kl",
+        "clip_fraction",
+        "value_loss",
+        "explained_variance",
+    ):
+        assert column in rows.columns, column
+    assert rows["env_step"].is_monotonic_increasing and rows["env_step"].iloc[-1] == 2048
+    assert rows["entropy"].notna().sum() == 8
+    # SB3 clips gradients to max_grad_norm=0.5 before the step; the probe sees what Adam sees.
+    assert (rows["grad_norm"] <= 0.5 + 1e-4).all()
+    assert not callback.diverged
+    # SB3's logger is back to normal after learn().
+    assert "record" not in vars(model.logger)
+
+
+def test_telemetry_before_learn_is_a_clear_error() -> None:
+    with pytest.raises(StabilityBenchError, match=r"pass the callback to model.learn"):
+        _ = StabilityCallback().telemetry
+
+
+def test_continued_learning_keeps_one_table() -> None:
+    model = _ppo()
+    callback = StabilityCallback()
+    model.learn(512, callback=callback)
+    first = len(callback.telemetry.rows())
+    model.learn(512, callback=callback, reset_num_timesteps=False)
+    rows = callback.telemetry.rows()
+    assert len(rows) == 2 * first
+    assert rows["step"].tolist() == list(range(2 * first))
+    assert rows["env_step"].iloc[-1] == 1024
+
+
+class _ScaledGradNorm:
+    """A stand-in online monitor: a deviation score computed from the row it is given."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def step(self, row: dict[str, Any]) -> float:
+        self.seen.append(int(row["step"]))
+        return 2.0 * float(row["grad_norm"])
+
+
+def test_monitor_scores_each_row_as_msd() -> None:
+    monitor = _ScaledGradNorm()
+    callback = StabilityCallback(monitor=monitor)
+    _ppo().learn(512, callback=callback)
+    rows = callback.telemetry.rows()
+    assert monitor.seen == rows["step"].tolist()  # every row, in order (the last at training end)
+    assert np.allclose(rows["msd"], 2.0 * rows["grad_norm"])
+
+
+def test_actor_critic_algorithms_get_prefixed_columns() -> None:
+    callback = StabilityCallback()
+    SAC("MlpPolicy", "Pendulum-v1", learning_starts=50, batch_size=32, seed=0, device="cpu").learn(
+        100, callback=callback
+    )
+    rows = callback.telemetry.rows()
+    assert len(rows) == 50
+    assert {"critic/grad_norm", "actor/grad_norm", "ent_coef", "actor_loss", "critic_loss"} <= set(
+        rows.columns
+    )
+    assert "grad_norm" not in rows.columns
+    assert rows["env_step"].tolist() == list(range(51, 101))
+
+
+def test_td3_actor_rows_follow_policy_delay() -> None:
+    callback = StabilityCallback()
+    TD3(
+        "MlpPolicy",
+        "Pendulum-v1",
+        learning_starts=50,
+        batch_size=32,
+        policy_delay=3,
+        seed=0,
+        device="cpu",
+    ).learn(80, callback=callback)
+    rows = callback.telemetry.rows()
+    assert len(rows) == 30
+    assert rows["actor/update_norm"].notna().tolist() == [i % 3 == 2 for i in range(30)]
+
+
+def test_stop_on_divergence_raises_training_diverged() -> None:
+    model = SAC(
+        "MlpPolicy",
+        "Pendulum-v1",
+        learning_starts=20,
+        batch_size=16,
+        learning_rate=1e12,
+        seed=0,
+        device="cpu",
+    )
+    callback = StabilityCallback(stop_on_divergence=True)
+    with pytest.raises(TrainingDiverged, match="diverged at env step"):
+        model.learn(200, callback=callback)
+    assert callback.diverged
+    assert model.num_timesteps < 200
+    rows = callback.close()
+    assert not np.isfinite(rows.filter(like="param_norm").to_numpy()).all()
+    assert "record" not in vars(model.logger)
+
+
+def test_schedule_and_sink(tmp_path: Path) -> None:
+    schedule = PerturbationSchedule([{"kind": "lr_spike", "at": 10, "factor": 5, "duration": 3}])
+    writer = RunStore(tmp_path).writer("run")
+    callback = StabilityCallback(sink=writer, schedule=schedule)
+    _ppo().learn(512, callback=callback)
+    table = callback.close()
+    stored = RunStore(tmp_path).table("run", "telemetry")
+    assert len(stored) == len(table) == 32
+    assert stored["perturbed"].tolist() == [10 <= s <= 12 for s in range(32)]
+    assert np.allclose(stored.loc[10:12, "lr"], 5 * 3e-4)
+    assert np.allclose(stored.loc[13:, "lr"], 3e-4)
+    assert [e["start_step"] for e in schedule.events()] == [10]
+
+
+def test_every_env_steps_fires_between_updates() -> None:
+    fired: list[int] = []
+    model = _ppo()
+    model.learn(1024, callback=EveryEnvSteps(300, fired.append))
+    # Rollouts end at 256, 512, 768, 1024: the first boundary at or after each multiple of 300.
+    assert fired == [512, 768, 1024]
