@@ -1,0 +1,478 @@
+"""The LM workload: a GPT-2 (built from a config, no weights downloaded) trained on a text corpus.
+
+Config (the `workload` dict of a RunSpec)::
+
+    name: gpt2-tiny
+    kind: lm
+    size: tiny                       # tiny | small | gpt2-124m | {n_layer, n_embd, n_head}
+    corpus: shakespeare              # shakespeare | shakespeare-folio | a path | hf:NAME[:CONFIG]
+    total_steps: 600                 # optimizer steps
+    eval: {every: 50, batches: 8}    # every N optimizer steps; M fixed validation batches
+    tokenizer: byte                  # byte (vocab 256, default) | bpe | {kind: bpe, vocab_size: N}
+    knobs: {dropout: 0.1, grad_noise: 0.0, label_smoothing: 0.0, lr: 0.001}
+
+AdamW (decoupled weight decay on matrices only) with linear warmup and cosine decay to 10% of
+`lr`; the loss is next-token cross-entropy computed here (so `label_smoothing` applies to it).
+`grad_noise` adds Gaussian noise to the clipped gradient every step: with `grad_noise_mode:
+relative` (default) the noise vector's expected norm is `grad_noise` × the gradient's norm; with
+`absolute` each entry gets standard deviation `grad_noise`. A `data_shift` perturbation replaces
+the training batches in its window by batches from its `source`: `tail` (default: the last 10% of
+the training split, alone), `upper` (the training text in capitals), or another corpus
+(`shakespeare-folio`: the same plays in First Folio spelling; a path; hf:NAME).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunWriter
+from stabilitybench.telemetry import Telemetry
+from stabilitybench.types import RunSpec
+from stabilitybench.workloads import corpus as corpora
+from stabilitybench.workloads.base import RunOutcome, register_workload
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
+    "small": {"n_layer": 6, "n_embd": 256, "n_head": 8},
+    "gpt2-124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+}
+CONFIG_KEYS = (
+    "name",
+    "kind",
+    "size",
+    "corpus",
+    "total_steps",
+    "eval",
+    "knobs",
+    "tokenizer",
+    "device",
+)
+DEFAULT_KNOBS: dict[str, Any] = {
+    "lr": 1e-3,
+    "batch_size": 16,
+    "block_size": 128,
+    "warmup": 0.05,  # a fraction of total_steps (float < 1) or a number of steps (int)
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,  # 0 turns clipping off
+    "dropout": 0.0,
+    "grad_noise": 0.0,
+    "grad_noise_mode": "relative",
+    "label_smoothing": 0.0,
+}
+GRAD_NOISE_MODES = ("relative", "absolute")
+DEFAULT_EVAL = {"every": 50, "batches": 8}
+MIN_LR_RATIO = 0.1
+ADAPTERS = {"batch"}  # perturbations may also transform training batches
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """A checked LM workload config with every default filled in."""
+
+    name: str
+    size: dict[str, int]
+    corpus: str
+    tokenizer: corpora.TokenizerSpec
+    total_steps: int
+    eval_every: int
+    eval_batches: int
+    knobs: dict[str, Any]
+    device: str
+
+
+def _fail(name: str, message: str) -> StabilityBenchError:
+    return StabilityBenchError(f"workload {name!r}: {message}")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_size(name: str, size: Any) -> dict[str, int]:
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise _fail(
+                name,
+                f"unknown size {size!r}; allowed: {', '.join(SIZES)} or "
+                "{n_layer: L, n_embd: E, n_head: H}",
+            )
+        return dict(SIZES[size])
+    if isinstance(size, dict):
+        keys = ("n_layer", "n_embd", "n_head")
+        if set(size) != set(keys) or not all(_integer(size[k]) and size[k] >= 1 for k in keys):
+            raise _fail(
+                name,
+                f"size as a mapping needs exactly n_layer, n_embd, n_head (integers >= 1); got {size!r}",
+            )
+        if size["n_embd"] % size["n_head"]:
+            raise _fail(
+                name,
+                f"size.n_embd ({size['n_embd']}) must be a multiple of size.n_head ({size['n_head']})",
+            )
+        return {k: int(size[k]) for k in keys}
+    raise _fail(name, f"size: expected one of {', '.join(SIZES)} or a mapping, got {size!r}")
+
+
+def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and check every knob's type and range."""
+    unknown = sorted(set(knobs) - set(DEFAULT_KNOBS))
+    if unknown:
+        raise _fail(
+            name, f"unknown knob knobs.{unknown[0]}; allowed: {', '.join(sorted(DEFAULT_KNOBS))}"
+        )
+    values = {**DEFAULT_KNOBS, **knobs}
+
+    def number(
+        key: str, low: float, high: float = math.inf, *, integer: bool = False, closed: bool = False
+    ) -> None:
+        value = values[key]
+        ok_type = (
+            _integer(value)
+            if integer
+            else isinstance(value, int | float) and not isinstance(value, bool)
+        )
+        in_range = ok_type and (low <= value <= high if closed else low <= value < high)
+        if not in_range:
+            kind = "an integer" if integer else "a number"
+            bracket = "]" if closed else ")"
+            raise _fail(
+                name, f"knobs.{key} must be {kind} in [{low}, {high}{bracket}, got {value!r}"
+            )
+
+    number("lr", 1e-12)
+    number("batch_size", 1, integer=True)
+    number("block_size", 2, integer=True)
+    number("weight_decay", 0.0)
+    number("grad_clip", 0.0)
+    number("dropout", 0.0, 1.0)
+    number("grad_noise", 0.0)
+    number("label_smoothing", 0.0, 1.0)
+    warmup = values["warmup"]
+    if _integer(warmup):
+        number("warmup", 0, integer=True)
+    else:
+        number("warmup", 0.0, 1.0)
+    if values["grad_noise_mode"] not in GRAD_NOISE_MODES:
+        raise _fail(
+            name,
+            f"knobs.grad_noise_mode must be one of {', '.join(GRAD_NOISE_MODES)}, got {values['grad_noise_mode']!r}",
+        )
+    return values
+
+
+def parse_config(config: dict[str, Any]) -> LMSettings:
+    """Check an LM workload config (no corpus reading) and fill in defaults."""
+    name = str(config.get("name", "lm"))
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise _fail(name, f"unknown key {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
+    size = _check_size(name, config.get("size", "tiny"))
+    corpus = config.get("corpus", "shakespeare")
+    if not isinstance(corpus, str) or not corpus:
+        raise _fail(name, f"corpus: expected shakespeare, a path, or hf:NAME; got {corpus!r}")
+    total_steps = config.get("total_steps")
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+        raise _fail(name, f"total_steps must be an integer >= 1, got {total_steps!r}")
+    evaluation = {**DEFAULT_EVAL, **(config.get("eval") or {})}
+    unknown_eval = sorted(set(evaluation) - set(DEFAULT_EVAL))
+    if unknown_eval:
+        raise _fail(name, f"unknown key eval.{unknown_eval[0]}; allowed: every, batches")
+    for key in DEFAULT_EVAL:
+        if not _integer(evaluation[key]) or evaluation[key] < 1:
+            raise _fail(name, f"eval.{key} must be an integer >= 1, got {evaluation[key]!r}")
+    try:
+        tokenizer = corpora.TokenizerSpec.parse(config.get("tokenizer"))
+    except StabilityBenchError as exc:
+        raise _fail(name, str(exc)) from None
+    device = config.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise _fail(name, f"device must be one of auto, cpu, cuda; got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LMSettings(
+        name=name,
+        size=size,
+        corpus=corpus,
+        tokenizer=tokenizer,
+        total_steps=int(total_steps),
+        eval_every=int(evaluation["every"]),
+        eval_batches=int(evaluation["batches"]),
+        knobs=_check_knobs(name, dict(config.get("knobs") or {})),
+        device=str(device),
+    )
+
+
+def build_model(
+    size: dict[str, int], vocab_size: int, block_size: int, dropout: float
+) -> nn.Module:
+    """A randomly initialised GPT2LMHeadModel of the given size (uses the global torch RNG)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=block_size,
+        n_embd=size["n_embd"],
+        n_layer=size["n_layer"],
+        n_head=size["n_head"],
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+        use_cache=False,
+    )
+    model: nn.Module = GPT2LMHeadModel(config)
+    return model
+
+
+def lm_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of targets y (B, T) given inputs x (B, T)."""
+    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), label_smoothing=label_smoothing
+    )
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to MIN_LR_RATIO at `total_steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LMTrainer:
+    """Model, optimizer, data and one `train_step()`: the LM workload's loop without the run folder."""
+
+    def __init__(self, settings: LMSettings, seed: int) -> None:
+        knobs = settings.knobs
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.batch_size, self.block_size = int(knobs["batch_size"]), int(knobs["block_size"])
+        try:
+            tokens = corpora.load_tokens(settings.corpus, settings.tokenizer)
+        except StabilityBenchError as exc:
+            raise _fail(settings.name, str(exc)) from None
+        for split, data in (("training", tokens.train), ("validation", tokens.validation)):
+            if len(data) < self.block_size + 2:
+                raise _fail(
+                    settings.name,
+                    f"the corpus's {split} split has {len(data)} tokens, fewer than "
+                    f"knobs.block_size + 2 = {self.block_size + 2}; use a larger corpus or a smaller block_size",
+                )
+        self.tokens = tokens
+        torch.manual_seed(seed)  # model init and dropout
+        self.batch_gen = torch.Generator().manual_seed(seed * 7919 + 1)
+        self.shift_gen = torch.Generator().manual_seed(seed * 7919 + 2)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed * 7919 + 3)
+        self.model = build_model(
+            settings.size, tokens.vocab_size, self.block_size, float(knobs["dropout"])
+        )
+        self.model.to(self.device).train()
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": float(knobs["weight_decay"])},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=float(knobs["lr"]),
+            betas=(0.9, 0.95),
+        )
+        warmup = knobs["warmup"]
+        warmup_steps = (
+            int(warmup) if _integer(warmup) else round(float(warmup) * settings.total_steps)
+        )
+        total = settings.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, total, warmup_steps)
+        )
+        self.validation = corpora.fixed_batches(
+            tokens.validation, settings.eval_batches, self.batch_size, self.block_size
+        )
+        self.label_smoothing = float(knobs["label_smoothing"])
+        self.grad_clip = float(knobs["grad_clip"])
+        self.grad_noise = float(knobs["grad_noise"])
+        self.grad_noise_relative = knobs["grad_noise_mode"] == "relative"
+        self.schedule: Any = None
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch (x, y), each (B, T)."""
+        return corpora.sample_batch(
+            self.tokens.train, self.batch_size, self.block_size, self.batch_gen
+        )
+
+    def shifted_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch from the active data_shift's `source` (tail, upper or a corpus), on the device."""
+        source = self._shift_source()
+        tokens = corpora.load_shift_tokens(self.settings.corpus, self.settings.tokenizer, source)
+        if len(tokens) < self.block_size + 2:
+            raise _fail(
+                self.settings.name,
+                f"data_shift source {source!r} has {len(tokens)} tokens, fewer than block_size + 2",
+            )
+        x, y = corpora.sample_batch(tokens, self.batch_size, self.block_size, self.shift_gen)
+        return x.to(self.device), y.to(self.device)
+
+    def _shift_source(self) -> str:
+        shifts = [p for p in getattr(self.schedule, "perturbations", []) if p.name == "data_shift"]
+        step = self.schedule.telemetry.step + 1 if shifts else 0
+        active = [p for p in shifts if p.would_cover(step)] or shifts
+        return str(active[0].values.get("source", "tail")) if active else "tail"
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the training loss (a host sync)."""
+        x, y = self.sample()
+        x, y = x.to(self.device), y.to(self.device)
+        if self.schedule is not None:
+            x, y = self.schedule.transform_batch(x, y, shifted_batch=self.shifted_batch)
+        loss = lm_loss(self.model, x, y, self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.grad_noise > 0:
+            self._add_grad_noise()
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _add_grad_noise(self) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.grad_noise_relative:
+            count = sum(g.numel() for g in grads)
+            norm = torch.stack(torch._foreach_norm(grads)).norm()  # stays on device: no sync
+            std = self.grad_noise * norm / math.sqrt(count)
+        else:
+            std = torch.tensor(self.grad_noise, device=self.device)
+        for g in grads:
+            g.add_(
+                torch.randn(g.shape, generator=self.noise_gen, device=g.device, dtype=g.dtype) * std
+            )
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean cross-entropy (no label smoothing, no dropout) over the fixed validation batches."""
+        self.model.eval()
+        losses = [
+            lm_loss(self.model, x.to(self.device), y.to(self.device)) for x, y in self.validation
+        ]
+        self.model.train()
+        return float(torch.stack(losses).mean())
+
+
+class LMWorkload:
+    """GPT-2 language modelling on a text corpus; perf = −validation loss."""
+
+    kind = "lm"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.name = str(config.get("name", "lm"))
+
+    def _schedule(self, spec: RunSpec, total_steps: int, vocab_size: int | None = None) -> Any:
+        """The perturbation schedule, or None for a baseline run."""
+        if not spec.perturbations:
+            return None
+        from stabilitybench.perturbations import PerturbationSchedule, build
+
+        return PerturbationSchedule(
+            [build(dict(p)) for p in spec.perturbations],
+            total_steps=total_steps,
+            seed=spec.seed,
+            vocab_size=vocab_size,
+        )
+
+    def validate(self, spec: RunSpec) -> None:
+        """Check size, corpus, knobs and that every perturbation can act on this workload."""
+        settings = parse_config(spec.workload)
+        try:
+            corpora.check_corpus(settings.corpus)
+        except StabilityBenchError as exc:
+            raise _fail(settings.name, str(exc)) from None
+        schedule = self._schedule(spec, settings.total_steps)
+        if schedule is not None:
+            schedule.validate(ADAPTERS, where=f"workload {settings.name!r} (kind lm)")
+            for p in schedule.perturbations:
+                if p.name == "data_shift":
+                    try:
+                        corpora.check_shift_source(str(p.values.get("source", "tail")))
+                    except StabilityBenchError as exc:
+                        raise _fail(
+                            settings.name, f"perturbation {p.label!r}: source: {exc}"
+                        ) from None
+
+    def run(self, spec: RunSpec, writer: RunWriter) -> RunOutcome:
+        """Train for `total_steps` optimizer steps, writing the run's telemetry, evals and events."""
+        settings = parse_config(spec.workload)
+        trainer = LMTrainer(settings, spec.seed)
+        telemetry = Telemetry(
+            trainer.model,
+            trainer.optimizer,
+            probes="cheap",
+            sink=writer,
+            total_steps=settings.total_steps,
+        )
+        schedule = self._schedule(spec, settings.total_steps, trainer.tokens.vocab_size)
+        if schedule is not None:
+            schedule.validate(ADAPTERS, where=f"workload {settings.name!r} (kind lm)")
+            schedule.attach(telemetry)
+            trainer.schedule = schedule
+
+        evals: list[dict[str, Any]] = []
+
+        def record(step: int, val_loss: float) -> None:
+            perf = -val_loss if math.isfinite(val_loss) else -math.inf
+            evals.append({"step": step, "env_step": None, "perf": perf, "val_loss": val_loss})
+
+        diverged = False
+        steps_taken = 0
+        try:
+            record(0, trainer.validation_loss())
+            for step in range(settings.total_steps):
+                loss = trainer.train_step()
+                telemetry.log(loss=loss)
+                steps_taken = step + 1
+                if not math.isfinite(loss):
+                    diverged = True
+                    record(step, math.inf)
+                    break
+                if steps_taken % settings.eval_every == 0 or steps_taken == settings.total_steps:
+                    val_loss = trainer.validation_loss()
+                    record(step, val_loss)
+                    if not math.isfinite(val_loss):
+                        diverged = True
+                        break
+        finally:
+            telemetry.close()
+        writer.write_table("evals", _evals_frame(evals))
+        writer.write_events(schedule.events() if schedule is not None else [])
+        last = [e["perf"] for e in evals[-3:]]
+        final_perf = -math.inf if diverged else sum(last) / len(last)
+        return {
+            "final_perf": final_perf,
+            "diverged": diverged,
+            "steps": steps_taken,
+            "env_steps": None,
+        }
+
+
+def _evals_frame(evals: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    frame = pd.DataFrame(evals, columns=["step", "env_step", "perf", "val_loss"])
+    frame["step"] = frame["step"].astype("int64")
+    frame["env_step"] = frame["env_step"].astype("Int64")
+    return frame
+
+
+register_workload("lm", LMWorkload)

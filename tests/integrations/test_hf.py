@@ -1,0 +1,146 @@
+"""The Hugging Face Trainer callback, on a real Trainer training a tiny GPT-2 for a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.integrations.hf import StabilityTrainerCallback
+from stabilitybench.workloads import corpus as corpora
+from stabilitybench.workloads.lm import build_model
+
+
+class ByteWindows(torch.utils.data.Dataset):
+    """Fixed byte windows of the Shakespeare corpus, as causal-LM examples (labels = inputs)."""
+
+    def __init__(self, n: int = 40, block: int = 32) -> None:
+        tokens = corpora.load_tokens("shakespeare").train
+        self.windows = [tokens[i * 997 : i * 997 + block].long() for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+class RecordGradNorms(TrainerCallback):
+    """Test helper: the gradient norm right before each optimizer step, seen by the Trainer."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.stack([g.norm() for g in grads]).norm()))
+
+
+class LossTimesTwo:
+    """A stand-in online monitor: its score is twice the row's loss."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def step(self, row: dict[str, Any]) -> float:
+        self.rows.append(dict(row))
+        return 2.0 * row["loss"]
+
+
+def train(tmp_path: Path, callbacks: list[Any], steps: int = 5, **extra: Any) -> Trainer:
+    torch.manual_seed(0)
+    model = build_model({"n_layer": 1, "n_embd": 32, "n_head": 2}, 256, 32, 0.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(), callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_callback_records_one_row_per_step_with_the_trainer_loss(tmp_path: Path) -> None:
+    callback = StabilityTrainerCallback()
+    grads = RecordGradNorms()
+    trainer = train(tmp_path, [callback, grads])
+    rows = callback.telemetry.rows()
+    assert list(rows["step"]) == [0, 1, 2, 3, 4]
+    # The loss the Trainer logged for each step (logging_steps=1) is the one in the row.
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert rows["loss"].tolist() == pytest.approx(logged, rel=1e-3)
+    assert 4.5 < rows["loss"].iloc[0] < 6.0  # near log(256) = 5.55: untrained
+    # The hooks sit on the torch optimizer inside accelerate's wrapper: they saw every step's
+    # gradients, and the LR the Trainer's scheduler set.
+    assert rows["grad_norm"].tolist() == pytest.approx(grads.norms, rel=1e-5)
+    assert rows["lr"].iloc[0] == pytest.approx(1e-3)
+    assert rows["lr"].is_monotonic_decreasing  # the Trainer's linear decay
+    assert (rows["update_norm"] > 0).all()
+
+
+def test_gradient_accumulation_logs_the_step_loss(tmp_path: Path) -> None:
+    callback = StabilityTrainerCallback()
+    trainer = train(tmp_path, [callback], steps=3, gradient_accumulation_steps=2)
+    rows = callback.telemetry.rows()
+    assert len(rows) == 3
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert rows["loss"].tolist() == pytest.approx(logged, rel=1e-3)
+
+
+def test_monitor_scores_land_in_the_rows(tmp_path: Path) -> None:
+    monitor = LossTimesTwo()
+    callback = StabilityTrainerCallback(monitor=monitor)
+    train(tmp_path, [callback], steps=3)
+    rows = callback.telemetry.rows()
+    assert rows["msd"].tolist() == pytest.approx((2 * rows["loss"]).tolist())
+    assert [r["step"] for r in monitor.rows] == [0, 1, 2]
+
+
+def test_telemetry_before_training_is_a_clear_error() -> None:
+    with pytest.raises(StabilityBenchError, match="not attached yet"):
+        StabilityTrainerCallback().telemetry.rows()
+
+
+def test_perturbation_schedule_runs_through_the_callback(tmp_path: Path) -> None:
+    from stabilitybench.perturbations import PerturbationSchedule
+
+    schedule = PerturbationSchedule(
+        [{"kind": "lr_spike", "at": 2, "factor": 5.0, "duration": 2}], total_steps=5
+    )
+    callback = StabilityTrainerCallback(schedule=schedule)
+    train(tmp_path, [callback])
+    rows = callback.telemetry.rows()
+    assert rows.loc[rows["perturbed"], "step"].tolist() == [2, 3]
+    base = StabilityTrainerCallback()
+    train(tmp_path, [base])
+    ratio = (rows["lr"] / base.telemetry.rows()["lr"]).tolist()
+    assert ratio == pytest.approx([1.0, 1.0, 5.0, 5.0, 1.0])
+    assert [(e["kind"], e["start_step"], e["end_step"]) for e in callback.events()] == [
+        ("lr_spike", 2, 3)
+    ]
+
+
+def test_batch_perturbations_are_refused_by_the_callback(tmp_path: Path) -> None:
+    from stabilitybench.perturbations import PerturbationSchedule
+
+    schedule = PerturbationSchedule(
+        [{"kind": "label_noise", "at": 1, "fraction": 0.5}], total_steps=5
+    )
+    with pytest.raises(StabilityBenchError, match="label_noise"):
+        train(tmp_path, [StabilityTrainerCallback(schedule=schedule)])
