@@ -128,9 +128,16 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
     console.print(table)
     failed = [i for i in store.infos() if i.get("status") == "failed"]
     for info in failed:
-        first = (info.get("error") or "").strip().splitlines()
+        # A traceback's last line is the one that says what went wrong.
+        lines = [line for line in (info.get("error") or "").strip().splitlines() if line.strip()]
         console.print(
-            f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {first[-1] if first else '?'}",
+            f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {lines[-1].strip() if lines else '?'}",
+            highlight=False,
+        )
+    unfinished = counts.get("pending", 0) + counts.get("running", 0) + len(failed)
+    if unfinished:
+        console.print(
+            f"{unfinished} run(s) not done; unless the audit is still running, rerun `stabilitybench audit SPEC --out {audit_dir}` to resume",
             highlight=False,
         )
 

@@ -1,0 +1,277 @@
+"""Where runs execute: a local process pool (default) or Ray tasks. Both call `execute_run`."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunWriter
+from stabilitybench.types import RunStatus
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+# Imported once in the fork server, so each run's fresh process starts warm (torch.optim pulls in
+# torch._dynamo on the first optimizer: ~1 s per process otherwise).
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "pandas",
+    "pyarrow.parquet",
+    "stabilitybench.audit.backends",
+    "stabilitybench.telemetry",
+    "stabilitybench.perturbations",
+    "stabilitybench.workloads.toy",
+)
+WORKER_DIED = (
+    "worker process died while this run was in flight (killed by the OS, e.g. out of memory, "
+    "or a crash in native code); rerun the audit to retry it"
+)
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What a worker needs to execute one run: the audit folder (absolute), the spec, run.json."""
+
+    store_root: str
+    spec: dict[str, Any]
+    info: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.info["run_id"])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one run ended, as reported back to the orchestrator."""
+
+    run_id: str
+    status: str  # done | failed
+    error: str | None = None  # the last line of the traceback
+    wall_s: float = 0.0
+
+
+OnResult = Callable[[RunResult], None]
+
+
+class Backend(Protocol):
+    """Executes tasks and reports each result as soon as it is known."""
+
+    def open(self) -> None:
+        """Acquire what the backend needs (a Ray connection); a user error if it cannot."""
+        ...
+
+    def run(self, tasks: list[RunTask], on_result: OnResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def limit_threads() -> None:
+    """One thread per run: runs are the unit of parallelism."""
+    for name in THREAD_ENV:
+        os.environ[name] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def execute_run(store_root: str, spec: dict[str, Any], info: dict[str, Any]) -> RunResult:
+    """Run one RunSpec in this process and record it; a raising workload is recorded `failed`."""
+    import time
+    import traceback
+
+    from stabilitybench.types import RunSpec
+    from stabilitybench.workloads.base import build_workload
+
+    limit_threads()
+    run_spec = RunSpec.from_dict(spec)
+    writer = RunWriter(Path(store_root) / "runs" / run_spec.run_id)
+    writer.start(info)
+    started = time.time()
+    try:
+        workload = build_workload(run_spec.workload)
+        outcome = workload.run(run_spec, writer)
+    except (Exception, SystemExit):
+        text = traceback.format_exc()
+        writer.fail(text)
+        return RunResult(
+            run_spec.run_id, RunStatus.FAILED.value, last_line(text), time.time() - started
+        )
+    writer.finish(outcome)
+    return RunResult(run_spec.run_id, RunStatus.DONE.value, None, time.time() - started)
+
+
+def last_line(text: str) -> str:
+    """The line of a traceback that says what went wrong (its last non-empty line)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+def _fail_if_started(task: RunTask, error: str) -> RunResult | None:
+    """After a worker died: record the run failed if it had started; None if it never began."""
+    writer = RunWriter(_run_dir(task))
+    status = writer.read_info().get("status")
+    if status == RunStatus.PENDING.value:
+        return None
+    if status != RunStatus.RUNNING.value:  # finished just before the pool broke
+        return RunResult(task.run_id, str(status), writer.read_info().get("error"))
+    writer.fail(error)
+    return RunResult(task.run_id, RunStatus.FAILED.value, last_line(error))
+
+
+def _run_dir(task: RunTask) -> Path:
+    return Path(task.store_root) / "runs" / task.run_id
+
+
+def _pool_context() -> Any:
+    """forkserver with torch preloaded (cheap, fork-safe workers) where available, else spawn."""
+    if "forkserver" in mp.get_all_start_methods():
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(list(PRELOAD))
+        return context
+    return mp.get_context("spawn")
+
+
+class LocalBackend:
+    """A process pool, one run per worker process at a time, a fresh process for every run."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def run(self, tasks: list[RunTask], on_result: OnResult) -> None:
+        pending = list(tasks)
+        while pending:
+            pending = self._run_pool(pending, on_result)
+
+    def _run_pool(self, tasks: list[RunTask], on_result: OnResult) -> list[RunTask]:
+        """Run tasks on one executor; return those that never started because the pool broke."""
+        retry: list[RunTask] = []
+        progressed = False
+        with ProcessPoolExecutor(
+            max_workers=min(self.workers, len(tasks)),
+            mp_context=_pool_context(),
+            initializer=limit_threads,
+            max_tasks_per_child=1,  # a fresh process per run: no state leaks between runs
+        ) as executor:
+            futures: dict[Future[RunResult], RunTask] = {
+                executor.submit(execute_run, t.store_root, t.spec, t.info): t for t in tasks
+            }
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    maybe = _fail_if_started(task, WORKER_DIED)
+                    if maybe is None:
+                        retry.append(task)
+                        continue
+                    result = maybe
+                except Exception as exc:  # failed outside the workload (e.g. the disk)
+                    text = f"{type(exc).__name__}: {exc}"
+                    RunWriter(_run_dir(task)).fail(text)
+                    result = RunResult(task.run_id, RunStatus.FAILED.value, text)
+                progressed = True
+                on_result(result)
+        if retry and not progressed:
+            for task in retry:
+                RunWriter(_run_dir(task)).fail(WORKER_DIED)
+                on_result(RunResult(task.run_id, RunStatus.FAILED.value, WORKER_DIED))
+            return []
+        return retry
+
+
+class RayBackend:
+    """The same runs as Ray tasks, on a cluster at `address` or on a local Ray instance."""
+
+    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.address = address
+        self._owns_ray = False
+
+    def open(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise StabilityBenchError(
+                "--backend ray needs Ray: pip install 'stabilitybench[ray]'"
+            ) from None
+        self._owns_ray = not ray.is_initialized()
+        if not self._owns_ray:
+            return
+        if self.address:
+            _check_reachable(self.address)
+        options: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+        try:
+            if self.address:
+                ray.init(address=self.address, **options)
+            else:
+                ray.init(num_cpus=self.workers, include_dashboard=False, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "a local Ray instance"
+            raise StabilityBenchError(
+                f"--ray-address: could not start or reach {where}: {last_line(str(exc))}"
+            ) from None
+
+    def close(self) -> None:
+        import ray
+
+        if self._owns_ray:
+            ray.shutdown()
+
+    def run(self, tasks: list[RunTask], on_result: OnResult) -> None:
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=0)(execute_run)
+        refs = {remote.remote(t.store_root, t.spec, t.info): t for t in tasks}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            task = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:  # the worker died, or failed outside the run
+                text = f"Ray task failed: {last_line(str(exc))}"
+                RunWriter(_run_dir(task)).fail(text)
+                result = RunResult(task.run_id, RunStatus.FAILED.value, text)
+            on_result(result)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a `host:port` nobody listens on (Ray itself retries for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StabilityBenchError(
+            f"--ray-address: expected HOST:PORT, ray://HOST:PORT or auto, got {address!r}"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise StabilityBenchError(f"--ray-address: cannot reach {address}: {exc}") from None
+
+
+def make_backend(name: str, workers: int | None, ray_address: str | None) -> Backend:
+    """The backend named on the command line."""
+    if workers is not None and workers < 1:
+        raise StabilityBenchError(f"--workers must be >= 1, got {workers}")
+    if name == "local":
+        if ray_address:
+            raise StabilityBenchError("--ray-address is only used with --backend ray")
+        return LocalBackend(workers)
+    if name == "ray":
+        return RayBackend(workers, ray_address)
+    raise StabilityBenchError(f"--backend: unknown backend {name!r}; allowed: local, ray")

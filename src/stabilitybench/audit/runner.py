@@ -1,0 +1,349 @@
+"""Runs an audit: validate the spec, prepare the folder, execute what is not done, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from stabilitybench.audit.backends import Backend, RunResult, RunTask, make_backend
+from stabilitybench.audit.spec import (
+    AuditSpec,
+    check_runs,
+    expand,
+    load_spec,
+    resolved_spec,
+    spec_hash,
+)
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunStore
+from stabilitybench.types import RunSpec, RunStatus
+
+PROCESS_OVERHEAD_S = 1.0  # a fresh worker process, imports, writing the run's files
+RL_ENV_STEPS_PER_S = {
+    "ppo": 1000.0,
+    "sac": 100.0,
+    "td3": 120.0,
+}  # CartPole-v1 PPO: 1,000 (measured)
+LM_SECONDS_PER_STEP = {"tiny": 0.18, "small": 0.7, "gpt2-124m": 4.0}  # tiny: measured
+TOY_SECONDS_PER_STEP = 0.001
+
+
+@dataclass
+class AuditPlan:
+    """A validated audit, ready to run: its runs and the state of its folder."""
+
+    spec: AuditSpec
+    runs: list[RunSpec]
+    out: Path
+    spec_hash: str
+    statuses: dict[str, str] = field(default_factory=dict)  # run_id → status, for an existing audit
+
+    @property
+    def todo(self) -> list[RunSpec]:
+        return [r for r in self.runs if self.statuses.get(r.run_id) != RunStatus.DONE.value]
+
+
+def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
+    """Validate the spec, the runs and `--out` without writing anything."""
+    spec = load_spec(spec_path)
+    runs = expand(spec)
+    check_runs(spec, runs)
+    digest = spec_hash(spec)
+    out = Path(out).expanduser().absolute()
+    statuses: dict[str, str] = {}
+    if out.exists() and not out.is_dir():
+        raise StabilityBenchError(f"--out: {out} is a file; give a folder for the audit")
+    if out.is_dir() and any(out.iterdir()):
+        store = RunStore(out)
+        if not store.exists():
+            raise StabilityBenchError(
+                f"--out: {out} is a non-empty folder that is not a StabilityBench audit "
+                "(no audit.json); give a new or empty folder"
+            )
+        existing = store.audit()
+        if existing.get("spec_hash") != digest:
+            raise StabilityBenchError(
+                f"--out: {out} was created from a different spec (audit "
+                f"{existing.get('name')!r}); runs of different specs are never mixed, "
+                "so use a new --out for this spec"
+            )
+        statuses = {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
+    return AuditPlan(spec=spec, runs=runs, out=out, spec_hash=digest, statuses=statuses)
+
+
+def run_info(run: RunSpec) -> dict[str, Any]:
+    """The descriptive fields of run.json (the runner adds status and timings)."""
+    if not run.perturbations:
+        perturbation: dict[str, Any] = {"kind": "none", "label": "none", "params": {}}
+    else:
+        kinds = [str(p["kind"]) for p in run.perturbations]
+        params_list = [{k: v for k, v in p.items() if k != "kind"} for p in run.perturbations]
+        if len(params_list) == 1:
+            params: dict[str, Any] = params_list[0]
+        else:  # keyed by kind, with the position added where a kind repeats
+            params = {
+                (k if kinds.count(k) == 1 else f"{k}#{i}"): p
+                for i, (k, p) in enumerate(zip(kinds, params_list, strict=True))
+            }
+        perturbation = {"kind": "+".join(kinds), "label": run.perturbation_label, "params": params}
+    return {
+        "run_id": run.run_id,
+        "label": run.label,
+        "audit": run.audit,
+        "workload": run.workload["name"],
+        "kind": run.workload["kind"],
+        "knobs": dict(run.workload.get("knobs", {})),
+        "perturbation": perturbation,
+        "seed": run.seed,
+        "spec": run.to_dict(),
+    }
+
+
+def prepare_store(plan: AuditPlan) -> RunStore:
+    """Create the audit folder (or reuse it) and mark every unfinished run `pending`."""
+    from stabilitybench import __version__
+
+    store = RunStore(plan.out)
+    if not store.exists():
+        plan.out.mkdir(parents=True, exist_ok=True)
+        store.write_audit(
+            {
+                "name": plan.spec.name,
+                "spec": resolved_spec(plan.spec),
+                "spec_hash": plan.spec_hash,
+                "version": __version__,
+                "created": time.time(),
+                "run_ids": [r.run_id for r in plan.runs],
+            }
+        )
+    for run in plan.todo:
+        store.writer(run.run_id).update_info(**run_info(run), status=RunStatus.PENDING.value)
+    return store
+
+
+def execute_plan(
+    plan: AuditPlan,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    console: Console | None = None,
+) -> dict[str, int]:
+    """Run every unfinished run; return counts by status over the whole grid."""
+    console = console or Console()
+    runner = make_backend(backend, workers, ray_address)
+    runner.open()  # before writing anything: a bad --ray-address leaves no folder behind
+    try:
+        return _execute(plan, runner, console)
+    finally:
+        runner.close()
+
+
+def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, int]:
+    store = prepare_store(plan)
+    todo = plan.todo
+    skipped = len(plan.runs) - len(todo)
+    if skipped:
+        console.print(
+            f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
+        )
+    tasks = [RunTask(str(store.root), run.to_dict(), run_info(run)) for run in todo]
+    labels = {run.run_id: run.label for run in todo}
+    counts = {"done": 0, "failed": 0}
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/]"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not tasks,
+    ) as progress:
+        bar = progress.add_task(plan.spec.name, total=len(tasks), done=0, failed=0)
+
+        def on_result(result: RunResult) -> None:
+            key = "done" if result.status == RunStatus.DONE.value else "failed"
+            counts[key] += 1
+            if key == "failed":
+                label = labels.get(result.run_id, "")
+                progress.console.print(
+                    f"[red]failed[/] {result.run_id} ({label}): {result.error}", highlight=False
+                )
+            progress.update(bar, advance=1, done=counts["done"], failed=counts["failed"])
+
+        runner.run(tasks, on_result)
+    final = {s.value: 0 for s in RunStatus}
+    ids = {r.run_id for r in plan.runs}
+    for run_id in store.run_ids():
+        if run_id in ids:
+            status = str(store.info(run_id).get("status", "pending"))
+            final[status] = final.get(status, 0) + 1
+    return final
+
+
+def analyse(store: RunStore, console: Console) -> Path | None:
+    """Fit the monitor and write the report; a problem there is one line, not a lost audit."""
+    try:
+        from stabilitybench.monitor.evaluate import fit_audit
+
+        fit_audit(store, console=console)
+    except Exception as exc:  # the runs are safe on disk; the user can refit by hand
+        console.print(
+            f"[yellow]note:[/] monitor not fitted ({_one_line(exc)}); "
+            f"retry with `stabilitybench monitor fit {store.root}`",
+            highlight=False,
+        )
+    try:
+        from stabilitybench.report.html import write_report
+
+        return write_report(store)
+    except Exception as exc:
+        console.print(
+            f"[yellow]note:[/] no report written ({_one_line(exc)}); "
+            f"retry with `stabilitybench report {store.root}`",
+            highlight=False,
+        )
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(exc, StabilityBenchError) else f"{type(exc).__name__}: {message}"
+
+
+def run_audit_cli(
+    spec_path: str | Path,
+    out: str | Path,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    dry_run: bool = False,
+    report: bool = True,
+    console: Console | None = None,
+) -> int:
+    """`stabilitybench audit`: returns the exit code (0 all done, 1 some runs failed)."""
+    console = console or Console()
+    make_backend(backend, workers, ray_address)  # check the options before anything else
+    plan = plan_audit(spec_path, out)
+    if dry_run:
+        print_plan(plan, console, workers=workers)
+        return 0
+    counts = execute_plan(
+        plan, backend=backend, workers=workers, ray_address=ray_address, console=console
+    )
+    store = RunStore(plan.out)
+    report_path = analyse(store, console) if report and counts["done"] > 0 else None
+    print_where(plan.out, report_path, console)
+    total = len(plan.runs)
+    unfinished = total - counts["done"] - counts["failed"]
+    if counts["failed"] or unfinished:
+        console.print(
+            f"[red]{counts['failed']} of {total} runs failed[/]"
+            + (f", {unfinished} unfinished" if unfinished else "")
+            + f"; see `stabilitybench status {plan.out}`",
+            highlight=False,
+        )
+        return 1
+    console.print(f"[green]all {total} runs done[/]")
+    return 0
+
+
+def print_where(out: Path, report_path: Path | None, console: Console) -> None:
+    """Tell the user where the results are and what to type next."""
+    console.print(f"\nresults: [bold]{out}[/]", highlight=False)
+    console.print(f"  stabilitybench status {out}", highlight=False)
+    console.print(f"  stabilitybench summary {out}", highlight=False)
+    console.print(
+        f'  stabilitybench query {out} "SELECT perturbation, status, count(*) FROM runs GROUP BY ALL"',
+        highlight=False,
+    )
+    if report_path is not None:
+        console.print(f"  report: {report_path}", highlight=False)
+
+
+# ---- dry run ---------------------------------------------------------------------------------
+
+
+def estimate_run_seconds(workload: dict[str, Any]) -> float:
+    """A rough wall-clock estimate of one run on one CPU core (for `--dry-run`)."""
+    kind = workload.get("kind")
+    steps = float(workload.get("total_steps", 0))
+    evaluation = workload.get("eval") or {}
+    n_evals = steps / max(float(evaluation.get("every", steps) or steps), 1.0) + 1
+    if kind == "rl":
+        rate = RL_ENV_STEPS_PER_S.get(str(workload.get("algo")), 500.0)
+        # evaluation episodes: assume ~200 env steps each at ~5,000 inference steps/s
+        eval_s = n_evals * float(evaluation.get("episodes", 5)) * 200 / 5000.0
+        return PROCESS_OVERHEAD_S + 2.0 + steps / rate + eval_s
+    if kind == "lm":
+        per_step = LM_SECONDS_PER_STEP.get(str(workload.get("size")), 1.0)
+        eval_s = n_evals * float(evaluation.get("batches", 8)) * per_step / 3.0
+        return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
+    if kind == "toy":
+        return PROCESS_OVERHEAD_S + steps * TOY_SECONDS_PER_STEP
+    return PROCESS_OVERHEAD_S + steps * 0.01
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) -> None:
+    """The expanded grid as a table, and what it will cost."""
+    import os
+
+    table = Table(title=f"audit {plan.spec.name}: {len(plan.runs)} runs")
+    for column in ("run id", "workload", "knobs", "perturbation", "seed", "est."):
+        table.add_column(column, overflow="fold")
+    if plan.statuses:
+        table.add_column("status")
+    total_s = 0.0
+    todo_s = 0.0
+    for run in plan.runs:
+        seconds = estimate_run_seconds(run.workload)
+        total_s += seconds
+        status = plan.statuses.get(run.run_id, "new")
+        if status != RunStatus.DONE.value:
+            todo_s += seconds
+        knobs = ", ".join(f"{k}={v}" for k, v in run.workload.get("knobs", {}).items())
+        row = [
+            run.run_id,
+            run.workload["name"],
+            knobs,
+            run.perturbation_label,
+            str(run.seed),
+            _duration(seconds),
+        ]
+        if plan.statuses:
+            row.append(status)
+        table.add_row(*row)
+    console.print(table)
+    parallel = min(workers or os.cpu_count() or 1, max(len(plan.todo), 1))
+    console.print(
+        f"estimated cost: {_duration(total_s)} of CPU time for the whole grid; "
+        f"{len(plan.todo)} runs to do ≈ {_duration(todo_s / parallel)} with {parallel} worker(s)"
+        " (rough: from per-kind rates on one core)",
+        highlight=False,
+    )
+    console.print(f"nothing was run or written (dry run); the audit folder would be {plan.out}")

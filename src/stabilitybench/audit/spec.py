@@ -1,0 +1,353 @@
+"""Audit specs: the YAML a user writes, validated by pydantic, expanded into RunSpecs."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.types import RunSpec
+
+Scalar = int | float | str | bool | None
+
+
+class _Model(BaseModel):
+    """Base for every spec model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSpec(_Model):
+    """How often and how much to evaluate (RL: `every` env steps, `episodes`; LM/toy: `every`
+    optimizer steps, `batches`)."""
+
+    every: int | None = Field(default=None, ge=1)
+    episodes: int | None = Field(default=None, ge=1)
+    batches: int | None = Field(default=None, ge=1)
+
+
+class CollapseSpec(_Model):
+    """Progress thresholds for collapse and recovery (fractions of pre-onset progress)."""
+
+    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    recovery: float = Field(default=0.9, gt=0.0, le=1.5)
+
+    @model_validator(mode="after")
+    def _recovery_above_threshold(self) -> CollapseSpec:
+        if self.recovery < self.threshold:
+            raise ValueError(f"recovery ({self.recovery}) must be >= threshold ({self.threshold})")
+        return self
+
+
+class _WorkloadBase(_Model):
+    """Fields every workload has; `knobs` values that are lists are sweep axes."""
+
+    name: str = Field(min_length=1)
+    total_steps: int = Field(ge=1)
+    eval: EvalSpec | None = None
+    knobs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("knobs")
+    @classmethod
+    def _knob_values(cls, knobs: dict[str, Any]) -> dict[str, Any]:
+        for key, value in knobs.items():
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise ValueError(
+                    f"knob {key!r}: an empty list sweeps nothing; give at least one value"
+                )
+            for item in values:
+                if not isinstance(item, int | float | str | bool) and item is not None:
+                    raise ValueError(
+                        f"knob {key!r}: values must be numbers, strings, booleans or null "
+                        f"(a list of them is a sweep axis), got {type(item).__name__}"
+                    )
+        return knobs
+
+
+class RLWorkloadSpec(_WorkloadBase):
+    """A Stable-Baselines3 agent on a Gymnasium environment (`total_steps` = env steps)."""
+
+    kind: Literal["rl"]
+    algo: Literal["ppo", "sac", "td3"]
+    env: str = Field(min_length=1)
+
+
+class LMWorkloadSpec(_WorkloadBase):
+    """A GPT-2-style language model on a corpus (`total_steps` = optimizer steps)."""
+
+    kind: Literal["lm"]
+    size: str | dict[str, int]  # tiny | small | gpt2-124m | {n_layer, n_embd, n_head}
+    corpus: str = Field(default="shakespeare", min_length=1)
+    tokenizer: str | dict[str, Any] | None = None  # byte | bpe | {kind: bpe, vocab_size: N}
+    device: str | None = None
+
+
+class ToyWorkloadSpec(_WorkloadBase):
+    """The teacher-student MLP used by tests and demos (`total_steps` = optimizer steps)."""
+
+    kind: Literal["toy"]
+
+
+class CustomWorkloadSpec(_WorkloadBase):
+    """A workload kind registered with `register_workload`; its own `validate` checks extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+
+
+BUILTIN_SPECS: dict[str, type[_WorkloadBase]] = {
+    "rl": RLWorkloadSpec,
+    "lm": LMWorkloadSpec,
+    "toy": ToyWorkloadSpec,
+}
+EVAL_KEYS: dict[str, tuple[str, ...]] = {"rl": ("every", "episodes")}
+
+
+class AuditSpec(_Model):
+    """A whole audit: workloads × knob levels × perturbations × seeds."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    workloads: list[dict[str, Any]] = Field(min_length=1)
+    perturbations: list[Any] = Field(default_factory=lambda: ["none"], min_length=1)
+    seeds: list[int] | int = Field(default_factory=lambda: [0])
+    eval: EvalSpec | None = None
+    collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_list(cls, seeds: list[int] | int) -> list[int]:
+        values = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        if not values:
+            raise ValueError("give at least one seed (a list such as [0, 1, 2], or a count >= 1)")
+        if any(seed < 0 for seed in values):
+            raise ValueError(f"seeds must be integers >= 0, got {values}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"seeds repeat: {values}")
+        return values
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "spec"
+
+
+def _first_error(exc: ValidationError, prefix: Sequence[int | str] = ()) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = list(prefix) + [p for p in first["loc"] if not str(p).startswith("function-")]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "is required"
+    elif isinstance(first.get("input"), int | float | str | bool) and not first["type"].startswith(
+        "value_error"
+    ):
+        message = f"{message}, got {first['input']!r}"
+    extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{_field_path(loc)}: {message}{extra}"
+
+
+def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
+    """Parse YAML into a mapping; a syntax error names the line."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StabilityBenchError(f"{source}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise StabilityBenchError(
+            f"{source}: an audit spec must be a YAML mapping with keys name, workloads, "
+            f"perturbations, seeds; got {type(data).__name__}"
+        )
+    return data
+
+
+def load_spec(path: str | Path) -> AuditSpec:
+    """Read and validate an audit spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StabilityBenchError(f"{path}: no such spec file")
+    return validate_spec(parse_yaml(path.read_text(encoding="utf-8"), source=str(path)))
+
+
+def validate_spec(data: dict[str, Any]) -> AuditSpec:
+    """Validate a spec mapping (top level, each workload by kind, each perturbation)."""
+    try:
+        spec = AuditSpec.model_validate(data)
+    except ValidationError as exc:
+        raise StabilityBenchError(_first_error(exc)) from None
+    seen: set[str] = set()
+    for index, workload in enumerate(spec.workloads):
+        model = _workload_model(workload, index)
+        name = workload["name"] if isinstance(workload.get("name"), str) else ""
+        try:
+            model.model_validate(workload)
+        except ValidationError as exc:
+            raise StabilityBenchError(_first_error(exc, ("workloads", index))) from None
+        if name in seen:
+            raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
+        seen.add(name)
+    _perturbation_lists(spec.perturbations)
+    return spec
+
+
+def _workload_model(workload: Any, index: int) -> type[_WorkloadBase]:
+    if not isinstance(workload, dict):
+        raise StabilityBenchError(f"workloads[{index}]: must be a mapping with name, kind, …")
+    kind = workload.get("kind")
+    if kind is None:
+        raise StabilityBenchError(f"workloads[{index}].kind: is required")
+    if kind in BUILTIN_SPECS:
+        return BUILTIN_SPECS[kind]
+    from stabilitybench.workloads.base import workload_kinds
+
+    kinds = workload_kinds()
+    if kind not in kinds:
+        allowed = sorted(set(kinds) | set(BUILTIN_SPECS))
+        raise StabilityBenchError(
+            f"workloads[{index}].kind: unknown workload kind {kind!r}; allowed: {', '.join(allowed)}"
+        )
+    return CustomWorkloadSpec
+
+
+def _perturbation_lists(items: list[Any]) -> list[tuple[dict[str, Any], ...]]:
+    """Each item of `perturbations` as a tuple of configs (empty for `none`), checked by `build`."""
+    result: list[tuple[dict[str, Any], ...]] = []
+    for index, item in enumerate(items):
+        where = f"perturbations[{index}]"
+        if item == "none" or item is None:
+            group: tuple[dict[str, Any], ...] = ()
+        elif isinstance(item, dict):
+            group = (item,)
+        elif isinstance(item, list) and item and all(isinstance(p, dict) for p in item):
+            group = tuple(item)
+        else:
+            raise StabilityBenchError(
+                f"{where}: must be `none`, a mapping such as {{kind: lr_spike, at: 0.3, factor: 10}}, "
+                f"or a list of such mappings (applied together); got {item!r}"
+            )
+        for sub, config in enumerate(group):
+            sub_where = where if len(group) == 1 else f"{where}[{sub}]"
+            _check_perturbation(config, sub_where)
+        if group in result:
+            raise StabilityBenchError(f"{where}: repeats perturbations[{result.index(group)}]")
+        result.append(group)
+    return result
+
+
+def _check_perturbation(config: dict[str, Any], where: str) -> None:
+    if "kind" not in config:
+        raise StabilityBenchError(f"{where}.kind: is required (e.g. kind: lr_spike)")
+    try:
+        from stabilitybench.perturbations import build
+    except ImportError:
+        raise StabilityBenchError(
+            f"{where}: perturbations are not available in this installation"
+        ) from None
+    try:
+        build(dict(config))
+    except StabilityBenchError as exc:
+        raise StabilityBenchError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise StabilityBenchError(f"{where}: {exc}") from None
+
+
+# ---- expansion -------------------------------------------------------------------------------
+
+
+def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
+    """Each workload config with its eval settings resolved (its own > the top-level `eval`);
+    what is still unset is left to the workload's own defaults."""
+    top = spec.eval.model_dump(exclude_none=True) if spec.eval else {}
+    out = []
+    for workload in spec.workloads:
+        config = _workload_model(workload, 0).model_validate(workload).model_dump(exclude_none=True)
+        kind = config["kind"]
+        keys = EVAL_KEYS.get(kind, ("every", "batches"))
+        merged = {**top, **(config.get("eval") or {})}
+        config["eval"] = {k: merged[k] for k in keys if k in merged}
+        config.setdefault("knobs", {})
+        out.append(config)
+    return out
+
+
+def resolved_spec(spec: AuditSpec) -> dict[str, Any]:
+    """The whole spec with every default filled in (what audit.json stores and hashes)."""
+    return {
+        "name": spec.name,
+        "workloads": resolved_workloads(spec),
+        "perturbations": [list(g) for g in _perturbation_lists(spec.perturbations)],
+        "seeds": list(spec.seeds),  # type: ignore[arg-type]
+        "collapse": spec.collapse.model_dump(),
+    }
+
+
+def spec_hash(spec: AuditSpec) -> str:
+    """A stable hash of the resolved spec: same spec, same hash."""
+    payload = json.dumps(resolved_spec(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def expand(spec: AuditSpec) -> list[RunSpec]:
+    """The grid, in a stable order: workload → knob levels → perturbation → seed."""
+    runs: list[RunSpec] = []
+    perturbations = _perturbation_lists(spec.perturbations)
+    collapse = spec.collapse.model_dump()
+    for config in resolved_workloads(spec):
+        knobs: dict[str, Any] = config["knobs"]
+        axes = [v if isinstance(v, list) else [v] for v in knobs.values()]
+        for levels in itertools.product(*axes):
+            workload = {**config, "knobs": dict(zip(knobs, levels, strict=True))}
+            for group in perturbations:
+                for seed in spec.seeds:  # type: ignore[union-attr]
+                    runs.append(
+                        RunSpec(
+                            workload=workload,
+                            perturbations=group,
+                            seed=seed,
+                            audit=spec.name,
+                            collapse=collapse,
+                        )
+                    )
+    return runs
+
+
+def check_runs(spec: AuditSpec, runs: list[RunSpec]) -> None:
+    """Ask each workload whether it can host each run (knob ranges, perturbation adapters)."""
+    from stabilitybench.workloads.base import build_workload
+
+    index_by_name = {w["name"]: i for i, w in enumerate(spec.workloads)}
+    checked: set[tuple[str, str]] = set()
+    for run in runs:
+        key = (
+            json.dumps(run.workload, sort_keys=True),
+            json.dumps(run.perturbations, sort_keys=True),
+        )
+        if key in checked:
+            continue  # seeds do not change what a workload can host
+        checked.add(key)
+        index = index_by_name.get(run.workload["name"], 0)
+        try:
+            build_workload(run.workload).validate(run)
+        except StabilityBenchError as exc:
+            message = str(exc).removeprefix(f"workload {run.workload['name']!r}: ")
+            raise StabilityBenchError(
+                f"workloads[{index}] ({run.workload['name']}): {message}"
+            ) from None
