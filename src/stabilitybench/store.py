@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +138,7 @@ class RunWriter:
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         write_parquet(self.run_dir / f"{name}.parquet", table)
 
-    def write_events(self, events: list[Mapping[str, Any]]) -> None:
+    def write_events(self, events: Sequence[Mapping[str, Any]]) -> None:
         if not events:
             self.write_table("events", empty_events())
             return

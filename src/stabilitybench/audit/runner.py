@@ -199,7 +199,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
 def analyse(store: RunStore, console: Console) -> Path | None:
     """Fit the monitor and write the report; a problem there is one line, not a lost audit."""
     try:
-        from stabilitybench.monitor.evaluate import fit_audit
+        from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
 
         fit_audit(store, console=console)
     except Exception as exc:  # the runs are safe on disk; the user can refit by hand
@@ -208,6 +208,15 @@ def analyse(store: RunStore, console: Console) -> Path | None:
             f"retry with `stabilitybench monitor fit {store.root}`",
             highlight=False,
         )
+    else:
+        try:
+            evaluate_audit(store)  # also saved under monitor/, where the report reads it
+        except Exception as exc:
+            console.print(
+                f"[yellow]note:[/] detectors not evaluated ({_one_line(exc)}); "
+                f"retry with `stabilitybench monitor evaluate {store.root}`",
+                highlight=False,
+            )
     try:
         from stabilitybench.report.html import write_report
 

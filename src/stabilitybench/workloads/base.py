@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from stabilitybench.errors import StabilityBenchError
@@ -72,3 +73,31 @@ def build_workload(config: dict[str, Any]) -> Workload:
             f"workload {config.get('name', '?')!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[kind](config)
+
+
+def finish_run(
+    writer: RunWriter,
+    evals: list[dict[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    *,
+    extra_eval_column: str,
+    diverged: bool,
+    steps: int,
+    env_steps: int | None,
+) -> RunOutcome:
+    """Write a run's `evals` and `events` tables and return its outcome (shared by workloads).
+
+    `evals` rows are dicts with `step`, `env_step`, `perf` and `extra_eval_column`
+    (`val_loss` for LM/toy, `return_std` for RL); final performance is the mean perf of the last
+    three evaluations, or −inf for a diverged run.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(evals, columns=["step", "env_step", "perf", extra_eval_column])
+    frame["step"] = frame["step"].astype("int64")
+    frame["env_step"] = frame["env_step"].astype("Int64")
+    writer.write_table("evals", frame)
+    writer.write_events(events)
+    last = [e["perf"] for e in evals[-3:]]
+    final_perf = -math.inf if diverged or not last else sum(last) / len(last)
+    return {"final_perf": final_perf, "diverged": diverged, "steps": steps, "env_steps": env_steps}

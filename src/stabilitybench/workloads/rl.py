@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import RunWriter
 from stabilitybench.types import RunSpec
-from stabilitybench.workloads.base import RunOutcome, register_workload
+from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -414,24 +414,15 @@ class RLWorkload:
                 telemetry_callback.close()
             eval_env.close()
             model.get_env().close()  # type: ignore[union-attr]
-        writer.write_table("evals", _evals_frame(evals))
-        writer.write_events(schedule.events() if schedule is not None else [])
-        last = [e["perf"] for e in evals[-3:]]
-        return {
-            "final_perf": -_INF if diverged else sum(last) / len(last),
-            "diverged": diverged,
-            "steps": telemetry_callback.telemetry.step + 1,
-            "env_steps": env_step,
-        }
-
-
-def _evals_frame(evals: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    frame = pd.DataFrame(evals, columns=["step", "env_step", "perf", "return_std"])
-    frame["step"] = frame["step"].astype("int64")
-    frame["env_step"] = frame["env_step"].astype("Int64")
-    return frame
+        return finish_run(
+            writer,
+            evals,
+            schedule.events() if schedule is not None else [],
+            extra_eval_column="return_std",
+            diverged=diverged,
+            steps=telemetry_callback.telemetry.step + 1,
+            env_steps=env_step,
+        )
 
 
 register_workload("rl", RLWorkload)

@@ -30,7 +30,7 @@ from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import RunSpec
-from stabilitybench.workloads.base import RunOutcome, register_workload
+from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
 
 INPUT_DIM = 16
 TEACHER_HIDDEN = 32
@@ -200,25 +200,15 @@ class ToyWorkload:
                     evaluate(step)
         finally:
             telemetry.close()
-        writer.write_table("evals", _evals_frame(evals))
-        writer.write_events(schedule.events() if schedule is not None else [])
-        last = [e["perf"] for e in evals[-3:]]
-        final_perf = -math.inf if diverged else sum(last) / len(last)
-        return {
-            "final_perf": final_perf,
-            "diverged": diverged,
-            "steps": steps_taken,
-            "env_steps": None,
-        }
-
-
-def _evals_frame(evals: list[dict[str, Any]]) -> Any:
-    import pandas as pd
-
-    frame = pd.DataFrame(evals, columns=["step", "env_step", "perf", "val_loss"])
-    frame["step"] = frame["step"].astype("int64")
-    frame["env_step"] = frame["env_step"].astype("Int64")
-    return frame
+        return finish_run(
+            writer,
+            evals,
+            schedule.events() if schedule is not None else [],
+            extra_eval_column="val_loss",
+            diverged=diverged,
+            steps=steps_taken,
+            env_steps=None,
+        )
 
 
 register_workload("toy", ToyWorkload)
