@@ -22,7 +22,8 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 LOSS_COLUMNS = ("loss", "value_loss", "critic_loss", "critic/loss")
-GRAD_NORM_COLUMNS = ("grad_norm", "actor/grad_norm", "critic/grad_norm")
+# The norm before clipping where a workload logs it (a guard like ZClip sees that one).
+GRAD_NORM_COLUMNS = ("grad_norm_raw", "grad_norm", "actor/grad_norm", "critic/grad_norm")
 
 
 def _column(df: pd.DataFrame, candidates: Sequence[str]) -> np.ndarray:
@@ -40,7 +41,8 @@ def loss_series(df: pd.DataFrame) -> np.ndarray:
 
 
 def grad_norm_series(df: pd.DataFrame) -> np.ndarray:
-    """The total gradient norm: `grad_norm`, else the actor's, else the critic's (n,)."""
+    """The total gradient norm: `grad_norm_raw` (before clipping), `grad_norm`, else the actor's,
+    else the critic's (n,)."""
     return _column(df, GRAD_NORM_COLUMNS)
 
 

@@ -29,6 +29,7 @@ IDENTITY = "identity"
 # Base column → transform. RL multi-optimizer runs prefix the optimizer columns with `role/`.
 TRANSFORMS: dict[str, str] = {
     "grad_norm": LOG,
+    "grad_norm_raw": LOG,
     "grad_norm_max_layer": LOG,
     "update_norm": LOG,
     "update_ratio": LOG,

@@ -301,6 +301,7 @@ class LMTrainer:
         )
         self.label_smoothing = float(knobs["label_smoothing"])
         self.grad_clip = float(knobs["grad_clip"])
+        self.grad_norm_raw: torch.Tensor | None = None
         self.grad_noise = float(knobs["grad_noise"])
         self.grad_noise_relative = knobs["grad_noise_mode"] == "relative"
         self.schedule: Any = None
@@ -330,7 +331,11 @@ class LMTrainer:
         return str(active[0].values.get("source", "tail")) if active else "tail"
 
     def train_step(self) -> float:
-        """One optimizer step; returns the training loss (a host sync)."""
+        """One optimizer step; returns the training loss (a host sync).
+
+        With clipping on, the gradient norm before clipping is kept in `grad_norm_raw` (the
+        telemetry's `grad_norm` is what the optimizer sees: the clipped gradient).
+        """
         x, y = self.sample()
         x, y = x.to(self.device), y.to(self.device)
         if self.schedule is not None:
@@ -339,7 +344,9 @@ class LMTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.grad_norm_raw = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.grad_clip
+            ).detach()
         if self.grad_noise > 0:
             self._add_grad_noise()
         self.optimizer.step()
@@ -440,7 +447,10 @@ class LMWorkload:
             record(0, trainer.validation_loss())
             for step in range(settings.total_steps):
                 loss = trainer.train_step()
-                telemetry.log(loss=loss)
+                if trainer.grad_norm_raw is not None:
+                    telemetry.log(loss=loss, grad_norm_raw=trainer.grad_norm_raw)
+                else:
+                    telemetry.log(loss=loss)
                 steps_taken = step + 1
                 if not math.isfinite(loss):
                     diverged = True
