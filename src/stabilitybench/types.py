@@ -102,9 +102,7 @@ class StepContext:
         import torch
 
         def compute() -> list[torch.Tensor]:
-            return [
-                p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params
-            ]
+            return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
         out: list[torch.Tensor] = self.cached("grads", compute)
         return out
@@ -113,9 +111,10 @@ class StepContext:
         """All gradients as one float32 vector (a copy of every gradient)."""
         import torch
 
-        out: torch.Tensor = self.cached(
-            "grad_flat", lambda: torch.cat([g.reshape(-1).float() for g in self.grads()])
-        )
+        def compute() -> torch.Tensor:
+            return torch.cat([g.reshape(-1) for g in self.grads()]).float()
+
+        out: torch.Tensor = self.cached("grad_flat", compute)
         return out
 
     def grad_norms(self) -> torch.Tensor:
@@ -127,19 +126,24 @@ class StepContext:
         )
         return out
 
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradient (0-d)."""
+        out: torch.Tensor = self.cached("grad_norm", lambda: self.grad_norms().norm())
+        return out
+
     def grads_finite(self) -> bool:
         """Whether every gradient entry is finite (reads one scalar: a host sync on GPU)."""
-        out: bool = self.cached("grads_finite", lambda: bool(self.grad_norms().sum().isfinite()))
+        out: bool = self.cached("grads_finite", lambda: bool(self.grad_norm().isfinite()))
         return out
 
     def param_flat(self) -> torch.Tensor:
         """All trainable parameters as one float32 vector (a copy of every parameter)."""
         import torch
 
-        out: torch.Tensor = self.cached(
-            "param_flat",
-            lambda: torch.cat([p.detach().reshape(-1).float() for p in self.params]),
-        )
+        def compute() -> torch.Tensor:
+            return torch.cat([p.detach().reshape(-1) for p in self.params]).float()
+
+        out: torch.Tensor = self.cached("param_flat", compute)
         return out
 
     def named_params(self) -> Iterator[tuple[str, torch.Tensor]]:

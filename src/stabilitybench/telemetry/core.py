@@ -225,6 +225,7 @@ class Telemetry:
             role=inst.role,
         )
 
+    @torch.no_grad()
     def _pre_step(self, inst: _Instrumented) -> None:
         if self._open is None:  # a non-clock optimizer stepped before the clock's first step
             self._open_row()
@@ -241,6 +242,7 @@ class Telemetry:
         inst.pre_ctx = ctx
         self._store(inst, values)
 
+    @torch.no_grad()
     def _post_step(self, inst: _Instrumented) -> None:
         ctx = self._context(inst, Phase.POST_STEP)
         step = ctx.step

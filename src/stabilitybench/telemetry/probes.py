@@ -28,7 +28,7 @@ class GradNorm(Probe):
         else:  # counting is a full pass over every gradient: only when something is wrong
             nonfinite = sum(int((~torch.isfinite(g)).sum()) for g in ctx.grads())
         return {
-            "grad_norm": per_tensor.norm(),
+            "grad_norm": ctx.grad_norm(),
             "grad_norm_max_layer": per_tensor.max(),
             "nonfinite_grads": nonfinite,
         }
@@ -58,13 +58,13 @@ class GradCoherence(Probe):
         if not ctx.grads_finite():
             return {"grad_cos_prev": nan, "grad_cos_ema": nan}
         g = ctx.grad_flat()  # (P,) a fresh copy each step: kept as `prev` without another copy
-        g_norm = ctx.grad_norms().norm()
+        g_norm = ctx.grad_norm()
         cos_prev: Value = nan
         cos_ema: Value = nan
         if self._prev is not None and self._ema is not None and self._prev.shape == g.shape:
             cos_prev = torch.dot(g, self._prev) / (g_norm * self._prev_norm + _EPS)
             cos_ema = torch.dot(g, self._ema) / (g_norm * self._ema.norm() + _EPS)
-            self._ema.mul_(self.ema_decay).add_(g, alpha=1.0 - self.ema_decay)
+            self._ema.lerp_(g, 1.0 - self.ema_decay)
         else:
             self._ema = g.clone()
         self._prev, self._prev_norm = g, g_norm
@@ -72,29 +72,38 @@ class GradCoherence(Probe):
 
 
 class UpdateNorm(Probe):
-    """‖Δθ‖ of the optimizer step, ‖θ‖ after it, and their ratio ‖Δθ‖/‖θ_before‖."""
+    """‖Δθ‖ of the optimizer step, ‖θ‖ after it, and their ratio ‖Δθ‖/‖θ_before‖.
+
+    Keeps one copy of the parameters (a persistent buffer per tensor, refreshed before each
+    measured step with one fused copy).
+    """
 
     name = "update_norm"
     phase = Phase.POST_STEP
 
     def __init__(self, every: int | Schedule = 1) -> None:
         super().__init__(every)
-        self._before: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor] | None = None
+        self._before_norm: torch.Tensor | None = None
 
     def before_step(self, ctx: StepContext) -> None:
-        self._before = ctx.param_flat()  # a copy of every parameter
+        params = [p.detach() for p in ctx.params]
+        if self._buffers is None or len(self._buffers) != len(params):
+            self._buffers = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._buffers, params)  # a copy of every parameter
+        self._before_norm = torch.stack(torch._foreach_norm(params)).norm()
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        if self._before is None:
+        if self._buffers is None or self._before_norm is None:
             return {}
-        before, self._before = self._before, None
-        before_norm = before.norm()
-        after = ctx.param_flat()
-        update = before.sub_(after).norm()  # in place: `before` is our own copy
+        params = [p.detach() for p in ctx.params]
+        torch._foreach_sub_(self._buffers, params)  # buffers now hold −Δθ
+        update = torch.stack(torch._foreach_norm(self._buffers)).norm()
+        before_norm, self._before_norm = self._before_norm, None
         return {
             "update_norm": update,
             "update_ratio": update / (before_norm + _EPS),
-            "param_norm": after.norm(),
+            "param_norm": torch.stack(torch._foreach_norm(params)).norm(),
         }
 
 
@@ -172,7 +181,7 @@ class Sharpness(Probe):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         params = list(ctx.params)
-        with torch.random.fork_rng(devices=_rng_devices(params)):
+        with torch.random.fork_rng(devices=_rng_devices(params)), torch.enable_grad():
             loss = self.closure()
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             # A gradient that does not depend on the parameters has zero Hessian rows (and, by
@@ -216,7 +225,7 @@ def micro_batch_grads(ctx: StepContext, micro_batches: MicroBatches) -> list[tor
     def compute() -> list[torch.Tensor]:
         params = list(ctx.params)
         out = []
-        with torch.random.fork_rng(devices=_rng_devices(params)):
+        with torch.random.fork_rng(devices=_rng_devices(params)), torch.enable_grad():
             for loss in micro_batches():
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 out.append(
