@@ -61,10 +61,11 @@ class GradCoherence(Probe):
         g_norm = ctx.grad_norm()
         cos_prev: Value = nan
         cos_ema: Value = nan
-        if self._prev is not None and self._ema is not None and self._prev.shape == g.shape:
-            cos_prev = torch.dot(g, self._prev) / (g_norm * self._prev_norm + _EPS)
-            cos_ema = torch.dot(g, self._ema) / (g_norm * self._ema.norm() + _EPS)
-            self._ema.lerp_(g, 1.0 - self.ema_decay)
+        prev, prev_norm, ema = self._prev, self._prev_norm, self._ema
+        if prev is not None and prev_norm is not None and ema is not None and prev.shape == g.shape:
+            cos_prev = torch.dot(g, prev) / (g_norm * prev_norm + _EPS)
+            cos_ema = torch.dot(g, ema) / (g_norm * ema.norm() + _EPS)
+            ema.lerp_(g, 1.0 - self.ema_decay)
         else:
             self._ema = g.clone()
         self._prev, self._prev_norm = g, g_norm
