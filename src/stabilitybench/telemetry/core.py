@@ -266,7 +266,7 @@ class Telemetry:
         tensor_keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
         # One host-device sync for all of this phase's tensor values; plain numbers stay exact.
         host = (
-            torch.stack([values[k].detach().float().reshape(()) for k in tensor_keys]).tolist()
+            torch.stack([_as_scalar(values[k]) for k in tensor_keys]).tolist()
             if tensor_keys
             else []
         )
@@ -276,6 +276,13 @@ class Telemetry:
             if key == "nonfinite_grads" and math.isfinite(value):
                 value = int(value)
             self._open[inst.prefix + key] = value
+
+
+def _as_scalar(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor (most probe values already are: then no op is spent)."""
+    if value.dim() == 0 and value.dtype == torch.float32:
+        return value
+    return value.float().reshape(())
 
 
 def _as_sinks(sink: Sink | Iterable[Sink] | None) -> list[Sink]:
