@@ -37,9 +37,9 @@ class GradNorm(Probe):
 class GradCoherence(Probe):
     """Cosine of this step's gradient with the previous step's and with an EMA of past gradients.
 
-    State: one (2, P) buffer holding the previous gradient and the EMA (two copies of the
-    gradient), so both cosines come from one matrix-vector product. A non-finite gradient is not
-    folded into either.
+    State: the previous flat gradient (kept without a copy: `grad_flat()` is fresh each step),
+    its norm, and an EMA buffer (one copy of the gradient). A non-finite gradient is not folded
+    into either.
     """
 
     name = "grad_coherence"
@@ -47,7 +47,9 @@ class GradCoherence(Probe):
     def __init__(self, every: int | Schedule = 1, ema_decay: float = 0.9) -> None:
         super().__init__(every)
         self.ema_decay = ema_decay
-        self._state: torch.Tensor | None = None  # (2, P): row 0 previous gradient, row 1 EMA
+        self._prev: torch.Tensor | None = None
+        self._prev_norm: torch.Tensor | None = None
+        self._ema: torch.Tensor | None = None
 
     def tracks(self, step: int) -> bool:
         return self.wants(step) or self.wants(step + 1)
@@ -57,15 +59,18 @@ class GradCoherence(Probe):
         if not ctx.grads_finite():
             return {"grad_cos_prev": nan, "grad_cos_ema": nan}
         g = ctx.grad_flat()  # (P,)
-        state = self._state
-        if state is None or state.shape[1] != g.shape[0]:
-            self._state = torch.stack([g, g])
-            return {"grad_cos_prev": nan, "grad_cos_ema": nan}
-        cos = (state @ g) / (state.norm(dim=1) * ctx.grad_norm() + _EPS)  # (2,)
-        state[0].copy_(g)
-        state[1].lerp_(g, 1.0 - self.ema_decay)
-        prev, ema = cos.unbind()
-        return {"grad_cos_prev": prev, "grad_cos_ema": ema}
+        g_norm = ctx.grad_norm()
+        cos_prev: Value = nan
+        cos_ema: Value = nan
+        prev, prev_norm, ema = self._prev, self._prev_norm, self._ema
+        if prev is not None and prev_norm is not None and ema is not None and prev.shape == g.shape:
+            cos_prev = torch.dot(g, prev) / (g_norm * prev_norm + _EPS)
+            cos_ema = torch.dot(g, ema) / (g_norm * ema.norm() + _EPS)
+            ema.lerp_(g, 1.0 - self.ema_decay)
+        else:
+            self._ema = g.clone()
+        self._prev, self._prev_norm = g, g_norm
+        return {"grad_cos_prev": cos_prev, "grad_cos_ema": cos_ema}
 
 
 class UpdateNorm(Probe):
