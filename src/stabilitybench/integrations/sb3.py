@@ -18,13 +18,14 @@ records in its logger after each update, are added to the row of the update's la
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.integrations._adapter import OnlineMonitor, PerturbationHook
 from stabilitybench.telemetry import Sink, Telemetry
 from stabilitybench.telemetry.probes import ProbeSpec
 from stabilitybench.types import Schedule
@@ -32,18 +33,6 @@ from stabilitybench.types import Schedule
 if TYPE_CHECKING:
     import pandas as pd
     from stable_baselines3.common.base_class import BaseAlgorithm
-
-
-class OnlineMonitor(Protocol):
-    """Anything that turns a finished telemetry row into a deviation score (a fitted monitor)."""
-
-    def step(self, row: Mapping[str, Any]) -> float: ...
-
-
-class PerturbationHook(Protocol):
-    """The part of a `PerturbationSchedule` the callback uses."""
-
-    def attach(self, telemetry: Telemetry) -> None: ...
 
 
 class TrainingDiverged(Exception):
