@@ -272,24 +272,13 @@ def _onset(run: RunData) -> tuple[int | None, int | None]:
     return int(steps.min()), env_value
 
 
-def _collapse_settings(store: RunStore, run: RunData) -> tuple[float, float]:
-    collapse = run.info.get("spec", {}).get("collapse") or {}
-    if not collapse:
-        try:
-            collapse = (
-                store.audit().get("collapse") or store.audit().get("spec", {}).get("collapse") or {}
-            )
-        except (OSError, ValueError):
-            collapse = {}
-    return float(collapse.get("threshold", 0.5)), float(collapse.get("recovery", 0.9))
-
-
 def _label(store: RunStore, run: RunData, onset: int, onset_env: int | None) -> dict[str, Any]:
     """Collapse label of a perturbed run (DESIGN.md definitions, via stabilitybench.metrics)."""
     from stabilitybench.metrics.collapse import analyze_collapse
+    from stabilitybench.metrics.summary import collapse_config
 
     evals = run.evals
-    threshold, recovery = _collapse_settings(store, run)
+    config = collapse_config(store, [run.info])  # the same thresholds the summary uses
     steps = evals["step"].to_numpy(dtype=float) if len(evals) else np.zeros(0)
     perf = evals["perf"].to_numpy(dtype=float) if len(evals) else np.zeros(0)
     env = None
@@ -302,8 +291,9 @@ def _label(store: RunStore, run: RunData, onset: int, onset_env: int | None) -> 
         onset,
         env_steps=env,
         onset_env_step=onset_env,
-        threshold=threshold,
-        recovery=recovery,
+        threshold=config["threshold"],
+        recovery=config["recovery"],
+        k=int(config["pre_evals"]),
     )
     after = steps[steps >= onset]
     first_eval = int(after.min()) if after.size else None
