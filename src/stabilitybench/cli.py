@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stabilitybench.errors import StabilityBenchError
@@ -44,7 +45,7 @@ def _guard(fn: Callable[[], T]) -> T:
         return fn()
     except StabilityBenchError as exc:
         err_console.print(
-            f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
         )
         raise typer.Exit(2) from None
 
@@ -120,7 +121,8 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
 
     store = _guard(lambda: RunStore.open(audit_dir))
     counts = store.status_counts()
-    table = Table(title=f"audit {store.audit().get('name', audit_dir)}")
+    # Names are free text: every one shown through rich is escaped (`[red]` stays text).
+    table = Table(title=escape(f"audit {store.audit().get('name', audit_dir)}"))
     table.add_column("status")
     table.add_column("runs", justify="right")
     for name, count in counts.items():
@@ -131,13 +133,20 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
         # A traceback's last line is the one that says what went wrong.
         lines = [line for line in (info.get("error") or "").strip().splitlines() if line.strip()]
         console.print(
-            f"[red]failed[/] {info.get('run_id')} ({info.get('label', '')}): {lines[-1].strip() if lines else '?'}",
+            "[red]failed[/] "
+            + escape(
+                f"{info.get('run_id')} ({info.get('label', '')}): "
+                f"{lines[-1].strip() if lines else '?'}"
+            ),
             highlight=False,
         )
     unfinished = counts.get("pending", 0) + counts.get("running", 0) + len(failed)
     if unfinished:
         console.print(
-            f"{unfinished} run(s) not done; unless the audit is still running, rerun `stabilitybench audit SPEC --out {audit_dir}` to resume",
+            escape(
+                f"{unfinished} run(s) not done; unless the audit is still running, rerun "
+                f"`stabilitybench audit SPEC --out {audit_dir}` to resume"
+            ),
             highlight=False,
         )
 
@@ -163,7 +172,7 @@ def query(
         return
     table = Table(show_lines=False)
     for column in frame.columns:
-        table.add_column(str(column), overflow="fold")
+        table.add_column(escape(str(column)), overflow="fold")
     for row in frame.head(limit).itertuples(index=False):
         table.add_row(*[_cell(v) for v in row])
     console.print(table)
@@ -174,7 +183,7 @@ def query(
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    return escape(str(value))
 
 
 @app.command()
@@ -245,7 +254,7 @@ def report(
 
     store = _guard(lambda: RunStore.open(audit_dir))
     path = _guard(lambda: write_report(store, output=output, figures_dir=figures))
-    console.print(f"report written to [bold]{path}[/]")
+    console.print(f"report written to [bold]{escape(str(path))}[/]", highlight=False)
 
 
 def main() -> None:

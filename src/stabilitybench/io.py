@@ -1,20 +1,39 @@
-"""Atomic file writes: a temporary name in the same folder, then a rename into place."""
+"""Atomic file writes: a temporary name in the same folder, then a rename into place.
+
+Files get the user's umask (0644 under the usual 022), like any file the user creates, so a
+colleague or a Ray worker running as another user can read a shared audit folder.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-def _temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def temp_path(path: Path) -> Path:
+    """A new, empty, uniquely named file beside `path`, to be renamed onto it when complete.
+
+    Created with mode 0o666 filtered by the process umask (the kernel applies it; the umask is
+    never read or changed here), unlike `tempfile.mkstemp`, whose files are always 0600.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+_temp_path = temp_path  # the older private name
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -20,13 +20,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.types import RunStatus
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or built: `status` stays light
+    import pandas as pd
 
 TABLES = ("telemetry", "evals", "events")
 EVENT_COLUMNS = (
@@ -68,6 +69,8 @@ class RunData:
 
 
 def empty_events() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame({c: pd.Series([], dtype="object") for c in EVENT_COLUMNS})
 
 
@@ -142,6 +145,8 @@ class RunWriter:
         if not events:
             self.write_table("events", empty_events())
             return
+        import pandas as pd
+
         rows = []
         for event in events:
             row = {c: event.get(c) for c in EVENT_COLUMNS}
@@ -216,12 +221,16 @@ class RunStore:
         return [self.info(r) for r in self.run_ids()]
 
     def table(self, run_id: str, name: str) -> pd.DataFrame:
+        import pandas as pd
+
         path = self.run_dir(run_id) / f"{name}.parquet"
         if not path.exists():
             return empty_events() if name == "events" else pd.DataFrame()
         return pd.read_parquet(path)
 
     def load(self, run_id: str) -> RunData:
+        import pandas as pd
+
         scores_path = self.run_dir(run_id) / "scores.parquet"
         return RunData(
             run_id=run_id,
@@ -248,6 +257,8 @@ class RunStore:
     # -- SQL ---------------------------------------------------------------------------------
     def runs_frame(self) -> pd.DataFrame:
         """One row per run: the flat fields of run.json (knobs and outcome as JSON text)."""
+        import pandas as pd
+
         rows = []
         for info in self.infos():
             pert = info.get("perturbation") or {}

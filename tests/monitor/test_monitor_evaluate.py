@@ -49,7 +49,9 @@ def test_fit_writes_models_and_scores(fitted: RunStore) -> None:
     assert (root / "monitor" / "monitor.json").exists() and (
         root / "monitor" / "model.safetensors"
     ).exists()
-    assert (root / "monitor" / "synth" / "monitor.json").exists()
+    # one folder per workload, named by a hash of the name (names never become paths)
+    model = json.loads((root / "monitor" / "fit.json").read_text())["workloads"]["synth"]["model"]
+    assert model.startswith("monitor/workload-") and (root / model / "monitor.json").exists()
     run = fitted.load(fitted.run_ids()[0])
     assert run.scores is not None
     for column in ("step", "msd", "z_1", "z_3", *DETECTORS[1:], "zclip_native", "msd_alarm"):

