@@ -28,6 +28,7 @@ PRELOAD = (
     "stabilitybench.perturbations",
     "stabilitybench.workloads.toy",
 )
+RAY_TASK_RETRIES = 1  # retries of a Ray task whose node or worker died mid-run
 WORKER_DIED = (
     "worker process died while this run was in flight (killed by the OS, e.g. out of memory, "
     "or a crash in native code); rerun the audit to retry it"
@@ -233,7 +234,9 @@ class RayBackend:
     def run(self, tasks: list[RunTask], on_result: OnResult) -> None:
         import ray
 
-        remote = ray.remote(num_cpus=1, max_retries=0)(execute_run)
+        # A task lost with its node or worker process (not a failing run: execute_run records those)
+        # is retried once elsewhere; the retry starts the run afresh (`attempts` counts it).
+        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(execute_run)
         refs = {remote.remote(t.store_root, t.spec, t.info): t for t in tasks}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)

@@ -40,13 +40,13 @@ class AuditLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(_read_holder(fd))
+            who = _describe(_read_holder(fd))
             os.close(fd)
             raise StabilityBenchError(
-                f"--out: {self.folder} is in use by another audit ({holder}); one audit process "
+                f"--out: {self.folder} is in use by another audit ({who}); one audit process "
                 "at a time writes a folder: wait for it to finish or stop it, then rerun to resume"
             ) from None
-        holder = {
+        holder: dict[str, Any] = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
