@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from stabilitybench.errors import StabilityBenchError
 
 if TYPE_CHECKING:
+    __version__: str
     from stabilitybench.store import RunData, RunStore, RunWriter
     from stabilitybench.telemetry import Probe, Telemetry
 
@@ -34,10 +35,11 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-__version__ = _package_version()
-
-
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the installed metadata on first use
+        value: Any = _package_version()
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'stabilitybench' has no attribute {name!r}")
@@ -47,7 +49,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 
 __all__ = [

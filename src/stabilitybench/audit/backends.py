@@ -221,8 +221,16 @@ class RayBackend:
                 ray.init(num_cpus=self.workers, include_dashboard=False, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray instance"
+            hint = ""
+            if self.address and not os.environ.get("RAY_AUTH_MODE"):
+                # `ray start --head` of recent Ray versions turns on token authentication.
+                hint = (
+                    "; if the cluster uses token authentication (the default of `ray start "
+                    "--head` in recent Ray), set RAY_AUTH_MODE=token, with the cluster's token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN"
+                )
             raise StabilityBenchError(
-                f"--ray-address: could not start or reach {where}: {last_line(str(exc))}"
+                f"--ray-address: could not start or reach {where}: {last_line(str(exc))}{hint}"
             ) from None
 
     def close(self) -> None:
