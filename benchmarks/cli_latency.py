@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,8 +44,10 @@ def _fixtures(folder: Path) -> dict[str, list[str]]:
     }
 
 
-def _time_once(src: Path, args: list[str]) -> float:
+def _time_once(src: Path, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + system) of one fresh process running the command."""
     env = {**os.environ, "PYTHONPATH": str(src)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", ENTRY, *args],
@@ -53,7 +56,10 @@ def _time_once(src: Path, args: list[str]) -> float:
         stderr=subprocess.DEVNULL,
         check=False,
     )
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
 
 
 def main() -> None:
@@ -69,25 +75,26 @@ def main() -> None:
         for args in commands.values():  # warm the OS file cache once per tree
             for src in trees.values():
                 _time_once(src, args)
-        times: dict[tuple[str, str], list[float]] = {}
+        load_before = os.getloadavg()[0]
+        times: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(options.repeats):
             for name, args in commands.items():
                 for tree, src in trees.items():
                     times.setdefault((name, tree), []).append(_time_once(src, args))
-    print(f"median wall time of {options.repeats} runs each (fresh process), interleaved")
+    print(f"median of {options.repeats} runs each (a fresh process each), interleaved")
+    for index, what in enumerate(("wall time", "CPU time (user + system)")):
+        header = f"{what:<26}" + "".join(f"{t:>10}" for t in trees)
+        print(header + ("     ratio" if len(trees) > 1 else ""))
+        for name in commands:
+            medians = [statistics.median(x[index] for x in times[(name, t)]) for t in trees]
+            row = f"  {name:<24}" + "".join(f"{m:>8.2f} s" for m in medians)
+            if len(medians) > 1:
+                row += f"   {medians[0] / medians[1]:>5.1f}×"
+            print(row)
     print(
-        f"{'command':<16}"
-        + "".join(f"{t:>12}" for t in trees)
-        + ("     ratio" if len(trees) > 1 else "")
+        f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, "
+        f"on {os.cpu_count()} cores"
     )
-    for name in commands:
-        medians = [statistics.median(times[(name, t)]) for t in trees]
-        row = f"{name:<16}" + "".join(f"{m:>10.2f} s" for m in medians)
-        if len(medians) > 1:
-            row += f"   {medians[0] / medians[1]:>5.1f}×"
-        print(row)
-    load = os.getloadavg()[0]
-    print(f"load average (1 min) at the end: {load:.2f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
