@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from stabilitybench.audit.lock import LOCK_FILE
@@ -104,3 +105,22 @@ def test_two_audit_commands_at_once_run_every_run_once(write_spec: Any, tmp_path
     infos = RunStore.open(out).infos()
     assert len(infos) == 4 and {i["status"] for i in infos} == {"done"}
     assert [i["attempts"] for i in infos] == [1, 1, 1, 1]  # today: 2 on every run
+
+
+def test_a_filesystem_without_locks_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    from stabilitybench.audit.lock import AuditLock
+    from stabilitybench.errors import StabilityBenchError
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(
+        StabilityBenchError, match=r"cannot lock .*audit.lock .*file locks \(flock\)"
+    ):
+        AuditLock(tmp_path / "audit").acquire()

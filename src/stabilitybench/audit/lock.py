@@ -39,12 +39,18 @@ class AuditLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             who = _describe(_read_holder(fd))
             os.close(fd)
             raise StabilityBenchError(
                 f"--out: {self.folder} is in use by another audit ({who}); one audit process "
                 "at a time writes a folder: wait for it to finish or stop it, then rerun to resume"
+            ) from None
+        except OSError as exc:  # e.g. ENOLCK: an NFS mount without a lock service
+            os.close(fd)
+            raise StabilityBenchError(
+                f"--out: cannot lock {self.path} ({exc.strerror}); the audit folder must be on a "
+                "filesystem with file locks (flock), so that two audits never write it at once"
             ) from None
         holder: dict[str, Any] = {
             "pid": os.getpid(),
