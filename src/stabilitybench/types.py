@@ -132,8 +132,25 @@ class StepContext:
         return out
 
     def grads_finite(self) -> bool:
-        """Whether every gradient entry is finite (reads one scalar: a host sync on GPU)."""
-        out: bool = self.cached("grads_finite", lambda: bool(self.grad_norm().isfinite()))
+        """Whether every gradient entry is finite (reads one scalar: a host sync on GPU; the
+        built-in probes use `grad_finite()` instead)."""
+        out: bool = self.cached("grads_finite", lambda: bool(self.grad_finite()))
+        return out
+
+    def grad_finite(self) -> torch.Tensor:
+        """0-d bool tensor on the device: every gradient entry is finite (no host sync)."""
+        out: torch.Tensor = self.cached("grad_finite", lambda: self.grad_norm().isfinite())
+        return out
+
+    def nonfinite_grad_count(self) -> torch.Tensor:
+        """0-d tensor: how many gradient entries are NaN or ±inf (a pass over the flat
+        gradient; no host sync)."""
+
+        def compute() -> torch.Tensor:
+            flat = self.grad_flat()
+            return flat.numel() - flat.isfinite().sum()
+
+        out: torch.Tensor = self.cached("nonfinite_grad_count", compute)
         return out
 
     def param_flat(self) -> torch.Tensor:
