@@ -132,7 +132,9 @@ def _united_schema(schemas: list[Any]) -> Any:
 
     united = pa.unify_schemas(schemas, promote_options="permissive")
     names = list(united.names)
-    order = [c for c in _FIRST_COLUMNS if c in names] + [c for c in names if c not in _FIRST_COLUMNS]
+    order = [c for c in _FIRST_COLUMNS if c in names] + [
+        c for c in names if c not in _FIRST_COLUMNS
+    ]
     fields = []
     for name in order:
         field = united.field(name)

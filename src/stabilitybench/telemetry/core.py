@@ -56,6 +56,7 @@ class Sink(Protocol):
 
 RowCallback = Callable[[dict[str, Any]], None]
 
+
 class _Instrumented:
     """One optimizer with its probes and hook handles."""
 
