@@ -128,7 +128,11 @@ class StepContext:
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradient (0-d)."""
-        out: torch.Tensor = self.cached("grad_norm", lambda: self.grad_norms().norm())
+        import torch
+
+        out: torch.Tensor = self.cached(
+            "grad_norm", lambda: torch.linalg.vector_norm(self.grad_norms())
+        )
         return out
 
     def grads_finite(self) -> bool:
@@ -143,12 +147,13 @@ class StepContext:
         return out
 
     def nonfinite_grad_count(self) -> torch.Tensor:
-        """0-d tensor: how many gradient entries are NaN or ±inf (a pass over the flat
+        """0-d tensor: how many gradient entries are NaN or ±inf (two passes over the flat
         gradient; no host sync)."""
+        import torch
 
         def compute() -> torch.Tensor:
-            flat = self.grad_flat()
-            return flat.numel() - flat.isfinite().sum()
+            # g·0 is 0 where g is finite and NaN where it is not; NaN counts as non-zero.
+            return torch.count_nonzero(self.grad_flat() * 0.0)
 
         out: torch.Tensor = self.cached("nonfinite_grad_count", compute)
         return out

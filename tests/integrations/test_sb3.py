@@ -174,3 +174,17 @@ def test_every_env_steps_fires_between_updates() -> None:
     model.learn(1024, callback=EveryEnvSteps(300, fired.append))
     # Rollouts end at 256, 512, 768, 1024: the first boundary at or after each multiple of 300.
     assert fired == [512, 768, 1024]
+
+
+def test_grad_norm_raw_is_the_pre_clip_norm_sb3_returns() -> None:
+    original = torch.nn.utils.clip_grad_norm_
+    model = _ppo(max_grad_norm=20.0)  # CartPole's raw norms here lie around 15-25
+    callback = StabilityCallback()
+    model.learn(512, callback=callback)
+    assert torch.nn.utils.clip_grad_norm_ is original  # unwrapped when training ends
+    rows = callback.close()
+    raw, clipped = rows["grad_norm_raw"].to_numpy(), rows["grad_norm"].to_numpy()
+    assert len(rows) == 32 and np.isfinite(raw).all()
+    # Clipping to 20 leaves norms below 20 alone and scales the others down to 20.
+    assert np.allclose(clipped, np.minimum(raw, 20.0), rtol=1e-4)
+    assert (raw > 20.0).any() and (raw < 20.0).any()

@@ -25,7 +25,11 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.integrations._adapter import OnlineMonitor, PerturbationHook
+from stabilitybench.integrations._adapter import (
+    OnlineMonitor,
+    PerturbationHook,
+    capture_clip_grad_norm,
+)
 from stabilitybench.telemetry import Sink, Telemetry
 from stabilitybench.telemetry.probes import ProbeSpec
 from stabilitybench.types import Schedule
@@ -113,6 +117,7 @@ class StabilityCallback(BaseCallback):
         self._model_id: int | None = None
         self._loss_diverged = False
         self._restore_record: Callable[[], None] | None = None
+        self._release_clip: Callable[[], None] | None = None
 
     # ---- public -------------------------------------------------------------------------------
     @property
@@ -163,6 +168,8 @@ class StabilityCallback(BaseCallback):
     def _on_training_start(self) -> None:
         self.telemetry.env_step = int(self.model.num_timesteps)
         self._wrap_logger()
+        if self._release_clip is None:
+            self._release_clip = capture_clip_grad_norm(self.telemetry)
 
     def _on_rollout_start(self) -> None:
         self.telemetry.env_step = int(self.model.num_timesteps)
@@ -214,6 +221,9 @@ class StabilityCallback(BaseCallback):
         if self._restore_record is not None:
             self._restore_record()
             self._restore_record = None
+        if self._release_clip is not None:
+            self._release_clip()
+            self._release_clip = None
 
     def _params_finite(self) -> bool:
         if self._telemetry is None:

@@ -69,9 +69,8 @@ class GradCoherence(Probe):
         cos = dots / torch.addcmul(self._eps, norms, ctx.grad_norm())
         cos = torch.where(finite & valid, cos, self._nan)
         # Fold g in only when finite: then prev ← g, ema ← lerp(ema, g); otherwise unchanged.
-        g_safe = torch.where(finite, g, state[0])
-        state[1].lerp_(g_safe, finite * (1.0 - self.ema_decay))
-        state[0].copy_(g_safe)
+        torch.where(finite, g, state[0], out=state[0])
+        state[1].lerp_(state[0], finite * (1.0 - self.ema_decay))
         valid.logical_or_(finite)
         return {"grad_cos_prev": cos[0], "grad_cos_ema": cos[1]}
 
@@ -95,6 +94,7 @@ class UpdateNorm(Probe):
         self._key: tuple[int, ...] = ()
         self._uniform = True
         self._views: list[torch.Tensor] = []
+        self._pointers: tuple[int, ...] = ()
 
     def before_step(self, ctx: StepContext) -> None:
         params = ctx.params  # hooks run under no_grad: no detach needed
@@ -114,14 +114,19 @@ class UpdateNorm(Probe):
             )
             self._buffers = None if self._uniform else [torch.empty_like(p) for p in params]
         if self._flat is not None:
-            # Views of the live parameters (contiguous: the step updates them in place).
-            self._views = [p.view(-1) for p in params]
+            # Flat views of the live parameters (contiguous: the step updates them in place),
+            # kept while no parameter's storage is replaced.
+            pointers = tuple(p.data_ptr() for p in params)
+            if pointers != self._pointers:
+                self._views = [p.view(-1) for p in params]
+                self._pointers = pointers
             torch.cat(self._views, out=self._flat[0])  # a copy of every parameter
             self._before_norm = torch.linalg.vector_norm(self._flat[0]).float()
         else:
             assert self._buffers is not None
             torch._foreach_copy_(self._buffers, list(params))  # a copy of every parameter
-            self._before_norm = torch.stack(torch._foreach_norm(self._buffers)).float().norm()
+            norms = torch.stack(torch._foreach_norm(self._buffers)).float()
+            self._before_norm = torch.linalg.vector_norm(norms)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         before_norm, self._before_norm = self._before_norm, None
@@ -137,8 +142,8 @@ class UpdateNorm(Probe):
             assert self._buffers is not None
             params = list(ctx.params)
             torch._foreach_sub_(self._buffers, params)  # buffers now hold −Δθ
-            update = torch.stack(torch._foreach_norm(self._buffers)).float().norm()
-            param_norm = torch.stack(torch._foreach_norm(params)).float().norm()
+            norms = torch.stack(torch._foreach_norm(self._buffers + params)).float()
+            update, param_norm = torch.linalg.vector_norm(norms.view(2, -1), dim=1)
         return {
             "update_norm": update,
             "update_ratio": update / (before_norm + _EPS),
