@@ -433,10 +433,10 @@ def _pack(row: dict[str, Any]) -> _DoneRow:
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(n,) float32 vector of n scalar tensors (a copy: the row no longer holds the originals)."""
-    scalars = [
-        t if t.dtype == torch.float32 and t.dim() == 0 else t.float().reshape(()) for t in tensors
-    ]
-    return torch.stack(scalars)
+    try:  # 0-d tensors of any dtypes: one op (stack promotes the dtypes)
+        return torch.stack(tensors).float()
+    except RuntimeError:  # shapes differ: (1,)-shaped values, say
+        return torch.stack([t.float().reshape(()) for t in tensors])
 
 
 def _materialize_one(row: dict[str, Any], opts: list[_Instrumented]) -> dict[str, Any]:

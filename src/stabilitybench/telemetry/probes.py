@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -91,16 +91,17 @@ class UpdateNorm(Probe):
         self._flat: torch.Tensor | None = None  # (2, P): [θ before, θ after]
         self._buffers: list[torch.Tensor] | None = None  # per tensor, when not flat
         self._before_norm: torch.Tensor | None = None
-        self._key: tuple[int, ...] = ()
+        self._params: Sequence[torch.Tensor] | None = None
+        self._count = 0
         self._uniform = True
         self._views: list[torch.Tensor] = []
         self._pointers: tuple[int, ...] = ()
 
     def before_step(self, ctx: StepContext) -> None:
         params = ctx.params  # hooks run under no_grad: no detach needed
-        key = tuple(id(p) for p in params)
-        if key != self._key:  # (re)allocate: once, unless the parameter list changes
-            self._key = key
+        if params is not self._params or len(params) != self._count:  # (re)allocate once
+            self._params, self._count = params, len(params)
+            self._pointers = ()
             first = params[0]
             self._uniform = all(
                 p.device == first.device and p.dtype == first.dtype and p.is_contiguous()
