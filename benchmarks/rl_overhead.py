@@ -1,8 +1,10 @@
-"""Steps per second of the RL workload with telemetry off and on, measured side by side.
+"""Slowdown of SB3 training with `StabilityCallback` at its defaults and at every=1, side by side.
 
-Each repetition builds a fresh, identically seeded model for each mode and times only
-`model.learn()`; the two modes alternate which one goes first, and the script prints the median
-of the per-repetition ratios (on / off). Evaluation is not timed (it is the same in both modes).
+Each repetition builds a fresh, identically seeded model per condition and times only
+`model.learn()`; conditions are interleaved (their order rotates each repetition) so that the
+load of a shared machine hits all alike. Printed: the median over repetitions of each
+condition's time / the time without telemetry — by wall clock and by this process's CPU time
+(steadier when other processes compete for the cores) — and the spread of the wall ratios.
 
     .venv/bin/python benchmarks/rl_overhead.py            # PPO CartPole + PPO HalfCheetah-v5
     .venv/bin/python benchmarks/rl_overhead.py --sac      # also SAC Pendulum-v1
@@ -32,47 +34,57 @@ CASES: dict[str, dict[str, Any]] = {
         "knobs": {"learning_starts": 100},
     },
 }
+CONDITIONS: dict[str, dict[str, Any] | None] = {
+    "off": None,
+    "defaults": {},  # StabilityCallback(): probes every 4th step, grad_norm_raw every step
+    "every=1": {"every": 1},
+}
 
 
-def time_learn(case: dict[str, Any], telemetry: bool, seed: int) -> tuple[float, int]:
-    """Env steps per second of one `learn()` call, and the optimizer steps telemetry saw."""
+def time_learn(
+    case: dict[str, Any], kwargs: dict[str, Any] | None, seed: int
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds of one `learn()` call, and the rows the telemetry recorded."""
     settings = parse_config({"name": "bench", "kind": "rl", **case})
     model = build_model(settings, seed)
-    callback = StabilityCallback() if telemetry else None
-    start = time.perf_counter()
+    callback = StabilityCallback(**kwargs) if kwargs is not None else None
+    wall, cpu = time.perf_counter(), time.process_time()
     model.learn(settings.total_steps, callback=callback)
-    elapsed = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rows = len(callback.close()) if callback is not None else 0
-    return model.num_timesteps / elapsed, rows
+    return wall, cpu, rows
 
 
-def measure(name: str, reps: int) -> dict[str, float]:
-    """Interleaved repetitions of off/on; median steps/s of each and median ratio on/off."""
+def measure(name: str, reps: int) -> dict[str, Any]:
+    """Interleaved repetitions; per condition the median wall and CPU ratio to `off`."""
     case = CASES[name]
-    off, on, ratios = [], [], []
+    names = list(CONDITIONS)
+    wall: dict[str, list[float]] = {c: [] for c in names}
+    cpu: dict[str, list[float]] = {c: [] for c in names}
     rows = 0
     for rep in range(reps):
-        order = (False, True) if rep % 2 == 0 else (True, False)
-        result: dict[bool, float] = {}
-        for telemetry in order:
-            result[telemetry], seen = time_learn(case, telemetry, seed=rep)
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for condition in order:
+            w, c, seen = time_learn(case, CONDITIONS[condition], seed=rep)
+            wall[condition].append(w)
+            cpu[condition].append(c)
             rows = max(rows, seen)
-        off.append(result[False])
-        on.append(result[True])
-        ratios.append(result[True] / result[False])
-    return {
-        "off_sps": statistics.median(off),
-        "on_sps": statistics.median(on),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "optimizer_steps": rows,
-    }
+    out: dict[str, Any] = {"rows": rows, "off_wall": statistics.median(wall["off"])}
+    for condition in names[1:]:
+        w_ratios = [a / b for a, b in zip(wall[condition], wall["off"], strict=True)]
+        c_ratios = [a / b for a, b in zip(cpu[condition], cpu["off"], strict=True)]
+        out[condition] = (
+            statistics.median(w_ratios),
+            statistics.median(c_ratios),
+            min(w_ratios),
+            max(w_ratios),
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per case")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     parser.add_argument("--sac", action="store_true", help="also measure SAC on Pendulum-v1")
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(CASES)}")
     args = parser.parse_args()
@@ -81,19 +93,23 @@ def main() -> None:
     names = args.cases or ["ppo-cartpole", "ppo-halfcheetah"] + (
         ["sac-pendulum"] if args.sac else []
     )
-    print(f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, median")
     print(
-        f"{'case':<16} {'env steps':>9} {'opt steps':>9} {'off steps/s':>12} {'on steps/s':>11} "
-        f"{'on/off':>7} {'range':>13}"
+        f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start"
+    )
+    print(
+        f"{'case':<16} {'env steps':>9} {'opt steps':>9} {'off s':>6} {'callback':>9} "
+        f"{'wall x':>7} {'cpu x':>7} {'wall range':>13}"
     )
     for name in names:
         r = measure(name, args.reps)
-        print(
-            f"{name:<16} {CASES[name]['total_steps']:>9} {r['optimizer_steps']:>9.0f} "
-            f"{r['off_sps']:>12.0f} {r['on_sps']:>11.0f} {r['ratio']:>7.3f} "
-            f"{r['ratio_min']:>6.3f}-{r['ratio_max']:.3f}",
-            flush=True,
-        )
+        for condition in list(CONDITIONS)[1:]:
+            w, c, lo, hi = r[condition]
+            print(
+                f"{name:<16} {CASES[name]['total_steps']:>9} {r['rows']:>9} "
+                f"{r['off_wall']:>6.1f} {condition:>9} {w:>7.3f} {c:>7.3f} {lo:>6.3f}-{hi:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

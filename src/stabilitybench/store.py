@@ -5,11 +5,14 @@ Layout::
     <audit>/audit.json                  the resolved spec, its hash, the package version
     <audit>/runs/<run_id>/run.json      spec, status, seed, timings, outcome, error text
     <audit>/runs/<run_id>/telemetry.parquet   one row per optimizer step
+    <audit>/runs/<run_id>/telemetry.parquet.partial/part-*.parquet   the same, while the run
+                                        is going (or after it crashed): one part per flush
     <audit>/runs/<run_id>/evals.parquet       one row per evaluation (step, env_step, perf, …)
     <audit>/runs/<run_id>/events.parquet      one row per perturbation window
     <audit>/runs/<run_id>/scores.parquet      detector scores per step (written by the monitor)
 
-Every file is written to a temporary name and renamed into place.
+Every file is written to a temporary name and renamed into place; telemetry streams into
+part files while a run trains (`telemetry.ParquetSink`) and becomes `telemetry.parquet` at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json, write_json, write_parquet
+from stabilitybench.streaming import (
+    PART_GLOB,
+    PARTIAL_SUFFIX,
+    ParquetSink,
+    partial_dir,
+    read_parts,
+)
 from stabilitybench.types import RunStatus
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or built: `status` stays light
@@ -54,6 +64,7 @@ class RunData:
     evals: pd.DataFrame
     events: pd.DataFrame
     scores: pd.DataFrame | None = None
+    telemetry_partial: bool = False  # rows up to the last flush of a run that did not finish
 
     @property
     def status(self) -> str:
@@ -75,11 +86,13 @@ def empty_events() -> pd.DataFrame:
 
 
 class RunWriter:
-    """Writes one run's folder; also a telemetry sink (`close()` writes telemetry.parquet)."""
+    """Writes one run's folder; also a telemetry sink that streams rows into part files at each
+    flush and makes `telemetry.parquet` at `close()` (see `telemetry.ParquetSink`)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_json = self.run_dir / "run.json"
+        self._telemetry = ParquetSink(self.run_dir / "telemetry.parquet")
 
     # -- run.json ----------------------------------------------------------------------------
     def read_info(self) -> dict[str, Any]:
@@ -156,11 +169,19 @@ class RunWriter:
         self.write_table("events", pd.DataFrame(rows, columns=list(EVENT_COLUMNS)))
 
     # -- Sink protocol -----------------------------------------------------------------------
+    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._telemetry.write_rows(rows)
+
     def write_row(self, row: Mapping[str, Any]) -> None:
-        pass
+        self._telemetry.write_rows([row])
 
     def close(self, table: pd.DataFrame) -> None:
-        self.write_table("telemetry", table)
+        """Finish `telemetry.parquet` from the streamed parts (or write `table` if none)."""
+        self._telemetry.close(table)
+
+    def read(self) -> pd.DataFrame:
+        """The telemetry rows written so far."""
+        return self._telemetry.read()
 
 
 class RunStore:
@@ -221,10 +242,17 @@ class RunStore:
         return [self.info(r) for r in self.run_ids()]
 
     def table(self, run_id: str, name: str) -> pd.DataFrame:
+        """One stored table; a run's telemetry that never finished is read from its part files
+        (every row up to the last flush) with `frame.attrs["partial"] = True`."""
         import pandas as pd
 
         path = self.run_dir(run_id) / f"{name}.parquet"
         if not path.exists():
+            parts = partial_dir(path)
+            if parts.is_dir():
+                frame = read_parts(parts)
+                frame.attrs["partial"] = True
+                return frame
             return empty_events() if name == "events" else pd.DataFrame()
         return pd.read_parquet(path)
 
@@ -232,13 +260,15 @@ class RunStore:
         import pandas as pd
 
         scores_path = self.run_dir(run_id) / "scores.parquet"
+        telemetry = self.table(run_id, "telemetry")
         return RunData(
             run_id=run_id,
             info=self.info(run_id),
-            telemetry=self.table(run_id, "telemetry"),
+            telemetry=telemetry,
             evals=self.table(run_id, "evals"),
             events=self.table(run_id, "events"),
             scores=pd.read_parquet(scores_path) if scores_path.exists() else None,
+            telemetry_partial=bool(telemetry.attrs.get("partial", False)),
         )
 
     def iter_runs(self, status: str | None = RunStatus.DONE.value) -> Iterator[RunData]:
@@ -303,14 +333,20 @@ class RunStore:
             files = (
                 sorted(self.runs_dir.glob(f"*/{name}.parquet")) if self.runs_dir.is_dir() else []
             )
+            # Telemetry of a run that has not finished (or crashed): its part files, marked.
+            parts = (
+                sorted(self.runs_dir.glob(f"*/{name}.parquet{PARTIAL_SUFFIX}/{PART_GLOB}"))
+                if name == "telemetry" and self.runs_dir.is_dir()
+                else []
+            )
+            selects = []
             if files:
-                file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-                con.execute(
-                    f"CREATE VIEW {name} AS SELECT "
-                    f"regexp_extract(filename, '([^/\\\\]+)[/\\\\][^/\\\\]+$', 1) AS run_id, "
-                    f"* EXCLUDE (filename) FROM read_parquet([{file_list}], "
-                    "union_by_name = true, filename = true)"
-                )
+                flag = False if name == "telemetry" else None
+                selects.append(_select_files(files, levels=1, partial=flag))
+            if parts:
+                selects.append(_select_files(parts, levels=2, partial=True))
+            if selects:
+                con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
             else:
                 con.execute(f"CREATE VIEW {name} AS SELECT NULL::VARCHAR AS run_id WHERE false")
         return con
@@ -327,3 +363,18 @@ class RunStore:
             raise StabilityBenchError(f"query failed: {str(exc).splitlines()[0]}") from None
         finally:
             con.close()
+
+
+def _select_files(files: Sequence[Path], *, levels: int, partial: bool | None) -> str:
+    """SQL reading `files` with a `run_id` column: the folder `levels` above each file. With
+    `partial` given, a `partial` column says whether the rows come from an unfinished run."""
+    file_list = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+    sep = "[/\\\\]"
+    part = "[^/\\\\]+"
+    pattern = f"({part}){sep}" + f"{part}{sep}" * (levels - 1) + f"{part}$"
+    flag = "" if partial is None else f", {'true' if partial else 'false'} AS partial"
+    return (
+        f"SELECT regexp_extract(filename, '{pattern}', 1) AS run_id{flag}, "
+        f"* EXCLUDE (filename) FROM read_parquet([{file_list}], "
+        "union_by_name = true, filename = true)"
+    )

@@ -128,12 +128,34 @@ class StepContext:
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradient (0-d)."""
-        out: torch.Tensor = self.cached("grad_norm", lambda: self.grad_norms().norm())
+        import torch
+
+        out: torch.Tensor = self.cached(
+            "grad_norm", lambda: torch.linalg.vector_norm(self.grad_norms())
+        )
         return out
 
     def grads_finite(self) -> bool:
-        """Whether every gradient entry is finite (reads one scalar: a host sync on GPU)."""
-        out: bool = self.cached("grads_finite", lambda: bool(self.grad_norm().isfinite()))
+        """Whether every gradient entry is finite (reads one scalar: a host sync on GPU; the
+        built-in probes use `grad_finite()` instead)."""
+        out: bool = self.cached("grads_finite", lambda: bool(self.grad_finite()))
+        return out
+
+    def grad_finite(self) -> torch.Tensor:
+        """0-d bool tensor on the device: every gradient entry is finite (no host sync)."""
+        out: torch.Tensor = self.cached("grad_finite", lambda: self.grad_norm().isfinite())
+        return out
+
+    def nonfinite_grad_count(self) -> torch.Tensor:
+        """0-d tensor: how many gradient entries are NaN or ±inf (two passes over the flat
+        gradient; no host sync)."""
+        import torch
+
+        def compute() -> torch.Tensor:
+            # g·0 is 0 where g is finite and NaN where it is not; NaN counts as non-zero.
+            return torch.count_nonzero(self.grad_flat() * 0.0)
+
+        out: torch.Tensor = self.cached("nonfinite_grad_count", compute)
         return out
 
     def param_flat(self) -> torch.Tensor:

@@ -61,7 +61,6 @@ def train(tmp_path: Path, callbacks: list[Any], steps: int = 5, **extra: Any) ->
         max_steps=steps,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
-        max_grad_norm=0.0,
         logging_steps=1,
         report_to=[],
         use_cpu=True,
@@ -69,7 +68,7 @@ def train(tmp_path: Path, callbacks: list[Any], steps: int = 5, **extra: Any) ->
         disable_tqdm=True,
         seed=0,
         dataloader_num_workers=0,
-        **extra,
+        **{"max_grad_norm": 0.0, **extra},
     )
     trainer = Trainer(model=model, args=args, train_dataset=ByteWindows(), callbacks=callbacks)
     trainer.train()
@@ -144,3 +143,19 @@ def test_batch_perturbations_are_refused_by_the_callback(tmp_path: Path) -> None
     )
     with pytest.raises(StabilityBenchError, match="label_noise"):
         train(tmp_path, [StabilityTrainerCallback(schedule=schedule)])
+
+
+def test_grad_norm_raw_is_the_trainers_pre_clip_norm(tmp_path: Path) -> None:
+    original = torch.nn.utils.clip_grad_norm_
+    callback = StabilityTrainerCallback()
+    seen = RecordGradNorms()
+    trainer = train(tmp_path, [callback, seen], steps=4, max_grad_norm=0.05)
+    assert torch.nn.utils.clip_grad_norm_ is original
+    rows = callback.telemetry.rows()
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(logged) == 4
+    assert rows["grad_norm_raw"].tolist() == pytest.approx(logged, rel=1e-5)
+    # The optimizer's own view (and the telemetry's grad_norm) is after clipping to 0.05.
+    assert rows["grad_norm"].tolist() == pytest.approx([0.05] * 4, rel=1e-3)
+    assert seen.norms == pytest.approx([0.05] * 4, rel=1e-3)
+    assert min(logged) > 0.05

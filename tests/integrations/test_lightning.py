@@ -120,3 +120,12 @@ def test_perturbation_schedule_runs_through_the_callback() -> None:
     # The telemetry measured the scaled gradient of step 3 (after Lightning's closure ran).
     assert rows["grad_norm"].iloc[3] == pytest.approx(100.0 * module.grad_norms[3], rel=1e-5)
     assert [(e["kind"], e["start_step"]) for e in callback.events()] == [("grad_scale", 3)]
+
+
+def test_grad_norm_raw_is_the_norm_before_lightning_clips() -> None:
+    callback = StabilityLightningCallback()
+    module = fit(callback, steps=5, gradient_clip_val=0.01)
+    rows = callback.telemetry.rows()
+    assert rows["grad_norm_raw"].tolist() == pytest.approx(module.grad_norms, rel=1e-5)
+    assert min(module.grad_norms) > 0.01
+    assert rows["grad_norm"].tolist() == pytest.approx([0.01] * 5, rel=1e-3)

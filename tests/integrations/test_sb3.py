@@ -60,8 +60,11 @@ def test_default_callback_on_cartpole_learn() -> None:
         assert column in rows.columns, column
     assert rows["env_step"].is_monotonic_increasing and rows["env_step"].iloc[-1] == 2048
     assert rows["entropy"].notna().sum() == 8
+    # By default the probes measure every 4th step; the pre-clip norm is there on every step.
+    assert rows["grad_norm"].notna().tolist() == [s % 4 == 0 for s in range(128)]
+    assert rows["grad_norm_raw"].notna().all() and (rows["grad_norm_raw"] > 0.5).all()
     # SB3 clips gradients to max_grad_norm=0.5 before the step; the probe sees what Adam sees.
-    assert (rows["grad_norm"] <= 0.5 + 1e-4).all()
+    assert (rows["grad_norm"].dropna() <= 0.5 + 1e-4).all()
     assert not callback.diverged
     # SB3's logger is back to normal after learn().
     assert "record" not in vars(model.logger)
@@ -97,7 +100,7 @@ class _ScaledGradNorm:
 
 def test_monitor_scores_each_row_as_msd() -> None:
     monitor = _ScaledGradNorm()
-    callback = StabilityCallback(monitor=monitor)
+    callback = StabilityCallback(every=1, monitor=monitor)
     _ppo().learn(512, callback=callback)
     rows = callback.telemetry.rows()
     assert monitor.seen == rows["step"].tolist()  # every row, in order (the last at training end)
@@ -119,7 +122,7 @@ def test_actor_critic_algorithms_get_prefixed_columns() -> None:
 
 
 def test_td3_actor_rows_follow_policy_delay() -> None:
-    callback = StabilityCallback()
+    callback = StabilityCallback(every=1)
     TD3(
         "MlpPolicy",
         "Pendulum-v1",
@@ -157,7 +160,7 @@ def test_stop_on_divergence_raises_training_diverged() -> None:
 def test_schedule_and_sink(tmp_path: Path) -> None:
     schedule = PerturbationSchedule([{"kind": "lr_spike", "at": 10, "factor": 5, "duration": 3}])
     writer = RunStore(tmp_path).writer("run")
-    callback = StabilityCallback(sink=writer, schedule=schedule)
+    callback = StabilityCallback(every=1, sink=writer, schedule=schedule)
     _ppo().learn(512, callback=callback)
     table = callback.close()
     stored = RunStore(tmp_path).table("run", "telemetry")
@@ -174,3 +177,17 @@ def test_every_env_steps_fires_between_updates() -> None:
     model.learn(1024, callback=EveryEnvSteps(300, fired.append))
     # Rollouts end at 256, 512, 768, 1024: the first boundary at or after each multiple of 300.
     assert fired == [512, 768, 1024]
+
+
+def test_grad_norm_raw_is_the_pre_clip_norm_sb3_returns() -> None:
+    original = torch.nn.utils.clip_grad_norm_
+    model = _ppo(max_grad_norm=20.0)  # CartPole's raw norms here lie around 15-25
+    callback = StabilityCallback(every=1)
+    model.learn(512, callback=callback)
+    assert torch.nn.utils.clip_grad_norm_ is original  # unwrapped when training ends
+    rows = callback.close()
+    raw, clipped = rows["grad_norm_raw"].to_numpy(), rows["grad_norm"].to_numpy()
+    assert len(rows) == 32 and np.isfinite(raw).all()
+    # Clipping to 20 leaves norms below 20 alone and scales the others down to 20.
+    assert np.allclose(clipped, np.minimum(raw, 20.0), rtol=1e-4)
+    assert (raw > 20.0).any() and (raw < 20.0).any()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
@@ -45,6 +45,72 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         f"cannot find a torch.optim.Optimizer inside {type(optimizer).__name__}; "
         "telemetry needs a torch optimizer to hook"
     )
+
+
+# ---- the pre-clip gradient norm ------------------------------------------------------------------
+# SB3 (PPO, A2C, DQN) and the HF Trainer (through accelerate) clip with
+# `torch.nn.utils.clip_grad_norm_`, which returns the total norm BEFORE clipping; the optimizer's
+# step hooks only ever see the clipped gradients. While a callback is active, that function is
+# wrapped (once, however many callbacks listen) and the value it returns is logged as
+# `grad_norm_raw` of the optimizer that owns the parameters. The value stays a device tensor.
+
+_ClipListener = tuple[frozenset[int], Callable[[torch.Tensor], None]]
+_clip_listeners: dict[int, _ClipListener] = {}
+_clip_original: Callable[..., torch.Tensor] | None = None
+
+
+def _clip_grad_norm_wrapper(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    assert _clip_original is not None
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    total = _clip_original(params, *args, **kwargs)
+    if params and isinstance(total, torch.Tensor):
+        first = id(params[0])
+        for ids, callback in list(_clip_listeners.values()):
+            if first in ids:
+                callback(total.detach())
+    return total
+
+
+def capture_clip_grad_norm(telemetry: Telemetry) -> Callable[[], None]:
+    """Log what `torch.nn.utils.clip_grad_norm_` returns (the pre-clip total norm) as
+    `grad_norm_raw` in the row of the optimizer step that follows; returns a function that stops
+    listening (and unwraps torch's function when no one else listens)."""
+    global _clip_original
+    keys = []
+    for optimizer in telemetry.optimizers.values():
+        ids = frozenset(id(p) for g in optimizer.param_groups for p in g["params"])
+
+        def log(total: torch.Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            telemetry.log_before_step(optimizer, grad_norm_raw=total)
+
+        listener: _ClipListener = (ids, log)
+        keys.append(id(listener))
+        _clip_listeners[id(listener)] = listener
+    if _clip_original is None:
+        _clip_original = torch.nn.utils.clip_grad_norm_
+        torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_wrapper
+
+    def release() -> None:
+        global _clip_original
+        for key in keys:
+            _clip_listeners.pop(key, None)
+        keys.clear()
+        if not _clip_listeners and _clip_original is not None:
+            if torch.nn.utils.clip_grad_norm_ is _clip_grad_norm_wrapper:
+                torch.nn.utils.clip_grad_norm_ = _clip_original
+            _clip_original = None
+
+    return release
+
+
+def log_grad_norm_before_step(telemetry: Telemetry, optimizer: torch.optim.Optimizer) -> None:
+    """Log the norm of `optimizer`'s current gradients as `grad_norm_raw` of its next step (for
+    frameworks with a hook between backward and clipping; no host sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grads:
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        telemetry.log_before_step(optimizer, grad_norm_raw=norm)
 
 
 class TelemetryAdapter:
@@ -120,7 +186,7 @@ class TelemetryAdapter:
         stacked = torch.stack([loss.to(device) for loss in self._losses])
         value = stacked.sum() if self._sum_losses else stacked.mean()
         self._losses = []
-        self.telemetry.log(loss=value)  # one host sync per optimizer step
+        self.telemetry.log(loss=value)  # stays on the device until the telemetry flushes
 
     def close(self) -> None:
         """Remove the telemetry's hooks and finish its sinks (its rows stay readable)."""

@@ -28,6 +28,7 @@ from stabilitybench.integrations._adapter import (
     OnlineMonitor,
     PerturbationHook,
     TelemetryAdapter,
+    capture_clip_grad_norm,
     unwrap_optimizer,
 )
 from stabilitybench.telemetry import Sink, Telemetry
@@ -59,6 +60,7 @@ class StabilityTrainerCallback(TrainerCallback):
             "the Hugging Face Trainer callback", probes, every, sink, schedule, monitor, total_steps
         )
         self._forward_hook: Any = None
+        self._release_clip: Any = None
 
     @property
     def telemetry(self) -> Telemetry:
@@ -100,6 +102,9 @@ class StabilityTrainerCallback(TrainerCallback):
     ) -> None:
         self._adapter.log_step_loss()
         self._remove_forward_hook()
+        if self._release_clip is not None:
+            self._release_clip()
+            self._release_clip = None
         self._adapter.close()
         self._active = False
 
@@ -113,7 +118,12 @@ class StabilityTrainerCallback(TrainerCallback):
         model = kwargs.get("model")
         optimizer = unwrap_optimizer(kwargs["optimizer"])
         total = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
-        self._adapter.start(model, optimizer, total)
+        telemetry = self._adapter.start(model, optimizer, total)
+        if self._release_clip is not None:
+            self._release_clip()
+        # The Trainer clips (or, with max_grad_norm 0, measures) through accelerate, which calls
+        # torch.nn.utils.clip_grad_norm_: its return value is the pre-clip norm.
+        self._release_clip = capture_clip_grad_norm(telemetry)
         if isinstance(model, torch.nn.Module):
             self._remove_forward_hook()
             self._forward_hook = model.register_forward_hook(self._on_forward, with_kwargs=True)

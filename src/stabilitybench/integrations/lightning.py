@@ -29,6 +29,7 @@ from stabilitybench.integrations._adapter import (
     OnlineMonitor,
     PerturbationHook,
     TelemetryAdapter,
+    log_grad_norm_before_step,
     unwrap_optimizer,
 )
 from stabilitybench.telemetry import Sink, Telemetry
@@ -131,6 +132,14 @@ class StabilityLightningCallback(pl.Callback):
         if telemetry is not None and telemetry.step > self._last_logged_step:
             self._adapter.log_step_loss()
             self._last_logged_step = telemetry.step
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        # Lightning calls this before it clips: the gradients are still the raw ones.
+        telemetry = self._adapter.telemetry
+        if telemetry is not None:
+            log_grad_norm_before_step(telemetry, unwrap_optimizer(optimizer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()

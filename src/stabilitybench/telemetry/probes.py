@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -23,23 +23,19 @@ class GradNorm(Probe):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         per_tensor = ctx.grad_norms()  # (n_params,)
-        if ctx.grads_finite():
-            nonfinite: Value = 0
-        else:  # counting is a full pass over every gradient: only when something is wrong
-            nonfinite = sum(int((~torch.isfinite(g)).sum()) for g in ctx.grads())
         return {
             "grad_norm": ctx.grad_norm(),
             "grad_norm_max_layer": per_tensor.max(),
-            "nonfinite_grads": nonfinite,
+            "nonfinite_grads": ctx.nonfinite_grad_count(),  # read back as an int at flush
         }
 
 
 class GradCoherence(Probe):
     """Cosine of this step's gradient with the previous step's and with an EMA of past gradients.
 
-    State: the previous flat gradient (kept without a copy: `grad_flat()` is fresh each step),
-    its norm, and an EMA buffer (one copy of the gradient). A non-finite gradient is not folded
-    into either.
+    State: one (2, P) buffer holding the previous flat gradient and the EMA (two copies of the
+    gradient), so both dot products and both norms are one op each. A non-finite gradient is not
+    folded into either and gives NaN cosines; all of it is decided on the device (no host sync).
     """
 
     name = "grad_coherence"
@@ -47,37 +43,44 @@ class GradCoherence(Probe):
     def __init__(self, every: int | Schedule = 1, ema_decay: float = 0.9) -> None:
         super().__init__(every)
         self.ema_decay = ema_decay
-        self._prev: torch.Tensor | None = None
-        self._prev_norm: torch.Tensor | None = None
-        self._ema: torch.Tensor | None = None
+        self._state: torch.Tensor | None = None  # (2, P): [previous gradient, EMA]
+        self._valid: torch.Tensor | None = None  # 0-d bool: the state holds a finite gradient
+        self._nan: torch.Tensor | None = None
+        self._eps: torch.Tensor | None = None
 
     def tracks(self, step: int) -> bool:
         return self.wants(step) or self.wants(step + 1)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        nan = float("nan")
-        if not ctx.grads_finite():
-            return {"grad_cos_prev": nan, "grad_cos_ema": nan}
         g = ctx.grad_flat()  # (P,)
-        g_norm = ctx.grad_norm()
-        cos_prev: Value = nan
-        cos_ema: Value = nan
-        prev, prev_norm, ema = self._prev, self._prev_norm, self._ema
-        if prev is not None and prev_norm is not None and ema is not None and prev.shape == g.shape:
-            cos_prev = torch.dot(g, prev) / (g_norm * prev_norm + _EPS)
-            cos_ema = torch.dot(g, ema) / (g_norm * ema.norm() + _EPS)
-            ema.lerp_(g, 1.0 - self.ema_decay)
-        else:
-            self._ema = g.clone()
-        self._prev, self._prev_norm = g, g_norm
-        return {"grad_cos_prev": cos_prev, "grad_cos_ema": cos_ema}
+        finite = ctx.grad_finite()  # 0-d bool, on the device
+        state, valid = self._state, self._valid
+        if state is None or valid is None or state.shape[1] != g.shape[0]:
+            start = torch.where(finite, g, 0.0)
+            self._state = torch.stack([start, start])
+            self._valid = finite.clone()
+            self._nan = torch.full((2,), float("nan"), dtype=g.dtype, device=g.device)
+            self._eps = torch.full((), _EPS, dtype=g.dtype, device=g.device)
+            nan = float("nan")
+            return {"grad_cos_prev": nan, "grad_cos_ema": nan}
+        assert self._nan is not None and self._eps is not None
+        dots = torch.mv(state, g)  # (2,): g·prev, g·ema
+        norms = torch.linalg.vector_norm(state, dim=1)  # (2,): ‖prev‖, ‖ema‖
+        cos = dots / torch.addcmul(self._eps, norms, ctx.grad_norm())
+        cos = torch.where(finite & valid, cos, self._nan)
+        # Fold g in only when finite: then prev ← g, ema ← lerp(ema, g); otherwise unchanged.
+        torch.where(finite, g, state[0], out=state[0])
+        state[1].lerp_(state[0], finite * (1.0 - self.ema_decay))
+        valid.logical_or_(finite)
+        return {"grad_cos_prev": cos[0], "grad_cos_ema": cos[1]}
 
 
 class UpdateNorm(Probe):
     """‖Δθ‖ of the optimizer step, ‖θ‖ after it, and their ratio ‖Δθ‖/‖θ_before‖.
 
-    Keeps one copy of the parameters (a persistent buffer per tensor, refreshed before each
-    measured step with one fused copy).
+    Keeps one flat copy of the parameters before and after the step (a (2, P) buffer refreshed on
+    each measured step), so the three norms cost a handful of ops whatever the number of
+    parameter tensors. Parameters spread over several devices or dtypes use per-tensor buffers.
     """
 
     name = "update_norm"
@@ -85,27 +88,67 @@ class UpdateNorm(Probe):
 
     def __init__(self, every: int | Schedule = 1) -> None:
         super().__init__(every)
-        self._buffers: list[torch.Tensor] | None = None
+        self._flat: torch.Tensor | None = None  # (2, P): [θ before, θ after]
+        self._buffers: list[torch.Tensor] | None = None  # per tensor, when not flat
         self._before_norm: torch.Tensor | None = None
+        self._params: Sequence[torch.Tensor] | None = None
+        self._count = 0
+        self._uniform = True
+        self._views: list[torch.Tensor] = []
+        self._pointers: tuple[int, ...] = ()
 
     def before_step(self, ctx: StepContext) -> None:
-        params = list(ctx.params)  # hooks run under no_grad: no detach needed
-        if self._buffers is None or len(self._buffers) != len(params):
-            self._buffers = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._buffers, params)  # a copy of every parameter
-        self._before_norm = torch.stack(torch._foreach_norm(params)).norm()
+        params = ctx.params  # hooks run under no_grad: no detach needed
+        if params is not self._params or len(params) != self._count:  # (re)allocate once
+            self._params, self._count = params, len(params)
+            self._pointers = ()
+            first = params[0]
+            self._uniform = all(
+                p.device == first.device and p.dtype == first.dtype and p.is_contiguous()
+                for p in params
+            )
+            total = sum(p.numel() for p in params)
+            self._flat = (
+                torch.empty(2, total, dtype=first.dtype, device=first.device)
+                if self._uniform
+                else None
+            )
+            self._buffers = None if self._uniform else [torch.empty_like(p) for p in params]
+        if self._flat is not None:
+            # Flat views of the live parameters (contiguous: the step updates them in place),
+            # kept while no parameter's storage is replaced.
+            pointers = tuple(p.data_ptr() for p in params)
+            if pointers != self._pointers:
+                self._views = [p.view(-1) for p in params]
+                self._pointers = pointers
+            torch.cat(self._views, out=self._flat[0])  # a copy of every parameter
+            self._before_norm = torch.linalg.vector_norm(self._flat[0]).float()
+        else:
+            assert self._buffers is not None
+            torch._foreach_copy_(self._buffers, list(params))  # a copy of every parameter
+            norms = torch.stack(torch._foreach_norm(self._buffers)).float()
+            self._before_norm = torch.linalg.vector_norm(norms)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        if self._buffers is None or self._before_norm is None:
-            return {}
-        params = list(ctx.params)
-        torch._foreach_sub_(self._buffers, params)  # buffers now hold −Δθ
-        update = torch.stack(torch._foreach_norm(self._buffers)).norm()
         before_norm, self._before_norm = self._before_norm, None
+        if before_norm is None:
+            return {}
+        if self._flat is not None:
+            flat = self._flat
+            torch.cat(self._views, out=flat[1])  # θ after
+            flat[0].sub_(flat[1])  # now −Δθ
+            norms = torch.linalg.vector_norm(flat, dim=1).float()  # (2,): ‖Δθ‖, ‖θ after‖
+            update, param_norm = norms[0], norms[1]
+        else:
+            assert self._buffers is not None
+            params = list(ctx.params)
+            torch._foreach_sub_(self._buffers, params)  # buffers now hold −Δθ
+            norms = torch.stack(torch._foreach_norm(self._buffers + params)).float()
+            update, param_norm = torch.linalg.vector_norm(norms.view(2, -1), dim=1)
         return {
             "update_norm": update,
             "update_ratio": update / (before_norm + _EPS),
-            "param_norm": torch.stack(torch._foreach_norm(params)).norm(),
+            "param_norm": param_norm,
         }
 
 

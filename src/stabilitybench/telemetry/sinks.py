@@ -1,4 +1,4 @@
-"""Sinks for telemetry rows: a Parquet file, TensorBoard."""
+"""Sinks for telemetry rows: Parquet (streamed in parts, readable after a crash), TensorBoard."""
 
 from __future__ import annotations
 
@@ -8,20 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from stabilitybench.io import write_parquet
+from stabilitybench.streaming import ParquetSink
 
-
-class ParquetSink:
-    """Writes the whole table to one Parquet file when telemetry closes (atomically)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def write_row(self, row: Mapping[str, Any]) -> None:
-        pass  # rows are kept in memory by Telemetry; the file is written once, at close
-
-    def close(self, table: pd.DataFrame) -> None:
-        write_parquet(self.path, table)
+__all__ = ["ParquetSink", "TensorBoardSink"]
 
 
 class TensorBoardSink:

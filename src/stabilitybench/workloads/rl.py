@@ -377,6 +377,7 @@ class RLWorkload:
             )
 
         telemetry_callback = StabilityCallback(
+            every=1,  # audits measure every optimizer step (the callback's default is 4)
             sink=writer,
             schedule=schedule,
             total_steps=settings.expected_updates(),
