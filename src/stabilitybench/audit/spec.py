@@ -77,6 +77,7 @@ class RLWorkloadSpec(_WorkloadBase):
     kind: Literal["rl"]
     algo: Literal["ppo", "sac", "td3"]
     env: str = Field(min_length=1)
+    probes: Literal["cheap", "stability"] | None = None
 
 
 class LMWorkloadSpec(_WorkloadBase):
@@ -87,6 +88,7 @@ class LMWorkloadSpec(_WorkloadBase):
     corpus: str = Field(default="shakespeare", min_length=1)
     tokenizer: str | dict[str, Any] | None = None  # byte | bpe | {kind: bpe, vocab_size: N}
     device: str | None = None
+    probes: Literal["cheap", "stability"] | None = None  # stability: the build-up probes too
 
 
 class ToyWorkloadSpec(_WorkloadBase):

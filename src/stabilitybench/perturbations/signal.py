@@ -101,7 +101,9 @@ class LossScale(Perturbation):
             return
         # The factor is read when backward runs: the step being computed is the one after the
         # last step begun (a ramp grows it step by step; without a ramp it is the constant).
-        self._handles[key] = [p.register_hook(lambda g: g * self._backward_factor()) for p in params]
+        self._handles[key] = [
+            p.register_hook(lambda g: g * self._backward_factor()) for p in params
+        ]
 
     def _backward_factor(self) -> float:
         step = self._onset_step if self._last_step is None else self._last_step + 1
