@@ -23,7 +23,9 @@ from stabilitybench.audit.spec import (
     AuditSpec,
     check_runs,
     expand,
+    is_healthy,
     load_spec,
+    references,
     resolved_spec,
     spec_hash,
 )
@@ -50,6 +52,7 @@ class AuditPlan:
     out: Path
     spec_hash: str
     statuses: dict[str, str] = field(default_factory=dict)  # run_id → status, for an existing audit
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload → healthy knobs
 
     @property
     def todo(self) -> list[RunSpec]:
@@ -81,11 +84,19 @@ def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
                 "so use a new --out for this spec"
             )
         statuses = {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
-    return AuditPlan(spec=spec, runs=runs, out=out, spec_hash=digest, statuses=statuses)
+    return AuditPlan(
+        spec=spec,
+        runs=runs,
+        out=out,
+        spec_hash=digest,
+        statuses=statuses,
+        references=references(spec),
+    )
 
 
-def run_info(run: RunSpec) -> dict[str, Any]:
-    """The descriptive fields of run.json (the runner adds status and timings)."""
+def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The descriptive fields of run.json (the runner adds status and timings); with the
+    workload's `reference` knob levels, also `healthy` (perturbation none and those levels)."""
     if not run.perturbations:
         perturbation: dict[str, Any] = {"kind": "none", "label": "none", "params": {}}
     else:
@@ -99,7 +110,7 @@ def run_info(run: RunSpec) -> dict[str, Any]:
                 for i, (k, p) in enumerate(zip(kinds, params_list, strict=True))
             }
         perturbation = {"kind": "+".join(kinds), "label": run.perturbation_label, "params": params}
-    return {
+    info = {
         "run_id": run.run_id,
         "label": run.label,
         "audit": run.audit,
@@ -110,6 +121,13 @@ def run_info(run: RunSpec) -> dict[str, Any]:
         "seed": run.seed,
         "spec": run.to_dict(),
     }
+    if reference is not None:
+        info["healthy"] = is_healthy(run, reference)
+    return info
+
+
+def _reference(plan: AuditPlan, run: RunSpec) -> dict[str, Any] | None:
+    return plan.references.get(run.workload["name"]) if plan.references else None
 
 
 def prepare_store(plan: AuditPlan) -> RunStore:
@@ -127,10 +145,15 @@ def prepare_store(plan: AuditPlan) -> RunStore:
                 "version": __version__,
                 "created": time.time(),
                 "run_ids": [r.run_id for r in plan.runs],
+                "references": plan.references,
             }
         )
+    elif "references" not in store.audit():  # an audit created before references existed
+        store.write_audit({**store.audit(), "references": plan.references})
     for run in plan.todo:
-        store.writer(run.run_id).update_info(**run_info(run), status=RunStatus.PENDING.value)
+        store.writer(run.run_id).update_info(
+            **run_info(run, _reference(plan, run)), status=RunStatus.PENDING.value
+        )
     return store
 
 
@@ -160,7 +183,10 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
         console.print(
             f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
         )
-    tasks = [RunTask(str(store.root), run.to_dict(), run_info(run)) for run in todo]
+    tasks = [
+        RunTask(str(store.root), run.to_dict(), run_info(run, _reference(plan, run)))
+        for run in todo
+    ]
     labels = {run.run_id: run.label for run in todo}
     counts = {"done": 0, "failed": 0}
     with Progress(

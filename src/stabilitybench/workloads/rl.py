@@ -381,12 +381,12 @@ class RLWorkload:
         from stable_baselines3.common.callbacks import CallbackList
         from stable_baselines3.common.evaluation import evaluate_policy
 
-        from stabilitybench.telemetry.stability_probes import index_names
         from stabilitybench.integrations.sb3 import (
             EveryEnvSteps,
             StabilityCallback,
             TrainingDiverged,
         )
+        from stabilitybench.telemetry.stability_probes import index_names
 
         settings = parse_config(spec.workload)
         schedule = self._schedule(spec, settings)
