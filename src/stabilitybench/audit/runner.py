@@ -25,7 +25,9 @@ from stabilitybench.audit.spec import (
     AuditSpec,
     check_runs,
     expand,
+    is_healthy,
     load_spec,
+    references,
     resolved_spec,
     spec_hash,
 )
@@ -52,6 +54,7 @@ class AuditPlan:
     out: Path
     spec_hash: str
     statuses: dict[str, str] = field(default_factory=dict)  # run_id → status, for an existing audit
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload → healthy knobs
 
     @property
     def todo(self) -> list[RunSpec]:
@@ -66,7 +69,14 @@ def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
     digest = spec_hash(spec)
     out = Path(out).expanduser().absolute()
     statuses = folder_statuses(out, digest)
-    return AuditPlan(spec=spec, runs=runs, out=out, spec_hash=digest, statuses=statuses)
+    return AuditPlan(
+        spec=spec,
+        runs=runs,
+        out=out,
+        spec_hash=digest,
+        statuses=statuses,
+        references=references(spec),
+    )
 
 
 def folder_statuses(out: Path, digest: str) -> dict[str, str]:
@@ -91,8 +101,9 @@ def folder_statuses(out: Path, digest: str) -> dict[str, str]:
     return {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
 
 
-def run_info(run: RunSpec) -> dict[str, Any]:
-    """The descriptive fields of run.json (the runner adds status and timings)."""
+def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The descriptive fields of run.json (the runner adds status and timings); with the
+    workload's `reference` knob levels, also `healthy` (perturbation none and those levels)."""
     if not run.perturbations:
         perturbation: dict[str, Any] = {"kind": "none", "label": "none", "params": {}}
     else:
@@ -106,7 +117,7 @@ def run_info(run: RunSpec) -> dict[str, Any]:
                 for i, (k, p) in enumerate(zip(kinds, params_list, strict=True))
             }
         perturbation = {"kind": "+".join(kinds), "label": run.perturbation_label, "params": params}
-    return {
+    info = {
         "run_id": run.run_id,
         "label": run.label,
         "audit": run.audit,
@@ -117,6 +128,13 @@ def run_info(run: RunSpec) -> dict[str, Any]:
         "seed": run.seed,
         "spec": run.to_dict(),
     }
+    if reference is not None:
+        info["healthy"] = is_healthy(run, reference)
+    return info
+
+
+def _reference(plan: AuditPlan, run: RunSpec) -> dict[str, Any] | None:
+    return plan.references.get(run.workload["name"]) if plan.references else None
 
 
 def prepare_store(plan: AuditPlan) -> RunStore:
@@ -134,10 +152,15 @@ def prepare_store(plan: AuditPlan) -> RunStore:
                 "version": __version__,
                 "created": time.time(),
                 "run_ids": [r.run_id for r in plan.runs],
+                "references": plan.references,
             }
         )
+    elif "references" not in store.audit():  # an audit created before references existed
+        store.write_audit({**store.audit(), "references": plan.references})
     for run in plan.todo:
-        store.writer(run.run_id).update_info(**run_info(run), status=RunStatus.PENDING.value)
+        store.writer(run.run_id).update_info(
+            **run_info(run, _reference(plan, run)), status=RunStatus.PENDING.value
+        )
     return store
 
 
@@ -183,7 +206,10 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
         console.print(
             f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
         )
-    tasks = [RunTask(str(store.root), run.to_dict(), run_info(run)) for run in todo]
+    tasks = [
+        RunTask(str(store.root), run.to_dict(), run_info(run, _reference(plan, run)))
+        for run in todo
+    ]
     labels = {run.run_id: run.label for run in todo}
     counts = {"done": 0, "failed": 0}
     with Progress(

@@ -78,12 +78,14 @@ class CollapseSpec(_Model):
 
 
 class _WorkloadBase(_Model):
-    """Fields every workload has; `knobs` values that are lists are sweep axes."""
+    """Fields every workload has; `knobs` values that are lists are sweep axes; `reference`
+    names the healthy level of swept knobs (default: the first value of each)."""
 
     name: str = Field(min_length=1)
     total_steps: int = Field(ge=1)
     eval: EvalSpec | None = None
     knobs: dict[str, Any] = Field(default_factory=dict)
+    reference: dict[str, Any] | None = None
 
     _name_is_label = field_validator("name")(_label)
 
@@ -111,6 +113,7 @@ class RLWorkloadSpec(_WorkloadBase):
     kind: Literal["rl"]
     algo: Literal["ppo", "sac", "td3"]
     env: str = Field(min_length=1)
+    probes: Literal["cheap", "stability"] | None = None
 
 
 class LMWorkloadSpec(_WorkloadBase):
@@ -121,6 +124,7 @@ class LMWorkloadSpec(_WorkloadBase):
     corpus: str = Field(default="shakespeare", min_length=1)
     tokenizer: str | dict[str, Any] | None = None  # byte | bpe | {kind: bpe, vocab_size: N}
     device: str | None = None
+    probes: Literal["cheap", "stability"] | None = None  # stability: the build-up probes too
 
 
 class ToyWorkloadSpec(_WorkloadBase):
@@ -257,6 +261,7 @@ def validate_spec(data: dict[str, Any]) -> AuditSpec:
             raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
         seen.add(name)
     _check_eval_every(spec)
+        _check_reference(workload, index)
     _perturbation_lists(spec.perturbations)
     return spec
 
@@ -276,6 +281,63 @@ def _check_eval_every(spec: AuditSpec) -> None:
                 f"{workload['name']!r}; no evaluation would happen during the run, so collapse "
                 f"could not be judged; use an eval.every of at most {total}"
             )
+
+
+def _check_reference(workload: dict[str, Any], index: int) -> None:
+    """Every `reference` knob must be a swept knob of this workload, at one of its swept values."""
+    reference = workload.get("reference")
+    if reference is None:
+        return
+    knobs: dict[str, Any] = workload.get("knobs") or {}
+    swept = [k for k, v in knobs.items() if isinstance(v, list)]
+    allowed = ", ".join(swept) if swept else "none (this workload sweeps no knob)"
+    for key, value in reference.items():
+        where = f"workloads[{index}].reference.{key}"
+        if key not in knobs:
+            raise StabilityBenchError(
+                f"{where}: {key!r} is not a knob of this workload; reference names swept knobs: "
+                f"{allowed}"
+            )
+        if key not in swept:
+            raise StabilityBenchError(
+                f"{where}: knob {key!r} is not swept (it is {knobs[key]!r} in every run); "
+                f"reference names swept knobs: {allowed}"
+            )
+        if not any(same_value(value, v) for v in knobs[key]):
+            raise StabilityBenchError(
+                f"{where}: {value!r} is not one of the swept values {knobs[key]!r}"
+            )
+
+
+def reference_knobs(workload: dict[str, Any]) -> dict[str, Any]:
+    """The healthy knob levels of a workload config: its `reference`, else the first value of
+    every swept knob (a workload that sweeps nothing: {} — every unperturbed run is healthy)."""
+    knobs: dict[str, Any] = workload.get("knobs") or {}
+    first = {k: v[0] for k, v in knobs.items() if isinstance(v, list)}
+    explicit = workload.get("reference")
+    return {**first, **explicit} if explicit else first
+
+
+def references(spec: AuditSpec) -> dict[str, dict[str, Any]]:
+    """Workload name → its healthy knob levels (what audit.json stores as `references`)."""
+    return {w["name"]: reference_knobs(w) for w in resolved_workloads(spec)}
+
+
+def is_healthy(run: RunSpec, reference: dict[str, Any]) -> bool:
+    """A healthy run: perturbation `none` and the workload's reference knob levels."""
+    knobs = run.workload.get("knobs", {})
+    return not run.perturbations and all(
+        k in knobs and same_value(knobs[k], v) for k, v in reference.items()
+    )
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Knob values are equal: numbers by value (1 == 1.0), but true is not 1 and "1" is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 def _workload_model(workload: Any, index: int) -> type[_WorkloadBase]:
@@ -386,6 +448,7 @@ def expand(spec: AuditSpec) -> list[RunSpec]:
     perturbations = _perturbation_lists(spec.perturbations)
     collapse = spec.collapse.model_dump()
     for config in resolved_workloads(spec):
+        config = {k: v for k, v in config.items() if k != "reference"}  # not part of a run
         knobs: dict[str, Any] = config["knobs"]
         axes = [v if isinstance(v, list) else [v] for v in knobs.values()]
         for levels in itertools.product(*axes):

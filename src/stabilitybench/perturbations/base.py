@@ -16,7 +16,32 @@ from stabilitybench.types import StepContext
 
 DIMENSIONS = ("optimization", "data", "parametric", "signal")
 ADAPTERS = ("env", "mujoco", "batch")
+RAMPS = ("none", "linear", "geometric")
+RAMP_MODES = ("multiplicative", "additive")
+ADDITIVE_START = 1e-3  # a geometric ramp of an additive size starts from target × this
 _REQUIRED = object()
+
+
+def ramp_value(ramp: str, mode: str, target: float, progress: float) -> float:
+    """The size of a ramped perturbation at `progress` u ∈ (0, 1] through its window.
+
+    u = (s + 1) / D on window step s = 0 … D − 1, so the last step has the full `target`.
+    - `none`: target.
+    - `linear`: identity + (target − identity) · u, identity 1 for a multiplicative size (a
+      factor), 0 for an additive one (a noise std, a fraction).
+    - `geometric`, multiplicative: target ** u (the factor interpolates in log space from 1);
+      additive: target · ADDITIVE_START ** (1 − u) (in log space from target · 1e-3, since an
+      additive size has no logarithm at 0).
+    """
+    if ramp == "none":
+        return target
+    u = min(max(progress, 0.0), 1.0)
+    identity = 1.0 if mode == "multiplicative" else 0.0
+    if ramp == "linear":
+        return identity + (target - identity) * u
+    if mode == "multiplicative":
+        return float(target**u)
+    return float(target * ADDITIVE_START ** (1.0 - u))
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,10 @@ class Perturbation:
     one_shot: ClassVar[bool] = False  # acts once at onset; `duration` must be 1
     params: ClassVar[dict[str, Param]] = {}
     models: ClassVar[str] = ""  # what it models in practice (docs table)
+    # The magnitude field a `ramp` grows across the window (None: this kind cannot ramp), and
+    # whether its "no effect" value is 1 (multiplicative: a factor) or 0 (additive: a std).
+    ramp_field: ClassVar[str | None] = None
+    ramp_mode: ClassVar[str] = "multiplicative"
 
     def __init__(
         self,
@@ -113,6 +142,7 @@ class Perturbation:
         duration: int = 1,
         duration_env_steps: int | None = None,
         label: str | None = None,
+        ramp: str = "none",
         **magnitude: Any,
     ) -> None:
         where = f"perturbation {self.name!r}"
@@ -121,6 +151,17 @@ class Perturbation:
         if self.one_shot and self.duration != 1:
             raise StabilityBenchError(
                 f"{where}: duration={duration!r} is not allowed; {self.name} acts once, so duration must be 1"
+            )
+        self.ramp = str(Param(str, choices=RAMPS).check(where, "ramp", ramp))
+        if self.ramp != "none" and (self.one_shot or self.ramp_field is None):
+            why = (
+                "acts once, so it has no window to ramp over"
+                if self.one_shot
+                else "has no size to grow"
+            )
+            raise StabilityBenchError(
+                f"{where}: ramp={ramp!r} is not allowed; {self.name} {why}, so ramp must be none "
+                f"(kinds that ramp: {', '.join(_ramp_names())})"
             )
         if duration_env_steps is not None and self.scope != "env":
             raise StabilityBenchError(
@@ -139,6 +180,7 @@ class Perturbation:
                 "duration",
                 *(["duration_env_steps"] if self.scope == "env" else []),
                 "label",
+                *(["ramp"] if self.ramp_field is not None else []),
                 *self.params,
             ]
             raise StabilityBenchError(
@@ -206,8 +248,37 @@ class Perturbation:
         out: dict[str, Any] = {"at": self.at, "duration": self.duration}
         if self.duration_env_steps is not None:
             out["duration_env_steps"] = self.duration_env_steps
+        if self.ramp != "none":  # absent: no ramp (keeps the events of older audits identical)
+            out["ramp"] = self.ramp
         out.update(self.values)
         return out
+
+    # ---- the ramp: one place for every kind that grows across its window ----------------------
+    def ramp_progress(self, step: int | None = None) -> float:
+        """u ∈ (0, 1]: how far through the window `step` is, as (s + 1) / D on window step s.
+
+        Hook and batch perturbations count optimizer steps from the window's first step (the
+        onset, for a batch transformed before its step has begun). Env perturbations count on
+        their own clock: perturbed env steps when `duration_env_steps` is set, else optimizer
+        steps since the first perturbed env step.
+        """
+        if self.scope == "env":
+            if self.duration_env_steps is not None:
+                return min(max(self._env_count, 1) / self.duration_env_steps, 1.0)
+            return min((self._steps_after_first_env + 1) / self.duration, 1.0)
+        start = self.start_step if self.start_step is not None else self._onset_step
+        if step is None or start is None:
+            return 1.0
+        return min(max(step - start + 1, 1) / self.duration, 1.0)
+
+    def magnitude(self, step: int | None = None) -> float:
+        """The ramped field's value on optimizer step `step` (env perturbations: now)."""
+        if self.ramp_field is None:
+            raise TypeError(f"{type(self).__name__} has no ramped magnitude")
+        target = float(self.values[self.ramp_field])
+        if self.ramp == "none":
+            return target
+        return ramp_value(self.ramp, self.ramp_mode, target, self.ramp_progress(step))
 
     def check_model(self, model: torch.nn.Module | None) -> None:
         """Raise StabilityBenchError if this perturbation names something the model lacks."""
@@ -406,12 +477,20 @@ def register(cls: type[Perturbation]) -> type[Perturbation]:
         raise ValueError(f"{cls.__name__}: dimension must be one of {DIMENSIONS}")
     if cls.adapter is not None and cls.adapter not in ADAPTERS:
         raise ValueError(f"{cls.__name__}: adapter must be None or one of {ADAPTERS}")
+    if cls.ramp_field is not None and cls.ramp_field not in cls.params:
+        raise ValueError(f"{cls.__name__}: ramp_field must name one of its params")
+    if cls.ramp_mode not in RAMP_MODES:
+        raise ValueError(f"{cls.__name__}: ramp_mode must be one of {RAMP_MODES}")
     _REGISTRY[cls.name] = cls
     return cls
 
 
 def _env_names() -> list[str]:
     return sorted(n for n, c in _REGISTRY.items() if c.scope == "env")
+
+
+def _ramp_names() -> list[str]:
+    return sorted(n for n, c in _REGISTRY.items() if c.ramp_field is not None and not c.one_shot)
 
 
 def registry() -> Mapping[str, type[Perturbation]]:

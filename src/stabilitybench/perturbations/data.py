@@ -28,9 +28,11 @@ class ObsNoise(Perturbation):
     scope = "env"
     params: ClassVar[dict[str, Param]] = {"sigma": Param(float, low=0.0, low_open=True)}
     models = "sensor noise, a changed observation pipeline"
+    ramp_field = "sigma"
+    ramp_mode = "additive"
 
     def perturb_obs(self, obs: np.ndarray, obs_std: np.ndarray) -> np.ndarray:
-        noisy = obs + self.values["sigma"] * obs_std * _normal(self.generator, np.shape(obs))
+        noisy = obs + self.magnitude() * obs_std * _normal(self.generator, np.shape(obs))
         return noisy.astype(np.asarray(obs).dtype, copy=False)
 
 
@@ -48,9 +50,11 @@ class RewardNoise(Perturbation):
     scope = "env"
     params: ClassVar[dict[str, Param]] = {"sigma": Param(float, low=0.0, low_open=True)}
     models = "noisy human or learned reward signals"
+    ramp_field = "sigma"
+    ramp_mode = "additive"
 
     def perturb_reward(self, reward: float, reward_rms: float) -> float:
-        return float(reward + self.values["sigma"] * reward_rms * _normal(self.generator, ())[()])
+        return float(reward + self.magnitude() * reward_rms * _normal(self.generator, ())[()])
 
 
 @register
@@ -63,9 +67,10 @@ class RewardScale(Perturbation):
     scope = "env"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a changed reward scale (new reward normalisation, unit change)"
+    ramp_field = "factor"
 
     def perturb_reward(self, reward: float, reward_rms: float) -> float:
-        return float(reward * self.values["factor"])
+        return float(reward * self.magnitude())
 
 
 # MuJoCo model quantities `dynamics_shift` can scale, and how to reach each array.
@@ -120,6 +125,8 @@ class LabelNoise(Perturbation):
         "vocab_size": Param(int, default=None, low=2),
     }
     models = "noisy or mislabelled training data"
+    ramp_field = "fraction"
+    ramp_mode = "additive"
 
     def transform(
         self, x: torch.Tensor, y: torch.Tensor, schedule: Any, shifted_batch: Any
@@ -132,7 +139,9 @@ class LabelNoise(Perturbation):
             )
         flat = y.reshape(-1)
         eligible = torch.nonzero(flat.cpu() >= 0).reshape(-1)
-        count = round(self.values["fraction"] * eligible.numel())
+        telemetry = getattr(schedule, "telemetry", None)
+        step = telemetry.step + 1 if telemetry is not None else None  # the batch's step
+        count = round(self.magnitude(step) * eligible.numel())
         chosen = eligible[torch.randperm(eligible.numel(), generator=self.generator)[:count]]
         tokens = torch.randint(0, int(vocab), (count,), generator=self.generator)
         noisy = flat.clone()

@@ -21,6 +21,7 @@ class LrSpike(Perturbation):
     dimension = "optimization"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a mis-set LR schedule, warm-up restart or LR finder gone wrong"
+    ramp_field = "factor"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -29,8 +30,9 @@ class LrSpike(Perturbation):
     def pre_step(self, ctx: StepContext) -> None:
         groups = ctx.optimizer.param_groups
         self._saved[id(ctx.optimizer)] = [g["lr"] for g in groups]
+        factor = self.magnitude(ctx.step)
         for group in groups:
-            group["lr"] = group["lr"] * self.values["factor"]
+            group["lr"] = group["lr"] * factor
 
     def post_step(self, ctx: StepContext) -> None:
         saved = self._saved.pop(id(ctx.optimizer), None)

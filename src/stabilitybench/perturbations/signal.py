@@ -22,6 +22,8 @@ class GradNoise(Perturbation):
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"scale": Param(float, low=0.0, low_open=True)}
     models = "noisy or corrupted gradients (tiny batches, faulty all-reduce)"
+    ramp_field = "scale"
+    ramp_mode = "additive"
 
     def pre_step(self, ctx: StepContext) -> None:
         grads = _grads(ctx)
@@ -31,7 +33,7 @@ class GradNoise(Perturbation):
         # Drawn on the CPU from the perturbation's own generator (a copy per gradient on GPU).
         noise = [torch.randn(g.shape, generator=self.generator, dtype=torch.float32) for g in grads]
         noise_norm = torch.linalg.vector_norm(torch.stack([n.norm() for n in noise]))
-        factor = self.values["scale"] * grad_norm.cpu() / noise_norm.clamp_min(1e-30)
+        factor = self.magnitude(ctx.step) * grad_norm.cpu() / noise_norm.clamp_min(1e-30)
         for g, n in zip(grads, noise, strict=True):
             g.add_((n * factor).to(device=g.device, dtype=g.dtype))
 
@@ -44,10 +46,12 @@ class GradScale(Perturbation):
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a wrong gradient-accumulation divisor or a loss-scaler bug, after clipping"
+    ramp_field = "factor"
 
     def pre_step(self, ctx: StepContext) -> None:
+        factor = self.magnitude(ctx.step)
         for g in _grads(ctx):
-            g.mul_(self.values["factor"])
+            g.mul_(factor)
 
 
 @register
@@ -60,10 +64,13 @@ class GradDrop(Perturbation):
         "fraction": Param(float, low=0.0, high=1.0, low_open=True)
     }
     models = "lost or stale gradient shards (dropped workers, sparse communication)"
+    ramp_field = "fraction"
+    ramp_mode = "additive"
 
     def pre_step(self, ctx: StepContext) -> None:
+        fraction = self.magnitude(ctx.step)
         for g in _grads(ctx):
-            drop = torch.rand(g.shape, generator=self.generator) < self.values["fraction"]
+            drop = torch.rand(g.shape, generator=self.generator) < fraction
             g.masked_fill_(drop.to(g.device), 0.0)
 
 
@@ -83,6 +90,7 @@ class LossScale(Perturbation):
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a loss-weight or reduction bug (sum instead of mean), a mixed-precision scaler error"
+    ramp_field = "factor"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -91,8 +99,15 @@ class LossScale(Perturbation):
     def _install(self, key: int, params: list[torch.Tensor]) -> None:
         if key in self._handles:
             return
-        factor = self.values["factor"]
-        self._handles[key] = [p.register_hook(lambda g, f=factor: g * f) for p in params]
+        # The factor is read when backward runs: the step being computed is the one after the
+        # last step begun (a ramp grows it step by step; without a ramp it is the constant).
+        self._handles[key] = [
+            p.register_hook(lambda g: g * self._backward_factor()) for p in params
+        ]
+
+    def _backward_factor(self) -> float:
+        step = self._onset_step if self._last_step is None else self._last_step + 1
+        return self.magnitude(step)
 
     def _remove(self, key: int) -> None:
         for handle in self._handles.pop(key, []):
@@ -111,8 +126,9 @@ class LossScale(Perturbation):
     def pre_step(self, ctx: StepContext) -> None:
         key = id(ctx.optimizer)
         if key not in self._handles:
+            factor = self.magnitude(ctx.step)
             for g in _grads(ctx):
-                g.mul_(self.values["factor"])
+                g.mul_(factor)
             self._install(key, list(ctx.params))
 
     def post_step(self, ctx: StepContext) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.telemetry.base import Probe, Value
+from stabilitybench.telemetry.stability_probes import STABILITY, build_stability_probe
 from stabilitybench.types import Phase, Schedule, StepContext
 
 _EPS = 1e-12
@@ -353,8 +354,12 @@ class GradNoiseScale(Probe):
 
 CHEAP: tuple[str, ...] = ("grad_norm", "grad_coherence", "update_norm", "lr")
 FULL_EXTRAS: tuple[str, ...] = ("layer_norms", "sharpness", "m_coherence", "grad_noise_scale")
-PRESETS: dict[str, tuple[str, ...]] = {"cheap": CHEAP, "full": CHEAP + FULL_EXTRAS}
-PROBE_NAMES: tuple[str, ...] = CHEAP + FULL_EXTRAS
+PRESETS: dict[str, tuple[str, ...]] = {
+    "cheap": CHEAP,
+    "full": CHEAP + FULL_EXTRAS,
+    "stability": CHEAP + STABILITY,  # opt-in build-up signals (telemetry/stability_probes.py)
+}
+PROBE_NAMES: tuple[str, ...] = CHEAP + FULL_EXTRAS + STABILITY
 
 
 class ProbeOptions:
@@ -387,6 +392,10 @@ def build_probe(name: str, options: ProbeOptions) -> Probe:
             options.micro_batches, options.micro_batch_size, options.scheduled_every
         ),
     }
+    for stability_name in STABILITY:
+        factories[stability_name] = lambda n=stability_name: build_stability_probe(
+            n, options.every, options.scheduled_every
+        )
     if name not in factories:
         raise StabilityBenchError(
             f"unknown probe {name!r}; allowed probes: {', '.join(PROBE_NAMES)}; "

@@ -10,9 +10,14 @@ Config (the `workload` dict of a RunSpec)::
     eval: {every: 50, batches: 8}    # every N optimizer steps; M fixed validation batches
     tokenizer: byte                  # byte (vocab 256, default) | bpe | {kind: bpe, vocab_size: N}
     knobs: {dropout: 0.1, grad_noise: 0.0, label_smoothing: 0.0, lr: 0.001}
+    probes: cheap                    # cheap (default) | stability (adds the build-up probes)
 
 AdamW (decoupled weight decay on matrices only) with linear warmup and cosine decay to 10% of
-`lr`; the loss is next-token cross-entropy computed here (so `label_smoothing` applies to it).
+`lr` (`warmup: 0` starts at the full `lr`); betas (0.9, `adam_beta2`), eps `adam_eps`. The loss is
+next-token cross-entropy computed here (so `label_smoothing` applies to it), plus `z_loss` ×
+mean(logsumexp(logits)²) when `z_loss` > 0 (PaLM's auxiliary loss; validation loss is the plain
+cross-entropy). `qk_layernorm: true` normalises each head's queries and keys with a LayerNorm over
+the head dimension before the dot product (off by default, as in GPT-2).
 `grad_noise` adds Gaussian noise to the clipped gradient every step: with `grad_noise_mode:
 relative` (default) the noise vector's expected norm is `grad_noise` × the gradient's norm; with
 `absolute` each entry gets standard deviation `grad_noise`. A `data_shift` perturbation replaces
@@ -34,6 +39,7 @@ from torch.nn import functional as F
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
+from stabilitybench.telemetry.stability_probes import close_probes, index_names
 from stabilitybench.types import RunSpec
 from stabilitybench.workloads import corpus as corpora
 from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
@@ -53,7 +59,9 @@ CONFIG_KEYS = (
     "knobs",
     "tokenizer",
     "device",
+    "probes",
 )
+PROBE_SETS = ("cheap", "stability")
 DEFAULT_KNOBS: dict[str, Any] = {
     "lr": 1e-3,
     "batch_size": 16,
@@ -65,11 +73,16 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "grad_noise": 0.0,
     "grad_noise_mode": "relative",
     "label_smoothing": 0.0,
+    "qk_layernorm": False,
+    "z_loss": 0.0,  # coefficient of mean(logsumexp(logits)²) added to the training loss
+    "adam_eps": 1e-8,
+    "adam_beta2": 0.95,
 }
 GRAD_NOISE_MODES = ("relative", "absolute")
 DEFAULT_EVAL = {"every": 50, "batches": 8}
 MIN_LR_RATIO = 0.1
 ADAPTERS = {"batch"}  # perturbations may also transform training batches
+ATTN_LOGITS_EVERY = 10  # `probes: stability`: attention/output logits every 10 optimizer steps
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,7 @@ class LMSettings:
     eval_batches: int
     knobs: dict[str, Any]
     device: str
+    probes: str = "cheap"
 
 
 def _fail(name: str, message: str) -> StabilityBenchError:
@@ -154,6 +168,13 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     number("dropout", 0.0, 1.0)
     number("grad_noise", 0.0)
     number("label_smoothing", 0.0, 1.0)
+    number("z_loss", 0.0)
+    number("adam_eps", 0.0)
+    number("adam_beta2", 0.0, 1.0)
+    if not isinstance(values["qk_layernorm"], bool):
+        raise _fail(
+            name, f"knobs.qk_layernorm must be true or false, got {values['qk_layernorm']!r}"
+        )
     warmup = values["warmup"]
     if _integer(warmup):
         number("warmup", 0, integer=True)
@@ -196,6 +217,9 @@ def parse_config(config: dict[str, Any]) -> LMSettings:
         raise _fail(name, f"device must be one of auto, cpu, cuda; got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    probes = config.get("probes", "cheap")
+    if probes not in PROBE_SETS:
+        raise _fail(name, f"probes must be one of {', '.join(PROBE_SETS)}; got {probes!r}")
     return LMSettings(
         name=name,
         size=size,
@@ -206,11 +230,16 @@ def parse_config(config: dict[str, Any]) -> LMSettings:
         eval_batches=int(evaluation["batches"]),
         knobs=_check_knobs(name, dict(config.get("knobs") or {})),
         device=str(device),
+        probes=str(probes),
     )
 
 
 def build_model(
-    size: dict[str, int], vocab_size: int, block_size: int, dropout: float
+    size: dict[str, int],
+    vocab_size: int,
+    block_size: int,
+    dropout: float,
+    qk_layernorm: bool = False,
 ) -> nn.Module:
     """A randomly initialised GPT2LMHeadModel of the given size (uses the global torch RNG)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -229,17 +258,68 @@ def build_model(
         use_cache=False,
     )
     model: nn.Module = GPT2LMHeadModel(config)
+    if qk_layernorm:
+        add_qk_layernorm(model)
     return model
 
 
+def _normalise_qk(
+    attn: nn.Module, output: torch.Tensor
+) -> torch.Tensor:  # output: (B, T, 3C) from c_attn
+    """c_attn's output with each head's query and key LayerNorm-ed over the head dimension."""
+    q, k, v = output.split(attn.split_size, dim=2)  # each (B, T, C)
+    heads = (*q.shape[:-1], -1, attn.head_dim)  # (B, T, H, d)
+    q = attn.q_norm(q.reshape(heads)).reshape(v.shape)
+    k = attn.k_norm(k.reshape(heads)).reshape(v.shape)
+    return torch.cat([q, k, v], dim=2)
+
+
+def add_qk_layernorm(model: nn.Module) -> None:
+    """Give every GPT-2 attention layer a LayerNorm on its queries and keys, per head.
+
+    Each `GPT2Attention` gets two `nn.LayerNorm(head_dim)` modules, `q_norm` and `k_norm` (shared
+    by its heads, so the parameter names of GPT-2 stay as they are and two are added per layer),
+    applied to the output of its `c_attn` projection by a forward hook — before the attention
+    scores, in the eager and the SDPA attention paths alike. The LayerNorms are created with the
+    model, before it moves to its device.
+    """
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    for module in model.modules():
+        if isinstance(module, GPT2Attention):
+            module.add_module("q_norm", nn.LayerNorm(module.head_dim))
+            module.add_module("k_norm", nn.LayerNorm(module.head_dim))
+            module.c_attn.register_forward_hook(
+                lambda _mod, _inputs, output, attn=module: _normalise_qk(attn, output)
+            )
+
+
 def lm_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of targets y (B, T) given inputs x (B, T)."""
-    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), label_smoothing=label_smoothing
-    )
+    """Mean next-token cross-entropy of targets y (B, T) given inputs x (B, T), plus `z_loss` ×
+    the mean over positions of logsumexp(logits)² (PaLM's z-loss) when `z_loss` > 0."""
+    return lm_losses(model, x, y, label_smoothing, z_loss)[1]
+
+
+def lm_losses(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, the loss to train on: cross-entropy + z-loss term)."""
+    logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
+    flat = logits.reshape(-1, logits.shape[-1])  # (B·T, V)
+    ce = F.cross_entropy(flat, y.reshape(-1), label_smoothing=label_smoothing)
+    if z_loss > 0:
+        return ce, ce + z_loss * torch.logsumexp(flat, dim=-1).pow(2).mean()
+    return ce, ce
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:
@@ -275,7 +355,11 @@ class LMTrainer:
         self.shift_gen = torch.Generator().manual_seed(seed * 7919 + 2)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(seed * 7919 + 3)
         self.model = build_model(
-            settings.size, tokens.vocab_size, self.block_size, float(knobs["dropout"])
+            settings.size,
+            tokens.vocab_size,
+            self.block_size,
+            float(knobs["dropout"]),
+            qk_layernorm=bool(knobs["qk_layernorm"]),
         )
         self.model.to(self.device).train()
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -286,7 +370,8 @@ class LMTrainer:
                 {"params": no_decay, "weight_decay": 0.0},
             ],
             lr=float(knobs["lr"]),
-            betas=(0.9, 0.95),
+            betas=(0.9, float(knobs["adam_beta2"])),
+            eps=float(knobs["adam_eps"]),
         )
         warmup = knobs["warmup"]
         warmup_steps = (
@@ -300,6 +385,7 @@ class LMTrainer:
             tokens.validation, settings.eval_batches, self.batch_size, self.block_size
         )
         self.label_smoothing = float(knobs["label_smoothing"])
+        self.z_loss = float(knobs["z_loss"])
         self.grad_clip = float(knobs["grad_clip"])
         self.grad_norm_raw: torch.Tensor | None = None
         self.grad_noise = float(knobs["grad_noise"])
@@ -331,7 +417,7 @@ class LMTrainer:
         return str(active[0].values.get("source", "tail")) if active else "tail"
 
     def train_step(self) -> float:
-        """One optimizer step; returns the training loss (a host sync).
+        """One optimizer step; returns the training cross-entropy (a host sync).
 
         With clipping on, the gradient norm before clipping is kept in `grad_norm_raw` (the
         telemetry's `grad_norm` is what the optimizer sees: the clipped gradient).
@@ -340,7 +426,7 @@ class LMTrainer:
         x, y = x.to(self.device), y.to(self.device)
         if self.schedule is not None:
             x, y = self.schedule.transform_batch(x, y, shifted_batch=self.shifted_batch)
-        loss = lm_loss(self.model, x, y, self.label_smoothing)
+        cross_entropy, loss = lm_losses(self.model, x, y, self.label_smoothing, self.z_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
@@ -351,7 +437,7 @@ class LMTrainer:
             self._add_grad_noise()
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss.detach())
+        return float(cross_entropy.detach())  # the logged loss leaves the z-loss term out
 
     def _add_grad_noise(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -425,9 +511,10 @@ class LMWorkload:
         telemetry = Telemetry(
             trainer.model,
             trainer.optimizer,
-            probes="cheap",
+            probes=settings.probes,
             sink=writer,
             total_steps=settings.total_steps,
+            scheduled_every=ATTN_LOGITS_EVERY,
         )
         schedule = self._schedule(spec, settings.total_steps, trainer.tokens.vocab_size)
         if schedule is not None:
@@ -464,6 +551,10 @@ class LMWorkload:
                         break
         finally:
             telemetry.close()
+            close_probes(telemetry.probes)
+        index = index_names(telemetry.probes)
+        if index:  # what the *_argmax columns' tensor indices name
+            writer.update_info(telemetry_index=index)
         return finish_run(
             writer,
             evals,

@@ -57,7 +57,20 @@ ENVS: dict[str, EnvInfo] = {
     "MountainCarContinuous-v0": EnvInfo(continuous=True, mujoco=False),
 }
 ALGOS: tuple[str, ...] = ("ppo", "sac", "td3")
-CONFIG_FIELDS: tuple[str, ...] = ("name", "kind", "algo", "env", "total_steps", "eval", "knobs")
+CONFIG_FIELDS: tuple[str, ...] = (
+    "name",
+    "kind",
+    "algo",
+    "env",
+    "total_steps",
+    "eval",
+    "knobs",
+    "probes",
+)
+PROBE_SETS: dict[str, tuple[str, ...]] = {
+    "cheap": ("cheap",),
+    "stability": ("cheap", "adam_rms", "eos", "layer_max"),  # no attention in an MLP policy
+}
 EVAL_FIELDS: tuple[str, ...] = ("every", "episodes")
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation env's seed is the run's seed plus this
 
@@ -72,6 +85,7 @@ class Knob:
     low: float = 0.0
     high: float = _INF
     low_open: bool = False  # low itself is not allowed
+    nullable: bool = False  # null is allowed (max_grad_norm: null = no clipping)
 
 
 _COMMON: dict[str, Knob] = {
@@ -94,7 +108,7 @@ KNOBS: dict[str, dict[str, Knob]] = {
         "clip_range": Knob("float", 0.0, low_open=True),
         "gae_lambda": Knob("float", 0.0, 1.0),
         "vf_coef": Knob("float", 0.0),
-        "max_grad_norm": Knob("float", 0.0, low_open=True),
+        "max_grad_norm": Knob("float", 0.0, low_open=True, nullable=True),
         **_COMMON,
     },
     "sac": {"ent_coef": Knob("ent_coef", 0.0), **_OFF_POLICY, **_COMMON},
@@ -109,7 +123,10 @@ KNOBS: dict[str, dict[str, Knob]] = {
 }
 """Knobs each algorithm accepts. `ent_coef` (PPO: entropy bonus; SAC: a fixed temperature, or
 "auto" to learn it) and TD3's `action_noise` (std of Gaussian exploration noise in units of half
-the action range) are the stochasticity knobs; the rest are SB3's hyper-parameters of that name."""
+the action range) are the stochasticity knobs; the rest are SB3's hyper-parameters of that name.
+PPO's `max_grad_norm: null` turns gradient clipping off: SB3 always calls `clip_grad_norm_`, so the
+workload passes `inf`, which makes the clip coefficient clamp(inf / (norm + 1e-6), max=1) = 1 — the
+gradients are multiplied by exactly 1.0 and so are unchanged (the norm is still computed)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,7 @@ class RLSettings:
     eval_every: int
     eval_episodes: int
     knobs: dict[str, Any]  # SB3 constructor arguments plus `action_noise` for TD3
+    probes: str = "cheap"
 
     @property
     def env_info(self) -> EnvInfo:
@@ -178,8 +196,20 @@ def parse_config(config: dict[str, Any]) -> RLSettings:
         if not _is_int(value) or value < 1:
             raise StabilityBenchError(f"{where}: eval.{key} must be an integer >= 1, got {value!r}")
     knobs = _check_knobs(where, algo, dict(config.get("knobs") or {}))
+    probes = config.get("probes", "cheap")
+    if probes not in PROBE_SETS:
+        raise StabilityBenchError(
+            f"{where}: probes must be one of {', '.join(PROBE_SETS)}; got {probes!r}"
+        )
     return RLSettings(
-        name, algo, env, total_steps, every, episodes, _defaults(algo, total_steps, knobs)
+        name,
+        algo,
+        env,
+        total_steps,
+        every,
+        episodes,
+        _defaults(algo, total_steps, knobs),
+        str(probes),
     )
 
 
@@ -196,6 +226,8 @@ def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]
                 f"allowed: {', '.join(sorted(allowed))}"
             )
         knob = allowed[key]
+        if value is None and knob.nullable:
+            continue
         if knob.kind == "ent_coef" and isinstance(value, str):
             if value == "auto" or (value.startswith("auto_") and _positive_float(value[5:])):
                 continue
@@ -215,7 +247,11 @@ def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]
             kind = "an integer" if knob.kind == "int" else "a number"
             left = "(" if knob.low_open else "["
             right = "]" if math.isfinite(knob.high) else ")"
-            extra = ", or 'auto'" if knob.kind == "ent_coef" else ""
+            extra = (
+                ", or 'auto'"
+                if knob.kind == "ent_coef"
+                else (", or null (off)" if knob.nullable else "")
+            )
             raise StabilityBenchError(
                 f"{where}: knobs.{key} must be {kind} in {left}{knob.low}, {knob.high}{right}"
                 f"{extra}, got {value!r}"
@@ -275,6 +311,8 @@ def build_model(
             if sigma > 0
             else None
         )
+    if "max_grad_norm" in kwargs and kwargs["max_grad_norm"] is None:
+        kwargs["max_grad_norm"] = math.inf  # no clipping: see KNOBS
     algo_class = {"ppo": PPO, "sac": SAC, "td3": TD3}[settings.algo]
     model: BaseAlgorithm = algo_class(
         "MlpPolicy", train_env, seed=seed, device="cpu", verbose=0, **kwargs
@@ -348,6 +386,7 @@ class RLWorkload:
             StabilityCallback,
             TrainingDiverged,
         )
+        from stabilitybench.telemetry.stability_probes import index_names
 
         settings = parse_config(spec.workload)
         schedule = self._schedule(spec, settings)
@@ -378,6 +417,7 @@ class RLWorkload:
 
         telemetry_callback = StabilityCallback(
             every=1,  # audits measure every optimizer step (the callback's default is 4)
+            probes=list(PROBE_SETS[settings.probes]),
             sink=writer,
             schedule=schedule,
             total_steps=settings.expected_updates(),
@@ -413,6 +453,9 @@ class RLWorkload:
         finally:
             if telemetry_callback.attached:
                 telemetry_callback.close()
+                index = index_names(telemetry_callback.telemetry.probes)
+                if index:  # what the *_argmax columns' tensor indices name (clock optimizer)
+                    writer.update_info(telemetry_index=index)
             eval_env.close()
             model.get_env().close()  # type: ignore[union-attr]
         return finish_run(
