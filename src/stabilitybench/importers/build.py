@@ -5,9 +5,10 @@ limit and a spill folder), into one telemetry row per logged step, written to Pa
 groups; the last value logged for a (step, tag) wins. Evaluations come from the `eval_loss` /
 `eval_return` tags (`perf = -eval_loss`, or the return; a non-finite value is `perf = -inf`).
 With neither, an RL run's training-episode return (`episode_return`) stands in. A run whose
-loss (training or evaluation) becomes non-finite diverged there: like a workload, it gets an
-evaluation with `perf = -inf` at that step and `diverged: true` in its outcome, and later
-evaluations are dropped (a workload stops there); telemetry keeps every logged step.
+loss (training or evaluation) or gradient norm becomes non-finite diverged there: like a
+workload, it gets an evaluation with `perf = -inf` at that step and `diverged: true` in its
+outcome, and later evaluations are dropped (a workload stops there); telemetry keeps every
+logged step.
 """
 
 from __future__ import annotations
@@ -195,10 +196,13 @@ def _evals(
 
 
 def _divergence(con: Any, tag_ids: dict[str, int], assignment: Assignment) -> int | None:
-    """First step at which the training or evaluation loss is non-finite."""
-    tags = [
-        t for t in (*assignment.tags_for("loss"), *assignment.tags_for(EVAL_LOSS)) if t in tag_ids
-    ]
+    """First step at which the training or evaluation loss, or the gradient norm, is non-finite.
+
+    The gradient norm counts because the HF Trainer hides a NaN loss by default
+    (`logging_nan_inf_filter`) while it logs the NaN gradient norm.
+    """
+    watched = ("loss", EVAL_LOSS, "grad_norm", "grad_norm_raw")
+    tags = [t for target in watched for t in assignment.tags_for(target) if t in tag_ids]
     if not tags:
         return None
     row = con.execute(

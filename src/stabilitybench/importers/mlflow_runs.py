@@ -3,10 +3,15 @@
 Needs the `import-mlflow` extra (`mlflow-skinny`). Each MLflow run is one run; its label is
 `<experiment name>/<run name>`. MLflow's client returns one metric's whole history at a time
 (it has no streaming read), so memory grows with the longest single metric, not the run.
+MLflow 3 keeps its file store in maintenance mode behind `MLFLOW_ALLOW_FILE_STORE`; the reader
+sets it while it reads (only reading, never writing, the user's folder).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,21 @@ def looks_like_mlruns(root: Path) -> bool:
     if not root.is_dir():
         return False
     return any(p.is_file() for p in root.glob("*/meta.yaml"))
+
+
+@contextmanager
+def file_store_allowed() -> Iterator[None]:
+    """Let MLflow 3 open a file store for the duration of a read."""
+    key = "MLFLOW_ALLOW_FILE_STORE"
+    before = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _client(root: Path) -> Any:
@@ -50,6 +70,11 @@ class MlflowRun:
         return len(self.metric_keys)
 
     def read(self, points: PointWriter, advance: Advance) -> list[str]:
+        with file_store_allowed():
+            self._read(points, advance)
+        return []
+
+    def _read(self, points: PointWriter, advance: Advance) -> None:
         client = _client(self.root)
         for key in self.metric_keys:
             history = client.get_metric_history(self.run_id, key)
@@ -59,13 +84,17 @@ class MlflowRun:
             order = np.argsort(steps, kind="stable")
             points.add_column(steps[order], key, values[order])
             advance(1)
-        return []
 
 
 def discover(root: Path) -> list[MlflowRun]:
+    with file_store_allowed():
+        return _discover(root)
+
+
+def _discover(root: Path) -> list[MlflowRun]:
+    client = _client(root)
     from mlflow.entities import ViewType
 
-    client = _client(root)
     runs: list[MlflowRun] = []
     experiments = _all_pages(
         lambda token: client.search_experiments(ViewType.ACTIVE_ONLY, page_token=token)
