@@ -166,8 +166,8 @@ def _flat_numbers(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _numbers(column: pd.Series) -> tuple[np.ndarray, np.ndarray, bool]:
     """(values, present, has_non_numbers) of one chunk's column (text or floats)."""
-    if column.dtype != object:
-        values = column.to_numpy(dtype=float)
+    if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+        values = column.to_numpy(dtype=float, na_value=np.nan)
         return values, ~np.isnan(values), False
     text = column.astype("string")
     present = (text.notna() & (text.str.strip() != "")).to_numpy(dtype=bool)
