@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from stabilitybench.errors import StabilityBenchError
 from stabilitybench.importers.points import Advance, PointWriter, ReadNotes
 
 EVENT_GLOB = "*tfevents*"
@@ -40,9 +41,17 @@ class TensorBoardRun:
         return sum(f.stat().st_size for f in self.files)
 
     def read(self, points: PointWriter, advance: Advance) -> list[str]:
-        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.util import tensor_util
+        try:
+            from tensorboard.backend.event_processing.event_file_loader import (
+                RawEventFileLoader,
+            )
+            from tensorboard.compat.proto import event_pb2
+            from tensorboard.util import tensor_util
+        except ImportError:
+            raise StabilityBenchError(
+                "reading TensorBoard logs needs tensorboard; install it with "
+                "pip install 'stabilitybench[import]'"
+            ) from None
 
         notes = ReadNotes()
         non_scalar: set[str] = set()
