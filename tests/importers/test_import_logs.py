@@ -275,3 +275,13 @@ def test_tables_have_the_store_columns(tmp_path: Path) -> None:
         pd.read_parquet(store.run_dir(run_id) / "events.parquet").columns
     )
     assert len(run.events) == 0
+
+
+def test_map_step_to_a_column_the_csv_does_not_have_is_an_error(tmp_path: Path) -> None:
+    csv = tmp_path / "log.csv"
+    csv.write_text("it,loss\n0,1.0\n1,0.5\n", encoding="utf-8")
+    with pytest.raises(StabilityBenchError, match="has no column 'iteration'"):
+        import_logs(csv, tmp_path / "audit", mapping=["iteration=step"], console=quiet())
+    import_logs(csv, tmp_path / "audit", mapping=["it=step"], console=quiet())
+    store, run_id = only_run(tmp_path / "audit")
+    assert store.load(run_id).telemetry["loss"].tolist() == [1.0, 0.5]

@@ -78,6 +78,11 @@ class TabularRun:
         for frame, nbytes in chunks:
             if step_name is None:
                 step_name = step_column(list(frame.columns), self.overrides) or ""
+                if step_name and step_name not in frame.columns:
+                    raise StabilityBenchError(
+                        f"--map {step_name}=step: {self.path.name} has no column "
+                        f"{step_name!r}; columns: {', '.join(map(str, frame.columns))}"
+                    )
                 if not step_name:
                     notes.add(f"{self.path.name}: no step column; the row number is the step")
             if step_name and step_name in frame.columns:
