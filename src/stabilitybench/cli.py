@@ -257,6 +257,52 @@ def report(
     console.print(f"report written to [bold]{escape(str(path))}[/]", highlight=False)
 
 
+class ImportFormat(StrEnum):
+    tensorboard = "tensorboard"
+    csv = "csv"
+    jsonl = "jsonl"
+    mlflow = "mlflow"
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[
+        Path, typer.Argument(help="A log folder or file: TensorBoard, CSV, JSONL, or mlruns/.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new audit folder.")],
+    log_format: Annotated[
+        ImportFormat | None,
+        typer.Option("--format", help="The source's format (default: detected)."),
+    ] = None,
+    mapping: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            help="TAG=COLUMN: store a logged tag as this column (loss, grad_norm, lr, …, "
+            "eval_loss, eval_return, step, env_step, skip); repeatable.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The audit's name (default: the source's name).")
+    ] = None,
+) -> None:
+    """Import runs logged by another tool as a new audit (one run per source run)."""
+    from stabilitybench.importers import import_logs
+    from stabilitybench.importers.report import print_import
+
+    result = _guard(
+        lambda: import_logs(
+            source,
+            out,
+            fmt=None if log_format is None else log_format.value,
+            mapping=mapping or [],
+            name=name,
+            console=console,
+        )
+    )
+    print_import(result, console)
+
+
 def main() -> None:
     app()
 
