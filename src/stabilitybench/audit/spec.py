@@ -260,8 +260,8 @@ def validate_spec(data: dict[str, Any]) -> AuditSpec:
         if name in seen:
             raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
         seen.add(name)
-    _check_eval_every(spec)
         _check_reference(workload, index)
+    _check_eval_every(spec)
     _perturbation_lists(spec.perturbations)
     return spec
 
