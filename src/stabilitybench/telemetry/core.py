@@ -221,7 +221,7 @@ class Telemetry:
             )
         if frame.empty or len(frame.columns) <= 1:
             return stored
-        return rows_frame([*stored.to_dict("records"), *frame.to_dict("records")])
+        return pd.concat([stored, frame], ignore_index=True)
 
     def flush(self) -> None:
         """Finish the open row and read every finished row back (one transfer), handing them to
