@@ -102,10 +102,9 @@ class Telemetry:
     one transfer, then handed to `on_row` callbacks and sinks. `sync_every_step=True` (or
     `on_row(cb, every_step=True)`) reads each row back as it finishes: one host–device sync per
     optimizer step, which stalls a GPU's stream; use it only for something that must act on the
-    current step (an online guard). `keep_rows` (default: True without a sink, False with one)
-    keeps every row in memory for `rows()`; with a sink and `keep_rows=False`, memory stays
-    bounded and `rows()` reads the rows back from the first sink that can (`ParquetSink`,
-    `RunWriter`).
+    current step (an online guard). `keep_rows` keeps every row in memory for `rows()`; by default
+    it is False when a sink can read its rows back (`ParquetSink`, `RunWriter`: then memory stays
+    bounded and `rows()` reads them from that sink), True otherwise.
     """
 
     def __init__(
@@ -153,7 +152,8 @@ class Telemetry:
         self.flush_every = flush_every
         self.sync_every_step = sync_every_step
         self._sinks: list[Sink] = _as_sinks(sink)
-        self.keep_rows = (not self._sinks) if keep_rows is None else bool(keep_rows)
+        readable = any(hasattr(s, "read") for s in self._sinks)
+        self.keep_rows = (not readable) if keep_rows is None else bool(keep_rows)
         self._rows: list[dict[str, Any]] = []  # delivered rows (only with keep_rows)
         self._done: list[_DoneRow] = []  # finished rows not yet read back
         self._open: dict[str, Any] | None = None
