@@ -16,6 +16,8 @@ import pandas as pd
 PARTIAL_SUFFIX = ".partial"
 """`telemetry.parquet.partial/` holds the part files of a table that is still being written."""
 PART_GLOB = "part-*.parquet"
+ROW_GROUP_ROWS = 16_384
+"""Rows per row group of a finished table (parts are gathered into groups of about this size)."""
 
 _FIRST_COLUMNS = ("step", "env_step", "perturbed", "loss")
 
@@ -47,7 +49,7 @@ def read_parts(folder: Path) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame({"step": pd.Series([], dtype="int64")})
     tables = [pq.read_table(p) for p in parts]
-    schema = _united_schema([t.schema for t in tables])
+    schema = _united_schema(parts)
     frame: pd.DataFrame = pa.concat_tables(
         [_conform(t, schema) for t in tables], promote_options="permissive"
     ).to_pandas()
@@ -60,8 +62,9 @@ class ParquetSink:
     At each flush the flush's rows are written as one small, complete Parquet file
     `<path>.partial/part-NNNNNN.parquet` (written under a temporary name, then renamed, so a
     killed process never leaves a truncated part under a part's name). At `close()` the parts
-    are copied, one row group each, into `<path>` through a temporary file that is renamed into
-    place, and the `.partial` folder is removed: `<path>` exists only once it is complete.
+    are copied into `<path>` (row groups of `ROW_GROUP_ROWS` rows) through a temporary file that
+    is renamed into place, and the `.partial` folder is removed: `<path>` exists only once it is
+    complete.
     A crashed run keeps its `.partial` folder; `read_parts()` (and the run store) reads it.
     Memory: one flush's rows at a time.
     """
@@ -109,10 +112,20 @@ class ParquetSink:
                 pa_table = pa.Table.from_pandas(table, preserve_index=False)
                 pq.write_table(pa_table, tmp)
             else:
-                schema = _united_schema([pq.read_schema(p) for p in parts])
+                schema = _united_schema(parts)
                 with pq.ParquetWriter(tmp, schema) as writer:
-                    for part in parts:  # one part in memory at a time
-                        writer.write_table(_conform(pq.read_table(part), schema))
+                    # Parts are gathered into row groups of ROW_GROUP_ROWS rows: memory holds
+                    # one row group, and the footer stays small however long the run was.
+                    batch: list[Any] = []
+                    rows = 0
+                    for part in parts:
+                        batch.append(_conform(pq.read_table(part, use_threads=False), schema))
+                        rows += batch[-1].num_rows
+                        if rows >= ROW_GROUP_ROWS:
+                            writer.write_table(pa.concat_tables(batch))
+                            batch, rows = [], 0
+                    if batch:
+                        writer.write_table(pa.concat_tables(batch))
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -126,11 +139,17 @@ class ParquetSink:
         return read_parts(self.parts_dir)
 
 
-def _united_schema(schemas: list[Any]) -> Any:
-    """One schema for every part: columns in first-seen order (row keys first), types widened."""
+def _united_schema(parts: list[Path]) -> Any:
+    """One schema for every part: columns in first-seen order (row keys first), types widened.
+    Read one part's footer at a time, so memory does not grow with the number of parts."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    united = pa.unify_schemas(schemas, promote_options="permissive")
+    united = pq.read_schema(parts[0])
+    for part in parts[1:]:
+        schema = pq.read_schema(part)
+        if not schema.equals(united):
+            united = pa.unify_schemas([united, schema], promote_options="permissive")
     names = list(united.names)
     order = [c for c in _FIRST_COLUMNS if c in names] + [
         c for c in names if c not in _FIRST_COLUMNS

@@ -88,6 +88,8 @@ def test_callback_records_one_row_per_step_with_the_trainer_loss(tmp_path: Path)
     # The hooks sit on the torch optimizer inside accelerate's wrapper: they saw every step's
     # gradients, and the LR the Trainer's scheduler set.
     assert rows["grad_norm"].tolist() == pytest.approx(grads.norms, rel=1e-5)
+    # No clipping (max_grad_norm=0): the Trainer still measures the norm, and it is the same.
+    assert rows["grad_norm_raw"].tolist() == pytest.approx(grads.norms, rel=1e-5)
     assert rows["lr"].iloc[0] == pytest.approx(1e-3)
     assert rows["lr"].is_monotonic_decreasing  # the Trainer's linear decay
     assert (rows["update_norm"] > 0).all()

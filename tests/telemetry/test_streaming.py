@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 import torch
 
-from stabilitybench import Telemetry
+from stabilitybench import Telemetry, streaming
 from stabilitybench.streaming import ParquetSink, partial_dir, read_parts
 
 
@@ -34,7 +35,10 @@ def _setup() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def test_rows_stream_in_parts_and_become_one_file_at_close(tmp_path: Path) -> None:
+def test_rows_stream_in_parts_and_become_one_file_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "ROW_GROUP_ROWS", 10)
     path = tmp_path / "telemetry.parquet"
     model, opt = _setup()
     tel = Telemetry(model, opt, sink=ParquetSink(path), flush_every=10)
@@ -48,7 +52,9 @@ def test_rows_stream_in_parts_and_become_one_file_at_close(tmp_path: Path) -> No
     assert len(list(partial_dir(path).glob("part-*.parquet"))) == 3
     table = tel.close()  # row 24: the fourth part
     assert path.exists() and not partial_dir(path).exists()
-    assert pq.ParquetFile(path).num_row_groups == 4  # one row group per flush
+    # Parts of 10, 10, 4 and 1 rows, gathered into row groups of at least 10 rows: 10, 10, 5.
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [10, 10, 5]
     stored = pd.read_parquet(path)
     assert stored["step"].tolist() == list(range(25))
     pd.testing.assert_frame_equal(stored, table)

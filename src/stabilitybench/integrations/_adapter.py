@@ -63,8 +63,9 @@ def _clip_grad_norm_wrapper(parameters: Any, *args: Any, **kwargs: Any) -> torch
     assert _clip_original is not None
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     total = _clip_original(params, *args, **kwargs)
-    if params and isinstance(total, torch.Tensor):
-        first = id(params[0])
+    trained = next((p for p in params if p.requires_grad), None)  # frozen ones: no optimizer
+    if trained is not None and isinstance(total, torch.Tensor):
+        first = id(trained)
         for ids, callback in list(_clip_listeners.values()):
             if first in ids:
                 callback(total.detach())

@@ -102,10 +102,9 @@ class Telemetry:
     one transfer, then handed to `on_row` callbacks and sinks. `sync_every_step=True` (or
     `on_row(cb, every_step=True)`) reads each row back as it finishes: one host–device sync per
     optimizer step, which stalls a GPU's stream; use it only for something that must act on the
-    current step (an online guard). `keep_rows` (default: False when a sink can read its rows
-    back — `ParquetSink`, `RunWriter` —, True otherwise) keeps every row in memory for `rows()`;
-    with such a sink and `keep_rows=False`, memory stays bounded and `rows()` reads the rows
-    back from it.
+    current step (an online guard). `keep_rows` keeps every row in memory for `rows()`; by default
+    it is False when a sink can read its rows back (`ParquetSink`, `RunWriter`: then memory stays
+    bounded and `rows()` reads them from that sink), True otherwise.
     """
 
     def __init__(
@@ -153,7 +152,7 @@ class Telemetry:
         self.flush_every = flush_every
         self.sync_every_step = sync_every_step
         self._sinks: list[Sink] = _as_sinks(sink)
-        readable = any(callable(getattr(sink, "read", None)) for sink in self._sinks)
+        readable = any(hasattr(s, "read") for s in self._sinks)
         self.keep_rows = (not readable) if keep_rows is None else bool(keep_rows)
         self._rows: list[dict[str, Any]] = []  # delivered rows (only with keep_rows)
         self._done: list[_DoneRow] = []  # finished rows not yet read back
@@ -222,7 +221,7 @@ class Telemetry:
             )
         if frame.empty or len(frame.columns) <= 1:
             return stored
-        return rows_frame([*stored.to_dict("records"), *frame.to_dict("records")])
+        return pd.concat([stored, frame], ignore_index=True)
 
     def flush(self) -> None:
         """Finish the open row and read every finished row back (one transfer), handing them to

@@ -160,11 +160,16 @@ class LearningRate(Probe):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         groups = ctx.optimizer.param_groups
-        out: dict[str, Value] = {"lr": float(groups[0]["lr"])}
+        out: dict[str, Value] = {"lr": _lr(groups[0]["lr"])}
         if len(groups) > 1:
             for i, group in enumerate(groups[1:], start=1):
-                out[f"lr/group{i}"] = float(group["lr"])
+                out[f"lr/group{i}"] = _lr(group["lr"])
         return out
+
+
+def _lr(value: float | torch.Tensor) -> Value:
+    """A tensor learning rate (capturable optimizers) stays on its device: no host sync."""
+    return value.detach() if isinstance(value, torch.Tensor) else float(value)
 
 
 class LayerNorms(Probe):
