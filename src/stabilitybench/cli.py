@@ -278,6 +278,7 @@ def import_command(
         list[str] | None,
         typer.Option(
             "--map",
+            metavar="TAG=COLUMN",
             help="TAG=COLUMN: store a logged tag as this column (loss, grad_norm, lr, …, "
             "eval_loss, eval_return, step, env_step, skip); repeatable.",
         ),

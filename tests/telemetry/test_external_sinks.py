@@ -28,7 +28,7 @@ def train(sink: object, steps: int = 6) -> pd.DataFrame:
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
-        telemetry.log(loss=float(loss))
+        telemetry.log(loss=float(loss.detach()))
     return telemetry.close()
 
 

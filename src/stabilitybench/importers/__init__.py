@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -338,7 +339,7 @@ def _write_run_json(
             "wall_s": finished - started,
             "attempts": 1,
             "outcome": {
-                "final_perf": built.final_perf if _finite_or_inf(built.final_perf) else None,
+                "final_perf": None if math.isnan(built.final_perf) else built.final_perf,
                 "diverged": built.diverged,
                 "diverged_step": built.diverged_step,
                 "steps": built.last_step,
@@ -356,10 +357,6 @@ def _write_run_json(
             },
         },
     )
-
-
-def _finite_or_inf(value: float) -> bool:
-    return value == value  # NaN is "no evaluation", not a value
 
 
 def _write_audit(temp: Path, spec: dict[str, Any], spec_hash: str, runs: list[ImportedRun]) -> None:
