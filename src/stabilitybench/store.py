@@ -27,6 +27,7 @@ import pandas as pd
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.types import RunStatus
+from stabilitybench.types import is_baseline as _is_baseline
 
 TABLES = ("telemetry", "evals", "events")
 EVENT_COLUMNS = (
@@ -64,7 +65,7 @@ class RunData:
 
     @property
     def is_baseline(self) -> bool:
-        return self.info.get("perturbation", {}).get("kind", "none") == "none"
+        return _is_baseline(self.info)
 
 
 def empty_events() -> pd.DataFrame:

@@ -104,6 +104,7 @@ class Perturbation:
     scope: ClassVar[str] = "optimizer"  # optimizer | model | env | batch
     one_shot: ClassVar[bool] = False  # acts once at onset; `duration` must be 1
     params: ClassVar[dict[str, Param]] = {}
+    magnitude: ClassVar[str | None] = None  # which of `params` is its size (dose-response x)
     models: ClassVar[str] = ""  # what it models in practice (docs table)
 
     def __init__(
