@@ -33,6 +33,7 @@ def test_summary_fits_80_columns_and_keeps_words_whole(store: RunStore) -> None:
     lines = _render(summary)
     assert max(len(line) for line in lines) <= 80
     text = "\n".join(lines)
+    assert "…" not in text  # no cell cut off
     for c in summary.conditions:  # every cell value appears whole on one line (none cut off)
         assert c.workload in text
         assert fmt(c.stability_score_median) in text and fmt(c.final_perf_iqm) in text
@@ -70,3 +71,14 @@ def test_wide_shows_every_column(store: RunStore, tmp_path: Path) -> None:
     text = "\n".join(_render(summarize(store, reps=50), wide=True))
     for header in ("median", "disp.", "risk", "recovery"):
         assert header in text
+
+
+def test_cli_summary_wide_flag(store: RunStore) -> None:
+    from typer.testing import CliRunner
+
+    from stabilitybench.cli import app
+
+    narrow = CliRunner().invoke(app, ["summary", str(store.root)])
+    wide = CliRunner().invoke(app, ["summary", str(store.root), "--wide"])
+    assert narrow.exit_code == 0 and wide.exit_code == 0
+    assert "disp." not in narrow.stdout and "disp." in wide.stdout

@@ -65,7 +65,9 @@ def test_a_registered_detector_is_picked_up_everywhere(
     assert toy.native is not None
     console = Console(width=80, record=True, file=io.StringIO())
     print_evaluation(result, console)
-    assert "toy_loss" in console.export_text()
+    table = console.export_text()
+    assert "toy_loss" in table and "…" not in table  # nothing cut off
+    assert max(len(line) for line in table.splitlines()) <= 80
     html = write_report(store).read_text(encoding="utf-8")
     detectors = html.split('id="detectors"')[1].split('id="decoupling"')[0]
     assert "Toy loss level" in detectors and "(toy_loss)" in detectors

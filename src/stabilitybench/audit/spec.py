@@ -255,12 +255,8 @@ def _perturbation_lists(items: list[Any]) -> list[tuple[dict[str, Any], ...]]:
 def _check_perturbation(config: dict[str, Any], where: str) -> None:
     if "kind" not in config:
         raise StabilityBenchError(f"{where}.kind: is required (e.g. kind: lr_spike)")
-    try:
-        from stabilitybench.perturbations import build
-    except ImportError:
-        raise StabilityBenchError(
-            f"{where}: perturbations are not available in this installation"
-        ) from None
+    from stabilitybench.perturbations import build
+
     try:
         build(dict(config))
     except StabilityBenchError as exc:

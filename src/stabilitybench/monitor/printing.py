@@ -10,13 +10,17 @@ from stabilitybench.monitor.results import Evaluation
 
 
 def _two(value: float | None) -> str:
-    return fmt(None if value is None else round(value, 2))
+    """A rate or AUROC with two decimals (a value within 0.005 of zero is `0.00`)."""
+    return fmt(None) if value is None else f"{value:.2f}".replace("-0.00", "0.00")
 
 
 def _range(values: list[float] | None, digits: int) -> str:
     if values is None:
         return ""
-    return "[" + ",".join(fmt(round(v, digits) if digits else round(v)) for v in values) + "]"
+    parts = (
+        f"{v:.{digits}f}".replace("-0.00", "0.00") if digits else fmt(round(v)) for v in values
+    )
+    return "[" + ",".join(parts) + "]"
 
 
 def _lead(stats: AlarmStats) -> str:
