@@ -392,12 +392,8 @@ def _check_perturbation(config: dict[str, Any], where: str) -> None:
         problem = "must be text" if not isinstance(label, str) else label_problem(label)
         if problem is not None:
             raise StabilityBenchError(f"{where}.label: {problem}")
-    try:
-        from stabilitybench.perturbations import build
-    except ImportError:
-        raise StabilityBenchError(
-            f"{where}: perturbations are not available in this installation"
-        ) from None
+    from stabilitybench.perturbations import build
+
     try:
         build(dict(config))
     except StabilityBenchError as exc:
