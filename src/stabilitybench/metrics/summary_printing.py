@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rich.markup import escape
+
 from stabilitybench.metrics.conditions import ConditionSummary
 from stabilitybench.metrics.display import (
     fmt,
@@ -50,8 +52,8 @@ def condition_order(item: ConditionSummary | RunRecord) -> tuple[Any, ...]:
 
 def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
     runs = f"{c.n_runs}" + (f" +{c.n_failed} failed" if c.n_failed else "")
-    row = [f"{c.workload} {knobs_text(c.knobs)}"]
-    row.append(short_perturbation(c.perturbation_kind, c.magnitude))
+    row = [escape(f"{c.workload} {knobs_text(c.knobs)}")]
+    row.append(escape(short_perturbation(c.perturbation_kind, c.magnitude)))
     row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
     if wide:
         row.append(fmt(c.median_collapse_steps))
@@ -79,7 +81,7 @@ def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
 
 def run_status(r: RunRecord) -> str:
     if r.status == "failed":
-        return f"[red]failed[/]: {r.error}"
+        return f"[red]failed[/]: {escape(str(r.error))}"
     if r.collapsed is None:
         return r.status
     if r.collapsed:
@@ -94,8 +96,9 @@ def runs_table(summary: AuditSummary, wide: bool = False) -> Any:
     columns += [("final\nperf", True), ("stability", True)]
     rows = []
     for r in sorted(summary.runs, key=condition_order):
-        condition = f"{r.workload} {knobs_text(r.knobs)} " + short_perturbation(
-            r.perturbation_kind, r.magnitude
+        condition = escape(
+            f"{r.workload} {knobs_text(r.knobs)} "
+            + short_perturbation(r.perturbation_kind, r.magnitude)
         )
         c = r.collapse
         row = [r.run_id if wide else r.run_id[:8], condition, fmt(r.seed), run_status(r)]
@@ -114,7 +117,7 @@ def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> No
     print_table(console, conditions_table(summary, wide), wide)
     print_table(console, runs_table(summary, wide), wide)
     for item in summary.decoupling.per_workload:
-        console.print(f"decoupling {item.workload}: {_rho(item)}", highlight=False)
+        console.print(f"decoupling {escape(item.workload)}: {_rho(item)}", highlight=False)
     console.print(f"decoupling pooled: {_rho(summary.decoupling.pooled)}", highlight=False)
     for note in summary.audit.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

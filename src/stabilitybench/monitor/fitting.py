@@ -61,7 +61,11 @@ def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
 
 
 def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+    """The folder of a workload's monitor: a hash, never built from the name (which is free text:
+    `..`, `a/b` or two names that differ only in punctuation must not reach the filesystem)."""
+    import hashlib
+
+    return "workload-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
 
 
 def fit_detectors(settings: DetectorSettings, healthy: Sequence[RunData]) -> Fitted:

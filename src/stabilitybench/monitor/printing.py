@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
+
 from stabilitybench.metrics.display import fmt, print_table, render_table
 from stabilitybench.monitor.alarms import AlarmStats
 from stabilitybench.monitor.results import Evaluation
@@ -61,4 +63,4 @@ def print_evaluation(result: Evaluation, console: Any, wide: bool = False) -> No
     print_table(console, evaluation_table(result, wide), wide)
     notes = list(dict.fromkeys(n for d in result.detectors.values() for n in d.notes))
     for note in [*notes, *result.notes]:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
