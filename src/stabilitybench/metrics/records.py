@@ -187,7 +187,7 @@ def perturbation_magnitude(kind: str, params: Mapping[str, Any]) -> float | None
     from stabilitybench.perturbations import registry
 
     cls = registry().get(kind)
-    name = None if cls is None else cls.magnitude
+    name = None if cls is None else cls.magnitude_field
     value = None if name is None else params.get(name)
     return _number_or_none(value)
 
