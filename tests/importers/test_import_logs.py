@@ -74,9 +74,9 @@ def test_a_nan_loss_is_imported_as_an_irreversible_collapse(tmp_path: Path) -> N
     assert list(run.evals["step"]) == [0, 10, 17]
     assert run.evals["perf"].iloc[-1] == -math.inf
     assert math.isnan(run.telemetry.set_index("step").loc[17, "loss"])  # telemetry as logged
-    from stabilitybench.metrics.summary import summarize
+    from stabilitybench.metrics.summary import summary_document
 
-    record = summarize(store)["runs"][0]
+    record = summary_document(store)["runs"][0]
     assert record["collapsed"] is True and record["irreversible"] is True
     assert record["diverged"] is True
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from stabilitybench.importers import import_logs
-from stabilitybench.metrics.summary import summarize
+from stabilitybench.metrics.summary import summary_document
 from stabilitybench.store import RunStore
 
 
@@ -122,7 +122,7 @@ def test_hf_trainer_tensorboard_log_imports_with_the_trainer_values(tmp_path: Pa
     assert list(run.evals["step"]) == sorted(evals) == [4, 8, 12]
     assert np.allclose(run.evals["perf"], [-evals[s] for s in (4, 8, 12)], rtol=1e-6)
     assert run.info["outcome"]["diverged"] is False
-    record = summarize(store)["runs"][0]
+    record = summary_document(store)["runs"][0]
     assert record["status"] == "done" and record["n_evals"] == 3
     assert record["final_perf"] == pytest.approx(np.mean([-evals[s] for s in (4, 8, 12)]), rel=1e-6)
 
@@ -141,7 +141,7 @@ def test_diverging_hf_trainer_run_is_imported_as_a_collapse(tmp_path: Path) -> N
     assert outcome["diverged_step"] == min(nan_steps[0], first_eval_nan)
     assert run.evals["perf"].iloc[-1] == -math.inf
     assert int(run.evals["step"].iloc[-1]) == outcome["diverged_step"]
-    record = summarize(store)["runs"][0]
+    record = summary_document(store)["runs"][0]
     assert record["collapsed"] is True and record["irreversible"] is True
     from stabilitybench.report.html import write_report
 
@@ -212,7 +212,7 @@ def test_lightning_logger_output_imports_with_the_training_losses(
     assert list(table["step"]) == list(range(8))
     assert np.allclose(table["loss"], losses, rtol=1e-5)
     assert len(run.evals) == 2 and np.all(run.evals["perf"] < 0)  # two epochs: -val_loss
-    record = summarize(store)["runs"][0]
+    record = summary_document(store)["runs"][0]
     assert record["n_evals"] == 2 and record["final_perf"] == pytest.approx(
         run.evals["perf"].mean()
     )
@@ -249,7 +249,7 @@ def test_sb3_tensorboard_log_imports_on_the_env_step_axis(tmp_path: Path) -> Non
     assert (run.telemetry["entropy"].dropna() > 0).all()
     assert run.info["source"]["perf_source"] == "rollout/ep_rew_mean (training episodes)"
     assert np.allclose(run.evals["perf"], run.telemetry["episode_return"].dropna())
-    assert summarize(store)["runs"][0]["n_evals"] == len(run.evals) > 0
+    assert summary_document(store)["runs"][0]["n_evals"] == len(run.evals) > 0
 
 
 # -- MLflow local tracking folder -----------------------------------------------------------
@@ -275,4 +275,4 @@ def test_mlflow_local_run_imports_with_its_metric_history(
     assert run.telemetry["lr"].iloc[0] == 0.1
     assert list(run.evals["step"]) == [1, 3, 5]
     assert np.allclose(run.evals["perf"], [-1.0, -0.5, -1 / 3])
-    assert summarize(store)["runs"][0]["final_perf"] == pytest.approx(np.mean([-1.0, -0.5, -1 / 3]))
+    assert summary_document(store)["runs"][0]["final_perf"] == pytest.approx(np.mean([-1.0, -0.5, -1 / 3]))
