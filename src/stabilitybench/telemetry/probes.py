@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import torch
 
@@ -350,8 +351,8 @@ def build_probe(name: str, options: ProbeOptions) -> Probe:
         ),
     }
     for stability_name in STABILITY:
-        factories[stability_name] = lambda n=stability_name: build_stability_probe(
-            n, options.every, options.scheduled_every
+        factories[stability_name] = partial(
+            build_stability_probe, stability_name, options.every, options.scheduled_every
         )
     if name not in factories:
         raise StabilityBenchError(
