@@ -5,8 +5,9 @@ alone (the baseline), `cheap` plus one build-up probe (`adam_rms`, `eos`, `layer
 `attn_logits` on its every-10-steps schedule, and every step for the worst case), and the whole
 `stability` preset. Tiny GPT-2 (4 layers, n_embd 128, byte vocabulary), batch 16, block 128;
 1 thread. Each repetition times `--steps` steps per condition; the ratio reported is
-(ms/step with the probe) / (ms/step with `cheap`), paired within a repetition, median and
-quartiles over repetitions.
+(time/step with the probe) / (time/step with `cheap`), paired within a repetition, median and
+quartiles over repetitions — for wall-clock time and for this process's CPU time
+(`time.process_time`), which other processes on a loaded machine disturb far less.
 Run: `.venv/bin/python benchmarks/stability_probes_cost.py`.
 """
 
@@ -55,31 +56,38 @@ def main() -> None:
     for _ in range(3):  # warm-up
         trainer.train_step()
     seconds: dict[str, list[float]] = {name: [] for name in CONDITIONS}
+    cpu: dict[str, list[float]] = {name: [] for name in CONDITIONS}
     for _ in range(args.reps):
         for name, probes in CONDITIONS.items():
             telemetry = Telemetry(
                 trainer.model, trainer.optimizer, probes=probes(), scheduled_every=10
             )
             trainer.train_step()  # the first step sets up probe state and hooks: not timed
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 telemetry.log(loss=trainer.train_step())
             seconds[name].append((time.perf_counter() - start) / args.steps)
+            cpu[name].append((time.process_time() - start_cpu) / args.steps)
             telemetry.close()
             close_probes(telemetry.probes)
-    base = seconds["cheap"]
     print(
         f"torch {torch.__version__}, 1 thread, GPT-2 tiny (byte vocab), batch 16, block 128; "
         f"{args.reps} interleaved repetitions of {args.steps} steps per condition"
     )
-    print(f"{'condition':28s} {'ms/step':>8s}   ratio to cheap (median, quartiles)")
-    for name, values in seconds.items():
-        paired = sorted(v / b for v, b in zip(values, base, strict=True))
-        q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
-        print(
-            f"{name:28s} {statistics.median(values) * 1e3:8.1f}   "
-            f"{statistics.median(paired):.3f} ({q1:.3f}-{q3:.3f})"
-        )
+    print(
+        f"{'condition':28s} {'wall ms/step':>12s}  {'ratio (quartiles)':>22s}   "
+        f"{'CPU ms/step':>11s}  {'ratio (quartiles)':>22s}"
+    )
+    for name in CONDITIONS:
+        cells = []
+        for table in (seconds, cpu):
+            paired = sorted(v / b for v, b in zip(table[name], table["cheap"], strict=True))
+            q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+            cells.append(
+                f"{statistics.median(table[name]) * 1e3:11.1f}  "
+                f"{statistics.median(paired):8.3f} ({q1:.3f}-{q3:.3f})"
+            )
+        print(f"{name:28s} {cells[0]}   {cells[1]}")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,26 @@ def test_ppo_max_grad_norm_null_turns_clipping_off() -> None:
     model.get_env().close()
     with pytest.raises(StabilityBenchError, match=r"knobs.max_grad_norm .* or null \(off\)"):
         rl.parse_config({**config, "knobs": {"max_grad_norm": 0}})
+
+
+def test_a_null_knob_survives_the_spec_and_reaches_the_run() -> None:
+    from stabilitybench.audit.spec import expand, validate_spec
+
+    spec = validate_spec(
+        {
+            "name": "noclip",
+            "workloads": [
+                {
+                    "name": "ppo",
+                    "kind": "rl",
+                    "algo": "ppo",
+                    "env": "CartPole-v1",
+                    "total_steps": 256,
+                    "knobs": {"max_grad_norm": None, "learning_rate": [0.001, 0.01]},
+                }
+            ],
+        }
+    )
+    runs = expand(spec)
+    assert [r.workload["knobs"]["max_grad_norm"] for r in runs] == [None, None]
+    assert rl.parse_config(runs[0].workload).knobs["max_grad_norm"] is None

@@ -259,7 +259,7 @@ def test_huge_learning_rate_runs_to_the_end_or_reports_divergence(tmp_path: Path
         ({"size": {"n_layer": 2, "n_embd": 30, "n_head": 4}}, "multiple of size.n_head"),
         (
             {"knobs": {"temperature": 1.0}},
-            "unknown knob knobs.temperature; allowed: batch_size, block_size, dropout",
+            "unknown knob knobs.temperature; allowed: adam_beta2, adam_eps, batch_size, block_size",
         ),
         ({"knobs": {"dropout": 1.5}}, "knobs.dropout must be a number in [0.0, 1.0)"),
         ({"knobs": {"batch_size": 2.5}}, "knobs.batch_size must be an integer"),

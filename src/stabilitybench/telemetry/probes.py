@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -417,8 +418,8 @@ def build_probe(name: str, options: ProbeOptions) -> Probe:
         ),
     }
     for stability_name in STABILITY:
-        factories[stability_name] = lambda n=stability_name: build_stability_probe(
-            n, options.every, options.scheduled_every
+        factories[stability_name] = partial(
+            build_stability_probe, stability_name, options.every, options.scheduled_every
         )
     if name not in factories:
         raise StabilityBenchError(

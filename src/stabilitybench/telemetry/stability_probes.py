@@ -89,11 +89,11 @@ class AdamRms(Probe):
         index = torch.tensor([m[0] for m in moments], dtype=torch.float32)
         grads = [m[1] for m in moments]
         # denominators sqrt(v / c) + eps = sqrt(v) / sqrt(c) + eps, c the bias correction
-        denom = torch._foreach_sqrt([m[2] for m in moments])
+        roots = torch._foreach_sqrt([m[2] for m in moments])
         scales = [
             1.0 / math.sqrt(m[3]) if isinstance(m[3], float) else m[3].rsqrt() for m in moments
         ]
-        denom = [d * s for d, s in zip(denom, scales, strict=True)]
+        denom = [d * s for d, s in zip(roots, scales, strict=True)]
         torch._foreach_add_(denom, [m[4] for m in moments])
         ratio = torch._foreach_div(grads, denom)
         norms = torch.stack(torch._foreach_norm(ratio)).float()  # (n,)

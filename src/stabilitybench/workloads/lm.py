@@ -263,10 +263,9 @@ def build_model(
     return model
 
 
-def _normalise_qk(
-    attn: nn.Module, output: torch.Tensor
-) -> torch.Tensor:  # output: (B, T, 3C) from c_attn
-    """c_attn's output with each head's query and key LayerNorm-ed over the head dimension."""
+def _normalise_qk(attn: Any, output: torch.Tensor) -> torch.Tensor:
+    """c_attn's output (B, T, 3C) with each head's query and key LayerNorm-ed over the head
+    dimension."""
     q, k, v = output.split(attn.split_size, dim=2)  # each (B, T, C)
     heads = (*q.shape[:-1], -1, attn.head_dim)  # (B, T, H, d)
     q = attn.q_norm(q.reshape(heads)).reshape(v.shape)
@@ -426,7 +425,10 @@ class LMTrainer:
         x, y = x.to(self.device), y.to(self.device)
         if self.schedule is not None:
             x, y = self.schedule.transform_batch(x, y, shifted_batch=self.shifted_batch)
-        cross_entropy, loss = lm_losses(self.model, x, y, self.label_smoothing, self.z_loss)
+        if self.z_loss > 0:
+            cross_entropy, loss = lm_losses(self.model, x, y, self.label_smoothing, self.z_loss)
+        else:
+            loss = cross_entropy = lm_loss(self.model, x, y, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
