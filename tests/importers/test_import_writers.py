@@ -275,4 +275,6 @@ def test_mlflow_local_run_imports_with_its_metric_history(
     assert run.telemetry["lr"].iloc[0] == 0.1
     assert list(run.evals["step"]) == [1, 3, 5]
     assert np.allclose(run.evals["perf"], [-1.0, -0.5, -1 / 3])
-    assert summary_document(store)["runs"][0]["final_perf"] == pytest.approx(np.mean([-1.0, -0.5, -1 / 3]))
+    assert summary_document(store)["runs"][0]["final_perf"] == pytest.approx(
+        np.mean([-1.0, -0.5, -1 / 3])
+    )

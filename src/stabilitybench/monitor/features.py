@@ -50,10 +50,10 @@ def column_scalings() -> dict[str, str]:
 
     Read afresh on each call (a probe class defined later is seen); callers keep the result.
     """
-    from stabilitybench.telemetry import probes
+    from stabilitybench.telemetry import probes, stability_probes
     from stabilitybench.telemetry.base import Probe
 
-    del probes  # imported for its Probe subclasses
+    del probes, stability_probes  # imported for their Probe subclasses
     found: dict[str, str] = {}
     pending: list[type[Probe]] = [Probe]
     while pending:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,6 +74,12 @@ class AdamRms(Probe):
     Cost: one temporary per gradient (a foreach division), every measured step.
     """
 
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "adam_rms_max": "log",
+        "adam_rms_mean": "log",
+        "adam_rms_argmax": None,
+    }
+
     name = "adam_rms"
 
     def __init__(self, every: int | Schedule = 1) -> None:
@@ -125,6 +131,11 @@ class EdgeOfStability(Probe):
     quadratic. AdamW's decoupled weight decay is part of Δθ. Columns: `eos_ratio`,
     `eos_curvature` (λ). Cost: two copies of the parameters (previous gradient and parameters).
     """
+
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "eos_ratio": "signed_log",
+        "eos_curvature": "signed_log",
+    }
 
     name = "eos"
 
@@ -195,6 +206,13 @@ class LayerMaxima(Probe):
     `grad_norm_layer_argmax`. Cost: one copy of the parameters per measured step (fused).
     """
 
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "update_ratio_layer_max": "log",
+        "update_ratio_layer_argmax": None,
+        "grad_norm_layer_max": "log",
+        "grad_norm_layer_argmax": None,
+    }
+
     name = "layer_max"
     phase = Phase.POST_STEP
 
@@ -246,6 +264,11 @@ class AttentionLogits(Probe):
     (B, H, T, T) score product per layer, no extra backward. Call `close()` to remove the hooks.
     A model without GPT-2 attention modules gives no columns.
     """
+
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "attn_logit_max": "signed_log",
+        "out_logit_max": "log",
+    }
 
     name = "attn_logits"
 
