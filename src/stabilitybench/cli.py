@@ -190,17 +190,20 @@ def _cell(value: Any) -> str:
 def summary(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Show every column.")] = False,
 ) -> None:
     """Stability metrics per run and per condition, with confidence intervals."""
-    from stabilitybench.metrics.summary import print_summary, summarize
+    from stabilitybench.metrics.serialize import to_jsonable
+    from stabilitybench.metrics.summary import summarize
+    from stabilitybench.metrics.summary_printing import print_summary
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
     result = _guard(lambda: summarize(store))
     if output_json:
-        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
-        print_summary(result, console)
+        print_summary(result, console, wide=wide)
 
 
 @monitor_app.command("fit")
@@ -224,17 +227,19 @@ def monitor_evaluate(
     target_false_alarms: Annotated[
         float, typer.Option(help="Target false alarms per 1,000 steps on baseline runs.")
     ] = 1.0,
+    wide: Annotated[bool, typer.Option("--wide", help="Show every column.")] = False,
 ) -> None:
     """Compare the monitor with reactive guards: AUROC, recall, precision, lead time, false alarms."""
+    from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.monitor.evaluate import evaluate_audit, print_evaluation
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
     result = _guard(lambda: evaluate_audit(store, target_false_alarms=target_false_alarms))
     if output_json:
-        sys.stdout.write(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
-        print_evaluation(result, console)
+        print_evaluation(result, console, wide=wide)
 
 
 @app.command()

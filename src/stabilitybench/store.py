@@ -35,6 +35,7 @@ from stabilitybench.streaming import (
     read_parts,
 )
 from stabilitybench.types import RunStatus
+from stabilitybench.types import is_baseline as _is_baseline
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or built: `status` stays light
     import pandas as pd
@@ -76,7 +77,7 @@ class RunData:
 
     @property
     def is_baseline(self) -> bool:
-        return self.info.get("perturbation", {}).get("kind", "none") == "none"
+        return _is_baseline(self.info)
 
 
 def empty_events() -> pd.DataFrame:

@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+# Collapse thresholds when the spec gives none (DESIGN.md "Collapse"); the one copy of them.
+COLLAPSE_THRESHOLD = 0.5
+COLLAPSE_RECOVERY = 0.9
+COLLAPSE_PRE_EVALS = 3
+UNKNOWN_ERROR = "unknown error"
+
+
+def last_error_line(text: object) -> str:
+    """The line of a stored error (a traceback) that says what went wrong: its last non-empty one."""
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else UNKNOWN_ERROR
+
+
+def run_perturbation(info: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(label, kind, params) of a run's perturbation from its run.json; a baseline is
+    ('none', 'none', {})."""
+    pert = info.get("perturbation") or {"kind": "none"}
+    if not isinstance(pert, Mapping):
+        return str(pert), str(pert), {}
+    kind = str(pert.get("kind", "none"))
+    label = "none" if kind == "none" else str(pert.get("label") or kind)
+    return label, kind, dict(pert.get("params") or {})
+
+
+def is_baseline(info: Mapping[str, Any]) -> bool:
+    """Whether a run (its run.json) is unperturbed."""
+    return run_perturbation(info)[1] == "none"
 
 
 class RunStatus(StrEnum):
@@ -88,7 +117,6 @@ class StepContext:
     env_step: int | None = None
     total_steps: int | None = None
     role: str = ""  # which optimizer, when several are instrumented ("actor", "critic")
-    scalars: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -172,6 +200,9 @@ class StepContext:
         return zip(self.param_names, self.params, strict=True)
 
 
+_COLLAPSE_SPEC_DEFAULT = {"threshold": COLLAPSE_THRESHOLD, "recovery": COLLAPSE_RECOVERY}
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run of an audit: a workload with every knob fixed, its perturbations, and a seed.
@@ -186,7 +217,7 @@ class RunSpec:
     perturbations: tuple[dict[str, Any], ...] = ()
     seed: int = 0
     audit: str = ""
-    collapse: dict[str, float] = field(default_factory=lambda: {"threshold": 0.5, "recovery": 0.9})
+    collapse: dict[str, float] = field(default_factory=lambda: dict(_COLLAPSE_SPEC_DEFAULT))
 
     @property
     def run_id(self) -> str:
@@ -240,5 +271,5 @@ class RunSpec:
             perturbations=tuple(dict(p) for p in data.get("perturbations", [])),
             seed=int(data.get("seed", 0)),
             audit=str(data.get("audit", "")),
-            collapse=dict(data.get("collapse", {"threshold": 0.5, "recovery": 0.9})),
+            collapse=dict(data.get("collapse", _COLLAPSE_SPEC_DEFAULT)),
         )

@@ -36,18 +36,18 @@ def test_decoupling_ranks_diverged_runs_lowest() -> None:
     perf = [-np.inf, 1.0, 2.0, 3.0, 4.0, 5.0]
     score = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     result = decoupling(perf, score, rng=np.random.default_rng(0), reps=200)
-    assert result["n"] == 6 and result["rho"] == pytest.approx(1.0)
-    assert result["verdict"] == "coupled"
+    assert result.n == 6 and result.rho == pytest.approx(1.0)
+    assert result.verdict == "coupled"
 
 
 def test_collapse_rate_by_dose() -> None:
     points = collapse_rate_by([3, 50, 50, 50, 10, 10], [False, True, True, None, False, True])
-    assert [(p["x"], p["collapse_rate"], p["n"], p["n_collapsed"]) for p in points] == [
+    assert [(p.x, p.collapse_rate, p.n, p.n_collapsed) for p in points] == [
         (3.0, 0.0, 1, 0),
         (10.0, 0.5, 2, 1),
         (50.0, 1.0, 2, 2),
     ]
-    assert points[1]["ci"] == pytest.approx([0.0945, 0.9055], abs=1e-4)  # Wilson, 1 of 2
+    assert points[1].ci == pytest.approx([0.0945, 0.9055], abs=1e-4)  # Wilson, 1 of 2
 
 
 def test_within_group_rank() -> None:

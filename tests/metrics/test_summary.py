@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stabilitybench.cli import app
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.summary import summarize
+from stabilitybench.metrics.summary import summarize, summary_document
 from stabilitybench.store import RunStore
 
 STEPS = list(range(0, 201, 20))
@@ -126,7 +126,7 @@ def _run(result: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 
 def test_per_run_records(store: RunStore) -> None:
-    result = summarize(store, reps=200)
+    result = summary_document(store, reps=200)
     assert json.loads(json.dumps(result, allow_nan=False)) == result  # strict JSON
     gone = _run(result, "n0.0-f50-s0")
     assert gone["collapsed"] and gone["irreversible"] and gone["collapse_step"] == 20
@@ -164,7 +164,7 @@ def test_per_run_records(store: RunStore) -> None:
 
 
 def test_condition_aggregates(store: RunStore) -> None:
-    result = summarize(store, reps=200)
+    result = summary_document(store, reps=200)
     assert len(result["conditions"]) == 5
     spike = _condition(result, 0.0, "lr_spike(at=100,factor=50")
     assert spike["n_runs"] == 2 and spike["n_failed"] == 1  # the failed run is excluded
@@ -201,7 +201,7 @@ def test_condition_aggregates(store: RunStore) -> None:
 
 
 def test_dose_response_and_decoupling(store: RunStore) -> None:
-    result = summarize(store, reps=200)
+    result = summary_document(store, reps=200)
     (spike,) = result["dose_response"]["magnitude"]
     points = {p["x"]: (p["collapse_rate"], p["n"]) for p in spike["points"]}
     assert points == {3.0: (0.0, 1), 50.0: (0.75, 4)}
@@ -218,7 +218,7 @@ def test_dose_response_and_decoupling(store: RunStore) -> None:
 
 
 def test_summary_is_reproducible(store: RunStore) -> None:
-    assert summarize(store, reps=100) == summarize(store, reps=100)
+    assert summary_document(store, reps=100) == summary_document(store, reps=100)
 
 
 def test_empty_and_unfinished_audits_raise(tmp_path: Path) -> None:

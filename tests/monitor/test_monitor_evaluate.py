@@ -12,14 +12,13 @@ from monitor_synthetic import make_audit
 from typer.testing import CliRunner
 
 from stabilitybench.cli import app
-from stabilitybench.monitor.evaluate import (
-    DETECTORS,
-    auroc,
-    auroc_bootstrap_ci,
-    evaluate_audit,
-    fit_audit,
-)
+from stabilitybench.metrics.serialize import to_jsonable
+from stabilitybench.monitor.alarms import auroc, auroc_bootstrap_ci
+from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
+from stabilitybench.monitor.registry import detector_classes
 from stabilitybench.store import RunStore
+
+DETECTORS = tuple(detector_classes())
 
 FAST = {"max_epochs": 3, "window": 32, "hidden": 16}
 
@@ -54,7 +53,7 @@ def test_fit_writes_models_and_scores(fitted: RunStore) -> None:
     assert model.startswith("monitor/workload-") and (root / model / "monitor.json").exists()
     run = fitted.load(fitted.run_ids()[0])
     assert run.scores is not None
-    for column in ("step", "msd", "z_1", "z_3", *DETECTORS[1:], "zclip_native", "msd_alarm"):
+    for column in ("step", "msd", "z_1", "z_3", *DETECTORS[1:], "zclip_native", "msd_native"):
         assert column in run.scores.columns
     assert len(run.scores) == len(run.telemetry)
     fit = json.loads((root / "monitor" / "fit.json").read_text())
@@ -71,7 +70,7 @@ def test_leave_one_seed_out_scores_differ_from_the_full_model(fitted: RunStore) 
 
 
 def test_evaluate_separates_clear_collapses(fitted: RunStore) -> None:
-    result = evaluate_audit(fitted, target_false_alarms=5.0)
+    result = to_jsonable(evaluate_audit(fitted, target_false_alarms=5.0))
     assert result["n_collapsed"] == 6 and result["n_recovered"] == 6 and result["n_baseline"] == 3
     msm = result["detectors"]["msm"]
     assert msm["auroc"] >= 0.9
@@ -97,9 +96,11 @@ def test_too_few_runs_says_so_instead_of_a_number(tmp_path: Path) -> None:
     store = make_audit(tmp_path / "a", seeds=(0, 1), factors=(None, 30.0))
     fit_audit(store, latent_dim=2, monitor_options=FAST)
     result = evaluate_audit(store)
-    assert result["n_recovered"] == 0
-    assert result["detectors"]["msm"]["auroc"].startswith("too few runs")
-    assert isinstance(result["detectors"]["zclip"]["recall"], float)
+    assert result.n_recovered == 0
+    msm = result.detectors["msm"]
+    assert msm.auroc is None and msm.auroc_ci is None
+    assert any(note.startswith("too few runs for AUROC") for note in msm.notes)
+    assert isinstance(result.detectors["zclip"].recall, float)
 
 
 def _cli(*args: str) -> tuple[int, str]:

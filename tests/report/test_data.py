@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from stabilitybench.metrics.collapse import CollapseConfig
+from stabilitybench.metrics.records import event_onset, run_record
 from stabilitybench.report.data import (
     collapse_at_step,
     collapse_point,
@@ -66,12 +68,17 @@ def test_rl_runs_use_environment_steps_and_the_clock_optimizer() -> None:
     assert window_spans(run) == [(80.0, 96.0)]
 
 
-def test_collapse_step_from_the_summary_is_counted_from_onset() -> None:
+def test_collapse_step_from_the_record_is_where_the_collapse_evaluation_is() -> None:
     run = rl_run()
-    row = {"collapsed": True, "onset_step": 10, "collapse_step": 4}
-    assert collapse_at_step(run, row) == 14.0
-    assert collapse_point(run, row) == (120.0, 0.2)  # the evaluation at optimizer step 14
-    assert collapse_point(run, {"collapsed": False}) is None
+    info = {**run.info, "status": "done", "workload": "w"}
+    record = run_record(info, run.evals, event_onset(run.events), CollapseConfig())
+    # onset 10; progress from perf_0 = 1 to perf_pre = 2 (the evaluation at step 9): the
+    # evaluation at step 14 (perf 0.2, q = -0.8) is the collapse, 4 steps after onset
+    assert record.collapse is not None and record.collapse.collapse_step == 4
+    assert collapse_at_step(run, record) == 14.0
+    assert collapse_point(run, record) == (120.0, 0.2)  # the evaluation at optimizer step 14
+    held = run_record(info, run.evals.iloc[:2], event_onset(run.events), CollapseConfig())
+    assert collapse_point(run, held) is None  # no evaluation after onset: not judged
     # without a summary, only a divergence is a known collapse
     assert collapse_at_step(run, None) is None
     run.evals.loc[3, "perf"] = -math.inf

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -118,7 +117,12 @@ def test_names_and_labels_are_rendered_as_text(tmp_path: Path, quick_summary: No
 def test_missing_monitor_and_metrics_are_noticed_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "stabilitybench.metrics.summary", None)  # import fails
+    import stabilitybench.metrics.summary as summary
+
+    def broken(store: RunStore) -> None:
+        raise StabilityBenchError("the metrics could not be computed")
+
+    monkeypatch.setattr(summary, "summarize", broken)
     store = make_audit(tmp_path / "a", scores=False, evaluation=False)
     html = write_report(store, output=tmp_path / "out" / "r.html").read_text(encoding="utf-8")
     for anchor in SECTIONS:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import RunWriter
-from stabilitybench.types import RunStatus
+from stabilitybench.types import RunStatus, last_error_line
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 # Imported once in the fork server, so each run's fresh process starts warm (torch.optim pulls in
@@ -108,10 +108,7 @@ def execute_run(store_root: str, spec: dict[str, Any], info: dict[str, Any]) -> 
     return RunResult(run_spec.run_id, RunStatus.DONE.value, None, time.time() - started)
 
 
-def last_line(text: str) -> str:
-    """The line of a traceback that says what went wrong (its last non-empty line)."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "unknown error"
+last_line = last_error_line
 
 
 def _fail_if_started(task: RunTask, error: str) -> RunResult | None:

@@ -12,15 +12,16 @@ of a non-finite loss) is a collapse that is irreversible. A NaN `perf` is a miss
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_RECOVERY = 0.9
-DEFAULT_PRE_EVALS = 3
+from stabilitybench.types import COLLAPSE_PRE_EVALS as DEFAULT_PRE_EVALS
+from stabilitybench.types import COLLAPSE_RECOVERY as DEFAULT_RECOVERY
+from stabilitybench.types import COLLAPSE_THRESHOLD as DEFAULT_THRESHOLD
+
 # Below this gain (relative to the perf level) the run did not learn before onset and the
 # progress ratio would divide noise by noise.
 MIN_GAIN_FRACTION = 1e-3
@@ -132,6 +133,18 @@ def recovery_index(
 
 
 @dataclass(frozen=True)
+class CollapseConfig:
+    """The audit's collapse thresholds (`collapse:` in the spec); the one place defaults live."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    recovery: float = DEFAULT_RECOVERY
+    pre_evals: int = DEFAULT_PRE_EVALS
+
+    def to_dict(self) -> dict[str, float]:
+        return {"threshold": self.threshold, "recovery": self.recovery, "pre_evals": self.pre_evals}
+
+
+@dataclass(frozen=True)
 class CollapseResult:
     """Collapse analysis of one run (steps are optimizer steps; env steps for RL)."""
 
@@ -148,6 +161,12 @@ class CollapseResult:
     perf_pre: float
     min_progress: float  # lowest q at/after onset (-inf for a divergence, NaN if none)
     n_missing_evals: int  # NaN perf rows that were skipped
+    # Absolute positions, for the early-warning evaluation. `collapse_at` is the optimizer step
+    # the collapse is timed at (today the collapse evaluation; a dense performance signal may set
+    # it more precisely with `dataclasses.replace`); `collapse_at_env` its env step (RL).
+    collapse_at: int | None = None
+    collapse_at_env: int | None = None
+    first_eval_after_onset: int | None = None  # the first evaluation step >= onset
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,144 +192,111 @@ def analyze_collapse(
     onset); None means there is nothing to judge against, so `collapsed` is None unless the run
     diverged. A divergence before onset counts as a collapse with a negative `collapse_step`.
     """
-    steps_arr = np.asarray(steps, dtype=float)
-    perf_arr = np.asarray(perf, dtype=float)
-    env_arr = None if env_steps is None else np.asarray(env_steps, dtype=float)
-    missing = np.isnan(perf_arr)
-    n_missing = int(missing.sum())
-    keep = ~missing
-    steps_arr, perf_arr = steps_arr[keep], perf_arr[keep]
-    if env_arr is not None:
-        env_arr = env_arr[keep]
-    order = np.argsort(steps_arr, kind="stable")
-    steps_arr, perf_arr = steps_arr[order], perf_arr[order]
-    if env_arr is not None:
-        env_arr = env_arr[order]
-    infinite = np.isinf(perf_arr)
-    diverged = bool(infinite.any())
-
-    def env_delta(i: int, origin: float | None) -> int | None:
-        """Env steps from `origin` to evaluation i (None for LM runs)."""
-        if env_arr is None or origin is None or not np.isfinite(env_arr[i]):
-            return None
-        return int(env_arr[i] - origin)
-
+    curve = _Curve.of(steps, perf, env_steps)
     if onset_step is None:
-        perf_0 = (
-            float(perf_arr[np.isfinite(perf_arr)][0])
-            if np.isfinite(perf_arr).any()
-            else float("nan")
+        return curve.result(
+            None, True, None, float("nan"), float("-inf") if curve.diverged else float("nan")
         )
-        if diverged:
-            return CollapseResult(
-                True,
-                True,
-                None,
-                None,
-                None,
-                None,
-                True,
-                True,
-                None,
-                perf_0,
-                float("nan"),
-                float("-inf"),
-                n_missing,
-            )
-        return CollapseResult(
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            False,
-            True,
-            None,
-            perf_0,
-            float("nan"),
-            float("nan"),
-            n_missing,
-        )
-
-    perf_0, perf_pre = reference_levels(steps_arr, perf_arr, onset_step, k)
+    perf_0, perf_pre = reference_levels(curve.steps, curve.perf, onset_step, k)
     _, _, undefined = progress_scale(perf_0, perf_pre)
-    q = progress(perf_arr, perf_0, perf_pre)
-    after = steps_arr >= onset_step
+    q = progress(curve.perf, perf_0, perf_pre)
+    after = curve.steps >= onset_step
     post_q = q[after]
     min_q = (
         float(np.nanmin(post_q)) if post_q.size and not np.all(np.isnan(post_q)) else float("nan")
     )
-
-    if diverged and not after.any():
-        # Diverged before onset: training stopped, the collapse precedes the perturbation.
-        i = int(np.flatnonzero(infinite)[0])
-        return CollapseResult(
-            True,
-            True,
-            int(steps_arr[i] - onset_step),
-            None,
-            None,
-            None,
-            True,
-            undefined,
-            onset_step,
-            perf_0,
-            perf_pre,
-            float("-inf"),
-            n_missing,
-        )
+    base = curve.result(onset_step, undefined, perf_0, perf_pre, min_q)
     if not after.any():
-        return CollapseResult(
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            False,
-            undefined,
-            onset_step,
-            perf_0,
-            perf_pre,
-            min_q,
-            n_missing,
-        )
-
+        if not curve.diverged:
+            return base
+        # Diverged before onset: training stopped, the collapse precedes the perturbation.
+        first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
+        return curve.collapsed_at(replace(base, min_progress=float("-inf")), first_inf, None, None)
     at = collapse_index(q, after, threshold)
     if at is None:
-        return CollapseResult(
-            False,
-            False,
-            None,
-            None,
-            None,
-            None,
-            diverged,
-            undefined,
-            onset_step,
-            perf_0,
-            perf_pre,
-            min_q,
-            n_missing,
-        )
+        return replace(base, collapsed=False, irreversible=False)
     back = recovery_index(q, at, recovery)
-    collapse_step = int(steps_arr[at] - onset_step)
-    recovery_steps = None if back is None else int(steps_arr[back] - steps_arr[at])
-    return CollapseResult(
-        collapsed=True,
-        irreversible=back is None,
-        collapse_step=collapse_step,
-        collapse_env_steps=env_delta(at, None if onset_env_step is None else float(onset_env_step)),
-        recovery_steps=recovery_steps,
-        recovery_env_steps=None
-        if back is None or env_arr is None
-        else env_delta(back, float(env_arr[at])),
-        diverged=diverged,
-        progress_undefined=undefined,
-        onset_step=onset_step,
-        perf_0=perf_0,
-        perf_pre=perf_pre,
-        min_progress=min_q,
-        n_missing_evals=n_missing,
-    )
+    return curve.collapsed_at(base, at, back, onset_env_step)
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """One run's evaluations without missing rows, sorted by step."""
+
+    steps: np.ndarray  # (n,) optimizer steps
+    perf: np.ndarray  # (n,)
+    env: np.ndarray | None  # (n,) env steps (RL) or None
+    n_missing: int
+    first_steps: np.ndarray  # (m,) every evaluation step, missing rows included
+
+    @classmethod
+    def of(cls, steps: ArrayLike, perf: ArrayLike, env_steps: ArrayLike | None) -> _Curve:
+        steps_arr = np.asarray(steps, dtype=float)
+        perf_arr = np.asarray(perf, dtype=float)
+        keep = ~np.isnan(perf_arr)
+        order = np.argsort(steps_arr[keep], kind="stable")
+        env = None if env_steps is None else np.asarray(env_steps, dtype=float)[keep][order]
+        return cls(
+            steps_arr[keep][order], perf_arr[keep][order], env, int((~keep).sum()), steps_arr
+        )
+
+    @property
+    def diverged(self) -> bool:
+        return bool(np.isinf(self.perf).any())
+
+    def env_at(self, i: int) -> float | None:
+        if self.env is None or not np.isfinite(self.env[i]):
+            return None
+        return float(self.env[i])
+
+    def result(
+        self,
+        onset: int | None,
+        undefined: bool,
+        perf_0: float | None,
+        perf_pre: float,
+        min_q: float,
+    ) -> CollapseResult:
+        """The not-collapsed result (or, without an onset, the verdict on a divergence alone)."""
+        finite = self.perf[np.isfinite(self.perf)]
+        first = finite[0] if finite.size else float("nan")
+        later = self.first_steps[self.first_steps >= onset] if onset is not None else np.zeros(0)
+        judged_on_divergence = onset is None and self.diverged
+        return CollapseResult(
+            collapsed=True if judged_on_divergence else None,
+            irreversible=True if judged_on_divergence else None,
+            collapse_step=None,
+            collapse_env_steps=None,
+            recovery_steps=None,
+            recovery_env_steps=None,
+            diverged=self.diverged,
+            progress_undefined=undefined,
+            onset_step=onset,
+            perf_0=float(first) if perf_0 is None else perf_0,
+            perf_pre=perf_pre,
+            min_progress=min_q,
+            n_missing_evals=self.n_missing,
+            first_eval_after_onset=int(later.min()) if later.size else None,
+        )
+
+    def collapsed_at(
+        self, base: CollapseResult, at: int, back: int | None, onset_env: int | None
+    ) -> CollapseResult:
+        """`base` marked as collapsed at evaluation `at`, recovering at `back` (None: never)."""
+        assert base.onset_step is not None
+        at_env, back_env = self.env_at(at), None if back is None else self.env_at(back)
+        return replace(
+            base,
+            collapsed=True,
+            irreversible=back is None,
+            collapse_step=int(self.steps[at] - base.onset_step),
+            collapse_env_steps=None
+            if at_env is None or onset_env is None
+            else int(at_env - onset_env),
+            recovery_steps=None if back is None else int(self.steps[back] - self.steps[at]),
+            recovery_env_steps=None
+            if back_env is None or at_env is None
+            else int(back_env - at_env),
+            collapse_at=int(self.steps[at]),
+            collapse_at_env=None if at_env is None else int(at_env),
+        )

@@ -58,6 +58,28 @@ def stratified_bootstrap_ci(
     return float(low), float(high)
 
 
+def two_sample_bootstrap_ci(
+    x: ArrayLike,
+    y: ArrayLike,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    rng: np.random.Generator,
+    reps: int = DEFAULT_REPS,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of `statistic(x, y)`, resampling x and y separately (x: (n,),
+    y: (m,), both non-empty) — e.g. an AUROC with positives x and negatives y."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    values = np.empty(reps)
+    for i in range(reps):
+        sample_x = xa[rng.integers(0, len(xa), len(xa))]
+        sample_y = ya[rng.integers(0, len(ya), len(ya))]
+        values[i] = statistic(sample_x, sample_y)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
 def probability_of_improvement(scores_x: ArrayLike, scores_y: ArrayLike) -> float:
     """P(X > Y) + ½·P(X = Y) for a random run of each, averaged over tasks.
 

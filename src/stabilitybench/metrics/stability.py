@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -68,17 +68,38 @@ def decoupling_verdict(n: int, rho: float, ci: tuple[float, float]) -> str:
     return "decoupled"
 
 
+@dataclass
+class Correlation:
+    """Spearman rho between final performance and stability, with its CI and a verdict."""
+
+    n: int
+    rho: float | None
+    ci: list[float | None]
+    verdict: str
+
+
+@dataclass
+class DosePoint:
+    """Collapse rate (Wilson 95% CI) of the runs at one dose x."""
+
+    x: float
+    collapse_rate: float
+    ci: list[float]
+    n: int
+    n_collapsed: int
+
+
 def decoupling(
     final_perf: ArrayLike,
     stability: ArrayLike,
     *,
     rng: np.random.Generator,
     reps: int = DEFAULT_REPS,
-) -> dict[str, Any]:
+) -> Correlation:
     """Spearman rho between final performance and stability across runs, with a bootstrap CI.
 
     final_perf, stability: (n_runs,); -inf final perf (diverged) ranks lowest; NaN pairs are
-    dropped. Returns {"n", "rho", "ci", "verdict"}.
+    dropped.
     """
     perf = np.asarray(final_perf, dtype=float)
     score = np.asarray(stability, dtype=float)
@@ -88,7 +109,7 @@ def decoupling(
     perf_ranks = stats.rankdata(perf) if perf.size else perf
     rho, ci = spearman_ci(perf_ranks, score, rng=rng, reps=reps)
     n = int(perf.size)
-    return {"n": n, "rho": rho, "ci": list(ci), "verdict": decoupling_verdict(n, rho, ci)}
+    return Correlation(n, rho, list(ci), decoupling_verdict(n, rho, ci))
 
 
 def within_group_rank(values: ArrayLike, groups: Sequence[str]) -> np.ndarray:
@@ -106,12 +127,11 @@ def within_group_rank(values: ArrayLike, groups: Sequence[str]) -> np.ndarray:
     return out
 
 
-def collapse_rate_by(x: Sequence[float], collapsed: Sequence[bool | None]) -> list[dict[str, Any]]:
+def collapse_rate_by(x: Sequence[float], collapsed: Sequence[bool | None]) -> list[DosePoint]:
     """Collapse rate with a Wilson 95% CI at each distinct x (dose-response).
 
     x: (n_runs,) numeric dose (perturbation magnitude or knob value); collapsed: (n_runs,) with
-    None for runs that could not be judged (skipped). Returns points sorted by x:
-    {"x", "collapse_rate", "ci", "n", "n_collapsed"}.
+    None for runs that could not be judged (skipped). Returns points sorted by x.
     """
     counts: dict[float, list[int]] = {}
     for dose, hit in zip(x, collapsed, strict=True):
@@ -124,7 +144,5 @@ def collapse_rate_by(x: Sequence[float], collapsed: Sequence[bool | None]) -> li
     for dose in sorted(counts):
         hits, n = counts[dose]
         low, high = wilson_interval(hits, n)
-        points.append(
-            {"x": dose, "collapse_rate": hits / n, "ci": [low, high], "n": n, "n_collapsed": hits}
-        )
+        points.append(DosePoint(dose, hits / n, [low, high], n, hits))
     return points

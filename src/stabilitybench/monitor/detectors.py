@@ -1,8 +1,9 @@
-"""Reactive guards people use today, faithful to their published defaults, as per-step scores.
+"""The built-in detectors: the Meta-State Monitor, the reactive guards people use today
+(faithful to their published defaults) and a linear PCA meta-state, registered in this order.
 
-Each detector has a pure scoring function over arrays and a thin class with
-`score(df) -> (n,)` (higher = more alarming; offline), `alarms(df) -> (n,) bool` (the guard's own
-native rule) and an online `update(row) -> float` that equals `score` step by step.
+Each guard has a pure scoring function over arrays and a thin class following the registry's
+`Detector` protocol: `score(df) -> (n,)` (higher = more alarming; offline), `native(scores)`
+(the guard's own rule) and an online `update(row) -> float` that equals `score` step by step.
 
 Every guard also treats a non-finite value as an alarm (score +inf), as every framework checks
 for NaN/Inf separately. The "loss" a guard watches is the `loss` column; an RL run without one
@@ -15,11 +16,24 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
+
+from stabilitybench.monitor.features import FeatureExtractor
+from stabilitybench.monitor.registry import (
+    BaseDetector,
+    Detector,
+    DetectorSettings,
+    Healthy,
+    register_detector,
+    telemetry_tables,
+)
+from stabilitybench.monitor.ssm import MetaStateMonitor
 
 LOSS_COLUMNS = ("loss", "value_loss", "critic_loss", "critic/loss")
 # The norm before clipping where a workload logs it (a guard like ZClip sees that one).
@@ -291,51 +305,96 @@ def ews_scores(
 # -- detector classes -------------------------------------------------------------------------
 
 
-class Detector:
-    """A per-step score with a native alarm rule; subclasses fill `_scores` and `_native`."""
+@register_detector
+class MSMDetector(BaseDetector):
+    """The Meta-State Monitor as a detector: score `msd`, latents `z_1..z_k` in scores.parquet.
 
-    name: ClassVar[str]
-    citation: ClassVar[str]
+    Its native rule is the threshold the monitor calibrated at fit time on held-out healthy runs.
+    """
 
-    def score(self, df: pd.DataFrame) -> np.ndarray:
-        """Per-step score (n,), higher is more alarming; +inf for non-finite input."""
-        return self._scores(df)
+    name = "msm"
+    title = "Meta-State Monitor"
+    citation = "StabilityBench (GRU state-space meta-state, arXiv 2601.13160)"
+    fitted = True
+    column = "msd"
 
-    def alarms(self, df: pd.DataFrame) -> np.ndarray:
-        """The guard's own rule, per step (n,) bool."""
-        return self._native(self._scores(df))
+    def __init__(self, monitor: MetaStateMonitor) -> None:
+        self.monitor = monitor
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
-        raise NotImplementedError
+    @classmethod
+    def create(cls, settings: DetectorSettings) -> Detector:
+        options = dict(settings.monitor_options)
+        return cls(MetaStateMonitor(latent_dim=settings.latent_dim, seed=settings.seed, **options))
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+    def fit(self, healthy: Healthy) -> Detector:
+        self.monitor.fit(list(healthy))  # RunData keep their seeds: the monitor's hold-out
+        return self
+
+    @property
+    def fit_info(self) -> dict[str, Any]:
+        return self.monitor.fit_info
+
+    def save(self, folder: Path) -> bool:
+        self.monitor.save(folder)
+        return True
+
+    def describe(self) -> str:
+        epochs = self.monitor.fit_info.get("epochs")
+        return f"full monitor (threshold {self.monitor.threshold:.3g}, {epochs} epochs)"
+
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        return self.monitor.score(table)["msd"].to_numpy(dtype=float)
+
+    def native(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) >= self.monitor.threshold
+
+    def reset(self) -> None:
+        self.monitor.reset()
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self.monitor.step(row)
+
+    def score_columns(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
+        scored = self.monitor.score(table)
+        msd = scored["msd"].to_numpy(dtype=float)
+        latents = {c: scored[c].to_numpy() for c in scored.columns if c.startswith("z_")}
+        return {"msd": msd, **latents, "msd_native": self.native(msd)}
+
+    def empty_columns(self, n: int) -> dict[str, np.ndarray]:
+        latents = {f"z_{i + 1}": np.full(n, np.nan) for i in range(self.monitor.config.latent_dim)}
+        return {"msd": np.full(n, np.nan), **latents, "msd_native": np.zeros(n, bool)}
 
 
-class ZClipDetector(Detector):
+@register_detector
+@dataclass
+class ZClipDetector(BaseDetector):
     """ZClip (Kumar et al. 2025, arXiv 2504.02507): EMA z-score of the gradient norm.
 
     Defaults as published: alpha 0.97, z_thresh 2.5, 25 warm-up steps; native rule z > 2.5.
     """
 
     name = "zclip"
+    title = "ZClip (gradient-norm EMA z-score)"
     citation = "ZClip, arXiv 2504.02507"
 
-    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25) -> None:
-        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
-        self._state = _ZClipState(alpha, z_thresh, warmup_steps, 1e-6)
+    alpha: float = 0.97  # EMA decay of the mean and variance
+    z_thresh: float = 2.5  # a spike above this z is clipped (and is the native alarm)
+    warmup_steps: int = 25  # norms that only initialise the statistics
+    native_threshold = "z_thresh"  # native rule: score > z_thresh
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
-        return zclip_scores(grad_norm_series(df), self.alpha, self.z_thresh, self.warmup_steps)
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        return zclip_scores(grad_norm_series(table), self.alpha, self.z_thresh, self.warmup_steps)
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        return scores > self.z_thresh
+    def reset(self) -> None:
+        self._state = _ZClipState(self.alpha, self.z_thresh, self.warmup_steps, 1e-6)
 
     def update(self, row: Mapping[str, Any]) -> float:
         return self._state.update(_row_value(row, GRAD_NORM_COLUMNS))
 
 
-class OLMoDetector(Detector):
+@register_detector
+@dataclass
+class OLMoDetector(BaseDetector):
     """OLMo 2 / OLMo-core `StabilityMonitorCallback`: rolling z-score of loss and grad norm.
 
     A spike is a value above mean + 6·std of the previous 128 values (population std), for the
@@ -343,21 +402,22 @@ class OLMoDetector(Detector):
     """
 
     name = "olmo"
+    title = "OLMo stability monitor (rolling z-score)"
     citation = "OLMo 2 (arXiv 2501.00656), olmo_core StabilityMonitorCallback"
 
-    def __init__(self, window: int = 128, threshold_std: float = 6.0) -> None:
-        self.window, self.threshold_std = window, threshold_std
-        self._history: dict[str, deque[float]] = {}
+    window: int = 128
+    threshold_std: float = 6.0
+    native_threshold = "threshold_std"  # native rule: score > threshold_std
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
-        scores = [rolling_zscores(grad_norm_series(df), self.window)]
-        loss = loss_series(df)
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        scores = [rolling_zscores(grad_norm_series(table), self.window)]
+        loss = loss_series(table)
         if not np.all(np.isnan(loss)):
             scores.append(rolling_zscores(loss, self.window))
         return np.maximum.reduce(scores)
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        return scores > self.threshold_std
+    def reset(self) -> None:
+        self._history: dict[str, deque[float]] = {}
 
     def update(self, row: Mapping[str, Any]) -> float:
         best = -math.inf
@@ -366,113 +426,180 @@ class OLMoDetector(Detector):
             if key == "loss" and math.isnan(value) and key not in self._history:
                 continue
             history = self._history.setdefault(key, deque(maxlen=self.window))
-            z = 0.0
-            if not math.isfinite(value):
-                z = math.inf
-            elif len(history) == self.window:
-                arr = np.fromiter(history, dtype=float)
-                std = float(arr.std())
-                if std >= 1e-10:
-                    z = (value - float(arr.mean())) / std
-                    z = z if math.isfinite(z) else 0.0
+            best = max(best, _rolling_z(history, value, self.window))
             history.append(value)
-            best = max(best, z)
         return best if best > -math.inf else 0.0
 
 
-class LightningDetector(Detector):
+def _rolling_z(history: deque[float], value: float, window: int) -> float:
+    """One step of `rolling_zscores` given the previous values."""
+    if not math.isfinite(value):
+        return math.inf
+    if len(history) < window:
+        return 0.0
+    arr = np.fromiter(history, dtype=float)
+    std = float(arr.std())
+    if not std >= 1e-10:
+        return 0.0
+    z = (value - float(arr.mean())) / std
+    return z if math.isfinite(z) else 0.0
+
+
+@register_detector
+@dataclass
+class LightningDetector(BaseDetector):
     """Lightning's `SpikeDetection` on the loss: window 10, rtol 2.0 (mode "min", warmup 1)."""
 
     name = "lightning"
+    title = "Lightning spike detection (loss)"
     citation = "lightning.fabric.utilities.spike.SpikeDetection"
 
-    def __init__(self, window: int = 10, rtol: float = 2.0, warmup: int = 1) -> None:
-        self.window, self.rtol, self.warmup = window, rtol, warmup
-        self._state = _LightningState(window, warmup, rtol)
+    window: int = 10
+    rtol: float = 2.0
+    native_threshold = "rtol"  # native rule: score >= rtol
+    native_inclusive = True
+    warmup: int = 1
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+    def score(self, table: pd.DataFrame) -> np.ndarray:
         state = _LightningState(self.window, self.warmup, self.rtol)
-        return np.asarray([state.update(float(v)) for v in loss_series(df)])
+        return np.asarray([state.update(float(v)) for v in loss_series(table)])
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        return scores >= self.rtol
+    def reset(self) -> None:
+        self._state = _LightningState(self.window, self.warmup, self.rtol)
 
     def update(self, row: Mapping[str, Any]) -> float:
         return self._state.update(_row_value(row, LOSS_COLUMNS))
 
 
-class MegatronDetector(Detector):
+@register_detector
+@dataclass
+class MegatronDetector(BaseDetector):
     """Megatron-LM's spiky-loss check: |loss| ≥ 10 × the max |loss| of the first 100 values."""
 
     name = "megatron"
+    title = "Megatron-LM spiky-loss check"
     citation = "Megatron-LM RerunStateMachine.is_unexpectedly_large (check_for_spiky_loss)"
 
-    def __init__(self, threshold: float = 10.0, num_samples: int = 100) -> None:
-        self.threshold, self.num_samples = threshold, num_samples
-        self._state = _MegatronState(num_samples)
+    threshold: float = 10.0
+    native_threshold = "threshold"  # native rule: score >= threshold
+    native_inclusive = True
+    num_samples: int = 100
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
-        return megatron_scores(loss_series(df), self.num_samples)
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        return megatron_scores(loss_series(table), self.num_samples)
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        return scores >= self.threshold
+    def reset(self) -> None:
+        self._state = _MegatronState(self.num_samples)
 
     def update(self, row: Mapping[str, Any]) -> float:
         return self._state.update(_row_value(row, LOSS_COLUMNS))
 
 
-class EWSDetector(Detector):
+@register_detector
+@dataclass
+class EWSDetector(BaseDetector):
     """Classic early-warning statistics: rising variance / lag-1 autocorrelation (Kendall tau).
 
     Scheffer et al. 2009 (Nature 461:53); Dakos et al. 2012 (PLoS ONE 7:e41010). There is no
     single published alarm rule; the native rule here is the common convention tau > 0.8.
-    Offline only (`update` recomputes over the kept history).
+    Online, `update` keeps the trailing EMA level and the last windows of each indicator.
     """
 
     name = "ews"
+    title = "early-warning signals (variance, lag-1 AC)"
     citation = "Scheffer et al. 2009; Dakos et al. 2012"
 
-    def __init__(
-        self, window: int = 50, tau_window: int = 50, span: int = 20, tau_alarm: float = 0.8
-    ) -> None:
-        self.window, self.tau_window, self.span, self.tau_alarm = (
-            window,
-            tau_window,
-            span,
-            tau_alarm,
-        )
+    window: int = 50  # steps of each rolling variance / autocorrelation
+    tau_window: int = 50  # steps over which Kendall's tau measures the indicators' trend
+    span: int = 20  # of the trailing EMA the signals are detrended against
+    tau_alarm: float = 0.8  # the conventional alarm level of tau
+    native_threshold = "tau_alarm"  # native rule: score > tau_alarm
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+    def score(self, table: pd.DataFrame) -> np.ndarray:
         return ews_scores(
-            loss_series(df), grad_norm_series(df), self.window, self.tau_window, self.span
+            loss_series(table), grad_norm_series(table), self.window, self.tau_window, self.span
         )
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
-        return scores > self.tau_alarm
+    def reset(self) -> None:
+        self._signals = {key: _EWSState(self.window, self.tau_window, self.span) for key in "lg"}
+        self._seen_loss = False
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        loss = _row_value(row, LOSS_COLUMNS)
+        grad = _row_value(row, GRAD_NORM_COLUMNS)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_grad = float(np.log(np.abs(grad)))
+        self._seen_loss = self._seen_loss or not math.isnan(loss)
+        best = self._signals["g"].update(log_grad)
+        loss_tau = self._signals["l"].update(loss)
+        if self._seen_loss:
+            best = float(np.fmax(best, loss_tau))
+        if not math.isfinite(grad) or math.isinf(loss):
+            return math.inf
+        return best if math.isfinite(best) else 0.0
 
 
-class PCADetector(Detector):
+class _EWSState:
+    """Online twin of `ews_scores` for one signal: EMA residuals → indicators → Kendall tau."""
+
+    def __init__(self, window: int, tau_window: int, span: int) -> None:
+        self.window, self.tau_window, self.alpha = window, tau_window, 2.0 / (span + 1.0)
+        self.level = math.nan
+        self.residuals: deque[float] = deque(maxlen=window)
+        self.indicators = [deque[float](maxlen=tau_window), deque[float](maxlen=tau_window)]
+
+    def update(self, value: float) -> float:
+        residual = math.nan
+        if math.isfinite(value):
+            self.level = value if math.isnan(self.level) else self.level
+            residual = value - self.level
+            self.level = (1 - self.alpha) * self.level + self.alpha * value
+        self.residuals.append(residual)
+        best = -math.inf
+        full = len(self.residuals) == self.window
+        win = np.fromiter(self.residuals, dtype=float)
+        values = (
+            (
+                float(win.var(ddof=1)),
+                float(rolling_lag1_autocorrelation(win, self.window)[-1]),
+            )
+            if full
+            else (math.nan, math.nan)
+        )
+        for history, indicator in zip(self.indicators, values, strict=True):
+            history.append(indicator)
+            if len(history) == self.tau_window:
+                tau = rolling_kendall_tau(np.fromiter(history, dtype=float), self.tau_window)[-1]
+                best = float(np.fmax(best, tau))
+        return best
+
+
+@register_detector
+class PCADetector(BaseDetector):
     """A linear meta-state: PCA of the monitor's features to k dims + Mahalanobis distance.
 
-    Fitted on baseline runs (`fit`); it isolates what the recurrent model adds over a linear
+    Fitted on healthy runs (`fit`); it isolates what the recurrent model adds over a linear
     projection. Its native rule is the chi-square 99.9% quantile of the squared distance.
     """
 
     name = "pca"
+    title = "linear meta-state (PCA + Mahalanobis)"
     citation = "linear meta-state (PCA + Mahalanobis)"
+    fitted = True
 
     def __init__(self, latent_dim: int = 4) -> None:
-        from stabilitybench.monitor.features import FeatureExtractor
-
         self.latent_dim = latent_dim
         self.features: FeatureExtractor | None = None
         self.mean = np.zeros(0)
         self.components = np.zeros((0, 0))
         self.variances = np.zeros(0)
 
-    def fit(self, tables: Sequence[pd.DataFrame]) -> PCADetector:
-        from stabilitybench.monitor.features import FeatureExtractor
+    @classmethod
+    def create(cls, settings: DetectorSettings) -> Detector:
+        return cls(settings.latent_dim)
 
+    def fit(self, healthy: Healthy) -> PCADetector:
+        tables = telemetry_tables(healthy)
         self.features = FeatureExtractor.fit(tables)
         x = np.concatenate([self.features.transform(t) for t in tables])
         self.mean = x.mean(axis=0)
@@ -486,22 +613,25 @@ class PCADetector(Detector):
         """(n, d) normalised features → (n, k) principal scores."""
         return (features - self.mean) @ self.components.T
 
-    def _scores(self, df: pd.DataFrame) -> np.ndarray:
+    def _distance(self, features: np.ndarray) -> np.ndarray:
+        z = self.project(features)
+        return np.sqrt(((z**2) / self.variances).sum(axis=-1))
+
+    def score(self, table: pd.DataFrame) -> np.ndarray:
         if self.features is None:
             raise RuntimeError("PCADetector.fit must be called before scoring")
-        z = self.project(self.features.transform(df))
-        return np.sqrt(((z**2) / self.variances).sum(axis=1))
+        return self._distance(self.features.transform(table))
 
-    def _native(self, scores: np.ndarray) -> np.ndarray:
+    def native(self, scores: np.ndarray) -> np.ndarray:
         from scipy.stats import chi2
 
-        return scores**2 > chi2.ppf(0.999, df=len(self.variances))
+        return np.asarray(scores) ** 2 > chi2.ppf(0.999, df=len(self.variances))
 
+    def reset(self) -> None:
+        if self.features is not None:
+            self.features.reset()
 
-GUARDS: tuple[type[Detector], ...] = (
-    ZClipDetector,
-    OLMoDetector,
-    LightningDetector,
-    MegatronDetector,
-    EWSDetector,
-)
+    def update(self, row: Mapping[str, Any]) -> float:
+        if self.features is None:
+            raise RuntimeError("PCADetector.fit must be called before scoring")
+        return float(self._distance(self.features.transform_row(row)))

@@ -1,8 +1,9 @@
 """Telemetry rows → a fixed per-step feature vector, robustly normalised on baseline runs.
 
-Each known telemetry column (optionally prefixed by an optimizer role, `actor/grad_norm`) gets a
-transform: norms and rates are log10-scaled, losses signed-log-scaled, coherences and fractions
-kept as they are. The feature set is fixed at fit time (columns present in every baseline run);
+Each known telemetry column (optionally prefixed by an optimizer role, `actor/grad_norm`) gets the
+scaling its probe declares (`Probe.columns`; logged scalars such as losses in `LOGGED_SCALARS`):
+norms and rates are log10-scaled, losses signed-log-scaled, coherences and fractions kept as
+they are. The feature set is fixed at fit time (columns present in every baseline run);
 a column missing from a later run, or a value missing on one step, carries the last value
 forward (the baseline median at the start). A non-finite value, or a step whose gradients are
 non-finite, is a divergence: its features are set to `+CLIP` and the `nonfinite` flag fires.
@@ -26,17 +27,11 @@ LOG = "log"
 SIGNED_LOG = "signed_log"
 IDENTITY = "identity"
 
-# Base column → transform. RL multi-optimizer runs prefix the optimizer columns with `role/`.
-TRANSFORMS: dict[str, str] = {
-    "grad_norm": LOG,
+# Scalars that workloads and integrations log next to the probes (losses, the RL algorithm's
+# own statistics, the pre-clip gradient norm) and how the monitor scales them. Probe columns
+# are declared by each probe class (`Probe.columns`); `column_scalings()` merges the two.
+LOGGED_SCALARS: dict[str, str] = {
     "grad_norm_raw": LOG,
-    "grad_norm_max_layer": LOG,
-    "update_norm": LOG,
-    "update_ratio": LOG,
-    "param_norm": LOG,
-    "lr": LOG,
-    "grad_cos_prev": IDENTITY,
-    "grad_cos_ema": IDENTITY,
     "loss": SIGNED_LOG,
     "value_loss": SIGNED_LOG,
     "critic_loss": SIGNED_LOG,
@@ -50,11 +45,30 @@ TRANSFORMS: dict[str, str] = {
 NONFINITE_FEATURE = "nonfinite"
 
 
-def base_name(column: str) -> str:
+def column_scalings() -> dict[str, str]:
+    """Base column → scaling, from every Probe subclass's `columns` and `LOGGED_SCALARS`.
+
+    Read afresh on each call (a probe class defined later is seen); callers keep the result.
+    """
+    from stabilitybench.telemetry import probes
+    from stabilitybench.telemetry.base import Probe
+
+    del probes  # imported for its Probe subclasses
+    found: dict[str, str] = {}
+    pending: list[type[Probe]] = [Probe]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        found.update({c: kind for c, kind in cls.columns.items() if kind is not None})
+    return {**found, **LOGGED_SCALARS}
+
+
+def base_name(column: str, scalings: Mapping[str, str] | None = None) -> str:
     """`actor/grad_norm` → `grad_norm`; per-layer columns (`grad_norm/0.weight`) keep their slash."""
+    known = column_scalings() if scalings is None else scalings
     if column.count("/") == 1:
         role, base = column.split("/")
-        if base in TRANSFORMS and role not in TRANSFORMS:
+        if base in known and role not in known:
             return base
     return column
 
@@ -63,12 +77,13 @@ def feature_columns(tables: Sequence[pd.DataFrame]) -> list[str]:
     """Known telemetry columns with at least one finite value in every table, in a stable order."""
     if not tables:
         return []
+    scalings = column_scalings()
     common: set[str] | None = None
     for table in tables:
         present = {
             c
             for c in table.columns
-            if base_name(c) in TRANSFORMS
+            if base_name(c, scalings) in scalings
             and np.isfinite(pd.to_numeric(table[c], errors="coerce")).any()
         }
         common = present if common is None else common & present
@@ -94,11 +109,12 @@ def transform_array(values: np.ndarray, kind: str) -> np.ndarray:
         return values.astype(float)
 
 
-def divergence_mask(table: pd.DataFrame) -> np.ndarray:
+def divergence_mask(table: pd.DataFrame, scalings: Mapping[str, str] | None = None) -> np.ndarray:
     """Per row: non-finite gradients were recorded (`nonfinite_grads` > 0 or a non-finite grad norm)."""
+    known = column_scalings() if scalings is None else scalings
     mask = np.zeros(len(table), dtype=bool)
     for column in table.columns:
-        base = base_name(column)
+        base = base_name(column, known)
         values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
         if base == "nonfinite_grads":
             mask |= np.nan_to_num(values, nan=0.0) > 0
@@ -115,6 +131,12 @@ class FeatureExtractor:
     center: np.ndarray  # (d,) median of the transformed column on baseline runs
     scale: np.ndarray  # (d,) robust spread (IQR / 1.349), floored
     _last: np.ndarray | None = field(default=None, repr=False)  # online carry-forward state
+    # Base column → scaling, read once from the probe declarations (column_scalings()).
+    scalings: dict[str, str] = field(default_factory=column_scalings, repr=False)
+
+    def kind(self, column: str) -> str:
+        """How a feature column is scaled (log, signed_log, identity)."""
+        return self.scalings[base_name(column, self.scalings)]
 
     @property
     def names(self) -> list[str]:
@@ -128,9 +150,10 @@ class FeatureExtractor:
     def fit(cls, tables: Sequence[pd.DataFrame]) -> FeatureExtractor:
         """Choose the columns present in every table and normalise with their robust statistics."""
         columns = feature_columns(tables)
+        scalings = column_scalings()
         centers, scales = [], []
         for column in columns:
-            kind = TRANSFORMS[base_name(column)]
+            kind = scalings[base_name(column, scalings)]
             values = np.concatenate(
                 [
                     transform_array(
@@ -149,14 +172,12 @@ class FeatureExtractor:
         """Telemetry table (n rows) → (n, d) normalised features, clipped to [-CLIP, CLIP]."""
         n = len(table)
         out = np.zeros((n, self.dim), dtype=float)
-        diverged = divergence_mask(table)
+        diverged = divergence_mask(table, self.scalings)
         for j, column in enumerate(self.columns):
             if column not in table.columns:
                 continue  # missing column: the baseline median (0 after normalisation)
             raw = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
-            values = (
-                transform_array(raw, TRANSFORMS[base_name(column)]) - self.center[j]
-            ) / self.scale[j]
+            values = (transform_array(raw, self.kind(column)) - self.center[j]) / self.scale[j]
             bad = ~np.isfinite(raw) & (np.isinf(raw) | diverged)
             missing = np.isnan(raw) & ~bad
             values[bad] = CLIP
@@ -175,7 +196,7 @@ class FeatureExtractor:
         if self._last is None:
             self._last = np.zeros(self.dim, dtype=float)
         out = self._last.copy()
-        diverged = _row_diverged(row)
+        diverged = _row_diverged(row, self.scalings)
         infinite = False
         for j, column in enumerate(self.columns):
             value = row.get(column)
@@ -183,7 +204,7 @@ class FeatureExtractor:
                 continue
             value = float(value)
             if math.isfinite(value):
-                kind = TRANSFORMS[base_name(column)]
+                kind = self.kind(column)
                 out[j] = (transform_value(value, kind) - self.center[j]) / self.scale[j]
             elif math.isinf(value) or diverged:
                 infinite = infinite or math.isinf(value)
@@ -225,10 +246,10 @@ def _row_has_inf(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     return mask
 
 
-def _row_diverged(row: Mapping[str, Any]) -> bool:
+def _row_diverged(row: Mapping[str, Any], scalings: Mapping[str, str]) -> bool:
     """The online twin of `divergence_mask` for one row."""
     for column, value in row.items():
-        base = base_name(column)
+        base = base_name(column, scalings)
         if base == "nonfinite_grads" and value is not None:
             v = float(value)
             if math.isfinite(v) and v > 0:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.monitor.alarms import calibrate_threshold
 from stabilitybench.monitor.features import FeatureExtractor
 
 MODEL_FILE = "model.safetensors"
@@ -55,52 +56,6 @@ class MonitorConfig:
     shrinkage: float = 0.1  # covariance shrinkage towards the diagonal
     target_false_alarms: float = 1.0  # per 1,000 steps, on held-out baseline runs
     seed: int = 0
-
-
-def false_alarm_rate(scores: Sequence[np.ndarray], threshold: float) -> float:
-    """Up-crossings of `threshold` per 1,000 steps over a set of runs (each (n_i,))."""
-    steps = sum(len(s) for s in scores)
-    if steps == 0:
-        return 0.0
-    events = sum(int(alarm_events(s, threshold).sum()) for s in scores)
-    return 1000.0 * events / steps
-
-
-def alarm_events(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """(n,) bool: steps where the score crosses up to `threshold` (the first step counts if above)."""
-    above = np.asarray(scores) >= threshold
-    if above.size == 0:
-        return above
-    prev = np.concatenate([[False], above[:-1]])
-    return above & ~prev
-
-
-def calibrate_threshold(scores: Sequence[np.ndarray], target_per_1k: float) -> float:
-    """Smallest threshold whose false-alarm rate on these runs is at most `target_per_1k`.
-
-    scores: one (n_i,) array per held-out baseline run. Candidates are the observed values
-    (the largest finite one plus a margin is always feasible). Returns +inf for no data.
-    """
-    values = np.concatenate([np.asarray(s, dtype=float) for s in scores]) if scores else np.zeros(0)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.inf
-    top = float(values.max())
-    fallback = top + max(1e-9, 1e-6 * abs(top))
-    candidates = np.unique(np.quantile(values, np.linspace(0.5, 1.0, 201)))
-    lo, hi = 0, len(candidates) - 1
-    best = fallback
-    # The rate falls (nearly) monotonically with the threshold: bisect, then confirm.
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if false_alarm_rate(scores, float(candidates[mid])) <= target_per_1k:
-            best = float(candidates[mid])
-            hi = mid - 1
-        else:
-            lo = mid + 1
-    if false_alarm_rate(scores, best) > target_per_1k:
-        best = fallback
-    return best
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -129,47 +84,39 @@ class MetaStateMonitor:
         last 25% of every run's steps serve for early stopping and the training runs themselves
         for calibration (recorded in `fit_info["holdout"]`).
         """
-        import torch
-
-        tables, seeds = _tables_and_seeds(runs)
-        if not tables:
-            raise StabilityBenchError("monitor fit: no baseline runs to learn from (need >= 1)")
-        holdout = "given"
-        if validation is None:
-            distinct = sorted({s for s in seeds if s is not None})
-            if len(distinct) >= 2:
-                held = distinct[-1]
-                val_tables = [t for t, s in zip(tables, seeds, strict=True) if s == held]
-                tables = [t for t, s in zip(tables, seeds, strict=True) if s != held]
-                holdout = f"seed {held}"
-            else:
-                val_tables = []
-                holdout = "last 25% of steps"
-        else:
-            val_tables, _ = _tables_and_seeds(validation)
+        tables, val_tables, holdout = _split_holdout(runs, validation)
         all_tables = [*tables, *val_tables]
-        cfg = self.config
         self.features = FeatureExtractor.fit(all_tables)
         self.horizon = int(np.median([_run_length(t) for t in all_tables]))
         train_x = [self.features.transform(t) for t in tables]
         val_x = [self.features.transform(t) for t in val_tables]
         train_steps = [_steps(t) for t in tables]
         val_steps = [_steps(t) for t in val_tables]
+        epochs, best_loss = self._train(train_x, val_x)
+        calibration = (val_x, val_steps) if val_x else (train_x, train_steps)
+        self._fit_reference((train_x + val_x, train_steps + val_steps), calibration)
+        self.fit_info = {
+            "train_runs": len(tables),
+            "validation_runs": len(val_tables),
+            "holdout": holdout,
+            "epochs": epochs,
+            "best_validation_loss": best_loss,
+            "features": self.features.names,
+        }
+        self.reset()
+        return self
 
+    def _train(self, train_x: list[np.ndarray], val_x: list[np.ndarray]) -> tuple[int, float]:
+        """Train the network on windows of the features with early stopping; keeps the best
+        weights in `self.weights` (float64). Returns (epochs run, best validation loss)."""
+        import torch
+
+        cfg = self.config
+        assert self.features is not None
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         model = _Net(self.features.dim, cfg.hidden, cfg.latent_dim, cfg.decoder_hidden)
-        if val_x:
-            train_windows = _windows(train_x, cfg.window)
-            val_windows = _windows(val_x, cfg.window)
-        else:
-            cut = [max(2, int(0.75 * len(x))) for x in train_x]
-            train_windows = _windows([x[:c] for x, c in zip(train_x, cut, strict=True)], cfg.window)
-            val_windows = _windows(
-                [x[c - 1 :] for x, c in zip(train_x, cut, strict=True)], cfg.window
-            )
-        if len(train_windows) == 0:
-            raise StabilityBenchError("monitor fit: baseline runs are too short (need >= 3 steps)")
+        train_windows, val_windows = _train_and_validation_windows(train_x, val_x, cfg.window)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         best_loss, best_state, bad_epochs, epochs = math.inf, None, 0, 0
         train_t = torch.as_tensor(train_windows, dtype=torch.float32)
@@ -202,18 +149,7 @@ class MetaStateMonitor:
         self.weights = {
             k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()
         }
-        calibration = (val_x, val_steps) if val_x else (train_x, train_steps)
-        self._fit_reference((train_x + val_x, train_steps + val_steps), calibration)
-        self.fit_info = {
-            "train_runs": len(tables),
-            "validation_runs": len(val_tables),
-            "holdout": holdout,
-            "epochs": epochs,
-            "best_validation_loss": best_loss,
-            "features": self.features.names,
-        }
-        self.reset()
-        return self
+        return epochs, best_loss
 
     def _fit_reference(
         self,
@@ -251,6 +187,19 @@ class MetaStateMonitor:
             "err_mean": np.zeros(bins),
             "err_std": np.ones(bins),
         }
+        self._standardise(calibration_x, calibration_steps)
+        self.threshold = math.inf
+        cal_scores = [
+            self._score_features(x, s)[0]
+            for x, s in zip(calibration_x, calibration_steps, strict=True)
+        ]
+        self.threshold = calibrate_threshold(cal_scores, cfg.target_false_alarms)
+
+    def _standardise(
+        self, calibration_x: list[np.ndarray], calibration_steps: list[np.ndarray]
+    ) -> None:
+        """Per-bin robust centre and spread of the latent distance and prediction error."""
+        mean, precision = self.reference["latent_mean"], self.reference["latent_precision"]
         dists, errs, cal_bins = [], [], []
         for x, steps in zip(calibration_x, calibration_steps, strict=True):
             z, err = self._raw_pass(x)
@@ -265,7 +214,7 @@ class MetaStateMonitor:
             np.concatenate(cal_bins),
         )
         for name, values in (("dist", dist_all), ("err", err_all)):
-            for b in range(bins):
+            for b in range(self.config.bins):
                 vb = values[bin_ids_or_all(bin_all, b)]
                 vb = vb[np.isfinite(vb)]
                 self.reference[f"{name}_mean"][b] = float(np.median(vb)) if vb.size else 0.0
@@ -273,12 +222,6 @@ class MetaStateMonitor:
                     float(np.percentile(vb, 75) - np.percentile(vb, 25)) / 1.349 if vb.size else 1.0
                 )
                 self.reference[f"{name}_std"][b] = max(spread, 1e-3)
-        self.threshold = math.inf
-        cal_scores = [
-            self._score_features(x, s)[0]
-            for x, s in zip(calibration_x, calibration_steps, strict=True)
-        ]
-        self.threshold = calibrate_threshold(cal_scores, cfg.target_false_alarms)
 
     def _bins(self, steps: np.ndarray) -> np.ndarray:
         """Progress bin of each optimizer step (steps: (n,) int) → (n,) int."""
@@ -527,3 +470,36 @@ def _steps(table: pd.DataFrame) -> np.ndarray:
 
 def _run_length(table: pd.DataFrame) -> int:
     return int(_steps(table).max()) + 1 if len(table) else 1
+
+
+def _split_holdout(
+    runs: Sequence[Any], validation: Sequence[Any] | None
+) -> tuple[list[pd.DataFrame], list[pd.DataFrame], str]:
+    """(training tables, validation tables, how the validation runs were chosen)."""
+    tables, seeds = _tables_and_seeds(runs)
+    if not tables:
+        raise StabilityBenchError("monitor fit: no baseline runs to learn from (need >= 1)")
+    if validation is not None:
+        return tables, _tables_and_seeds(validation)[0], "given"
+    distinct = sorted({s for s in seeds if s is not None})
+    if len(distinct) < 2:
+        return tables, [], "last 25% of steps"
+    held = distinct[-1]
+    val_tables = [t for t, s in zip(tables, seeds, strict=True) if s == held]
+    train = [t for t, s in zip(tables, seeds, strict=True) if s != held]
+    return train, val_tables, f"seed {held}"
+
+
+def _train_and_validation_windows(
+    train_x: list[np.ndarray], val_x: list[np.ndarray], window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and early-stopping windows; without validation runs, the last 25% of each run."""
+    if val_x:
+        train_windows, val_windows = _windows(train_x, window), _windows(val_x, window)
+    else:
+        cut = [max(2, int(0.75 * len(x))) for x in train_x]
+        train_windows = _windows([x[:c] for x, c in zip(train_x, cut, strict=True)], window)
+        val_windows = _windows([x[c - 1 :] for x, c in zip(train_x, cut, strict=True)], window)
+    if len(train_windows) == 0:
+        raise StabilityBenchError("monitor fit: baseline runs are too short (need >= 3 steps)")
+    return train_windows, val_windows

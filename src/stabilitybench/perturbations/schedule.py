@@ -3,6 +3,7 @@ workload's adapters (a Gymnasium wrapper for RL, a batch transform for LM)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -183,13 +184,8 @@ class _RunningStats:
         return np.sqrt(np.asarray(self.m2) / self.count)
 
 
-_WRAPPER: type | None = None
-
-
+@functools.cache  # one class per process, so isinstance checks on wrapped envs hold
 def _wrapper_class() -> type:
-    global _WRAPPER
-    if _WRAPPER is not None:
-        return _WRAPPER
     import gymnasium
 
     class PerturbedEnv(gymnasium.Wrapper):  # type: ignore[misc]
@@ -234,7 +230,6 @@ def _wrapper_class() -> type:
                     reward = p.perturb_reward(float(reward), reward_rms)
             return self._perturb_obs(obs), reward, terminated, truncated, info
 
-    _WRAPPER = PerturbedEnv
     return PerturbedEnv
 
 

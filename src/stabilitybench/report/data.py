@@ -5,17 +5,25 @@ Everything here is plain pandas/numpy; drawing lives in `figures.py`, the page i
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.metrics.collapse import CollapseConfig
+from stabilitybench.metrics.records import Onset, RunRecord, audit_records, run_record
+from stabilitybench.metrics.summary import AuditSummary
+from stabilitybench.monitor.results import (
+    EVALUATION_FILE,
+    Evaluation,
+    evaluation_path,
+    load_evaluation,
+)
 from stabilitybench.store import RunData, RunStore
 
 TELEMETRY_SIGNALS: tuple[str, ...] = ("grad_norm", "grad_cos_prev", "grad_cos_ema", "update_ratio")
@@ -24,48 +32,52 @@ MAX_CURVE_POINTS = 400  # telemetry is binned to at most this many points per ru
 
 @dataclass
 class ReportData:
-    """Everything the page needs, loaded once from the store."""
+    """Everything the page needs, loaded once: typed records and results, and the stored runs."""
 
-    audit: dict[str, Any]
-    infos: list[dict[str, Any]]  # every run.json, whatever its status
+    audit: dict[str, Any]  # audit.json (the resolved spec)
+    records: list[RunRecord]  # every run, whatever its status
     runs: dict[str, RunData]  # finished runs, by run_id
-    summary: dict[str, Any] | None = None
+    summary: AuditSummary | None = None
     summary_error: str | None = None
-    evaluation: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
     evaluation_error: str | None = None
-    summary_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def record(self, run_id: str) -> RunRecord | None:
+        """A run's record with its collapse analysis (None without a metrics summary)."""
+        return None if self.summary is None else self.summary.run(run_id)
+
+    def identity(self, run_id: str) -> RunRecord:
+        """A run's record for its identity and onset (present with or without a summary)."""
+        found = next((r for r in self.records if r.run_id == run_id), None)
+        if found is None:
+            raise KeyError(run_id)
+        return found
 
 
 def load_report_data(store: RunStore) -> ReportData:
     """Read the audit, its runs, the metrics summary and the monitor evaluation (each optional)."""
+    from stabilitybench.metrics import summary as metrics_summary
+
     audit = store.audit() if store.exists() else {}
-    infos = store.infos()
     runs = {run.run_id: run for run in store.iter_runs(status="done")}
-    data = ReportData(audit=audit, infos=infos, runs=runs)
+    data = ReportData(audit=audit, records=[], runs=runs)
     try:
-        from stabilitybench.metrics.summary import summarize
-    except ImportError:
-        data.summary_error = "the metrics module is not installed in this version"
+        data.summary = metrics_summary.summarize(store)
+    except StabilityBenchError as exc:
+        data.summary_error = str(exc)
+    if data.summary is not None:
+        data.records = data.summary.runs
     else:
         try:
-            data.summary = summarize(store)
-        except StabilityBenchError as exc:
-            data.summary_error = str(exc)
-    if data.summary is not None:
-        for row in _as_list(data.summary.get("runs")):
-            if isinstance(row, Mapping) and row.get("run_id") is not None:
-                data.summary_runs[str(row["run_id"])] = dict(row)
-    evaluation_path = store.root / "monitor" / "evaluation.json"
-    if evaluation_path.exists():
+            data.records = audit_records(store)
+        except StabilityBenchError:
+            config = CollapseConfig()
+            data.records = [run_record(i, None, Onset(), config) for i in store.infos()]
+    if evaluation_path(store.root).exists():
         try:
-            loaded = json.loads(evaluation_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            data.evaluation_error = f"{evaluation_path.name} could not be read: {exc}"
-        else:
-            if isinstance(loaded, dict):
-                data.evaluation = loaded
-            else:
-                data.evaluation_error = f"{evaluation_path.name} is not a JSON object"
+            data.evaluation = load_evaluation(store.root)
+        except StabilityBenchError as exc:
+            data.evaluation_error = f"{EVALUATION_FILE} could not be read: {exc}"
     return data
 
 
@@ -75,21 +87,6 @@ def knob_text(knobs: Mapping[str, Any] | None) -> str:
     if not knobs:
         return "defaults"
     return ", ".join(f"{k}={v}" for k, v in sorted(knobs.items()))
-
-
-def perturbation_label(info: Mapping[str, Any]) -> str:
-    """The run's perturbation label (`none` for a baseline)."""
-    pert = info.get("perturbation")
-    if isinstance(pert, str):
-        return pert
-    if not isinstance(pert, Mapping):
-        return "none"
-    kind = str(pert.get("kind", "none"))
-    return "none" if kind == "none" else str(pert.get("label") or kind)
-
-
-def is_baseline(info: Mapping[str, Any]) -> bool:
-    return perturbation_label(info) == "none"
 
 
 def slug(text: str, limit: int = 60) -> str:
@@ -107,14 +104,6 @@ def unique_slugs(texts: Iterable[str]) -> list[str]:
         seen[base] = seen.get(base, 0) + 1
         out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
     return out
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, list):
-        return value
-    if isinstance(value, Mapping):
-        return list(value.values())
-    return []
 
 
 def as_float(value: Any) -> float | None:
@@ -231,27 +220,16 @@ def window_spans(run: RunData) -> list[tuple[float, float]]:
     return spans
 
 
-def onset_step(run: RunData) -> float | None:
-    """The first perturbation window's start (optimizer step), or None for a baseline."""
-    events = run.events
-    if events.empty or "start_step" not in events.columns:
-        return None
-    starts = pd.to_numeric(events["start_step"], errors="coerce").dropna()
-    return float(starts.min()) if len(starts) else None
-
-
-def collapse_point(
-    run: RunData, summary_row: Mapping[str, Any] | None
-) -> tuple[float, float] | None:
+def collapse_point(run: RunData, record: RunRecord | None) -> tuple[float, float] | None:
     """(x, perf) of the evaluation where the run collapsed, or None if it did not.
 
-    With a metrics summary, the run's onset plus its `collapse_step` (optimizer steps from onset)
-    is used; without one, a run whose loss went non-finite is marked at its last evaluation.
+    With a record (from the metrics summary) the collapse is at its `collapse_at` step; without
+    one, a run whose loss went non-finite is marked at its last evaluation.
     """
     perf = perf_series(run)
     if perf.empty:
         return None
-    step = collapse_at_step(run, summary_row)
+    step = collapse_at_step(run, record)
     if step is None:
         return None
     after = perf[perf["step"] >= step]
@@ -259,23 +237,22 @@ def collapse_point(
     return float(row["x"]), float(row["perf"])
 
 
-def collapse_at_step(run: RunData, summary_row: Mapping[str, Any] | None) -> float | None:
+def collapse_at_step(run: RunData, record: RunRecord | None) -> float | None:
     """The optimizer step of the run's collapse (+inf: its last step), or None if it held."""
-    if summary_row is not None:
-        if not summary_row.get("collapsed"):
+    if record is not None:
+        collapse = record.collapse
+        if collapse is None or not collapse.collapsed:
             return None
-        onset = as_float(summary_row.get("onset_step"))
-        if onset is None:
-            onset = onset_step(run)
-        delta = as_float(summary_row.get("collapse_step"))
-        if onset is None or delta is None or math.isnan(onset + delta):
-            return math.inf
-        return onset + delta
-    outcome = run.info.get("outcome") or {}
-    perf = pd.to_numeric(run.evals.get("perf", pd.Series(dtype=float)), errors="coerce")
-    if outcome.get("diverged") or np.isneginf(perf.to_numpy(dtype=float)).any():
-        return math.inf
-    return None
+        return math.inf if collapse.collapse_at is None else float(collapse.collapse_at)
+    perf = perf_series(run)["perf"].to_numpy(dtype=float)
+    return math.inf if np.isneginf(perf).any() else None
+
+
+def onset_step(record: RunRecord | None) -> float | None:
+    """The perturbation onset of a perturbed run (None for a baseline or without a record)."""
+    if record is None or record.is_baseline or record.onset.step is None:
+        return None
+    return float(record.onset.step)
 
 
 def latent_columns(scores: pd.DataFrame | None) -> list[str]:

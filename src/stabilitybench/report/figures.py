@@ -145,6 +145,119 @@ def _shade(ax: plt.Axes, windows: Sequence[tuple[float, float]], x_span: float) 
         )
 
 
+def _present_signals(series: Sequence[ConditionSeries]) -> list[tuple[str, str, bool]]:
+    """The telemetry panels that some run of these series has values for."""
+    return [
+        panel
+        for panel in TELEMETRY_PANELS
+        if any(
+            panel[0] in f.columns and f[panel[0]].notna().any() for s in series for f in s.telemetry
+        )
+    ]
+
+
+def _x_range(series: Sequence[ConditionSeries]) -> tuple[float, float]:
+    all_x = [
+        f["x"].to_numpy(dtype=float) for s in series for f in (*s.perf, *s.telemetry) if len(f)
+    ]
+    x_cat = np.concatenate(all_x) if all_x else np.zeros(1)
+    return float(np.nanmin(x_cat)), float(np.nanmax(x_cat))
+
+
+def _perf_panel(
+    ax: Any, series: Sequence[ConditionSeries], colors: Sequence[Any], x_max: float
+) -> None:
+    """Performance median + IQR per series, dashed baselines, collapse marks, divergence floor."""
+    floor, has_neginf = _perf_floor(series)
+    for color, s in zip(colors, series, strict=True):
+        if s.baseline_perf:
+            base = quantile_band(s.baseline_perf, "perf", floor=floor, x_end=x_max)
+            ax.plot(base["x"], base["median"], color=color, lw=1.0, ls="--", alpha=0.6)
+        band = quantile_band(s.perf, "perf", floor=floor, x_end=x_max)
+        ax.fill_between(band["x"], band["q25"], band["q75"], color=color, alpha=0.2, lw=0)
+        label = f"{text(s.label)} (n={len(s.perf)})"
+        ax.plot(band["x"], band["median"], color=color, lw=1.8, label=label)
+        if s.collapses:
+            cx = [c[0] for c in s.collapses]
+            cy = [
+                floor if (floor is not None and not math.isfinite(c[1])) else c[1]
+                for c in s.collapses
+            ]
+            ax.scatter(cx, cy, marker="x", s=42, color=color, linewidths=1.8, zorder=5)
+    if has_neginf and floor is not None:
+        ax.axhline(floor, color="#555555", lw=0.8, ls=":")
+        ax.annotate(
+            "non-finite loss (diverged)",
+            xy=(x_max, floor),
+            xytext=(-2, 3),
+            textcoords="offset points",
+            fontsize=7,
+            color="#555555",
+            ha="right",
+        )
+    ax.set_ylabel("performance\n(median, IQR over seeds)")
+
+
+def _legends(
+    axes: Any,
+    series: Sequence[ConditionSeries],
+    signals: Sequence[tuple[str, str, bool]],
+    has_windows: bool,
+) -> None:
+    """The performance legend (with baseline / window / collapse keys) and the coherence key."""
+    perf_ax = axes[0]
+    handles, _ = perf_ax.get_legend_handles_labels()
+    extra: list[Any] = []
+    if any(s.baseline_perf for s in series):
+        extra.append(
+            plt.Line2D([], [], color="#555555", ls="--", lw=1.0, label="unperturbed baseline")
+        )
+    if has_windows:
+        extra.append(
+            matplotlib.patches.Patch(color=WINDOW_COLOR, alpha=0.4, label="perturbation window")
+        )
+    if any(s.collapses for s in series):
+        extra.append(plt.Line2D([], [], color="#555555", marker="x", ls="", label="collapse"))
+    perf_ax.legend(
+        handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
+    )
+    if any(signal == "grad_cos_prev" for signal, _, _ in signals) and any(
+        "grad_cos_ema" in f.columns for s in series for f in s.telemetry
+    ):
+        extra_ax = axes[1 + [p[0] for p in signals].index("grad_cos_prev")]
+        extra_ax.legend(
+            handles=[
+                plt.Line2D([], [], color="#555555", lw=1.3, label="vs previous step"),
+                plt.Line2D([], [], color="#555555", lw=1.0, ls=":", label="vs gradient EMA"),
+            ],
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            frameon=False,
+        )
+
+
+def _telemetry_panel(
+    ax: Any, series: Sequence[ConditionSeries], colors: Sequence[Any], panel: tuple[str, str, bool]
+) -> None:
+    """One telemetry signal: median + IQR per series (log scale when positive and asked)."""
+    signal, label, log = panel
+    positive = True
+    for color, s in zip(colors, series, strict=True):
+        band = quantile_band(s.telemetry, signal)
+        if band.empty:
+            continue
+        positive = positive and bool((band["q25"] > 0).all())
+        ax.fill_between(band["x"], band["q25"], band["q75"], color=color, alpha=0.2, lw=0)
+        ax.plot(band["x"], band["median"], color=color, lw=1.3)
+        if signal == "grad_cos_prev":
+            ema = quantile_band(s.telemetry, "grad_cos_ema")
+            if not ema.empty:
+                ax.plot(ema["x"], ema["median"], color=color, lw=1.0, ls=":")
+    if log and positive:
+        ax.set_yscale("log")
+    ax.set_ylabel(label)
+
+
 def condition_figure(
     series: Sequence[ConditionSeries],
     *,
@@ -154,15 +267,7 @@ def condition_figure(
 ) -> Figure:
     """Performance (median + IQR over seeds) with telemetry panels below it, sharing the x axis."""
     with plt.rc_context(STYLE):
-        signals = [
-            panel
-            for panel in TELEMETRY_PANELS
-            if any(
-                panel[0] in f.columns and f[panel[0]].notna().any()
-                for s in series
-                for f in s.telemetry
-            )
-        ]
+        signals = _present_signals(series)
         heights = [2.8] + [1.3] * len(signals)
         fig, axes = plt.subplots(
             len(heights),
@@ -174,93 +279,13 @@ def condition_figure(
         )
         axes = axes[:, 0]
         colors = palette(len(series))
-        floor, has_neginf = _perf_floor(series)
-        all_x = [
-            f["x"].to_numpy(dtype=float) for s in series for f in (*s.perf, *s.telemetry) if len(f)
-        ]
-        x_cat = np.concatenate(all_x) if all_x else np.zeros(1)
-        x_min, x_max = float(np.nanmin(x_cat)), float(np.nanmax(x_cat))
+        x_min, x_max = _x_range(series)
         for ax in axes:
             _shade(ax, windows, x_max - x_min)
-
-        perf_ax = axes[0]
-        for color, s in zip(colors, series, strict=True):
-            if s.baseline_perf:
-                base = quantile_band(s.baseline_perf, "perf", floor=floor, x_end=x_max)
-                perf_ax.plot(base["x"], base["median"], color=color, lw=1.0, ls="--", alpha=0.6)
-            band = quantile_band(s.perf, "perf", floor=floor, x_end=x_max)
-            perf_ax.fill_between(band["x"], band["q25"], band["q75"], color=color, alpha=0.2, lw=0)
-            perf_ax.plot(
-                band["x"],
-                band["median"],
-                color=color,
-                lw=1.8,
-                label=f"{text(s.label)} (n={len(s.perf)})",
-            )
-            if s.collapses:
-                cx = [c[0] for c in s.collapses]
-                cy = [
-                    floor if (floor is not None and not math.isfinite(c[1])) else c[1]
-                    for c in s.collapses
-                ]
-                perf_ax.scatter(cx, cy, marker="x", s=42, color=color, linewidths=1.8, zorder=5)
-        if has_neginf and floor is not None:
-            perf_ax.axhline(floor, color="#555555", lw=0.8, ls=":")
-            perf_ax.annotate(
-                "non-finite loss (diverged)",
-                xy=(x_max, floor),
-                xytext=(-2, 3),
-                textcoords="offset points",
-                fontsize=7,
-                color="#555555",
-                ha="right",
-            )
-        perf_ax.set_ylabel("performance\n(median, IQR over seeds)")
-        handles, _ = perf_ax.get_legend_handles_labels()
-        extra: list[Any] = []
-        if any(s.baseline_perf for s in series):
-            extra.append(
-                plt.Line2D([], [], color="#555555", ls="--", lw=1.0, label="unperturbed baseline")
-            )
-        if windows:
-            extra.append(
-                matplotlib.patches.Patch(color=WINDOW_COLOR, alpha=0.4, label="perturbation window")
-            )
-        if any(s.collapses for s in series):
-            extra.append(plt.Line2D([], [], color="#555555", marker="x", ls="", label="collapse"))
-        perf_ax.legend(
-            handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
-        )
-        if any(signal == "grad_cos_prev" for signal, _, _ in signals) and any(
-            "grad_cos_ema" in f.columns for s in series for f in s.telemetry
-        ):
-            extra_ax = axes[1 + [p[0] for p in signals].index("grad_cos_prev")]
-            extra_ax.legend(
-                handles=[
-                    plt.Line2D([], [], color="#555555", lw=1.3, label="vs previous step"),
-                    plt.Line2D([], [], color="#555555", lw=1.0, ls=":", label="vs gradient EMA"),
-                ],
-                loc="upper left",
-                bbox_to_anchor=(1.01, 1.0),
-                frameon=False,
-            )
-
-        for ax, (signal, label, log) in zip(axes[1:], signals, strict=True):
-            positive = True
-            for color, s in zip(colors, series, strict=True):
-                band = quantile_band(s.telemetry, signal)
-                if band.empty:
-                    continue
-                positive = positive and bool((band["q25"] > 0).all())
-                ax.fill_between(band["x"], band["q25"], band["q75"], color=color, alpha=0.2, lw=0)
-                ax.plot(band["x"], band["median"], color=color, lw=1.3)
-                if signal == "grad_cos_prev":
-                    ema = quantile_band(s.telemetry, "grad_cos_ema")
-                    if not ema.empty:
-                        ax.plot(ema["x"], ema["median"], color=color, lw=1.0, ls=":")
-            if log and positive:
-                ax.set_yscale("log")
-            ax.set_ylabel(label)
+        _perf_panel(axes[0], series, colors, x_max)
+        _legends(axes, series, signals, bool(windows))
+        for ax, panel in zip(axes[1:], signals, strict=True):
+            _telemetry_panel(ax, series, colors, panel)
         axes[-1].set_xlabel(x_label)
         if title:
             fig.suptitle(text(title), x=0.01, ha="left", fontsize=10)
@@ -303,35 +328,12 @@ def latent_figure(
             label = None if t.group in labelled else text(t.group)
             labelled.add(t.group)
             ax.plot(t.xy[:, 0], t.xy[:, 1], color=color, lw=1.1, alpha=0.85, label=label)
-            if t.onset_index is not None and 0 <= t.onset_index < len(t.xy):
-                ax.scatter(
-                    t.xy[t.onset_index, 0],
-                    t.xy[t.onset_index, 1],
-                    marker="o",
-                    s=28,
-                    facecolor="white",
-                    edgecolor=color,
-                    zorder=4,
-                )
-            if t.collapse_index is not None and 0 <= t.collapse_index < len(t.xy):
-                ax.scatter(
-                    t.xy[t.collapse_index, 0],
-                    t.xy[t.collapse_index, 1],
-                    marker="x",
-                    s=70,
-                    color="black",
-                    linewidths=2.4,
-                    zorder=5,
-                )
-                ax.scatter(
-                    t.xy[t.collapse_index, 0],
-                    t.xy[t.collapse_index, 1],
-                    marker="x",
-                    s=55,
-                    color=color,
-                    linewidths=1.4,
-                    zorder=6,
-                )
+            onset = {"marker": "o", "s": 28, "facecolor": "white", "edgecolor": color, "zorder": 4}
+            _mark(ax, t.xy, t.onset_index, onset)
+            collapse = {"marker": "x", "s": 70, "color": "black", "linewidths": 2.4, "zorder": 5}
+            _mark(ax, t.xy, t.collapse_index, collapse)
+            inner = {"marker": "x", "s": 55, "color": color, "linewidths": 1.4, "zorder": 6}
+            _mark(ax, t.xy, t.collapse_index, inner)
         handles, _ = ax.get_legend_handles_labels()
         handles += [
             plt.Line2D(
@@ -482,3 +484,9 @@ def save_png(fig: Figure, path: Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
     return path
+
+
+def _mark(ax: Any, xy: np.ndarray, index: int | None, style: dict[str, Any]) -> None:
+    """A marker at point `index` of a trajectory (xy: (n, 2)), if it lies on it."""
+    if index is not None and 0 <= index < len(xy):
+        ax.scatter(xy[index, 0], xy[index, 1], **style)

@@ -24,6 +24,9 @@ class Probe:
 
     name: ClassVar[str] = ""
     phase: ClassVar[Phase] = Phase.PRE_STEP
+    # The columns `measure()` writes and how the monitor scales each as a feature: "log",
+    # "signed_log", "identity", or None (recorded, not a monitor feature).
+    columns: ClassVar[Mapping[str, str | None]] = {}
 
     def __init__(self, every: int | Schedule = 1) -> None:
         self.schedule: Schedule = as_schedule(every)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +22,11 @@ class GradNorm(Probe):
     """Global and largest per-tensor gradient norm, and the count of non-finite gradient entries."""
 
     name = "grad_norm"
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "grad_norm": "log",
+        "grad_norm_max_layer": "log",
+        "nonfinite_grads": None,
+    }
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         per_tensor = ctx.grad_norms()  # (n_params,)
@@ -40,6 +46,10 @@ class GradCoherence(Probe):
     """
 
     name = "grad_coherence"
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "grad_cos_prev": "identity",
+        "grad_cos_ema": "identity",
+    }
 
     def __init__(self, every: int | Schedule = 1, ema_decay: float = 0.9) -> None:
         super().__init__(every)
@@ -85,6 +95,11 @@ class UpdateNorm(Probe):
     """
 
     name = "update_norm"
+    columns: ClassVar[Mapping[str, str | None]] = {
+        "update_norm": "log",
+        "update_ratio": "log",
+        "param_norm": "log",
+    }
     phase = Phase.POST_STEP
 
     def __init__(self, every: int | Schedule = 1) -> None:
@@ -157,6 +172,7 @@ class LearningRate(Probe):
     """The learning rate the optimizer uses on this step (after any perturbation)."""
 
     name = "lr"
+    columns: ClassVar[Mapping[str, str | None]] = {"lr": "log"}
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         groups = ctx.optimizer.param_groups
@@ -207,6 +223,7 @@ class Sharpness(Probe):
     """
 
     name = "sharpness"
+    columns: ClassVar[Mapping[str, str | None]] = {"sharpness": None}
     phase = Phase.POST_STEP
 
     def __init__(
@@ -299,6 +316,7 @@ class MCoherence(Probe):
     """
 
     name = "m_coherence"
+    columns: ClassVar[Mapping[str, str | None]] = {"m_coherence": None}
     phase = Phase.POST_STEP
 
     def __init__(self, micro_batches: MicroBatches | None, every: int | Schedule = 50) -> None:
@@ -325,6 +343,7 @@ class GradNoiseScale(Probe):
     """
 
     name = "grad_noise_scale"
+    columns: ClassVar[Mapping[str, str | None]] = {"grad_noise_scale": None}
     phase = Phase.POST_STEP
 
     def __init__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -31,7 +32,11 @@ class Workload(Protocol):
 
 WorkloadFactory = Callable[[dict[str, Any]], Workload]
 _REGISTRY: dict[str, WorkloadFactory] = {}
-_BUILTINS_LOADED = False
+BUILTIN_MODULES = {
+    "rl": "stabilitybench.workloads.rl",
+    "lm": "stabilitybench.workloads.lm",
+    "toy": "stabilitybench.workloads.toy",
+}
 
 
 def register_workload(kind: str, factory: WorkloadFactory) -> None:
@@ -39,38 +44,38 @@ def register_workload(kind: str, factory: WorkloadFactory) -> None:
     _REGISTRY[kind] = factory
 
 
-def _ensure_builtin() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
+@functools.cache
+def _builtin_failures() -> dict[str, str]:
+    """Import the built-in workload modules once (each registers its kind); returns, per kind
+    whose module failed to import, which module and why."""
     import importlib
 
-    for module in (
-        "stabilitybench.workloads.rl",
-        "stabilitybench.workloads.lm",
-        "stabilitybench.workloads.toy",
-    ):
+    failures = {}
+    for kind, module in BUILTIN_MODULES.items():
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("stabilitybench"):
-                continue
-            raise
+        except ImportError as exc:
+            failures[kind] = f"{module} failed to import ({type(exc).__name__}: {exc})"
+    return failures
 
 
 def workload_kinds() -> list[str]:
-    _ensure_builtin()
+    _builtin_failures()
     return sorted(_REGISTRY)
 
 
 def build_workload(config: dict[str, Any]) -> Workload:
     """Build the workload for a resolved workload config (the `workload` field of a RunSpec)."""
-    _ensure_builtin()
+    failures = _builtin_failures()
     kind = config.get("kind")
+    name = config.get("name", "?")
+    if kind not in _REGISTRY and kind in failures:
+        raise StabilityBenchError(
+            f"workload {name!r}: kind {kind!r} is unavailable: {failures[kind]}"
+        )
     if kind not in _REGISTRY:
         raise StabilityBenchError(
-            f"workload {config.get('name', '?')!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
+            f"workload {name!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[kind](config)
 

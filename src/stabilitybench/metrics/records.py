@@ -1,0 +1,368 @@
+"""One reading of the store: a typed `RunRecord` per run, computed once.
+
+`audit_records(store)` reads every run.json and evaluation table, resolves each run's onset (a
+perturbed run's own first perturbation window; a baseline borrows the earliest onset of its
+matched perturbed runs) and runs the collapse analysis with the audit's `collapse:` thresholds.
+The summary, the early-warning evaluation and the report all consume these records; nothing
+downstream derives an onset, a baseline flag or a collapse label again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.metrics import reliability as rel
+from stabilitybench.metrics.collapse import (
+    CollapseConfig,
+    CollapseResult,
+    analyze_collapse,
+    final_performance,
+)
+from stabilitybench.metrics.stability import stability_score
+from stabilitybench.store import RunStore
+from stabilitybench.types import last_error_line, run_perturbation
+
+# Where a run's onset came from: its own events, or (a baseline) matched perturbed runs.
+ONSET_SOURCES = ("events", "matched_seed", "matched_knobs", "matched_workload")
+
+
+@dataclass(frozen=True)
+class Onset:
+    """A run's perturbation onset: optimizer step, env step (RL) and where it came from."""
+
+    step: int | None = None
+    env_step: int | None = None
+    source: str | None = None  # one of ONSET_SOURCES, None without an onset
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Chan et al.'s within-run metrics, in units of the run's curve range (NaN: undefined)."""
+
+    dispersion_across_time: float = math.nan
+    short_term_risk: float = math.nan
+    long_term_risk: float = math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class EvalCurve:
+    """A run's evaluations sorted by step: steps, perf and env steps (None for LM) (n,)."""
+
+    steps: np.ndarray
+    perf: np.ndarray
+    env_steps: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, evals: pd.DataFrame | None) -> EvalCurve:
+        if evals is None or evals.empty or "perf" not in evals or "step" not in evals:
+            return cls(np.array([]), np.array([]))
+        frame = evals.sort_values("step", kind="stable")
+        env = None
+        if "env_step" in frame and frame["env_step"].notna().any():
+            env = _numbers(frame["env_step"])
+        return cls(_numbers(frame["step"]), _numbers(frame["perf"]), env)
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """When a run started and finished (Unix seconds) and its wall time, from run.json."""
+
+    started: float | None = None
+    finished: float | None = None
+    wall_s: float | None = None
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any]) -> RunTiming:
+        started, finished, wall = (
+            _number_or_none(info.get(k)) for k in ("started", "finished", "wall_s")
+        )
+        return cls(started, finished, wall)
+
+
+def _number_or_none(value: object) -> float | None:
+    """A JSON number as float (booleans and everything else: None)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class RunRecord:
+    """Everything the analysis layer knows about one run, derived once from the store."""
+
+    run_id: str
+    label: str | None
+    workload: str
+    kind: str | None
+    knobs: Mapping[str, Any]
+    perturbation: str  # the label; `none` for a baseline
+    perturbation_kind: str
+    magnitude: float | None
+    seed: int | None
+    status: str
+    error: str | None  # the last line of a failed run's error
+    onset: Onset = field(default_factory=Onset)
+    collapse: CollapseResult | None = None  # None: not finished or no evaluation
+    final_perf: float | None = None
+    reliability: Reliability | None = None
+    stability_score: float | None = None
+    curve: EvalCurve = field(default_factory=lambda: EvalCurve.of(None), repr=False)
+    timing: RunTiming = field(default_factory=RunTiming)
+    error_text: str | None = field(default=None, repr=False)  # the whole stored error
+    outcome_final_perf: float | None = None  # what the workload reported (run.json outcome)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.perturbation_kind == "none"
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def collapsed(self) -> bool | None:
+        return None if self.collapse is None else self.collapse.collapsed
+
+    @property
+    def knobs_key(self) -> str:
+        return knobs_key(self.knobs)
+
+    def __json__(self) -> dict[str, Any]:
+        """The documented `summary --json` run entry (flat)."""
+        c, r = self.collapse, self.reliability or Reliability()
+        return {
+            "run_id": self.run_id,
+            "label": self.label,
+            "workload": self.workload,
+            "kind": self.kind,
+            "knobs": dict(self.knobs),
+            "perturbation": self.perturbation,
+            "perturbation_kind": self.perturbation_kind,
+            "magnitude": self.magnitude,
+            "seed": self.seed,
+            "status": self.status,
+            "collapsed": None if c is None else c.collapsed,
+            "irreversible": None if c is None else c.irreversible,
+            "diverged": None if c is None else c.diverged,
+            "onset_step": self.onset.step,
+            "onset_source": self.onset.source,
+            "collapse_step": None if c is None else c.collapse_step,
+            "collapse_env_steps": None if c is None else c.collapse_env_steps,
+            "recovery_steps": None if c is None else c.recovery_steps,
+            "recovery_env_steps": None if c is None else c.recovery_env_steps,
+            "progress_undefined": None if c is None else c.progress_undefined,
+            "perf_0": None if c is None else c.perf_0,
+            "perf_pre": None if c is None else c.perf_pre,
+            "min_progress": None if c is None else c.min_progress,
+            "final_perf": self.final_perf,
+            "n_evals": int(self.curve.steps.size),
+            "n_missing_evals": 0 if c is None else c.n_missing_evals,
+            "dispersion_across_time": None if c is None else r.dispersion_across_time,
+            "short_term_risk": None if c is None else r.short_term_risk,
+            "long_term_risk": None if c is None else r.long_term_risk,
+            "stability_score": self.stability_score,
+            "error": self.error,
+        }
+
+
+def _numbers(column: pd.Series) -> np.ndarray:
+    return pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+
+
+def knobs_key(knobs: Mapping[str, Any]) -> str:
+    """A hashable, order-free text of a knob setting."""
+    return json.dumps(dict(knobs), sort_keys=True, default=str)
+
+
+def perturbation_magnitude(kind: str, params: Mapping[str, Any]) -> float | None:
+    """The value of the parameter the perturbation class declares as its size, or None."""
+    from stabilitybench.perturbations import registry
+
+    cls = registry().get(kind)
+    name = None if cls is None else cls.magnitude
+    value = None if name is None else params.get(name)
+    return _number_or_none(value)
+
+
+def collapse_config(audit: Mapping[str, Any], infos: Sequence[Mapping[str, Any]]) -> CollapseConfig:
+    """Thresholds from audit.json's spec.collapse, else a run's spec.collapse, else defaults."""
+    spec = audit.get("spec")
+    config: Mapping[str, Any] = {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("collapse"), Mapping):
+        config = spec["collapse"]
+    else:
+        found = (
+            i.get("spec", {}).get("collapse") for i in infos if isinstance(i.get("spec"), Mapping)
+        )
+        config = next((c for c in found if isinstance(c, Mapping)), {})
+    default = CollapseConfig()
+    result = CollapseConfig(
+        threshold=float(config.get("threshold", default.threshold)),
+        recovery=float(config.get("recovery", default.recovery)),
+        pre_evals=int(config.get("pre_evals", config.get("k", default.pre_evals))),
+    )
+    if not 0 < result.threshold <= result.recovery:
+        raise StabilityBenchError(
+            f"collapse.threshold must be in (0, collapse.recovery], got "
+            f"threshold={result.threshold}, recovery={result.recovery}"
+        )
+    if result.pre_evals < 1:
+        raise StabilityBenchError(f"collapse.pre_evals must be >= 1, got {result.pre_evals}")
+    return result
+
+
+def event_onset(events: pd.DataFrame | None) -> Onset:
+    """The earliest perturbation window of a run's events table (source `events`)."""
+    if events is None or events.empty or "start_step" not in events:
+        return Onset()
+    starts = _numbers(events["start_step"])
+    if np.all(np.isnan(starts)):
+        return Onset()
+    i = int(np.nanargmin(starts))
+    env = _numbers(events["start_env_step"])[i] if "start_env_step" in events else math.nan
+    return Onset(int(starts[i]), None if np.isnan(env) else int(env), "events")
+
+
+def within_run_reliability(perf: np.ndarray) -> Reliability:
+    """Chan et al.'s within-run metrics on the finite part of the curve, in curve ranges."""
+    curve = rel.finite_prefix(perf)
+    span = abs(rel.curve_range(curve)) if curve.size >= 2 else 0.0
+    if not span > 1e-12:
+        return Reliability()
+    normalised = curve / span
+    return Reliability(
+        rel.dispersion_across_time(normalised),
+        rel.short_term_risk(normalised),
+        rel.long_term_risk(normalised),
+    )
+
+
+def run_record(
+    info: Mapping[str, Any], evals: pd.DataFrame | None, onset: Onset, config: CollapseConfig
+) -> RunRecord:
+    """The record of one run from its run.json, evaluations and resolved onset."""
+    label, kind, params = run_perturbation(info)
+    status = str(info.get("status", "pending"))
+    curve = EvalCurve.of(evals if status == "done" else None)
+    record = RunRecord(
+        run_id=str(info.get("run_id")),
+        label=info.get("label"),
+        workload=str(info.get("workload")),
+        kind=info.get("kind"),
+        knobs=dict(info.get("knobs") or {}),
+        perturbation=label,
+        perturbation_kind=kind,
+        magnitude=perturbation_magnitude(kind, params),
+        seed=info.get("seed"),
+        status=status,
+        error=last_error_line(info.get("error")) if status == "failed" else None,
+        onset=onset,
+        curve=curve,
+        timing=RunTiming.of(info),
+        error_text=str(info["error"]).strip() if info.get("error") else None,
+        outcome_final_perf=_outcome_final(info),
+    )
+    if curve.steps.size == 0:
+        return record
+    return _with_collapse(record, config)
+
+
+def _outcome_final(info: Mapping[str, Any]) -> float | None:
+    outcome = info.get("outcome")
+    value = outcome.get("final_perf") if isinstance(outcome, Mapping) else None
+    return _number_or_none(value)
+
+
+def _with_collapse(record: RunRecord, config: CollapseConfig) -> RunRecord:
+    from dataclasses import replace
+
+    curve, onset = record.curve, record.onset
+    result = analyze_collapse(
+        curve.steps,
+        curve.perf,
+        onset.step,
+        env_steps=curve.env_steps,
+        onset_env_step=onset.env_step,
+        threshold=config.threshold,
+        recovery=config.recovery,
+        k=config.pre_evals,
+    )
+    reliability = within_run_reliability(curve.perf)
+    steps_after = None
+    if result.collapsed and result.onset_step is not None and result.collapse_step is not None:
+        steps_after = int(np.nanmax(curve.steps) - (result.onset_step + result.collapse_step))
+    score = stability_score(
+        result.collapsed,
+        result.irreversible,
+        result.recovery_steps,
+        steps_after,
+        reliability.dispersion_across_time,
+    )
+    return replace(
+        record,
+        collapse=result,
+        final_perf=final_performance(curve.perf),
+        reliability=reliability,
+        stability_score=score,
+    )
+
+
+def baseline_onsets(records: Sequence[RunRecord]) -> dict[str, Onset]:
+    """Onset for each finished baseline: the earliest among matched perturbed runs (workload,
+    knobs, seed), else among perturbed runs of the same workload and knobs, else the workload."""
+    by_match: dict[tuple[Any, ...], list[Onset]] = {}
+    for r in records:
+        if r.onset.step is None:
+            continue
+        for key in _match_keys(r):
+            by_match.setdefault(key[0], []).append(r.onset)
+    out: dict[str, Onset] = {}
+    for r in records:
+        if not (r.done and r.is_baseline):
+            continue
+        out[r.run_id] = Onset()
+        for key, source in _match_keys(r):
+            if by_match.get(key):
+                best = min(by_match[key], key=lambda o: o.step or 0)
+                out[r.run_id] = Onset(best.step, best.env_step, source)
+                break
+    return out
+
+
+def _match_keys(r: RunRecord) -> tuple[tuple[tuple[Any, ...], str], ...]:
+    return (
+        ((r.workload, r.knobs_key, r.seed), "matched_seed"),
+        ((r.workload, r.knobs_key), "matched_knobs"),
+        ((r.workload,), "matched_workload"),
+    )
+
+
+def audit_records(store: RunStore, config: CollapseConfig | None = None) -> list[RunRecord]:
+    """Every run's record, in run-id order (the one place onsets and collapse labels are made)."""
+    infos = store.infos()
+    config = config or collapse_config(store.audit() if store.exists() else {}, infos)
+    onsets: dict[str, Onset] = {}
+    for info in infos:
+        rid = str(info.get("run_id"))
+        if info.get("status") == "done" and run_perturbation(info)[1] != "none":
+            onsets[rid] = event_onset(store.table(rid, "events"))
+    # First pass: identities and onsets only, to match baselines to perturbed runs.
+    bare = [run_record(i, None, onsets.get(str(i.get("run_id")), Onset()), config) for i in infos]
+    onsets.update(baseline_onsets([r for r in bare if r.done]))
+    return [
+        run_record(
+            info,
+            store.table(str(info.get("run_id")), "evals") if info.get("status") == "done" else None,
+            onsets.get(str(info.get("run_id")), Onset()),
+            config,
+        )
+        for info in infos
+    ]

@@ -1,0 +1,120 @@
+"""`stabilitybench summary` as tables that fit an 80-column terminal (`--wide`: every column)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from stabilitybench.metrics.conditions import ConditionSummary
+from stabilitybench.metrics.display import (
+    fmt,
+    fmt_ci,
+    fmt_rate,
+    fmt_rate_ci,
+    print_table,
+    render_table,
+)
+from stabilitybench.metrics.records import RunRecord, knobs_key
+from stabilitybench.metrics.stability import Correlation
+from stabilitybench.metrics.summary import AuditSummary
+
+CAPTION = "95% CIs; stability: median per-run score"
+WIDE_CAPTION = CAPTION + "; disp./risk: Chan et al. 2020"
+
+
+def knobs_text(knobs: Mapping[str, Any]) -> str:
+    """`a=1 b=0.1` (space-separated, so a cell wraps between knobs), or `–`."""
+    return " ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "–"
+
+
+def short_perturbation(kind: str, magnitude: float | None) -> str:
+    """`none`, or the kind with its magnitude: `lr_spike×50`."""
+    if kind == "none" or magnitude is None:
+        return kind
+    return f"{kind}×{magnitude:g}"
+
+
+def condition_order(item: ConditionSummary | RunRecord) -> tuple[Any, ...]:
+    """Sort by workload, knobs, then perturbation (the baseline first, then kind and size)."""
+    seed = item.seed if isinstance(item, RunRecord) else None
+    return (
+        item.workload,
+        knobs_key(item.knobs),
+        item.perturbation_kind != "none",
+        item.perturbation_kind,
+        item.magnitude if item.magnitude is not None else float("-inf"),
+        item.perturbation,
+        -1 if seed is None else seed,
+    )
+
+
+def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
+    runs = f"{c.n_runs}" + (f" +{c.n_failed} failed" if c.n_failed else "")
+    row = [f"{c.workload} {knobs_text(c.knobs)}"]
+    row.append(short_perturbation(c.perturbation_kind, c.magnitude))
+    row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
+    if wide:
+        row.append(fmt(c.median_collapse_steps))
+    row += [fmt_rate(c.recovery_rate)]
+    row.append(fmt_ci(c.final_perf_iqm, c.final_perf_iqm_ci) if wide else fmt(c.final_perf_iqm))
+    row.append(fmt(c.stability_score_median))
+    if wide:
+        row += [fmt(c.dispersion_across_time), fmt(c.dispersion_across_runs)]
+        row.append(fmt(c.risk_across_runs))
+    return row
+
+
+def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
+    columns = [("workload, knobs", False), ("perturbation", False), ("runs", True)]
+    columns += [("collapse\n[95% CI]", True)]
+    columns += [("median\ncollapse step", True)] if wide else []
+    columns += [("recov.", True), ("perf\nIQM", True), ("stab.", True)]
+    if wide:
+        columns += [("disp.\ntime", True), ("disp.\nruns", True), ("risk\nruns", True)]
+    rows = [_condition_row(c, wide) for c in sorted(summary.conditions, key=condition_order)]
+    audit = summary.audit
+    title = f"audit {audit.name}: {audit.n_done} finished of {audit.n_runs} runs"
+    return render_table(title, columns, rows, WIDE_CAPTION if wide else CAPTION)
+
+
+def run_status(r: RunRecord) -> str:
+    if r.status == "failed":
+        return f"[red]failed[/]: {r.error}"
+    if r.collapsed is None:
+        return r.status
+    if r.collapsed:
+        irreversible = r.collapse is not None and r.collapse.irreversible
+        return "[red]irreversible[/]" if irreversible else "[yellow]recovered[/]"
+    return "[green]stable[/]"
+
+
+def runs_table(summary: AuditSummary, wide: bool = False) -> Any:
+    columns = [("run", False), ("condition", False), ("seed", True), ("status", False)]
+    columns += [("collapse\nstep", True)] + ([("recovery\nsteps", True)] if wide else [])
+    columns += [("final\nperf", True), ("stability", True)]
+    rows = []
+    for r in sorted(summary.runs, key=condition_order):
+        condition = f"{r.workload} {knobs_text(r.knobs)} " + short_perturbation(
+            r.perturbation_kind, r.magnitude
+        )
+        c = r.collapse
+        row = [r.run_id if wide else r.run_id[:8], condition, fmt(r.seed), run_status(r)]
+        row.append(fmt(None if c is None else c.collapse_step))
+        row += [fmt(None if c is None else c.recovery_steps)] if wide else []
+        rows.append([*row, fmt(r.final_perf), fmt(r.stability_score)])
+    return render_table("runs", columns, rows)
+
+
+def _rho(item: Correlation) -> str:
+    return f"rho={fmt_ci(item.rho, item.ci)} (n={item.n}) → {item.verdict}"
+
+
+def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> None:
+    """Render a summary as rich tables: conditions, runs, decoupling, notes."""
+    print_table(console, conditions_table(summary, wide), wide)
+    print_table(console, runs_table(summary, wide), wide)
+    for item in summary.decoupling.per_workload:
+        console.print(f"decoupling {item.workload}: {_rho(item)}", highlight=False)
+    console.print(f"decoupling pooled: {_rho(summary.decoupling.pooled)}", highlight=False)
+    for note in summary.audit.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)

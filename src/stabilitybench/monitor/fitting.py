@@ -1,0 +1,173 @@
+"""`monitor fit`: fit every registered detector on healthy runs and write each run's scores.
+
+Per workload, each fitted detector (Meta-State Monitor, PCA, …) is fitted once on all its
+healthy runs (the Meta-State Monitor users load is saved in `<audit>/monitor/<workload>/`, and
+at `<audit>/monitor/` when the audit has one workload) and once per held-out seed: runs of seed
+s are scored by detectors fitted on healthy runs of the other seeds, so no run is scored by a
+model that saw it. Every scored run gets `scores.parquet`: `step`, `env_step`, then each
+registered detector's columns (its score and `<column>_native`; the monitor adds `z_1..z_k`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.io import write_json, write_parquet
+from stabilitybench.monitor.registry import BaseDetector, DetectorSettings, detector_classes
+from stabilitybench.monitor.results import MONITOR_DIR
+from stabilitybench.store import RunData, RunStore
+
+FIT_FILE = "fit.json"
+SCORES_FILE = "scores.parquet"
+BASELINE_HINT = (
+    "add `- none` to `perturbations` in the audit spec and rerun "
+    "`stabilitybench audit SPEC --out DIR`"
+)
+PERTURBED_HINT = (
+    "add a perturbation such as `{kind: lr_spike, at: 0.3, factor: 10, duration: 10}` to "
+    "`perturbations` in the audit spec and rerun `stabilitybench audit SPEC --out DIR`"
+)
+Fitted = dict[str, BaseDetector]
+
+
+def say(console: Any, text: str) -> None:
+    if console is not None:
+        console.print(text, highlight=False)
+
+
+def workload_of(run: RunData) -> str:
+    return str(run.info.get("workload") or "?")
+
+
+def done_runs(store: RunStore) -> list[RunData]:
+    """Finished runs that recorded telemetry."""
+    return [r for r in store.iter_runs() if len(r.telemetry) > 0]
+
+
+def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
+    if not any(r.is_baseline for r in runs):
+        raise StabilityBenchError(
+            f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
+        )
+    if need_perturbed and not any(not r.is_baseline for r in runs):
+        raise StabilityBenchError(f"the audit has no finished perturbed runs; {PERTURBED_HINT}")
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "workload"
+
+
+def fit_detectors(settings: DetectorSettings, healthy: Sequence[RunData]) -> Fitted:
+    """Every registered fitted detector, fitted on these healthy runs."""
+    return {
+        name: cls.create(settings).fit(healthy)  # type: ignore[misc]
+        for name, cls in detector_classes().items()
+        if cls.fitted
+    }
+
+
+def score_frame(run: RunData, fold: Fitted | None, settings: DetectorSettings) -> pd.DataFrame:
+    """One run's scores.parquet: every detector's columns (fitted ones from the run's fold)."""
+    table = run.telemetry
+    n = len(table)
+    steps = table["step"].to_numpy(dtype=np.int64) if "step" in table.columns else np.arange(n)
+    columns: dict[str, Any] = {"step": steps}
+    if "env_step" in table.columns:
+        columns["env_step"] = pd.to_numeric(table["env_step"], errors="coerce").to_numpy()
+    for name, cls in detector_classes().items():
+        if not cls.fitted:
+            columns.update(cls.create(settings).score_columns(table))  # type: ignore[attr-defined]
+        elif fold is None or name not in fold:
+            columns.update(cls.create(settings).empty_columns(n))  # type: ignore[attr-defined]
+        else:
+            columns.update(fold[name].score_columns(table))
+    return pd.DataFrame(columns)
+
+
+def _folds(
+    group: Sequence[RunData], full: Fitted, settings: DetectorSettings, console: Any
+) -> dict[int, Fitted | None]:
+    """Per seed of the workload: detectors fitted on the other seeds' healthy runs (or None)."""
+    baseline = [r for r in group if r.is_baseline]
+    folds: dict[int, Fitted | None] = {}
+    for held in sorted({int(r.seed or 0) for r in group}):
+        train = [r for r in baseline if int(r.seed or 0) != held]
+        if not train:
+            folds[held] = None
+        elif [r.run_id for r in train] == [r.run_id for r in baseline]:
+            folds[held] = full
+        else:
+            folds[held] = fit_detectors(settings, train)
+            say(console, f"  seed {held} held out: fitted on {len(train)} runs")
+    return folds
+
+
+def _fit_workload(
+    store: RunStore, name: str, group: Sequence[RunData], settings: DetectorSettings, **kw: Any
+) -> dict[str, Any]:
+    """Fit one workload's detectors, save the full monitor, write its runs' scores."""
+    console, single = kw.get("console"), kw.get("single", False)
+    baseline = [r for r in group if r.is_baseline]
+    baseline_seeds = sorted({int(r.seed or 0) for r in baseline})
+    say(console, f"[bold]{name}[/]: {len(baseline)} baseline runs, seeds {baseline_seeds}")
+    full = fit_detectors(settings, baseline)
+    folder = store.root / MONITOR_DIR / safe_name(name)
+    for detector in full.values():
+        if detector.save(folder) and single:
+            detector.save(store.root / MONITOR_DIR)
+        if (text := detector.describe()) is not None:
+            say(console, f"  {text} → {folder}")
+    folds = _folds(group, full, settings, console)
+    for run in group:
+        frame = score_frame(run, folds.get(int(run.seed or 0)), settings)
+        write_parquet(store.run_dir(run.run_id) / SCORES_FILE, frame)
+    return {
+        "baseline_runs": len(baseline),
+        "baseline_seeds": baseline_seeds,
+        "scored_runs": len(group),
+        "leave_one_seed_out": sum(f is not None for f in folds.values()),
+        "unscored_seeds": [s for s, f in folds.items() if f is None],
+        "model": str(folder.relative_to(store.root)),
+        "fit_info": next((d.fit_info for d in full.values() if d.fit_info), {}),
+    }
+
+
+def fit_audit(
+    store: RunStore,
+    latent_dim: int = 4,
+    seed: int = 0,
+    console: Any = None,
+    monitor_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fit the detectors (all-healthy + leave-one-seed-out) and write every run's scores.parquet.
+
+    `monitor_options`: extra `MonitorConfig` fields (e.g. `max_epochs`) for every monitor fitted.
+    """
+    if latent_dim < 1:
+        raise StabilityBenchError(f"--latent-dim must be an integer >= 1, got {latent_dim}")
+    settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}))
+    runs = done_runs(store)
+    require_runs(runs, need_perturbed=False)
+    groups: dict[str, list[RunData]] = defaultdict(list)
+    for run in runs:
+        groups[workload_of(run)].append(run)
+    fitted = {n: g for n, g in sorted(groups.items()) if any(r.is_baseline for r in g)}
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"latent_dim": latent_dim, "seed": seed, "workloads": {}}
+    for name, group in fitted.items():
+        summary["workloads"][name] = _fit_workload(
+            store, name, group, settings, console=console, single=len(fitted) == 1
+        )
+    summary["workloads_without_baseline"] = sorted(set(groups) - set(fitted))
+    summary["wall_s"] = time.perf_counter() - started
+    write_json(store.root / MONITOR_DIR / FIT_FILE, summary)
+    n_scored = sum(len(g) for g in fitted.values())
+    say(console, f"scores written for {n_scored} runs in {summary['wall_s']:.1f} s")
+    return summary

@@ -1,0 +1,123 @@
+"""The evaluation protocol: which runs a detector learns from and is calibrated on.
+
+Healthy (baseline) runs train the fitted detectors and set every threshold; a run of seed s is
+scored by a detector fitted on the other seeds and judged against a threshold calibrated on the
+other seeds' healthy runs of its workload (in-sample only when a workload has one seed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stabilitybench.metrics.records import RunRecord
+from stabilitybench.monitor.alarms import Trial, calibrate_threshold
+from stabilitybench.store import RunData
+
+HELD_OUT = "held-out seeds"
+IN_SAMPLE = "in-sample (one baseline seed)"
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredRun:
+    """A finished run with its scores.parquet and its record."""
+
+    run: RunData
+    record: RunRecord
+
+    @property
+    def workload(self) -> str:
+        return self.record.workload
+
+    @property
+    def seed(self) -> int:
+        return int(self.record.seed or 0)
+
+    @property
+    def steps(self) -> np.ndarray:
+        assert self.run.scores is not None
+        return self.run.scores["step"].to_numpy()
+
+    def has(self, column: str) -> bool:
+        return self.run.scores is not None and column in self.run.scores.columns
+
+    def values(self, column: str) -> np.ndarray:
+        """The scores of one column (n,), float."""
+        assert self.run.scores is not None
+        return self.run.scores[column].to_numpy(dtype=float)
+
+    def flags(self, column: str) -> np.ndarray:
+        """A boolean column (n,), e.g. a detector's native alarms."""
+        assert self.run.scores is not None
+        return self.run.scores[column].to_numpy(dtype=bool)
+
+    def scored_by(self, column: str) -> bool:
+        return self.has(column) and not np.all(np.isnan(self.values(column)))
+
+    def trial(self) -> Trial:
+        """The run as the alarm statistics see it (a judged perturbed run)."""
+        collapse, onset = self.record.collapse, self.record.onset.step
+        assert collapse is not None and onset is not None and self.run.scores is not None
+        env = self.values("env_step") if self.has("env_step") else None
+        return Trial(
+            steps=self.steps,
+            env_steps=env,
+            onset=onset,
+            collapsed=bool(collapse.collapsed),
+            collapse_at=collapse.collapse_at,
+            collapse_at_env=collapse.collapse_at_env,
+        )
+
+    def outcome_window(self) -> tuple[int, int]:
+        """[onset, first evaluation after onset] (to the last step when there is none)."""
+        collapse, onset = self.record.collapse, self.record.onset.step
+        assert collapse is not None and onset is not None
+        end = collapse.first_eval_after_onset
+        return onset, int(self.steps.max()) if end is None else end
+
+
+@dataclass
+class Thresholds:
+    """Per (workload, seed): the threshold calibrated on the other seeds' healthy runs."""
+
+    column: str
+    healthy: Sequence[ScoredRun]
+    target: float
+    in_sample: bool = False
+
+    def __post_init__(self) -> None:
+        self._cache: dict[tuple[str, int], float] = {}
+        self._groups: dict[str, list[ScoredRun]] = defaultdict(list)
+        for run in self.healthy:
+            self._groups[run.workload].append(run)
+        for run in self.healthy:
+            self.of(run)
+
+    def of(self, run: ScoredRun) -> float:
+        key = (run.workload, run.seed)
+        if key not in self._cache:
+            pool = self._groups.get(run.workload, [])
+            others = [r for r in pool if r.seed != run.seed]
+            if not others:
+                others, self.in_sample = pool, True
+            scores = [v for r in others if not np.all(np.isnan(v := r.values(self.column)))]
+            self._cache[key] = calibrate_threshold(scores, self.target) if others else math.inf
+        return self._cache[key]
+
+    @property
+    def calibration(self) -> str:
+        return IN_SAMPLE if self.in_sample else HELD_OUT
+
+    def median(self, runs: Sequence[ScoredRun]) -> float | None:
+        """The median of the distinct finite thresholds used for these runs."""
+        used = sorted({self.of(r) for r in runs})
+        finite = [t for t in used if math.isfinite(t)]
+        return float(np.median(finite)) if finite else None
+
+    def alarms(self, run: ScoredRun) -> np.ndarray:
+        """(n,) bool: the run's score at or above its threshold (NaN never alarms)."""
+        return np.nan_to_num(run.values(self.column), nan=-np.inf) >= self.of(run)

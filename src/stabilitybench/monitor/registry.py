@@ -1,0 +1,178 @@
+"""The detector registry: every early-warning detector behind one protocol.
+
+A detector turns a run's telemetry into a per-step score (higher is more alarming) and has its
+own native alarm rule. Fitted detectors (the Meta-State Monitor, the PCA baseline) learn from
+healthy runs in `fit`; the reactive guards need no fit (`fit` returns them unchanged). Every
+detector that can runs online too: `reset()` at the start of a run, then `update(row)` per
+telemetry row returns the same value `score` gives for that step (a guard inside a training
+loop, or `monitor score` on imported runs, drive detectors this way).
+
+Adding a detector is one class and one `@register_detector`: `monitor fit` writes its columns
+to `scores.parquet`, `monitor evaluate` scores it, and the CLI table and the report list it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from stabilitybench.store import RunData
+
+# What `fit` learns from: stored runs, or bare telemetry tables.
+Healthy = Sequence[RunData] | Sequence[pd.DataFrame]
+
+
+def telemetry_tables(healthy: Healthy) -> list[pd.DataFrame]:
+    """The telemetry tables of healthy runs given as RunData or as tables."""
+    return [r if isinstance(r, pd.DataFrame) else r.telemetry for r in healthy]
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """What `monitor fit` passes to every detector it makes (fitted ones use them)."""
+
+    latent_dim: int = 4
+    seed: int = 0
+    monitor_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """The protocol every registered detector follows."""
+
+    name: ClassVar[str]  # the key in evaluation.json and the CLI table
+    title: ClassVar[str]  # what the report calls it
+    citation: ClassVar[str]
+    fitted: ClassVar[bool]  # learns from healthy runs (scored leave-one-seed-out)
+    online: ClassVar[bool]  # supports reset()/update(row)
+    column: ClassVar[str]  # its score column in scores.parquet
+
+    @classmethod
+    def create(cls, settings: DetectorSettings) -> Detector: ...
+
+    def fit(self, healthy: Healthy) -> Detector: ...
+
+    def score(self, table: pd.DataFrame) -> np.ndarray: ...
+
+    def native(self, scores: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+    def update(self, row: Mapping[str, Any]) -> float: ...
+
+
+class BaseDetector:
+    """Defaults for the protocol: no fit, a score column named after the detector."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    fitted: ClassVar[bool] = False
+    online: ClassVar[bool] = True
+    column: ClassVar[str] = ""
+    # A guard whose native rule is "score above one of its parameters" names it here.
+    native_threshold: ClassVar[str] = ""
+    native_inclusive: ClassVar[bool] = False  # >= rather than >
+
+    def __post_init__(self) -> None:
+        """Dataclass detectors start with a fresh online state."""
+        self.reset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and not cls.__dict__.get("column"):
+            cls.column = cls.name
+
+    @classmethod
+    def create(cls, settings: DetectorSettings) -> Detector:
+        """A detector with its defaults (fitted detectors read `settings`)."""
+        detector: Detector = cls()  # type: ignore[assignment]
+        return detector
+
+    def fit(self, healthy: Healthy) -> Detector:
+        """Guards learn nothing from healthy runs: the detector itself."""
+        return self  # type: ignore[return-value]
+
+    @property
+    def fit_info(self) -> dict[str, Any]:
+        """What fitting recorded (epochs, hold-out…), for fit.json; empty for guards."""
+        return {}
+
+    def save(self, folder: Path) -> bool:
+        """Write the fitted model into `folder` if this detector keeps one (returns whether)."""
+        return False
+
+    def describe(self) -> str | None:
+        """One line for `monitor fit`'s console about the fitted model, or None."""
+        return None
+
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        raise NotImplementedError
+
+    def native(self, scores: np.ndarray) -> np.ndarray:
+        """The detector's own alarm rule per step (n,) bool; by default `native_threshold`."""
+        if not self.native_threshold:
+            raise NotImplementedError(f"{self.name} declares no native rule")
+        limit = float(getattr(self, self.native_threshold))
+        values = np.asarray(scores)
+        return values >= limit if self.native_inclusive else values > limit
+
+    def alarms(self, table: pd.DataFrame) -> np.ndarray:
+        """The native rule applied to the offline scores, per step (n,) bool."""
+        return self.native(self.score(table))
+
+    def reset(self) -> None:
+        """Forget the online state (the start of a new run)."""
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        raise NotImplementedError(f"{self.name} has no online update")
+
+    def score_columns(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
+        """This detector's columns of scores.parquet: its score and `<column>_native`."""
+        scores = self.score(table)
+        return {self.column: scores, f"{self.column}_native": self.native(scores)}
+
+    def empty_columns(self, n: int) -> dict[str, np.ndarray]:
+        """The same columns for a run nothing could score (no fitted model for its seed)."""
+        return {self.column: np.full(n, np.nan), f"{self.column}_native": np.zeros(n, bool)}
+
+
+_REGISTRY: dict[str, type[BaseDetector]] = {}
+
+
+def register_detector(cls: type[BaseDetector]) -> type[BaseDetector]:
+    """Class decorator: make a detector part of fit, evaluation, the CLI table and the report."""
+    if not cls.name or not cls.title:
+        raise ValueError(f"{cls.__name__}: a detector needs a `name` and a `title`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister_detector(name: str) -> None:
+    """Remove a detector (tests that register a toy one clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def detector_classes() -> dict[str, type[BaseDetector]]:
+    """Every registered detector class by name, the built-ins first (in their listed order)."""
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def detector_class(name: str) -> type[BaseDetector]:
+    classes = detector_classes()
+    if name not in classes:
+        from stabilitybench.errors import StabilityBenchError
+
+        raise StabilityBenchError(f"unknown detector {name!r}; allowed: {', '.join(classes)}")
+    return classes[name]
+
+
+def _load_builtins() -> None:
+    # Importing the module registers the built-ins (msm first, then the guards, then PCA).
+    import stabilitybench.monitor.detectors  # noqa: F401

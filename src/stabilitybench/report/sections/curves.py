@@ -1,0 +1,90 @@
+"""Performance and telemetry: one figure per workload × perturbation, knob settings as series."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from stabilitybench.report import figures as figs
+from stabilitybench.report.data import (
+    ReportData,
+    collapse_point,
+    knob_text,
+    perf_series,
+    telemetry_series,
+    unique_slugs,
+    window_spans,
+    x_column,
+)
+from stabilitybench.report.markup import Figures, esc, notice
+from stabilitybench.store import RunData
+
+MAX_CONDITION_FIGURES = 24
+MAX_SERIES_PER_FIGURE = 10
+INTRO = (
+    '<p class="muted">Top panel: performance, median over seeds with the inter-quartile band; '
+    "the dashed line is the unperturbed baseline with the same knobs. Shaded: perturbation "
+    "windows; ×: collapse points. The panels below share the time axis: gradient norm, "
+    "gradient coherence, update ratio and the monitor's meta-state deviation (when fitted).</p>"
+)
+Grouped = dict[tuple[str, str], dict[str, list[RunData]]]
+
+
+def group_runs(data: ReportData, runs: Iterable[RunData]) -> Grouped:
+    """(workload, perturbation) → knob setting → runs; baselines first within a workload."""
+    grouped: Grouped = {}
+    for run in runs:
+        r = data.identity(run.run_id)
+        key = (r.workload, r.perturbation)
+        grouped.setdefault(key, {}).setdefault(knob_text(r.knobs), []).append(run)
+    order = sorted(grouped, key=lambda k: (k[0], k[1] != "none", k[1]))
+    return {k: dict(sorted(grouped[k].items())) for k in order}
+
+
+def _figure(
+    data: ReportData, grouped: Grouped, key: tuple[str, str], figures: Figures, name: str
+) -> str:
+    workload, pert = key
+    settings = grouped[key]
+    series: list[figs.ConditionSeries] = []
+    windows: set[tuple[float, float]] = set()
+    x_label = "optimizer step"
+    for knobs, runs in list(settings.items())[:MAX_SERIES_PER_FIGURE]:
+        baseline = [] if pert == "none" else grouped.get((workload, "none"), {}).get(knobs, [])
+        points = [collapse_point(run, data.record(run.run_id)) for run in runs]
+        series.append(
+            figs.ConditionSeries(
+                label=knobs,
+                perf=[perf_series(r) for r in runs],
+                telemetry=[telemetry_series(r) for r in runs],
+                baseline_perf=[perf_series(r) for r in baseline],
+                collapses=[p for p in points if p],
+            )
+        )
+        for run in runs:
+            windows.update((round(a, 6), round(b, 6)) for a, b in window_spans(run))
+            x_label = "environment step" if x_column(run) == "env_step" else x_label
+    title = f"{workload} · {pert}"
+    parts = [f"<h3>{esc(title)}</h3>"]
+    if len(settings) > MAX_SERIES_PER_FIGURE:
+        shown = f"Showing the first {MAX_SERIES_PER_FIGURE} of {len(settings)} knob settings."
+        parts.append(notice(shown))
+    fig = figs.condition_figure(series, windows=sorted(windows)[:24], title=title, x_label=x_label)
+    parts.append(figures.embed(f"performance_{name}", fig, f"{title}: performance and telemetry"))
+    return "\n".join(parts)
+
+
+def section_curves(data: ReportData, figures: Figures) -> str:
+    """Performance with telemetry panels below, one figure per workload × perturbation."""
+    parts = ['<h2 id="curves">Performance and telemetry</h2>']
+    grouped = group_runs(data, data.runs.values())
+    if not grouped:
+        parts.append(notice("No finished runs: nothing to plot yet."))
+        return "\n".join(parts)
+    parts.append(INTRO)
+    keys = list(grouped)
+    shown = keys[:MAX_CONDITION_FIGURES]
+    for key, name in zip(shown, unique_slugs(f"{w}-{p}" for w, p in shown), strict=True):
+        parts.append(_figure(data, grouped, key, figures, name))
+    if len(keys) > len(shown):
+        parts.append(notice(f"Showing {len(shown)} of {len(keys)} workload × perturbation groups."))
+    return "\n".join(parts)

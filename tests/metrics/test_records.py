@@ -1,0 +1,104 @@
+"""RunRecord: one reading of the store per run, with hand-worked onsets and collapse labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.metrics.collapse import CollapseConfig
+from stabilitybench.metrics.records import audit_records, collapse_config, perturbation_magnitude
+from stabilitybench.store import RunStore
+
+EVAL_STEPS = [0, 10, 20, 30, 40, 50]
+
+
+def _run(store: RunStore, run_id: str, seed: int, perf: list[float], factor: float | None) -> None:
+    writer = store.writer(run_id)
+    pert = {"kind": "none", "label": "none", "params": {}}
+    if factor is not None:
+        pert = {
+            "kind": "lr_spike",
+            "label": f"lr_spike(factor={factor})",
+            "params": {"at": 25, "factor": factor},
+        }
+    writer.start(
+        {
+            "run_id": run_id,
+            "workload": "w",
+            "kind": "toy",
+            "knobs": {},
+            "seed": seed,
+            "perturbation": pert,
+        }
+    )
+    writer.write_table("evals", pd.DataFrame({"step": EVAL_STEPS, "perf": perf}))
+    events = (
+        []
+        if factor is None
+        else [{"kind": "lr_spike", "start_step": 25, "end_step": 29, "params": {}}]
+    )
+    writer.write_events(events)
+    writer.finish({})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    store = RunStore(tmp_path / "a")
+    store.root.mkdir()
+    store.write_audit({"name": "a", "spec": {"collapse": {"threshold": 0.5, "recovery": 0.9}}})
+    _run(store, "base0", 0, [0.0, 1.0, 2.0, 2.0, 2.0, 2.0], None)
+    # perf_0 = 0, perf_pre = mean(0, 1, 2) = 1 (the 3 evaluations before step 25), so q = perf:
+    # q at 30 = 0.3 < 0.5: collapse at step 30 (5 after onset); 0.8 at 40; 1.0 ≥ 0.9 at 50
+    _run(store, "spike0", 0, [0.0, 1.0, 2.0, 0.3, 0.8, 1.0], 50.0)
+    _run(store, "spike1", 1, [0.0, 1.0, 2.0, 0.1, 0.1, 0.1], 50.0)  # never recovers
+    store.writer("failed").update_info(
+        run_id="failed",
+        workload="w",
+        seed=2,
+        status="failed",
+        error="Traceback…\n  line\nValueError: bad\n",
+    )
+    return store
+
+
+def test_collapse_labels_and_onsets_by_hand(store: RunStore) -> None:
+    records = {r.run_id: r for r in audit_records(store)}
+    spike = records["spike0"]
+    assert spike.onset.step == 25 and spike.onset.source == "events" and not spike.is_baseline
+    c = spike.collapse
+    assert c is not None and c.collapsed and not c.irreversible
+    assert c.perf_pre == pytest.approx(1.0) and c.min_progress == pytest.approx(0.3)
+    assert c.collapse_step == 5 and c.collapse_at == 30 and c.first_eval_after_onset == 30
+    assert c.recovery_steps == 20  # from the collapse evaluation (30) to 50
+    gone = records["spike1"].collapse
+    assert gone is not None and gone.collapsed and gone.irreversible and gone.recovery_steps is None
+    base = records["base0"]
+    assert base.is_baseline and base.onset.step == 25 and base.onset.source == "matched_seed"
+    assert base.collapse is not None and base.collapse.collapsed is False
+    assert spike.magnitude == 50.0 and base.magnitude is None
+
+
+def test_a_failed_run_keeps_the_last_line_of_its_error(store: RunStore) -> None:
+    failed = next(r for r in audit_records(store) if r.run_id == "failed")
+    assert failed.error == "ValueError: bad" and failed.collapse is None
+
+
+def test_collapse_config_resolves_once_and_checks(store: RunStore) -> None:
+    assert collapse_config(store.audit(), []) == CollapseConfig(0.5, 0.9, 3)
+    assert collapse_config({}, [{"spec": {"collapse": {"threshold": 0.3}}}]).threshold == 0.3
+    assert collapse_config({}, []) == CollapseConfig()
+    with pytest.raises(
+        StabilityBenchError, match=r"collapse.threshold must be in \(0, collapse.recovery\]"
+    ):
+        collapse_config({"spec": {"collapse": {"threshold": 0.95, "recovery": 0.9}}}, [])
+
+
+def test_magnitude_is_the_parameter_the_perturbation_declares() -> None:
+    assert perturbation_magnitude("lr_spike", {"at": 0.3, "factor": 10, "duration": 5}) == 10.0
+    assert perturbation_magnitude("weight_noise", {"scale": 0.5, "at": 0.4}) == 0.5
+    assert perturbation_magnitude("momentum_shock", {"value": 0.99}) == 0.99
+    assert perturbation_magnitude("optimizer_reset", {"at": 0.3}) is None
+    assert perturbation_magnitude("lr_spike+weight_noise", {"lr_spike": {"factor": 3}}) is None
