@@ -126,8 +126,9 @@ def monitor_kind(folder: Path) -> str | None:
     """The workload kind of the audit the monitor was fitted on (its audit.json), if found."""
     for parent in (folder.parent, folder.parent.parent):
         if (parent / AUDIT_FILE).is_file():
-            spec = read_json(parent / AUDIT_FILE)
-            kinds = {str(w.get("kind")) for w in spec.get("workloads", []) if isinstance(w, dict)}
+            audit = read_json(parent / AUDIT_FILE)
+            workloads = (audit.get("spec") or audit).get("workloads") or audit.get("workloads")
+            kinds = {str(w.get("kind")) for w in workloads or [] if isinstance(w, dict)}
             kinds.discard("None")
             return ", ".join(sorted(kinds)) or None
     return None
