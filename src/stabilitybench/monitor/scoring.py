@@ -24,7 +24,7 @@ import pandas as pd
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.metrics.serialize import load_json_as, to_jsonable
-from stabilitybench.monitor.fitting import SCORES_FILE, done_runs, say, score_frame
+from stabilitybench.monitor.fitting import FIT_FILE, SCORES_FILE, done_runs, say, score_frame
 from stabilitybench.monitor.registry import (
     BaseDetector,
     DetectorSettings,
@@ -270,6 +270,11 @@ def score_audit(
                 f"{', '.join(skipped)}: fitted detectors, skipped without a monitor; pass "
                 "--monitor OTHER_AUDIT/monitor (a monitor fitted on healthy runs of another audit)"
             )
+    if (store.root / MONITOR_DIR / FIT_FILE).exists():
+        result.notes.append(
+            "this replaces the scores.parquet files `monitor fit` wrote (its held-out folds); "
+            "rerun `stabilitybench monitor fit DIR` to restore them for `monitor evaluate`"
+        )
     frames = []
     for run in runs:
         frame = score_frame(run, fitted or None, settings)
