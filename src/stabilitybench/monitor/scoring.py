@@ -279,9 +279,12 @@ def score_audit(
     for run in runs:
         frame = score_frame(run, fitted or None, settings)
         alarms = RunAlarms(
-            run.run_id, _label(run), len(run.telemetry), _diverged_step(run),
+            run_id=run.run_id,
+            label=_label(run),
+            steps=len(run.telemetry),
+            diverged_step=_diverged_step(run),
             missing_features=missing[run.run_id],
-        )  # fmt: skip
+        )
         for name, cls in classes.items():
             detector = fitted[name] if name in fitted else cls.create(settings)
             entry = detector_alarms(
