@@ -6,6 +6,7 @@ an evaluation every 4 steps. Then:
 
     stabilitybench import OUT_DIR --out hf-diverged-audit
     stabilitybench summary hf-diverged-audit
+    stabilitybench monitor score hf-diverged-audit [--monitor OTHER_AUDIT/monitor]
 
 Run: `.venv/bin/python examples/hf_diverging_run.py --out hf-diverged` (about 10 s on CPU).
 """

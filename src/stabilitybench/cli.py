@@ -242,6 +242,29 @@ def monitor_evaluate(
         print_evaluation(result, console, wide=wide)
 
 
+@monitor_app.command("score")
+def monitor_score(
+    audit_dir: Annotated[Path, typer.Argument(help="An audit folder (imported runs or any).")],
+    monitor: Annotated[
+        Path | None,
+        typer.Option(
+            "--monitor",
+            help="A monitor fitted on another audit (OTHER_AUDIT/monitor); without it the "
+            "fitted detectors are skipped.",
+        ),
+    ] = None,
+) -> None:
+    """Every detector's per-step score and native alarms on each run (scores.parquet), and
+    which signal deviated first."""
+    from stabilitybench.monitor.printing import print_score
+    from stabilitybench.monitor.scoring import score_audit
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    result = _guard(lambda: score_audit(store, monitor, console=console))
+    print_score(result, console)
+
+
 @app.command()
 def report(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],

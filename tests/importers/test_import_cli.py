@@ -85,7 +85,8 @@ def test_import_then_status_query_summary_monitor_fit_and_report(tmp_path: Path)
     # evaluation needs perturbed runs to judge warnings against: an imported audit has none,
     # and says so in one line (the per-detector scoring of imported runs is `monitor score`)
     evaluate = runner.invoke(app, ["monitor", "evaluate", str(out)])
-    assert evaluate.exit_code == 2 and "no finished perturbed runs" in evaluate.output
+    assert evaluate.exit_code == 2 and "imported runs only" in evaluate.output
+    assert "monitor score" in evaluate.output and "lr_spike" not in evaluate.output
 
     report = runner.invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output

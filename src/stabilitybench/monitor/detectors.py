@@ -330,6 +330,18 @@ class MSMDetector(BaseDetector):
         self.monitor.fit(list(healthy))  # RunData keep their seeds: the monitor's hold-out
         return self
 
+    @classmethod
+    def load(cls, folder: Path) -> Detector | None:
+        from stabilitybench.monitor.ssm import CONFIG_FILE, MODEL_FILE
+
+        if not ((folder / CONFIG_FILE).is_file() and (folder / MODEL_FILE).is_file()):
+            return None
+        return cls(MetaStateMonitor.load(folder))
+
+    @property
+    def feature_map(self) -> FeatureExtractor | None:
+        return self.monitor.features
+
     @property
     def fit_info(self) -> dict[str, Any]:
         return self.monitor.fit_info
@@ -376,6 +388,7 @@ class ZClipDetector(BaseDetector):
     name = "zclip"
     title = "ZClip (gradient-norm EMA z-score)"
     citation = "ZClip, arXiv 2504.02507"
+    reads = (GRAD_NORM_COLUMNS,)
 
     alpha: float = 0.97  # EMA decay of the mean and variance
     z_thresh: float = 2.5  # a spike above this z is clipped (and is the native alarm)
@@ -404,6 +417,7 @@ class OLMoDetector(BaseDetector):
     name = "olmo"
     title = "OLMo stability monitor (rolling z-score)"
     citation = "OLMo 2 (arXiv 2501.00656), olmo_core StabilityMonitorCallback"
+    reads = (GRAD_NORM_COLUMNS, LOSS_COLUMNS)
 
     window: int = 128
     threshold_std: float = 6.0
@@ -453,6 +467,7 @@ class LightningDetector(BaseDetector):
     name = "lightning"
     title = "Lightning spike detection (loss)"
     citation = "lightning.fabric.utilities.spike.SpikeDetection"
+    reads = (LOSS_COLUMNS,)
 
     window: int = 10
     rtol: float = 2.0
@@ -479,6 +494,7 @@ class MegatronDetector(BaseDetector):
     name = "megatron"
     title = "Megatron-LM spiky-loss check"
     citation = "Megatron-LM RerunStateMachine.is_unexpectedly_large (check_for_spiky_loss)"
+    reads = (LOSS_COLUMNS,)
 
     threshold: float = 10.0
     native_threshold = "threshold"  # native rule: score >= threshold
@@ -508,6 +524,7 @@ class EWSDetector(BaseDetector):
     name = "ews"
     title = "early-warning signals (variance, lag-1 AC)"
     citation = "Scheffer et al. 2009; Dakos et al. 2012"
+    reads = (LOSS_COLUMNS, GRAD_NORM_COLUMNS)
 
     window: int = 50  # steps of each rolling variance / autocorrelation
     tau_window: int = 50  # steps over which Kendall's tau measures the indicators' trend
@@ -608,6 +625,10 @@ class PCADetector(BaseDetector):
         self.components = vt[:k]  # (k, d)
         self.variances = np.maximum((s[:k] ** 2) / max(len(x) - 1, 1), 1e-6)
         return self
+
+    @property
+    def feature_map(self) -> FeatureExtractor | None:
+        return self.features
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """(n, d) normalised features → (n, k) principal scores."""

@@ -34,6 +34,10 @@ PERTURBED_HINT = (
     "add a perturbation such as `{kind: lr_spike, at: 0.3, factor: 10, duration: 10}` to "
     "`perturbations` in the audit spec and rerun `stabilitybench audit SPEC --out DIR`"
 )
+IMPORTED_HINT = (
+    "score them with every detector with `stabilitybench monitor score DIR "
+    "--monitor OTHER_AUDIT/monitor` (a monitor fitted on another audit's healthy runs)"
+)
 Fitted = dict[str, BaseDetector]
 
 
@@ -57,6 +61,11 @@ def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
             f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
         )
     if need_perturbed and not any(not r.is_baseline for r in runs):
+        if runs and all(r.info.get("kind") == "imported" for r in runs):
+            raise StabilityBenchError(
+                "the audit holds imported runs only, with no perturbed runs to judge warnings "
+                f"against; {IMPORTED_HINT}"
+            )
         raise StabilityBenchError(f"the audit has no finished perturbed runs; {PERTURBED_HINT}")
 
 

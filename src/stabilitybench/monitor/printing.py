@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from stabilitybench.metrics.display import fmt, print_table, render_table
 from stabilitybench.monitor.alarms import AlarmStats
 from stabilitybench.monitor.results import Evaluation
+
+if TYPE_CHECKING:
+    from stabilitybench.monitor.scoring import DetectorAlarms, RunAlarms, ScoreResult
 
 
 def _two(value: float | None) -> str:
@@ -64,3 +67,47 @@ def print_evaluation(result: Evaluation, console: Any, wide: bool = False) -> No
     notes = list(dict.fromkeys(n for d in result.detectors.values() for n in d.notes))
     for note in [*notes, *result.notes]:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def _max_score(entry: DetectorAlarms) -> str:
+    if entry.max_score_infinite:
+        return "inf"
+    return fmt(entry.max_score)
+
+
+def run_alarms_table(run: RunAlarms) -> Any:
+    """One run of `monitor score`: per detector, first alarm, alarms, max score, first signal."""
+    columns = [("detector", False), ("first alarm", True), ("alarms", True)]
+    columns += [("max score", True), ("deviated first", False)]
+    rows = []
+    for entry in run.detectors:
+        if not entry.scored:
+            rows.append([entry.detector, "–", "–", "–", entry.note or "skipped"])
+            continue
+        first = "none" if entry.first_alarm_step is None else f"step {entry.first_alarm_step}"
+        rows.append(
+            [
+                entry.detector,
+                first,
+                str(entry.alarms),
+                _max_score(entry),
+                entry.deviated_first or "",
+            ]
+        )
+    end = "" if run.diverged_step is None else f", diverged at step {run.diverged_step}"
+    title = f"{run.label}: {run.steps} telemetry steps{end}"
+    return render_table(escape(title), columns, [[escape(c) for c in row] for row in rows])
+
+
+def print_score(result: ScoreResult, console: Any) -> None:
+    """`monitor score`'s console output: the monitor used, notes, one table per run."""
+    if result.monitor is not None:
+        kind = f" (fitted on {result.monitor_kind} runs)" if result.monitor_kind else ""
+        console.print(
+            escape(f"monitor: {result.monitor}{kind}; features: {', '.join(result.features)}"),
+            highlight=False,
+        )
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for run in result.runs:
+        print_table(console, run_alarms_table(run), wide=False)

@@ -16,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
 from stabilitybench.store import RunData
+
+if TYPE_CHECKING:
+    from stabilitybench.monitor.features import FeatureExtractor
 
 # What `fit` learns from: stored runs, or bare telemetry tables.
 Healthy = Sequence[RunData] | Sequence[pd.DataFrame]
@@ -78,6 +81,8 @@ class BaseDetector:
     # A guard whose native rule is "score above one of its parameters" names it here.
     native_threshold: ClassVar[str] = ""
     native_inclusive: ClassVar[bool] = False  # >= rather than >
+    # The telemetry signals a guard reads: per signal, its candidate columns (first found).
+    reads: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __post_init__(self) -> None:
         """Dataclass detectors start with a fresh online state."""
@@ -111,6 +116,42 @@ class BaseDetector:
         """One line for `monitor fit`'s console about the fitted model, or None."""
         return None
 
+    @classmethod
+    def load(cls, folder: Path) -> Detector | None:
+        """The detector saved in `folder` by `save` (a fitted monitor folder), or None when this
+        detector keeps no saved model there."""
+        return None
+
+    @property
+    def feature_map(self) -> FeatureExtractor | None:
+        """A fitted detector's features (names and healthy centre/scale); None for guards."""
+        return None
+
+    def inputs(self) -> list[str]:
+        """The telemetry columns a fitted model was fitted on (empty for guards)."""
+        features = self.feature_map
+        return [] if features is None else list(features.columns)
+
+    def signals(self, table: pd.DataFrame) -> list[str]:
+        """The columns of `table` this detector reads: its fitted inputs present in the table,
+        or for a guard the first present column of each signal in `reads`."""
+        if self.feature_map is not None:
+            return [c for c in self.inputs() if _has_values(table, c)]
+        found = (next((c for c in group if _has_values(table, c)), None) for group in self.reads)
+        return [c for c in found if c is not None]
+
+    def attribution(self, table: pd.DataFrame, index: int) -> str | None:
+        """Which signal deviated most at row `index` (the first alarm), as `name (+4.2σ)`.
+
+        A non-finite value wins. Otherwise, per signal read, its standardised deviation: for a
+        fitted detector from the healthy reference it was fitted on (its features' centre and
+        scale), for a guard from the run's own earlier values (median, IQR / 1.349).
+        """
+        from stabilitybench.monitor.attribution import deviations, strongest
+
+        columns = self.signals(table)
+        return strongest(deviations(table, columns, index, self.feature_map))
+
     def score(self, table: pd.DataFrame) -> np.ndarray:
         raise NotImplementedError
 
@@ -140,6 +181,13 @@ class BaseDetector:
     def empty_columns(self, n: int) -> dict[str, np.ndarray]:
         """The same columns for a run nothing could score (no fitted model for its seed)."""
         return {self.column: np.full(n, np.nan), f"{self.column}_native": np.zeros(n, bool)}
+
+
+def _has_values(table: pd.DataFrame, column: str) -> bool:
+    if column not in table.columns:
+        return False
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+    return bool((~np.isnan(values)).any())
 
 
 _REGISTRY: dict[str, type[BaseDetector]] = {}

@@ -24,6 +24,7 @@ from stabilitybench.monitor.results import (
     evaluation_path,
     load_evaluation,
 )
+from stabilitybench.monitor.scoring import ScoreResult, load_score_result, score_path
 from stabilitybench.store import RunData, RunStore
 
 TELEMETRY_SIGNALS: tuple[str, ...] = ("grad_norm", "grad_cos_prev", "grad_cos_ema", "update_ratio")
@@ -41,6 +42,7 @@ class ReportData:
     summary_error: str | None = None
     evaluation: Evaluation | None = None
     evaluation_error: str | None = None
+    alarms: ScoreResult | None = None  # what `monitor score` said per run (score.json)
 
     def record(self, run_id: str) -> RunRecord | None:
         """A run's record with its collapse analysis (None without a metrics summary)."""
@@ -78,6 +80,11 @@ def load_report_data(store: RunStore) -> ReportData:
             data.evaluation = load_evaluation(store.root)
         except StabilityBenchError as exc:
             data.evaluation_error = f"{EVALUATION_FILE} could not be read: {exc}"
+    if score_path(store.root).exists():
+        try:
+            data.alarms = load_score_result(store.root)
+        except StabilityBenchError:
+            data.alarms = None  # an unreadable score.json only loses the overlay
     return data
 
 
@@ -218,6 +225,14 @@ def window_spans(run: RunData) -> list[tuple[float, float]]:
         else:
             spans.append((start, end + 1.0))  # end_step is inclusive
     return spans
+
+
+def step_x(run: RunData, step: float) -> float:
+    """An optimizer step in the run's x units (environment steps for RL runs)."""
+    mapping = _step_to_x(run, x_column(run))
+    if mapping is None:
+        return float(step)
+    return float(mapping.get(step, np.nan))
 
 
 def collapse_point(run: RunData, record: RunRecord | None) -> tuple[float, float] | None:

@@ -62,6 +62,7 @@ class ConditionSeries:
     telemetry: list[pd.DataFrame] = field(default_factory=list)  # per run: x + signal columns
     baseline_perf: list[pd.DataFrame] = field(default_factory=list)  # matched unperturbed runs
     collapses: list[tuple[float, float]] = field(default_factory=list)  # (x, perf) per collapse
+    alarms: list[tuple[str, float]] = field(default_factory=list)  # (detector, x of first alarm)
 
 
 def _grid(frames: Sequence[pd.DataFrame]) -> np.ndarray:
@@ -198,6 +199,20 @@ def _perf_panel(
     ax.set_ylabel("performance\n(median, IQR over seeds)")
 
 
+def _alarm_lines(axes: Any, series: Sequence[ConditionSeries]) -> None:
+    """A detector's first native alarm on each run: a dash-dot line across every panel, one
+    colour per detector (labelled once, in the performance legend)."""
+    names = list(dict.fromkeys(name for s in series for name, _ in s.alarms))
+    cmap = plt.get_cmap("Dark2")
+    for i, name in enumerate(names):
+        color = matplotlib.colors.to_hex(cmap(i % cmap.N))
+        xs = sorted({x for s in series for n, x in s.alarms if n == name})
+        for j, x in enumerate(xs):
+            for k, ax in enumerate(axes):
+                label = f"first alarm: {text(name)}" if j == 0 and k == 0 else None
+                ax.axvline(x, color=color, ls="-.", lw=1.0, alpha=0.9, label=label, zorder=4)
+
+
 def _legends(
     axes: Any,
     series: Sequence[ConditionSeries],
@@ -283,6 +298,7 @@ def condition_figure(
         for ax in axes:
             _shade(ax, windows, x_max - x_min)
         _perf_panel(axes[0], series, colors, x_max)
+        _alarm_lines(axes, series)
         _legends(axes, series, signals, bool(windows))
         for ax, panel in zip(axes[1:], signals, strict=True):
             _telemetry_panel(ax, series, colors, panel)

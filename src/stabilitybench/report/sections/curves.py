@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from stabilitybench.monitor.scoring import RunAlarms
 from stabilitybench.report import figures as figs
 from stabilitybench.report.data import (
     ReportData,
     collapse_point,
     knob_text,
     perf_series,
+    step_x,
     telemetry_series,
     unique_slugs,
     window_spans,
@@ -20,10 +22,11 @@ from stabilitybench.store import RunData
 
 MAX_CONDITION_FIGURES = 24
 MAX_SERIES_PER_FIGURE = 10
+MAX_ALARM_LINES = 12  # runs whose `monitor score` alarms are spelled out under a figure
 INTRO = (
     '<p class="muted">Top panel: performance, median over seeds with the inter-quartile band; '
     "the dashed line is the unperturbed baseline with the same knobs. Shaded: perturbation "
-    "windows; ×: collapse points. The panels below share the time axis: gradient norm, "
+    "windows; ×: collapse points; dash-dot lines: each detector's first alarm (`monitor score`). The panels below share the time axis: gradient norm, "
     "gradient coherence, update ratio and the monitor's meta-state deviation (when fitted).</p>"
 )
 Grouped = dict[tuple[str, str], dict[str, list[RunData]]]
@@ -58,6 +61,7 @@ def _figure(
                 telemetry=[telemetry_series(r) for r in runs],
                 baseline_perf=[perf_series(r) for r in baseline],
                 collapses=[p for p in points if p],
+                alarms=[a for run in runs for a in _first_alarms(data, run)],
             )
         )
         for run in runs:
@@ -70,7 +74,49 @@ def _figure(
         parts.append(notice(shown))
     fig = figs.condition_figure(series, windows=sorted(windows)[:24], title=title, x_label=x_label)
     parts.append(figures.embed(f"performance_{name}", fig, f"{title}: performance and telemetry"))
+    scored = [a for runs in settings.values() for r in runs if (a := _alarms_of(data, r))]
+    parts.extend(_alarm_text(a) for a in scored[:MAX_ALARM_LINES])
     return "\n".join(parts)
+
+
+def _alarms_of(data: ReportData, run: RunData) -> RunAlarms | None:
+    if data.alarms is None:
+        return None
+    return next((a for a in data.alarms.runs if a.run_id == run.run_id), None)
+
+
+def _first_alarms(data: ReportData, run: RunData) -> list[tuple[str, float]]:
+    """(detector, x) of each detector's first native alarm on this run (`monitor score`)."""
+    found = _alarms_of(data, run)
+    if found is None:
+        return []
+    return [
+        (d.detector, step_x(run, d.first_alarm_step))
+        for d in found.detectors
+        if d.first_alarm_step is not None
+    ]
+
+
+def _alarm_text(run: RunAlarms) -> str:
+    """One line per scored run: which detector alarmed first, on which signal, then the rest."""
+    fired = sorted(
+        (d for d in run.detectors if d.first_alarm_step is not None),
+        key=lambda d: d.first_alarm_step or 0,
+    )
+    if not fired:
+        return f'<p class="muted">{esc(run.label)}: no detector alarmed.</p>'
+    first, rest = fired[0], fired[1:]
+    signal = f"; {first.deviated_first} deviated first" if first.deviated_first else ""
+    others = ", ".join(f"{d.detector} at {d.first_alarm_step}" for d in rest)
+    silent = [d.detector for d in run.detectors if d.scored and d.first_alarm_step is None]
+    tail = (f"; then {others}" if others else "") + (
+        f"; silent: {', '.join(silent)}" if silent else ""
+    )
+    end = "" if run.diverged_step is None else f" (diverged at step {run.diverged_step})"
+    return (
+        f'<p class="muted">{esc(run.label)}{esc(end)}: first alarm '
+        f"{esc(first.detector)} at step {first.first_alarm_step}{esc(signal)}{esc(tail)}.</p>"
+    )
 
 
 def section_curves(data: ReportData, figures: Figures) -> str:
