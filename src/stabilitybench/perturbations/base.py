@@ -129,7 +129,7 @@ class Perturbation:
     scope: ClassVar[str] = "optimizer"  # optimizer | model | env | batch
     one_shot: ClassVar[bool] = False  # acts once at onset; `duration` must be 1
     params: ClassVar[dict[str, Param]] = {}
-    magnitude: ClassVar[str | None] = None  # which of `params` is its size (dose-response x)
+    magnitude_param: ClassVar[str | None] = None  # which of `params` is its size (dose-response x)
     models: ClassVar[str] = ""  # what it models in practice (docs table)
     # The magnitude field a `ramp` grows across the window (None: this kind cannot ramp), and
     # whether its "no effect" value is 1 (multiplicative: a factor) or 0 (additive: a std).

@@ -23,7 +23,7 @@ class ObsNoise(Perturbation):
     """Add Gaussian noise of `sigma` × the running std of each observation dimension (RL)."""
 
     name = "obs_noise"
-    magnitude = "sigma"  # the parameter that is its size
+    magnitude_param = "sigma"  # the parameter that is its size
     dimension = "data"
     adapter = "env"
     scope = "env"
@@ -46,7 +46,7 @@ class RewardNoise(Perturbation):
     """
 
     name = "reward_noise"
-    magnitude = "sigma"  # the parameter that is its size
+    magnitude_param = "sigma"  # the parameter that is its size
     dimension = "data"
     adapter = "env"
     scope = "env"
@@ -64,7 +64,7 @@ class RewardScale(Perturbation):
     """Multiply the reward by `factor` (RL)."""
 
     name = "reward_scale"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     dimension = "data"
     adapter = "env"
     scope = "env"
@@ -91,7 +91,7 @@ class DynamicsShift(Perturbation):
     """Scale a MuJoCo model quantity (gravity, friction, body mass…) by `factor`, then restore it."""
 
     name = "dynamics_shift"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     dimension = "data"
     adapter = "mujoco"
     scope = "env"
@@ -121,7 +121,7 @@ class LabelNoise(Perturbation):
     """
 
     name = "label_noise"
-    magnitude = "fraction"  # the parameter that is its size
+    magnitude_param = "fraction"  # the parameter that is its size
     dimension = "data"
     adapter = "batch"
     scope = "batch"

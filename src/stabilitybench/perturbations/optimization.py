@@ -18,7 +18,7 @@ class LrSpike(Perturbation):
     """
 
     name = "lr_spike"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     dimension = "optimization"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a mis-set LR schedule, warm-up restart or LR finder gone wrong"
@@ -47,7 +47,7 @@ class MomentumShock(Perturbation):
     """Set Adam's beta1 (or SGD's momentum) to `value` for `duration` optimizer steps."""
 
     name = "momentum_shock"
-    magnitude = "value"  # the parameter that is its size
+    magnitude_param = "value"  # the parameter that is its size
     dimension = "optimization"
     params: ClassVar[dict[str, Param]] = {"value": Param(float, low=0.0, high=1.0, high_open=True)}
     models = "a wrong beta1 / momentum setting, or a momentum restart"

@@ -55,7 +55,7 @@ class WeightNoise(_ModelEdit):
     """Add Gaussian noise to each trained tensor with norm `scale` × that tensor's norm."""
 
     name = "weight_noise"
-    magnitude = "scale"  # the parameter that is its size
+    magnitude_param = "scale"  # the parameter that is its size
     params: ClassVar[dict[str, Param]] = {
         "scale": Param(float, low=0.0, low_open=True),
         "module": Param(str, default=None, help="a submodule name"),
@@ -132,7 +132,7 @@ class ParamScale(_ModelEdit):
     """
 
     name = "param_scale"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     params: ClassVar[dict[str, Param]] = {
         "param": Param(str, help="a parameter name"),
         "factor": Param(float, low=0.0),

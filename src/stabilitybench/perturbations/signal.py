@@ -19,7 +19,7 @@ class GradNoise(Perturbation):
     """Add Gaussian noise whose norm is `scale` × the gradient norm, after backward, before step."""
 
     name = "grad_noise"
-    magnitude = "scale"  # the parameter that is its size
+    magnitude_param = "scale"  # the parameter that is its size
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"scale": Param(float, low=0.0, low_open=True)}
     models = "noisy or corrupted gradients (tiny batches, faulty all-reduce)"
@@ -44,7 +44,7 @@ class GradScale(Perturbation):
     """Multiply the gradients by `factor` just before the step (after any gradient clipping)."""
 
     name = "grad_scale"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a wrong gradient-accumulation divisor or a loss-scaler bug, after clipping"
@@ -61,7 +61,7 @@ class GradDrop(Perturbation):
     """Zero a random `fraction` of the gradient entries."""
 
     name = "grad_drop"
-    magnitude = "fraction"  # the parameter that is its size
+    magnitude_param = "fraction"  # the parameter that is its size
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {
         "fraction": Param(float, low=0.0, high=1.0, low_open=True)
@@ -90,7 +90,7 @@ class LossScale(Perturbation):
     """
 
     name = "loss_scale"
-    magnitude = "factor"  # the parameter that is its size
+    magnitude_param = "factor"  # the parameter that is its size
     dimension = "signal"
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a loss-weight or reduction bug (sum instead of mean), a mixed-precision scaler error"
