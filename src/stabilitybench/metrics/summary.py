@@ -76,13 +76,14 @@ def _check_runs(store: RunStore, infos: Sequence[dict[str, Any]]) -> None:
 def conditions_of(
     records: Sequence[RunRecord], rng: np.random.Generator, reps: int
 ) -> list[ConditionSummary]:
-    """One summary per (workload, knobs, perturbation), in order of first appearance."""
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    """One summary per (workload, knobs, perturbation, guard), in order of first appearance;
+    a guarded condition's baseline is the unperturbed condition under the same guard."""
+    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
     for r in records:
-        groups.setdefault((r.workload, r.knobs_key, r.perturbation), []).append(r)
+        groups.setdefault((r.workload, r.knobs_key, r.perturbation, r.guard), []).append(r)
     out = []
     for key, members in groups.items():
-        baseline = None if key[2] == "none" else groups.get((key[0], key[1], "none"))
+        baseline = None if key[2] == "none" else groups.get((key[0], key[1], "none", key[3]))
         out.append(condition_summary(members, baseline, rng, reps))
     return out
 
@@ -139,8 +140,9 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
         seed=seed,
         notes=audit_notes(records),
     )
-    decoupled = audit_decoupling(records, rng, reps)
-    return AuditSummary(info, conditions, records, decoupled, dose_response(records))
+    unguarded = [r for r in records if r.guard == "none"]  # the findings are about training
+    decoupled = audit_decoupling(unguarded, rng, reps)
+    return AuditSummary(info, conditions, records, decoupled, dose_response(unguarded))
 
 
 def summary_document(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) -> Any:

@@ -44,14 +44,21 @@ def condition_order(item: ConditionSummary | RunRecord) -> tuple[Any, ...]:
         item.perturbation_kind,
         item.magnitude if item.magnitude is not None else float("-inf"),
         item.perturbation,
+        item.guard != "none",
+        item.guard,
         -1 if seed is None else seed,
     )
+
+
+def _guard_suffix(guard: str) -> str:
+    """` +guard zclip:rollback` for a guarded condition, nothing for an unguarded one."""
+    return "" if guard == "none" else f" +guard {guard}"
 
 
 def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
     runs = f"{c.n_runs}" + (f" +{c.n_failed} failed" if c.n_failed else "")
     row = [f"{c.workload} {knobs_text(c.knobs)}"]
-    row.append(short_perturbation(c.perturbation_kind, c.magnitude))
+    row.append(short_perturbation(c.perturbation_kind, c.magnitude) + _guard_suffix(c.guard))
     row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
     if wide:
         row.append(fmt(c.median_collapse_steps))
@@ -94,8 +101,10 @@ def runs_table(summary: AuditSummary, wide: bool = False) -> Any:
     columns += [("final\nperf", True), ("stability", True)]
     rows = []
     for r in sorted(summary.runs, key=condition_order):
-        condition = f"{r.workload} {knobs_text(r.knobs)} " + short_perturbation(
-            r.perturbation_kind, r.magnitude
+        condition = (
+            f"{r.workload} {knobs_text(r.knobs)} "
+            + short_perturbation(r.perturbation_kind, r.magnitude)
+            + _guard_suffix(r.guard)
         )
         c = r.collapse
         row = [r.run_id if wide else r.run_id[:8], condition, fmt(r.seed), run_status(r)]
