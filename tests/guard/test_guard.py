@@ -132,7 +132,7 @@ def test_skip_restores_parameters_and_optimizer_state_of_before_the_step(
     alarm_at.steps = {0, 7}  # step 0: Adam's state did not exist before it
     before: dict[int, Any] = {}
     after: dict[int, Any] = {}
-    _, guard, _, model = _loop(
+    _, guard, _, _ = _loop(
         10, {"detector": "alarm_at", "action": "skip"}, before=before, after=after
     )
     assert guard is not None
@@ -251,3 +251,25 @@ def test_a_huge_lr_spike_ruins_the_unguarded_run_but_not_the_rolled_back_one() -
     assert guard is not None and guard.stats.by_action.get("rollback", 0) >= 1
     assert all(i.detector == "zclip" for i in guard.interventions)
     assert math.isfinite(guarded[-1])
+
+
+def test_per_step_read_back_still_writes_the_sink_in_batches(tmp_path: Any) -> None:
+    from stabilitybench.streaming import ParquetSink
+
+    model, opt, gen = _setup()
+    sink = ParquetSink(tmp_path / "telemetry.parquet")
+    tel = Telemetry(model, opt, sink=sink, flush_every=10)
+    guard = Guard(tel, detector="zclip", action="skip")
+    scored = []
+    for _ in range(30):
+        loss = model(torch.randn(4, 8, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tel.log(loss=loss)
+        guard.after_step()
+        scored.append(len(guard.scores))
+    assert scored == list(range(1, 31))  # each step scored before the next one
+    assert len(list(sink.parts_dir.glob("part-*.parquet"))) == 3  # not one part file per step
+    table = tel.close()
+    assert list(table["step"]) == list(range(30)) and table["loss"].notna().all()

@@ -161,7 +161,7 @@ class Guard:
         self.last_action = None
         self._in_after_step = True
         try:
-            self.telemetry.flush()
+            self.telemetry.finish_step()
         finally:
             self._in_after_step = False
         return self.last_action

@@ -84,6 +84,29 @@ def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
     return render_table(title, columns, rows, WIDE_CAPTION if wide else CAPTION)
 
 
+def guards_table(summary: AuditSummary) -> Any:
+    """Each guarded condition beside the same condition unguarded."""
+    columns = [("condition", False), ("guard", False), ("collapse\nguarded", True)]
+    columns += [("collapse\nunguarded", True), ("interv.\n/run", True), ("extra\ncompute", True)]
+    columns += [("wall\nratio", True)]
+    rows = []
+    for g in summary.guards:
+        condition = f"{g.workload} {knobs_text(g.knobs)} {g.perturbation}"
+        rows.append(
+            [
+                condition,
+                g.guard,
+                fmt_rate_ci(g.collapse.rate, g.collapse.ci),
+                fmt_rate_ci(g.collapse_unguarded.rate, g.collapse_unguarded.ci),
+                fmt(g.interventions_per_run),
+                fmt_rate(g.extra_compute),
+                fmt(g.wall_time_ratio),
+            ]
+        )
+    caption = "extra compute: updates skipped or rolled back / steps trained; 95% CIs"
+    return render_table("guards", columns, rows, caption)
+
+
 def run_status(r: RunRecord) -> str:
     if r.status == "failed":
         return f"[red]failed[/]: {r.error}"
@@ -122,6 +145,8 @@ def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> No
     """Render a summary as rich tables: conditions, runs, decoupling, notes."""
     print_table(console, conditions_table(summary, wide), wide)
     print_table(console, runs_table(summary, wide), wide)
+    if summary.guards:
+        print_table(console, guards_table(summary), wide)
     for item in summary.decoupling.per_workload:
         console.print(f"decoupling {item.workload}: {_rho(item)}", highlight=False)
     console.print(f"decoupling pooled: {_rho(summary.decoupling.pooled)}", highlight=False)
