@@ -14,34 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import AlarmAt
+
 from stabilitybench.guard import Guard
-from stabilitybench.monitor.registry import BaseDetector, register_detector, unregister_detector
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import StepContext
 
 torch.set_num_threads(1)
-
-
-@dataclass
-class AlarmAt(BaseDetector):
-    """A test detector: score 1 at the steps in `steps`, else 0; native rule score > 0.5."""
-
-    name: ClassVar[str] = "alarm_at"
-    title: ClassVar[str] = "alarms at given steps (tests)"
-    steps: ClassVar[set[int]] = set()
-    threshold: float = 0.5
-    native_threshold: ClassVar[str] = "threshold"
-
-    def update(self, row: Mapping[str, Any]) -> float:
-        return 1.0 if int(row["step"]) in self.steps else 0.0
-
-
-@pytest.fixture
-def alarm_at() -> Iterator[type[AlarmAt]]:
-    register_detector(AlarmAt)
-    yield AlarmAt
-    AlarmAt.steps = set()
-    unregister_detector("alarm_at")
 
 
 class LRSeen:

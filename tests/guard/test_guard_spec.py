@@ -143,10 +143,53 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
     assert params["detector"] == "zclip" and params["guard"] == "rollback"
     summary = CliRunner().invoke(app, ["summary", str(out), "--json"])
     assert summary.exit_code == 0, summary.output
-    conditions = json.loads(summary.output)["conditions"]
+    document = json.loads(summary.output)
+    conditions = document["conditions"]
+    (spiked_guarded,) = [g for g in document["guards"] if g["perturbation"].startswith("lr_spike")]
+    n_events = int((events["kind"] == "guard").sum())
+    assert spiked_guarded["n_runs"] == 1 and spiked_guarded["n_unguarded"] == 1
+    assert spiked_guarded["interventions_per_run"] == n_events
+    assert sum(spiked_guarded["by_action"].values()) == n_events
+    assert spiked_guarded["collapse_unguarded"]["n"] == 1
     assert sorted(c["guard"] for c in conditions) == [
         "none",
         "none",
         "zclip:rollback(every=5,keep=4,min_age=5)",
         "zclip:rollback(every=5,keep=4,min_age=5)",
     ]
+
+
+def test_steps_lost_per_intervention_by_hand() -> None:
+    from stabilitybench.metrics.guards import Intervention
+
+    assert Intervention(12, "rollback", 5).steps_lost == 8  # updates 5..12
+    assert Intervention(7, "skip").steps_lost == 1
+    assert Intervention(7, "lr_cut").steps_lost == 0
+
+
+def test_lm_workload_hosts_a_guard_and_writes_its_events(tmp_path: Path, alarm_at: Any) -> None:
+    from stabilitybench.store import RunWriter
+    from stabilitybench.workloads.base import build_workload
+
+    alarm_at.steps = {4, 9}
+    config = {
+        "name": "gpt2-guard",
+        "kind": "lm",
+        "size": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "corpus": "shakespeare",
+        "total_steps": 12,
+        "eval": {"every": 6, "batches": 1},
+        "knobs": {"batch_size": 2, "block_size": 16},
+    }
+    guard = {"detector": "alarm_at", "action": "rollback", "every": 3, "keep": 3, "min_age": 3}
+    spec = RunSpec(workload=config, seed=0, guard=guard)
+    writer = RunWriter(tmp_path / "run")
+    outcome = build_workload(config).run(spec, writer)
+    assert outcome["steps"] == 12 and not outcome["diverged"]
+    import pandas as pd
+
+    events = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    assert list(events["name"]) == ["rollback", "rollback"]
+    back = [json.loads(p)["rolled_back_to"] for p in events["params"]]
+    assert back == [0, 6]  # 4 − 3 ≥ 3 → step 0's snapshot; 9 − 6 ≥ 3 → step 6's
+    assert len(pd.read_parquet(tmp_path / "run" / "telemetry.parquet")) == 12
