@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import torch
 from torch import nn
 
 from conftest import AlarmAt
-
 from stabilitybench.guard import Guard
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import StepContext
