@@ -250,3 +250,19 @@ def test_per_step_read_back_still_writes_the_sink_in_batches(tmp_path: Any) -> N
     assert len(list(sink.parts_dir.glob("part-*.parquet"))) == 3  # not one part file per step
     table = tel.close()
     assert list(table["step"]) == list(range(30)) and table["loss"].notna().all()
+
+
+def test_steps_the_probes_skip_are_not_scored() -> None:
+    model, opt, gen = _setup()
+    tel = Telemetry(model, opt, every=3)
+    guard = Guard(tel, detector="zclip", action="skip")
+    for _ in range(90):
+        loss = model(torch.randn(4, 8, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tel.log(loss=loss)
+        guard.after_step()
+    tel.close()
+    assert [s for s, _ in guard.scores] == list(range(0, 90, 3))
+    assert all(math.isfinite(score) for _, score in guard.scores)

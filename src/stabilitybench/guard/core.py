@@ -36,6 +36,10 @@ from stabilitybench.telemetry.core import Telemetry
 from stabilitybench.types import StepContext
 
 
+# A row the probes measured carries a gradient norm; the guard scores only those rows.
+_PROBED_COLUMNS = ("grad_norm", "grad_norm_raw")
+
+
 @dataclass(frozen=True)
 class Intervention:
     """One action the guard took; `event()` is its row of events.parquet."""
@@ -212,6 +216,8 @@ class Guard:
 
     # -- the decision ------------------------------------------------------------------------------
     def _on_row(self, row: dict[str, Any]) -> None:
+        if not any(key in row for key in _PROBED_COLUMNS):
+            return  # a step the telemetry's probes skipped (`every` > 1): nothing to score
         step = int(row["step"])
         score = float(self.detector.update(row))
         self.scores.append((step, score))
