@@ -35,7 +35,6 @@ from stabilitybench.guard.snapshot import Snapshot, StepUndo
 from stabilitybench.telemetry.core import Telemetry
 from stabilitybench.types import StepContext
 
-
 # A row the probes measured carries a gradient norm; the guard scores only those rows.
 _PROBED_COLUMNS = ("grad_norm", "grad_norm_raw")
 
