@@ -37,8 +37,8 @@ def run_perturbation(info: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]
 
 
 def is_baseline(info: Mapping[str, Any]) -> bool:
-    """Whether a run (its run.json) is unperturbed."""
-    return run_perturbation(info)[1] == "none"
+    """Whether a run (its run.json) is unperturbed and unguarded (what monitors learn from)."""
+    return run_perturbation(info)[1] == "none" and not info.get("guard")
 
 
 class RunStatus(StrEnum):
@@ -218,6 +218,9 @@ class RunSpec:
     seed: int = 0
     audit: str = ""
     collapse: dict[str, float] = field(default_factory=lambda: dict(_COLLAPSE_SPEC_DEFAULT))
+    # The guard's config as the spec gave it ({"detector": ..., "action": ..., ...}); None:
+    # unguarded (and then the run id is what it was before guards existed).
+    guard: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> str:
@@ -225,12 +228,15 @@ class RunSpec:
         import hashlib
         import json
 
+        identity: dict[str, Any] = {
+            "workload": self.workload,
+            "perturbations": list(self.perturbations),
+            "seed": self.seed,
+        }
+        if self.guard is not None:
+            identity["guard"] = self.guard
         payload = json.dumps(
-            {
-                "workload": self.workload,
-                "perturbations": list(self.perturbations),
-                "seed": self.seed,
-            },
+            identity,
             sort_keys=True,
             separators=(",", ":"),
         )
@@ -248,21 +254,31 @@ class RunSpec:
         return "+".join(parts)
 
     @property
+    def guard_label(self) -> str:
+        """`none`, or `detector:action` plus the other settings given, e.g. `zclip:rollback(every=10)`."""
+        return guard_label(self.guard)
+
+    @property
     def label(self) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in sorted(self.workload.get("knobs", {}).items()))
         knob_part = f"[{knobs}]" if knobs else ""
+        guard_part = f"/guard={self.guard_label}" if self.guard is not None else ""
         return (
-            f"{self.workload.get('name', '?')}{knob_part}/{self.perturbation_label}/seed{self.seed}"
+            f"{self.workload.get('name', '?')}{knob_part}/{self.perturbation_label}"
+            f"{guard_part}/seed{self.seed}"
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "workload": self.workload,
             "perturbations": list(self.perturbations),
             "seed": self.seed,
             "audit": self.audit,
             "collapse": dict(self.collapse),
         }
+        if self.guard is not None:
+            out["guard"] = dict(self.guard)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
@@ -272,4 +288,16 @@ class RunSpec:
             seed=int(data.get("seed", 0)),
             audit=str(data.get("audit", "")),
             collapse=dict(data.get("collapse", _COLLAPSE_SPEC_DEFAULT)),
+            guard=dict(data["guard"]) if data.get("guard") else None,
         )
+
+
+def guard_label(guard: Mapping[str, Any] | None) -> str:
+    """How a run's guard is shown: `none`, or `detector:action(k=v,...)` (the monitor folder is
+    left out: it is in run.json)."""
+    if not guard:
+        return "none"
+    extra = ",".join(
+        f"{k}={v}" for k, v in guard.items() if k not in ("detector", "action", "monitor")
+    )
+    return f"{guard.get('detector')}:{guard.get('action')}" + (f"({extra})" if extra else "")

@@ -125,6 +125,7 @@ def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> dict[str,
         "kind": run.workload["kind"],
         "knobs": dict(run.workload.get("knobs", {})),
         "perturbation": perturbation,
+        "guard": None if run.guard is None else {"label": run.guard_label, **run.guard},
         "seed": run.seed,
         "spec": run.to_dict(),
     }

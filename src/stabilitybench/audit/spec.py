@@ -157,6 +157,8 @@ class AuditSpec(_Model):
     seeds: list[int] | int = Field(default_factory=lambda: [0])
     eval: EvalSpec | None = None
     collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+    # Optional grid axis: `none` (unguarded) or {detector, action, ...} (see stabilitybench.guard).
+    guards: list[Any] | None = Field(default=None, min_length=1)
 
     _name_is_label = field_validator("name")(_label)
 
@@ -263,7 +265,40 @@ def validate_spec(data: dict[str, Any]) -> AuditSpec:
         _check_reference(workload, index)
     _check_eval_every(spec)
     _perturbation_lists(spec.perturbations)
+    _check_guards(spec)
     return spec
+
+
+def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
+    """The `guards:` axis as run guard dicts (None = unguarded); `[None]` without the key."""
+    if spec.guards is None:
+        return [None]
+    from stabilitybench.guard.config import guard_configs
+
+    guard_configs(list(spec.guards))  # checks every entry (raises naming guards[i].field)
+    out: list[dict[str, Any] | None] = []
+    for item in spec.guards:
+        if item == "none" or item is None:
+            out.append(None)
+        else:
+            rest = {k: v for k, v in item.items() if k not in ("detector", "action")}
+            out.append({"detector": item["detector"], "action": item["action"], **rest})
+    return out
+
+
+def _check_guards(spec: AuditSpec) -> None:
+    """Each guard is valid and every workload of the audit can host it."""
+    if spec.guards is None:
+        return
+    from stabilitybench.guard.config import check_monitor_folder, check_workload, parse_guard
+
+    for index, guard in enumerate(_guard_list(spec)):
+        if guard is None:
+            continue
+        config = parse_guard(guard, f"guards[{index}]")
+        check_monitor_folder(config, f"guards[{index}]")
+        for workload in spec.workloads:
+            check_workload(config, str(workload.get("kind")), f"guards[{index}]")
 
 
 def _check_eval_every(spec: AuditSpec) -> None:
@@ -326,8 +361,10 @@ def references(spec: AuditSpec) -> dict[str, dict[str, Any]]:
 def is_healthy(run: RunSpec, reference: dict[str, Any]) -> bool:
     """A healthy run: perturbation `none` and the workload's reference knob levels."""
     knobs = run.workload.get("knobs", {})
-    return not run.perturbations and all(
-        k in knobs and same_value(knobs[k], v) for k, v in reference.items()
+    return (
+        not run.perturbations
+        and run.guard is None
+        and all(k in knobs and same_value(knobs[k], v) for k, v in reference.items())
     )
 
 
@@ -423,13 +460,16 @@ def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
 
 def resolved_spec(spec: AuditSpec) -> dict[str, Any]:
     """The whole spec with every default filled in (what audit.json stores and hashes)."""
-    return {
+    resolved = {
         "name": spec.name,
         "workloads": resolved_workloads(spec),
         "perturbations": [list(g) for g in _perturbation_lists(spec.perturbations)],
         "seeds": list(spec.seeds),  # type: ignore[arg-type]
         "collapse": spec.collapse.model_dump(),
     }
+    if spec.guards is not None:  # only where given: specs without guards hash as before
+        resolved["guards"] = ["none" if g is None else g for g in _guard_list(spec)]
+    return resolved
 
 
 def spec_hash(spec: AuditSpec) -> str:
@@ -439,9 +479,10 @@ def spec_hash(spec: AuditSpec) -> str:
 
 
 def expand(spec: AuditSpec) -> list[RunSpec]:
-    """The grid, in a stable order: workload → knob levels → perturbation → seed."""
+    """The grid, in a stable order: workload → knob levels → perturbation → guard → seed."""
     runs: list[RunSpec] = []
     perturbations = _perturbation_lists(spec.perturbations)
+    guards = _guard_list(spec)
     collapse = spec.collapse.model_dump()
     for config in resolved_workloads(spec):
         config = {k: v for k, v in config.items() if k != "reference"}  # not part of a run
@@ -450,16 +491,18 @@ def expand(spec: AuditSpec) -> list[RunSpec]:
         for levels in itertools.product(*axes):
             workload = {**config, "knobs": dict(zip(knobs, levels, strict=True))}
             for group in perturbations:
-                for seed in spec.seeds:  # type: ignore[union-attr]
-                    runs.append(
-                        RunSpec(
-                            workload=workload,
-                            perturbations=group,
-                            seed=seed,
-                            audit=spec.name,
-                            collapse=collapse,
+                for guard in guards:
+                    for seed in spec.seeds:  # type: ignore[union-attr]
+                        runs.append(
+                            RunSpec(
+                                workload=workload,
+                                perturbations=group,
+                                seed=seed,
+                                audit=spec.name,
+                                collapse=collapse,
+                                guard=guard,
+                            )
                         )
-                    )
     return runs
 
 

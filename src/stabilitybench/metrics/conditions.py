@@ -65,6 +65,7 @@ class ConditionSummary:
     long_term_risk: float | None
     dispersion_across_runs: float | None = None
     risk_across_runs: float | None = None
+    guard: str = "none"  # the guard's label; `none` for unguarded runs
     notes: list[str] = field(default_factory=list)
 
 
@@ -155,6 +156,7 @@ def condition_summary(
         long_term_risk=_reliability_median(done, "long_term_risk"),
     )
     c.dispersion_across_runs, c.risk_across_runs = across_runs(done)
+    c.guard = first.guard
     _explain(c, baseline is not None)
     return c
 

@@ -18,6 +18,7 @@ from stabilitybench.metrics.collapse import CollapseConfig
 from stabilitybench.metrics.conditions import ConditionSummary, condition_summary
 from stabilitybench.metrics.decoupling import Decoupling, audit_decoupling
 from stabilitybench.metrics.dose_response import DoseResponse, dose_response
+from stabilitybench.metrics.guards import GuardComparison, guard_comparisons, interventions_of
 from stabilitybench.metrics.intervals import DEFAULT_REPS
 from stabilitybench.metrics.records import RunRecord, audit_records, collapse_config
 from stabilitybench.metrics.serialize import to_jsonable
@@ -53,6 +54,7 @@ class AuditSummary:
     runs: list[RunRecord]
     decoupling: Decoupling
     dose_response: DoseResponse
+    guards: list[GuardComparison] = field(default_factory=list)  # empty: no guarded runs
 
     def run(self, run_id: str) -> RunRecord | None:
         return next((r for r in self.runs if r.run_id == run_id), None)
@@ -76,13 +78,14 @@ def _check_runs(store: RunStore, infos: Sequence[dict[str, Any]]) -> None:
 def conditions_of(
     records: Sequence[RunRecord], rng: np.random.Generator, reps: int
 ) -> list[ConditionSummary]:
-    """One summary per (workload, knobs, perturbation), in order of first appearance."""
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    """One summary per (workload, knobs, perturbation, guard), in order of first appearance;
+    a guarded condition's baseline is the unperturbed condition under the same guard."""
+    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
     for r in records:
-        groups.setdefault((r.workload, r.knobs_key, r.perturbation), []).append(r)
+        groups.setdefault((r.workload, r.knobs_key, r.perturbation, r.guard), []).append(r)
     out = []
     for key, members in groups.items():
-        baseline = None if key[2] == "none" else groups.get((key[0], key[1], "none"))
+        baseline = None if key[2] == "none" else groups.get((key[0], key[1], "none", key[3]))
         out.append(condition_summary(members, baseline, rng, reps))
     return out
 
@@ -139,8 +142,19 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
         seed=seed,
         notes=audit_notes(records),
     )
-    decoupled = audit_decoupling(records, rng, reps)
-    return AuditSummary(info, conditions, records, decoupled, dose_response(records))
+    unguarded = [r for r in records if r.guard == "none"]  # the findings are about training
+    decoupled = audit_decoupling(unguarded, rng, reps)
+    guarded = [r for r in records if r.guard != "none" and r.done]
+    interventions = {r.run_id: interventions_of(store.table(r.run_id, "events")) for r in guarded}
+    steps = {r.run_id: _steps_trained(store, r.run_id) for r in guarded}
+    comparisons = guard_comparisons(records, interventions, steps) if guarded else []
+    return AuditSummary(info, conditions, records, decoupled, dose_response(unguarded), comparisons)
+
+
+def _steps_trained(store: RunStore, run_id: str) -> int:
+    outcome = store.info(run_id).get("outcome") or {}
+    steps = outcome.get("steps") if isinstance(outcome, dict) else None
+    return int(steps) if isinstance(steps, int) else 0
 
 
 def summary_document(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) -> Any:

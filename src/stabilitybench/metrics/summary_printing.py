@@ -46,14 +46,21 @@ def condition_order(item: ConditionSummary | RunRecord) -> tuple[Any, ...]:
         item.perturbation_kind,
         item.magnitude if item.magnitude is not None else float("-inf"),
         item.perturbation,
+        item.guard != "none",
+        item.guard,
         -1 if seed is None else seed,
     )
+
+
+def _guard_suffix(guard: str) -> str:
+    """` +guard zclip:rollback` for a guarded condition, nothing for an unguarded one."""
+    return "" if guard == "none" else f" +guard {guard}"
 
 
 def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
     runs = f"{c.n_runs}" + (f" +{c.n_failed} failed" if c.n_failed else "")
     row = [escape(f"{c.workload} {knobs_text(c.knobs)}")]
-    row.append(escape(short_perturbation(c.perturbation_kind, c.magnitude)))
+    row.append(escape(short_perturbation(c.perturbation_kind, c.magnitude) + _guard_suffix(c.guard)))
     row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
     if wide:
         row.append(fmt(c.median_collapse_steps))
@@ -79,6 +86,29 @@ def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
     return render_table(title, columns, rows, WIDE_CAPTION if wide else CAPTION)
 
 
+def guards_table(summary: AuditSummary) -> Any:
+    """Each guarded condition beside the same condition unguarded."""
+    columns = [("condition", False), ("guard", False), ("collapse\nguarded", True)]
+    columns += [("collapse\nunguarded", True), ("interv.\n/run", True), ("extra\ncompute", True)]
+    columns += [("wall\nratio", True)]
+    rows = []
+    for g in summary.guards:
+        condition = f"{g.workload} {knobs_text(g.knobs)} {g.perturbation}"
+        rows.append(
+            [
+                escape(condition),
+                escape(g.guard),
+                fmt_rate_ci(g.collapse.rate, g.collapse.ci),
+                fmt_rate_ci(g.collapse_unguarded.rate, g.collapse_unguarded.ci),
+                fmt(g.interventions_per_run),
+                fmt_rate(g.extra_compute),
+                fmt(g.wall_time_ratio),
+            ]
+        )
+    caption = "extra compute: updates skipped or rolled back / steps trained; 95% CIs"
+    return render_table("guards", columns, rows, caption)
+
+
 def run_status(r: RunRecord) -> str:
     if r.status == "failed":
         return f"[red]failed[/]: {escape(str(r.error))}"
@@ -99,6 +129,7 @@ def runs_table(summary: AuditSummary, wide: bool = False) -> Any:
         condition = escape(
             f"{r.workload} {knobs_text(r.knobs)} "
             + short_perturbation(r.perturbation_kind, r.magnitude)
+            + _guard_suffix(r.guard)
         )
         c = r.collapse
         row = [r.run_id if wide else r.run_id[:8], condition, fmt(r.seed), run_status(r)]
@@ -116,6 +147,8 @@ def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> No
     """Render a summary as rich tables: conditions, runs, decoupling, notes."""
     print_table(console, conditions_table(summary, wide), wide)
     print_table(console, runs_table(summary, wide), wide)
+    if summary.guards:
+        print_table(console, guards_table(summary), wide)
     for item in summary.decoupling.per_workload:
         console.print(f"decoupling {escape(item.workload)}: {_rho(item)}", highlight=False)
     console.print(f"decoupling pooled: {_rho(summary.decoupling.pooled)}", highlight=False)

@@ -74,7 +74,12 @@ def evaluate_audit(
     if not with_scores or not (store.root / MONITOR_DIR / FIT_FILE).exists():
         raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
     records = {r.run_id: r for r in audit_records(store)}
-    scored = [ScoredRun(run, records[run.run_id]) for run in with_scores]
+    # Guarded runs are not what the detectors are evaluated on (a guard changes the run).
+    scored = [
+        ScoredRun(run, records[run.run_id])
+        for run in with_scores
+        if records[run.run_id].guard == "none"
+    ]
     healthy = [r for r in scored if r.record.is_baseline]
     perturbed = [r for r in scored if not r.record.is_baseline]
     require_runs([r.run for r in scored], need_perturbed=True)

@@ -208,6 +208,8 @@ def window_spans(run: RunData) -> list[tuple[float, float]]:
     step_to_x = _step_to_x(run, x_col)
     spans = []
     for row_dict in events.to_dict("records"):
+        if row_dict.get("kind") == "guard":
+            continue  # an intervention, not a perturbation window
         start, end = as_float(row_dict.get("start_step")), as_float(row_dict.get("end_step"))
         if start is None or math.isnan(start):
             continue

@@ -156,6 +156,7 @@ class Telemetry:
         self.keep_rows = (not readable) if keep_rows is None else bool(keep_rows)
         self._rows: list[dict[str, Any]] = []  # delivered rows (only with keep_rows)
         self._done: list[_DoneRow] = []  # finished rows not yet read back
+        self._unsunk: list[dict[str, Any]] = []  # read back, not yet handed to the sinks
         self._open: dict[str, Any] | None = None
         self._pending: dict[str, Any] = {}
         self._hooks: list[StepHook] = []
@@ -222,6 +223,13 @@ class Telemetry:
         if frame.empty or len(frame.columns) <= 1:
             return stored
         return pd.concat([stored, frame], ignore_index=True)
+
+    def finish_step(self) -> None:
+        """Finish the open row now and read it back (one host sync), handing it to `on_row`
+        callbacks; sinks still get rows every `flush_every` steps (an online guard calls this
+        right after the loop's `log()`, so it can act before the next forward pass)."""
+        self._finish_open()
+        self._read_back(to_sinks=False)
 
     def flush(self) -> None:
         """Finish the open row and read every finished row back (one transfer), handing them to
@@ -292,12 +300,18 @@ class Telemetry:
             return
         row, self._open = self._open, None
         self._done.append(_pack(row))
-        if self.sync_every_step or len(self._done) >= self.flush_every:
+        if len(self._done) >= self.flush_every:
             self._read_back()
+        elif self.sync_every_step:
+            self._read_back(to_sinks=False)
 
-    def _read_back(self) -> None:
-        """One transfer per device for every finished row; then callbacks, memory, sinks."""
+    def _read_back(self, *, to_sinks: bool = True) -> None:
+        """One transfer per device for every finished row; then callbacks, memory, and the
+        sinks — with `to_sinks=False` (per-step read-back) only once `flush_every` rows wait,
+        so a per-step sync does not also mean a Parquet part file per step."""
         if not self._done:
+            if to_sinks:
+                self._write_sinks()
             return
         done, self._done = self._done, []
         by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -330,6 +344,14 @@ class Telemetry:
                 callback(row)
         if self.keep_rows:
             self._rows.extend(rows)
+        self._unsunk.extend(rows)
+        if to_sinks or len(self._unsunk) >= self.flush_every:
+            self._write_sinks()
+
+    def _write_sinks(self) -> None:
+        rows, self._unsunk = self._unsunk, []
+        if not rows:
+            return
         for sink in self._sinks:
             write_rows = getattr(sink, "write_rows", None)
             if write_rows is not None:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.guard.core import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.telemetry.stability_probes import close_probes, index_names
@@ -523,6 +524,7 @@ class LMWorkload:
             schedule.validate(ADAPTERS, where=f"workload {settings.name!r} (kind lm)")
             schedule.attach(telemetry)
             trainer.schedule = schedule
+        guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
         evals: list[dict[str, Any]] = []
 
@@ -540,8 +542,9 @@ class LMWorkload:
                     telemetry.log(loss=loss, grad_norm_raw=trainer.grad_norm_raw)
                 else:
                     telemetry.log(loss=loss)
+                action = guard.after_step() if guard is not None else None
                 steps_taken = step + 1
-                if not math.isfinite(loss):
+                if not math.isfinite(loss) and action != "rollback":
                     diverged = True
                     record(step, math.inf)
                     break
@@ -560,7 +563,10 @@ class LMWorkload:
         return finish_run(
             writer,
             evals,
-            schedule.events() if schedule is not None else [],
+            [
+                *(schedule.events() if schedule is not None else []),
+                *(guard.events() if guard is not None else []),
+            ],
             extra_eval_column="val_loss",
             diverged=diverged,
             steps=steps_taken,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.guard.core import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import RunSpec
@@ -156,6 +157,7 @@ class ToyWorkload:
         if schedule is not None:
             schedule.validate(ADAPTERS, where=f"workload {self.name!r} (kind toy)")
             schedule.attach(telemetry)
+        guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
         evals: list[dict[str, Any]] = []
 
@@ -189,8 +191,9 @@ class ToyWorkload:
                 loss.backward()
                 optimizer.step()
                 telemetry.log(loss=loss)
+                action = guard.after_step() if guard is not None else None
                 steps_taken = step + 1
-                if not math.isfinite(float(loss.detach())):
+                if not math.isfinite(float(loss.detach())) and action != "rollback":
                     diverged = True
                     evals.append(
                         {"step": step, "env_step": None, "perf": -math.inf, "val_loss": math.inf}
@@ -203,7 +206,10 @@ class ToyWorkload:
         return finish_run(
             writer,
             evals,
-            schedule.events() if schedule is not None else [],
+            [
+                *(schedule.events() if schedule is not None else []),
+                *(guard.events() if guard is not None else []),
+            ],
             extra_eval_column="val_loss",
             diverged=diverged,
             steps=steps_taken,

@@ -1,0 +1,203 @@
+"""Snapshots of a training state: parameters (and buffers), optimizer state, RNG.
+
+Two kinds, for two actions:
+- `StepUndo` (skip): the state just before this step's update, copied into buffers that are
+  allocated once and reused, on the parameters' own device (one `copy_` per tensor per step, no
+  allocation after the first step, no host transfer).
+- `Snapshot` (rollback): a CPU copy of the model's `state_dict()` (parameters and buffers), every
+  optimizer's per-parameter state and the RNG states (torch CPU, CUDA if used, Python, NumPy).
+  Hyper-parameters in `param_groups` (the learning rate) are NOT restored: LR schedulers and
+  perturbation schedules own them, and time goes on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+State = dict[str, Any]  # one parameter's optimizer state: tensors and plain values
+
+
+def _copy_value(value: Any, into: Any, device: torch.device | None) -> Any:
+    """`value` copied (a tensor into `into` when shapes match, else a fresh clone)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if (
+        isinstance(into, torch.Tensor)
+        and into.shape == value.shape
+        and into.dtype == value.dtype
+        and (device is None or into.device == device)
+    ):
+        return into.copy_(value)
+    target = value.device if device is None else device
+    return value.detach().to(target, copy=True)
+
+
+def _optimizer_states(optimizers: Sequence[torch.optim.Optimizer]) -> list[State | None]:
+    """Per parameter of every optimizer (in group order): its state dict, None if not created."""
+    out: list[State | None] = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                out.append(state if state else None)
+    return out
+
+
+def _params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.nn.Parameter]:
+    return [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+
+
+def _capture_states(
+    states: Iterable[State | None], previous: list[State | None] | None, device: torch.device | None
+) -> list[State | None]:
+    out: list[State | None] = []
+    old = previous or []
+    for i, state in enumerate(states):
+        if state is None:
+            out.append(None)
+            continue
+        into = old[i] if i < len(old) and old[i] is not None else {}
+        assert into is not None
+        out.append({k: _copy_value(v, into.get(k), device) for k, v in state.items()})
+    return out
+
+
+def _restore_states(
+    optimizers: Sequence[torch.optim.Optimizer], saved: Sequence[State | None]
+) -> None:
+    i = 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = saved[i]
+                i += 1
+                if state is None:
+                    optimizer.state.pop(p, None)  # created by the undone step: forget it
+                    continue
+                current = optimizer.state.setdefault(p, {})
+                for key, value in state.items():
+                    now = current.get(key)
+                    if isinstance(value, torch.Tensor):
+                        if isinstance(now, torch.Tensor) and now.shape == value.shape:
+                            now.copy_(value)  # in place: keeps the optimizer's own tensor
+                        else:
+                            current[key] = value.to(
+                                p.device if value.dim() else value.device, copy=True
+                            )
+                    else:
+                        current[key] = value
+                for key in [k for k in current if k not in state]:
+                    del current[key]
+
+
+@dataclass
+class StepUndo:
+    """The state before the current step's update, on the device, in reused buffers."""
+
+    optimizers: Sequence[torch.optim.Optimizer]
+    params: list[torch.Tensor] = field(default_factory=list)
+    states: list[State | None] = field(default_factory=list)
+    step: int = -1
+
+    @torch.no_grad()
+    def capture(self, step: int) -> None:
+        """Copy every parameter and optimizer state tensor (one `copy_` each, same device)."""
+        live = _params(self.optimizers)
+        if len(self.params) != len(live):
+            self.params = [p.detach().clone() for p in live]
+        else:
+            torch._foreach_copy_(self.params, [p.detach() for p in live])
+        self.states = _capture_states(_optimizer_states(self.optimizers), self.states, None)
+        self.step = step
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the captured state back (parameters in place, optimizer state per parameter)."""
+        live = _params(self.optimizers)
+        torch._foreach_copy_([p.data for p in live], self.params)
+        _restore_states(self.optimizers, self.states)
+
+    def nbytes(self) -> int:
+        return _nbytes(self.params) + sum(_nbytes(s.values()) for s in self.states if s)
+
+
+@dataclass
+class Snapshot:
+    """A CPU copy of everything a rollback restores, taken before optimizer step `step`."""
+
+    step: int
+    model: dict[str, torch.Tensor] | None
+    params: list[torch.Tensor]
+    states: list[State | None]
+    rng: dict[str, Any]
+    extra: Any = None  # e.g. the detector's online state at that step
+
+    @classmethod
+    @torch.no_grad()
+    def take(
+        cls,
+        step: int,
+        model: torch.nn.Module | None,
+        optimizers: Sequence[torch.optim.Optimizer],
+        extra: Any = None,
+    ) -> Snapshot:
+        cpu = torch.device("cpu")
+        # A copy of every tensor to host memory (a device→host transfer on an accelerator).
+        model_state = (
+            {k: v.detach().to(cpu, copy=True) for k, v in model.state_dict().items()}
+            if model is not None
+            else None
+        )
+        params = (
+            []
+            if model is not None
+            else [p.detach().to(cpu, copy=True) for p in _params(optimizers)]
+        )
+        states = _capture_states(_optimizer_states(optimizers), None, cpu)
+        return cls(step, model_state, params, states, rng_state(), extra)
+
+    @torch.no_grad()
+    def restore(
+        self, model: torch.nn.Module | None, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> None:
+        if model is not None and self.model is not None:
+            model.load_state_dict(self.model)  # copies into the live tensors, any device
+        else:
+            for live, saved in zip(_params(optimizers), self.params, strict=True):
+                live.data.copy_(saved)
+        _restore_states(optimizers, self.states)
+        set_rng_state(self.rng)
+
+    def nbytes(self) -> int:
+        tensors = list(self.model.values()) if self.model is not None else self.params
+        return _nbytes(tensors) + sum(_nbytes(s.values()) for s in self.states if s)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU and every CUDA device in use), Python and NumPy global RNG states."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _nbytes(values: Iterable[Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))

@@ -1,0 +1,158 @@
+"""Guarded vs unguarded: each guarded condition beside the same condition without a guard.
+
+`guard_comparisons(records, interventions)` is pure over the run records and each guarded run's
+interventions (the `kind: guard` rows of its events table, read by `summary`); it is the
+`guards` list of `summary --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stabilitybench.metrics.intervals import wilson_interval
+from stabilitybench.metrics.records import RunRecord
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One guard event as the summary needs it."""
+
+    step: int
+    action: str
+    rolled_back_to: int | None = None
+
+    @property
+    def steps_lost(self) -> int:
+        """Updates this intervention threw away: 1 for a skip, the steps since the snapshot for a
+        rollback, 0 for an LR cut."""
+        if self.action == "rollback" and self.rolled_back_to is not None:
+            return self.step + 1 - self.rolled_back_to
+        return 1 if self.action == "skip" else 0
+
+
+def interventions_of(events: Any) -> list[Intervention]:
+    """The guard rows of an events table (a DataFrame with kind, name, params, start_step)."""
+    if events is None or len(events) == 0 or "kind" not in events:
+        return []
+    out = []
+    for row in events[events["kind"] == "guard"].to_dict("records"):
+        params = row.get("params")
+        values = json.loads(params) if isinstance(params, str) else dict(params or {})
+        back = values.get("rolled_back_to")
+        out.append(
+            Intervention(
+                int(row["start_step"]), str(row["name"]), None if back is None else int(back)
+            )
+        )
+    return out
+
+
+@dataclass
+class Rate:
+    """A rate over judged runs with its 95% Wilson interval."""
+
+    n: int
+    k: int
+    rate: float | None
+    ci: list[float | None]
+
+    @classmethod
+    def of(cls, k: int, n: int) -> Rate:
+        low, high = wilson_interval(k, n)
+        return cls(n, k, k / n if n else None, [low if n else None, high if n else None])
+
+
+@dataclass
+class GuardComparison:
+    """One guarded condition and the same (workload, knobs, perturbation) unguarded."""
+
+    workload: str
+    knobs: Mapping[str, Any]
+    perturbation: str
+    guard: str
+    n_runs: int  # finished guarded runs
+    n_unguarded: int  # finished unguarded runs of the same condition
+    collapse: Rate
+    collapse_unguarded: Rate
+    irreversible: Rate
+    irreversible_unguarded: Rate
+    interventions_per_run: float | None
+    by_action: dict[str, int] = field(default_factory=dict)
+    steps_lost_per_run: float | None = None  # updates skipped or rolled back, mean per run
+    extra_compute: float | None = None  # steps lost / steps trained, over the guarded runs
+    wall_time_ratio: float | None = None  # median guarded wall_s / median unguarded wall_s
+    false_interventions_per_run: float | None = None  # on healthy (unperturbed) guarded runs
+
+
+def _judged(records: Sequence[RunRecord]) -> tuple[Rate, Rate]:
+    judged = [r for r in records if r.done and r.collapsed is not None]
+    collapsed = [r for r in judged if r.collapsed]
+    irreversible = [r for r in collapsed if r.collapse is not None and r.collapse.irreversible]
+    return Rate.of(len(collapsed), len(judged)), Rate.of(len(irreversible), len(judged))
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return statistics.median(finite) if finite else None
+
+
+def guard_comparisons(
+    records: Sequence[RunRecord],
+    interventions: Mapping[str, Sequence[Intervention]],
+    steps: Mapping[str, int] | None = None,
+) -> list[GuardComparison]:
+    """Per guarded (workload, knobs, perturbation, guard): its rates beside the unguarded ones.
+
+    `interventions`: run id → its interventions; `steps`: run id → optimizer steps trained (for
+    the extra-compute fraction).
+    """
+    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.workload, r.knobs_key, r.perturbation, r.guard), []).append(r)
+    out = []
+    for (workload, knobs, perturbation, guard), members in groups.items():
+        if guard == "none":
+            continue
+        done = [r for r in members if r.done]
+        plain = [r for r in groups.get((workload, knobs, perturbation, "none"), []) if r.done]
+        collapse, irreversible = _judged(done)
+        collapse_u, irreversible_u = _judged(plain)
+        events = [list(interventions.get(r.run_id, ())) for r in done]
+        by_action: dict[str, int] = {}
+        for run_events in events:
+            for i in run_events:
+                by_action[i.action] = by_action.get(i.action, 0) + 1
+        lost = [sum(i.steps_lost for i in e) for e in events]
+        trained = [int((steps or {}).get(r.run_id, 0)) for r in done]
+        guarded_wall = _median([r.timing.wall_s for r in done])
+        plain_wall = _median([r.timing.wall_s for r in plain])
+        n = len(done)
+        out.append(
+            GuardComparison(
+                workload=workload,
+                knobs=dict(members[0].knobs),
+                perturbation=perturbation,
+                guard=guard,
+                n_runs=n,
+                n_unguarded=len(plain),
+                collapse=collapse,
+                collapse_unguarded=collapse_u,
+                irreversible=irreversible,
+                irreversible_unguarded=irreversible_u,
+                interventions_per_run=sum(len(e) for e in events) / n if n else None,
+                by_action=by_action,
+                steps_lost_per_run=sum(lost) / n if n else None,
+                extra_compute=sum(lost) / sum(trained) if sum(trained) else None,
+                wall_time_ratio=guarded_wall / plain_wall
+                if guarded_wall is not None and plain_wall
+                else None,
+                false_interventions_per_run=(sum(len(e) for e in events) / n if n else None)
+                if members[0].is_baseline
+                else None,
+            )
+        )
+    return out

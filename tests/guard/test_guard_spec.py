@@ -1,0 +1,195 @@
+"""The `guards:` axis of an audit spec: bad input is exit 2 with nothing written; unguarded run
+ids are what they were before guards existed; a guarded toy audit records its interventions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stabilitybench.audit.spec import expand, resolved_spec, spec_hash, validate_spec
+from stabilitybench.cli import app
+from stabilitybench.store import RunStore
+from stabilitybench.types import RunSpec
+
+
+def _spec(guards: list[Any] | None, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "guard-test",
+        "seeds": [0],
+        "workloads": [
+            {
+                "name": "toy",
+                "kind": "toy",
+                "total_steps": 60,
+                "eval": {"every": 10, "batches": 1},
+                "knobs": {"lr": 0.01, "hidden": 16},
+            }
+        ],
+        "perturbations": ["none", {"kind": "lr_spike", "at": 0.5, "factor": 50, "duration": 3}],
+    }
+    if guards is not None:
+        spec["guards"] = guards
+    spec.update(extra)
+    return spec
+
+
+RL = {"name": "ppo", "kind": "rl", "algo": "ppo", "env": "CartPole-v1", "total_steps": 2000}
+
+
+@pytest.mark.parametrize(
+    ("guard", "workloads", "words"),
+    [
+        ({"detector": "nope", "action": "skip"}, None, ["guards[1].detector", "'nope'", "zclip"]),
+        (
+            {"detector": "zclip", "action": "undo"},
+            None,
+            ["guards[1].action", "skip, lr_cut, rollback, escalate"],
+        ),
+        ({"detector": "msm", "action": "rollback"}, None, ["guards[1].monitor", "fitted monitor"]),
+        (
+            {"detector": "msm", "action": "rollback", "monitor": "no/such/folder"},
+            None,
+            ["guards[1].monitor", "not a fitted monitor folder"],
+        ),
+        (
+            {"detector": "zclip", "action": "lr_cut", "factor": 1.5},
+            None,
+            ["guards[1].factor", "(0, 1)"],
+        ),
+        (
+            {"detector": "zclip", "action": "lr_cut", "cooldown": 0},
+            None,
+            ["guards[1].cooldown", ">= 1"],
+        ),
+        (
+            {"detector": "zclip", "action": "rollback", "every": 10, "keep": 2, "min_age": 50},
+            None,
+            ["guards[1].min_age", "<= (keep - 1) * every = 10"],
+        ),
+        (
+            {"detector": "zclip", "action": "skip", "speed": 3},
+            None,
+            ["guards[1].speed", "unknown key"],
+        ),
+        (
+            {"detector": "zclip", "action": "rollback"},
+            [RL],
+            ["guards[1].action", "rollback needs a workload that can snapshot", "lm, toy", "'rl'"],
+        ),
+    ],
+)
+def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
+    tmp_path: Path, guard: dict[str, Any], workloads: list[Any] | None, words: list[str]
+) -> None:
+    spec = _spec(["none", guard])
+    if workloads is not None:
+        spec["workloads"] = workloads
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(app, ["audit", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert message.startswith("error:"), message
+    for word in words:
+        assert word in message, (word, message)
+    assert not out.exists()
+
+
+def test_unguarded_run_ids_and_spec_hash_are_what_they_were_before_guards() -> None:
+    run = RunSpec(workload={"name": "toy", "kind": "toy"}, perturbations=(), seed=3)
+    payload = json.dumps(
+        {"workload": run.workload, "perturbations": [], "seed": 3},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert run.run_id == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    plain, with_none = validate_spec(_spec(None)), validate_spec(_spec(["none"]))
+    assert [r.run_id for r in expand(plain)] == [r.run_id for r in expand(with_none)]
+    assert "guards" not in resolved_spec(plain)  # so a spec without guards hashes as before
+    assert spec_hash(plain) == spec_hash(validate_spec(_spec(None)))
+    guarded = expand(validate_spec(_spec(["none", {"detector": "zclip", "action": "skip"}])))
+    assert len(guarded) == 4 and len({r.run_id for r in guarded}) == 4
+    assert {r.run_id for r in guarded if r.guard is None} == {r.run_id for r in expand(plain)}
+    assert guarded[1].label == "toy[hidden=16,lr=0.01]/none/guard=zclip:skip/seed0"
+
+
+def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Path) -> None:
+    guard = {"detector": "zclip", "action": "rollback", "every": 5, "keep": 4, "min_age": 5}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(["none", guard])))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(
+        app, ["audit", str(path), "--out", str(out), "--workers", "1", "--no-report"]
+    )
+    assert result.exit_code == 0, result.output
+    store = RunStore.open(out)
+    infos = {i["label"]: i for i in store.infos()}
+    spiked = next(i for label, i in infos.items() if "lr_spike" in label and "guard=" in label)
+    assert spiked["guard"]["label"] == "zclip:rollback(every=5,keep=4,min_age=5)"
+    assert spiked["healthy"] is False
+    unguarded = [i for i in infos.values() if i["guard"] is None]
+    assert len(unguarded) == 2
+    events = store.load(spiked["run_id"]).events
+    kinds = list(events["kind"])
+    assert "lr_spike" in kinds and "guard" in kinds
+    params = json.loads(events[events["kind"] == "guard"]["params"].iloc[0])
+    assert params["detector"] == "zclip" and params["guard"] == "rollback"
+    summary = CliRunner().invoke(app, ["summary", str(out), "--json"])
+    assert summary.exit_code == 0, summary.output
+    document = json.loads(summary.output)
+    conditions = document["conditions"]
+    (spiked_guarded,) = [g for g in document["guards"] if g["perturbation"].startswith("lr_spike")]
+    n_events = int((events["kind"] == "guard").sum())
+    assert spiked_guarded["n_runs"] == 1 and spiked_guarded["n_unguarded"] == 1
+    assert spiked_guarded["interventions_per_run"] == n_events
+    assert sum(spiked_guarded["by_action"].values()) == n_events
+    assert spiked_guarded["collapse_unguarded"]["n"] == 1
+    assert sorted(c["guard"] for c in conditions) == [
+        "none",
+        "none",
+        "zclip:rollback(every=5,keep=4,min_age=5)",
+        "zclip:rollback(every=5,keep=4,min_age=5)",
+    ]
+
+
+def test_steps_lost_per_intervention_by_hand() -> None:
+    from stabilitybench.metrics.guards import Intervention
+
+    assert Intervention(12, "rollback", 5).steps_lost == 8  # updates 5..12
+    assert Intervention(7, "skip").steps_lost == 1
+    assert Intervention(7, "lr_cut").steps_lost == 0
+
+
+def test_lm_workload_hosts_a_guard_and_writes_its_events(tmp_path: Path, alarm_at: Any) -> None:
+    from stabilitybench.store import RunWriter
+    from stabilitybench.workloads.base import build_workload
+
+    alarm_at.steps = {4, 9}
+    config = {
+        "name": "gpt2-guard",
+        "kind": "lm",
+        "size": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "corpus": "shakespeare",
+        "total_steps": 12,
+        "eval": {"every": 6, "batches": 1},
+        "knobs": {"batch_size": 2, "block_size": 16},
+    }
+    guard = {"detector": "alarm_at", "action": "rollback", "every": 3, "keep": 3, "min_age": 3}
+    spec = RunSpec(workload=config, seed=0, guard=guard)
+    writer = RunWriter(tmp_path / "run")
+    outcome = build_workload(config).run(spec, writer)
+    assert outcome["steps"] == 12 and not outcome["diverged"]
+    import pandas as pd
+
+    events = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    assert list(events["name"]) == ["rollback", "rollback"]
+    back = [json.loads(p)["rolled_back_to"] for p in events["params"]]
+    assert back == [0, 6]  # 4 − 3 ≥ 3 → step 0's snapshot; 9 − 6 ≥ 3 → step 6's
+    assert len(pd.read_parquet(tmp_path / "run" / "telemetry.parquet")) == 12
