@@ -118,6 +118,7 @@ class RunRecord:
     timing: RunTiming = field(default_factory=RunTiming)
     error_text: str | None = field(default=None, repr=False)  # the whole stored error
     outcome_final_perf: float | None = None  # what the workload reported (run.json outcome)
+    guard: str = "none"  # the guard's label (`detector:action(...)`), `none` if unguarded
 
     @property
     def is_baseline(self) -> bool:
@@ -220,9 +221,14 @@ def collapse_config(audit: Mapping[str, Any], infos: Sequence[Mapping[str, Any]]
 
 
 def event_onset(events: pd.DataFrame | None) -> Onset:
-    """The earliest perturbation window of a run's events table (source `events`)."""
+    """The earliest perturbation window of a run's events table (source `events`); a guard's
+    interventions (`kind` guard) are not perturbations."""
     if events is None or events.empty or "start_step" not in events:
         return Onset()
+    if "kind" in events:
+        events = events[events["kind"] != "guard"]
+        if events.empty:
+            return Onset()
     starts = _numbers(events["start_step"])
     if np.all(np.isnan(starts)):
         return Onset()
@@ -269,10 +275,16 @@ def run_record(
         timing=RunTiming.of(info),
         error_text=str(info["error"]).strip() if info.get("error") else None,
         outcome_final_perf=_outcome_final(info),
+        guard=_guard_label(info),
     )
     if curve.steps.size == 0:
         return record
     return _with_collapse(record, config)
+
+
+def _guard_label(info: Mapping[str, Any]) -> str:
+    guard = info.get("guard")
+    return str(guard.get("label", "guarded")) if isinstance(guard, Mapping) else "none"
 
 
 def _outcome_final(info: Mapping[str, Any]) -> float | None:

@@ -60,7 +60,9 @@ def _guard_suffix(guard: str) -> str:
 def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
     runs = f"{c.n_runs}" + (f" +{c.n_failed} failed" if c.n_failed else "")
     row = [escape(f"{c.workload} {knobs_text(c.knobs)}")]
-    row.append(escape(short_perturbation(c.perturbation_kind, c.magnitude) + _guard_suffix(c.guard)))
+    row.append(
+        escape(short_perturbation(c.perturbation_kind, c.magnitude) + _guard_suffix(c.guard))
+    )
     row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
     if wide:
         row.append(fmt(c.median_collapse_steps))
