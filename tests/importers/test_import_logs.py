@@ -204,6 +204,14 @@ def test_own_sink_prefix_maps_back_to_exact_columns() -> None:
     assert assignment.columns["train/grad_norm"].target == "train.grad_norm"
 
 
+def test_a_tag_named_as_a_telemetry_column_is_that_column() -> None:
+    assignment = assign(["loss", "update_ratio", "param_norm", "my_metric"], {})
+    assert assignment.columns["update_ratio"].target == "update_ratio"
+    assert assignment.columns["param_norm"].target == "param_norm"
+    assert not assignment.columns["param_norm"].extra
+    assert assignment.columns["my_metric"].extra  # unknown tags stay extra columns
+
+
 def test_hf_dialect_grad_norm_is_the_pre_clip_one_and_sb3_entropy_is_negated() -> None:
     hf = assign(["train/loss", "train/grad_norm", "train/learning_rate", "train/epoch"], {})
     assert hf.dialect == "hf" and hf.columns["train/grad_norm"].target == "grad_norm_raw"

@@ -14,15 +14,16 @@ from typer.testing import CliRunner
 from stabilitybench.cli import app
 from stabilitybench.monitor.attribution import deviations, strongest
 from stabilitybench.monitor.features import FeatureExtractor
+from stabilitybench.monitor.fitting import safe_name
 from stabilitybench.monitor.scoring import load_score_result, score_path
 from stabilitybench.store import RunStore
 
 runner = CliRunner()
 DIVERGE_FROM, NAN_AT = 80, 110
 # Telemetry the toy workload records that the imported log leaves out (the missing features).
-# (`param_norm` is in the log, but not a default tag name: it is kept as the extra column
-# `param_norm_`, while `--map update_ratio=update_ratio` names the other one.)
-LEFT_OUT = ("grad_cos_ema", "grad_cos_prev", "grad_norm_max_layer", "param_norm", "update_norm")
+# (`update_ratio` and `param_norm` are in the log under the telemetry columns' own names, so
+# they import as those columns.)
+LEFT_OUT = ("grad_cos_ema", "grad_cos_prev", "grad_norm_max_layer", "update_norm")
 
 
 def _toy_audit(root: Path) -> Path:
@@ -72,7 +73,7 @@ def audits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     log.to_csv(root / "diverging.csv", index=False, na_rep="nan")
     imported = root / "imported"
     args = ["import", str(root / "diverging.csv"), "--out", str(imported)]
-    result = runner.invoke(app, [*args, "--map", "update_ratio=update_ratio"])
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return {"root": root, "toy": toy, "imported": imported}
 
@@ -158,7 +159,7 @@ def test_without_a_monitor_the_guards_score_and_fitted_detectors_are_skipped(
 
 def test_an_audit_folder_or_its_monitor_folder_is_accepted(audits: dict[str, Path]) -> None:
     # --monitor OTHER_AUDIT (its monitor/) and OTHER_AUDIT/monitor/<workload> name the same model.
-    for given in (audits["toy"], audits["toy"] / "monitor" / "toy"):
+    for given in (audits["toy"], audits["toy"] / "monitor" / safe_name("toy")):
         result = runner.invoke(
             app, ["monitor", "score", str(audits["imported"]), "--monitor", str(given)]
         )

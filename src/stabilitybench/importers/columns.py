@@ -230,6 +230,11 @@ def assign(tags: Sequence[str], overrides: Mapping[str, str]) -> Assignment:
         if target not in taken:
             result.columns[tag] = Column(tag, target)
             taken.add(target)
+    for tag in tags:  # a tag named as a telemetry column (`update_ratio`, `param_norm`) is it
+        name = normalise(tag)
+        if tag not in result.columns and name in TELEMETRY_COLUMNS and name not in taken:
+            result.columns[tag] = Column(tag, name)
+            taken.add(name)
     for tag in tags:
         name = normalise(tag)
         if tag not in result.columns and name in NEGATED and NEGATED[name] not in taken:
