@@ -13,7 +13,7 @@ per-run alarm summaries (`ScoreResult`) go to `<audit>/monitor/score.json` for t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,28 +278,39 @@ def score_audit(
     frames = []
     for run in runs:
         frame = score_frame(run, fitted or None, settings)
-        alarms = RunAlarms(
-            run_id=run.run_id,
-            label=_label(run),
-            steps=len(run.telemetry),
-            diverged_step=_diverged_step(run),
-            missing_features=missing[run.run_id],
-        )
-        for name, cls in classes.items():
-            detector = fitted[name] if name in fitted else cls.create(settings)
-            entry = detector_alarms(
-                detector,  # type: ignore[arg-type]
-                frame,
-                run.telemetry,
-                scored=not cls.fitted or name in fitted,
-            )
-            if not entry.scored:
-                entry.note = "skipped: not in the monitor" if fitted else "skipped: no --monitor"
-            alarms.detectors.append(entry)
-        result.runs.append(alarms)
+        result.runs.append(_run_alarms(run, frame, fitted, settings, missing[run.run_id]))
         frames.append((run, frame))
     for run, frame in frames:
         write_parquet(store.run_dir(run.run_id) / SCORES_FILE, frame)
     write_json(score_path(store.root), to_jsonable(result))
     say(console, f"scores written for {len(runs)} runs")
     return result
+
+
+def _run_alarms(
+    run: RunData,
+    frame: pd.DataFrame,
+    fitted: Mapping[str, BaseDetector],
+    settings: DetectorSettings,
+    missing: list[str],
+) -> RunAlarms:
+    """One run's alarms under every registered detector (fitted ones only from `fitted`)."""
+    alarms = RunAlarms(
+        run_id=run.run_id,
+        label=_label(run),
+        steps=len(run.telemetry),
+        diverged_step=_diverged_step(run),
+        missing_features=missing,
+    )
+    for name, cls in detector_classes().items():
+        detector = fitted[name] if name in fitted else cls.create(settings)
+        entry = detector_alarms(
+            detector,  # type: ignore[arg-type]
+            frame,
+            run.telemetry,
+            scored=not cls.fitted or name in fitted,
+        )
+        if not entry.scored:
+            entry.note = "skipped: not in the monitor" if fitted else "skipped: no --monitor"
+        alarms.detectors.append(entry)
+    return alarms
