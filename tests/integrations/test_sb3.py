@@ -191,3 +191,23 @@ def test_grad_norm_raw_is_the_pre_clip_norm_sb3_returns() -> None:
     # Clipping to 20 leaves norms below 20 alone and scales the others down to 20.
     assert np.allclose(clipped, np.minimum(raw, 20.0), rtol=1e-4)
     assert (raw > 20.0).any() and (raw < 20.0).any()
+
+
+def test_training_episode_returns_are_logged_per_rollout() -> None:
+    # The dense RL performance signal: each rollout's finished training episodes, from SB3's
+    # Monitor info, as their mean return and count on the next optimizer step's row.
+    model = _ppo()
+    seen: list[float] = []
+
+    class _Spy(EveryEnvSteps):
+        def _on_step(self) -> bool:
+            seen.extend(float(i["episode"]["r"]) for i in self.locals["infos"] if "episode" in i)
+            return True
+
+    callback = StabilityCallback()
+    model.learn(1024, callback=[callback, _Spy(10**9, lambda _: None)])
+    rows = callback.telemetry.rows().dropna(subset=["episode_return"])
+    assert len(rows) == 4  # one entry per rollout of 256 env steps
+    assert int(rows["episodes"].sum()) == len(seen)
+    weighted = float((rows["episode_return"] * rows["episodes"]).sum())
+    assert weighted == pytest.approx(sum(seen))

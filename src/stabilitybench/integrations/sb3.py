@@ -95,14 +95,16 @@ take ~1 ms per step on a CPU, so measuring each one would cost ~10 % of PPO's wa
 class StabilityCallback(BaseCallback):
     """Records stability telemetry while an SB3 algorithm learns; a thin adapter over Telemetry.
 
-    `probes`, `every` (default `DEFAULT_EVERY` = 4: the probes measure every 4th optimizer step),
-    `sink` and `total_steps` are passed to `Telemetry`. The pre-clip gradient norm that SB3's own
-    `clip_grad_norm_` call returns (PPO, A2C, DQN) is logged on every step as `grad_norm_raw`. `schedule` (a
-    `PerturbationSchedule`) is attached to the telemetry; perturbations that act on the
-    environment also need `schedule.wrap_env(env)` on the training env. `monitor` (any object
-    with `.step(row) -> float`) scores each finished row; the score is stored in the row as `msd`.
-    The telemetry is created at the first `learn()` and kept across later `learn()` calls on the
-    same model; call `close()` (or `telemetry.close()`) to remove its hooks and finish sinks.
+        `probes`, `every` (default `DEFAULT_EVERY` = 4: the probes measure every 4th optimizer step),
+        `sink` and `total_steps` are passed to `Telemetry`. The pre-clip gradient norm that SB3's own
+        `clip_grad_norm_` call returns (PPO, A2C, DQN) is logged on every step as `grad_norm_raw`; the
+    mean return of the training episodes that ended in a rollout (SB3's Monitor info) as
+    `episode_return`, with their count as `episodes`, on the next optimizer step's row. `schedule` (a
+        `PerturbationSchedule`) is attached to the telemetry; perturbations that act on the
+        environment also need `schedule.wrap_env(env)` on the training env. `monitor` (any object
+        with `.step(row) -> float`) scores each finished row; the score is stored in the row as `msd`.
+        The telemetry is created at the first `learn()` and kept across later `learn()` calls on the
+        same model; call `close()` (or `telemetry.close()`) to remove its hooks and finish sinks.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class StabilityCallback(BaseCallback):
         self._loss_diverged = False
         self._restore_record: Callable[[], None] | None = None
         self._release_clip: Callable[[], None] | None = None
+        self._episode_returns: list[float] = []
 
     # ---- public -------------------------------------------------------------------------------
     @property
@@ -190,10 +193,21 @@ class StabilityCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         self.telemetry.env_step = int(self.num_timesteps)
+        for info in self.locals.get("infos") or ():
+            episode = info.get("episode") if isinstance(info, dict) else None
+            if isinstance(episode, dict) and "r" in episode:
+                self._episode_returns.append(float(episode["r"]))
         return not (self.stop_on_divergence and self._loss_diverged)
 
     def _on_rollout_end(self) -> None:
         self.telemetry.env_step = int(self.model.num_timesteps)
+        if self._episode_returns:
+            # The training episodes that ended in this rollout (SB3's Monitor `episode` info):
+            # their mean return and count go to the next optimizer step's row — the dense
+            # performance signal that times an RL collapse to the step.
+            returns = self._episode_returns
+            self.telemetry.log(episode_return=sum(returns) / len(returns), episodes=len(returns))
+            self._episode_returns = []
 
     def _on_training_end(self) -> None:
         self._unwrap_logger()
