@@ -83,6 +83,15 @@ def _bad_spec(tmp_path: Path, name: str, text: bytes) -> str:
     return str(path)
 
 
+TOY = "name: x\nworkloads: [{name: t, kind: toy, total_steps: 40}]\n"
+PERT_BAD = TOY + "perturbations: [none, {kind: lr_spike, at: 0.3, factor: -2}]\n"
+PERT_UNKNOWN = TOY + "perturbations: [none, {kind: lr_spyke, at: 0.3}]\n"
+
+
+def _spec_with(tmp_path: Path, name: str, text: str) -> str:
+    return _bad_spec(tmp_path, name, text.encode())
+
+
 @pytest.mark.parametrize(
     "verb",
     [
@@ -94,6 +103,8 @@ def _bad_spec(tmp_path: Path, name: str, text: bytes) -> str:
         "malformed",
         "unknown key",
         "latin-1",
+        "perturbation parameter",
+        "unknown perturbation",
     ],
 )
 def test_quick_verbs_load_no_framework(verb: str, audit_dir: Path, tmp_path: Path) -> None:
@@ -125,6 +136,14 @@ def test_quick_verbs_load_no_framework(verb: str, audit_dir: Path, tmp_path: Pat
                 "--out",
                 out,
             ],
+            2,
+        ),
+        "perturbation parameter": (
+            ["audit", _spec_with(tmp_path, "d.yaml", PERT_BAD), "--out", out],
+            2,
+        ),
+        "unknown perturbation": (
+            ["audit", _spec_with(tmp_path, "e.yaml", PERT_UNKNOWN), "--out", out],
             2,
         ),
     }[verb]

@@ -3,16 +3,19 @@ says *what* in a short `apply()` / `revert()` / `pre_step()`."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import numpy as np
-import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.types import StepContext
+
+if TYPE_CHECKING:
+    import torch
 
 DIMENSIONS = ("optimization", "data", "parametric", "signal")
 ADAPTERS = ("env", "mujoco", "batch")
@@ -20,6 +23,23 @@ RAMPS = ("none", "linear", "geometric")
 RAMP_MODES = ("multiplicative", "additive")
 ADDITIVE_START = 1e-3  # a geometric ramp of an additive size starts from target × this
 _REQUIRED = object()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def no_grad(fn: F) -> F:
+    """`torch.no_grad()` as a decorator that imports torch only when the method runs (validating
+    a spec must not import torch)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 def ramp_value(ramp: str, mode: str, target: float, progress: float) -> float:
@@ -220,6 +240,8 @@ class Perturbation:
     # ---- configuration ----------------------------------------------------------------------
     def bind(self, *, index: int, seed: int) -> None:
         """Seed this perturbation's own generator from (schedule seed, position in the schedule)."""
+        import torch
+
         self.index = index
         state = np.random.SeedSequence([int(seed), int(index), 0x5EED]).generate_state(2, np.uint32)
         self.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.perturbations.base import Param, Perturbation, register
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+    Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _normal(generator: torch.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    import torch
+
     return torch.randn(shape, generator=generator, dtype=torch.float64).numpy()
 
 
@@ -136,6 +140,8 @@ class LabelNoise(Perturbation):
     def transform(
         self, x: torch.Tensor, y: torch.Tensor, schedule: Any, shifted_batch: Any
     ) -> Batch:
+        import torch
+
         vocab = self.values["vocab_size"] or schedule.vocab_size
         if vocab is None:
             raise StabilityBenchError(

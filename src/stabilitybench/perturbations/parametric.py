@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.perturbations.base import Param, Perturbation, register
+from stabilitybench.perturbations.base import Param, Perturbation, no_grad, register
 from stabilitybench.types import StepContext
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _module_names(model: torch.nn.Module, limit: int = 20) -> str:
@@ -66,8 +67,10 @@ class WeightNoise(_ModelEdit):
         if self.values["module"] is not None:
             _get_module(self.label, _need_model(self.label, model), self.values["module"])
 
-    @torch.no_grad()
+    @no_grad
     def apply(self, ctx: StepContext) -> None:
+        import torch
+
         if self.values["module"] is not None:
             module = _get_module(
                 self.label, _need_model(self.label, ctx.model), self.values["module"]
@@ -108,8 +111,10 @@ class LayerReset(_ModelEdit):
                 "reset_parameters(); module must name a layer such as a Linear or Embedding"
             )
 
-    @torch.no_grad()
+    @no_grad
     def apply(self, ctx: StepContext) -> None:
+        import torch
+
         module = _get_module(self.label, _need_model(self.label, ctx.model), self.values["module"])
         devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
@@ -157,7 +162,7 @@ class ParamScale(_ModelEdit):
     def check_model(self, model: torch.nn.Module | None) -> None:
         self._target(model)
 
-    @torch.no_grad()
+    @no_grad
     def apply(self, ctx: StepContext) -> None:
         param, index = self._target(ctx.model)
         param[index] *= self.values["factor"]

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.perturbations.base import Perturbation, build
 from stabilitybench.types import StepContext
 
-ShiftedBatch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+    ShiftedBatch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
 class PerturbationSchedule:

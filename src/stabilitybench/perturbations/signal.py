@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from stabilitybench.perturbations.base import Param, Perturbation, register
 from stabilitybench.types import StepContext
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _grads(ctx: StepContext) -> list[torch.Tensor]:
@@ -27,6 +28,8 @@ class GradNoise(Perturbation):
     ramp_mode = "additive"
 
     def pre_step(self, ctx: StepContext) -> None:
+        import torch
+
         grads = _grads(ctx)
         if not grads:
             return
@@ -71,6 +74,8 @@ class GradDrop(Perturbation):
     ramp_mode = "additive"
 
     def pre_step(self, ctx: StepContext) -> None:
+        import torch
+
         fraction = self.magnitude(ctx.step)
         for g in _grads(ctx):
             drop = torch.rand(g.shape, generator=self.generator) < fraction
