@@ -75,7 +75,6 @@ class _Instrumented:
         self.param_names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
         self.probes = probes
         self.handles: list[Any] = []
-        self.pre_ctx: StepContext | None = None
         self.before_step: dict[str, Any] = {}  # values logged for this optimizer's next step
         self.nonfinite_key = self.prefix + "nonfinite_grads"
 
@@ -397,7 +396,6 @@ class Telemetry:
                 probe.before_step(ctx)
                 if probe.phase is Phase.PRE_STEP:
                     self._store(inst, probe.observe(ctx))
-        inst.pre_ctx = ctx
 
     @torch.no_grad()
     def _post_step(self, inst: _Instrumented) -> None:
@@ -413,7 +411,6 @@ class Telemetry:
                     if key == "perturbed":
                         value = _either(self._open.get(key, False), value)
                     self._open[key] = value
-        inst.pre_ctx = None
 
     def _store(self, inst: _Instrumented, values: Mapping[str, Any]) -> None:
         """Put values in the open row as they are: tensors stay on the device until read-back."""
