@@ -69,7 +69,7 @@ def main() -> None:
                     flush=True,
                 )
         close_start = time.perf_counter()
-        tel.close()
+        tel.close(read_back=False)
         close_s = time.perf_counter() - close_start
         peak = max(peak, rss_mib())
         path = Path(tmp) / "runs" / "run" / "telemetry.parquet"

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
@@ -152,9 +152,17 @@ class StabilityCallback(BaseCallback):
         """True once a logged loss or a trained parameter is non-finite (NaN or inf)."""
         return self._loss_diverged or not self._params_finite()
 
-    def close(self) -> pd.DataFrame:
-        """Remove the telemetry's hooks, finish its sinks, and return its table."""
+    @overload
+    def close(self) -> pd.DataFrame: ...
+    @overload
+    def close(self, *, read_back: Literal[False]) -> None: ...
+
+    def close(self, *, read_back: bool = True) -> pd.DataFrame | None:
+        """Remove the telemetry's hooks, finish its sinks, and return its table (None with
+        `read_back=False`: see `Telemetry.close`)."""
         self._unwrap_logger()
+        if not read_back:
+            return self.telemetry.close(read_back=False)
         return self.telemetry.close()
 
     # ---- SB3 hooks ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 import pandas as pd
 import torch
@@ -237,8 +237,20 @@ class Telemetry:
         self._finish_open()
         self._read_back()
 
-    def close(self) -> pd.DataFrame:
-        """Remove every hook this object installed, flush, finish sinks, and return the table."""
+    @overload
+    def close(self) -> pd.DataFrame: ...
+    @overload
+    def close(self, *, read_back: Literal[True]) -> pd.DataFrame: ...
+    @overload
+    def close(self, *, read_back: Literal[False]) -> None: ...
+
+    def close(self, *, read_back: bool = True) -> pd.DataFrame | None:
+        """Remove every hook this object installed, flush, finish sinks, and return the table.
+
+        `read_back=False` returns None instead of the table: with rows streamed to a sink
+        (`keep_rows=False`), reading the finished table back would hold the whole run in memory
+        once (≈230 MiB for a million-step run), which a long run that only needs its file does
+        not want. The workloads close this way."""
         if not self._closed:
             self.flush()
             for inst in self._opts:
@@ -249,6 +261,8 @@ class Telemetry:
             for sink in self._sinks:
                 sink.close(table)
             self._closed = True
+        if not read_back:
+            return None
         if self.keep_rows:
             return self.rows()
         stored = self._sink_table()

@@ -555,7 +555,7 @@ class LMWorkload:
                         diverged = True
                         break
         finally:
-            telemetry.close()
+            telemetry.close(read_back=False)
             close_probes(telemetry.probes)
         index = index_names(telemetry.probes)
         if index:  # what the *_argmax columns' tensor indices name

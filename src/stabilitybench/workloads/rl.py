@@ -452,7 +452,7 @@ class RLWorkload:
                 evaluate(step, env_step)
         finally:
             if telemetry_callback.attached:
-                telemetry_callback.close()
+                telemetry_callback.close(read_back=False)
                 index = index_names(telemetry_callback.telemetry.probes)
                 if index:  # what the *_argmax columns' tensor indices name (clock optimizer)
                     writer.update_info(telemetry_index=index)

@@ -202,7 +202,7 @@ class ToyWorkload:
                 if steps_taken % eval_every == 0 or steps_taken == total_steps:
                     evaluate(step)
         finally:
-            telemetry.close()
+            telemetry.close(read_back=False)
         return finish_run(
             writer,
             evals,
