@@ -332,6 +332,32 @@ def import_command(
     print_import(result, console)
 
 
+@app.command()
+def export(
+    audit_dir: Annotated[Path, typer.Argument(help="A finished audit folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The findings folder to write.")],
+    target_false_alarms: Annotated[
+        float, typer.Option(help="Target false alarms per 1,000 steps for evaluation.json.")
+    ] = 1.0,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Export an unfinished audit's finished runs.")
+    ] = False,
+) -> None:
+    """Write summary.json, evaluation.json, report.html with its figures, the spec and the
+    versions into one small folder (no raw telemetry) that opens offline."""
+    from stabilitybench.findings import describe, export_results
+    from stabilitybench.store import RunStore
+
+    store = _guard(lambda: RunStore.open(audit_dir))
+    options = {"target_false_alarms": target_false_alarms}
+    path = _guard(
+        lambda: export_results(
+            store, out, allow_partial=partial, evaluate_options=options, console=console
+        )
+    )
+    console.print(escape(describe(path)), highlight=False)
+
+
 def main() -> None:
     app()
 

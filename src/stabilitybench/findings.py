@@ -1,0 +1,169 @@
+"""Export an audit's findings into a small folder a reader opens without rerunning anything.
+
+`stabilitybench export AUDIT --out results/NAME` writes:
+
+- `summary.json` — `summary --json`;
+- `evaluation.json` — `monitor evaluate --json` (the monitor is fitted first if it is not yet);
+- `report.html` and `figures/*.png` — the self-contained report and its figures;
+- `spec.yaml` — the audit spec as expanded and recorded in audit.json;
+- `version.json` — the package version, the versions of the libraries the runs used, the
+  number of runs by status, and when the export was made.
+
+No raw telemetry is copied: the folder stays a few MB however long the runs were. The folder is
+built beside `--out` under a temporary name and renamed into place at the end, so a failed export
+leaves nothing half-written (and an earlier export of the same name is only replaced once the new
+one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.store import RunStore
+
+LIBRARIES = (
+    "torch",
+    "stable-baselines3",
+    "gymnasium",
+    "mujoco",
+    "transformers",
+    "numpy",
+    "pandas",
+    "duckdb",
+)
+"""The libraries whose versions `version.json` records (those installed)."""
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of `LIBRARIES` and of stabilitybench itself (from package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in ("stabilitybench", *LIBRARIES):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _status_counts(store: RunStore) -> dict[str, int]:
+    return dict(sorted(Counter(str(i.get("status", "pending")) for i in store.infos()).items()))
+
+
+def _check_complete(store: RunStore, counts: dict[str, int], allow_partial: bool) -> None:
+    if not counts:
+        raise StabilityBenchError(f"export: {store.root} has no runs; run the audit first")
+    unfinished = {s: n for s, n in counts.items() if s not in ("done", "failed")}
+    if unfinished and not allow_partial:
+        parts = ", ".join(f"{n} {s}" for s, n in unfinished.items())
+        raise StabilityBenchError(
+            f"export: the audit is not finished ({parts}); resume it with `stabilitybench audit "
+            f"SPEC --out {store.root}`, or pass --partial to export what is done"
+        )
+
+
+def _spec_yaml(store: RunStore) -> str:
+    import yaml
+
+    spec = store.audit().get("spec")
+    if not isinstance(spec, dict):
+        raise StabilityBenchError(f"export: {store.root}/audit.json has no recorded spec")
+    text: str = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
+    return text
+
+
+def export_results(
+    store: RunStore,
+    out: Path,
+    *,
+    allow_partial: bool = False,
+    evaluate_options: dict[str, Any] | None = None,
+    console: Any = None,
+) -> Path:
+    """Write the findings folder `out` for the audit in `store` (see the module docstring)."""
+    from stabilitybench.io import write_json
+    from stabilitybench.metrics.serialize import to_jsonable
+    from stabilitybench.metrics.summary import summarize
+    from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
+    from stabilitybench.report.html import write_report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StabilityBenchError(f"--out: {out} is a file; give a folder such as results/NAME")
+    if out.resolve() == store.root.resolve() or store.root.resolve() in out.resolve().parents:
+        raise StabilityBenchError(f"--out: {out} is inside the audit folder; choose another folder")
+    counts = _status_counts(store)
+    _check_complete(store, counts, allow_partial)
+    spec = _spec_yaml(store)
+    summary = to_jsonable(summarize(store))
+    if not (store.root / "monitor" / "fit.json").exists():
+        fit_audit(store, console=console)
+    evaluation = to_jsonable(evaluate_audit(store, **(evaluate_options or {})))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_json(tmp / "summary.json", summary)
+        write_json(tmp / "evaluation.json", evaluation)
+        (tmp / "spec.yaml").write_text(spec, encoding="utf-8")
+        write_report(store, output=tmp / "report.html", figures_dir=tmp / "figures")
+        write_json(
+            tmp / "version.json",
+            {
+                "audit": store.audit().get("name"),
+                "versions": library_versions(),
+                "python": sys.version.split()[0],
+                "runs": counts,
+                "partial": bool(allow_partial and set(counts) - {"done", "failed"}),
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        tmp.chmod(0o755 & ~_umask())
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def folder_size(path: Path) -> int:
+    """Total bytes of the files under `path`."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe(path: Path) -> str:
+    """One line: what was written where, and how big it is."""
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    shown = ", ".join(f for f in files if "/" not in f)
+    n_figures = sum(1 for f in files if f.startswith("figures/"))
+    return (
+        f"findings written to {path} ({shown}; {n_figures} figures; "
+        f"{folder_size(path) / 2**20:.1f} MiB)"
+    )
+
+
+def load_json(path: Path) -> Any:
+    """Read one of the exported JSON files (for tests and readers)."""
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,99 @@
+"""`stabilitybench export`: the findings folder a reader opens without rerunning (issue 16)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stabilitybench.audit.spec import load_spec
+from stabilitybench.cli import app
+
+from .conftest import toy_spec
+
+runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump(toy_spec(seeds=[0, 1, 2]), sort_keys=False))
+    out = root / "audit"
+    result = runner.invoke(app, ["audit", str(spec), "--out", str(out), "--no-report"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results" / "toy"
+    result = runner.invoke(app, ["export", str(finished), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "evaluation.json",
+        "figures",
+        "report.html",
+        "spec.yaml",
+        "summary.json",
+        "version.json",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    printed = runner.invoke(app, ["summary", str(finished), "--json"])
+    assert summary == json.loads(printed.stdout)  # the same document `summary --json` prints
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation == json.loads(
+        runner.invoke(app, ["monitor", "evaluate", str(finished), "--json"]).stdout
+    )
+    assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "toy-test"
+    version = json.loads((out / "version.json").read_text())
+    assert version["runs"] == {"done": 6} and "stabilitybench" in version["versions"]
+    assert any((out / "figures").glob("*.png"))
+    html = (out / "report.html").read_text()
+    assert "<html" in html and 'src="http' not in html  # self-contained
+    assert not list((finished / "runs").glob("*/telemetry.parquet")) or not list(
+        out.rglob("*.parquet")
+    )  # no raw telemetry in the findings
+    # Exporting again replaces the folder, and leaves no temporary folder behind.
+    again = runner.invoke(app, ["export", str(finished), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["toy"]
+
+
+def _expect_error(args: list[str], text: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert text in " ".join(result.output.split())
+
+
+def test_unfinished_audit_is_refused_unless_partial(finished: Path, tmp_path: Path) -> None:
+    info_path = next((finished / "runs").glob("*/run.json"))
+    original = info_path.read_text()
+    info = json.loads(original)
+    info["status"] = "pending"
+    info_path.write_text(json.dumps(info))
+    try:
+        out = tmp_path / "res"
+        _expect_error(["export", str(finished), "--out", str(out)], "1 pending")
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+    finally:
+        info_path.write_text(original)
+
+
+def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:
+    _expect_error(["export", str(finished), "--out", str(finished / "x")], "inside the audit")
+    file = tmp_path / "file"
+    file.write_text("x")
+    _expect_error(["export", str(finished), "--out", str(file)], "is a file")
+    _expect_error(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "r")], "nope")
+
+
+@pytest.mark.parametrize("name", ["paper_rl", "paper_lm"])
+def test_paper_specs_are_valid(name: str) -> None:
+    spec: Any = load_spec(EXAMPLES / f"{name}.yaml")
+    assert spec.name == name
