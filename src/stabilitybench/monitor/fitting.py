@@ -50,13 +50,20 @@ def workload_of(run: RunData) -> str:
     return str(run.info.get("workload") or "?")
 
 
+def is_healthy(run: RunData) -> bool:
+    """A run the detectors learn from: perturbation none, unguarded and the workload's reference
+    knobs (run.json's `healthy`; a run written before it existed: unperturbed and unguarded)."""
+    healthy = run.info.get("healthy")
+    return run.is_baseline if healthy is None else bool(healthy) and run.is_baseline
+
+
 def done_runs(store: RunStore) -> list[RunData]:
     """Finished runs that recorded telemetry."""
     return [r for r in store.iter_runs() if len(r.telemetry) > 0]
 
 
 def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
-    if not any(r.is_baseline for r in runs):
+    if not any(is_healthy(r) for r in runs):
         raise StabilityBenchError(
             f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
         )
@@ -108,7 +115,7 @@ def _folds(
     group: Sequence[RunData], full: Fitted, settings: DetectorSettings, console: Any
 ) -> dict[int, Fitted | None]:
     """Per seed of the workload: detectors fitted on the other seeds' healthy runs (or None)."""
-    baseline = [r for r in group if r.is_baseline]
+    baseline = [r for r in group if is_healthy(r)]
     folds: dict[int, Fitted | None] = {}
     for held in sorted({int(r.seed or 0) for r in group}):
         train = [r for r in baseline if int(r.seed or 0) != held]
@@ -127,9 +134,9 @@ def _fit_workload(
 ) -> dict[str, Any]:
     """Fit one workload's detectors, save the full monitor, write its runs' scores."""
     console, single = kw.get("console"), kw.get("single", False)
-    baseline = [r for r in group if r.is_baseline]
+    baseline = [r for r in group if is_healthy(r)]
     baseline_seeds = sorted({int(r.seed or 0) for r in baseline})
-    say(console, f"[bold]{name}[/]: {len(baseline)} baseline runs, seeds {baseline_seeds}")
+    say(console, f"[bold]{name}[/]: {len(baseline)} healthy runs, seeds {baseline_seeds}")
     full = fit_detectors(settings, baseline)
     folder = store.root / MONITOR_DIR / safe_name(name)
     for detector in full.values():
@@ -149,6 +156,7 @@ def _fit_workload(
         "unscored_seeds": [s for s, f in folds.items() if f is None],
         "model": str(folder.relative_to(store.root)),
         "fit_info": next((d.fit_info for d in full.values() if d.fit_info), {}),
+        "detectors": {n: d.fit_info for n, d in full.items() if d.fit_info},
     }
 
 
@@ -158,22 +166,30 @@ def fit_audit(
     seed: int = 0,
     console: Any = None,
     monitor_options: Mapping[str, Any] | None = None,
+    include_controls: bool = False,
 ) -> dict[str, Any]:
     """Fit the detectors (all-healthy + leave-one-seed-out) and write every run's scores.parquet.
 
     `monitor_options`: extra `MonitorConfig` fields (e.g. `max_epochs`) for every monitor fitted.
+    `include_controls`: the ablation whose fitted detectors read the columns the audit controls
+    (learning rate, entropy coefficient, perturbation flags); fit.json says which were read.
     """
     if latent_dim < 1:
         raise StabilityBenchError(f"--latent-dim must be an integer >= 1, got {latent_dim}")
-    settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}))
+    settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}), include_controls)
     runs = done_runs(store)
     require_runs(runs, need_perturbed=False)
     groups: dict[str, list[RunData]] = defaultdict(list)
     for run in runs:
         groups[workload_of(run)].append(run)
-    fitted = {n: g for n, g in sorted(groups.items()) if any(r.is_baseline for r in g)}
+    fitted = {n: g for n, g in sorted(groups.items()) if any(is_healthy(r) for r in g)}
     started = time.perf_counter()
-    summary: dict[str, Any] = {"latent_dim": latent_dim, "seed": seed, "workloads": {}}
+    summary: dict[str, Any] = {
+        "latent_dim": latent_dim,
+        "seed": seed,
+        "include_controls": include_controls,
+        "workloads": {},
+    }
     for name, group in fitted.items():
         summary["workloads"][name] = _fit_workload(
             store, name, group, settings, console=console, single=len(fitted) == 1

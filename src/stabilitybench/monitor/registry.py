@@ -42,6 +42,7 @@ class DetectorSettings:
     latent_dim: int = 4
     seed: int = 0
     monitor_options: Mapping[str, Any] = field(default_factory=dict)
+    include_controls: bool = False  # ablation: fitted detectors read the audit's controls too
 
 
 @runtime_checkable
