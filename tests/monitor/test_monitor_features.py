@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,7 @@ def test_controls_come_from_the_declarations() -> None:
 
     class TemperatureProbe(Probe):
         name = "temperature_echo"
-        columns = {"temperature": "log"}
+        columns: ClassVar[dict[str, str | None]] = {"temperature": "log"}
         controls = frozenset({"temperature"})
 
     class SetsMomentum(Perturbation):

@@ -361,6 +361,17 @@ class MSMDetector(BaseDetector):
     def native(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.monitor.threshold
 
+    def attribution(
+        self,
+        table: pd.DataFrame,
+        index: int,
+        index_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> str | None:
+        """The features (and layers) that moved the deviation most at row `index`, as
+        `feature @ layer (+8.1σ, 62%), …` (see `MetaStateMonitor.explain`)."""
+        explained = self.monitor.explain(table, index, index_names)
+        return explained.text() or None
+
     def reset(self) -> None:
         self.monitor.reset()
 

@@ -20,11 +20,13 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import write_json, write_parquet
+from stabilitybench.metrics.serialize import to_jsonable
 from stabilitybench.monitor.registry import BaseDetector, DetectorSettings, detector_classes
 from stabilitybench.monitor.results import MONITOR_DIR
 from stabilitybench.store import RunData, RunStore
 
 FIT_FILE = "fit.json"
+ATTRIBUTION_FILE = "attribution.json"  # per run: what moved the monitor at its first alarm
 SCORES_FILE = "scores.parquet"
 BASELINE_HINT = (
     "add `- none` to `perturbations` in the audit spec and rerun "
@@ -111,6 +113,35 @@ def score_frame(run: RunData, fold: Fitted | None, settings: DetectorSettings) -
     return pd.DataFrame(columns)
 
 
+def first_alarm_attribution(
+    run: RunData, frame: pd.DataFrame, fold: Fitted
+) -> dict[str, Any] | None:
+    """At the monitor's first native alarm on a run: the dominant term and the features (and
+    layers) that moved the deviation most, from the model that scored the run (its fold)."""
+    from stabilitybench.monitor.detectors import MSMDetector
+
+    detector = next((d for d in fold.values() if isinstance(d, MSMDetector)), None)
+    if detector is None or f"{detector.column}_native" not in frame.columns:
+        return None
+    flags = frame[f"{detector.column}_native"].to_numpy(dtype=bool)
+    if not flags.any():
+        return None
+    index = int(np.argmax(flags))
+    explained = detector.monitor.explain(run.telemetry, index, run.info.get("telemetry_index"))
+    return {
+        "detector": detector.name,
+        "label": run.info.get("label"),
+        "workload": workload_of(run),
+        "step": explained.step,
+        "term": explained.term,
+        "text": explained.text(),
+        "contributions": [
+            {"feature": c.feature, "layer": c.layer, "share": c.share, "z": c.z}
+            for c in explained.contributions
+        ],
+    }
+
+
 def _folds(
     group: Sequence[RunData], full: Fitted, settings: DetectorSettings, console: Any
 ) -> dict[int, Fitted | None]:
@@ -145,9 +176,13 @@ def _fit_workload(
         if (text := detector.describe()) is not None:
             say(console, f"  {text} → {folder}")
     folds = _folds(group, full, settings, console)
+    attributions = kw.setdefault("attributions", {})
     for run in group:
-        frame = score_frame(run, folds.get(int(run.seed or 0)), settings)
+        fold = folds.get(int(run.seed or 0))
+        frame = score_frame(run, fold, settings)
         write_parquet(store.run_dir(run.run_id) / SCORES_FILE, frame)
+        if fold is not None and (found := first_alarm_attribution(run, frame, fold)) is not None:
+            attributions[run.run_id] = found
     return {
         "baseline_runs": len(baseline),
         "baseline_seeds": baseline_seeds,
@@ -190,12 +225,20 @@ def fit_audit(
         "include_controls": include_controls,
         "workloads": {},
     }
+    attributions: dict[str, Any] = {}
     for name, group in fitted.items():
         summary["workloads"][name] = _fit_workload(
-            store, name, group, settings, console=console, single=len(fitted) == 1
+            store,
+            name,
+            group,
+            settings,
+            console=console,
+            single=len(fitted) == 1,
+            attributions=attributions,
         )
     summary["workloads_without_baseline"] = sorted(set(groups) - set(fitted))
     summary["wall_s"] = time.perf_counter() - started
+    write_json(store.root / MONITOR_DIR / ATTRIBUTION_FILE, to_jsonable(attributions))
     write_json(store.root / MONITOR_DIR / FIT_FILE, summary)
     n_scored = sum(len(g) for g in fitted.values())
     say(console, f"scores written for {n_scored} runs in {summary['wall_s']:.1f} s")

@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,9 @@ import pandas as pd
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
 from stabilitybench.monitor.features import CLIP, FeatureExtractor
+
+if TYPE_CHECKING:
+    from stabilitybench.monitor.attribution import MonitorAttribution
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "monitor.json"
@@ -65,6 +68,7 @@ class MonitorConfig:
     feature_shrinkage: float = 0.5  # of the features' per-bin covariance towards its diagonal
     feature_floor: float = 0.1  # smallest per-bin std of a feature, in its normalised units
     include_controls: bool = False  # ablation: read the columns the audit controls too
+    warmup_steps: int = 8  # first rows of a run whose GRU terms are not scored (fresh state)
 
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
@@ -276,10 +280,11 @@ class MetaStateMonitor:
         return z, previous
 
     def _terms(
-        self, z: np.ndarray, prediction: np.ndarray | None, raw: np.ndarray, b: int
+        self, z: np.ndarray, prediction: np.ndarray | None, raw: np.ndarray, b: int, t: int
     ) -> dict[str, float]:
-        """The unstandardised terms of one step: latent distance, prediction RMS error,
-        feature distance (raw: the (d,) unclipped features; non-finite → every term +inf)."""
+        """The unstandardised terms of row `t` of a run: latent distance, prediction RMS error,
+        feature distance (raw: the (d,) unclipped features; non-finite → every term +inf). The
+        GRU terms are NaN (not scored) for the first `warmup_steps` rows: a fresh state."""
         ref = self.reference
         if not np.all(np.isfinite(raw)):
             return dict.fromkeys(TERMS, math.inf)
@@ -288,6 +293,8 @@ class MetaStateMonitor:
         error = (
             math.nan if prediction is None else math.sqrt(float(np.mean((prediction - raw) ** 2)))
         )
+        if t < self.config.warmup_steps:
+            latent = error = math.nan
         gap = raw - ref["feature_mean"][b]
         distance = math.sqrt(max(float(gap @ ref["feature_precision"][b] @ gap), 0.0) / len(raw))
         return {"latent": latent, "prediction": error, "features": distance}
@@ -335,7 +342,7 @@ class MetaStateMonitor:
         bins = self._bins(steps)
         out = {term: np.zeros(len(raw)) for term in TERMS}
         for t in range(len(raw)):
-            terms = self._terms(latents[t], predictions[t], raw[t], int(bins[t]))
+            terms = self._terms(latents[t], predictions[t], raw[t], int(bins[t]), t)
             for term in TERMS:
                 out[term][t] = terms[term]
         return out
@@ -355,7 +362,7 @@ class MetaStateMonitor:
             z, prediction = self._advance(x[t])
             latents[t] = z
             b = int(bins[t])
-            terms = self._terms(z, prediction, raw[t], b)
+            terms = self._terms(z, prediction, raw[t], b, t)
             for term, value in self._standardised(terms, b).items():
                 standardised[term][t] = value
             msd[t] = self._smooth(self._deviation(terms, b))
@@ -394,8 +401,9 @@ class MetaStateMonitor:
         step_value = row.get("step")
         b = self._bin(int(step_value) if step_value is not None else self._t)
         z, prediction = self._advance(_clip(raw))
+        terms = self._terms(z, prediction, raw, b, self._t)
         self._t += 1
-        return self._smooth(self._deviation(self._terms(z, prediction, raw, b), b))
+        return self._smooth(self._deviation(terms, b))
 
     def contributions(self, row_features: np.ndarray, step: int) -> dict[str, float]:
         """Feature name → its share of the feature term's squared distance at one step (the
@@ -421,6 +429,66 @@ class MetaStateMonitor:
         precision = self.reference["feature_precision"][b]
         std = np.sqrt(np.diag(np.linalg.inv(precision)))
         return (row_features - self.reference["feature_mean"][b]) / std
+
+    def explain(
+        self,
+        run: Any,
+        index: int,
+        index_names: Mapping[str, Sequence[str]] | None = None,
+        top: int = 5,
+    ) -> MonitorAttribution:
+        """Which features (and layers) moved the deviation at row `index` (the first alarm).
+
+        The dominant term decides the decomposition: `prediction` → each feature's share of the
+        squared one-step prediction error; `features` or `latent` (the latent reads the same
+        inputs) → each feature's share of the squared feature distance to healthy in the bin.
+        `index_names`: run.json's `telemetry_index` (tensor names of argmax columns).
+        """
+        from stabilitybench.monitor.attribution import (
+            Contribution,
+            MonitorAttribution,
+            argmax_columns,
+            layer_name,
+        )
+
+        self._check_fitted()
+        assert self.features is not None
+        table = _table(run)
+        self.features.reset()
+        raw = self.features.transform(table, clip=False)
+        steps = _steps(table)
+        _, _, standardised = self._score_features(raw, steps)
+        term = max(self.config.terms, key=lambda t: standardised[t][index])
+        step = int(steps[index])
+        row = raw[index]
+        names = self.features.names
+        if term == "prediction" and np.all(np.isfinite(row)):
+            prediction = self._raw_pass(_clip(raw))[1][index]
+            squared = np.zeros(len(row)) if prediction is None else (prediction - row) ** 2
+            total = float(squared.sum())
+            shares = {
+                n: float(squared[j]) / total if total > 0 else 0.0 for j, n in enumerate(names)
+            }
+        else:
+            shares = self.contributions(row, step)
+        z = (
+            self.feature_z(row, step)
+            if np.all(np.isfinite(row))
+            else np.where(np.isfinite(row), 0.0, math.inf)
+        )
+        argmax = argmax_columns()
+        ranked = sorted(names, key=lambda n: -shares[n])[:top]
+        contributions = [
+            Contribution(
+                feature=n,
+                share=shares[n],
+                z=float(z[names.index(n)]),
+                layer=layer_name(table, n, index, index_names, argmax),
+            )
+            for n in ranked
+            if shares[n] > 0
+        ]
+        return MonitorAttribution(step=step, term=term, contributions=contributions)
 
     def alarm(self, value: float) -> bool:
         """Whether an MSD value is an alarm at the calibrated threshold."""
