@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "msm[prediction+features]": ("prediction", "features"),
 }
 EMA_ALPHA = 0.1  # of the dense performance signal
+INT_OPTIONS = {"hidden", "window", "batch_size", "max_epochs", "patience", "bins", "warmup_steps"}
 
 
 @dataclass
@@ -126,8 +127,15 @@ def smooth_max(columns: Sequence[np.ndarray], alpha: float) -> np.ndarray:
     return out
 
 
-def score_workload(group: list[Scored], settings: DetectorSettings, log: Any) -> list[str]:
-    """Fill every run's `scores` (leave one seed out for the fitted ones); returns the names."""
+def score_workload(
+    group: list[Scored],
+    settings: DetectorSettings,
+    log: Any,
+    options: dict[str, Any],
+    emas: Sequence[float],
+) -> list[str]:
+    """Fill every run's `scores` (leave one seed out for the fitted ones); returns the names.
+    `options`: MonitorConfig fields; `emas`: extra smoothing weights tried on the same fit."""
     names: list[str] = []
     guards = {n: c for n, c in detector_classes().items() if not c.fitted}
     for item in group:
@@ -139,7 +147,7 @@ def score_workload(group: list[Scored], settings: DetectorSettings, log: Any) ->
         if not train:
             continue
         started = time.perf_counter()
-        monitor = MetaStateMonitor(latent_dim=settings.latent_dim, seed=settings.seed)
+        monitor = MetaStateMonitor(latent_dim=settings.latent_dim, seed=settings.seed, **options)
         monitor.fit(train)
         pca = PCADetector(settings.latent_dim).fit(train)
         log(
@@ -148,11 +156,14 @@ def score_workload(group: list[Scored], settings: DetectorSettings, log: Any) ->
         for item in (g for g in group if g.seed == held):
             frame = monitor.score(item.run.telemetry)
             for variant, terms in VARIANTS.items():
-                item.scores[variant] = smooth_max(
-                    [frame[f"msd_{t}"].to_numpy(dtype=float) for t in terms], monitor.config.ema
-                )
+                columns = [frame[f"msd_{t}"].to_numpy(dtype=float) for t in terms]
+                item.scores[variant] = smooth_max(columns, monitor.config.ema)
+                for alpha in emas:
+                    item.scores[f"{variant} ema={alpha:g}"] = smooth_max(columns, alpha)
             item.scores["pca"] = pca.score(item.run.telemetry)
-    names.extend([*VARIANTS, "pca"])
+    names.extend(VARIANTS)
+    names.extend(f"{v} ema={a:g}" for v in VARIANTS for a in emas)
+    names.append("pca")
     return names
 
 
@@ -233,12 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=1.0, help="false alarms per 1,000 steps")
     parser.add_argument("--latent-dim", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--option", action="append", default=[], help="MonitorConfig field, e.g. feature_floor=0.5"
+    )
+    parser.add_argument("--ema", type=float, action="append", default=[], help="extra EMA weights")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     settings = DetectorSettings(latent_dim=args.latent_dim)
-    out: dict[str, Any] = {"horizon": args.horizon, "target": args.target, "workloads": {}}
+    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = {k: int(v) if k in INT_OPTIONS else v for k, v in options.items()}
+    out: dict[str, Any] = {
+        "horizon": args.horizon,
+        "target": args.target,
+        "options": options,
+        "workloads": {},
+    }
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -254,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if n_healthy < 2 or n_collapsed == 0:
                 log("  skipped: needs >= 2 healthy runs and a collapse")
                 continue
-            names = score_workload(group, settings, log)
+            names = score_workload(group, settings, log, options, args.ema)
             table = {n: evaluate(group, n, args.horizon, args.target) for n in names}
             out["workloads"][workload] = {
                 "runs": len(group),
