@@ -44,15 +44,15 @@ from stabilitybench.monitor.alarms import alarm_events, auroc, calibrate_thresho
 from stabilitybench.monitor.detectors import PCADetector
 from stabilitybench.monitor.fitting import is_healthy
 from stabilitybench.monitor.registry import DetectorSettings, detector_classes
-from stabilitybench.monitor.ssm import TERMS, MetaStateMonitor
+from stabilitybench.monitor.ssm import DEFAULT_TERMS, TERMS, MetaStateMonitor
 from stabilitybench.store import RunData, RunStore
 
 VARIANTS: dict[str, tuple[str, ...]] = {
+    "msm[prediction+features] (default)": DEFAULT_TERMS,
     "msm[latent+prediction+features]": TERMS,
     "msm[latent]": ("latent",),
     "msm[latent+prediction]": ("latent", "prediction"),
     "msm[features]": ("features",),
-    "msm[prediction+features]": ("prediction", "features"),
 }
 EMA_ALPHA = 0.1  # of the dense performance signal
 INT_OPTIONS = {"hidden", "window", "batch_size", "max_epochs", "patience", "bins", "warmup_steps"}
@@ -214,6 +214,22 @@ def evaluate(group: list[Scored], name: str, horizon: int, target: float) -> dic
     }
 
 
+def _peaks(group: list[Scored], names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per condition (knobs / perturbation, seeds pooled): the median peak score before any
+    collapse, per detector — which conditions a detector finds far from healthy."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for g in group:
+        label = (g.record.label or "").rsplit("/seed", 1)[0]
+        end = g.collapse if g.collapse is not None else int(g.steps.max()) + 1
+        for name in names:
+            if name in g.scores:
+                values = np.asarray(g.scores[name], dtype=float)[g.steps < end]
+                finite = values[np.isfinite(values)]
+                if finite.size:
+                    by[label][name].append(float(finite.max()))
+    return {c: {n: float(np.median(v)) for n, v in d.items()} for c, d in sorted(by.items())}
+
+
 def load(audit: Path) -> dict[str, list[Scored]]:
     store = RunStore.open(audit)
     records = {r.run_id: r for r in audit_records(store)}
@@ -286,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (g.record.label or g.run.run_id, g.collapse) for g in group if g.collapse
                 ),
                 "detectors": table,
+                "peak_by_condition": _peaks(group, names),
             }
             print(
                 f"\n{workload} (H={args.horizon}, {args.target}/1k): {len(group)} runs, "

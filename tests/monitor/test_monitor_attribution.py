@@ -64,7 +64,7 @@ def test_the_first_alarm_names_the_feature_and_the_layer(monitor: MetaStateMonit
     assert top.feature in {"grad_norm_layer_max", "attn_logit_max/1"}
     named = {c.feature: c for c in explained.contributions}
     assert named["grad_norm_layer_max"].layer == "h.1.attn.c_attn.weight"
-    assert named["grad_norm_layer_max"].z > 3
+    assert named["grad_norm_layer_max"].z > 2  # above healthy, in per-bin std units
     if "attn_logit_max/1" in named:
         assert named["attn_logit_max/1"].layer == "block 1"
     # without run.json's names the tensor is named by its index

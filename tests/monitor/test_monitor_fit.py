@@ -32,7 +32,7 @@ def test_fit_json_lists_the_features_and_why_the_controls_are_left_out(fitted: R
         assert "lr" not in info["features"] and "grad_norm" in info["features"]
         assert info["excluded_features"]["lr"].startswith("control: probe 'lr'")
         assert info["include_controls"] is False
-    assert workload["fit_info"]["terms"] == ["latent", "prediction", "features"]
+    assert workload["fit_info"]["terms"] == ["prediction", "features"]
 
 
 def test_attribution_json_says_what_moved_the_monitor_at_its_first_alarm(

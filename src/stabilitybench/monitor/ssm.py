@@ -45,6 +45,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "monitor.json"
 FORMAT_VERSION = 2
 TERMS = ("latent", "prediction", "features")  # the deviation terms, in the order of `terms`
+DEFAULT_TERMS = ("prediction", "features")
 
 
 @dataclass
@@ -60,13 +61,16 @@ class MonitorConfig:
     patience: int = 5
     lr: float = 3e-3
     bins: int = 10  # progress bins for the baseline reference
-    ema: float = 0.3  # smoothing weight of the newest raw deviation
+    ema: float = 0.1  # smoothing weight of the newest raw deviation (chosen on build-up audits)
     shrinkage: float = 0.1  # covariance shrinkage towards the diagonal
     target_false_alarms: float = 1.0  # per 1,000 steps, on held-out baseline runs
     seed: int = 0
-    terms: tuple[str, ...] = TERMS  # which deviation terms the MSD is the max of
+    # Which deviation terms the MSD is the max of. The latent term is computed (msd_latent) but
+    # left out by default: on the build-up audits it added false alarms and no lead
+    # (benchmarks/monitor_model_selection.py; README, "Choosing the model").
+    terms: tuple[str, ...] = DEFAULT_TERMS
     feature_shrinkage: float = 0.5  # of the features' per-bin covariance towards its diagonal
-    feature_floor: float = 0.1  # smallest per-bin std of a feature, in its normalised units
+    feature_floor: float = 0.5  # smallest per-bin std of a feature, in its normalised units
     include_controls: bool = False  # ablation: read the columns the audit controls too
     warmup_steps: int = 8  # first rows of a run whose GRU terms are not scored (fresh state)
 
