@@ -211,13 +211,29 @@ def monitor_fit(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     latent_dim: Annotated[int, typer.Option(help="Size k of the latent meta-state.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for the monitor's own training.")] = 0,
+    include_controls: Annotated[
+        bool,
+        typer.Option(
+            "--include-controls",
+            help="Ablation: let the fitted detectors read what the audit controls (lr, "
+            "ent_coef, the perturbed flag, knob columns); fit.json lists what was read.",
+        ),
+    ] = False,
 ) -> None:
-    """Fit the Meta-State Monitor on the audit's baseline runs and score every run."""
-    from stabilitybench.monitor.evaluate import fit_audit
+    """Fit the Meta-State Monitor on the audit's healthy runs and score every run."""
+    from stabilitybench.monitor.fitting import fit_audit
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
-    _guard(lambda: fit_audit(store, latent_dim=latent_dim, seed=seed, console=console))
+    _guard(
+        lambda: fit_audit(
+            store,
+            latent_dim=latent_dim,
+            seed=seed,
+            console=console,
+            include_controls=include_controls,
+        )
+    )
 
 
 @monitor_app.command("evaluate")

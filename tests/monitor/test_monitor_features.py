@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 from monitor_synthetic import synthetic_telemetry
 
-from stabilitybench.monitor.features import CLIP, FeatureExtractor, base_name, feature_columns
+from stabilitybench.monitor.features import (
+    CLIP,
+    FeatureExtractor,
+    base_name,
+    control_columns,
+    feature_columns,
+    layer_of,
+)
 
 
 def test_columns_are_those_present_in_every_run_and_prefixes_are_understood() -> None:
@@ -25,7 +33,70 @@ def test_columns_are_those_present_in_every_run_and_prefixes_are_understood() ->
     b = a.drop(columns=["loss"])
     assert base_name("actor/grad_norm") == "grad_norm"
     assert base_name("grad_norm/0.weight") == "grad_norm/0.weight"
-    assert feature_columns([a, b]) == ["actor/grad_norm", "grad_norm"]
+    assert base_name("attn_logit_max/2") == "attn_logit_max"  # one column per block
+    assert layer_of("attn_logit_max/2") == "2" and layer_of("grad_norm") is None
+    features, excluded = feature_columns([a, b])
+    assert features == ["actor/grad_norm", "grad_norm"]
+    assert excluded == {"loss": "missing from some healthy runs"}
+
+
+def _with_controls(seed: int) -> pd.DataFrame:
+    table = synthetic_telemetry(seed, n=60)  # has `lr`
+    table["lr/group1"] = table["lr"] * 2
+    table["ent_coef"] = 0.01
+    table["perturbed"] = False
+    table["attn_logit_max/0"] = 30.0 + seed + np.arange(60) * 0.1
+    return table
+
+
+def test_the_controls_are_left_out_with_their_reason() -> None:
+    tables = [_with_controls(s) for s in range(2)]
+    features = FeatureExtractor.fit(tables)
+    for control in ("lr", "lr/group1", "ent_coef", "perturbed"):
+        assert control not in features.columns
+    assert "attn_logit_max/0" in features.columns  # a measurement, per layer
+    assert features.excluded["lr"].startswith("control: probe 'lr' records a setting")
+    assert features.excluded["lr/group1"] == features.excluded["lr"]
+    assert "entropy coefficient" in features.excluded["ent_coef"]
+    assert features.excluded["perturbed"] == "control: the perturbation schedule's flag"
+    # the ablation reads them, and says so
+    ablation = FeatureExtractor.fit(tables, include_controls=True)
+    assert {"lr", "ent_coef"} <= set(ablation.columns)
+    assert ablation.include_controls and not any(
+        why.startswith("control") for why in ablation.excluded.values()
+    )
+    restored = FeatureExtractor.from_dict(features.to_dict())
+    assert restored.excluded == features.excluded and not restored.include_controls
+
+
+def test_controls_come_from_the_declarations() -> None:
+    from stabilitybench.perturbations.base import _REGISTRY, Perturbation
+    from stabilitybench.telemetry.base import Probe
+
+    found = control_columns(knobs=["clip_range"])
+    assert found["perturbed"] == "the perturbation schedule's flag"
+    assert found["clip_range"] == "the knob 'clip_range'"
+
+    class TemperatureProbe(Probe):
+        name = "temperature_echo"
+        columns: ClassVar[dict[str, str | None]] = {"temperature": "log"}
+        controls = frozenset({"temperature"})
+
+    class SetsMomentum(Perturbation):
+        name = "sets_momentum_test"
+        dimension = "optimization"
+        sets_columns = ("momentum_echo",)
+
+    _REGISTRY[SetsMomentum.name] = SetsMomentum
+    try:
+        found = control_columns()
+        assert found["temperature"] == (
+            "probe 'temperature_echo' records a setting, not a measurement"
+        )
+        assert found["momentum_echo"] == "set by the perturbation 'sets_momentum_test'"
+    finally:
+        del _REGISTRY[SetsMomentum.name]
+    assert "lr" in control_columns() and control_columns()["lr"].startswith("probe 'lr'")
 
 
 def test_normalisation_is_robust_and_log_scaled() -> None:
@@ -52,6 +123,19 @@ def test_missing_column_and_missing_values_carry_forward() -> None:
     j = features.columns.index("loss")
     assert xg[10:13, j] == pytest.approx([xg[9, j]] * 3)
     assert np.all(np.isfinite(xg))
+
+
+def test_unclipped_view_keeps_the_distance_and_marks_divergence_infinite() -> None:
+    healthy = synthetic_telemetry(0, n=50)
+    features = FeatureExtractor.fit([healthy])
+    far = healthy.copy()
+    far.loc[40:, "grad_norm"] = 1e40  # 40 decades out: far beyond the clip
+    far.loc[45, "grad_norm"] = math.inf
+    raw = features.transform(far, clip=False)
+    j = features.columns.index("grad_norm")
+    assert raw[40, j] > 10 * CLIP
+    assert np.isinf(raw[45]).all()
+    np.testing.assert_array_equal(features.transform(far), np.clip(raw, -CLIP, CLIP))
 
 
 def test_non_finite_values_clamp_and_flag_instead_of_crashing() -> None:

@@ -45,7 +45,11 @@ def test_fit_is_deterministic_with_the_seed(
 def test_score_columns_and_online_step_equal_offline(monitor: MetaStateMonitor) -> None:
     run = synthetic_telemetry(11, n=120, drift_at=60, factor=8.0)
     offline = monitor.score(run)
-    assert list(offline.columns) == ["step", "msd", "z_1", "z_2", "z_3", "alarm"]
+    assert list(offline.columns) == [
+        "step",
+        *("msd", "z_1", "z_2", "z_3", "alarm"),
+        *("msd_latent", "msd_prediction", "msd_features"),
+    ]
     monitor.reset()
     online = [monitor.step(row) for row in run.to_dict("records")]
     np.testing.assert_allclose(online, offline["msd"].to_numpy(), rtol=1e-9, atol=1e-9)
@@ -81,7 +85,35 @@ def test_non_finite_telemetry_scores_instead_of_crashing(monitor: MetaStateMonit
     run.loc[50:, "grad_norm"] = np.inf
     run.loc[50:, "loss"] = np.nan
     msd = monitor.score(run)["msd"].to_numpy()
-    assert np.all(np.isfinite(msd)) and msd[55] > msd[:50].max()
+    assert np.all(np.isfinite(msd[:50])) and np.all(np.isposinf(msd[50:]))
+    monitor.reset()
+    online = [monitor.step(row) for row in run.to_dict("records")]
+    np.testing.assert_array_equal(np.isposinf(online), np.isposinf(msd))
+
+
+@pytest.mark.parametrize(
+    "terms", [("prediction", "features"), ("latent", "prediction", "features"), ("features",)]
+)
+def test_the_deviation_keeps_growing_with_the_distance(
+    baseline: list[_Run], monitor: MetaStateMonitor, terms: tuple[str, ...]
+) -> None:
+    """Norms shifted by 0.1 ... 6.4 decades (doubling each time): the peak MSD grows every time
+    and, far out, nearly doubles with the shift, where the GRU's bounded latent levels off."""
+    fitted = (
+        monitor
+        if terms == monitor.config.terms
+        else MetaStateMonitor(latent_dim=3, seed=0, terms=terms, **FAST).fit(baseline)
+    )
+    peaks = []
+    for k in range(1, 8):
+        run = synthetic_telemetry(15, n=120)
+        factor = 10 ** (0.05 * 2**k)  # a log10 shift of 0.1 ... 6.4 decades
+        for column in ("grad_norm", "grad_norm_max_layer", "update_norm", "update_ratio"):
+            run.loc[60:, column] *= factor
+        peaks.append(float(fitted.score(run)["msd"].max()))
+    assert np.all(np.diff(peaks) > 0), peaks
+    ratios = np.asarray(peaks[5:]) / np.asarray(peaks[4:-1])
+    assert np.all(ratios > 1.6), peaks  # ~linear in the shift far out, not saturating
 
 
 def test_calibrated_threshold_meets_the_false_alarm_target() -> None:

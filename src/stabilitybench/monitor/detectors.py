@@ -34,6 +34,7 @@ from stabilitybench.monitor.registry import (
     telemetry_tables,
 )
 from stabilitybench.monitor.ssm import MetaStateMonitor
+from stabilitybench.store import RunData
 
 LOSS_COLUMNS = ("loss", "value_loss", "critic_loss", "critic/loss")
 # The norm before clipping where a workload logs it (a guard like ZClip sees that one).
@@ -323,7 +324,7 @@ class MSMDetector(BaseDetector):
 
     @classmethod
     def create(cls, settings: DetectorSettings) -> Detector:
-        options = dict(settings.monitor_options)
+        options = {"include_controls": settings.include_controls, **settings.monitor_options}
         return cls(MetaStateMonitor(latent_dim=settings.latent_dim, seed=settings.seed, **options))
 
     def fit(self, healthy: Healthy) -> Detector:
@@ -359,6 +360,17 @@ class MSMDetector(BaseDetector):
 
     def native(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) >= self.monitor.threshold
+
+    def attribution(
+        self,
+        table: pd.DataFrame,
+        index: int,
+        index_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> str | None:
+        """The features (and layers) that moved the deviation most at row `index`, as
+        `feature @ layer (+8.1σ, 62%), …` (see `MetaStateMonitor.explain`)."""
+        explained = self.monitor.explain(table, index, index_names)
+        return explained.text() or None
 
     def reset(self) -> None:
         self.monitor.reset()
@@ -604,8 +616,9 @@ class PCADetector(BaseDetector):
     citation = "linear meta-state (PCA + Mahalanobis)"
     fitted = True
 
-    def __init__(self, latent_dim: int = 4) -> None:
+    def __init__(self, latent_dim: int = 4, include_controls: bool = False) -> None:
         self.latent_dim = latent_dim
+        self.include_controls = include_controls
         self.features: FeatureExtractor | None = None
         self.mean = np.zeros(0)
         self.components = np.zeros((0, 0))
@@ -613,11 +626,14 @@ class PCADetector(BaseDetector):
 
     @classmethod
     def create(cls, settings: DetectorSettings) -> Detector:
-        return cls(settings.latent_dim)
+        return cls(settings.latent_dim, settings.include_controls)
 
     def fit(self, healthy: Healthy) -> PCADetector:
         tables = telemetry_tables(healthy)
-        self.features = FeatureExtractor.fit(tables)
+        knobs = {k for r in healthy if isinstance(r, RunData) for k in r.info.get("knobs") or {}}
+        self.features = FeatureExtractor.fit(
+            tables, include_controls=self.include_controls, knobs=knobs
+        )
         x = np.concatenate([self.features.transform(t) for t in tables])
         self.mean = x.mean(axis=0)
         _, s, vt = np.linalg.svd(x - self.mean, full_matrices=False)
@@ -629,6 +645,16 @@ class PCADetector(BaseDetector):
     @property
     def feature_map(self) -> FeatureExtractor | None:
         return self.features
+
+    @property
+    def fit_info(self) -> dict[str, Any]:
+        if self.features is None:
+            return {}
+        return {
+            "features": self.features.names,
+            "excluded_features": dict(self.features.excluded),
+            "include_controls": self.features.include_controls,
+        }
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """(n, d) normalised features → (n, k) principal scores."""

@@ -1,18 +1,27 @@
 """Telemetry rows → a fixed per-step feature vector, robustly normalised on baseline runs.
 
+The monitor reads what the training *does*, never what the audit *sets*: columns that echo a
+control (the learning rate, the entropy coefficient, the `perturbed` flag, a column a
+perturbation writes, a knob recorded as a column) are left out, each with its reason, unless an
+ablation asks for them (`include_controls`). Where they come from is declared next to what sets
+them: `Probe.controls`, `Perturbation.sets_columns`, `PerturbationSchedule.flag_column`,
+`LOGGED_CONTROLS` here, and the run's knobs (run.json).
+
 Each known telemetry column (optionally prefixed by an optimizer role, `actor/grad_norm`) gets the
 scaling its probe declares (`Probe.columns`; logged scalars such as losses in `LOGGED_SCALARS`):
 norms and rates are log10-scaled, losses signed-log-scaled, coherences and fractions kept as
 they are. The feature set is fixed at fit time (columns present in every baseline run);
 a column missing from a later run, or a value missing on one step, carries the last value
 forward (the baseline median at the start). A non-finite value, or a step whose gradients are
-non-finite, is a divergence: its features are set to `+CLIP` and the `nonfinite` flag fires.
+non-finite, is a divergence: its features are +inf and the `nonfinite` flag fires. A network
+reads the clipped view (`[-CLIP, CLIP]`); scores that must keep growing with the distance read the
+unclipped one (`transform(..., clip=False)`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +52,11 @@ LOGGED_SCALARS: dict[str, str] = {
     "ent_coef": LOG,
 }
 NONFINITE_FEATURE = "nonfinite"
+# Logged scalars that are a setting, not a measurement: SB3 logs the entropy coefficient (a knob;
+# SAC's automatic temperature is its own controller's output, not a sign of health).
+LOGGED_CONTROLS: dict[str, str] = {
+    "ent_coef": "the entropy coefficient (a knob, or SAC's temperature controller)",
+}
 
 
 def column_scalings() -> dict[str, str]:
@@ -63,31 +77,109 @@ def column_scalings() -> dict[str, str]:
     return {**found, **LOGGED_SCALARS}
 
 
+def control_columns(knobs: Iterable[str] = ()) -> dict[str, str]:
+    """Base column → why it is a control, from every declaration (see the module docstring).
+
+    `knobs`: the knob names of the runs being fitted; a knob logged under its own name is a
+    control too.
+    """
+    from stabilitybench.perturbations.base import registry
+    from stabilitybench.perturbations.schedule import PerturbationSchedule
+    from stabilitybench.telemetry.base import Probe
+
+    found: dict[str, str] = {}
+    for cls in _subclasses(Probe):
+        for column in sorted(cls.controls):
+            found.setdefault(column, f"probe {cls.name!r} records a setting, not a measurement")
+    for name, perturbation in sorted(registry().items()):
+        for column in perturbation.sets_columns:
+            found.setdefault(column, f"set by the perturbation {name!r}")
+    found.setdefault(PerturbationSchedule.flag_column, "the perturbation schedule's flag")
+    for column, why in LOGGED_CONTROLS.items():
+        found.setdefault(column, why)
+    for knob in sorted(knobs):
+        found.setdefault(knob, f"the knob {knob!r}")
+    return found
+
+
+def control_reason(column: str, controls: Mapping[str, str]) -> str | None:
+    """Why `column` is a control (its base name, role prefix `actor/lr` or group suffix
+    `lr/group1` stripped), or None when it is a measurement."""
+    for part in (column, *column.split("/")):
+        if part in controls:
+            return controls[part]
+    return None
+
+
+def _subclasses(root: type) -> list[Any]:
+    out, pending = [], [root]
+    while pending:
+        cls = pending.pop()
+        out.append(cls)
+        pending.extend(cls.__subclasses__())
+    return out
+
+
 def base_name(column: str, scalings: Mapping[str, str] | None = None) -> str:
-    """`actor/grad_norm` → `grad_norm`; per-layer columns (`grad_norm/0.weight`) keep their slash."""
+    """`actor/grad_norm` → `grad_norm`; a numbered layer's column (`attn_logit_max/2`, one per
+    transformer block) → its probe's column; other per-tensor columns (`grad_norm/0.weight`)
+    keep their slash (not features: one per tensor is too many)."""
     known = column_scalings() if scalings is None else scalings
     if column.count("/") == 1:
         role, base = column.split("/")
         if base in known and role not in known:
             return base
+        if role in known and base.isdigit():
+            return role
     return column
 
 
-def feature_columns(tables: Sequence[pd.DataFrame]) -> list[str]:
-    """Known telemetry columns with at least one finite value in every table, in a stable order."""
+def layer_of(column: str) -> str | None:
+    """The layer a per-layer column names (`attn_logit_max/2` → `2`), or None."""
+    if column.count("/") == 1:
+        suffix = column.split("/")[1]
+        if suffix.isdigit():
+            return suffix
+    return None
+
+
+def feature_columns(
+    tables: Sequence[pd.DataFrame], controls: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """(features, excluded): known telemetry columns with at least one finite value in every
+    table, in a stable order, and column → reason for each column left out that a reader might
+    expect (every control present, known columns some tables lack). `controls`
+    (`control_columns()`) are left out; pass `{}` to keep them (the ablation)."""
     if not tables:
-        return []
+        return [], {}
     scalings = column_scalings()
+    controls = control_columns() if controls is None else controls
     common: set[str] | None = None
+    seen: set[str] = set()
+    excluded: dict[str, str] = {}
     for table in tables:
+        for column in table.columns:
+            why = control_reason(str(column), controls)
+            if why is not None:
+                excluded[str(column)] = f"control: {why}"
         present = {
             c
             for c in table.columns
             if base_name(c, scalings) in scalings
             and np.isfinite(pd.to_numeric(table[c], errors="coerce")).any()
         }
+        seen |= present
         common = present if common is None else common & present
-    return sorted(common or set())
+    for column in sorted(seen - (common or set())):
+        excluded.setdefault(column, "missing from some healthy runs")
+    features = []
+    for column in sorted(common or set()):
+        why = control_reason(column, controls)
+        if why is None:
+            features.append(column)
+        else:
+            excluded[column] = f"control: {why}"
+    return features, dict(sorted(excluded.items()))
 
 
 def transform_value(value: float, kind: str) -> float:
@@ -130,6 +222,9 @@ class FeatureExtractor:
     columns: list[str]
     center: np.ndarray  # (d,) median of the transformed column on baseline runs
     scale: np.ndarray  # (d,) robust spread (IQR / 1.349), floored
+    # Candidate columns left out, each with its reason (controls, columns some runs lack).
+    excluded: dict[str, str] = field(default_factory=dict)
+    include_controls: bool = False  # the ablation that reads the controls too
     _last: np.ndarray | None = field(default=None, repr=False)  # online carry-forward state
     # Base column → scaling, read once from the probe declarations (column_scalings()).
     scalings: dict[str, str] = field(default_factory=column_scalings, repr=False)
@@ -147,9 +242,17 @@ class FeatureExtractor:
         return len(self.columns) + 1
 
     @classmethod
-    def fit(cls, tables: Sequence[pd.DataFrame]) -> FeatureExtractor:
-        """Choose the columns present in every table and normalise with their robust statistics."""
-        columns = feature_columns(tables)
+    def fit(
+        cls,
+        tables: Sequence[pd.DataFrame],
+        include_controls: bool = False,
+        knobs: Iterable[str] = (),
+    ) -> FeatureExtractor:
+        """Choose the columns present in every table, leave out the controls (unless
+        `include_controls`; `knobs`: the runs' knob names) and normalise each column with its
+        robust statistics."""
+        controls = {} if include_controls else control_columns(knobs)
+        columns, excluded = feature_columns(tables, controls)
         scalings = column_scalings()
         centers, scales = [], []
         for column in columns:
@@ -166,10 +269,20 @@ class FeatureExtractor:
             q25, q50, q75 = np.percentile(values, [25, 50, 75]) if values.size else (0.0, 0.0, 0.0)
             centers.append(q50)
             scales.append(max((q75 - q25) / 1.349, MIN_SCALE))
-        return cls(columns, np.asarray(centers, dtype=float), np.asarray(scales, dtype=float))
+        return cls(
+            columns,
+            np.asarray(centers, dtype=float),
+            np.asarray(scales, dtype=float),
+            excluded=excluded,
+            include_controls=include_controls,
+        )
 
-    def transform(self, table: pd.DataFrame) -> np.ndarray:
-        """Telemetry table (n rows) → (n, d) normalised features, clipped to [-CLIP, CLIP]."""
+    def transform(self, table: pd.DataFrame, clip: bool = True) -> np.ndarray:
+        """Telemetry table (n rows) → (n, d) normalised features, clipped to [-CLIP, CLIP].
+
+        `clip=False`: the same values unclipped (a divergence is +inf), for scores that must keep
+        growing with the distance; `transform(t)` is `np.clip(transform(t, clip=False))`.
+        """
         n = len(table)
         out = np.zeros((n, self.dim), dtype=float)
         diverged = divergence_mask(table, self.scalings)
@@ -180,22 +293,24 @@ class FeatureExtractor:
             values = (transform_array(raw, self.kind(column)) - self.center[j]) / self.scale[j]
             bad = ~np.isfinite(raw) & (np.isinf(raw) | diverged)
             missing = np.isnan(raw) & ~bad
-            values[bad] = CLIP
+            values[bad] = math.inf
             values[missing] = np.nan
             out[:, j] = _carry_forward(values)
-        out[:, -1] = np.where(diverged | _row_has_inf(table, self.columns), CLIP, 0.0)
-        out[:, :-1][out[:, -1] == CLIP] = CLIP
-        return np.clip(out, -CLIP, CLIP)
+        out[:, -1] = np.where(diverged | _row_has_inf(table, self.columns), math.inf, 0.0)
+        out[:, :-1][np.isinf(out[:, -1])] = math.inf
+        return np.clip(out, -CLIP, CLIP) if clip else out
 
     def reset(self) -> None:
         """Forget the online carry-forward state (start of a new run)."""
         self._last = None
 
-    def transform_row(self, row: Mapping[str, Any]) -> np.ndarray:
-        """One telemetry row (a mapping) → (d,) features; same result as `transform` row by row."""
-        if self._last is None:
-            self._last = np.zeros(self.dim, dtype=float)
-        out = self._last.copy()
+    def transform_row(self, row: Mapping[str, Any], clip: bool = True) -> np.ndarray:
+        """One telemetry row (a mapping) → (d,) features; same result as `transform` row by row.
+
+        Calling it twice on the same row (clipped and unclipped) gives both views of one step.
+        """
+        last = np.zeros(self.dim, dtype=float) if self._last is None else self._last
+        out = last.copy()
         diverged = _row_diverged(row, self.scalings)
         infinite = False
         for j, column in enumerate(self.columns):
@@ -208,19 +323,20 @@ class FeatureExtractor:
                 out[j] = (transform_value(value, kind) - self.center[j]) / self.scale[j]
             elif math.isinf(value) or diverged:
                 infinite = infinite or math.isinf(value)
-                out[j] = CLIP
-        out[-1] = CLIP if (diverged or infinite) else 0.0
+                out[j] = math.inf
+        out[-1] = math.inf if (diverged or infinite) else 0.0
         if diverged or infinite:
-            out[:-1] = CLIP
-        np.clip(out, -CLIP, CLIP, out=out)
+            out[:-1] = math.inf
         self._last = out
-        return out
+        return np.clip(out, -CLIP, CLIP) if clip else out.copy()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "columns": self.columns,
             "center": self.center.tolist(),
             "scale": self.scale.tolist(),
+            "excluded": self.excluded,
+            "include_controls": self.include_controls,
         }
 
     @classmethod
@@ -229,6 +345,8 @@ class FeatureExtractor:
             list(data["columns"]),
             np.asarray(data["center"], dtype=float),
             np.asarray(data["scale"], dtype=float),
+            excluded=dict(data.get("excluded", {})),
+            include_controls=bool(data.get("include_controls", False)),
         )
 
 

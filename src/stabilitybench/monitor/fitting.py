@@ -20,11 +20,13 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import write_json, write_parquet
+from stabilitybench.metrics.serialize import to_jsonable
 from stabilitybench.monitor.registry import BaseDetector, DetectorSettings, detector_classes
 from stabilitybench.monitor.results import MONITOR_DIR
 from stabilitybench.store import RunData, RunStore
 
 FIT_FILE = "fit.json"
+ATTRIBUTION_FILE = "attribution.json"  # per run: what moved the monitor at its first alarm
 SCORES_FILE = "scores.parquet"
 BASELINE_HINT = (
     "add `- none` to `perturbations` in the audit spec and rerun "
@@ -50,13 +52,20 @@ def workload_of(run: RunData) -> str:
     return str(run.info.get("workload") or "?")
 
 
+def is_healthy(run: RunData) -> bool:
+    """A run the detectors learn from: perturbation none, unguarded and the workload's reference
+    knobs (run.json's `healthy`; a run written before it existed: unperturbed and unguarded)."""
+    healthy = run.info.get("healthy")
+    return run.is_baseline if healthy is None else bool(healthy) and run.is_baseline
+
+
 def done_runs(store: RunStore) -> list[RunData]:
     """Finished runs that recorded telemetry."""
     return [r for r in store.iter_runs() if len(r.telemetry) > 0]
 
 
 def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
-    if not any(r.is_baseline for r in runs):
+    if not any(is_healthy(r) for r in runs):
         raise StabilityBenchError(
             f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
         )
@@ -104,11 +113,40 @@ def score_frame(run: RunData, fold: Fitted | None, settings: DetectorSettings) -
     return pd.DataFrame(columns)
 
 
+def first_alarm_attribution(
+    run: RunData, frame: pd.DataFrame, fold: Fitted
+) -> dict[str, Any] | None:
+    """At the monitor's first native alarm on a run: the dominant term and the features (and
+    layers) that moved the deviation most, from the model that scored the run (its fold)."""
+    from stabilitybench.monitor.detectors import MSMDetector
+
+    detector = next((d for d in fold.values() if isinstance(d, MSMDetector)), None)
+    if detector is None or f"{detector.column}_native" not in frame.columns:
+        return None
+    flags = frame[f"{detector.column}_native"].to_numpy(dtype=bool)
+    if not flags.any():
+        return None
+    index = int(np.argmax(flags))
+    explained = detector.monitor.explain(run.telemetry, index, run.info.get("telemetry_index"))
+    return {
+        "detector": detector.name,
+        "label": run.info.get("label"),
+        "workload": workload_of(run),
+        "step": explained.step,
+        "term": explained.term,
+        "text": explained.text(),
+        "contributions": [
+            {"feature": c.feature, "layer": c.layer, "share": c.share, "z": c.z}
+            for c in explained.contributions
+        ],
+    }
+
+
 def _folds(
     group: Sequence[RunData], full: Fitted, settings: DetectorSettings, console: Any
 ) -> dict[int, Fitted | None]:
     """Per seed of the workload: detectors fitted on the other seeds' healthy runs (or None)."""
-    baseline = [r for r in group if r.is_baseline]
+    baseline = [r for r in group if is_healthy(r)]
     folds: dict[int, Fitted | None] = {}
     for held in sorted({int(r.seed or 0) for r in group}):
         train = [r for r in baseline if int(r.seed or 0) != held]
@@ -127,9 +165,9 @@ def _fit_workload(
 ) -> dict[str, Any]:
     """Fit one workload's detectors, save the full monitor, write its runs' scores."""
     console, single = kw.get("console"), kw.get("single", False)
-    baseline = [r for r in group if r.is_baseline]
+    baseline = [r for r in group if is_healthy(r)]
     baseline_seeds = sorted({int(r.seed or 0) for r in baseline})
-    say(console, f"[bold]{name}[/]: {len(baseline)} baseline runs, seeds {baseline_seeds}")
+    say(console, f"[bold]{name}[/]: {len(baseline)} healthy runs, seeds {baseline_seeds}")
     full = fit_detectors(settings, baseline)
     folder = store.root / MONITOR_DIR / safe_name(name)
     for detector in full.values():
@@ -138,9 +176,13 @@ def _fit_workload(
         if (text := detector.describe()) is not None:
             say(console, f"  {text} → {folder}")
     folds = _folds(group, full, settings, console)
+    attributions = kw.setdefault("attributions", {})
     for run in group:
-        frame = score_frame(run, folds.get(int(run.seed or 0)), settings)
+        fold = folds.get(int(run.seed or 0))
+        frame = score_frame(run, fold, settings)
         write_parquet(store.run_dir(run.run_id) / SCORES_FILE, frame)
+        if fold is not None and (found := first_alarm_attribution(run, frame, fold)) is not None:
+            attributions[run.run_id] = found
     return {
         "baseline_runs": len(baseline),
         "baseline_seeds": baseline_seeds,
@@ -149,6 +191,7 @@ def _fit_workload(
         "unscored_seeds": [s for s, f in folds.items() if f is None],
         "model": str(folder.relative_to(store.root)),
         "fit_info": next((d.fit_info for d in full.values() if d.fit_info), {}),
+        "detectors": {n: d.fit_info for n, d in full.items() if d.fit_info},
     }
 
 
@@ -158,28 +201,44 @@ def fit_audit(
     seed: int = 0,
     console: Any = None,
     monitor_options: Mapping[str, Any] | None = None,
+    include_controls: bool = False,
 ) -> dict[str, Any]:
     """Fit the detectors (all-healthy + leave-one-seed-out) and write every run's scores.parquet.
 
     `monitor_options`: extra `MonitorConfig` fields (e.g. `max_epochs`) for every monitor fitted.
+    `include_controls`: the ablation whose fitted detectors read the columns the audit controls
+    (learning rate, entropy coefficient, perturbation flags); fit.json says which were read.
     """
     if latent_dim < 1:
         raise StabilityBenchError(f"--latent-dim must be an integer >= 1, got {latent_dim}")
-    settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}))
+    settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}), include_controls)
     runs = done_runs(store)
     require_runs(runs, need_perturbed=False)
     groups: dict[str, list[RunData]] = defaultdict(list)
     for run in runs:
         groups[workload_of(run)].append(run)
-    fitted = {n: g for n, g in sorted(groups.items()) if any(r.is_baseline for r in g)}
+    fitted = {n: g for n, g in sorted(groups.items()) if any(is_healthy(r) for r in g)}
     started = time.perf_counter()
-    summary: dict[str, Any] = {"latent_dim": latent_dim, "seed": seed, "workloads": {}}
+    summary: dict[str, Any] = {
+        "latent_dim": latent_dim,
+        "seed": seed,
+        "include_controls": include_controls,
+        "workloads": {},
+    }
+    attributions: dict[str, Any] = {}
     for name, group in fitted.items():
         summary["workloads"][name] = _fit_workload(
-            store, name, group, settings, console=console, single=len(fitted) == 1
+            store,
+            name,
+            group,
+            settings,
+            console=console,
+            single=len(fitted) == 1,
+            attributions=attributions,
         )
     summary["workloads_without_baseline"] = sorted(set(groups) - set(fitted))
     summary["wall_s"] = time.perf_counter() - started
+    write_json(store.root / MONITOR_DIR / ATTRIBUTION_FILE, to_jsonable(attributions))
     write_json(store.root / MONITOR_DIR / FIT_FILE, summary)
     n_scored = sum(len(g) for g in fitted.values())
     say(console, f"scores written for {n_scored} runs in {summary['wall_s']:.1f} s")

@@ -42,6 +42,7 @@ class DetectorSettings:
     latent_dim: int = 4
     seed: int = 0
     monitor_options: Mapping[str, Any] = field(default_factory=dict)
+    include_controls: bool = False  # ablation: fitted detectors read the audit's controls too
 
 
 @runtime_checkable
@@ -140,12 +141,19 @@ class BaseDetector:
         found = (next((c for c in group if _has_values(table, c)), None) for group in self.reads)
         return [c for c in found if c is not None]
 
-    def attribution(self, table: pd.DataFrame, index: int) -> str | None:
+    def attribution(
+        self,
+        table: pd.DataFrame,
+        index: int,
+        index_names: Mapping[str, Sequence[str]] | None = None,
+    ) -> str | None:
         """Which signal deviated most at row `index` (the first alarm), as `name (+4.2σ)`.
 
         A non-finite value wins. Otherwise, per signal read, its standardised deviation: for a
         fitted detector from the healthy reference it was fitted on (its features' centre and
         scale), for a guard from the run's own earlier values (median, IQR / 1.349).
+        `index_names` (run.json's `telemetry_index`) lets a detector name the layer behind a
+        per-layer maximum; the Meta-State Monitor overrides this with its own decomposition.
         """
         from stabilitybench.monitor.attribution import deviations, strongest
 

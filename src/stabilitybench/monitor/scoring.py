@@ -200,7 +200,11 @@ def _events(flags: np.ndarray) -> int:
 
 
 def detector_alarms(
-    detector: BaseDetector, frame: pd.DataFrame, table: pd.DataFrame, scored: bool
+    detector: BaseDetector,
+    frame: pd.DataFrame,
+    table: pd.DataFrame,
+    scored: bool,
+    index_names: Mapping[str, Sequence[str]] | None = None,
 ) -> DetectorAlarms:
     """First alarm, alarm count, max score and the signal that deviated first, from the run's
     scores.parquet frame and its telemetry."""
@@ -218,7 +222,7 @@ def detector_alarms(
     if flags.any():
         index = int(np.argmax(flags))
         out.first_alarm_step = int(frame["step"].iloc[index])
-        out.deviated_first = detector.attribution(table, index)
+        out.deviated_first = detector.attribution(table, index, index_names)
     return out
 
 
@@ -309,6 +313,7 @@ def _run_alarms(
             frame,
             run.telemetry,
             scored=not cls.fitted or name in fitted,
+            index_names=run.info.get("telemetry_index"),
         )
         if not entry.scored:
             entry.note = "skipped: not in the monitor" if fitted else "skipped: no --monitor"

@@ -1,17 +1,21 @@
 """The Meta-State Monitor: a GRU state-space model of healthy training and its deviation score.
 
-A GRU encoder reads the per-step feature vector (features.py) into a hidden state; a linear map
-gives the k-dimensional latent meta-state z_t; a small decoder predicts the next step's features
-from z_t. Trained on baseline runs (truncated windows, Adam, early stopping on held-out baseline
-runs). The meta-state deviation (MSD) of a step combines, in units calibrated on held-out
-baseline runs at the same training progress (step / run length, in bins):
+A GRU encoder reads the per-step feature vector (features.py, the clipped view) into a hidden
+state; a linear map gives the k-dimensional latent meta-state z_t; a small decoder predicts the
+next step's features from z_t. Trained on healthy runs (truncated windows, Adam, early stopping on
+held-out healthy runs). The meta-state deviation (MSD) of a step combines up to three terms, each
+standardised per progress bin (step / run length) on held-out healthy runs (median, IQR / 1.349):
 
-- u_t: the Mahalanobis distance of z_t to the baseline latent distribution of its progress bin,
-- v_t: the log one-step prediction error of the features,
+- `latent`: the Mahalanobis distance of z_t to the healthy latent distribution of its bin,
+- `prediction`: the RMS error of the one-step prediction of the (unclipped) features,
+- `features`: the Mahalanobis distance of the unclipped features to their healthy distribution
+  in the bin (shrunk covariance) — the linear meta-state beside the learned one,
 
-each standardised per bin, `raw_t = max(u_t, v_t)`, smoothed by an EMA: `msd_t`. An alarm is
-`msd_t >= threshold`, the threshold chosen on held-out baseline runs for a target rate of
-false alarms (up-crossings) per 1,000 steps.
+`raw_t = max(terms)`, smoothed by an EMA: `msd_t`. The GRU's state is bounded (tanh), so the
+latent term alone saturates far from healthy training; the prediction and feature terms grow
+linearly with the distance, so the MSD keeps growing with it. A non-finite step scores +inf (and
+leaves the smoothing state as it was). An alarm is `msd_t >= threshold`, the threshold chosen on
+held-out healthy runs for a target rate of false alarms (up-crossings) per 1,000 steps.
 
 Inference runs in float64 numpy with the trained weights (the same code path online and
 offline), so `step(row)` costs tens of microseconds and equals `score(run)` step by step.
@@ -25,18 +29,23 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
-from stabilitybench.monitor.features import FeatureExtractor
+from stabilitybench.monitor.features import CLIP, FeatureExtractor
+
+if TYPE_CHECKING:
+    from stabilitybench.monitor.attribution import MonitorAttribution
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "monitor.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TERMS = ("latent", "prediction", "features")  # the deviation terms, in the order of `terms`
+DEFAULT_TERMS = ("prediction", "features")
 
 
 @dataclass
@@ -52,10 +61,27 @@ class MonitorConfig:
     patience: int = 5
     lr: float = 3e-3
     bins: int = 10  # progress bins for the baseline reference
-    ema: float = 0.3  # smoothing weight of the newest raw deviation
+    ema: float = 0.1  # smoothing weight of the newest raw deviation (chosen on build-up audits)
     shrinkage: float = 0.1  # covariance shrinkage towards the diagonal
     target_false_alarms: float = 1.0  # per 1,000 steps, on held-out baseline runs
     seed: int = 0
+    # Which deviation terms the MSD is the max of. The latent term is computed (msd_latent) but
+    # left out by default: on the build-up audits it added false alarms and no lead
+    # (benchmarks/monitor_model_selection.py; README, "Choosing the model").
+    terms: tuple[str, ...] = DEFAULT_TERMS
+    feature_shrinkage: float = 0.5  # of the features' per-bin covariance towards its diagonal
+    feature_floor: float = 0.5  # smallest per-bin std of a feature, in its normalised units
+    include_controls: bool = False  # ablation: read the columns the audit controls too
+    warmup_steps: int = 8  # first rows of a run whose GRU terms are not scored (fresh state)
+
+    def __post_init__(self) -> None:
+        self.terms = tuple(self.terms)
+        unknown = sorted(set(self.terms) - set(TERMS))
+        if unknown or not self.terms:
+            raise StabilityBenchError(
+                f"monitor terms must be a non-empty subset of {', '.join(TERMS)}; got "
+                f"{', '.join(self.terms) or 'none'}"
+            )
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -86,15 +112,19 @@ class MetaStateMonitor:
         """
         tables, val_tables, holdout = _split_holdout(runs, validation)
         all_tables = [*tables, *val_tables]
-        self.features = FeatureExtractor.fit(all_tables)
+        self.features = FeatureExtractor.fit(
+            all_tables, include_controls=self.config.include_controls, knobs=_knob_names(runs)
+        )
         self.horizon = int(np.median([_run_length(t) for t in all_tables]))
-        train_x = [self.features.transform(t) for t in tables]
-        val_x = [self.features.transform(t) for t in val_tables]
+        train_raw = [self.features.transform(t, clip=False) for t in tables]
+        val_raw = [self.features.transform(t, clip=False) for t in val_tables]
+        train_x = [_clip(x) for x in train_raw]
+        val_x = [_clip(x) for x in val_raw]
         train_steps = [_steps(t) for t in tables]
         val_steps = [_steps(t) for t in val_tables]
         epochs, best_loss = self._train(train_x, val_x)
-        calibration = (val_x, val_steps) if val_x else (train_x, train_steps)
-        self._fit_reference((train_x + val_x, train_steps + val_steps), calibration)
+        calibration = (val_raw, val_steps) if val_raw else (train_raw, train_steps)
+        self._fit_reference((train_raw + val_raw, train_steps + val_steps), calibration)
         self.fit_info = {
             "train_runs": len(tables),
             "validation_runs": len(val_tables),
@@ -102,6 +132,9 @@ class MetaStateMonitor:
             "epochs": epochs,
             "best_validation_loss": best_loss,
             "features": self.features.names,
+            "excluded_features": dict(self.features.excluded),
+            "include_controls": self.features.include_controls,
+            "terms": list(self.config.terms),
         }
         self.reset()
         return self
@@ -156,37 +189,33 @@ class MetaStateMonitor:
         reference: tuple[list[np.ndarray], list[np.ndarray]],
         calibration: tuple[list[np.ndarray], list[np.ndarray]],
     ) -> None:
-        """Per-bin latent mean/precision, then per-bin standardisation and threshold.
+        """Per-bin latent and feature mean/precision, then per-bin standardisation of each
+        term and the threshold.
 
-        Each argument is (features (n_i, d) per run, steps (n_i,) per run).
+        Each argument is (unclipped features (n_i, d) per run, steps (n_i,) per run).
         """
         cfg = self.config
-        k, bins = cfg.latent_dim, cfg.bins
         reference_x, reference_steps = reference
         calibration_x, calibration_steps = calibration
-        passes = [self._raw_pass(x) for x in reference_x]
-        latents = np.concatenate([p[0] for p in passes])
+        latents = np.concatenate([self._raw_pass(_clip(x))[0] for x in reference_x])
+        features = np.concatenate(reference_x)
+        features = np.where(np.isfinite(features), features, np.nan)
         bin_ids = np.concatenate([self._bins(s) for s in reference_steps])
-        mean = np.zeros((bins, k))
-        precision = np.zeros((bins, k, k))
-        for b in range(bins):
-            zb = latents[bin_ids == b]
-            if len(zb) < 2:
-                zb = latents
-            mean[b] = zb.mean(axis=0)
-            cov = np.cov(zb, rowvar=False).reshape(k, k)
-            cov = (
-                (1 - cfg.shrinkage) * cov + cfg.shrinkage * np.diag(np.diag(cov)) + 1e-6 * np.eye(k)
-            )
-            precision[b] = np.linalg.inv(cov)
+        latent_mean, latent_precision = _binned_gaussian(
+            latents, bin_ids, cfg.bins, cfg.shrinkage, floor=1e-3
+        )
+        feature_mean, feature_precision = _binned_gaussian(
+            features, bin_ids, cfg.bins, cfg.feature_shrinkage, floor=cfg.feature_floor
+        )
         self.reference = {
-            "latent_mean": mean,
-            "latent_precision": precision,
-            "dist_mean": np.zeros(bins),
-            "dist_std": np.ones(bins),
-            "err_mean": np.zeros(bins),
-            "err_std": np.ones(bins),
+            "latent_mean": latent_mean,
+            "latent_precision": latent_precision,
+            "feature_mean": feature_mean,
+            "feature_precision": feature_precision,
         }
+        for term in TERMS:
+            self.reference[f"{term}_center"] = np.zeros(cfg.bins)
+            self.reference[f"{term}_spread"] = np.ones(cfg.bins)
         self._standardise(calibration_x, calibration_steps)
         self.threshold = math.inf
         cal_scores = [
@@ -198,35 +227,34 @@ class MetaStateMonitor:
     def _standardise(
         self, calibration_x: list[np.ndarray], calibration_steps: list[np.ndarray]
     ) -> None:
-        """Per-bin robust centre and spread of the latent distance and prediction error."""
-        mean, precision = self.reference["latent_mean"], self.reference["latent_precision"]
-        dists, errs, cal_bins = [], [], []
+        """Per-bin robust centre and spread of each term on the calibration runs."""
+        values: dict[str, list[np.ndarray]] = {term: [] for term in TERMS}
+        cal_bins = []
         for x, steps in zip(calibration_x, calibration_steps, strict=True):
-            z, err = self._raw_pass(x)
-            step_bins = self._bins(steps)
-            delta = z - mean[step_bins]
-            dists.append(np.sqrt(np.einsum("ni,nij,nj->n", delta, precision[step_bins], delta)))
-            errs.append(err)
-            cal_bins.append(step_bins)
-        dist_all, err_all, bin_all = (
-            np.concatenate(dists),
-            np.concatenate(errs),
-            np.concatenate(cal_bins),
-        )
-        for name, values in (("dist", dist_all), ("err", err_all)):
+            terms = self._term_pass(x, steps)
+            for term in TERMS:
+                values[term].append(terms[term])
+            cal_bins.append(self._bins(steps))
+        bin_all = np.concatenate(cal_bins)
+        for term in TERMS:
+            all_values = np.concatenate(values[term])
             for b in range(self.config.bins):
-                vb = values[bin_ids_or_all(bin_all, b)]
+                vb = all_values[bin_ids_or_all(bin_all, b)]
                 vb = vb[np.isfinite(vb)]
-                self.reference[f"{name}_mean"][b] = float(np.median(vb)) if vb.size else 0.0
+                center = float(np.median(vb)) if vb.size else 0.0
                 spread = (
                     float(np.percentile(vb, 75) - np.percentile(vb, 25)) / 1.349 if vb.size else 1.0
                 )
-                self.reference[f"{name}_std"][b] = max(spread, 1e-3)
+                self.reference[f"{term}_center"][b] = center
+                self.reference[f"{term}_spread"][b] = max(spread, 1e-3)
 
     def _bins(self, steps: np.ndarray) -> np.ndarray:
         """Progress bin of each optimizer step (steps: (n,) int) → (n,) int."""
         bins = (np.asarray(steps, dtype=np.int64) * self.config.bins) // max(self.horizon, 1)
         return np.clip(bins, 0, self.config.bins - 1)
+
+    def _bin(self, step: int) -> int:
+        return min(max((step * self.config.bins) // max(self.horizon, 1), 0), self.config.bins - 1)
 
     # -- inference (numpy, float64) ------------------------------------------------------------
     def reset(self) -> None:
@@ -238,8 +266,9 @@ class MetaStateMonitor:
         if self.features is not None:
             self.features.reset()
 
-    def _advance(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """One recurrent step on a (d,) feature vector → (latent z (k,), log prediction error)."""
+    def _advance(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One recurrent step on a (d,) clipped feature vector → (latent z (k,), the prediction
+        of this step's features made at the previous step, or None at the first step)."""
         w = self.weights
         gi = w["gru.weight_ih_l0"] @ x + w["gru.bias_ih_l0"]  # (3H,)
         gh = w["gru.weight_hh_l0"] @ self._h + w["gru.bias_hh_l0"]
@@ -249,59 +278,111 @@ class MetaStateMonitor:
         n = np.tanh(gi[2 * hidden :] + r * gh[2 * hidden :])
         self._h = (1.0 - u) * n + u * self._h
         z = w["to_latent.weight"] @ self._h + w["to_latent.bias"]
-        err = math.nan
-        if self._prediction is not None:
-            err = math.log(float(np.mean((self._prediction - x) ** 2)) + 1e-8)
+        previous = self._prediction
         hid = np.tanh(w["decoder.0.weight"] @ z + w["decoder.0.bias"])
         self._prediction = w["decoder.2.weight"] @ hid + w["decoder.2.bias"]
-        return z, err
+        return z, previous
 
-    def _raw_pass(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, d) features → latents (n, k) and log prediction errors (n,), from a fresh state."""
-        self.reset()
-        latents = np.zeros((len(x), self.config.latent_dim))
-        errs = np.full(len(x), np.nan)
-        for t in range(len(x)):
-            latents[t], errs[t] = self._advance(x[t])
-        self.reset()
-        return latents, errs
-
-    def _deviation(self, z: np.ndarray, err: float, b: int) -> float:
-        """Raw deviation of one step: max of the standardised latent distance and prediction error."""
+    def _terms(
+        self, z: np.ndarray, prediction: np.ndarray | None, raw: np.ndarray, b: int, t: int
+    ) -> dict[str, float]:
+        """The unstandardised terms of row `t` of a run: latent distance, prediction RMS error,
+        feature distance (raw: the (d,) unclipped features; non-finite → every term +inf). The
+        GRU terms are NaN (not scored) for the first `warmup_steps` rows: a fresh state."""
         ref = self.reference
+        if not np.all(np.isfinite(raw)):
+            return dict.fromkeys(TERMS, math.inf)
         delta = z - ref["latent_mean"][b]
-        dist = math.sqrt(max(float(delta @ ref["latent_precision"][b] @ delta), 0.0))
-        u = (dist - ref["dist_mean"][b]) / ref["dist_std"][b]
-        v = 0.0 if math.isnan(err) else (err - ref["err_mean"][b]) / ref["err_std"][b]
-        return max(u, v)
+        latent = math.sqrt(max(float(delta @ ref["latent_precision"][b] @ delta), 0.0))
+        error = (
+            math.nan if prediction is None else math.sqrt(float(np.mean((prediction - raw) ** 2)))
+        )
+        if t < self.config.warmup_steps:
+            latent = error = math.nan
+        gap = raw - ref["feature_mean"][b]
+        distance = math.sqrt(max(float(gap @ ref["feature_precision"][b] @ gap), 0.0) / len(raw))
+        return {"latent": latent, "prediction": error, "features": distance}
+
+    def _standardised(self, terms: Mapping[str, float], b: int) -> dict[str, float]:
+        """Each term in units of its healthy spread in bin `b` (a missing term is 0)."""
+        ref = self.reference
+        out = {}
+        for term in TERMS:
+            value = terms[term]
+            out[term] = (
+                0.0
+                if math.isnan(value)
+                else (value - ref[f"{term}_center"][b]) / ref[f"{term}_spread"][b]
+            )
+        return out
+
+    def _deviation(self, terms: Mapping[str, float], b: int) -> float:
+        """Raw deviation of one step: the max of its standardised terms in `config.terms`."""
+        standardised = self._standardised(terms, b)
+        return max(standardised[t] for t in self.config.terms)
 
     def _smooth(self, raw: float) -> float:
+        """EMA of the raw deviation; a non-finite step scores +inf and leaves the state as it was."""
+        if not math.isfinite(raw):
+            return math.inf
         alpha = self.config.ema
         self._ema = raw if self._ema is None else (1 - alpha) * self._ema + alpha * raw
         return self._ema
 
-    def _score_features(self, x: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, d) features and (n,) steps → msd (n,) and latents (n, k), from a fresh state."""
+    def _raw_pass(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """(n, d) clipped features → latents (n, k) and each step's prediction, fresh state."""
         self.reset()
-        msd = np.zeros(len(x))
         latents = np.zeros((len(x), self.config.latent_dim))
-        bins = self._bins(steps)
+        predictions: list[np.ndarray | None] = []
         for t in range(len(x)):
-            z, err = self._advance(x[t])
-            latents[t] = z
-            msd[t] = self._smooth(self._deviation(z, err, int(bins[t])))
+            latents[t], previous = self._advance(x[t])
+            predictions.append(previous)
         self.reset()
-        return msd, latents
+        return latents, predictions
+
+    def _term_pass(self, raw: np.ndarray, steps: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, d) unclipped features → each unstandardised term per step (n,)."""
+        latents, predictions = self._raw_pass(_clip(raw))
+        bins = self._bins(steps)
+        out = {term: np.zeros(len(raw)) for term in TERMS}
+        for t in range(len(raw)):
+            terms = self._terms(latents[t], predictions[t], raw[t], int(bins[t]), t)
+            for term in TERMS:
+                out[term][t] = terms[term]
+        return out
+
+    def _score_features(
+        self, raw: np.ndarray, steps: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(n, d) unclipped features and (n,) steps → msd (n,), latents (n, k) and each
+        standardised term (n,), from a fresh state."""
+        self.reset()
+        x = _clip(raw)
+        msd = np.zeros(len(raw))
+        latents = np.zeros((len(raw), self.config.latent_dim))
+        standardised = {term: np.zeros(len(raw)) for term in TERMS}
+        bins = self._bins(steps)
+        for t in range(len(raw)):
+            z, prediction = self._advance(x[t])
+            latents[t] = z
+            b = int(bins[t])
+            terms = self._terms(z, prediction, raw[t], b, t)
+            for term, value in self._standardised(terms, b).items():
+                standardised[term][t] = value
+            msd[t] = self._smooth(self._deviation(terms, b))
+        self.reset()
+        return msd, latents, standardised
 
     def score(self, run: Any) -> pd.DataFrame:
-        """Per step: `step`, `env_step` (if present), `msd`, `z_1..z_k`, `alarm`."""
+        """Per step: `step`, `env_step` (if present), `msd`, `z_1..z_k`, `alarm`, and each
+        standardised term `msd_<term>` (latent, prediction, features)."""
         self._check_fitted()
         assert self.features is not None
         table = _table(run)
         self.features.reset()
-        x = self.features.transform(table)
+        raw = self.features.transform(table, clip=False)
         steps = _steps(table)
-        msd, latents = self._score_features(x, steps)
+        msd, latents, standardised = self._score_features(raw, steps)
         out = pd.DataFrame({"step": steps})
         if "env_step" in table.columns:
             out["env_step"] = table["env_step"].to_numpy()
@@ -309,6 +390,8 @@ class MetaStateMonitor:
         for i in range(latents.shape[1]):
             out[f"z_{i + 1}"] = latents[:, i]
         out["alarm"] = msd >= self.threshold
+        for term, values in standardised.items():
+            out[f"msd_{term}"] = values
         return out
 
     def step(self, row: Mapping[str, Any]) -> float:
@@ -318,13 +401,98 @@ class MetaStateMonitor:
         `row["step"]` (or the number of calls so far) over the baseline run length.
         """
         assert self.features is not None, "fit or load the monitor first"
-        x = self.features.transform_row(row)
+        raw = self.features.transform_row(row, clip=False)
         step_value = row.get("step")
-        t = int(step_value) if step_value is not None else self._t
-        b = min(max((t * self.config.bins) // max(self.horizon, 1), 0), self.config.bins - 1)
-        z, err = self._advance(x)
+        b = self._bin(int(step_value) if step_value is not None else self._t)
+        z, prediction = self._advance(_clip(raw))
+        terms = self._terms(z, prediction, raw, b, self._t)
         self._t += 1
-        return self._smooth(self._deviation(z, err, b))
+        return self._smooth(self._deviation(terms, b))
+
+    def contributions(self, row_features: np.ndarray, step: int) -> dict[str, float]:
+        """Feature name → its share of the feature term's squared distance at one step (the
+        shares sum to 1; a non-finite feature takes it all). row_features: (d,) unclipped."""
+        assert self.features is not None
+        names = self.features.names
+        bad = ~np.isfinite(row_features)
+        if bad.any():
+            share = 1.0 / int(bad.sum())
+            return {n: (share if bad[j] else 0.0) for j, n in enumerate(names)}
+        b = self._bin(step)
+        gap = row_features - self.reference["feature_mean"][b]
+        parts = gap * (self.reference["feature_precision"][b] @ gap)  # (d,): sums to gap' P gap
+        total = float(parts.sum())
+        if total <= 0:
+            return dict.fromkeys(names, 0.0)
+        return {n: float(parts[j]) / total for j, n in enumerate(names)}
+
+    def feature_z(self, row_features: np.ndarray, step: int) -> np.ndarray:
+        """(d,) signed deviation of each feature from its healthy mean in the bin, in units of
+        its healthy per-bin standard deviation."""
+        b = self._bin(step)
+        precision = self.reference["feature_precision"][b]
+        std = np.sqrt(np.diag(np.linalg.inv(precision)))
+        return (row_features - self.reference["feature_mean"][b]) / std
+
+    def explain(
+        self,
+        run: Any,
+        index: int,
+        index_names: Mapping[str, Sequence[str]] | None = None,
+        top: int = 5,
+    ) -> MonitorAttribution:
+        """Which features (and layers) moved the deviation at row `index` (the first alarm).
+
+        The dominant term decides the decomposition: `prediction` → each feature's share of the
+        squared one-step prediction error; `features` or `latent` (the latent reads the same
+        inputs) → each feature's share of the squared feature distance to healthy in the bin.
+        `index_names`: run.json's `telemetry_index` (tensor names of argmax columns).
+        """
+        from stabilitybench.monitor.attribution import (
+            Contribution,
+            MonitorAttribution,
+            argmax_columns,
+            layer_name,
+        )
+
+        self._check_fitted()
+        assert self.features is not None
+        table = _table(run)
+        self.features.reset()
+        raw = self.features.transform(table, clip=False)
+        steps = _steps(table)
+        _, _, standardised = self._score_features(raw, steps)
+        term = max(self.config.terms, key=lambda t: standardised[t][index])
+        step = int(steps[index])
+        row = raw[index]
+        names = self.features.names
+        if term == "prediction" and np.all(np.isfinite(row)):
+            prediction = self._raw_pass(_clip(raw))[1][index]
+            squared = np.zeros(len(row)) if prediction is None else (prediction - row) ** 2
+            total = float(squared.sum())
+            shares = {
+                n: float(squared[j]) / total if total > 0 else 0.0 for j, n in enumerate(names)
+            }
+        else:
+            shares = self.contributions(row, step)
+        z = (
+            self.feature_z(row, step)
+            if np.all(np.isfinite(row))
+            else np.where(np.isfinite(row), 0.0, math.inf)
+        )
+        argmax = argmax_columns()
+        ranked = sorted(names, key=lambda n: -shares[n])[:top]
+        contributions = [
+            Contribution(
+                feature=n,
+                share=shares[n],
+                z=float(z[names.index(n)]),
+                layer=layer_name(table, n, index, index_names, argmax),
+            )
+            for n in ranked
+            if shares[n] > 0
+        ]
+        return MonitorAttribution(step=step, term=term, contributions=contributions)
 
     def alarm(self, value: float) -> bool:
         """Whether an MSD value is an alarm at the calibrated threshold."""
@@ -373,6 +541,12 @@ class MetaStateMonitor:
                 "run `stabilitybench monitor fit DIR`"
             )
         meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        if int(meta.get("format_version", 1)) != FORMAT_VERSION:
+            raise StabilityBenchError(
+                f"{folder}: monitor format {meta.get('format_version', 1)} is from an older "
+                f"release (this one reads format {FORMAT_VERSION}); refit it with "
+                "`stabilitybench monitor fit DIR`"
+            )
         config = dict(meta["config"])
         monitor = cls(
             latent_dim=int(config.pop("latent_dim")), seed=int(config.pop("seed")), **config
@@ -396,6 +570,43 @@ class MetaStateMonitor:
             raise StabilityBenchError(
                 "the monitor is not fitted: call fit(runs) or load(path) first"
             )
+
+
+def _clip(x: np.ndarray) -> np.ndarray:
+    """The clipped view the network reads (+inf → CLIP)."""
+    return np.clip(x, -CLIP, CLIP)
+
+
+def _knob_names(runs: Sequence[Any]) -> set[str]:
+    """The knob names recorded in the runs' run.json (none for bare tables)."""
+    names: set[str] = set()
+    for run in runs:
+        info = getattr(run, "info", None)
+        if isinstance(info, Mapping):
+            names |= set((info.get("knobs") or {}).keys())
+    return names
+
+
+def _binned_gaussian(
+    values: np.ndarray, bin_ids: np.ndarray, bins: int, shrinkage: float, floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per progress bin: mean (bins, k) and precision (bins, k, k) of (n, k) values, the
+    covariance shrunk towards its diagonal and each std floored at `floor` (NaN rows skipped;
+    a bin with fewer than 2 rows uses every row)."""
+    k = values.shape[1]
+    mean = np.zeros((bins, k))
+    precision = np.zeros((bins, k, k))
+    finite = np.all(np.isfinite(values), axis=1)
+    for b in range(bins):
+        vb = values[(bin_ids == b) & finite]
+        if len(vb) < 2:
+            vb = values[finite] if finite.sum() >= 2 else np.zeros((2, k))
+        mean[b] = vb.mean(axis=0)
+        cov = np.cov(vb, rowvar=False).reshape(k, k)
+        cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov))
+        cov += np.diag(np.maximum(floor**2 - np.diag(cov), 0.0)) + 1e-9 * np.eye(k)
+        precision[b] = np.linalg.inv(cov)
+    return mean, precision
 
 
 def bin_ids_or_all(bin_ids: np.ndarray, b: int) -> np.ndarray:

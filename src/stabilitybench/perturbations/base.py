@@ -155,6 +155,9 @@ class Perturbation:
     # whether its "no effect" value is 1 (multiplicative: a factor) or 0 (additive: a std).
     ramp_field: ClassVar[str | None] = None
     ramp_mode: ClassVar[str] = "multiplicative"
+    # Telemetry columns whose recorded value is this perturbation's own setting (lr_spike: `lr`),
+    # not a response of the training: the monitor does not read them (it would see the answer).
+    sets_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

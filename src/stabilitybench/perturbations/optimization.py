@@ -23,6 +23,7 @@ class LrSpike(Perturbation):
     params: ClassVar[dict[str, Param]] = {"factor": Param(float, low=0.0, low_open=True)}
     models = "a mis-set LR schedule, warm-up restart or LR finder gone wrong"
     ramp_field = "factor"
+    sets_columns = ("lr",)  # the LR probe records the multiplied LR
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

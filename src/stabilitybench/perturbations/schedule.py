@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +27,10 @@ class PerturbationSchedule:
     given (RL), of env steps. Each perturbation's randomness comes from its own generator, seeded
     from (`seed`, its position in the list).
     """
+
+    # The row flag it writes (`row_fields`): the answer to "is this step perturbed", which the
+    # monitor must not read.
+    flag_column: ClassVar[str] = "perturbed"
 
     def __init__(
         self,
@@ -104,7 +108,7 @@ class PerturbationSchedule:
             p.on_post(ctx, first)
 
     def row_fields(self, step: int) -> Mapping[str, Any]:
-        return {"perturbed": any(p.covers(step) for p in self.perturbations)}
+        return {self.flag_column: any(p.covers(step) for p in self.perturbations)}
 
     def perturbed(self, step: int) -> bool:
         """Whether optimizer step `step` is inside any window."""

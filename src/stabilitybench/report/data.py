@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ class ReportData:
     evaluation: Evaluation | None = None
     evaluation_error: str | None = None
     alarms: ScoreResult | None = None  # what `monitor score` said per run (score.json)
+    # What moved the monitor at its first alarm, per run_id (monitor/attribution.json).
+    attributions: dict[str, Any] = field(default_factory=dict)
 
     def record(self, run_id: str) -> RunRecord | None:
         """A run's record with its collapse analysis (None without a metrics summary)."""
@@ -85,7 +88,23 @@ def load_report_data(store: RunStore) -> ReportData:
             data.alarms = load_score_result(store.root)
         except StabilityBenchError:
             data.alarms = None  # an unreadable score.json only loses the overlay
+    data.attributions = _attributions(store.root)
     return data
+
+
+def _attributions(root: Path) -> dict[str, Any]:
+    """monitor/attribution.json (written by `monitor fit`), or {} when absent or unreadable."""
+    import json
+
+    from stabilitybench.monitor.fitting import ATTRIBUTION_FILE
+    from stabilitybench.monitor.results import MONITOR_DIR
+
+    path = root / MONITOR_DIR / ATTRIBUTION_FILE
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 # -- labels ------------------------------------------------------------------------------------

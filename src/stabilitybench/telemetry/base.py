@@ -27,6 +27,9 @@ class Probe:
     # The columns `measure()` writes and how the monitor scales each as a feature: "log",
     # "signed_log", "identity", or None (recorded, not a monitor feature).
     columns: ClassVar[Mapping[str, str | None]] = {}
+    # Columns that echo a setting the audit controls (the optimizer's learning rate) rather than
+    # measure the training: the monitor leaves them out unless an ablation asks for them.
+    controls: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, every: int | Schedule = 1) -> None:
         self.schedule: Schedule = as_schedule(every)

@@ -174,6 +174,7 @@ class LearningRate(Probe):
 
     name = "lr"
     columns: ClassVar[Mapping[str, str | None]] = {"lr": "log"}
+    controls: ClassVar[frozenset[str]] = frozenset({"lr"})  # set by the schedule and lr knobs
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         groups = ctx.optimizer.param_groups

@@ -14,7 +14,7 @@ from stabilitybench.report.data import (
     project_2d,
     unique_slugs,
 )
-from stabilitybench.report.markup import Figures, esc, notice
+from stabilitybench.report.markup import Figures, esc, notice, table
 from stabilitybench.store import RunData
 
 MAX_LATENT_POINTS = 300
@@ -97,4 +97,52 @@ def section_latent(data: ReportData, figures: Figures) -> str:
     slugs = unique_slugs(sorted(by_workload))
     for (workload, runs), name in zip(sorted(by_workload.items()), slugs, strict=True):
         parts.append(_workload_figure(data, workload, runs, figures, name))
+    parts.append(_where_it_started(data))
     return "\n".join(parts)
+
+
+MAX_ATTRIBUTION_ROWS = 40
+ATTRIBUTION_INTRO = (
+    '<p class="muted">At the monitor\'s first alarm on each perturbed run: the deviation term '
+    "that dominated (latent state, one-step prediction, features) and the features that moved it "
+    "most — each one's share of that term, its deviation from healthy runs at the same progress, "
+    "and, for a per-layer maximum, the layer or tensor it came from.</p>"
+)
+
+
+def _where_it_started(data: ReportData) -> str:
+    """Per perturbed run with a monitor alarm: its step, dominant term and top features."""
+    healthy = {r.run_id for r in data.records if r.is_baseline}
+    found = [
+        (run_id, entry)
+        for run_id, entry in sorted(data.attributions.items())
+        if run_id not in healthy and isinstance(entry, dict)
+    ]
+    if not found:
+        return ""
+    found.sort(key=lambda item: (str(item[1].get("workload")), str(item[1].get("label"))))
+    rows = [
+        [
+            esc(entry.get("workload", "")),
+            esc(entry.get("label") or run_id),
+            esc(entry.get("step", "")),
+            esc(entry.get("term", "")),
+            esc(entry.get("text", "")),
+        ]
+        for run_id, entry in found[:MAX_ATTRIBUTION_ROWS]
+    ]
+    more = len(found) - MAX_ATTRIBUTION_ROWS
+    tail = f'<p class="muted">… and {more} more runs.</p>' if more > 0 else ""
+    headers = [
+        ("workload", False),
+        ("run", False),
+        ("first alarm (step)", True),
+        ("dominant term", False),
+        ("features that moved it (layer)", False),
+    ]
+    return (
+        '<h3 id="latent-attribution">Where the deviation started</h3>'
+        + ATTRIBUTION_INTRO
+        + table(headers, rows)
+        + tail
+    )
