@@ -6,7 +6,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 AUDIT_DIR ?= audits/quickstart
 
-.PHONY: install demo test lint bench clean browser
+.PHONY: install demo test lint bench clean browser findings
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,15 @@ browser:
 
 demo: $(STAMP)
 	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
+
+# The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue),
+# then their findings folders under results/ (summary, evaluation, report, spec, versions).
+FINDINGS ?= paper_rl paper_lm
+findings: $(STAMP)
+	@for a in $(FINDINGS); do \
+	  $(BIN)/stabilitybench audit examples/$$a.yaml --out audits/$$a && \
+	  $(BIN)/stabilitybench export audits/$$a --out results/$$a || exit 2; \
+	done
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
