@@ -24,11 +24,16 @@ class Intervention:
     step: int
     action: str
     rolled_back_to: int | None = None
+    recorded_lost: int | None = None  # what the guard counted (events since it records it)
 
     @property
     def steps_lost(self) -> int:
-        """Updates this intervention threw away: 1 for a skip, the steps since the snapshot for a
-        rollback, 0 for an LR cut."""
+        """Updates this intervention threw away, as the guard counted them (a second rollback to
+        the same snapshot loses only what was trained since the first); for events written
+        before the guard recorded it: 1 for a skip, the steps since the snapshot for a rollback,
+        0 for an LR cut."""
+        if self.recorded_lost is not None:
+            return self.recorded_lost
         if self.action == "rollback" and self.rolled_back_to is not None:
             return self.step + 1 - self.rolled_back_to
         return 1 if self.action == "skip" else 0
@@ -42,10 +47,13 @@ def interventions_of(events: Any) -> list[Intervention]:
     for row in events[events["kind"] == "guard"].to_dict("records"):
         params = row.get("params")
         values = json.loads(params) if isinstance(params, str) else dict(params or {})
-        back = values.get("rolled_back_to")
+        back, lost = values.get("rolled_back_to"), values.get("steps_lost")
         out.append(
             Intervention(
-                int(row["start_step"]), str(row["name"]), None if back is None else int(back)
+                int(row["start_step"]),
+                str(row["name"]),
+                None if back is None else int(back),
+                None if lost is None else int(lost),
             )
         )
     return out
