@@ -193,3 +193,34 @@ def test_lm_workload_hosts_a_guard_and_writes_its_events(tmp_path: Path, alarm_a
     back = [json.loads(p)["rolled_back_to"] for p in events["params"]]
     assert back == [0, 6]  # 4 − 3 ≥ 3 → step 0's snapshot; 9 − 6 ≥ 3 → step 6's
     assert len(pd.read_parquet(tmp_path / "run" / "telemetry.parquet")) == 12
+
+
+def test_recorded_steps_lost_wins_and_final_performance_is_compared_by_hand() -> None:
+    import numpy as np
+
+    from stabilitybench.metrics.guards import Intervention, guard_comparisons
+    from stabilitybench.metrics.records import RunRecord
+
+    # A second rollback to the same snapshot: the guard recorded 1, not 13 + 1 − 5.
+    assert Intervention(13, "rollback", 5, recorded_lost=1).steps_lost == 1
+
+    def record(run_id: str, guard: str, final: float) -> RunRecord:
+        return RunRecord(
+            run_id, None, "toy", "toy", {}, "none", "none", None, 0, "done", None,
+            final_perf=final, guard=guard,
+        )  # fmt: skip
+
+    plain = [record(f"u{i}", "none", v) for i, v in enumerate([-4.0, -3.0, -2.0, -1.0])]
+    guarded = [record(f"g{i}", "zclip:skip", v) for i, v in enumerate([-3.0, -2.0, -1.0, 0.0])]
+    events = {"g0": [Intervention(3, "skip")], "g1": [Intervention(3, "skip")] * 3}
+    (c,) = guard_comparisons(
+        [*plain, *guarded], events, {f"g{i}": 100 for i in range(4)}, np.random.default_rng(0), 500
+    )
+    # IQM of 4 values = mean of the middle two: −2.5 unguarded, −1.5 guarded.
+    assert c.final_unguarded is not None and c.final_unguarded.value == pytest.approx(-2.5)
+    assert c.final is not None and c.final.value == pytest.approx(-1.5)
+    assert c.final_difference is not None and c.final_difference.value == pytest.approx(1.0)
+    low, high = c.final_difference.ci
+    assert low is not None and high is not None and low < 1.0 < high
+    assert c.interventions_per_run == 1.0 and c.false_interventions_per_run == 1.0
+    assert c.extra_compute == pytest.approx(4 / 400)

@@ -20,7 +20,7 @@ ACTIONS = ("skip", "lr_cut", "rollback", "escalate")
 # pre-step state, rollback an older one, escalate may do either).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
 # Workload kinds whose loop hosts a guard (they can snapshot and restore their whole state).
-GUARDED_KINDS = ("lm", "toy")
+GUARDED_KINDS = ("lm", "rl", "toy")
 
 
 @dataclass(frozen=True)

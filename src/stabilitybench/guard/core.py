@@ -22,12 +22,13 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import GuardConfig, parse_guard
@@ -35,7 +36,8 @@ from stabilitybench.guard.snapshot import ProbeHistory, Snapshot, StepUndo
 from stabilitybench.telemetry.core import Telemetry
 from stabilitybench.types import StepContext
 
-# A row the probes measured carries a gradient norm; the guard scores only those rows.
+# A row the probes measured carries a gradient norm (`critic/grad_norm` with several
+# optimizers); the guard scores only those rows.
 _PROBED_COLUMNS = ("grad_norm", "grad_norm_raw")
 # Columns that are the step's LR times something this step's LR does not change (torch's SGD,
 # Adam and AdamW updates are lr × a function of the optimizer state): under the guard's own LR
@@ -152,7 +154,14 @@ class Guard:
     """
 
     def __init__(
-        self, telemetry: Telemetry, detector: str = "zclip", action: str = "skip", **params: Any
+        self,
+        telemetry: Telemetry,
+        detector: str = "zclip",
+        action: str = "skip",
+        *,
+        extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+        hold_after_rollback: bool = False,
+        **params: Any,
     ) -> None:
         monitor = params.pop("monitor", None)
         self.config = parse_guard(
@@ -166,12 +175,18 @@ class Guard:
         )
         self.telemetry = telemetry
         self.detector = build_detector(self.config)
-        self.optimizers = list(telemetry.optimizers.values())
+        # Snapshotted and undone with the instrumented ones, but neither scored nor LR-cut (SAC's
+        # entropy-coefficient optimizer, say).
+        self.optimizers = [*telemetry.optimizers.values(), *extra_optimizers]
         self._clock = next(iter(telemetry.optimizers))
         self.model = telemetry.model
+        # After a rollback, undo every later update until `release()` (PPO: the rest of the
+        # current rollout's epochs, collected by the policy the rollback threw away).
+        self.hold_after_rollback = hold_after_rollback
+        self._holding = False
         # Every optimizer's probes (the telemetry keeps one set per optimizer role).
         self._probes = [p for inst in telemetry._opts for p in inst.probes]
-        self._undo = StepUndo(self.optimizers)
+        self._undo = StepUndo(self.optimizers, self.model)
         self._ring: deque[Snapshot] = deque(maxlen=self.config.keep)
         self._alarm_steps: deque[int] = deque()
         self._cut_until = -1  # the LR is cut for steps <= this
@@ -244,19 +259,27 @@ class Guard:
         if ctx.role != self._clock:
             return
         self._updates += 1
-        if self._discard_step == ctx.step:
-            # This step's gradient was computed on a state the guard has just replaced.
+        if self._discard_step == ctx.step or self._holding:
+            # This step's gradient was computed on a state the guard has just replaced (or on
+            # data the rolled-back policy collected): undo it, and charge it to the intervention.
             self._undo.restore()
             self._updates -= 1
             self.stats.skipped_steps += 1
             self._discard_step = None
+            if self.interventions:
+                last = self.interventions[-1]
+                self.interventions[-1] = replace(last, steps_lost=last.steps_lost + 1)
+
+    def release(self) -> None:
+        """End the hold after a rollback (`hold_after_rollback`): updates count again."""
+        self._holding = False
 
     def row_fields(self, step: int) -> Mapping[str, Any]:
         return {}
 
     # -- the decision ------------------------------------------------------------------------------
     def _on_row(self, row: dict[str, Any]) -> None:
-        if not any(key in row for key in _PROBED_COLUMNS):
+        if not any(key.rpartition("/")[2] in _PROBED_COLUMNS for key in row):
             return  # a step the telemetry's probes skipped (`every` > 1): nothing to score
         step = int(row["step"])
         factors = self._cut_factors.pop(step, None)
@@ -279,9 +302,7 @@ class Guard:
         late = not self._in_after_step and self.telemetry.step == step and self._undo.step == step
         self._act(action, step, score)
         if late and not self.telemetry._closed:
-            self._discard_step = step + 1
-            last = self.interventions[-1]
-            self.interventions[-1] = replace(last, steps_lost=last.steps_lost + 1)
+            self._discard_step = step + 1  # charged to this intervention at its post-step
 
     def _choose(self, step: int) -> str:
         if self.config.action != "escalate":
@@ -313,6 +334,7 @@ class Guard:
                 self.rolled_back_to = snapshot.step
                 self.stats.rolled_back_steps += self._updates - updates
                 self._updates = updates
+                self._holding = self.hold_after_rollback
             else:
                 action, note = "skip", f"no snapshot at least {self.config.min_age} steps old"
         if action in ("skip", "lr_cut") and self._undo.step == step:

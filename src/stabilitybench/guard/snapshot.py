@@ -105,26 +105,41 @@ class StepUndo:
     """The state before the current step's update, on the device, in reused buffers."""
 
     optimizers: Sequence[torch.optim.Optimizer]
+    model: torch.nn.Module | None = None  # its buffers and untrained tensors (target networks)
     params: list[torch.Tensor] = field(default_factory=list)
     states: list[State | None] = field(default_factory=list)
     step: int = -1
 
+    def _live(self) -> list[torch.Tensor]:
+        """The optimizers' parameters, then the model's other state tensors (buffers, target
+        networks that a Polyak update changes within the step)."""
+        params = [p.detach() for p in _params(self.optimizers)]
+        if self.model is None:
+            return params
+        seen = {t.data_ptr() for t in params}
+        others = []
+        for tensor in self.model.state_dict().values():
+            if tensor.is_floating_point() and tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                others.append(tensor)
+        return params + others
+
     @torch.no_grad()
     def capture(self, step: int) -> None:
-        """Copy every parameter and optimizer state tensor (one `copy_` each, same device)."""
-        live = _params(self.optimizers)
+        """Copy every parameter, model buffer and optimizer state tensor (one `copy_` each,
+        same device)."""
+        live = self._live()
         if len(self.params) != len(live):
-            self.params = [p.detach().clone() for p in live]
+            self.params = [p.clone() for p in live]
         else:
-            torch._foreach_copy_(self.params, [p.detach() for p in live])
+            torch._foreach_copy_(self.params, live)
         self.states = _capture_states(_optimizer_states(self.optimizers), self.states, None)
         self.step = step
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the captured state back (parameters in place, optimizer state per parameter)."""
-        live = _params(self.optimizers)
-        torch._foreach_copy_([p.data for p in live], self.params)
+        torch._foreach_copy_(self._live(), self.params)
         _restore_states(self.optimizers, self.states)
 
     def nbytes(self) -> int:
