@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pytest
-
-from stabilitybench.monitor.registry import BaseDetector, register_detector, unregister_detector
+from stabilitybench.monitor.registry import BaseDetector
 
 
 @dataclass
@@ -23,11 +21,3 @@ class AlarmAtStep(BaseDetector):
 
     def update(self, row: Mapping[str, Any]) -> float:
         return 1.0 if int(row["run_step"]) in self.steps else 0.0
-
-
-@pytest.fixture
-def alarm_at_step() -> Iterator[type[AlarmAtStep]]:
-    register_detector(AlarmAtStep)
-    yield AlarmAtStep
-    AlarmAtStep.steps = set()
-    unregister_detector("alarm_at_step")
