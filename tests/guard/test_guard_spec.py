@@ -39,7 +39,23 @@ def _spec(guards: list[Any] | None, **extra: Any) -> dict[str, Any]:
     return spec
 
 
-RL = {"name": "ppo", "kind": "rl", "algo": "ppo", "env": "CartPole-v1", "total_steps": 2000}
+@pytest.fixture
+def no_snapshot_kind() -> Any:
+    """A user workload kind registered for the test (its loop hosts no guard)."""
+    from stabilitybench.workloads import base
+
+    class NoSnapshot:
+        kind = "no_snapshot"
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.config = config
+
+        def validate(self, spec: RunSpec) -> None:
+            pass
+
+    base.register_workload("no_snapshot", NoSnapshot)  # type: ignore[arg-type]
+    yield
+    base._REGISTRY.pop("no_snapshot", None)
 
 
 @pytest.mark.parametrize(
@@ -78,14 +94,41 @@ RL = {"name": "ppo", "kind": "rl", "algo": "ppo", "env": "CartPole-v1", "total_s
             ["guards[1].speed", "unknown key"],
         ),
         (
+            {"detector": "zclip", "action": "rollback", "every": 0},
+            None,
+            ["guards[1].every", ">= 1"],
+        ),
+        ({"detector": "zclip", "action": "rollback", "keep": 0}, None, ["guards[1].keep", ">= 1"]),
+        ({"detector": "zclip", "action": "escalate", "window": 0}, None, ["guards[1].window"]),
+        ({"detector": "zclip", "action": "rollback", "min_age": -1}, None, ["guards[1].min_age"]),
+        ({"detector": "zclip", "action": "lr_cut", "factor": 0}, None, ["guards[1].factor"]),
+        ({"detector": "zclip", "action": "lr_cut", "factor": True}, None, ["guards[1].factor"]),
+        ({"detector": "zclip", "action": "skip", "every": 2.5}, None, ["guards[1].every"]),
+        ({"detector": "pca", "action": "skip"}, None, ["guards[1].detector", "must be fitted"]),
+        (
+            {"detector": "zclip", "action": "skip", "monitor": "x"},
+            None,
+            ["guards[1].monitor", "only detector msm"],
+        ),
+        ({"action": "skip"}, None, ["guards[1].detector", "is required"]),
+        (
             {"detector": "zclip", "action": "rollback"},
-            [RL],
-            ["guards[1].action", "rollback needs a workload that can snapshot", "lm, toy", "'rl'"],
+            [{"name": "mine", "kind": "no_snapshot", "total_steps": 10}],
+            ["guards[1].action", "rollback needs a workload that can snapshot", "lm, rl, toy"],
+        ),
+        (
+            {"detector": "zclip", "action": "lr_cut"},
+            [{"name": "mine", "kind": "no_snapshot", "total_steps": 10}],
+            ["guards[1].action", "kind 'no_snapshot' does not host one"],
         ),
     ],
 )
 def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
-    tmp_path: Path, guard: dict[str, Any], workloads: list[Any] | None, words: list[str]
+    tmp_path: Path,
+    guard: dict[str, Any],
+    workloads: list[Any] | None,
+    words: list[str],
+    no_snapshot_kind: None,
 ) -> None:
     spec = _spec(["none", guard])
     if workloads is not None:
@@ -100,6 +143,43 @@ def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
     for word in words:
         assert word in message, (word, message)
     assert not out.exists()
+
+
+def test_msm_with_a_monitor_fitted_on_another_workload_kind_is_exit_2(tmp_path: Path) -> None:
+    # What `audit` and `monitor fit` leave in an LM audit: audit.json, monitor/fit.json and the
+    # monitor's files (their contents are not read for this check).
+    other = tmp_path / "lm-audit"
+    folder = other / "monitor" / "workload-abc"
+    folder.mkdir(parents=True)
+    (folder / "monitor.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    spec = {"workloads": [{"name": "gpt", "kind": "lm"}]}
+    (other / "audit.json").write_text(json.dumps({"name": "lm", "spec": spec}))
+    fit = {"workloads": {"gpt": {"model": "monitor/workload-abc"}}}
+    (other / "monitor" / "fit.json").write_text(json.dumps(fit))
+    for monitor in (folder, other / "monitor"):
+        if monitor == other / "monitor":
+            (monitor / "monitor.json").write_text("{}")
+            (monitor / "model.safetensors").write_bytes(b"")
+        guard = {"detector": "msm", "action": "rollback", "monitor": str(monitor)}
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(_spec(["none", guard])))
+        out = tmp_path / "audit"
+        result = CliRunner().invoke(app, ["audit", str(path), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        for word in ("guards[1].monitor", "fitted on workload 'gpt' (kind lm)", "kind 'toy'"):
+            assert word in message, (word, message)
+        assert not out.exists()
+
+
+def test_a_bad_guard_in_a_callback_is_one_clear_error_before_training() -> None:
+    from stabilitybench.errors import StabilityBenchError
+    from stabilitybench.integrations._adapter import TelemetryAdapter
+
+    with pytest.raises(StabilityBenchError, match=r"guard\.factor: must be a number in \(0, 1\)"):
+        TelemetryAdapter("x", "cheap", 1, None, None, None, None, {"detector": "zclip",
+                         "action": "lr_cut", "factor": 2})  # fmt: skip
 
 
 def test_unguarded_run_ids_and_spec_hash_are_what_they_were_before_guards() -> None:
@@ -157,6 +237,15 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
         "zclip:rollback(every=5,keep=4,min_age=5)",
         "zclip:rollback(every=5,keep=4,min_age=5)",
     ]
+    assert spiked_guarded["final_difference"]["n"] == 2
+    # The report: a guards section beside the unguarded condition, markers on the curves.
+    report = CliRunner().invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    page = (out / "report.html").read_text()
+    assert '<h2 id="guards">Guards</h2>' in page and 'href="#guards"' in page
+    section = page[page.index('id="guards"') : page.index('id="decoupling"')]
+    assert "zclip:rollback(every=5,keep=4,min_age=5)" in section and "(false)" in section
+    assert "◁ rollback" in page  # the curves' caption explains the markers
 
 
 def test_steps_lost_per_intervention_by_hand() -> None:
