@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from stabilitybench.monitor.registry import BaseDetector
+import pytest
+
+from stabilitybench.monitor.registry import BaseDetector, register_detector, unregister_detector
 
 
 @dataclass
@@ -21,3 +23,12 @@ class AlarmAtStep(BaseDetector):
 
     def update(self, row: Mapping[str, Any]) -> float:
         return 1.0 if int(row["run_step"]) in self.steps else 0.0
+
+
+@pytest.fixture(name="alarm_at_step")
+def alarm_at_step_fixture() -> Iterator[type[AlarmAtStep]]:
+    """`AlarmAtStep` registered for one test (import this name into the test module)."""
+    register_detector(AlarmAtStep)
+    yield AlarmAtStep
+    AlarmAtStep.steps = set()
+    unregister_detector("alarm_at_step")

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from guard_detector import alarm_at_step_fixture  # noqa: F401  (the `alarm_at_step` fixture)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stabilitybench.errors import StabilityBenchError

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from guard_detector import alarm_at_step_fixture  # noqa: F401  (the `alarm_at_step` fixture)
 from torch import nn
 
 from stabilitybench.errors import StabilityBenchError

@@ -214,7 +214,7 @@ def test_training_episode_returns_are_logged_per_rollout() -> None:
 
 
 # ---- guards through the callback ------------------------------------------------------------------
-from guard_detector import AlarmAtStep  # noqa: E402
+from guard_detector import AlarmAtStep, alarm_at_step_fixture  # noqa: E402, F401
 
 from stabilitybench.types import StepContext  # noqa: E402
 
