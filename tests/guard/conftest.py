@@ -13,7 +13,10 @@ from stabilitybench.monitor.registry import BaseDetector, register_detector, unr
 
 @dataclass
 class AlarmAt(BaseDetector):
-    """A test detector: score 1 at the steps in `steps`, else 0; native rule score > 0.5."""
+    """A test detector: score 1 at the run's steps in `steps`, else 0; native rule score > 0.5.
+
+    It reads `run_step` (the optimizer steps the run has taken), not `step` (the step of the
+    restored timeline, behind it after skips and rollbacks)."""
 
     name: ClassVar[str] = "alarm_at"
     title: ClassVar[str] = "alarms at given steps (tests)"
@@ -22,7 +25,7 @@ class AlarmAt(BaseDetector):
     native_threshold: ClassVar[str] = "threshold"
 
     def update(self, row: Mapping[str, Any]) -> float:
-        return 1.0 if int(row["step"]) in self.steps else 0.0
+        return 1.0 if int(row["run_step"]) in self.steps else 0.0
 
 
 @pytest.fixture

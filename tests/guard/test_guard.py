@@ -170,8 +170,27 @@ def test_rollback_restores_the_newest_snapshot_old_enough_with_rng(
         "score": 1.0,
         "guard": "rollback",
         "rolled_back_to": 5,
+        "steps_lost": 8,
     }
     assert (event["start_step"], event["end_step"]) == (12, 12)
+
+
+def test_a_second_rollback_to_the_same_snapshot_loses_only_the_steps_since_the_first(
+    alarm_at: type[AlarmAt],
+) -> None:
+    alarm_at.steps = {12, 13}
+    kw = {"detector": "alarm_at", "action": "rollback", "every": 5, "keep": 3, "min_age": 5}
+    before: dict[int, Any] = {}
+    after: dict[int, Any] = {}
+    _, guard, _, _ = _loop(20, kw, before=before, after=after)
+    assert guard is not None
+    # 12 → snapshot 5 (updates 5..12 lost: 8); 13 → snapshot 5 again: only update 13 is lost.
+    assert [(i.step, i.rolled_back_to, i.steps_lost) for i in guard.interventions] == [
+        (12, 5, 8),
+        (13, 5, 1),
+    ]
+    assert guard.stats.rolled_back_steps == 9
+    assert _same(after[13], before[5])
 
 
 def test_rollback_restores_the_torch_rng() -> None:
@@ -266,3 +285,93 @@ def test_steps_the_probes_skip_are_not_scored() -> None:
     tel.close()
     assert [s for s, _ in guard.scores] == list(range(0, 90, 3))
     assert all(math.isfinite(score) for _, score in guard.scores)
+
+
+def test_the_detector_sees_lr_proportional_columns_without_the_guards_own_cut(
+    alarm_at: type[AlarmAt],
+) -> None:
+    alarm_at.steps = {3}
+    seen_rows: list[dict[str, Any]] = []
+    update = AlarmAt.update
+
+    def recording(self: AlarmAt, row: Mapping[str, Any]) -> float:
+        seen_rows.append(dict(row))
+        return update(self, row)
+
+    alarm_at.update = recording  # type: ignore[method-assign]
+    try:
+        model, opt, gen = _setup()
+        tel = Telemetry(model, opt)
+        guard = Guard(tel, detector="alarm_at", action="lr_cut", factor=0.25, cooldown=3)
+        for _ in range(10):
+            loss = model(torch.randn(4, 8, generator=gen)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tel.log(loss=loss)
+            guard.after_step()
+        table = tel.close()
+    finally:
+        alarm_at.update = update  # type: ignore[method-assign]
+    logged = table.set_index("step")
+    # Steps 4..6 ran at lr 0.01 × 0.25; the detector is shown the LR and the update as they
+    # would be without the cut (Adam's update is lr × a function of its state).
+    assert list(logged["lr"]) == pytest.approx([0.01] * 4 + [0.0025] * 3 + [0.01] * 3)
+    by_step = {int(r["step"]): r for r in seen_rows}
+    for step in range(10):
+        factor = 0.25 if 4 <= step <= 6 else 1.0
+        assert by_step[step]["lr"] == pytest.approx(0.01)
+        for column in ("update_norm", "update_ratio"):
+            assert by_step[step][column] == pytest.approx(logged.loc[step, column] / factor)
+        assert by_step[step]["grad_norm"] == pytest.approx(logged.loc[step, "grad_norm"])
+
+
+def test_uncut_row_by_hand() -> None:
+    from stabilitybench.guard.core import uncut_row
+
+    row = {"step": 7, "lr": 0.005, "lr/group1": 0.001, "update_norm": 2.0, "loss": 3.0}
+    assert uncut_row(row, {"": 0.5}) == {
+        "step": 7,
+        "lr": 0.01,
+        "lr/group1": 0.002,
+        "update_norm": 4.0,
+        "loss": 3.0,
+    }
+    roles = {"actor/update_ratio": 0.1, "critic/update_ratio": 0.2, "actor/lr": 1e-3}
+    assert uncut_row(roles, {"actor": 0.5}) == {
+        "actor/update_ratio": 0.2,
+        "critic/update_ratio": 0.2,
+        "actor/lr": 2e-3,
+    }
+
+
+def test_a_rollback_restores_the_probes_history_too() -> None:
+    """The gradient coherence compares each gradient with the previous one and an EMA: after a
+    rollback those must be the restored timeline's, not the thrown-away steps'."""
+    from stabilitybench.guard.snapshot import ProbeHistory
+    from stabilitybench.telemetry.probes import GradCoherence
+
+    model, opt, gen = _setup()
+    tel = Telemetry(model, opt)
+    (coherence,) = [p for p in tel.probes if isinstance(p, GradCoherence)]
+
+    def step() -> None:
+        loss = model(torch.randn(4, 8, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    history = ProbeHistory.take(tel.probes)
+    assert coherence._state is not None
+    saved = coherence._state.clone()
+    for _ in range(3):
+        step()
+    assert not torch.equal(coherence._state, saved)
+    for _ in range(2):  # restorable twice (the ring keeps the snapshot after a rollback)
+        history.restore(tel.probes)
+        assert torch.equal(coherence._state, saved)
+        step()
+    assert history.nbytes() == saved.numel() * saved.element_size() + 1  # (2, P) + a bool
+    tel.close()

@@ -39,7 +39,23 @@ def _spec(guards: list[Any] | None, **extra: Any) -> dict[str, Any]:
     return spec
 
 
-RL = {"name": "ppo", "kind": "rl", "algo": "ppo", "env": "CartPole-v1", "total_steps": 2000}
+@pytest.fixture
+def no_snapshot_kind() -> Any:
+    """A user workload kind registered for the test (its loop hosts no guard)."""
+    from stabilitybench.workloads import base
+
+    class NoSnapshot:
+        kind = "no_snapshot"
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.config = config
+
+        def validate(self, spec: RunSpec) -> None:
+            pass
+
+    base.register_workload("no_snapshot", NoSnapshot)  # type: ignore[arg-type]
+    yield
+    base._REGISTRY.pop("no_snapshot", None)
 
 
 @pytest.mark.parametrize(
@@ -78,14 +94,41 @@ RL = {"name": "ppo", "kind": "rl", "algo": "ppo", "env": "CartPole-v1", "total_s
             ["guards[1].speed", "unknown key"],
         ),
         (
+            {"detector": "zclip", "action": "rollback", "every": 0},
+            None,
+            ["guards[1].every", ">= 1"],
+        ),
+        ({"detector": "zclip", "action": "rollback", "keep": 0}, None, ["guards[1].keep", ">= 1"]),
+        ({"detector": "zclip", "action": "escalate", "window": 0}, None, ["guards[1].window"]),
+        ({"detector": "zclip", "action": "rollback", "min_age": -1}, None, ["guards[1].min_age"]),
+        ({"detector": "zclip", "action": "lr_cut", "factor": 0}, None, ["guards[1].factor"]),
+        ({"detector": "zclip", "action": "lr_cut", "factor": True}, None, ["guards[1].factor"]),
+        ({"detector": "zclip", "action": "skip", "every": 2.5}, None, ["guards[1].every"]),
+        ({"detector": "pca", "action": "skip"}, None, ["guards[1].detector", "must be fitted"]),
+        (
+            {"detector": "zclip", "action": "skip", "monitor": "x"},
+            None,
+            ["guards[1].monitor", "only detector msm"],
+        ),
+        ({"action": "skip"}, None, ["guards[1].detector", "is required"]),
+        (
             {"detector": "zclip", "action": "rollback"},
-            [RL],
-            ["guards[1].action", "rollback needs a workload that can snapshot", "lm, toy", "'rl'"],
+            [{"name": "mine", "kind": "no_snapshot", "total_steps": 10}],
+            ["guards[1].action", "rollback needs a workload that can snapshot", "lm, rl, toy"],
+        ),
+        (
+            {"detector": "zclip", "action": "lr_cut"},
+            [{"name": "mine", "kind": "no_snapshot", "total_steps": 10}],
+            ["guards[1].action", "kind 'no_snapshot' does not host one"],
         ),
     ],
 )
 def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
-    tmp_path: Path, guard: dict[str, Any], workloads: list[Any] | None, words: list[str]
+    tmp_path: Path,
+    guard: dict[str, Any],
+    workloads: list[Any] | None,
+    words: list[str],
+    no_snapshot_kind: None,
 ) -> None:
     spec = _spec(["none", guard])
     if workloads is not None:
@@ -100,6 +143,43 @@ def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
     for word in words:
         assert word in message, (word, message)
     assert not out.exists()
+
+
+def test_msm_with_a_monitor_fitted_on_another_workload_kind_is_exit_2(tmp_path: Path) -> None:
+    # What `audit` and `monitor fit` leave in an LM audit: audit.json, monitor/fit.json and the
+    # monitor's files (their contents are not read for this check).
+    other = tmp_path / "lm-audit"
+    folder = other / "monitor" / "workload-abc"
+    folder.mkdir(parents=True)
+    (folder / "monitor.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    spec = {"workloads": [{"name": "gpt", "kind": "lm"}]}
+    (other / "audit.json").write_text(json.dumps({"name": "lm", "spec": spec}))
+    fit = {"workloads": {"gpt": {"model": "monitor/workload-abc"}}}
+    (other / "monitor" / "fit.json").write_text(json.dumps(fit))
+    for monitor in (folder, other / "monitor"):
+        if monitor == other / "monitor":
+            (monitor / "monitor.json").write_text("{}")
+            (monitor / "model.safetensors").write_bytes(b"")
+        guard = {"detector": "msm", "action": "rollback", "monitor": str(monitor)}
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(_spec(["none", guard])))
+        out = tmp_path / "audit"
+        result = CliRunner().invoke(app, ["audit", str(path), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        for word in ("guards[1].monitor", "fitted on workload 'gpt' (kind lm)", "kind 'toy'"):
+            assert word in message, (word, message)
+        assert not out.exists()
+
+
+def test_a_bad_guard_in_a_callback_is_one_clear_error_before_training() -> None:
+    from stabilitybench.errors import StabilityBenchError
+    from stabilitybench.integrations._adapter import TelemetryAdapter
+
+    with pytest.raises(StabilityBenchError, match=r"guard\.factor: must be a number in \(0, 1\)"):
+        TelemetryAdapter("x", "cheap", 1, None, None, None, None, {"detector": "zclip",
+                         "action": "lr_cut", "factor": 2})  # fmt: skip
 
 
 def test_unguarded_run_ids_and_spec_hash_are_what_they_were_before_guards() -> None:
@@ -157,6 +237,15 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
         "zclip:rollback(every=5,keep=4,min_age=5)",
         "zclip:rollback(every=5,keep=4,min_age=5)",
     ]
+    assert spiked_guarded["final_difference"]["n"] == 2
+    # The report: a guards section beside the unguarded condition, markers on the curves.
+    report = CliRunner().invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    page = (out / "report.html").read_text()
+    assert '<h2 id="guards">Guards</h2>' in page and 'href="#guards"' in page
+    section = page[page.index('id="guards"') : page.index('id="decoupling"')]
+    assert "zclip:rollback(every=5,keep=4,min_age=5)" in section and "(false)" in section
+    assert "◁ rollback" in page  # the curves' caption explains the markers
 
 
 def test_steps_lost_per_intervention_by_hand() -> None:
@@ -193,3 +282,34 @@ def test_lm_workload_hosts_a_guard_and_writes_its_events(tmp_path: Path, alarm_a
     back = [json.loads(p)["rolled_back_to"] for p in events["params"]]
     assert back == [0, 6]  # 4 − 3 ≥ 3 → step 0's snapshot; 9 − 6 ≥ 3 → step 6's
     assert len(pd.read_parquet(tmp_path / "run" / "telemetry.parquet")) == 12
+
+
+def test_recorded_steps_lost_wins_and_final_performance_is_compared_by_hand() -> None:
+    import numpy as np
+
+    from stabilitybench.metrics.guards import Intervention, guard_comparisons
+    from stabilitybench.metrics.records import RunRecord
+
+    # A second rollback to the same snapshot: the guard recorded 1, not 13 + 1 − 5.
+    assert Intervention(13, "rollback", 5, recorded_lost=1).steps_lost == 1
+
+    def record(run_id: str, guard: str, final: float) -> RunRecord:
+        return RunRecord(
+            run_id, None, "toy", "toy", {}, "none", "none", None, 0, "done", None,
+            final_perf=final, guard=guard,
+        )  # fmt: skip
+
+    plain = [record(f"u{i}", "none", v) for i, v in enumerate([-4.0, -3.0, -2.0, -1.0])]
+    guarded = [record(f"g{i}", "zclip:skip", v) for i, v in enumerate([-3.0, -2.0, -1.0, 0.0])]
+    events = {"g0": [Intervention(3, "skip")], "g1": [Intervention(3, "skip")] * 3}
+    (c,) = guard_comparisons(
+        [*plain, *guarded], events, {f"g{i}": 100 for i in range(4)}, np.random.default_rng(0), 500
+    )
+    # IQM of 4 values = mean of the middle two: −2.5 unguarded, −1.5 guarded.
+    assert c.final_unguarded is not None and c.final_unguarded.value == pytest.approx(-2.5)
+    assert c.final is not None and c.final.value == pytest.approx(-1.5)
+    assert c.final_difference is not None and c.final_difference.value == pytest.approx(1.0)
+    low, high = c.final_difference.ci
+    assert low is not None and high is not None and low < 1.0 < high
+    assert c.interventions_per_run == 1.0 and c.false_interventions_per_run == 1.0
+    assert c.extra_compute == pytest.approx(4 / 400)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from guard_detector import alarm_at_step_fixture  # noqa: F401  (the `alarm_at_step` fixture)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stabilitybench.errors import StabilityBenchError
@@ -161,3 +162,39 @@ def test_grad_norm_raw_is_the_trainers_pre_clip_norm(tmp_path: Path) -> None:
     assert rows["grad_norm"].tolist() == pytest.approx([0.05] * 4, rel=1e-3)
     assert seen.norms == pytest.approx([0.05] * 4, rel=1e-3)
     assert min(logged) > 0.05
+
+
+class StatesAroundSteps(TrainerCallback):
+    """Test helper (after the stability callback): the model's parameters at each step's start
+    and end, i.e. before its forward pass and after the guard acted on it."""
+
+    def __init__(self) -> None:
+        self.begin: list[list[torch.Tensor]] = []
+        self.end: list[list[torch.Tensor]] = []
+
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, **_: Any
+    ) -> None:
+        self.begin.append([p.detach().clone() for p in model.parameters()])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+        self.end.append([p.detach().clone() for p in model.parameters()])
+
+
+def test_a_guard_rolls_the_trainers_model_back_and_cuts_the_lr(
+    tmp_path: Path, alarm_at_step: Any
+) -> None:
+    alarm_at_step.steps = {5}
+    guard = {"detector": "alarm_at_step", "action": "rollback", "every": 2, "keep": 3}
+    callback = StabilityTrainerCallback(guard={**guard, "min_age": 2, "cooldown": 2})
+    states = StatesAroundSteps()
+    train(tmp_path, [callback, states], steps=9)
+    (event,) = callback.guard_events()
+    # Snapshots before steps 0, 2, 4: the newest at least 2 steps older than 5 is step 2's.
+    assert event["params"]["rolled_back_to"] == 2 and event["params"]["steps_lost"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(states.end[5], states.begin[2], strict=True))
+    rows = callback.telemetry.rows()
+    # Then the LR is cut by half for 2 steps, under the Trainer's own linear decay.
+    lr = rows["lr"].tolist()
+    decay = [1e-3 * (1 - s / 9) for s in range(9)]
+    assert lr == pytest.approx([d * (0.5 if s in (6, 7) else 1.0) for s, d in enumerate(decay)])

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from guard_detector import alarm_at_step_fixture  # noqa: F401  (the `alarm_at_step` fixture)
 from torch import nn
 
 from stabilitybench.errors import StabilityBenchError
@@ -129,3 +130,40 @@ def test_grad_norm_raw_is_the_norm_before_lightning_clips() -> None:
     assert rows["grad_norm_raw"].tolist() == pytest.approx(module.grad_norms, rel=1e-5)
     assert min(module.grad_norms) > 0.01
     assert rows["grad_norm"].tolist() == pytest.approx([0.01] * 5, rel=1e-3)
+
+
+def test_a_guard_skips_a_step_of_the_lightning_module(alarm_at_step: Any) -> None:
+    class Params(pl.Callback):
+        """After the stability callback: the module's parameters at each batch's start/end."""
+
+        def __init__(self) -> None:
+            self.begin: list[list[torch.Tensor]] = []
+            self.end: list[list[torch.Tensor]] = []
+
+        def on_train_batch_start(self, trainer: Any, module: Any, *_: Any) -> None:
+            self.begin.append([p.detach().clone() for p in module.parameters()])
+
+        def on_train_batch_end(self, trainer: Any, module: Any, *_: Any) -> None:
+            self.end.append([p.detach().clone() for p in module.parameters()])
+
+    alarm_at_step.steps = {3}
+    callback = StabilityLightningCallback(guard={"detector": "alarm_at_step", "action": "skip"})
+    params = Params()
+    torch.manual_seed(0)
+    module = Regression()
+    pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, params],
+    ).fit(module, loader())
+    (event,) = callback.guard_events()
+    assert event["name"] == "skip" and event["start_step"] == 3
+    same = [
+        all(torch.equal(a, b) for a, b in zip(params.begin[i], params.end[i], strict=True))
+        for i in range(6)
+    ]
+    assert same == [False, False, False, True, False, False]  # step 3's update undone

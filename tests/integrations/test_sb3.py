@@ -211,3 +211,104 @@ def test_training_episode_returns_are_logged_per_rollout() -> None:
     assert int(rows["episodes"].sum()) == len(seen)
     weighted = float((rows["episode_return"] * rows["episodes"]).sum())
     assert weighted == pytest.approx(sum(seen))
+
+
+# ---- guards through the callback ------------------------------------------------------------------
+from guard_detector import AlarmAtStep, alarm_at_step_fixture  # noqa: E402, F401
+
+from stabilitybench.types import StepContext  # noqa: E402
+
+
+class _StateAt:
+    """A telemetry hook (added after the guard) that copies `tensors()` at the clock's pre-step
+    of the given steps, i.e. the state a snapshot taken then holds."""
+
+    def __init__(self, steps: set[int], tensors: Any) -> None:
+        self.steps, self.tensors = steps, tensors
+        self.at: dict[int, list[torch.Tensor]] = {}
+
+    def on_pre_step(self, ctx: StepContext) -> None:
+        if ctx.step in self.steps and ctx.step not in self.at and ctx.role in ("", "critic"):
+            self.at[ctx.step] = [t.detach().clone() for t in self.tensors()]
+
+    def on_post_step(self, ctx: StepContext) -> None:
+        pass
+
+    def row_fields(self, step: int) -> dict[str, Any]:
+        return {}
+
+
+class _AtRolloutStart(EveryEnvSteps):
+    """Runs after the StabilityCallback: attaches `hook` and copies `tensors()` per rollout."""
+
+    def __init__(self, stability: StabilityCallback, hook: _StateAt, tensors: Any) -> None:
+        super().__init__(10**9, lambda _: None)
+        self.stability, self.hook, self.tensors = stability, hook, tensors
+        self.states: list[list[torch.Tensor]] = []
+
+    def _on_training_start(self) -> None:
+        self.stability.telemetry.add_hook(self.hook)
+
+    def _on_rollout_start(self) -> None:
+        self.states.append([t.detach().clone() for t in self.tensors()])
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_ppo_rollback_restores_the_policy_and_drops_the_rest_of_the_rollout(
+    alarm_at_step: type[AlarmAtStep],
+) -> None:
+    # 256-step rollouts, 4 epochs × 4 minibatches: optimizer steps 0–15, 16–31, 32–47, ...
+    alarm_at_step.steps = {20}
+    model = _ppo()
+    policy = model.policy
+
+    def tensors() -> list[torch.Tensor]:
+        return [*policy.state_dict().values()]
+
+    guard = {"detector": "alarm_at_step", "action": "rollback", "every": 8, "min_age": 8}
+    callback = StabilityCallback(every=1, guard=guard)
+    hook = _StateAt({8}, tensors)
+    spy = _AtRolloutStart(callback, hook, tensors)
+    model.learn(1024, callback=[callback, spy])
+    (event,) = callback.guard_events()
+    # Acted at step 21's pre-step (SB3 has no hook between optimizer steps): back to step 8's
+    # snapshot; 8..20 thrown away (13), then 21..31 undone (the rest of that rollout: 11).
+    assert event["name"] == "rollback" and event["params"]["rolled_back_to"] == 8
+    assert event["params"]["steps_lost"] == 13 + 11
+    # The third rollout is collected by the restored policy (step 8's), not by a later one.
+    assert _same(spy.states[2], hook.at[8])
+    assert not _same(spy.states[3], hook.at[8])  # training went on after the rollout
+    adam = model.policy.optimizer.state[next(iter(model.policy.parameters()))]
+    assert int(adam["step"]) == 1024 // 256 * 16 - 24  # the steps that were not thrown away
+
+
+def test_sac_rollback_restores_actor_critics_targets_and_entropy_coefficient(
+    alarm_at_step: type[AlarmAtStep],
+) -> None:
+    alarm_at_step.steps = {30}
+    model = SAC("MlpPolicy", "Pendulum-v1", learning_starts=50, batch_size=32, seed=0, device="cpu")
+
+    def tensors() -> list[torch.Tensor]:
+        assert model.log_ent_coef is not None
+        return [*model.policy.state_dict().values(), model.log_ent_coef]
+
+    guard = {"detector": "alarm_at_step", "action": "rollback", "every": 10, "min_age": 10}
+    callback = StabilityCallback(every=1, guard=guard)
+    hook = _StateAt({20}, tensors)
+    spy = _AtRolloutStart(callback, hook, tensors)
+    model.learn(100, callback=[callback, spy])
+    (event,) = callback.guard_events()
+    assert event["params"]["rolled_back_to"] == 20 and event["params"]["steps_lost"] == 11
+    # One gradient step per rollout (train_freq 1): the guard acts at the next rollout's start,
+    # before anything else trains. Rollout k starts after gradient step k − 51.
+    names = list(model.policy.state_dict())
+    assert any(n.startswith("critic_target.") for n in names)
+    assert any(n.startswith("actor.") for n in names) and any(
+        n.startswith("critic.") for n in names
+    )
+    assert _same(spy.states[30 + 51], hook.at[20])
+    # The replay buffer is not rolled back: it holds every transition collected.
+    assert model.replay_buffer.size() == 100

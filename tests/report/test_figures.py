@@ -156,3 +156,22 @@ def test_slugs_are_file_safe_and_unique() -> None:
     assert slug("toy · lr_spike(at=0.3,factor=10)") == "toy-lr-spike-at-0-3-factor-10"
     assert slug("<script>") == "script"
     assert unique_slugs(["a b", "a-b", "c"]) == ["a-b", "a-b-2", "c"]
+
+
+def test_condition_figure_marks_each_guard_intervention_on_the_performance_panel() -> None:
+    guarded = _series("lr=0.1 · guard zclip:rollback", 2, with_msd=False)
+    guarded.interventions = [("rollback", 21.0), ("skip", 25.0), ("rollback", 40.0)]
+    fig = figs.condition_figure([_series("lr=0.1", 2, with_msd=False), guarded], title="guards")
+    try:
+        perf = fig.axes[0]
+        marks = {
+            tuple(c.get_paths()[0].vertices.round(3).flatten()[:4]): sorted(c.get_offsets()[:, 0])
+            for c in perf.collections
+            if len(c.get_offsets()) and np.allclose(c.get_offsets()[:, 1], 0.97)
+        }
+        assert sorted(sorted(xs) for xs in marks.values()) == [[21.0, 40.0], [25.0]]
+        legend = [t.get_text() for t in perf.get_legend().get_texts()]
+        assert "guard: rollback" in legend and "guard: skip" in legend
+        assert "guard: lr cut" not in legend
+    finally:
+        plt.close(fig)

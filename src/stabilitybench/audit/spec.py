@@ -290,7 +290,12 @@ def _check_guards(spec: AuditSpec) -> None:
     """Each guard is valid and every workload of the audit can host it."""
     if spec.guards is None:
         return
-    from stabilitybench.guard.config import check_monitor_folder, check_workload, parse_guard
+    from stabilitybench.guard.config import (
+        check_monitor_folder,
+        check_monitor_kind,
+        check_workload,
+        parse_guard,
+    )
 
     for index, guard in enumerate(_guard_list(spec)):
         if guard is None:
@@ -298,7 +303,9 @@ def _check_guards(spec: AuditSpec) -> None:
         config = parse_guard(guard, f"guards[{index}]")
         check_monitor_folder(config, f"guards[{index}]")
         for workload in spec.workloads:
-            check_workload(config, str(workload.get("kind")), f"guards[{index}]")
+            kind = str(workload.get("kind"))
+            check_workload(config, kind, f"guards[{index}]")
+            check_monitor_kind(config, kind, str(workload.get("name")), f"guards[{index}]")
 
 
 def _check_eval_every(spec: AuditSpec) -> None:

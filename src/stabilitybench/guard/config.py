@@ -20,7 +20,7 @@ ACTIONS = ("skip", "lr_cut", "rollback", "escalate")
 # pre-step state, rollback an older one, escalate may do either).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
 # Workload kinds whose loop hosts a guard (they can snapshot and restore their whole state).
-GUARDED_KINDS = ("lm", "toy")
+GUARDED_KINDS = ("lm", "rl", "toy")
 
 
 @dataclass(frozen=True)
@@ -182,3 +182,46 @@ def check_monitor_folder(config: GuardConfig, where: str) -> None:
             f"{' or '.join(missing)}); give the folder `stabilitybench monitor fit DIR` wrote, "
             "e.g. DIR/monitor"
         )
+
+
+def monitor_kinds(folder: str) -> dict[str, str] | None:
+    """Workload name → kind that the monitor in `folder` was fitted on, from the `fit.json` and
+    `audit.json` that `monitor fit` and `audit` wrote beside it; None when they are not there.
+
+    `folder` is `<audit>/monitor` (a single-workload fit) or `<audit>/monitor/workload-…`.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(folder)
+    fit = next((f for f in (path / "fit.json", path.parent / "fit.json") if f.is_file()), None)
+    if fit is None:
+        return None
+    audit_root = fit.parent.parent  # <audit>/monitor/fit.json
+    try:
+        fitted = json.loads(fit.read_text()).get("workloads") or {}
+        spec = json.loads((audit_root / "audit.json").read_text()).get("spec") or {}
+    except (OSError, ValueError):
+        return None
+    kinds = {str(w.get("name")): str(w.get("kind")) for w in spec.get("workloads") or []}
+    names = [
+        name
+        for name, entry in fitted.items()
+        if fit.parent == path or str(entry.get("model", "")).endswith(path.name)
+    ]
+    return {name: kinds.get(name, "?") for name in names} or None
+
+
+def check_monitor_kind(config: GuardConfig, kind: str, workload: str, where: str) -> None:
+    """An msm guard's monitor must have been fitted on workloads of the guarded one's kind."""
+    if config.monitor is None:
+        return
+    fitted = monitor_kinds(config.monitor)
+    if fitted is None or kind in fitted.values():
+        return
+    names = ", ".join(f"{n!r} (kind {k})" for n, k in sorted(fitted.items()))
+    raise StabilityBenchError(
+        f"{where}.monitor: {config.monitor!r} was fitted on workload {names}, but workload "
+        f"{workload!r} is kind {kind!r}; fit a monitor on healthy runs of kind {kind!r} "
+        "(`stabilitybench monitor fit DIR` on an audit of that workload)"
+    )

@@ -130,8 +130,14 @@ class TelemetryAdapter:
         schedule: PerturbationHook | None,
         monitor: OnlineMonitor | None,
         total_steps: int | None,
+        guard: Mapping[str, Any] | None = None,
     ) -> None:
+        from stabilitybench.guard.config import parse_guard
+
         self.where = where
+        # Checked now (a bad guard is an error before training starts); built at `start`.
+        self.guard_config = parse_guard(guard, where="guard") if guard is not None else None
+        self.guard: Any = None  # stabilitybench.guard.Guard once started
         self.probes, self.every, self.sink = probes, every, sink
         self.schedule, self.monitor = schedule, monitor
         self.total_steps = total_steps
@@ -165,6 +171,10 @@ class TelemetryAdapter:
         )
         if self.schedule is not None:
             self.schedule.attach(telemetry)
+        if self.guard_config is not None:  # after the schedule: the guard sees its LR
+            from stabilitybench.guard.core import guard_for_run
+
+            self.guard = guard_for_run(self.guard_config.to_dict(), telemetry)
         if self.monitor is not None:
             telemetry.on_row(self._score_row)
         self.telemetry = telemetry
@@ -188,6 +198,16 @@ class TelemetryAdapter:
         value = stacked.sum() if self._sum_losses else stacked.mean()
         self._losses = []
         self.telemetry.log(loss=value)  # stays on the device until the telemetry flushes
+
+    def after_step(self) -> None:
+        """Let the guard score the step just finished and act before the next forward pass
+        (call after `log_step_loss`, once the optimizer has stepped)."""
+        if self.guard is not None and self.telemetry is not None and self.telemetry.step >= 0:
+            self.guard.after_step()
+
+    def guard_events(self) -> list[dict[str, Any]]:
+        """The guard's interventions so far (events.parquet rows, `kind: guard`)."""
+        return self.guard.events() if self.guard is not None else []
 
     def close(self) -> None:
         """Remove the telemetry's hooks and finish its sinks (its rows stay readable)."""

@@ -17,7 +17,7 @@ label smoothing the model returns no loss, and the rows have no `loss` column.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -44,6 +44,10 @@ class StabilityTrainerCallback(TrainerCallback):
     perturbations) is attached to the telemetry. `monitor` (any object with `.step(row) -> float`)
     scores each finished row; the score is stored in the row as `msd`. The telemetry is created
     when training begins and closed when it ends; `telemetry.rows()` stays readable.
+    `guard` (e.g. {"detector": "zclip", "action": "rollback"}; see `GuardConfig`) acts on the
+    detector's alarms after each optimizer step (`on_step_end`): skip, LR cut (the Trainer's LR
+    scheduler keeps owning the LR) or rollback of the model, the optimizer state and the RNGs;
+    the Trainer's data loader goes on with the next batches. `guard_events()` lists them.
     """
 
     def __init__(
@@ -55,9 +59,17 @@ class StabilityTrainerCallback(TrainerCallback):
         schedule: PerturbationHook | None = None,
         monitor: OnlineMonitor | None = None,
         total_steps: int | None = None,
+        guard: Mapping[str, Any] | None = None,
     ) -> None:
         self._adapter = TelemetryAdapter(
-            "the Hugging Face Trainer callback", probes, every, sink, schedule, monitor, total_steps
+            "the Hugging Face Trainer callback",
+            probes,
+            every,
+            sink,
+            schedule,
+            monitor,
+            total_steps,
+            guard,
         )
         self._forward_hook: Any = None
         self._release_clip: Any = None
@@ -75,6 +87,10 @@ class StabilityTrainerCallback(TrainerCallback):
     def events(self) -> list[dict[str, Any]]:
         """The perturbation windows applied so far (events.parquet rows)."""
         return self._adapter.events()
+
+    def guard_events(self) -> list[dict[str, Any]]:
+        """The guard's interventions so far (events.parquet rows, `kind: guard`)."""
+        return self._adapter.guard_events()
 
     # ---- Trainer events -------------------------------------------------------------------------
     def on_train_begin(
@@ -96,6 +112,7 @@ class StabilityTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._adapter.log_step_loss()
+        self._adapter.after_step()  # the guard acts before the next forward pass
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -18,7 +18,7 @@ first one is the clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -63,7 +63,10 @@ class StabilityLightningCallback(pl.Callback):
     of optimizer/parametric/signal perturbations) is attached to the telemetry. `monitor` (any
     object with `.step(row) -> float`) scores each finished row; the score is stored as `msd`.
     The loss is what `training_step` returns (a tensor, or the `loss` of a dict); with gradient
-    accumulation, the row holds the mean over the accumulated batches.
+    accumulation, the row holds the mean over the accumulated batches. `guard` (e.g.
+    {"detector": "zclip", "action": "rollback"}; see `GuardConfig`) acts on the detector's alarms
+    after each optimizer step (`on_train_batch_end`): skip, LR cut or rollback of the module,
+    every optimizer's state and the RNGs; the data loader goes on. `guard_events()` lists them.
     """
 
     def __init__(
@@ -75,10 +78,11 @@ class StabilityLightningCallback(pl.Callback):
         schedule: PerturbationHook | None = None,
         monitor: OnlineMonitor | None = None,
         total_steps: int | None = None,
+        guard: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self._adapter = TelemetryAdapter(
-            "the Lightning callback", probes, every, sink, schedule, monitor, total_steps
+            "the Lightning callback", probes, every, sink, schedule, monitor, total_steps, guard
         )
         self._closure_hooks: list[Any] = []
         self._last_logged_step = -1
@@ -96,6 +100,10 @@ class StabilityLightningCallback(pl.Callback):
     def events(self) -> list[dict[str, Any]]:
         """The perturbation windows applied so far (events.parquet rows)."""
         return self._adapter.events()
+
+    def guard_events(self) -> list[dict[str, Any]]:
+        """The guard's interventions so far (events.parquet rows, `kind: guard`)."""
+        return self._adapter.guard_events()
 
     # ---- Lightning hooks ------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -132,6 +140,7 @@ class StabilityLightningCallback(pl.Callback):
         if telemetry is not None and telemetry.step > self._last_logged_step:
             self._adapter.log_step_loss()
             self._last_logged_step = telemetry.step
+            self._adapter.after_step()  # the guard acts before the next forward pass
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

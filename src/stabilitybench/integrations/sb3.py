@@ -18,7 +18,7 @@ records in its logger after each update, are added to the row of the update's la
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
@@ -37,6 +37,8 @@ from stabilitybench.types import Schedule
 if TYPE_CHECKING:
     import pandas as pd
     from stable_baselines3.common.base_class import BaseAlgorithm
+
+    from stabilitybench.guard.core import Guard
 
 
 class TrainingDiverged(Exception):
@@ -105,6 +107,14 @@ class StabilityCallback(BaseCallback):
         with `.step(row) -> float`) scores each finished row; the score is stored in the row as `msd`.
         The telemetry is created at the first `learn()` and kept across later `learn()` calls on the
         same model; call `close()` (or `telemetry.close()`) to remove its hooks and finish sinks.
+        `guard` (a mapping such as {"detector": "zclip", "action": "rollback"}, see `GuardConfig`)
+        acts on the detector's alarms: its snapshots hold the whole policy (actor, critics and
+        target networks), every optimizer's state (SAC's entropy coefficient and its optimizer
+        too) and the RNGs. A rollback in PPO/A2C also undoes the rest of the current rollout's
+        updates (that rollout was collected by the policy thrown away); the next rollout is
+        collected by the restored policy. SAC/TD3 keep their replay buffer as it is: the
+        transitions the thrown-away policy collected stay in it. `guard_events()` lists the
+        interventions.
     """
 
     def __init__(
@@ -117,9 +127,14 @@ class StabilityCallback(BaseCallback):
         monitor: OnlineMonitor | None = None,
         total_steps: int | None = None,
         stop_on_divergence: bool = False,
+        guard: Mapping[str, Any] | None = None,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
+        from stabilitybench.guard.config import parse_guard
+
+        self.guard_config = parse_guard(guard, where="guard") if guard is not None else None
+        self.guard: Guard | None = None
         self.probes, self.every, self.sink = probes, every, sink
         self.schedule, self.monitor = schedule, monitor
         self.total_steps = total_steps
@@ -182,6 +197,8 @@ class StabilityCallback(BaseCallback):
         self._model_id = id(self.model)
         if self.schedule is not None:
             self.schedule.attach(self._telemetry)
+        if self.guard_config is not None:  # after the schedule: the guard sees its LR
+            self.guard = self._make_guard(self._telemetry)
         if self.monitor is not None:
             self._telemetry.on_row(self._score_row)
 
@@ -193,6 +210,14 @@ class StabilityCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self.telemetry.env_step = int(self.model.num_timesteps)
+        if self.guard is not None:
+            # Score the last update of the previous training phase now (its row has SB3's
+            # logged losses) and act before the next rollout is collected.
+            rollbacks = self.guard.stats.by_action.get("rollback", 0)
+            self.guard.after_step()
+            self.guard.release()
+            if self.guard.stats.by_action.get("rollback", 0) > rollbacks and self._params_finite():
+                self._loss_diverged = False  # the state that logged a non-finite loss is gone
         if self.stop_on_divergence and self.diverged:
             raise TrainingDiverged(
                 f"training diverged at env step {self.model.num_timesteps} "
@@ -219,7 +244,34 @@ class StabilityCallback(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._unwrap_logger()
+        if self.guard is not None:
+            self.guard.after_step()
         self.telemetry.flush()
+
+    def guard_events(self) -> list[dict[str, Any]]:
+        """The guard's interventions so far (events.parquet rows, `kind: guard`)."""
+        return self.guard.events() if self.guard is not None else []
+
+    def _make_guard(self, telemetry: Telemetry) -> Guard:
+        from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+        from stabilitybench.guard.core import Guard
+
+        assert self.guard_config is not None
+        params = self.guard_config.to_dict()
+        extra = [
+            opt
+            for opt in (getattr(self.model, "ent_coef_optimizer", None),)
+            if isinstance(opt, torch.optim.Optimizer)
+        ]
+        return Guard(
+            telemetry,
+            str(params.pop("detector")),
+            str(params.pop("action")),
+            extra_optimizers=extra,
+            hold_after_rollback=isinstance(self.model, OnPolicyAlgorithm),
+            **params,
+        )
 
     # ---- internals ----------------------------------------------------------------------------
     def _wrap_logger(self) -> None:

@@ -8,12 +8,15 @@ interventions (the `kind: guard` rows of its events table, read by `summary`); i
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stabilitybench.metrics.intervals import wilson_interval
+import numpy as np
+
+from stabilitybench.metrics.intervals import iqm, stratified_bootstrap_ci, wilson_interval
 from stabilitybench.metrics.records import RunRecord
 
 
@@ -24,11 +27,16 @@ class Intervention:
     step: int
     action: str
     rolled_back_to: int | None = None
+    recorded_lost: int | None = None  # what the guard counted (events since it records it)
 
     @property
     def steps_lost(self) -> int:
-        """Updates this intervention threw away: 1 for a skip, the steps since the snapshot for a
-        rollback, 0 for an LR cut."""
+        """Updates this intervention threw away, as the guard counted them (a second rollback to
+        the same snapshot loses only what was trained since the first); for events written
+        before the guard recorded it: 1 for a skip, the steps since the snapshot for a rollback,
+        0 for an LR cut."""
+        if self.recorded_lost is not None:
+            return self.recorded_lost
         if self.action == "rollback" and self.rolled_back_to is not None:
             return self.step + 1 - self.rolled_back_to
         return 1 if self.action == "skip" else 0
@@ -42,10 +50,13 @@ def interventions_of(events: Any) -> list[Intervention]:
     for row in events[events["kind"] == "guard"].to_dict("records"):
         params = row.get("params")
         values = json.loads(params) if isinstance(params, str) else dict(params or {})
-        back = values.get("rolled_back_to")
+        back, lost = values.get("rolled_back_to"), values.get("steps_lost")
         out.append(
             Intervention(
-                int(row["start_step"]), str(row["name"]), None if back is None else int(back)
+                int(row["start_step"]),
+                str(row["name"]),
+                None if back is None else int(back),
+                None if lost is None else int(lost),
             )
         )
     return out
@@ -86,6 +97,52 @@ class GuardComparison:
     extra_compute: float | None = None  # steps lost / steps trained, over the guarded runs
     wall_time_ratio: float | None = None  # median guarded wall_s / median unguarded wall_s
     false_interventions_per_run: float | None = None  # on healthy (unperturbed) guarded runs
+    final: Level | None = None  # final performance, guarded
+    final_unguarded: Level | None = None  # the same condition unguarded
+    # Guarded IQM − unguarded IQM with a percentile-bootstrap CI (runs resampled per arm).
+    final_difference: Level | None = None
+
+
+@dataclass(frozen=True)
+class Level:
+    """A point estimate (IQM of final performance, or a difference of two) with its 95% CI."""
+
+    value: float | None
+    ci: list[float | None]
+    n: int
+
+
+def _finite_finals(records: Sequence[RunRecord]) -> list[float]:
+    """Final performance of finished runs; a diverged run (−inf) counts as the worst run seen."""
+    values = [r.final_perf for r in records if r.done and r.final_perf is not None]
+    values = [v for v in values if not math.isnan(v)]
+    finite = [v for v in values if math.isfinite(v)]
+    floor = min(finite) if finite else 0.0
+    return [v if math.isfinite(v) else floor for v in values]
+
+
+def _level(values: Sequence[float], rng: np.random.Generator, reps: int) -> Level | None:
+    if not values:
+        return None
+    low, high = stratified_bootstrap_ci(np.asarray(values), rng=rng, reps=reps)
+    return Level(iqm(values), [low, high], len(values))
+
+
+def _difference(
+    x: Sequence[float], y: Sequence[float], rng: np.random.Generator, reps: int
+) -> Level | None:
+    """IQM(x) − IQM(y), CI by resampling each arm's runs (x: (n,), y: (m,))."""
+    if not x or not y:
+        return None
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    diffs = np.array(
+        [
+            iqm(xa[rng.integers(0, len(xa), len(xa))]) - iqm(ya[rng.integers(0, len(ya), len(ya))])
+            for _ in range(reps)
+        ]
+    )
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return Level(iqm(xa) - iqm(ya), [float(low), float(high)], len(xa) + len(ya))
 
 
 def _judged(records: Sequence[RunRecord]) -> tuple[Rate, Rate]:
@@ -104,12 +161,16 @@ def guard_comparisons(
     records: Sequence[RunRecord],
     interventions: Mapping[str, Sequence[Intervention]],
     steps: Mapping[str, int] | None = None,
+    rng: np.random.Generator | None = None,
+    reps: int = 2000,
 ) -> list[GuardComparison]:
     """Per guarded (workload, knobs, perturbation, guard): its rates beside the unguarded ones.
 
     `interventions`: run id → its interventions; `steps`: run id → optimizer steps trained (for
-    the extra-compute fraction).
+    the extra-compute fraction); `rng`/`reps`: the bootstrap of the final-performance CIs.
+    Final performance of a diverged run (−inf) counts as the worst finite run of the condition.
     """
+    rng = np.random.default_rng(0) if rng is None else rng
     groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
     for r in records:
         groups.setdefault((r.workload, r.knobs_key, r.perturbation, r.guard), []).append(r)
@@ -153,6 +214,25 @@ def guard_comparisons(
                 false_interventions_per_run=(sum(len(e) for e in events) / n if n else None)
                 if members[0].is_baseline
                 else None,
+                **_finals_of(done, plain, rng, reps),
             )
         )
     return out
+
+
+def _finals_of(
+    done: Sequence[RunRecord], plain: Sequence[RunRecord], rng: np.random.Generator, reps: int
+) -> dict[str, Level | None]:
+    both = _finite_finals([*done, *plain])  # one floor for −inf across the two arms
+    floor = min(both) if both else 0.0
+
+    def finals(records: Sequence[RunRecord]) -> list[float]:
+        values = [r.final_perf for r in records if r.done and r.final_perf is not None]
+        return [v if math.isfinite(v) else floor for v in values if not math.isnan(v)]
+
+    guarded, unguarded = finals(done), finals(plain)
+    return {
+        "final": _level(guarded, rng, reps),
+        "final_unguarded": _level(unguarded, rng, reps),
+        "final_difference": _difference(guarded, unguarded, rng, reps),
+    }

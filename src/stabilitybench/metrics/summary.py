@@ -147,7 +147,7 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
     guarded = [r for r in records if r.guard != "none" and r.done]
     interventions = {r.run_id: interventions_of(store.table(r.run_id, "events")) for r in guarded}
     steps = {r.run_id: _steps_trained(store, r.run_id) for r in guarded}
-    comparisons = guard_comparisons(records, interventions, steps) if guarded else []
+    comparisons = guard_comparisons(records, interventions, steps, rng, reps) if guarded else []
     return AuditSummary(info, conditions, records, decoupled, dose_response(unguarded), comparisons)
 
 

@@ -91,8 +91,9 @@ def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
 def guards_table(summary: AuditSummary) -> Any:
     """Each guarded condition beside the same condition unguarded."""
     columns = [("condition", False), ("guard", False), ("collapse\nguarded", True)]
-    columns += [("collapse\nunguarded", True), ("interv.\n/run", True), ("extra\ncompute", True)]
-    columns += [("wall\nratio", True)]
+    columns += [("collapse\nunguarded", True), ("irreversible\nguarded", True)]
+    columns += [("irreversible\nunguarded", True), ("interv.\n/run", True)]
+    columns += [("extra\ncompute", True), ("final Δ\nvs unguarded", True), ("wall\nratio", True)]
     rows = []
     for g in summary.guards:
         condition = f"{g.workload} {knobs_text(g.knobs)} {g.perturbation}"
@@ -102,12 +103,20 @@ def guards_table(summary: AuditSummary) -> Any:
                 escape(g.guard),
                 fmt_rate_ci(g.collapse.rate, g.collapse.ci),
                 fmt_rate_ci(g.collapse_unguarded.rate, g.collapse_unguarded.ci),
+                fmt_rate(g.irreversible.rate),
+                fmt_rate(g.irreversible_unguarded.rate),
                 fmt(g.interventions_per_run),
                 fmt_rate(g.extra_compute),
+                fmt_ci(g.final_difference.value, g.final_difference.ci)
+                if g.final_difference is not None
+                else "–",
                 fmt(g.wall_time_ratio),
             ]
         )
-    caption = "extra compute: updates skipped or rolled back / steps trained; 95% CIs"
+    caption = (
+        "extra compute: updates skipped or rolled back / steps trained; final Δ: IQM of final "
+        "performance guarded − unguarded; 95% CIs; interventions on unperturbed runs are false"
+    )
     return render_table("guards", columns, rows, caption)
 
 

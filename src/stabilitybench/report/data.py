@@ -248,6 +248,19 @@ def window_spans(run: RunData) -> list[tuple[float, float]]:
     return spans
 
 
+def guard_marks(run: RunData) -> list[tuple[str, float]]:
+    """A guarded run's interventions as (action taken, x), in the run's x units."""
+    events = run.events
+    if events.empty or "kind" not in events.columns or "start_step" not in events.columns:
+        return []
+    marks = []
+    for row in events[events["kind"] == "guard"].to_dict("records"):
+        step = as_float(row.get("start_step"))
+        if step is not None and not math.isnan(step):
+            marks.append((str(row.get("name")), step_x(run, step)))
+    return marks
+
+
 def step_x(run: RunData, step: float) -> float:
     """An optimizer step in the run's x units (environment steps for RL runs)."""
     mapping = _step_to_x(run, x_column(run))

@@ -63,6 +63,23 @@ class ConditionSeries:
     baseline_perf: list[pd.DataFrame] = field(default_factory=list)  # matched unperturbed runs
     collapses: list[tuple[float, float]] = field(default_factory=list)  # (x, perf) per collapse
     alarms: list[tuple[str, float]] = field(default_factory=list)  # (detector, x of first alarm)
+    interventions: list[tuple[str, float]] = field(default_factory=list)  # (guard action, x)
+
+
+GUARD_MARKERS = {"skip": "v", "lr_cut": "s", "rollback": "<"}
+
+
+def _intervention_marks(ax: Any, series: Sequence[ConditionSeries], colors: Sequence[Any]) -> None:
+    """Each guard intervention: a marker along the top of the performance panel, in the colour
+    of its series, shaped by the action (skip ▽, LR cut □, rollback ◁)."""
+    top = ax.get_xaxis_transform()  # x in data units, y in axes fraction
+    for color, s in zip(colors, series, strict=True):
+        for action, marker in GUARD_MARKERS.items():
+            xs = [x for a, x in s.interventions if a == action and np.isfinite(x)]
+            if xs:
+                ax.scatter(xs, [0.97] * len(xs), transform=top, marker=marker, s=26,
+                           color=color, edgecolors="black", linewidths=0.4, zorder=6,
+                           clip_on=False)  # fmt: skip
 
 
 def _grid(frames: Sequence[pd.DataFrame]) -> np.ndarray:
@@ -233,6 +250,11 @@ def _legends(
         )
     if any(s.collapses for s in series):
         extra.append(plt.Line2D([], [], color="#555555", marker="x", ls="", label="collapse"))
+    actions = {a for s in series for a, _ in s.interventions}
+    for action, marker in GUARD_MARKERS.items():
+        if action in actions:
+            label = f"guard: {action.replace('_', ' ')}"
+            extra.append(plt.Line2D([], [], color="#555555", marker=marker, ls="", label=label))
     perf_ax.legend(
         handles=handles + extra, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False
     )
@@ -298,6 +320,7 @@ def condition_figure(
         for ax in axes:
             _shade(ax, windows, x_max - x_min)
         _perf_panel(axes[0], series, colors, x_max)
+        _intervention_marks(axes[0], series, colors)
         _alarm_lines(axes, series)
         _legends(axes, series, signals, bool(windows))
         for ax, panel in zip(axes[1:], signals, strict=True):

@@ -19,6 +19,7 @@ from stabilitybench.report.sections.curves import section_curves
 from stabilitybench.report.sections.decoupling import section_decoupling
 from stabilitybench.report.sections.detectors import section_detectors
 from stabilitybench.report.sections.dose_response import section_dose_response
+from stabilitybench.report.sections.guards import section_guards
 from stabilitybench.report.sections.latent import section_latent
 from stabilitybench.report.sections.overview import audit_name, section_overview
 from stabilitybench.report.sections.runs import section_runs
@@ -30,6 +31,7 @@ NAV = (
     ("curves", "Curves"),
     ("latent", "Meta-state"),
     ("detectors", "Detectors"),
+    ("guards", "Guards"),
     ("decoupling", "Decoupling"),
     ("dose-response", "Dose-response"),
     ("runs", "Runs"),
@@ -47,11 +49,15 @@ def render_report(store: RunStore, figures_dir: Path | None = None) -> tuple[str
         section_curves(data, figures),
         section_latent(data, figures),
         section_detectors(data),
+        section_guards(data),
         section_decoupling(data, figures),
         section_dose_response(data, figures),
         section_runs(data),
     ]
-    nav = "".join(f'<a href="#{anchor}">{title}</a>' for anchor, title in NAV)
+    body = "\n".join(sections)
+    nav = "".join(
+        f'<a href="#{anchor}">{title}</a>' for anchor, title in NAV if f'id="{anchor}"' in body
+    )
     generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
     page = (
         "<!DOCTYPE html>\n"

@@ -422,6 +422,7 @@ class RLWorkload:
             schedule=schedule,
             total_steps=settings.expected_updates(),
             stop_on_divergence=True,
+            guard=spec.guard,
         )
 
         def periodic_eval(env_step: int) -> None:
@@ -461,7 +462,10 @@ class RLWorkload:
         return finish_run(
             writer,
             evals,
-            schedule.events() if schedule is not None else [],
+            [
+                *(schedule.events() if schedule is not None else []),
+                *telemetry_callback.guard_events(),
+            ],
             extra_eval_column="return_std",
             diverged=diverged,
             steps=telemetry_callback.telemetry.step + 1,

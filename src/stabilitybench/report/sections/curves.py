@@ -9,6 +9,7 @@ from stabilitybench.report import figures as figs
 from stabilitybench.report.data import (
     ReportData,
     collapse_point,
+    guard_marks,
     knob_text,
     perf_series,
     step_x,
@@ -26,19 +27,22 @@ MAX_ALARM_LINES = 12  # runs whose `monitor score` alarms are spelled out under 
 INTRO = (
     '<p class="muted">Top panel: performance, median over seeds with the inter-quartile band; '
     "the dashed line is the unperturbed baseline with the same knobs. Shaded: perturbation "
-    "windows; ×: collapse points; dash-dot lines: each detector's first alarm (`monitor score`). The panels below share the time axis: gradient norm, "
+    "windows; ×: collapse points; dash-dot lines: each detector's first alarm (`monitor score`); "
+    "markers along the top: a guard's interventions (▽ skip, □ LR cut, ◁ rollback), one series "
+    "per knob setting and guard. The panels below share the time axis: gradient norm, "
     "gradient coherence, update ratio and the monitor's meta-state deviation (when fitted).</p>"
 )
 Grouped = dict[tuple[str, str], dict[str, list[RunData]]]
 
 
 def group_runs(data: ReportData, runs: Iterable[RunData]) -> Grouped:
-    """(workload, perturbation) → knob setting → runs; baselines first within a workload."""
+    """(workload, perturbation) → knob setting (and guard) → runs; baselines first."""
     grouped: Grouped = {}
     for run in runs:
         r = data.identity(run.run_id)
         key = (r.workload, r.perturbation)
-        grouped.setdefault(key, {}).setdefault(knob_text(r.knobs), []).append(run)
+        setting = knob_text(r.knobs) + ("" if r.guard == "none" else f" · guard {r.guard}")
+        grouped.setdefault(key, {}).setdefault(setting, []).append(run)
     order = sorted(grouped, key=lambda k: (k[0], k[1] != "none", k[1]))
     return {k: dict(sorted(grouped[k].items())) for k in order}
 
@@ -62,6 +66,7 @@ def _figure(
                 baseline_perf=[perf_series(r) for r in baseline],
                 collapses=[p for p in points if p],
                 alarms=[a for run in runs for a in _first_alarms(data, run)],
+                interventions=[m for run in runs for m in guard_marks(run)],
             )
         )
         for run in runs:
