@@ -16,6 +16,7 @@ from stabilitybench.metrics.collapse import (
 )
 from stabilitybench.metrics.dense import DenseSignal, ema, episode_return_signal, loss_signal
 from stabilitybench.metrics.records import audit_records
+from stabilitybench.metrics.summary import audit_notes
 from stabilitybench.store import RunStore
 
 STEPS = [0, 10, 20, 30, 40, 50, 60, 70]
@@ -255,3 +256,6 @@ def test_records_read_episode_returns_and_not_an_rl_loss(store: RunStore) -> Non
     old = records["old"].collapse  # an SB3 run from before episode returns were logged
     assert old is not None and old.dense_signal is None and old.collapse_timing == "evaluation"
     assert old.collapse_timing_note is not None and "episode_return" in old.collapse_timing_note
+    assert "2 of 2 collapse(s) timed at their confirming evaluation, not to the step" in " ".join(
+        audit_notes(list(records.values()))
+    )
