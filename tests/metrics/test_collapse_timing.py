@@ -187,39 +187,39 @@ def store(tmp_path: Path) -> RunStore:
 
 
 def test_records_time_an_lm_collapse_by_its_training_loss(store: RunStore) -> None:
-    # Loss 4 at step 0, then 2, spiking to 3.5 from step 46 (onset); val loss = -perf at 0, 30,
+    # Loss 4 at step 0, then 2, spiking to 3.5 from step 52 (onset); val loss = -perf at 0, 30,
     # …, 70 with 2 pre-onset evaluations: perf_0 = -4, perf_pre = -2, the collapse at 60.
-    # Loss EMA (span 10, α = 2/11): 2 + 2 · (9/11)^t = 2.005 and 2.000 at 30 and 40, so the
-    # dense perf_pre ≈ -2.003 and dense q < 0.5 once the EMA passes ≈ 3.001: after n spiked
-    # steps it is ≈ 3.5 − 1.5 · (9/11)^n: 2.95 at n = 5 (step 50), 3.05 at n = 6 (step 51).
+    # Loss EMA (span 5, α = 1/3): 2 + 2 · (2/3)^t ≈ 2.000 at 40 and 50, so the dense perf_pre is
+    # -2.000 and dense q < 0.5 once the EMA passes 3: after n spiked steps it is
+    # 3.5 − 1.5 · (2/3)^n: 2.83 at n = 2 (step 53), 3.06 at n = 3 (step 54).
     store.write_audit({"name": "a", "spec": {"collapse": {"pre_evals": 2}}})
     loss = np.where(np.arange(71) < 1, 4.0, 2.0)
-    loss[46:] = 3.5
+    loss[52:] = 3.5
     steps = [0, 30, 40, 50, 60, 70]
     evals = pd.DataFrame({"step": steps, "perf": [-4.0, -2.0, -2.0, -2.0, -3.5, -3.5]})
     telemetry = pd.DataFrame({"step": np.arange(71), "loss": loss})
-    spike = [{"kind": "lr_spike", "start_step": 46, "end_step": 70, "params": {}}]
+    spike = [{"kind": "lr_spike", "start_step": 52, "end_step": 70, "params": {}}]
     _store_run(store, "lm", "lm", evals, telemetry, spike)
     # The same curves under label noise: the loss in its window is measured on perturbed
     # batches, so the evaluation times the collapse.
-    noise = [{"kind": "label_noise", "start_step": 46, "end_step": 70, "params": {}}]
+    noise = [{"kind": "label_noise", "start_step": 52, "end_step": 70, "params": {}}]
     _store_run(store, "noisy", "lm", evals, telemetry, noise)
     records = {r.run_id: r for r in audit_records(store)}
     c = records["lm"].collapse
     assert c is not None and c.collapse_timing == "dense" and c.dense_signal == "loss_ema"
-    assert c.dense_perf_pre == pytest.approx(-2.003, abs=1e-3)
-    assert (c.collapse_at, c.collapse_step, c.collapse_eval_at) == (51, 5, 60)
+    assert c.dense_perf_pre == pytest.approx(-2.0, abs=1e-6)
+    assert (c.collapse_at, c.collapse_step, c.collapse_eval_at) == (54, 2, 60)
     n = records["noisy"].collapse
     assert n is not None and (n.collapse_at, n.collapse_timing) == (60, "evaluation")
     assert n.collapse_timing_note == (
-        "loss_ema: no dense crossing between the evaluations at steps 50 and 60 "
+        "loss_ema: no dense crossing between onset (step 52) and the evaluation at step 60 "
         "(the loss in a label_noise window is measured on perturbed batches)"
     )
     entry = records["lm"].__json__()
     assert {k: entry[k] for k in ("collapse_step", "collapse_at", "collapse_eval_step")} == {
-        "collapse_step": 5,
-        "collapse_at": 51,
-        "collapse_eval_step": 14,
+        "collapse_step": 2,
+        "collapse_at": 54,
+        "collapse_eval_step": 8,
     }
     assert entry["collapse_eval_at"] == 60 and entry["collapse_timing"] == "dense"
     assert entry["dense_signal"] == "loss_ema" and entry["collapse_timing_note"] is None

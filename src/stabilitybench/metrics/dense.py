@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
-# Spans (α = 2 / (span + 1)). The loss span: a tiny GPT-2's per-step loss jitters by ~0.1 nats
-# around its trend (a few % of progress); 10 steps average that down by ~2× and lag a step
-# change by ~5 steps, a fifth of the 25-step evaluation grid of the build-up examples. The
-# return span: a CartPole/Pendulum episode return varies by ~30 % between episodes; 5 episodes
-# halve that and lag by ~2–3 episodes (Pendulum: 400–600 steps of its 1,000-step grid).
-LOSS_EMA_SPAN = 10
+# Spans (α = 2 / (span + 1); an EMA keeps a fraction α / (2 − α) of white noise's variance and
+# lags a step change by ~(1 − α) / α points). The loss span, 5 steps (α = 1/3): a tiny GPT-2's
+# per-step loss jitters by ~0.1 nats, a few % of progress; 5 steps cut that to 0.45× and lag by
+# ~2 steps. On the build-up audit's healthy runs no span from 1 to 20 takes dense progress
+# below 1.0 after onset, while on its LR ramps a span of 10 crossed 1–3 steps later than 5 and,
+# more often, only after the evaluation had seen the collapse. The return span, 5 episodes: an
+# episode return varies by ~30 % between episodes; 5 episodes cut that to 0.45×.
+LOSS_EMA_SPAN = 5
 RETURN_EMA_SPAN = 5
 DENSE_SOURCES = ("loss_ema", "episode_return_ema")
 
