@@ -259,3 +259,12 @@ def test_records_read_episode_returns_and_not_an_rl_loss(store: RunStore) -> Non
     assert "2 of 2 collapse(s) timed at their confirming evaluation, not to the step" in " ".join(
         audit_notes(list(records.values()))
     )
+
+
+def test_store_reads_only_the_dense_columns_it_has(store: RunStore) -> None:
+    evals = pd.DataFrame({"step": [0, 10], "perf": [0.0, 1.0]})
+    telemetry = pd.DataFrame({"step": [0, 1], "loss": [2.0, 1.0], "grad_norm": [3.0, 4.0]})
+    _store_run(store, "r", "lm", evals, telemetry, [])
+    frame = store.table("r", "telemetry", columns=["step", "loss", "episode_return"])
+    assert list(frame.columns) == ["step", "loss"] and frame["loss"].tolist() == [2.0, 1.0]
+    assert list(store.table("nope", "telemetry", columns=["step"]).columns) == []
