@@ -54,7 +54,9 @@ def main(dirs: list[str]) -> None:
             for r in collapsed:
                 assert r.collapse is not None
                 timings[str(r.collapse.collapse_timing)] += 1
-            ahead = f"median {median(gaps):g} steps ahead" if gaps else "-"
+            ahead = (
+                f"median {median(gaps):g} [{min(gaps)}, {max(gaps)}] steps ahead" if gaps else "-"
+            )
             print(f"{name}: {len(collapsed)}/{len(runs)} collapsed; {dict(timings)}; {ahead}")
 
 
