@@ -242,9 +242,10 @@ class RunStore:
     def infos(self) -> list[dict[str, Any]]:
         return [self.info(r) for r in self.run_ids()]
 
-    def table(self, run_id: str, name: str) -> pd.DataFrame:
+    def table(self, run_id: str, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """One stored table; a run's telemetry that never finished is read from its part files
-        (every row up to the last flush) with `frame.attrs["partial"] = True`."""
+        (every row up to the last flush) with `frame.attrs["partial"] = True`. `columns`: read
+        only these (the ones the table has; the others are left out)."""
         import pandas as pd
 
         path = self.run_dir(run_id) / f"{name}.parquet"
@@ -252,10 +253,18 @@ class RunStore:
             parts = partial_dir(path)
             if parts.is_dir():
                 frame = read_parts(parts)
+                if columns is not None:
+                    frame = frame[[c for c in columns if c in frame.columns]]
                 frame.attrs["partial"] = True
                 return frame
-            return empty_events() if name == "events" else pd.DataFrame()
-        return pd.read_parquet(path)
+            empty = empty_events() if name == "events" else pd.DataFrame()
+            return empty if columns is None else empty[[c for c in columns if c in empty]]
+        if columns is None:
+            return pd.read_parquet(path)
+        import pyarrow.parquet as pq
+
+        present = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in columns if c in present])
 
     def load(self, run_id: str) -> RunData:
         import pandas as pd

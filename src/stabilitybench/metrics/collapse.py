@@ -2,12 +2,21 @@
 
 Definitions (DESIGN.md): performance is higher-is-better; progress
 `q_t = (perf_t − perf_0) / (perf_pre − perf_0)` with `perf_0` the first evaluation and `perf_pre`
-the mean of the last `k` evaluations before the perturbation onset. A run collapses at the first
-evaluation at or after onset with `q < threshold`; the collapse is irreversible if `q` never again
-reaches `recovery`; the recovery time is the number of optimizer steps from the collapse
-evaluation to the first evaluation that reaches `recovery`. An infinite `perf` (the store's mark
-of a non-finite loss) is a collapse that is irreversible. A NaN `perf` is a missing evaluation
-(the store never writes NaN for a divergence) and is skipped.
+the mean of the last `k` evaluations before the perturbation onset. A run collapses if an
+evaluation at or after onset has `q < threshold` (the first such is the *confirming*
+evaluation); the collapse is irreversible if `q` never again reaches `recovery`. An infinite
+`perf` (the store's mark of a non-finite loss) is a collapse that is irreversible. A NaN `perf`
+is a missing evaluation (the store never writes NaN for a divergence) and is skipped.
+
+Evaluations judge *whether*; a dense performance signal (`metrics.dense`: −EMA of the training
+loss, or an EMA of training-episode returns) says *when*. Dense progress uses its own reference
+levels, measured on the dense signal at the same evaluations (`dense_reference_levels`). The
+collapse step is the first step after the evaluation before the confirming one (and at or after
+onset) at which dense progress falls below the threshold (`dense_crossing`); a non-finite loss
+there is a collapse at that step. Without a dense signal or a crossing in that window, the
+collapse is timed at the confirming evaluation, and `collapse_timing_note` says why. The
+recovery time counts optimizer steps from the collapse step to the first evaluation that
+reaches `recovery`.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from stabilitybench.metrics.dense import LOSS_EMA_SPAN, RETURN_EMA_SPAN, DenseSignal
 from stabilitybench.types import COLLAPSE_PRE_EVALS as DEFAULT_PRE_EVALS
 from stabilitybench.types import COLLAPSE_RECOVERY as DEFAULT_RECOVERY
 from stabilitybench.types import COLLAPSE_THRESHOLD as DEFAULT_THRESHOLD
@@ -132,27 +142,173 @@ def recovery_index(
     return None
 
 
+# How a collapse step was timed (`CollapseResult.collapse_timing`).
+COLLAPSE_TIMINGS = ("dense", "evaluation", "nonfinite")
+NO_DENSE_SIGNAL = "no dense performance signal (no per-step loss or training-episode returns)"
+
+
+def dense_reference_levels(
+    dense: DenseSignal,
+    steps: ArrayLike,
+    perf: ArrayLike,
+    onset_step: int,
+    k: int = DEFAULT_PRE_EVALS,
+) -> tuple[float, float]:
+    """`(dense perf_0, dense perf_pre)`: the dense signal as it stands at the first finite
+    evaluation, and its mean at the last `k` finite evaluations before onset (see
+    `DenseSignal.at_evaluations`; for `perf_pre` only points before onset count).
+
+    steps, perf: (n_evals,) the evaluations (sorted, NaN rows already dropped). Without a dense
+    value at the first evaluation, `perf_0` is the signal's first finite value; `perf_pre` is NaN
+    when no dense value stands at any of those `k` evaluations.
+    """
+    steps_arr = np.asarray(steps, dtype=float)
+    finite = np.isfinite(np.asarray(perf, dtype=float))
+    eval_steps = steps_arr[finite]
+    values = dense.perf[np.isfinite(dense.perf)]
+    if eval_steps.size == 0 or values.size == 0:
+        return float("nan"), float("nan")
+    at_first = dense.at_evaluations(eval_steps[:1], before=np.inf)[0]
+    perf_0 = float(at_first) if np.isfinite(at_first) else float(values[0])
+    pre = eval_steps[eval_steps < onset_step][-k:]
+    if pre.size == 0:
+        return perf_0, float("nan")
+    # Sample with the full grid so that each point stays before the next evaluation.
+    sampled = dense.at_evaluations(eval_steps, before=onset_step)[np.isin(eval_steps, pre)]
+    sampled = sampled[np.isfinite(sampled)]
+    return perf_0, float(sampled.mean()) if sampled.size else float("nan")
+
+
+def dense_crossing(
+    steps: ArrayLike,
+    q: ArrayLike,
+    lo: float,
+    hi: float,
+    threshold: float = DEFAULT_THRESHOLD,
+    bound: float = -np.inf,
+) -> int | None:
+    """Index of the first point in `(lo, hi]` (and `>= bound`) at which dense progress falls
+    below `threshold`: q < threshold there and not at the point before it (steps, q: (m,)).
+
+    A stretch below the threshold that began at or before `lo` (where an evaluation still
+    judged the run fine) is not a crossing inside the window. NaN q is never below; -inf is.
+    """
+    s = np.asarray(steps, dtype=float)
+    q_arr = np.asarray(q, dtype=float)
+    below = ~np.isnan(q_arr) & (q_arr < threshold)
+    before = np.concatenate([[False], below[:-1]])
+    window = (s > lo) & (s <= hi) & (s >= bound)
+    hits = np.flatnonzero(window & below & ~before)
+    return int(hits[0]) if hits.size else None
+
+
+@dataclass(frozen=True)
+class CollapseTime:
+    """When a collapse happened: the optimizer step (and env step), how it was timed, and why
+    it fell back to the evaluation (None when it did not)."""
+
+    step: int
+    env_step: int | None
+    timing: str  # one of COLLAPSE_TIMINGS
+    note: str | None = None
+
+
+def time_collapse(
+    dense: DenseSignal | None,
+    q_dense: np.ndarray | None,
+    lo: float,
+    hi: int,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    bound: float = -np.inf,
+    eval_env: int | None = None,
+    eval_nonfinite: bool = False,
+    no_dense_reason: str | None = None,
+) -> CollapseTime:
+    """Time a collapse that the evaluation at step `hi` confirmed (the evaluation before it at
+    `lo`, -inf for none; `bound`: the onset).
+
+    The first dense crossing in `(lo, hi]` (`dense_crossing`, q_dense: (m,) the dense progress,
+    None when its reference levels are undefined); else the first non-finite dense point there;
+    else the evaluation itself — `nonfinite` when it is the divergence evaluation (`-inf` perf,
+    recorded at the step the loss went non-finite), `evaluation` otherwise, with a note saying why.
+    """
+    if dense is not None:
+        if q_dense is not None:
+            c = dense_crossing(dense.steps, q_dense, lo, hi, threshold, bound)
+            if c is not None:
+                timing = "nonfinite" if dense.nonfinite[c] else "dense"
+                return CollapseTime(int(dense.steps[c]), dense.env_at(c), timing)
+        window = (dense.steps > lo) & (dense.steps <= hi) & (dense.steps >= bound)
+        bad = np.flatnonzero(window & dense.nonfinite)
+        if bad.size:
+            return CollapseTime(int(dense.steps[bad[0]]), dense.env_at(int(bad[0])), "nonfinite")
+    if eval_nonfinite:
+        return CollapseTime(hi, eval_env, "nonfinite")
+    note = _fallback_note(dense, q_dense, lo, hi, bound, no_dense_reason)
+    return CollapseTime(hi, eval_env, "evaluation", note)
+
+
+def _fallback_note(
+    dense: DenseSignal | None,
+    q_dense: np.ndarray | None,
+    lo: float,
+    hi: int,
+    bound: float,
+    no_dense_reason: str | None,
+) -> str:
+    if dense is None:
+        return no_dense_reason or NO_DENSE_SIGNAL
+    if q_dense is None:
+        return f"{dense.source}: dense reference levels undefined (no dense value before onset)"
+    start = max(lo, bound - 1)  # the window is (start, hi]
+    if np.isfinite(lo) and lo >= bound:
+        where = f"between the evaluations at steps {int(lo)} and {hi}"
+    elif np.isfinite(bound):
+        where = f"between onset (step {int(bound)}) and the evaluation at step {hi}"
+    else:
+        where = f"up to the evaluation at step {hi}"
+    note = f"{dense.source}: no dense crossing {where}"
+    if dense.excluded_reason and dense.overlaps_excluded(start, hi):
+        note += f" ({dense.excluded_reason})"
+    return note
+
+
 @dataclass(frozen=True)
 class CollapseConfig:
-    """The audit's collapse thresholds (`collapse:` in the spec); the one place defaults live."""
+    """The audit's collapse thresholds (`collapse:` in the spec) and the dense signal's spans;
+    the one place defaults live."""
 
     threshold: float = DEFAULT_THRESHOLD
     recovery: float = DEFAULT_RECOVERY
     pre_evals: int = DEFAULT_PRE_EVALS
+    loss_ema_span: float = LOSS_EMA_SPAN  # optimizer steps
+    return_ema_span: float = RETURN_EMA_SPAN  # training episodes
 
     def to_dict(self) -> dict[str, float]:
-        return {"threshold": self.threshold, "recovery": self.recovery, "pre_evals": self.pre_evals}
+        return {
+            "threshold": self.threshold,
+            "recovery": self.recovery,
+            "pre_evals": self.pre_evals,
+            "loss_ema_span": self.loss_ema_span,
+            "return_ema_span": self.return_ema_span,
+        }
 
 
 @dataclass(frozen=True)
 class CollapseResult:
-    """Collapse analysis of one run (steps are optimizer steps; env steps for RL)."""
+    """Collapse analysis of one run (steps are optimizer steps; env steps for RL).
+
+    The evaluations judge whether a run collapsed and recovered; the collapse is *timed* by the
+    dense signal (`collapse_timing`): `collapse_step` / `collapse_at` are the dense-timed step,
+    `collapse_eval_step` / `collapse_eval_at` the evaluation that confirmed it.
+    """
 
     collapsed: bool | None  # None: could not be judged (no onset, no evaluation after onset)
     irreversible: bool | None
-    collapse_step: int | None  # optimizer steps from onset to the collapse evaluation
+    collapse_step: int | None  # optimizer steps from onset to the collapse (dense-timed)
     collapse_env_steps: int | None
-    recovery_steps: int | None  # optimizer steps from collapse to re-crossing `recovery`
+    recovery_steps: int | None  # optimizer steps from the collapse to re-crossing `recovery`
     recovery_env_steps: int | None
     diverged: bool  # an infinite perf was recorded
     progress_undefined: bool  # no learning before onset: judged on the relative scale
@@ -161,12 +317,19 @@ class CollapseResult:
     perf_pre: float
     min_progress: float  # lowest q at/after onset (-inf for a divergence, NaN if none)
     n_missing_evals: int  # NaN perf rows that were skipped
-    # Absolute positions, for the early-warning evaluation. `collapse_at` is the optimizer step
-    # the collapse is timed at (today the collapse evaluation; a dense performance signal may set
-    # it more precisely with `dataclasses.replace`); `collapse_at_env` its env step (RL).
+    # Absolute positions, for the early-warning evaluation: `collapse_at` is the optimizer step
+    # the collapse is timed at (the dense crossing, else the confirming evaluation),
+    # `collapse_at_env` its env step (RL).
     collapse_at: int | None = None
     collapse_at_env: int | None = None
     first_eval_after_onset: int | None = None  # the first evaluation step >= onset
+    collapse_eval_step: int | None = None  # optimizer steps from onset to the confirming eval
+    collapse_eval_at: int | None = None  # optimizer step of the confirming evaluation
+    collapse_timing: str | None = None  # dense | evaluation | nonfinite (None: no collapse)
+    collapse_timing_note: str | None = None  # why the timing fell back to the evaluation
+    dense_signal: str | None = None  # loss_ema | episode_return_ema | None (none recorded)
+    dense_perf_0: float = float("nan")  # the dense signal's reference levels
+    dense_perf_pre: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,21 +345,32 @@ def analyze_collapse(
     threshold: float = DEFAULT_THRESHOLD,
     recovery: float = DEFAULT_RECOVERY,
     k: int = DEFAULT_PRE_EVALS,
+    dense: DenseSignal | None = None,
+    no_dense_reason: str | None = None,
 ) -> CollapseResult:
-    """Collapse, irreversibility and recovery of one run.
+    """Collapse, irreversibility and recovery of one run, timed to the step by `dense`.
 
     steps: (n_evals,) int optimizer step of each evaluation; perf: (n_evals,) float, may hold
     -inf (divergence) and NaN (missing, skipped); env_steps: (n_evals,) or None (RL: the env
     step of each evaluation; `onset_env_step` is the event's `start_env_step`).
     `onset_step`: the perturbation's first step (for a baseline, the matched perturbed runs'
     onset); None means there is nothing to judge against, so `collapsed` is None unless the run
-    diverged. A divergence before onset counts as a collapse with a negative `collapse_step`.
+    diverged (then it collapsed at its divergence, with no `collapse_step` from onset).
+    A divergence before onset counts as a collapse with a negative `collapse_step`.
+    `dense`: the run's dense performance signal (`metrics.dense`), or None (then the collapse is
+    timed at its evaluation; `no_dense_reason` says why there is none).
     """
     curve = _Curve.of(steps, perf, env_steps)
+    timer = _Timer(dense, None, threshold, no_dense_reason)
     if onset_step is None:
-        return curve.result(
+        base = curve.result(
             None, True, None, float("nan"), float("-inf") if curve.diverged else float("nan")
         )
+        base = replace(base, dense_signal=None if dense is None else dense.source)
+        if not curve.diverged:
+            return base
+        first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
+        return curve.collapsed_at(base, first_inf, None, None, timer.time(curve, first_inf, None))
     perf_0, perf_pre = reference_levels(curve.steps, curve.perf, onset_step, k)
     _, _, undefined = progress_scale(perf_0, perf_pre)
     q = progress(curve.perf, perf_0, perf_pre)
@@ -206,17 +380,51 @@ def analyze_collapse(
         float(np.nanmin(post_q)) if post_q.size and not np.all(np.isnan(post_q)) else float("nan")
     )
     base = curve.result(onset_step, undefined, perf_0, perf_pre, min_q)
+    if dense is not None:
+        d0, dpre = dense_reference_levels(dense, curve.steps, curve.perf, onset_step, k)
+        _, scale, _ = progress_scale(d0, dpre)
+        q_dense = progress(dense.perf, d0, dpre) if np.isfinite(scale) else None
+        timer = _Timer(dense, q_dense, threshold, no_dense_reason)
+        base = replace(base, dense_signal=dense.source, dense_perf_0=d0, dense_perf_pre=dpre)
     if not after.any():
         if not curve.diverged:
             return base
         # Diverged before onset: training stopped, the collapse precedes the perturbation.
         first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
-        return curve.collapsed_at(replace(base, min_progress=float("-inf")), first_inf, None, None)
+        when = timer.time(curve, first_inf, None)
+        return curve.collapsed_at(
+            replace(base, min_progress=float("-inf")), first_inf, None, None, when
+        )
     at = collapse_index(q, after, threshold)
     if at is None:
         return replace(base, collapsed=False, irreversible=False)
     back = recovery_index(q, at, recovery)
-    return curve.collapsed_at(base, at, back, onset_env_step)
+    return curve.collapsed_at(base, at, back, onset_env_step, timer.time(curve, at, onset_step))
+
+
+@dataclass(frozen=True)
+class _Timer:
+    """Times the collapse confirmed by one evaluation (see `time_collapse`)."""
+
+    dense: DenseSignal | None
+    q_dense: np.ndarray | None
+    threshold: float
+    no_dense_reason: str | None
+
+    def time(self, curve: _Curve, at: int, onset: int | None) -> CollapseTime:
+        lo = float(curve.steps[at - 1]) if at > 0 else -np.inf
+        env = curve.env_at(at)
+        return time_collapse(
+            self.dense,
+            self.q_dense,
+            lo,
+            int(curve.steps[at]),
+            threshold=self.threshold,
+            bound=-np.inf if onset is None else float(onset),
+            eval_env=None if env is None else int(env),
+            eval_nonfinite=bool(np.isinf(curve.perf[at])),
+            no_dense_reason=self.no_dense_reason,
+        )
 
 
 @dataclass(frozen=True)
@@ -280,23 +488,33 @@ class _Curve:
         )
 
     def collapsed_at(
-        self, base: CollapseResult, at: int, back: int | None, onset_env: int | None
+        self,
+        base: CollapseResult,
+        at: int,
+        back: int | None,
+        onset_env: int | None,
+        when: CollapseTime,
     ) -> CollapseResult:
-        """`base` marked as collapsed at evaluation `at`, recovering at `back` (None: never)."""
-        assert base.onset_step is not None
-        at_env, back_env = self.env_at(at), None if back is None else self.env_at(back)
+        """`base` marked as collapsed at `when`, confirmed by evaluation `at`, recovering at
+        evaluation `back` (None: never). Without an onset only the absolute steps are set."""
+        onset = base.onset_step
+        back_env = None if back is None else self.env_at(back)
         return replace(
             base,
             collapsed=True,
             irreversible=back is None,
-            collapse_step=int(self.steps[at] - base.onset_step),
+            collapse_step=None if onset is None else when.step - onset,
             collapse_env_steps=None
-            if at_env is None or onset_env is None
-            else int(at_env - onset_env),
-            recovery_steps=None if back is None else int(self.steps[back] - self.steps[at]),
+            if when.env_step is None or onset_env is None
+            else when.env_step - onset_env,
+            recovery_steps=None if back is None else int(self.steps[back]) - when.step,
             recovery_env_steps=None
-            if back_env is None or at_env is None
-            else int(back_env - at_env),
-            collapse_at=int(self.steps[at]),
-            collapse_at_env=None if at_env is None else int(at_env),
+            if back_env is None or when.env_step is None
+            else int(back_env) - when.env_step,
+            collapse_at=when.step,
+            collapse_at_env=when.env_step,
+            collapse_eval_step=None if onset is None else int(self.steps[at]) - onset,
+            collapse_eval_at=int(self.steps[at]),
+            collapse_timing=when.timing,
+            collapse_timing_note=when.note,
         )

@@ -2,7 +2,8 @@
 
 `audit_records(store)` reads every run.json and evaluation table, resolves each run's onset (a
 perturbed run's own first perturbation window; a baseline borrows the earliest onset of its
-matched perturbed runs) and runs the collapse analysis with the audit's `collapse:` thresholds.
+matched perturbed runs), builds its dense performance signal from the telemetry (`dense_signal`)
+and runs the collapse analysis with the audit's `collapse:` thresholds.
 The summary, the early-warning evaluation and the report all consume these records; nothing
 downstream derives an onset, a baseline flag or a collapse label again.
 """
@@ -21,17 +22,21 @@ import pandas as pd
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.metrics import reliability as rel
 from stabilitybench.metrics.collapse import (
+    NO_DENSE_SIGNAL,
     CollapseConfig,
     CollapseResult,
     analyze_collapse,
     final_performance,
 )
+from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
 from stabilitybench.metrics.stability import stability_score
 from stabilitybench.store import RunStore
 from stabilitybench.types import last_error_line, run_perturbation
 
 # Where a run's onset came from: its own events, or (a baseline) matched perturbed runs.
 ONSET_SOURCES = ("events", "matched_seed", "matched_knobs", "matched_workload")
+# The telemetry columns the dense performance signal is made from (`metrics.dense`).
+DENSE_COLUMNS = ("step", "env_step", "loss", "episode_return", "episodes")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,12 @@ class RunRecord:
             "onset_source": self.onset.source,
             "collapse_step": None if c is None else c.collapse_step,
             "collapse_env_steps": None if c is None else c.collapse_env_steps,
+            "collapse_at": None if c is None else c.collapse_at,
+            "collapse_eval_step": None if c is None else c.collapse_eval_step,
+            "collapse_eval_at": None if c is None else c.collapse_eval_at,
+            "collapse_timing": None if c is None else c.collapse_timing,
+            "collapse_timing_note": None if c is None else c.collapse_timing_note,
+            "dense_signal": None if c is None else c.dense_signal,
             "recovery_steps": None if c is None else c.recovery_steps,
             "recovery_env_steps": None if c is None else c.recovery_env_steps,
             "progress_undefined": None if c is None else c.progress_undefined,
@@ -252,9 +263,16 @@ def within_run_reliability(perf: np.ndarray) -> Reliability:
 
 
 def run_record(
-    info: Mapping[str, Any], evals: pd.DataFrame | None, onset: Onset, config: CollapseConfig
+    info: Mapping[str, Any],
+    evals: pd.DataFrame | None,
+    onset: Onset,
+    config: CollapseConfig,
+    *,
+    telemetry: pd.DataFrame | None = None,
+    events: pd.DataFrame | None = None,
 ) -> RunRecord:
-    """The record of one run from its run.json, evaluations and resolved onset."""
+    """The record of one run from its run.json, evaluations and resolved onset; `telemetry`
+    (at least `DENSE_COLUMNS`) and `events` give the dense signal that times a collapse."""
     label, kind, params = run_perturbation(info)
     status = str(info.get("status", "pending"))
     curve = EvalCurve.of(evals if status == "done" else None)
@@ -279,7 +297,84 @@ def run_record(
     )
     if curve.steps.size == 0:
         return record
-    return _with_collapse(record, config)
+    dense, why = dense_signal(telemetry, events, kind=record.kind, config=config)
+    return _with_collapse(record, config, dense, why)
+
+
+def dense_signal(
+    telemetry: pd.DataFrame | None,
+    events: pd.DataFrame | None,
+    *,
+    kind: str | None,
+    config: CollapseConfig,
+) -> tuple[DenseSignal | None, str | None]:
+    """A run's dense performance signal from its telemetry, or None and why there is none.
+
+    Training-episode returns (`episode_return`, `episodes`) when the telemetry has them;
+    otherwise, for a run that is not RL, the training `loss` (an RL loss is not a performance).
+    A ±inf loss is a divergence point of either. The loss inside a window of a perturbation
+    that changes the training batches (`scope == "batch"`: label noise, data shift) measures the
+    perturbed batches, not the model, and is left out.
+    """
+    if telemetry is None or telemetry.empty or "step" not in telemetry:
+        return None, NO_DENSE_SIGNAL
+    steps = _numbers(telemetry["step"])
+    env = _numbers(telemetry["env_step"]) if "env_step" in telemetry else None
+    loss = _numbers(telemetry["loss"]) if "loss" in telemetry else None
+    if "episode_return" in telemetry and np.isfinite(_numbers(telemetry["episode_return"])).any():
+        bad = np.zeros(steps.size, dtype=bool) if loss is None else np.isinf(loss)
+        signal = episode_return_signal(
+            steps,
+            _numbers(telemetry["episode_return"]),
+            _numbers(telemetry["episodes"]) if "episodes" in telemetry else None,
+            env_steps=env,
+            nonfinite_steps=steps[bad],
+            nonfinite_env_steps=None if env is None else env[bad],
+            span=config.return_ema_span,
+        )
+        return signal, None
+    if kind == "rl":
+        return None, "no dense performance signal (no training-episode returns: episode_return)"
+    if loss is None:
+        return None, NO_DENSE_SIGNAL
+    windows, names = _batch_windows(events)
+    reason = (
+        f"the loss in a {'/'.join(names)} window is measured on perturbed batches"
+        if names
+        else None
+    )
+    signal = loss_signal(
+        steps,
+        loss,
+        env_steps=env,
+        span=config.loss_ema_span,
+        excluded=windows,
+        excluded_reason=reason,
+    )
+    return signal, None if signal is not None else NO_DENSE_SIGNAL
+
+
+def _batch_windows(events: pd.DataFrame | None) -> tuple[list[tuple[int, int]], list[str]]:
+    """`[start_step, end_step]` of every perturbation window that changes training batches."""
+    if events is None or events.empty or "kind" not in events or "start_step" not in events:
+        return [], []
+    from stabilitybench.perturbations import registry
+
+    classes = registry()
+    windows: list[tuple[int, int]] = []
+    names: list[str] = []
+    ends = _numbers(events["end_step"]) if "end_step" in events else None
+    for i, (kind, start) in enumerate(
+        zip(events["kind"], _numbers(events["start_step"]), strict=True)
+    ):
+        cls = classes.get(str(kind))
+        if cls is None or cls.scope != "batch" or not np.isfinite(start):
+            continue
+        end = ends[i] if ends is not None and np.isfinite(ends[i]) else np.inf
+        windows.append((int(start), int(end) if np.isfinite(end) else 2**62))
+        if str(kind) not in names:
+            names.append(str(kind))
+    return windows, names
 
 
 def _guard_label(info: Mapping[str, Any]) -> str:
@@ -293,7 +388,9 @@ def _outcome_final(info: Mapping[str, Any]) -> float | None:
     return _number_or_none(value)
 
 
-def _with_collapse(record: RunRecord, config: CollapseConfig) -> RunRecord:
+def _with_collapse(
+    record: RunRecord, config: CollapseConfig, dense: DenseSignal | None, why: str | None
+) -> RunRecord:
     from dataclasses import replace
 
     curve, onset = record.curve, record.onset
@@ -306,11 +403,13 @@ def _with_collapse(record: RunRecord, config: CollapseConfig) -> RunRecord:
         threshold=config.threshold,
         recovery=config.recovery,
         k=config.pre_evals,
+        dense=dense,
+        no_dense_reason=why,
     )
     reliability = within_run_reliability(curve.perf)
     steps_after = None
-    if result.collapsed and result.onset_step is not None and result.collapse_step is not None:
-        steps_after = int(np.nanmax(curve.steps) - (result.onset_step + result.collapse_step))
+    if result.collapsed and result.onset_step is not None and result.collapse_at is not None:
+        steps_after = int(np.nanmax(curve.steps) - result.collapse_at)
     score = stability_score(
         result.collapsed,
         result.irreversible,
@@ -362,19 +461,26 @@ def audit_records(store: RunStore, config: CollapseConfig | None = None) -> list
     infos = store.infos()
     config = config or collapse_config(store.audit() if store.exists() else {}, infos)
     onsets: dict[str, Onset] = {}
+    events: dict[str, pd.DataFrame] = {}
     for info in infos:
         rid = str(info.get("run_id"))
         if info.get("status") == "done" and run_perturbation(info)[1] != "none":
-            onsets[rid] = event_onset(store.table(rid, "events"))
+            events[rid] = store.table(rid, "events")
+            onsets[rid] = event_onset(events[rid])
     # First pass: identities and onsets only, to match baselines to perturbed runs.
     bare = [run_record(i, None, onsets.get(str(i.get("run_id")), Onset()), config) for i in infos]
     onsets.update(baseline_onsets([r for r in bare if r.done]))
-    return [
-        run_record(
-            info,
-            store.table(str(info.get("run_id")), "evals") if info.get("status") == "done" else None,
-            onsets.get(str(info.get("run_id")), Onset()),
-            config,
+    records = []
+    for info in infos:
+        rid, done = str(info.get("run_id")), info.get("status") == "done"
+        records.append(
+            run_record(
+                info,
+                store.table(rid, "evals") if done else None,
+                onsets.get(rid, Onset()),
+                config,
+                telemetry=store.table(rid, "telemetry", columns=DENSE_COLUMNS) if done else None,
+                events=events.get(rid),
+            )
         )
-        for info in infos
-    ]
+    return records

@@ -109,6 +109,12 @@ def audit_notes(records: Sequence[RunRecord]) -> list[str]:
         notes.append(
             f"{undefined} run(s) did not learn before onset: collapse judged on the relative scale"
         )
+    timed = [c for c in collapses if c.collapsed]
+    if fallback := sum(c.collapse_timing == "evaluation" for c in timed):
+        notes.append(
+            f"{fallback} of {len(timed)} collapse(s) timed at their confirming evaluation, not "
+            "to the step (runs[].collapse_timing_note says why)"
+        )
     if unjudged := sum(r.done and r.collapsed is None for r in records):
         notes.append(
             f"{unjudged} finished run(s) have no perturbation onset to judge collapse against"
