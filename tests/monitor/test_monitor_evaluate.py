@@ -196,7 +196,18 @@ def test_cli_evaluate_json(fitted: RunStore) -> None:
     assert data["target_false_alarms_per_1k"] == 2.0
     assert isinstance(data["workloads"]["synth"]["detectors"]["pca"]["auroc"], float)
     code, out = _cli("monitor", "evaluate", str(fitted.root))
-    assert code == 0 and "msm" in out
+    assert code == 0 and "msm" in out and "adam_rms" in out
+    assert "synth: 6 collapsed, 6 not collapsed, 3 healthy runs" in out
+    assert "macro average, 1 workloads (1 FA/1k, horizon 100 steps)" in out
+
+
+def test_the_cli_default_horizon_is_the_documented_one() -> None:
+    import inspect
+
+    from stabilitybench.cli import monitor_evaluate
+    from stabilitybench.monitor.evaluate import DEFAULT_HORIZON
+
+    assert inspect.signature(monitor_evaluate).parameters["horizon"].default == DEFAULT_HORIZON
 
 
 def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:

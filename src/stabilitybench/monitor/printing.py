@@ -80,31 +80,35 @@ def evaluation_tables(result: Evaluation, wide: bool = False) -> list[Any]:
         )
         tables.append(render_table(escape(title), columns, detector_rows(entry.detectors)))
     title = (
-        f"macro average over {len(result.workloads)} workloads at "
-        f"{result.target_false_alarms_per_1k:g} false alarms / 1k steps, "
-        f"horizon {result.horizon} steps"
+        f"macro average, {len(result.workloads)} workloads "
+        f"({result.target_false_alarms_per_1k:g} FA/1k, horizon {result.horizon} steps)"
     )
     tables.append(render_table(escape(title), columns, detector_rows(result.detectors)))
     return tables
 
 
+def _once(prefix: str, detectors: dict[str, DetectorResult]) -> list[str]:
+    """The detectors' notes; a note that every detector has is said once, for all of them."""
+    per = [set(d.notes) for d in detectors.values()]
+    common = set.intersection(*per) if len(per) > 1 else set()
+    ordered = dict.fromkeys(n for d in detectors.values() for n in d.notes)
+    out = [f"{prefix}{n}" for n in ordered if n in common]
+    for name, detector in detectors.items():
+        out += [f"{prefix}{name}: {n}" for n in detector.notes if n not in common]
+    return out
+
+
 def evaluation_notes(result: Evaluation) -> list[str]:
-    """Every note once: a note all detectors of a workload share is said once for it."""
+    """Every note once, per workload, then the macro average's and the protocol's."""
     out: list[str] = []
     for workload, entry in result.workloads.items():
-        per = [set(d.notes) for d in entry.detectors.values()]
-        common = set.intersection(*per) if per else set()
-        ordered = dict.fromkeys(n for d in entry.detectors.values() for n in d.notes)
-        out += [f"{workload}: {n}" for n in ordered if n in common]
-        for name, detector in entry.detectors.items():
-            out += [f"{workload}: {name}: {n}" for n in detector.notes if n not in common]
-    for name, detector in result.detectors.items():
-        out += [f"macro average: {name}: {n}" for n in detector.notes]
+        out += _once(f"{workload}: ", entry.detectors)
     for workload, count in result.protocol.no_lead_possible.items():
         out.append(
             f"{workload}: {count} collapses came within {result.protocol.no_lead_steps} step "
             "of a jolt: no lead was possible"
         )
+    out += _once("macro average: ", result.detectors)
     return list(dict.fromkeys([*out, *result.protocol.notes]))
 
 
