@@ -50,6 +50,7 @@ from stabilitybench.monitor.results import (
     EVALUATION_FILE,
     MACRO_FIELDS,
     MONITOR_DIR,
+    NO_VALUE,
     DetectorResult,
     Evaluation,
     Protocol,
@@ -337,7 +338,7 @@ def macro_average(
         if values and missing:
             out.note(f"{name}: the mean of {len(values)} of {len(per_workload)} workloads")
         elif not values:
-            out.note(f"{name}: no workload has a value")
+            out.note(f"{name}: {NO_VALUE}")
     iqrs = [r.lead_time_iqr for r in per_workload.values() if r.lead_time_iqr is not None]
     if iqrs:
         out.lead_time_iqr = [

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from stabilitybench.metrics.display import fmt, print_table, render_table
-from stabilitybench.monitor.results import DetectorResult, Evaluation
+from stabilitybench.monitor.results import NO_VALUE, DetectorResult, Evaluation
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.scoring import DetectorAlarms, RunAlarms, ScoreResult
@@ -108,7 +108,12 @@ def evaluation_notes(result: Evaluation) -> list[str]:
             f"{workload}: {count} collapses came within {result.protocol.no_lead_steps} step "
             "of a jolt: no lead was possible"
         )
-    out += _once("macro average: ", result.detectors)
+    # "no workload has a value" repeats the workloads' own notes; the JSON keeps it
+    macro = {
+        name: DetectorResult(notes=[n for n in d.notes if not n.endswith(NO_VALUE)])
+        for name, d in result.detectors.items()
+    }
+    out += _once("macro average: ", macro)
     return list(dict.fromkeys([*out, *result.protocol.notes]))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from stabilitybench.metrics.serialize import load_json_as
 
 MONITOR_DIR = "monitor"
+NO_VALUE = "no workload has a value"  # a macro note
 EVALUATION_FILE = "evaluation.json"
 
 # The numeric fields of a DetectorResult that the macro average takes the mean of.
