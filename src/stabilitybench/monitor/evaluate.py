@@ -218,7 +218,10 @@ def evaluate_detector(
     healthy = [r for r in split.healthy if r.scored_by(column)]
     judged = [r for r in split.judged if r.scored_by(column)]
     if not healthy:
-        result.note(f"no healthy run of this workload has a `{column}` score")
+        result.note(
+            f"no `{column}` scores on this workload's healthy runs (a signal it reads was not "
+            "recorded)"
+        )
         return result, None
     thresholds = Thresholds(column, healthy, target)
     if thresholds.in_sample:
