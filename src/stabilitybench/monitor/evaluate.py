@@ -313,6 +313,8 @@ def _step_auroc(
         return None
     draws = run_bootstrap(pairs, positives, negatives, rng, reps)
     result.auroc_ci = percentile_ci(draws)
+    if result.auroc_ci is None:
+        result.note("no step-AUROC CI: most bootstrap draws lacked collapsed or calm steps")
     return draws
 
 
