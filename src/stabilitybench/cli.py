@@ -241,17 +241,28 @@ def monitor_evaluate(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     target_false_alarms: Annotated[
-        float, typer.Option(help="Target false alarms per 1,000 steps on baseline runs.")
+        float,
+        typer.Option(help="Target false alarms per 1,000 steps on held-out healthy runs."),
     ] = 1.0,
-    wide: Annotated[bool, typer.Option("--wide", help="Show every column.")] = False,
+    horizon: Annotated[
+        int,
+        typer.Option(
+            help="Optimizer steps: an alarm at step t is a true warning if the run collapses "
+            "in (t, t + horizon]."
+        ),
+    ] = 100,
+    wide: Annotated[bool, typer.Option("--wide", help="Show every column in full.")] = False,
 ) -> None:
-    """Compare the monitor with reactive guards: AUROC, recall, precision, lead time, false alarms."""
+    """Prospective warning, per workload and macro-averaged: event recall, lead time, false
+    alarms, step AUROC of collapse within the horizon, outcome AUROC."""
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.monitor.evaluate import evaluate_audit, print_evaluation
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
-    result = _guard(lambda: evaluate_audit(store, target_false_alarms=target_false_alarms))
+    result = _guard(
+        lambda: evaluate_audit(store, target_false_alarms=target_false_alarms, horizon=horizon)
+    )
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:

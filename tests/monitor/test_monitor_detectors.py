@@ -87,8 +87,61 @@ def test_megatron_ten_times_the_max_of_the_first_hundred() -> None:
     loss[160] = 20.0
     alarms = det.MegatronDetector().alarms(_frame(np.ones(200), loss=loss))
     assert np.flatnonzero(alarms).tolist() == [160]
-    loss[170] = math.nan
+    loss[170] = math.inf  # a divergence
     assert det.MegatronDetector().alarms(_frame(np.ones(200), loss=loss))[170]
+
+
+LOSS_GUARDS = (det.OLMoDetector, det.LightningDetector, det.MegatronDetector, det.EWSDetector)
+
+
+def _sparse_loss_frame(n: int = 400, every: int = 40) -> pd.DataFrame:
+    """A PPO-like run: a grad norm every step, the loss logged once per 'rollout' (NaN between)."""
+    frame = _frame(_noise(n, seed=5), loss=np.full(n, np.nan))
+    frame.loc[::every, "loss"] = _noise(n // every, seed=6)
+    frame["nonfinite_grads"] = 0
+    return frame
+
+
+@pytest.mark.parametrize("cls", LOSS_GUARDS, ids=lambda c: c.name)
+def test_a_loss_that_was_not_logged_is_missing_not_a_divergence(cls: type) -> None:
+    frame = _sparse_loss_frame()
+    scores = cls().score(frame)
+    assert not np.isinf(scores).any(), cls.name  # 390 rows without a loss: none scores inf
+    assert not cls().alarms(frame)[1:40].any()
+    online = cls()
+    np.testing.assert_allclose([online.update(r) for r in frame.to_dict("records")], scores)
+
+
+@pytest.mark.parametrize("cls", LOSS_GUARDS, ids=lambda c: c.name)
+def test_a_genuinely_non_finite_loss_is_still_an_alarm(cls: type) -> None:
+    frame = _sparse_loss_frame()
+    frame.loc[200, "loss"] = math.inf  # stored as inf: a divergence
+    # NaN on a row that recorded non-finite gradients: the divergence the store wrote as null
+    frame.loc[300, ["loss", "nonfinite_grads"]] = [math.nan, 12]
+    frame.loc[300, "grad_norm"] = math.nan
+    scores = cls().score(frame)
+    assert scores[200] == math.inf and scores[300] == math.inf, cls.name
+    online = cls()
+    assert [online.update(r) for r in frame.to_dict("records")][300] == math.inf
+
+
+def test_missing_values_are_skipped_not_counted() -> None:
+    # Megatron's anchor is the max of the first 100 *logged* losses: with a loss every other
+    # step, the anchor covers the first 200 steps, so the spike at step 150 is still in it.
+    loss = np.full(400, np.nan)
+    loss[::2] = 1.0
+    loss[150] = 5.0
+    loss[300] = 49.0  # 9.8 × 5: not a spike; 10 × 1 would have been
+    scores = det.megatron_scores(loss)
+    assert np.isnan(scores[1::2]).all() and scores[150] == 0.0
+    assert scores[300] == pytest.approx(49.0 / 5.0)
+    # OLMo's window holds the previous 128 logged values
+    values = np.where(np.arange(600) % 3 == 0, _noise(600, seed=7), np.nan)
+    values[450] = 50.0
+    z = det.rolling_zscores(values, 128)
+    history = values[:450][~np.isnan(values[:450])][-128:]
+    assert z[450] == pytest.approx((50.0 - history.mean()) / history.std())
+    assert np.isnan(z[451])
 
 
 def test_online_update_equals_offline_score() -> None:
@@ -192,3 +245,31 @@ def test_pca_mahalanobis_is_chi_like_on_baseline_and_large_on_an_outlier() -> No
     outlier.loc[100, ["grad_norm", "update_norm"]] = [100.0, 0.1]
     assert pca.score(outlier)[100] > 5 * np.sqrt(2.0)
     assert pca.alarms(outlier)[100]
+
+
+def test_adam_rms_is_the_largest_rms_over_optimizers_with_the_stableadamw_rule() -> None:
+    frame = pd.DataFrame(
+        {
+            "step": np.arange(5),
+            "actor/adam_rms_max": [np.nan, 0.9, 1.0, 1.4, np.nan],
+            "critic/adam_rms_max": [np.nan, 1.2, 0.7, np.nan, np.nan],
+            "critic/nonfinite_grads": [0, 0, 0, 0, 3],
+        }
+    )
+    detector = det.AdamRMSDetector()
+    scores = detector.score(frame)
+    # row 0: not measured (NaN); row 4: NaN on a row with non-finite gradients: a divergence
+    np.testing.assert_array_equal(scores, [np.nan, 1.2, 1.0, 1.4, np.inf])
+    assert detector.native(scores).tolist() == [False, True, False, True, True]  # RMS > 1
+    online = [detector.update(r) for r in frame.to_dict("records")]
+    np.testing.assert_array_equal(online, scores)
+
+
+def test_eos_crosses_its_stability_limit_at_one() -> None:
+    frame = pd.DataFrame({"step": np.arange(4), "eos_ratio": [np.nan, 0.5, 1.0, 3.0]})
+    detector = det.EdgeOfStabilityDetector()
+    scores = detector.score(frame)
+    np.testing.assert_array_equal(scores, [np.nan, 0.5, 1.0, 3.0])
+    assert detector.native(scores).tolist() == [False, False, False, True]  # strictly above 1
+    no_probe = pd.DataFrame({"step": np.arange(3), "loss": [1.0, 2.0, 3.0]})
+    assert np.isnan(detector.score(no_probe)).all()  # a run without the probe is not scored

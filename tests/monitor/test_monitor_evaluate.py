@@ -69,38 +69,67 @@ def test_leave_one_seed_out_scores_differ_from_the_full_model(fitted: RunStore) 
     assert not np.allclose(full.score(run.telemetry)["msd"], run.scores["msd"])
 
 
-def test_evaluate_separates_clear_collapses(fitted: RunStore) -> None:
-    result = to_jsonable(evaluate_audit(fitted, target_false_alarms=5.0))
-    assert result["n_collapsed"] == 6 and result["n_recovered"] == 6 and result["n_baseline"] == 3
-    msm = result["detectors"]["msm"]
-    assert msm["auroc"] >= 0.9
+FIELDS = {
+    "event_recall",
+    "lead_time_median",
+    "lead_time_iqr",
+    "false_alarms_per_1k",
+    "false_alarms_per_1k_not_collapsed",
+    "auroc",
+    "auroc_ci",
+    "outcome_auroc",
+    "notes",
+}
+
+
+def test_evaluate_has_the_documented_shape_per_workload_and_macro(fitted: RunStore) -> None:
+    result = to_jsonable(evaluate_audit(fitted, target_false_alarms=5.0, horizon=40))
+    assert set(result) == {
+        "target_false_alarms_per_1k",
+        "horizon",
+        "protocol",
+        "workloads",
+        "detectors",
+    }
+    assert result["target_false_alarms_per_1k"] == 5.0 and result["horizon"] == 40
+    synth = result["workloads"]["synth"]
+    assert set(synth) == {"n_collapsed", "n_not_collapsed", "n_healthy", "detectors"}
+    assert (synth["n_collapsed"], synth["n_not_collapsed"], synth["n_healthy"]) == (6, 6, 3)
+    assert set(synth["detectors"]) == set(result["detectors"]) == set(DETECTORS)
+    for entry in [*synth["detectors"].values(), *result["detectors"].values()]:
+        assert set(entry) == FIELDS
+        for key in FIELDS - {"notes", "lead_time_iqr", "auroc_ci"}:
+            assert entry[key] is None or isinstance(entry[key], float), key
+    msm = synth["detectors"]["msm"]
+    # the drift starts at step 80; the collapse evaluation is at step 99 or 119: within 40 steps
+    assert msm["event_recall"] == 1.0 and 0 < msm["lead_time_median"] <= 40
+    assert msm["outcome_auroc"] >= 0.9
     assert msm["auroc_ci"][0] <= msm["auroc"] <= msm["auroc_ci"][1]
-    assert set(result["detectors"]) == set(DETECTORS)
-    for entry in result["detectors"].values():
-        for key in (
-            "auroc",
-            "auroc_ci",
-            "recall",
-            "precision",
-            "lead_time_median",
-            "lead_time_iqr",
-            "false_alarms_per_1k",
-        ):
-            assert key in entry
+    # one workload: the macro average is that workload
+    assert result["detectors"]["msm"]["auroc"] == msm["auroc"]
     json.dumps(result, allow_nan=False)  # what the CLI prints
     saved = json.loads((fitted.root / "monitor" / "evaluation.json").read_text())
-    assert saved["detectors"]["msm"]["auroc"] == msm["auroc"]
+    assert saved["workloads"]["synth"]["detectors"]["msm"]["auroc"] == msm["auroc"]
+
+
+def test_a_longer_horizon_counts_earlier_alarms_as_warnings(fitted: RunStore) -> None:
+    short = evaluate_audit(fitted, target_false_alarms=5.0, horizon=5).workloads["synth"]
+    long = evaluate_audit(fitted, target_false_alarms=5.0, horizon=60).workloads["synth"]
+    for name in ("zclip", "pca"):
+        s, w = short.detectors[name], long.detectors[name]
+        assert (s.event_recall or 0.0) <= (w.event_recall or 0.0)
+        assert s.lead_time_median is None or s.lead_time_median <= 5
 
 
 def test_too_few_runs_says_so_instead_of_a_number(tmp_path: Path) -> None:
     store = make_audit(tmp_path / "a", seeds=(0, 1), factors=(None, 30.0))
     fit_audit(store, latent_dim=2, monitor_options=FAST)
     result = evaluate_audit(store)
-    assert result.n_recovered == 0
-    msm = result.detectors["msm"]
-    assert msm.auroc is None and msm.auroc_ci is None
-    assert any(note.startswith("too few runs for AUROC") for note in msm.notes)
-    assert isinstance(result.detectors["zclip"].recall, float)
+    assert result.workloads["synth"].n_not_collapsed == 0
+    msm = result.workloads["synth"].detectors["msm"]
+    assert msm.outcome_auroc is None and msm.false_alarms_per_1k_not_collapsed is None
+    assert any(note.startswith("too few runs for the outcome AUROC") for note in msm.notes)
+    assert isinstance(result.workloads["synth"].detectors["zclip"].event_recall, float)
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -124,6 +153,40 @@ def test_cli_bad_inputs_exit_2_with_what_is_missing(tmp_path: Path) -> None:
     assert code == 2 and "--target-false-alarms" in out
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--horizon", "0", "--horizon must be a whole number of optimizer steps >= 1"),
+        ("--horizon", "-5", "--horizon must be a whole number of optimizer steps >= 1"),
+        ("--target-false-alarms", "0", "--target-false-alarms must be a number in (0, 500]"),
+        ("--target-false-alarms", "-1", "--target-false-alarms must be a number in (0, 500]"),
+        ("--target-false-alarms", "501", "--target-false-alarms must be a number in (0, 500]"),
+        ("--target-false-alarms", "nan", "--target-false-alarms must be a number in (0, 500]"),
+    ],
+)
+def test_cli_bad_protocol_options_exit_2_and_write_nothing(
+    fitted: RunStore, option: str, value: str, named: str
+) -> None:
+    saved = fitted.root / "monitor" / "evaluation.json"
+    saved.unlink(missing_ok=True)
+    code, out = _cli("monitor", "evaluate", str(fitted.root), option, value)
+    assert code == 2 and named in " ".join(out.split())
+    assert "Traceback" not in out and not saved.exists()
+
+
+def test_a_workload_without_healthy_runs_is_an_error(tmp_path: Path) -> None:
+    store = make_audit(tmp_path / "a", seeds=(0, 1), factors=(None, 30.0))
+    fit_audit(store, latent_dim=2, monitor_options=FAST)
+    for run_id in store.run_ids():  # the audit's reference says these baselines are not healthy
+        info = store.info(run_id)
+        info["healthy"] = False
+        (store.run_dir(run_id) / "run.json").write_text(json.dumps(info))
+    code, out = _cli("monitor", "evaluate", str(store.root))
+    text = " ".join(out.split())
+    assert code == 2 and "workload 'synth' has no finished healthy runs" in text
+    assert "reference" in text and not (store.root / "monitor" / "evaluation.json").exists()
+
+
 def test_cli_evaluate_json(fitted: RunStore) -> None:
     code, out = _cli(
         "monitor", "evaluate", str(fitted.root), "--json", "--target-false-alarms", "2"
@@ -131,9 +194,20 @@ def test_cli_evaluate_json(fitted: RunStore) -> None:
     assert code == 0
     data = json.loads(out)
     assert data["target_false_alarms_per_1k"] == 2.0
-    assert isinstance(data["detectors"]["pca"]["auroc"], float)
+    assert isinstance(data["workloads"]["synth"]["detectors"]["pca"]["auroc"], float)
     code, out = _cli("monitor", "evaluate", str(fitted.root))
-    assert code == 0 and "msm" in out
+    assert code == 0 and "msm" in out and "adam_rms" in out
+    assert "synth: 6 collapsed, 6 not collapsed, 3 healthy runs" in out
+    assert "macro average, 1 workloads (1 FA/1k, horizon 100 steps)" in out
+
+
+def test_the_cli_default_horizon_is_the_documented_one() -> None:
+    import inspect
+
+    from stabilitybench.cli import monitor_evaluate
+    from stabilitybench.monitor.evaluate import DEFAULT_HORIZON
+
+    assert inspect.signature(monitor_evaluate).parameters["horizon"].default == DEFAULT_HORIZON
 
 
 def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:

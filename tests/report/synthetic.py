@@ -169,40 +169,39 @@ def evaluation_document() -> dict[str, Any]:
     """A `monitor evaluate --json` document; one detector could estimate nothing (notes say why)."""
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.monitor.registry import detector_classes
-    from stabilitybench.monitor.results import DetectorResult, Evaluation
+    from stabilitybench.monitor.results import DetectorResult, Evaluation, WorkloadResult
 
     detectors = {
         "msm": DetectorResult(
-            auroc=0.91,
-            auroc_ci=[0.74, 1.0],
-            recall=0.75,
-            precision=0.6,
+            event_recall=0.75,
             lead_time_median=12.0,
             lead_time_iqr=[6.0, 20.0],
             false_alarms_per_1k=0.8,
+            false_alarms_per_1k_not_collapsed=1.5,
+            auroc=0.91,
+            auroc_ci=[0.74, 1.0],
+            outcome_auroc=0.88,
         )
     }
     for i, name in enumerate(n for n in detector_classes() if n != "msm"):
         detectors[name] = DetectorResult(
+            event_recall=0.25,
+            lead_time_median=3.0 + i,
+            lead_time_iqr=[1.0, 5.0],
+            false_alarms_per_1k=1.0,
+            false_alarms_per_1k_not_collapsed=2.0,
             auroc=0.5 + 0.05 * i,
             auroc_ci=[0.3, 0.8],
-            recall=0.25,
-            precision=0.5,
-            lead_time_median=-3.0 + i,
-            lead_time_iqr=[-5.0, 1.0],
-            false_alarms_per_1k=1.0,
+            outcome_auroc=0.5,
         )
     detectors["ews"] = DetectorResult(notes=["too few runs"])
     evaluation = Evaluation(
         target_false_alarms_per_1k=1.0,
-        n_collapsed=3,
-        n_recovered=2,
-        n_baseline=4,
-        n_unjudged=0,
-        n_unscored=0,
-        latent_dim=2,
+        horizon=100,
+        workloads={"toy": WorkloadResult(3, 2, 4, detectors)},
         detectors=detectors,
     )
+    evaluation.protocol.no_lead_possible = {"toy": 1}
     document: dict[str, Any] = to_jsonable(evaluation)
     return document
 

@@ -73,6 +73,11 @@ def test_detector_table_shows_the_evaluation(full_report: tuple[Path, Path]) -> 
         and "Meta-State Monitor" in detectors.split('class="best"')[1][:200]
     )
     assert "too few runs" in detectors and "too few runs (too few runs)" not in detectors
+    # per workload, then the macro average; the no-lead collapse is said in words
+    assert "<h3>toy</h3>" in detectors and "Macro average over 1 workloads" in detectors
+    assert "3 collapsed, 2 not collapsed, 4 healthy runs" in detectors
+    assert "1 collapses came within 1 step of a jolt" in detectors
+    assert "horizon 100 optimizer steps" in detectors
 
 
 def test_figures_folder_holds_one_png_per_embedded_figure(full_report: tuple[Path, Path]) -> None:

@@ -1,15 +1,17 @@
 """Alarm statistics shared by the monitor (fit-time calibration) and the evaluation.
 
-Pure functions over arrays: an alarm event is an up-crossing of a threshold; a threshold is
-calibrated on healthy runs for a target number of false alarms per 1,000 steps; AUROC with a
-stratified bootstrap interval; recall, precision, lead time and false alarms of one alarm rule.
+Pure functions over arrays. An alarm is an up-crossing of a threshold (a step a detector could
+not score, NaN, is no observation: the alarm state carries across it); a threshold is calibrated
+on healthy runs for a target number of false alarms per 1,000 steps. Prospective warning with
+horizon H: an alarm at step t is a true warning when the run collapses in (t, t + H]; the step
+AUROC ranks every step by "collapse within H" with a bootstrap interval over runs; the outcome
+AUROC separates runs that collapse from runs that do not by the score right after onset.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,11 +21,16 @@ BOOTSTRAP = 2000
 
 
 def alarm_events(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """(n,) bool: steps where the score crosses up to `threshold` (the first step counts if above)."""
-    above = np.asarray(scores) >= threshold
+    """(n,) bool: steps where the score crosses up to `threshold` (the first scored step counts
+    if above). NaN steps never alarm and do not end an alarm: above, NaN, above is one event."""
+    values = np.asarray(scores, dtype=float)
+    above = values >= threshold  # NaN compares False
     if above.size == 0:
         return above
-    prev = np.concatenate([[False], above[:-1]])
+    observed = ~np.isnan(values)
+    last = np.maximum.accumulate(np.where(observed, np.arange(values.size), -1))
+    before = np.concatenate([[-1], last[:-1]])  # the last scored step strictly before each step
+    prev = np.where(before >= 0, above[np.maximum(before, 0)], False)
     return above & ~prev
 
 
@@ -97,12 +104,6 @@ def auroc_bootstrap_ci(
     )
 
 
-def first_alarm_index(alarms: np.ndarray, steps: np.ndarray, onset: int) -> int | None:
-    """Index of the first alarm at or after `onset` (alarms, steps: (n,)), or None."""
-    hits = np.flatnonzero(np.asarray(alarms, dtype=bool) & (np.asarray(steps) >= onset))
-    return int(hits[0]) if hits.size else None
-
-
 def window_max(scores: np.ndarray, steps: np.ndarray, start: int, end: int) -> float:
     """Largest score over steps in [start, end] (NaN if no step there or all NaN)."""
     mask = (steps >= start) & (steps <= end)
@@ -111,110 +112,102 @@ def window_max(scores: np.ndarray, steps: np.ndarray, start: int, end: int) -> f
     return float(values.max()) if values.size else math.nan
 
 
-@dataclass(frozen=True)
-class Trial:
-    """One perturbed run as the alarm statistics see it (steps, env steps: (n,))."""
-
-    steps: np.ndarray
-    env_steps: np.ndarray | None
-    onset: int
-    collapsed: bool
-    collapse_at: int | None  # optimizer step of the collapse
-    collapse_at_env: int | None
+# -- prospective warning ------------------------------------------------------------------------
 
 
-@dataclass
-class AlarmStats:
-    """Recall, precision, lead times and false alarms of one alarm rule (None: see `notes`)."""
-
-    recall: float | None = None
-    precision: float | None = None
-    lead_time_median: float | None = None
-    lead_time_iqr: list[float] | None = None
-    lead_time_env_steps_median: float | None = None  # None too for an audit without env steps
-    lead_time_env_steps_iqr: list[float] | None = None
-    false_alarms_per_1k: float | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
+def warning_window(steps: np.ndarray, collapse_at: int, horizon: int) -> np.ndarray:
+    """(n,) bool: the steps t whose alarm would be a true warning, collapse_at in (t, t + H]."""
+    steps = np.asarray(steps)
+    return (steps < collapse_at) & (steps >= collapse_at - horizon)
 
 
-def too_few(what: str, n_collapsed: int, n_recovered: int) -> str:
-    return f"too few runs for {what}: {n_collapsed} collapsed, {n_recovered} recovered"
-
-
-def alarm_stats(
-    trials: Sequence[Trial],
-    alarms: Sequence[np.ndarray],
-    healthy_alarms: Sequence[np.ndarray],
-    out: AlarmStats | None = None,
-) -> AlarmStats:
-    """The statistics of one rule: `alarms[i]` (n_i,) bool for `trials[i]`, `healthy_alarms` for
-    the held-out healthy runs (false alarms = up-crossings per 1,000 of their steps).
-
-    A true warning is the first alarm at or after onset in a run that collapses later; an alarm
-    in a run that does not collapse counts against precision.
-    """
-    out = out or AlarmStats()
-    n_pos = sum(t.collapsed for t in trials)
-    leads, env_leads, hits, alarmed = _leads(trials, alarms)
-    out.recall = hits / n_pos if n_pos else None
-    if not n_pos:
-        out.note(too_few("recall", n_pos, len(trials) - n_pos))
-    out.precision = hits / alarmed if alarmed else None
-    if not alarmed:
-        out.note("no alarms on perturbed runs")
-    missing = (
-        "no alarm at or after onset in any collapsed run"
-        if n_pos
-        else too_few("lead time", n_pos, len(trials) - n_pos)
+def first_true_warning(
+    events: np.ndarray, steps: np.ndarray, collapse_at: int, horizon: int
+) -> int | None:
+    """The step of the earliest alarm event within the horizon before `collapse_at`, or None."""
+    hits = np.flatnonzero(
+        np.asarray(events, dtype=bool) & warning_window(steps, collapse_at, horizon)
     )
-    out.lead_time_median, out.lead_time_iqr = _quartiles(leads, out, missing)
-    if any(t.collapse_at_env is not None for t in trials):
-        out.lead_time_env_steps_median, out.lead_time_env_steps_iqr = _quartiles(
-            env_leads, out, missing
-        )
-    total = sum(len(a) for a in healthy_alarms)
-    if healthy_alarms:
-        events = sum(int(alarm_events(a, 0.5).sum()) for a in healthy_alarms)
-        out.false_alarms_per_1k = 1000.0 * events / total if total else 0.0
-    else:
-        out.note("too few runs: 0 baseline runs with scores")
+    return int(np.asarray(steps)[hits[0]]) if hits.size else None
+
+
+def quartiles(values: Sequence[float]) -> tuple[float | None, list[float] | None]:
+    """(median, [q25, q75]) of the values (numpy's linear interpolation), (None, None) if empty."""
+    if len(values) == 0:
+        return None, None
+    q25, q50, q75 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(q50), [float(q25), float(q75)]
+
+
+def pair_counts(
+    scores: Sequence[np.ndarray], labels: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mann–Whitney counts between runs, so that a bootstrap over runs needs no re-ranking.
+
+    scores[r], labels[r]: (n_r,) for run r (NaN-free). Returns `pairs` (R, R), where
+    pairs[r, s] counts the (positive step of r, negative step of s) pairs the positive outranks
+    (ties 1/2), and the positives (R,) and negatives (R,) per run. With run weights c (R,),
+    AUROC = c·pairs·c / ((c·positives)(c·negatives)); c = 1 is the plain step AUROC.
+    """
+    n = len(scores)
+    pos = [
+        np.asarray(s, float)[np.asarray(lab, bool)] for s, lab in zip(scores, labels, strict=True)
+    ]
+    neg = [
+        np.sort(np.asarray(s, float)[~np.asarray(lab, bool)])
+        for s, lab in zip(scores, labels, strict=True)
+    ]
+    pairs = np.zeros((n, n))
+    if not any(p.size for p in pos):
+        return pairs, np.zeros(n), np.asarray([x.size for x in neg], float)
+    all_pos = np.concatenate(pos)
+    owner = np.repeat(np.arange(n), [p.size for p in pos])
+    for s, negatives in enumerate(neg):
+        if negatives.size == 0:
+            continue
+        below = np.searchsorted(negatives, all_pos, side="left")
+        at_most = np.searchsorted(negatives, all_pos, side="right")
+        pairs[:, s] = np.bincount(owner, weights=below + 0.5 * (at_most - below), minlength=n)
+    return pairs, np.asarray([p.size for p in pos], float), np.asarray([x.size for x in neg], float)
+
+
+def weighted_auroc(
+    pairs: np.ndarray, positives: np.ndarray, negatives: np.ndarray, weights: np.ndarray
+) -> float:
+    """The step AUROC of runs repeated `weights` (R,) times (see `pair_counts`); NaN if a class
+    is empty."""
+    n_pos, n_neg = float(weights @ positives), float(weights @ negatives)
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    return float(weights @ pairs @ weights / (n_pos * n_neg))
+
+
+def run_bootstrap(
+    pairs: np.ndarray,
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    rng: np.random.Generator,
+    reps: int = BOOTSTRAP,
+) -> np.ndarray:
+    """(reps,) step AUROCs of runs resampled with replacement (NaN where a draw lacks a class)."""
+    n = len(positives)
+    out = np.full(reps, np.nan)
+    for i in range(reps):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
+        out[i] = weighted_auroc(pairs, positives, negatives, weights)
     return out
 
 
-def _leads(
-    trials: Sequence[Trial], alarms: Sequence[np.ndarray]
-) -> tuple[list[int], list[int], int, int]:
-    """Lead times (steps, env steps) of the first alarm after onset; true warnings; alarmed runs."""
-    leads, env_leads = [], []
-    hits = alarmed = 0
-    for trial, alarm in zip(trials, alarms, strict=True):
-        first = first_alarm_index(alarm, trial.steps, trial.onset)
-        if first is None:
-            continue
-        if not trial.collapsed:
-            alarmed += 1
-            continue
-        assert trial.collapse_at is not None
-        lead = int(trial.collapse_at - trial.steps[first])
-        leads.append(lead)
-        env = trial.env_steps
-        if trial.collapse_at_env is not None and env is not None and np.isfinite(env[first]):
-            env_leads.append(int(trial.collapse_at_env - env[first]))
-        if lead > 0:
-            hits += 1
-            alarmed += 1
-    return leads, env_leads, hits, alarmed
+def percentile_ci(draws: np.ndarray, level: float = 0.95) -> list[float] | None:
+    """The percentile interval of the finite draws, or None when fewer than half are finite."""
+    finite = np.asarray(draws, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0 or finite.size < 0.5 * len(draws):
+        return None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return [float(lo), float(hi)]
 
 
-def _quartiles(
-    values: list[int], out: AlarmStats, missing: str
-) -> tuple[float | None, list[float] | None]:
-    if not values:
-        out.note(missing)
-        return None, None
-    q25, q50, q75 = np.percentile(values, [25, 50, 75])
-    return float(q50), [float(q25), float(q75)]
+def too_few(what: str, n_collapsed: int, n_other: int) -> str:
+    return f"too few runs for {what}: {n_collapsed} collapsed, {n_other} not collapsed"

@@ -6,9 +6,14 @@ Each guard has a pure scoring function over arrays and a thin class following th
 (the guard's own rule) and an online `update(row) -> float` that equals `score` step by step.
 
 Every guard also treats a non-finite value as an alarm (score +inf), as every framework checks
-for NaN/Inf separately. The "loss" a guard watches is the `loss` column; an RL run without one
-uses the best available stand-in: `value_loss`, then `critic_loss`, then `critic/loss`
-(see `loss_series`).
+for NaN/Inf separately. A value that was not logged is missing, not non-finite: SB3 logs PPO's
+loss once per rollout, so most PPO rows have no loss. The store keeps no difference between a
+NaN and a gap (Parquet writes both as null), so a NaN is a divergence only on a row that
+recorded non-finite gradients (`nonfinite_grads` > 0, any optimizer role); ±inf always is.
+A guard skips a missing value: its score there is NaN (no alarm) and its state is unchanged,
+so its windows count logged values. The "loss" a guard watches is the `loss` column; an RL run
+without one uses the best available stand-in: `value_loss`, then `critic_loss`, then
+`critic/loss` (see `loss_series`).
 """
 
 from __future__ import annotations
@@ -41,13 +46,76 @@ LOSS_COLUMNS = ("loss", "value_loss", "critic_loss", "critic/loss")
 GRAD_NORM_COLUMNS = ("grad_norm_raw", "grad_norm", "actor/grad_norm", "critic/grad_norm")
 
 
+NONFINITE_COLUMN = "nonfinite_grads"
+# A signal logged on every row from the first, for at least this many rows, that then has no
+# value, went non-finite there (a loop that logs NaN for a diverged loss; the store keeps it as
+# a gap). A signal logged on a schedule (every k-th row, once per rollout) never qualifies.
+DENSE_ROWS = 10
+
+
+def _is_nonfinite_column(name: str) -> bool:
+    return name == NONFINITE_COLUMN or name.endswith("/" + NONFINITE_COLUMN)
+
+
+def _role_columns(names: Sequence[Any], base: str) -> list[str]:
+    """`base` and its optimizer-role variants (`actor/base`, `critic/base`) among `names`."""
+    return [str(c) for c in names if c == base or str(c).endswith("/" + base)]
+
+
+def divergent_rows(df: pd.DataFrame) -> np.ndarray:
+    """(n,) bool: rows that recorded non-finite gradients (`nonfinite_grads` > 0, any role)."""
+    mask = np.zeros(len(df), dtype=bool)
+    for name in df.columns:
+        if _is_nonfinite_column(str(name)):
+            counts = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+            mask |= np.nan_to_num(counts, nan=0.0) > 0
+    return mask
+
+
+def _row_diverged(row: Mapping[str, Any]) -> bool:
+    """The online twin of `divergent_rows` for one telemetry row."""
+    for name, value in row.items():
+        if _is_nonfinite_column(str(name)) and value is not None and float(value) > 0:
+            return True
+    return False
+
+
+def mark_nonfinite(values: np.ndarray, diverged: np.ndarray) -> np.ndarray:
+    """A signal (n,) with NaN meaning "not logged", except where it is a divergence the store
+    wrote as a gap: once the signal has been logged, a gap on a row with non-finite gradients
+    (`diverged`, (n,) bool), or the first gap of a signal logged on every row from the first for
+    at least `DENSE_ROWS` rows. Those become +inf."""
+    out = np.asarray(values, dtype=float).copy()
+    gaps = np.isnan(out)
+    if gaps.all():
+        return out
+    started = np.arange(out.size) > int(np.argmax(~gaps))  # after the first logged value
+    out[gaps & diverged & started] = np.inf
+    first = int(np.argmax(gaps))
+    if gaps[first] and first >= DENSE_ROWS:
+        out[first] = np.inf
+    return out
+
+
 def _column(df: pd.DataFrame, candidates: Sequence[str]) -> np.ndarray:
+    """The first candidate column with a value (see `mark_nonfinite` for NaN and +inf)."""
     for name in candidates:
         if name in df.columns:
             values = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
             if not np.all(np.isnan(values)):
-                return values
+                return mark_nonfinite(values, divergent_rows(df))
     return np.full(len(df), np.nan)
+
+
+def _max_column(df: pd.DataFrame, base: str) -> np.ndarray:
+    """Per row, the largest value of `base` over optimizer roles (`base`, `actor/base`, …);
+    ±inf is +inf (a non-finite value is an alarm whatever its sign)."""
+    out = np.full(len(df), np.nan)
+    names = _role_columns(list(df.columns), base)
+    for name in names:
+        values = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
+        out = np.fmax(out, np.where(np.isinf(values), np.inf, values))
+    return mark_nonfinite(out, divergent_rows(df)) if names else out
 
 
 def loss_series(df: pd.DataFrame) -> np.ndarray:
@@ -61,12 +129,40 @@ def grad_norm_series(df: pd.DataFrame) -> np.ndarray:
     return _column(df, GRAD_NORM_COLUMNS)
 
 
-def _row_value(row: Mapping[str, Any], candidates: Sequence[str]) -> float:
-    for name in candidates:
-        value = row.get(name)
-        if value is not None:
-            return float(value)
-    return math.nan
+class _Signal:
+    """Online twin of `_column` / `_max_column`: one signal's value per row, with its state
+    (rows seen, whether the signal has been logged on every one of them)."""
+
+    def __init__(self, candidates: Sequence[str] = (), base: str | None = None) -> None:
+        self.candidates, self.base = tuple(candidates), base
+        self.rows, self.dense, self.logged = 0, True, False
+
+    def value(self, row: Mapping[str, Any]) -> float:
+        raw = self._raw(row)
+        seen, self.rows = self.rows, self.rows + 1
+        if not math.isnan(raw):
+            self.logged = True
+            return raw
+        first_gap, self.dense = self.dense, False
+        if self.logged and (_row_diverged(row) or (first_gap and seen >= DENSE_ROWS)):
+            return math.inf
+        return math.nan
+
+    def _raw(self, row: Mapping[str, Any]) -> float:
+        """The row's value of the signal, NaN if it has none."""
+        if self.base is not None:
+            best = math.nan
+            for name in _role_columns(list(row), self.base):
+                value = row.get(name)
+                if value is not None:
+                    number = float(value)
+                    best = float(np.fmax(best, math.inf if math.isinf(number) else number))
+            return best
+        for name in self.candidates:
+            value = row.get(name)
+            if value is not None:
+                return float(value)
+        return math.nan
 
 
 # -- pure scoring functions -------------------------------------------------------------------
@@ -84,7 +180,8 @@ def zclip_scores(
     Follows the reference implementation (bluorion-com/ZClip, `zscore` mode with
     `adaptive_scaling`): the first `warmup_steps` norms initialise mean and (population)
     variance; afterwards z = (g − mean) / (std + eps); a spike (z > z_thresh) updates the EMA with
-    the clipped value mean + z_thresh·std / (z / z_thresh) instead of g. Score 0 during warm-up.
+    the clipped value mean + z_thresh·std / (z / z_thresh) instead of g. Score 0 during warm-up;
+    NaN (not logged) is skipped: NaN score, state unchanged; ±inf scores +inf.
     """
     out = np.zeros(len(grad_norm))
     state = _ZClipState(alpha, z_thresh, warmup_steps, eps)
@@ -103,6 +200,8 @@ class _ZClipState:
         self.var = 0.0
 
     def update(self, g: float) -> float:
+        if math.isnan(g):
+            return math.nan
         if not math.isfinite(g):
             return math.inf
         if self.mean is None:
@@ -122,11 +221,18 @@ class _ZClipState:
 
 
 def rolling_zscores(values: np.ndarray, window: int = 128) -> np.ndarray:
-    """z of each value against the previous `window` values (population std) (n,) → (n,).
+    """z of each value against the previous `window` logged values (population std) (n,) → (n,).
 
     0 until the window is full or when std < 1e-10 (OLMo-core's `_is_spike` returns False there).
-    Non-finite values score +inf and, as in OLMo-core, still enter the history.
+    ±inf values score +inf and, as in OLMo-core, still enter the history. NaN (not logged) is
+    skipped: NaN score, and it is not part of any window.
     """
+    values = np.asarray(values, dtype=float)
+    logged = ~np.isnan(values)
+    if not logged.all():
+        out = np.full(len(values), np.nan)
+        out[logged] = rolling_zscores(values[logged], window)
+        return out
     n = len(values)
     out = np.zeros(n)
     if n <= window:
@@ -150,7 +256,8 @@ def lightning_scores(loss: np.ndarray, window: int = 10, warmup: int = 1) -> np.
     Lightning's `SpikeDetection` (lightning.fabric.utilities.spike, mode "min"): a running mean
     over the last `window` accepted losses; a loss that improves on the last accepted one is
     never a spike (score 0 here); a spike is not added to the statistics; non-finite is a spike.
-    The native rule is score ≥ rtol (default 2.0) from batch `warmup` on.
+    The native rule is score ≥ rtol (default 2.0) from batch `warmup` on. A loss that was not
+    logged (NaN) is no batch: NaN score, state unchanged.
     """
     out = np.zeros(len(loss))
     state = _LightningState(window, warmup)
@@ -168,9 +275,9 @@ class _LightningState:
         self.warmup, self.rtol, self.batch = warmup, rtol, 0
 
     def update(self, loss: float) -> float:
-        batch, self.batch = self.batch, self.batch + 1
         if math.isnan(loss):
-            return math.inf if batch >= self.warmup else 0.0
+            return math.nan
+        batch, self.batch = self.batch, self.batch + 1
         if not math.isfinite(loss):
             return math.inf if batch >= self.warmup else 0.0
         score = 0.0
@@ -188,7 +295,8 @@ def megatron_scores(loss: np.ndarray, num_samples: int = 100) -> np.ndarray:
 
     Megatron-LM's `RerunStateMachine.is_unexpectedly_large` (used by `check_for_spiky_loss` with
     threshold 10): the max is taken over the first `num_samples` finite values; those steps are
-    never flagged (score 0). Non-finite values are Megatron's separate NaN/Inf check (+inf here).
+    never flagged (score 0). Non-finite values are Megatron's separate NaN/Inf check (+inf here);
+    a loss that was not logged (NaN) is skipped (NaN score).
     """
     out = np.zeros(len(loss))
     state = _MegatronState(num_samples)
@@ -203,6 +311,8 @@ class _MegatronState:
 
     def update(self, loss: float) -> float:
         value = abs(loss)
+        if math.isnan(value):
+            return math.nan
         if not math.isfinite(value):
             return math.inf
         if self.count < self.num_samples:
@@ -298,8 +408,7 @@ def ews_scores(
             tau = rolling_kendall_tau(indicator, tau_window)
             best = np.fmax(best, tau)
     best[~np.isfinite(best)] = 0.0
-    bad = ~np.isfinite(grad_norm) | (np.isinf(loss))
-    best[bad] = np.inf
+    best[np.isinf(grad_norm) | np.isinf(loss)] = np.inf  # NaN (not logged) is no alarm
     return best
 
 
@@ -412,9 +521,10 @@ class ZClipDetector(BaseDetector):
 
     def reset(self) -> None:
         self._state = _ZClipState(self.alpha, self.z_thresh, self.warmup_steps, 1e-6)
+        self._grad = _Signal(GRAD_NORM_COLUMNS)
 
     def update(self, row: Mapping[str, Any]) -> float:
-        return self._state.update(_row_value(row, GRAD_NORM_COLUMNS))
+        return self._state.update(self._grad.value(row))
 
 
 @register_detector
@@ -436,25 +546,23 @@ class OLMoDetector(BaseDetector):
     native_threshold = "threshold_std"  # native rule: score > threshold_std
 
     def score(self, table: pd.DataFrame) -> np.ndarray:
-        scores = [rolling_zscores(grad_norm_series(table), self.window)]
-        loss = loss_series(table)
-        if not np.all(np.isnan(loss)):
-            scores.append(rolling_zscores(loss, self.window))
-        return np.maximum.reduce(scores)
+        grad = rolling_zscores(grad_norm_series(table), self.window)
+        return np.fmax(grad, rolling_zscores(loss_series(table), self.window))
 
     def reset(self) -> None:
         self._history: dict[str, deque[float]] = {}
+        self._signals = {"grad_norm": _Signal(GRAD_NORM_COLUMNS), "loss": _Signal(LOSS_COLUMNS)}
 
     def update(self, row: Mapping[str, Any]) -> float:
-        best = -math.inf
-        for key, candidates in (("grad_norm", GRAD_NORM_COLUMNS), ("loss", LOSS_COLUMNS)):
-            value = _row_value(row, candidates)
-            if key == "loss" and math.isnan(value) and key not in self._history:
+        best = math.nan
+        for key, signal in self._signals.items():
+            value = signal.value(row)
+            if math.isnan(value):  # not logged: no score, not part of the window
                 continue
             history = self._history.setdefault(key, deque(maxlen=self.window))
-            best = max(best, _rolling_z(history, value, self.window))
+            best = float(np.fmax(best, _rolling_z(history, value, self.window)))
             history.append(value)
-        return best if best > -math.inf else 0.0
+        return best
 
 
 def _rolling_z(history: deque[float], value: float, window: int) -> float:
@@ -464,7 +572,8 @@ def _rolling_z(history: deque[float], value: float, window: int) -> float:
     if len(history) < window:
         return 0.0
     arr = np.fromiter(history, dtype=float)
-    std = float(arr.std())
+    with np.errstate(invalid="ignore"):  # an inf in the window (as offline) gives NaN: no spike
+        std = float(arr.std())
     if not std >= 1e-10:
         return 0.0
     z = (value - float(arr.mean())) / std
@@ -493,9 +602,10 @@ class LightningDetector(BaseDetector):
 
     def reset(self) -> None:
         self._state = _LightningState(self.window, self.warmup, self.rtol)
+        self._loss = _Signal(LOSS_COLUMNS)
 
     def update(self, row: Mapping[str, Any]) -> float:
-        return self._state.update(_row_value(row, LOSS_COLUMNS))
+        return self._state.update(self._loss.value(row))
 
 
 @register_detector
@@ -518,9 +628,10 @@ class MegatronDetector(BaseDetector):
 
     def reset(self) -> None:
         self._state = _MegatronState(self.num_samples)
+        self._loss = _Signal(LOSS_COLUMNS)
 
     def update(self, row: Mapping[str, Any]) -> float:
-        return self._state.update(_row_value(row, LOSS_COLUMNS))
+        return self._state.update(self._loss.value(row))
 
 
 @register_detector
@@ -552,10 +663,11 @@ class EWSDetector(BaseDetector):
     def reset(self) -> None:
         self._signals = {key: _EWSState(self.window, self.tau_window, self.span) for key in "lg"}
         self._seen_loss = False
+        self._loss, self._grad = _Signal(LOSS_COLUMNS), _Signal(GRAD_NORM_COLUMNS)
 
     def update(self, row: Mapping[str, Any]) -> float:
-        loss = _row_value(row, LOSS_COLUMNS)
-        grad = _row_value(row, GRAD_NORM_COLUMNS)
+        loss = self._loss.value(row)
+        grad = self._grad.value(row)
         with np.errstate(divide="ignore", invalid="ignore"):
             log_grad = float(np.log(np.abs(grad)))
         self._seen_loss = self._seen_loss or not math.isnan(loss)
@@ -563,7 +675,7 @@ class EWSDetector(BaseDetector):
         loss_tau = self._signals["l"].update(loss)
         if self._seen_loss:
             best = float(np.fmax(best, loss_tau))
-        if not math.isfinite(grad) or math.isinf(loss):
+        if math.isinf(grad) or math.isinf(loss):
             return math.inf
         return best if math.isfinite(best) else 0.0
 
@@ -601,6 +713,63 @@ class _EWSState:
                 tau = rolling_kendall_tau(np.fromiter(history, dtype=float), self.tau_window)[-1]
                 best = float(np.fmax(best, tau))
         return best
+
+
+@register_detector
+@dataclass
+class AdamRMSDetector(BaseDetector):
+    """StableAdamW's rule (Wortsman et al. 2023, "Stable and low-precision training for
+    large-scale vision-language models", arXiv 2304.13013): the RMS over a tensor's entries of
+    g / (sqrt(v̂) + eps), max over tensors (and optimizers) — the `adam_rms` probe's
+    `adam_rms_max`. It rises when the gradients outgrow Adam's second-moment estimate; loss
+    spikes follow 1–8 steps later. StableAdamW divides the update by max(1, RMS), so its native
+    rule is RMS > 1. A step the probe did not measure scores NaN.
+    """
+
+    name = "adam_rms"
+    title = "StableAdamW RMS rule (Adam second-moment lag)"
+    citation = "Wortsman et al. 2023, arXiv 2304.13013 (StableAdamW)"
+    reads = (("adam_rms_max", "actor/adam_rms_max", "critic/adam_rms_max"),)
+
+    limit: float = 1.0  # StableAdamW clips the update once RMS exceeds 1
+    native_threshold = "limit"  # native rule: score > limit
+
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        return _max_column(table, "adam_rms_max")
+
+    def reset(self) -> None:
+        self._rms = _Signal(base="adam_rms_max")
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self._rms.value(row)
+
+
+@register_detector
+@dataclass
+class EdgeOfStabilityDetector(BaseDetector):
+    """Edge of stability (Cohen et al. 2021, arXiv 2103.00065; for Adam, Cohen et al. 2022,
+    arXiv 2207.14484): curvature along the last update times the learning rate, over its
+    stability limit (2 for SGD, (2 + 2β1)/(1 − β1) for Adam's preconditioned curvature) — the
+    `eos` probe's `eos_ratio`, max over optimizers. 1 is the edge; the native rule is a crossing
+    of it, ratio > 1. A step the probe did not measure scores NaN.
+    """
+
+    name = "eos"
+    title = "edge of stability (curvature × lr over its limit)"
+    citation = "Cohen et al. 2021 (arXiv 2103.00065); Cohen et al. 2022 (arXiv 2207.14484)"
+    reads = (("eos_ratio", "actor/eos_ratio", "critic/eos_ratio"),)
+
+    limit: float = 1.0  # the stability limit, in units of itself
+    native_threshold = "limit"  # native rule: score > limit
+
+    def score(self, table: pd.DataFrame) -> np.ndarray:
+        return _max_column(table, "eos_ratio")
+
+    def reset(self) -> None:
+        self._ratio = _Signal(base="eos_ratio")
+
+    def update(self, row: Mapping[str, Any]) -> float:
+        return self._ratio.value(row)
 
 
 @register_detector

@@ -1,4 +1,8 @@
-"""`monitor evaluate` as a table that fits an 80-column terminal (`--wide`: every column)."""
+"""`monitor evaluate` as tables that fit an 80-column terminal (`--wide`: full headers).
+
+One table per workload and one for the macro average over workloads; then the notes that say
+why a figure is missing. `monitor score`'s per-run tables live here too.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from stabilitybench.metrics.display import fmt, print_table, render_table
-from stabilitybench.monitor.alarms import AlarmStats
-from stabilitybench.monitor.results import Evaluation
+from stabilitybench.monitor.results import NO_VALUE, DetectorResult, Evaluation
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.scoring import DetectorAlarms, RunAlarms, ScoreResult
@@ -28,44 +31,99 @@ def _range(values: list[float] | None, digits: int) -> str:
     return "[" + ",".join(parts) + "]"
 
 
-def _lead(stats: AlarmStats) -> str:
-    if stats.lead_time_median is None:
+def _lead(entry: DetectorResult) -> str:
+    if entry.lead_time_median is None:
         return fmt(None)
-    return f"{fmt(round(stats.lead_time_median))} {_range(stats.lead_time_iqr, 0)}".strip()
+    return f"{fmt(round(entry.lead_time_median))} {_range(entry.lead_time_iqr, 0)}".strip()
 
 
-def _native(stats: AlarmStats | None) -> str:
-    if stats is None:
-        return "–"
-    parts = (stats.recall, stats.precision, stats.false_alarms_per_1k)
-    return "/".join(_two(v) for v in parts)
+HEADERS = {
+    False: ["detector", "recall", "lead [IQR]", "FA/1k", "FA nc", "step AUROC [CI]", "outc."],
+    True: [
+        "detector",
+        "event recall",
+        "lead, steps [IQR]",
+        "FA/1k healthy",
+        "FA/1k not collapsed",
+        "step AUROC [95% CI]",
+        "outcome AUROC",
+    ],
+}
+LEGEND = (
+    "recall: collapses warned within the horizon; lead: collapse step − first true warning; "
+    "FA/1k: false alarms per 1,000 steps on held-out healthy runs (FA nc: on runs that did "
+    "not collapse); step AUROC: of collapse within the horizon; outc.: onset-window outcome "
+    "AUROC"
+)
 
 
-def evaluation_table(result: Evaluation, wide: bool = False) -> Any:
-    columns = [("detector", False), ("AUROC [95% CI]", True), ("recall", True)]
-    columns += [("prec.", True), ("lead [IQR]", True), ("FA/1k", True)]
-    columns += [("native R/P/FA", True), ("threshold", True)] if wide else []
+def detector_rows(detectors: dict[str, DetectorResult]) -> list[list[str]]:
+    """One row per detector: the fields of its JSON entry, in the table's order."""
     rows = []
-    for name, entry in result.detectors.items():
-        row = [name, f"{_two(entry.auroc)} {_range(entry.auroc_ci, 2)}".strip()]
-        row += [_two(entry.recall), _two(entry.precision), _lead(entry)]
-        row.append(_two(entry.false_alarms_per_1k))
-        if wide:
-            row += [_native(entry.native), fmt(entry.threshold_median)]
+    for name, entry in detectors.items():
+        row = [name, _two(entry.event_recall), _lead(entry)]
+        row += [_two(entry.false_alarms_per_1k), _two(entry.false_alarms_per_1k_not_collapsed)]
+        row.append(f"{_two(entry.auroc)} {_range(entry.auroc_ci, 2)}".strip())
+        row.append(_two(entry.outcome_auroc))
         rows.append(row)
+    return rows
+
+
+def evaluation_tables(result: Evaluation, wide: bool = False) -> list[Any]:
+    """One table per workload, then the macro average."""
+    columns = [(h, i > 0) for i, h in enumerate(HEADERS[wide])]
+    tables = []
+    for name, entry in result.workloads.items():
+        title = (
+            f"{name}: {entry.n_collapsed} collapsed, {entry.n_not_collapsed} not collapsed, "
+            f"{entry.n_healthy} healthy runs"
+        )
+        tables.append(render_table(escape(title), columns, detector_rows(entry.detectors)))
     title = (
-        f"early warning at {result.target_false_alarms_per_1k:g} false alarms / 1k steps "
-        f"({result.n_collapsed} collapsed, {result.n_recovered} recovered, "
-        f"{result.n_baseline} baseline runs)"
+        f"macro average, {len(result.workloads)} workloads "
+        f"({result.target_false_alarms_per_1k:g} FA/1k, horizon {result.horizon} steps)"
     )
-    return render_table(title, columns, rows)
+    tables.append(render_table(escape(title), columns, detector_rows(result.detectors)))
+    return tables
+
+
+def _once(prefix: str, detectors: dict[str, DetectorResult]) -> list[str]:
+    """The detectors' notes; a note that every detector has is said once, for all of them."""
+    per = [set(d.notes) for d in detectors.values()]
+    common = set.intersection(*per) if len(per) > 1 else set()
+    ordered = dict.fromkeys(n for d in detectors.values() for n in d.notes)
+    out = [f"{prefix}{n}" for n in ordered if n in common]
+    for name, detector in detectors.items():
+        out += [f"{prefix}{name}: {n}" for n in detector.notes if n not in common]
+    return out
+
+
+def evaluation_notes(result: Evaluation) -> list[str]:
+    """Every note once, per workload, then the macro average's and the protocol's."""
+    out: list[str] = []
+    for workload, entry in result.workloads.items():
+        out += _once(f"{workload}: ", entry.detectors)
+    for workload, count in result.protocol.no_lead_possible.items():
+        out.append(
+            f"{workload}: {count} collapses came within {result.protocol.no_lead_steps} step "
+            "of a jolt: no lead was possible"
+        )
+    # "no workload has a value" repeats the workloads' own notes; the JSON keeps it
+    macro = {
+        name: DetectorResult(notes=[n for n in d.notes if not n.endswith(NO_VALUE)])
+        for name, d in result.detectors.items()
+    }
+    out += _once("macro average: ", macro)
+    return list(dict.fromkeys([*out, *result.protocol.notes]))
 
 
 def print_evaluation(result: Evaluation, console: Any, wide: bool = False) -> None:
-    """The evaluation as a rich table, with notes for figures that could not be estimated."""
-    print_table(console, evaluation_table(result, wide), wide)
-    notes = list(dict.fromkeys(n for d in result.detectors.values() for n in d.notes))
-    for note in [*notes, *result.notes]:
+    """The evaluation as rich tables, with notes for figures that could not be estimated."""
+    for table in evaluation_tables(result, wide):
+        print_table(console, table, wide)
+    if not wide:
+        console.print(f"[dim]{escape(LEGEND)}[/]", highlight=False)
+    for note in evaluation_notes(result):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 

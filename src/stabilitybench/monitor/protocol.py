@@ -1,8 +1,11 @@
-"""The evaluation protocol: which runs a detector learns from and is calibrated on.
+"""The evaluation protocol: which runs a detector learns from, is calibrated on, is judged on.
 
-Healthy (baseline) runs train the fitted detectors and set every threshold; a run of seed s is
-scored by a detector fitted on the other seeds and judged against a threshold calibrated on the
-other seeds' healthy runs of its workload (in-sample only when a workload has one seed).
+Healthy runs (run.json `healthy`: perturbation `none` at the workload's `reference` knobs) train
+the fitted detectors and set every threshold; a run of seed s is scored by a detector fitted on
+the other seeds and judged against a threshold calibrated on the other seeds' healthy runs of
+its workload (in-sample only when a workload's healthy runs all share one seed). Every other
+unguarded run with a collapse verdict is judged: its collapse step is
+`RunRecord.collapse.collapse_at` (the absolute optimizer step the collapse is timed at).
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from stabilitybench.metrics.records import RunRecord
-from stabilitybench.monitor.alarms import Trial, calibrate_threshold
+from stabilitybench.monitor.alarms import alarm_events, calibrate_threshold
 from stabilitybench.store import RunData
 
 HELD_OUT = "held-out seeds"
-IN_SAMPLE = "in-sample (one baseline seed)"
+IN_SAMPLE = "in-sample (one healthy seed)"
+# A collapse at most this many optimizer steps after a perturbation's onset leaves no room for
+# a warning (a jolt that ends the run at once): reported, not counted against recall.
+NO_LEAD_STEPS = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,18 +64,40 @@ class ScoredRun:
     def scored_by(self, column: str) -> bool:
         return self.has(column) and not np.all(np.isnan(self.values(column)))
 
-    def trial(self) -> Trial:
-        """The run as the alarm statistics see it (a judged perturbed run)."""
-        collapse, onset = self.record.collapse, self.record.onset.step
-        assert collapse is not None and onset is not None and self.run.scores is not None
-        env = self.values("env_step") if self.has("env_step") else None
-        return Trial(
-            steps=self.steps,
-            env_steps=env,
-            onset=onset,
-            collapsed=bool(collapse.collapsed),
-            collapse_at=collapse.collapse_at,
-            collapse_at_env=collapse.collapse_at_env,
+    @property
+    def healthy(self) -> bool:
+        """run.json `healthy`; an audit written before that field: baseline and unguarded."""
+        flag = self.run.info.get("healthy")
+        if isinstance(flag, bool):
+            return flag
+        return self.record.is_baseline and self.record.guard == "none"
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.record.collapsed)
+
+    @property
+    def collapse_at(self) -> int | None:
+        """The optimizer step the run collapses at (None: it did not)."""
+        collapse = self.record.collapse
+        if collapse is None or not collapse.collapsed:
+            return None
+        if collapse.collapse_at is not None:
+            return int(collapse.collapse_at)
+        onset = collapse.onset_step
+        if onset is None or collapse.collapse_step is None:
+            return None
+        return int(onset + collapse.collapse_step)
+
+    @property
+    def no_lead_possible(self) -> bool:
+        """A collapse within `NO_LEAD_STEPS` of the run's own perturbation onset (a jolt)."""
+        at, onset = self.collapse_at, self.record.onset
+        return (
+            at is not None
+            and onset.source == "events"
+            and onset.step is not None
+            and at - onset.step <= NO_LEAD_STEPS
         )
 
     def outcome_window(self) -> tuple[int, int]:
@@ -118,6 +146,6 @@ class Thresholds:
         finite = [t for t in used if math.isfinite(t)]
         return float(np.median(finite)) if finite else None
 
-    def alarms(self, run: ScoredRun) -> np.ndarray:
-        """(n,) bool: the run's score at or above its threshold (NaN never alarms)."""
-        return np.nan_to_num(run.values(self.column), nan=-np.inf) >= self.of(run)
+    def events(self, run: ScoredRun) -> np.ndarray:
+        """(n,) bool: the run's alarms, up-crossings of its threshold (`alarms.alarm_events`)."""
+        return alarm_events(run.values(self.column), self.of(run))

@@ -1,4 +1,5 @@
-"""Early-warning detectors: the monitor evaluation as one table, best AUROC highlighted."""
+"""Early-warning detectors: the prospective-warning evaluation, one table per workload and the
+macro average, the best step AUROC of each table highlighted."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from stabilitybench.report.markup import esc, fmt_number, fmt_rate, notice, tabl
 
 HEADERS = [
     ("detector", False),
-    ("AUROC [95% CI]", True),
-    ("recall", True),
-    ("precision", True),
+    ("event recall", True),
     ("lead time, median [IQR]", True),
-    ("false alarms / 1k steps", True),
+    ("false alarms / 1k steps, healthy", True),
+    ("… not collapsed", True),
+    ("step AUROC [95% CI]", True),
+    ("outcome AUROC", True),
 ]
 NOT_YET = (
     "No monitor evaluation yet: run <code>stabilitybench monitor fit DIR</code> and "
@@ -32,27 +34,47 @@ def detector_label(name: str) -> str:
 def _row(name: str, d: DetectorResult) -> list[str]:
     return [
         detector_label(name),
-        esc(with_interval(d.auroc, d.auroc_ci)),
-        esc(fmt_rate(d.recall)),
-        esc(fmt_rate(d.precision)),
+        esc(fmt_rate(d.event_recall)),
         esc(with_interval(d.lead_time_median, d.lead_time_iqr)),
         esc(fmt_number(d.false_alarms_per_1k)),
+        esc(fmt_number(d.false_alarms_per_1k_not_collapsed)),
+        esc(with_interval(d.auroc, d.auroc_ci)),
+        esc(fmt_number(d.outcome_auroc)),
     ]
 
 
 def _intro(e: Evaluation) -> str:
     return (
-        f'<p class="muted">Thresholds set on baseline runs for '
+        f'<p class="muted">Thresholds set leave-one-seed-out on healthy runs for '
         f"{esc(fmt_number(e.target_false_alarms_per_1k))} false alarms per 1,000 steps; "
-        f"{e.n_collapsed} collapsed, {e.n_recovered} recovered, {e.n_baseline} baseline runs. "
-        "Lead time is in optimizer steps before the collapse (positive is early). AUROC: how "
-        "well the score right after onset separates runs that will collapse from runs that "
-        "recover.</p>"
+        f"horizon {e.horizon} optimizer steps: an alarm at step t is a true warning if the run "
+        "collapses in (t, t + horizon]. Event recall: collapses with a true warning; lead time: "
+        "collapse step minus the first true warning; false alarms per 1,000 steps on held-out "
+        "healthy runs and on runs that did not collapse; step AUROC: how well the score ranks "
+        "steps followed by a collapse within the horizon (bootstrap over runs); outcome AUROC: "
+        "the score right after a perturbation's onset, collapsed vs not. Per workload, then "
+        "the mean over workloads (never pooled).</p>"
     )
 
 
+def _table(detectors: dict[str, DetectorResult]) -> str:
+    aurocs = [d.auroc for d in detectors.values() if d.auroc is not None]
+    best = max(aurocs) if aurocs else None
+    items = detectors.items()
+    rows = [_row(name, d) for name, d in items]
+    classes = ["best" if best is not None and d.auroc == best else "" for _, d in items]
+    return table(HEADERS, rows, classes)
+
+
+def _notes(prefix: str, detectors: dict[str, DetectorResult]) -> str:
+    notes = [f"{prefix}{name}: {n}" for name, d in detectors.items() for n in d.notes]
+    if not notes:
+        return ""
+    return "<ul>" + "".join(f'<li class="why">{esc(n)}</li>' for n in notes) + "</ul>"
+
+
 def section_detectors(data: ReportData) -> str:
-    """The detector comparison table from the monitor evaluation."""
+    """The detector comparison tables from the monitor evaluation."""
     parts = ['<h2 id="detectors">Early-warning detectors</h2>']
     if data.evaluation_error:
         parts.append(notice(esc(data.evaluation_error), error=True))
@@ -61,17 +83,29 @@ def section_detectors(data: ReportData) -> str:
     if evaluation is None:
         parts.append(notice(NOT_YET))
         return "\n".join(parts)
-    if not evaluation.detectors:
-        parts.append(notice("The monitor evaluation lists no detectors."))
+    if not evaluation.workloads:
+        parts.append(notice("The monitor evaluation lists no workloads."))
         return "\n".join(parts)
     parts.append(_intro(evaluation))
-    aurocs = [d.auroc for d in evaluation.detectors.values() if d.auroc is not None]
-    best = max(aurocs) if aurocs else None
-    items = evaluation.detectors.items()
-    rows = [_row(name, d) for name, d in items]
-    classes = ["best" if best is not None and d.auroc == best else "" for _, d in items]
-    parts.append(table(HEADERS, rows, classes))
-    notes = [f"{name}: {n}" for name, d in items for n in d.notes]
+    for name, entry in evaluation.workloads.items():
+        parts.append(
+            f"<h3>{esc(name)}</h3>"
+            f'<p class="muted">{entry.n_collapsed} collapsed, {entry.n_not_collapsed} not '
+            f"collapsed, {entry.n_healthy} healthy runs.</p>"
+        )
+        parts.append(_table(entry.detectors))
+        parts.append(_notes("", entry.detectors))
+        count = evaluation.protocol.no_lead_possible.get(name)
+        if count:
+            parts.append(
+                f'<p class="why">{count} collapses came within '
+                f"{evaluation.protocol.no_lead_steps} step of a jolt: no lead was possible "
+                "(left out of event recall and lead time).</p>"
+            )
+    parts.append(f"<h3>Macro average over {len(evaluation.workloads)} workloads</h3>")
+    parts.append(_table(evaluation.detectors))
+    parts.append(_notes("", evaluation.detectors))
+    notes = evaluation.protocol.notes
     if notes:
         parts.append("<ul>" + "".join(f'<li class="why">{esc(n)}</li>' for n in notes) + "</ul>")
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)
