@@ -120,10 +120,11 @@ def test_the_monitor_reads_an_lr_cut_as_a_deviation_but_not_the_guards_own(
         return np.array([monitor.step(row) for row in table.to_dict("records")])
 
     healthy = offline(_run(10)[0])
-    # Halving the LR for 60 steps (the loop's own doing): the monitor sees it, far above what
+    # Halving the LR for 60 steps (the loop's own doing): the monitor sees it (through the
+    # update size: `lr` itself is a control, not a feature), well above what
     # the healthy run of the same seed ever shows.
     halved = offline(_run(10, cut, 0.5)[0])
-    assert halved[cut.start : cut.stop].max() > 5 * healthy.max()
+    assert halved[cut.start : cut.stop].max() > 2 * healthy.max()
     # The same cut made by the guard: it shows the monitor the update as it would be without its
     # cut, so the cut alone looks like healthy training (before the fix the monitor alarmed on
     # the cut, each alarm renewed it, and the guard never let go).

@@ -107,10 +107,11 @@ def evaluate_audit(
     """
     _check_inputs(target_false_alarms, horizon)
     runs = done_runs(store)
-    require_runs(runs, need_perturbed=True)
-    records = {r.run_id: r for r in audit_records(store)}
+    records = {r.run_id: r for r in audit_records(store)} if runs else {}
     scored_all = [ScoredRun(run, records[run.run_id]) for run in runs]
-    _require_healthy(scored_all)
+    if any(r.is_baseline for r in runs):  # name the workload that lacks healthy runs
+        _require_healthy(scored_all)
+    require_runs(runs, need_perturbed=True)
     if not (store.root / MONITOR_DIR / FIT_FILE).exists():
         raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
     with_scores = [r for r in scored_all if r.run.scores is not None and len(r.run.scores) > 0]

@@ -106,7 +106,8 @@ class MetaStateMonitor:
         """Fit on baseline runs (RunData or telemetry DataFrames).
 
         `validation`: held-out baseline runs for early stopping and calibration. When omitted,
-        the runs of the highest seed are held out if there are at least two seeds; otherwise the
+        the runs of the highest seed are held out if there are at least two seeds (plain tables
+        without seeds: the last one, if there are at least three); otherwise the
         last 25% of every run's steps serve for early stopping and the training runs themselves
         for calibration (recorded in `fit_info["holdout"]`).
         """
@@ -123,8 +124,14 @@ class MetaStateMonitor:
         train_steps = [_steps(t) for t in tables]
         val_steps = [_steps(t) for t in val_tables]
         epochs, best_loss = self._train(train_x, val_x)
-        calibration = (val_raw, val_steps) if val_raw else (train_raw, train_steps)
-        self._fit_reference((train_raw + val_raw, train_steps + val_steps), calibration)
+        # The reference statistics come from the training runs only when there are held-out
+        # runs, so the held-out runs that set the threshold are scored out of sample: with them
+        # in the reference, a new healthy run sat above the threshold (an msm guard then acted on
+        # nearly every step of it).
+        if val_raw:
+            self._fit_reference((train_raw, train_steps), (val_raw, val_steps))
+        else:
+            self._fit_reference((train_raw, train_steps), (train_raw, train_steps))
         self.fit_info = {
             "train_runs": len(tables),
             "validation_runs": len(val_tables),
@@ -693,6 +700,8 @@ def _split_holdout(
     if validation is not None:
         return tables, _tables_and_seeds(validation)[0], "given"
     distinct = sorted({s for s in seeds if s is not None})
+    if not distinct and len(tables) >= 3:  # plain tables, no seeds: the last run is held out
+        return tables[:-1], tables[-1:], "last run"
     if len(distinct) < 2:
         return tables, [], "last 25% of steps"
     held = distinct[-1]
