@@ -380,16 +380,24 @@ class MetaStateMonitor:
         self.reset()
         return msd, latents, standardised
 
-    def score(self, run: Any) -> pd.DataFrame:
-        """Per step: `step`, `env_step` (if present), `msd`, `z_1..z_k`, `alarm`, and each
-        standardised term `msd_<term>` (latent, prediction, features)."""
+    def _scored(
+        self, run: Any
+    ) -> tuple[
+        pd.DataFrame, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]
+    ]:
+        """(table, unclipped features, steps, `_score_features` output) of one run."""
         self._check_fitted()
         assert self.features is not None
         table = _table(run)
         self.features.reset()
         raw = self.features.transform(table, clip=False)
         steps = _steps(table)
-        msd, latents, standardised = self._score_features(raw, steps)
+        return table, raw, steps, self._score_features(raw, steps)
+
+    def score(self, run: Any) -> pd.DataFrame:
+        """Per step: `step`, `env_step` (if present), `msd`, `z_1..z_k`, `alarm`, and each
+        standardised term `msd_<term>` (latent, prediction, features)."""
+        table, _, steps, (msd, latents, standardised) = self._scored(run)
         out = pd.DataFrame({"step": steps})
         if "env_step" in table.columns:
             out["env_step"] = table["env_step"].to_numpy()
@@ -462,13 +470,8 @@ class MetaStateMonitor:
             layer_name,
         )
 
-        self._check_fitted()
+        table, raw, steps, (_, _, standardised) = self._scored(run)
         assert self.features is not None
-        table = _table(run)
-        self.features.reset()
-        raw = self.features.transform(table, clip=False)
-        steps = _steps(table)
-        _, _, standardised = self._score_features(raw, steps)
         term = max(self.config.terms, key=lambda t: standardised[t][index])
         step = int(steps[index])
         row = raw[index]
