@@ -17,10 +17,9 @@ one is complete).
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,7 +108,8 @@ def export_results(
         fit_audit(store, console=console)
     evaluation = to_jsonable(evaluate_audit(store, **(evaluate_options or {})))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
+    tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "evaluation.json", evaluation)
@@ -126,7 +126,6 @@ def export_results(
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
-        tmp.chmod(0o755 & ~_umask())
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{time.time_ns()}")
@@ -138,14 +137,6 @@ def export_results(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def folder_size(path: Path) -> int:
@@ -162,8 +153,3 @@ def describe(path: Path) -> str:
         f"findings written to {path} ({shown}; {n_figures} figures; "
         f"{folder_size(path) / 2**20:.1f} MiB)"
     )
-
-
-def load_json(path: Path) -> Any:
-    """Read one of the exported JSON files (for tests and readers)."""
-    return json.loads(path.read_text(encoding="utf-8"))
