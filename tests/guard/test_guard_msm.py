@@ -162,3 +162,32 @@ def test_an_msm_rollback_guard_acts_on_a_spike_about_as_often_as_the_monitor_ala
     assert {80, 81, 82, 83} <= set(steps)  # each spiked update rolled back
     assert len(steps) <= up_crossings + 4 + 1, steps
     assert math.isfinite(spiked_mse) and spiked_mse < unguarded_mse / 4
+
+
+def test_an_msm_skip_takes_the_undone_row_out_of_the_monitors_state(
+    monitor_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A skipped update is not on the run's timeline, so its row leaves the monitor's smoothing
+    and recurrent state as they were. Kept in them, the spike's deviation decays over ~1/ema
+    rows and every one of those steps is skipped too, each a healthy update thrown away."""
+    from stabilitybench.monitor.detectors import MSMDetector
+
+    # The fixture's threshold comes from one held-out run; set it, as `monitor fit` does, from
+    # healthy runs the model has not seen (seeds 11-14; the guarded run is seed 10).
+    monitor = MetaStateMonitor.load(monitor_dir)
+    unseen = []
+    for seed in range(11, 15):
+        monitor.reset()
+        unseen.append(np.array([monitor.step(r) for r in _run(seed)[0].to_dict("records")]))
+    monitor.recalibrate(unseen, "unseen healthy seeds")
+    monitor.save(tmp_path)
+    guard = {"detector": "msm", "action": "skip", "monitor": tmp_path}
+    spike = range(80, 84)
+    _, rewound, _ = _run(10, spike, 60.0, guard=guard)
+    monkeypatch.setattr(MSMDetector, "rewind_on_undo", False)
+    _, kept, _ = _run(10, spike, 60.0, guard=guard)
+    assert rewound is not None and kept is not None
+    after = [i.step for i in rewound.interventions if i.step >= spike.start]
+    assert set(spike) <= set(after) and len(after) <= len(spike) + 2, after
+    streak = [i.step for i in kept.interventions if i.step >= spike.start]
+    assert len(streak) > 2 * len(after), (after, streak)

@@ -69,3 +69,25 @@ def test_cli_include_controls_is_the_ablation(tmp_path: Path) -> None:
     info = fit["workloads"]["synth"]["detectors"]["msm"]
     assert "lr" in info["features"] and info["include_controls"] is True
     assert not any(why.startswith("control") for why in info["excluded_features"].values())
+
+
+def test_the_saved_monitors_threshold_comes_from_the_out_of_fold_healthy_scores(
+    fitted: RunStore,
+) -> None:
+    """One held-out seed would set a 1-per-1k threshold at its own maximum; the healthy runs
+    scored leave-one-seed-out give as many out-of-sample runs as there are seeds."""
+    import pandas as pd
+
+    from stabilitybench.monitor.alarms import calibrate_threshold
+    from stabilitybench.monitor.fitting import done_runs, is_healthy
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    healthy = [r for r in done_runs(fitted) if is_healthy(r)]
+    assert len({r.seed for r in healthy}) >= 2
+    scores = [
+        pd.read_parquet(fitted.run_dir(r.run_id) / "scores.parquet")["msd"].to_numpy()
+        for r in healthy
+    ]
+    monitor = MetaStateMonitor.load(fitted.root / "monitor")
+    assert monitor.threshold == pytest.approx(calibrate_threshold(scores, 1.0))
+    assert monitor.fit_info["threshold_from"].startswith(f"out-of-fold scores of {len(healthy)}")

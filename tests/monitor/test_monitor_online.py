@@ -48,3 +48,44 @@ def test_online_update_equals_offline_score(name: str) -> None:
         np.testing.assert_allclose(online, offline, rtol=1e-7, atol=1e-9, err_msg=name)
     assert np.isfinite(offline).any()
     assert detector.native(offline).dtype == bool
+
+
+def test_the_monitor_does_not_score_its_warm_up_rows_unless_they_are_non_finite() -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    monitor = MetaStateMonitor(latent_dim=2, seed=0, **FAST)
+    monitor.fit([_table(1), _table(2), _table(3)])
+    run = _table(0, spike=3)  # a spike inside the first `warmup_steps` rows
+    scored = monitor.score(run)
+    msd = scored["msd"].to_numpy()
+    warm = monitor.config.warmup_steps
+    assert warm == 8 and np.all(msd[:warm] == 0.0)
+    # The smoothing starts at the first scored row, from that row's own deviation.
+    first = max(scored[f"msd_{term}"][warm] for term in monitor.config.terms)
+    assert msd[warm] == pytest.approx(first) and first != 0.0
+    run.loc[2, "grad_norm"] = np.inf
+    msd = monitor.score(run)["msd"].to_numpy()
+    assert msd[2] == np.inf and msd[1] == 0.0
+
+
+@pytest.mark.parametrize("name", ["msm", "zclip"])
+def test_going_back_to_an_online_state_forgets_the_rows_fed_since(name: str) -> None:
+    cls = detector_classes()[name]
+    detector = cls.create(DetectorSettings(latent_dim=2, seed=0, monitor_options=FAST))
+    if cls.fitted:
+        detector = detector.fit([_table(1), _table(2), _table(3)])
+    rows = _table(0, spike=150).to_dict("records")
+    detector.reset()
+    straight = [detector.update(r) for r in rows[:150] + rows[151:]]  # row 150 never fed
+    detector.reset()
+    rewound = [detector.update(r) for r in rows[:150]]
+    state = detector.online_state()
+    detector.update(rows[150])  # the spike, then taken back
+    detector.set_online_state(state)
+    rewound += [detector.update(r) for r in rows[151:]]
+    if cls.rewind_on_undo:
+        np.testing.assert_allclose(rewound, straight, rtol=1e-12)
+    else:
+        # A reactive guard keeps its running statistics (its `online_state` is None): the spike
+        # stays in them, and the scores after it differ from a run that never had it.
+        assert state is None and not np.allclose(rewound[150:], straight[150:])

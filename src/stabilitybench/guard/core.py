@@ -291,6 +291,8 @@ class Guard:
         # and without the guard's own LR cut (else the cut looks like a deviation).
         shown = uncut_row(row, factors) if factors else dict(row)
         shown["step"], shown["run_step"] = self._updates - 1, step
+        rewind = getattr(self.detector, "rewind_on_undo", False)
+        before = self.detector.online_state() if rewind else None
         score = float(self.detector.update(shown))
         self.scores.append((step, score))
         if not bool(np.asarray(self.detector.native(np.array([score])))[0]):
@@ -301,6 +303,10 @@ class Guard:
         # gradient is already computed on the state about to be replaced, so undo it too.
         late = not self._in_after_step and self.telemetry.step == step and self._undo.step == step
         self._act(action, step, score)
+        if rewind and action in ("skip", "lr_cut"):
+            # The step's update was undone: its row is not on the run's timeline either (else
+            # the monitor's smoothing carries the alarm on, and every next step is skipped too).
+            self.detector.set_online_state(before)
         if late and not self.telemetry._closed:
             self._discard_step = step + 1  # charged to this intervention at its post-step
 

@@ -427,6 +427,7 @@ class MSMDetector(BaseDetector):
     citation = "StabilityBench (GRU state-space meta-state, arXiv 2601.13160)"
     fitted = True
     column = "msd"
+    rewind_on_undo = True  # a guard's undone step leaves the GRU state and smoothing as before
 
     def __init__(self, monitor: MetaStateMonitor) -> None:
         self.monitor = monitor
@@ -486,6 +487,16 @@ class MSMDetector(BaseDetector):
 
     def update(self, row: Mapping[str, Any]) -> float:
         return self.monitor.step(row)
+
+    def online_state(self) -> Any:
+        return self.monitor.online_state()
+
+    def set_online_state(self, state: Any) -> None:
+        self.monitor.set_online_state(state)
+
+    def recalibrate(self, scores: Sequence[np.ndarray], source: str) -> None:
+        """The native threshold from out-of-sample scores of healthy runs."""
+        self.monitor.recalibrate(scores, source)
 
     def score_columns(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
         scored = self.monitor.score(table)

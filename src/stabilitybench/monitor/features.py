@@ -304,6 +304,13 @@ class FeatureExtractor:
         """Forget the online carry-forward state (start of a new run)."""
         self._last = None
 
+    def online_state(self) -> np.ndarray | None:
+        """A copy of the online carry-forward state (for `set_online_state`)."""
+        return None if self._last is None else self._last.copy()
+
+    def set_online_state(self, state: np.ndarray | None) -> None:
+        self._last = None if state is None else state.copy()
+
     def transform_row(self, row: Mapping[str, Any], clip: bool = True) -> np.ndarray:
         """One telemetry row (a mapping) → (d,) features; same result as `transform` row by row.
 

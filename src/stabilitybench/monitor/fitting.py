@@ -142,6 +142,28 @@ def first_alarm_attribution(
     }
 
 
+def recalibrate_native(full: Fitted, out_of_fold: Sequence[pd.DataFrame]) -> None:
+    """Set each fitted detector's native threshold (the one a guard acts on) from the healthy
+    runs' out-of-fold scores, when there are at least two such runs.
+
+    The model fitted on all healthy runs calibrates its threshold on one held-out seed, whose
+    maximum then decides a 1-per-1k target; a new healthy run exceeds it often. The healthy
+    runs scored leave-one-seed-out are out of sample for a model fitted on as many runs, and
+    there are as many of them as seeds.
+    """
+    if len(out_of_fold) < 2:
+        return
+    for detector in full.values():
+        recalibrate = getattr(detector, "recalibrate", None)
+        column = detector.column
+        if recalibrate is None or not all(column in f.columns for f in out_of_fold):
+            continue
+        scores = [f[column].to_numpy(dtype=float) for f in out_of_fold]
+        recalibrate(
+            scores, f"out-of-fold scores of {len(scores)} healthy runs (leave one seed out)"
+        )
+
+
 def _folds(
     group: Sequence[RunData], full: Fitted, settings: DetectorSettings, console: Any
 ) -> dict[int, Fitted | None]:
@@ -170,19 +192,23 @@ def _fit_workload(
     say(console, f"[bold]{name}[/]: {len(baseline)} healthy runs, seeds {baseline_seeds}")
     full = fit_detectors(settings, baseline)
     folder = store.root / MONITOR_DIR / safe_name(name)
-    for detector in full.values():
-        if detector.save(folder) and single:
-            detector.save(store.root / MONITOR_DIR)
-        if (text := detector.describe()) is not None:
-            say(console, f"  {text} → {folder}")
     folds = _folds(group, full, settings, console)
     attributions = kw.setdefault("attributions", {})
+    out_of_fold: list[pd.DataFrame] = []
     for run in group:
         fold = folds.get(int(run.seed or 0))
         frame = score_frame(run, fold, settings)
         write_parquet(store.run_dir(run.run_id) / SCORES_FILE, frame)
         if fold is not None and (found := first_alarm_attribution(run, frame, fold)) is not None:
             attributions[run.run_id] = found
+        if fold is not None and fold is not full and is_healthy(run):
+            out_of_fold.append(frame)
+    recalibrate_native(full, out_of_fold)
+    for detector in full.values():
+        if detector.save(folder) and single:
+            detector.save(store.root / MONITOR_DIR)
+        if (text := detector.describe()) is not None:
+            say(console, f"  {text} → {folder}")
     return {
         "baseline_runs": len(baseline),
         "baseline_seeds": baseline_seeds,

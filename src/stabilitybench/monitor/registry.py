@@ -85,9 +85,23 @@ class BaseDetector:
     # The telemetry signals a guard reads: per signal, its candidate columns (first found).
     reads: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
+    # Whether a guard that undoes a step (skip, LR cut) also takes the step's row back out of
+    # the detector's online state. True for a score against a fixed healthy reference (the
+    # monitor: its state is only smoothing and a recurrent state, and an undone step is not on
+    # the run's timeline); False for the reactive guards, whose running statistics must learn a
+    # new regime (rewound, a skip guard behind a lasting shift would skip every step forever).
+    rewind_on_undo: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         """Dataclass detectors start with a fresh online state."""
         self.reset()
+
+    def online_state(self) -> Any:
+        """A copy of the online state `update` carries (for `set_online_state`)."""
+        return None
+
+    def set_online_state(self, state: Any) -> None:
+        """Go back to a state `online_state()` returned."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -72,7 +72,7 @@ class MonitorConfig:
     feature_shrinkage: float = 0.5  # of the features' per-bin covariance towards its diagonal
     feature_floor: float = 0.5  # smallest per-bin std of a feature, in its normalised units
     include_controls: bool = False  # ablation: read the columns the audit controls too
-    warmup_steps: int = 8  # first rows of a run whose GRU terms are not scored (fresh state)
+    warmup_steps: int = 8  # first rows of a run that are not scored (MSD 0: a fresh state)
 
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
@@ -328,6 +328,21 @@ class MetaStateMonitor:
         standardised = self._standardised(terms, b)
         return max(standardised[t] for t in self.config.terms)
 
+    def _msd(self, terms: Mapping[str, float], b: int, t: int) -> float:
+        """The MSD of row `t`: the smoothed deviation; 0 for the first `warmup_steps` rows of
+        a run (a fresh state is not scored, and the smoothing starts after it), unless the row
+        is non-finite (+inf, an alarm at any step)."""
+        deviation = self._deviation(terms, b)
+        if t < self.config.warmup_steps and math.isfinite(deviation):
+            return 0.0
+        return self._smooth(deviation)
+
+    def recalibrate(self, scores: Sequence[np.ndarray], source: str) -> None:
+        """Set the threshold from out-of-sample MSD series of healthy runs (one (n_i,) array
+        per run) at the configured false-alarm target; `fit_info` records where it came from."""
+        self.threshold = calibrate_threshold(list(scores), self.config.target_false_alarms)
+        self.fit_info["threshold_from"] = source
+
     def _smooth(self, raw: float) -> float:
         """EMA of the raw deviation; a non-finite step scores +inf and leaves the state as it was."""
         if not math.isfinite(raw):
@@ -376,7 +391,7 @@ class MetaStateMonitor:
             terms = self._terms(z, prediction, raw[t], b, t)
             for term, value in self._standardised(terms, b).items():
                 standardised[term][t] = value
-            msd[t] = self._smooth(self._deviation(terms, b))
+            msd[t] = self._msd(terms, b, t)
         self.reset()
         return msd, latents, standardised
 
@@ -421,8 +436,24 @@ class MetaStateMonitor:
         b = self._bin(int(step_value) if step_value is not None else self._t)
         z, prediction = self._advance(_clip(raw))
         terms = self._terms(z, prediction, raw, b, self._t)
+        msd = self._msd(terms, b, self._t)
         self._t += 1
-        return self._smooth(self._deviation(terms, b))
+        return msd
+
+    def online_state(self) -> tuple[Any, ...]:
+        """A copy of what `step()` carries from row to row (hidden state, last prediction,
+        smoothing, row count, the features' forward fill), for `set_online_state`."""
+        assert self.features is not None
+        prediction = None if self._prediction is None else self._prediction.copy()
+        return (self._h.copy(), prediction, self._ema, self._t, self.features.online_state())
+
+    def set_online_state(self, state: tuple[Any, ...]) -> None:
+        """Go back to a state `online_state()` returned: the rows fed since are forgotten."""
+        assert self.features is not None
+        h, prediction, self._ema, self._t, features = state
+        self._h = h.copy()
+        self._prediction = None if prediction is None else prediction.copy()
+        self.features.set_online_state(features)
 
     def contributions(self, row_features: np.ndarray, step: int) -> dict[str, float]:
         """Feature name → its share of the feature term's squared distance at one step (the
