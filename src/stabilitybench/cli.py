@@ -266,7 +266,9 @@ def monitor_evaluate(
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
-        print_evaluation(result, console, wide=wide)
+        from stabilitybench.monitor.fitting import read_attributions
+
+        print_evaluation(result, console, wide=wide, attributions=read_attributions(store.root))
 
 
 @monitor_app.command("score")

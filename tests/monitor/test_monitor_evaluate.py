@@ -215,3 +215,20 @@ def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:
     assert int(frame["n"].iloc[0]) == sum(len(fitted.load(r).telemetry) for r in fitted.run_ids())
     assert np.isfinite(frame["top"].iloc[0])
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_cli_evaluate_says_what_moved_the_monitor_at_its_first_alarms(fitted: RunStore) -> None:
+    from collections import Counter
+
+    from stabilitybench.monitor.fitting import read_attributions
+    from stabilitybench.monitor.printing import first_alarm_lines
+
+    found = read_attributions(fitted.root)
+    assert found, "the synthetic spikes make the monitor alarm"
+    leads = Counter(e["contributions"][0]["feature"] for e in found.values())
+    feature, n = leads.most_common(1)[0]
+    lines = first_alarm_lines(found)
+    assert len(lines) == 1 and lines[0].startswith("synth: the monitor's first alarm was moved")
+    assert f"{feature}" in lines[0] and f"({n} of {len(found)} runs)" in lines[0]
+    code, out = _cli("monitor", "evaluate", str(fitted.root))
+    assert code == 0 and "where: synth: the monitor's first alarm" in " ".join(out.split())

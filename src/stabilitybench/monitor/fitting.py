@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,19 @@ def score_frame(run: RunData, fold: Fitted | None, settings: DetectorSettings) -
         else:
             columns.update(fold[name].score_columns(table))
     return pd.DataFrame(columns)
+
+
+def read_attributions(root: Path) -> dict[str, Any]:
+    """An audit's monitor/attribution.json (run_id → what moved the monitor at its first
+    alarm), or {} when `monitor fit` has not written one or it cannot be read."""
+    import json
+
+    path = root / MONITOR_DIR / ATTRIBUTION_FILE
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def first_alarm_attribution(

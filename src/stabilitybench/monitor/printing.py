@@ -6,6 +6,8 @@ why a figure is missing. `monitor score`'s per-run tables live here too.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
@@ -117,14 +119,40 @@ def evaluation_notes(result: Evaluation) -> list[str]:
     return list(dict.fromkeys([*out, *result.protocol.notes]))
 
 
-def print_evaluation(result: Evaluation, console: Any, wide: bool = False) -> None:
-    """The evaluation as rich tables, with notes for figures that could not be estimated."""
+def first_alarm_lines(attributions: Mapping[str, Any], top: int = 3) -> list[str]:
+    """Per workload, what moved the monitor most at its first alarm, over the runs it alarmed
+    on (attribution.json): the leading feature (and layer) and on how many runs it led."""
+    by_workload: dict[str, Counter[str]] = defaultdict(Counter)
+    for entry in attributions.values():
+        if not isinstance(entry, Mapping) or not entry.get("contributions"):
+            continue
+        lead = entry["contributions"][0]
+        where = f" @ {lead['layer']}" if lead.get("layer") else ""
+        by_workload[str(entry.get("workload"))][f"{lead['feature']}{where}"] += 1
+    lines = []
+    for workload, counts in sorted(by_workload.items()):
+        total = sum(counts.values())
+        common = ", ".join(f"{name} ({n} of {total} runs)" for name, n in counts.most_common(top))
+        lines.append(f"{workload}: the monitor's first alarm was moved most by {common}")
+    return lines
+
+
+def print_evaluation(
+    result: Evaluation,
+    console: Any,
+    wide: bool = False,
+    attributions: Mapping[str, Any] | None = None,
+) -> None:
+    """The evaluation as rich tables, with notes for figures that could not be estimated, then
+    what moved the monitor at its first alarms (`attributions`: attribution.json)."""
     for table in evaluation_tables(result, wide):
         print_table(console, table, wide)
     if not wide:
         console.print(f"[dim]{escape(LEGEND)}[/]", highlight=False)
     for note in evaluation_notes(result):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for line in first_alarm_lines(attributions or {}):
+        console.print(f"[cyan]where:[/] {escape(line)}", highlight=False)
 
 
 def _max_score(entry: DetectorAlarms) -> str:

@@ -94,17 +94,9 @@ def load_report_data(store: RunStore) -> ReportData:
 
 def _attributions(root: Path) -> dict[str, Any]:
     """monitor/attribution.json (written by `monitor fit`), or {} when absent or unreadable."""
-    import json
+    from stabilitybench.monitor.fitting import read_attributions
 
-    from stabilitybench.monitor.fitting import ATTRIBUTION_FILE
-    from stabilitybench.monitor.results import MONITOR_DIR
-
-    path = root / MONITOR_DIR / ATTRIBUTION_FILE
-    try:
-        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return read_attributions(root)
 
 
 # -- labels ------------------------------------------------------------------------------------
