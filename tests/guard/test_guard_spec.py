@@ -238,6 +238,11 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
         "zclip:rollback(every=5,keep=4,min_age=5)",
     ]
     assert spiked_guarded["final_difference"]["n"] == 2
+    # The table groups guarded conditions by condition, the unperturbed one first.
+    text = CliRunner().invoke(app, ["summary", str(out), "--wide"], env={"COLUMNS": "250"})
+    table = text.output[text.output.index(" guards ") :]
+    rows = [line for line in table.splitlines() if "zclip:rollback" in line]
+    assert len(rows) == 2 and " none " in rows[0] and "lr_spike" in rows[1], rows
     # The report: a guards section beside the unguarded condition, markers on the curves.
     report = CliRunner().invoke(app, ["report", str(out)])
     assert report.exit_code == 0, report.output

@@ -95,7 +95,18 @@ def guards_table(summary: AuditSummary) -> Any:
     columns += [("irreversible\nunguarded", True), ("interv.\n/run", True)]
     columns += [("extra\ncompute", True), ("final Δ\nvs unguarded", True), ("wall\nratio", True)]
     rows = []
-    for g in summary.guards:
+    # Grouped by condition (the unperturbed one first), then by guard.
+    order = sorted(
+        summary.guards,
+        key=lambda g: (
+            g.workload,
+            knobs_text(g.knobs),
+            g.perturbation != "none",
+            g.perturbation,
+            g.guard,
+        ),
+    )
+    for g in order:
         condition = f"{g.workload} {knobs_text(g.knobs)} {g.perturbation}"
         rows.append(
             [
