@@ -8,6 +8,10 @@ condition's time / the time without telemetry — by wall clock and by this proc
 
     .venv/bin/python benchmarks/rl_overhead.py            # PPO CartPole + PPO HalfCheetah-v5
     .venv/bin/python benchmarks/rl_overhead.py --sac      # also SAC Pendulum-v1
+    .venv/bin/python benchmarks/rl_overhead.py --paper    # PPO, SAC, TD3 on HalfCheetah-v5
+
+Beside the ratios it prints env steps/s with and without telemetry (the paper audits' algorithms,
+issue 16), from the same interleaved repetitions.
 """
 
 from __future__ import annotations
@@ -33,7 +37,21 @@ CASES: dict[str, dict[str, Any]] = {
         "total_steps": 1100,
         "knobs": {"learning_starts": 100},
     },
+    # The paper audits' off-policy algorithms (examples/paper_rl.yaml), shortened.
+    "sac-halfcheetah": {
+        "algo": "sac",
+        "env": "HalfCheetah-v5",
+        "total_steps": 1100,
+        "knobs": {"learning_starts": 100},
+    },
+    "td3-halfcheetah": {
+        "algo": "td3",
+        "env": "HalfCheetah-v5",
+        "total_steps": 1100,
+        "knobs": {"learning_starts": 100},
+    },
 }
+PAPER = ["ppo-halfcheetah", "sac-halfcheetah", "td3-halfcheetah"]
 CONDITIONS: dict[str, dict[str, Any] | None] = {
     "off": None,
     "defaults": {},  # StabilityCallback(): probes every 4th step, grad_norm_raw every step
@@ -70,6 +88,8 @@ def measure(name: str, reps: int) -> dict[str, Any]:
             cpu[condition].append(c)
             rows = max(rows, seen)
     out: dict[str, Any] = {"rows": rows, "off_wall": statistics.median(wall["off"])}
+    steps = case["total_steps"]
+    out["steps_per_s"] = {c: steps / statistics.median(wall[c]) for c in names}
     for condition in names[1:]:
         w_ratios = [a / b for a, b in zip(wall[condition], wall["off"], strict=True)]
         c_ratios = [a / b for a, b in zip(cpu[condition], cpu["off"], strict=True)]
@@ -86,12 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions per case")
     parser.add_argument("--sac", action="store_true", help="also measure SAC on Pendulum-v1")
+    parser.add_argument("--paper", action="store_true", help=f"the cases {', '.join(PAPER)}")
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(CASES)}")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.chdir(tempfile.mkdtemp())  # mujoco writes MUJOCO_LOG.TXT into the working directory
-    names = args.cases or ["ppo-cartpole", "ppo-halfcheetah"] + (
-        ["sac-pendulum"] if args.sac else []
+    names = args.cases or (
+        PAPER
+        if args.paper
+        else ["ppo-cartpole", "ppo-halfcheetah"] + (["sac-pendulum"] if args.sac else [])
     )
     print(
         f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, "
@@ -99,7 +122,7 @@ def main() -> None:
     )
     print(
         f"{'case':<16} {'env steps':>9} {'opt steps':>9} {'off s':>6} {'callback':>9} "
-        f"{'wall x':>7} {'cpu x':>7} {'wall range':>13}"
+        f"{'wall x':>7} {'cpu x':>7} {'wall range':>13} {'steps/s off':>11} {'on':>7}"
     )
     for name in names:
         r = measure(name, args.reps)
@@ -107,7 +130,8 @@ def main() -> None:
             w, c, lo, hi = r[condition]
             print(
                 f"{name:<16} {CASES[name]['total_steps']:>9} {r['rows']:>9} "
-                f"{r['off_wall']:>6.1f} {condition:>9} {w:>7.3f} {c:>7.3f} {lo:>6.3f}-{hi:.3f}",
+                f"{r['off_wall']:>6.1f} {condition:>9} {w:>7.3f} {c:>7.3f} {lo:>6.3f}-{hi:.3f} "
+                f"{r['steps_per_s']['off']:>11.0f} {r['steps_per_s'][condition]:>7.0f}",
                 flush=True,
             )
 
