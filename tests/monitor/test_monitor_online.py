@@ -60,9 +60,10 @@ def test_the_monitor_does_not_score_its_warm_up_rows_unless_they_are_non_finite(
     msd = scored["msd"].to_numpy()
     warm = monitor.config.warmup_steps
     assert warm == 8 and np.all(msd[:warm] == 0.0)
-    # The smoothing starts at the first scored row, from that row's own deviation.
+    # The smoothing starts at the first scored row, from the healthy centre (0): one row moves
+    # it by `ema` × its deviation.
     first = max(scored[f"msd_{term}"][warm] for term in monitor.config.terms)
-    assert msd[warm] == pytest.approx(first) and first != 0.0
+    assert msd[warm] == pytest.approx(monitor.config.ema * first) and first != 0.0
     run.loc[2, "grad_norm"] = np.inf
     msd = monitor.score(run)["msd"].to_numpy()
     assert msd[2] == np.inf and msd[1] == 0.0

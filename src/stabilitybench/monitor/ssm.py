@@ -344,11 +344,16 @@ class MetaStateMonitor:
         self.fit_info["threshold_from"] = source
 
     def _smooth(self, raw: float) -> float:
-        """EMA of the raw deviation; a non-finite step scores +inf and leaves the state as it was."""
+        """EMA of the raw deviation, started at the healthy centre (0: each term is standardised
+        by its healthy median and spread), so that one row, the first scored one included, moves
+        it by `ema` × its deviation (started at the first row's value, a fresh run's first
+        scored row alarmed alone, and a guard skipped it again and again); a non-finite step
+        scores +inf and leaves the state as it was."""
         if not math.isfinite(raw):
             return math.inf
         alpha = self.config.ema
-        self._ema = raw if self._ema is None else (1 - alpha) * self._ema + alpha * raw
+        previous = 0.0 if self._ema is None else self._ema
+        self._ema = (1 - alpha) * previous + alpha * raw
         return self._ema
 
     def _raw_pass(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray | None]]:
