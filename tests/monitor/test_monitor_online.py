@@ -89,3 +89,20 @@ def test_going_back_to_an_online_state_forgets_the_rows_fed_since(name: str) -> 
         # A reactive guard keeps its running statistics (its `online_state` is None): the spike
         # stays in them, and the scores after it differ from a run that never had it.
         assert state is None and not np.allclose(rewound[150:], straight[150:])
+
+
+@pytest.mark.parametrize("view", ["change", "level+change"])
+def test_the_monitor_on_change_features_runs_online_as_offline(view: str) -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    options = {**FAST, "feature_view": view, "change_window": 8, "exclude_features": ["loss"]}
+    monitor = MetaStateMonitor(latent_dim=2, seed=0, **options)
+    monitor.fit([_table(1), _table(2), _table(3)])
+    assert monitor.features is not None and "loss" not in monitor.features.columns
+    assert "delta:grad_norm" in monitor.fit_info["features"]
+    run = _table(0, spike=150)
+    offline = monitor.score(run)["msd"].to_numpy()
+    monitor.reset()
+    online = [monitor.step(row) for row in run.to_dict("records")]
+    np.testing.assert_allclose(online, offline, rtol=1e-7, atol=1e-9)
+    assert offline[150] > offline[140]  # the spike is a change too

@@ -36,7 +36,7 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
-from stabilitybench.monitor.features import CLIP, FeatureExtractor
+from stabilitybench.monitor.features import CLIP, DEFAULT_CHANGE_WINDOW, FeatureExtractor
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.attribution import MonitorAttribution
@@ -73,9 +73,16 @@ class MonitorConfig:
     feature_floor: float = 0.5  # smallest per-bin std of a feature, in its normalised units
     include_controls: bool = False  # ablation: read the columns the audit controls too
     warmup_steps: int = 8  # first rows of a run that are not scored (MSD 0: a fresh state)
+    # What the monitor reads of each column (features.VIEWS): its level, its change over the
+    # last `change_window` rows, or both.
+    feature_view: str = "level"
+    change_window: int = DEFAULT_CHANGE_WINDOW
+    # Columns (base names, e.g. `param_norm`) left out of the features, beside the controls.
+    exclude_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
+        self.exclude_features = tuple(self.exclude_features)
         unknown = sorted(set(self.terms) - set(TERMS))
         if unknown or not self.terms:
             raise StabilityBenchError(
@@ -114,7 +121,12 @@ class MetaStateMonitor:
         tables, val_tables, holdout = _split_holdout(runs, validation)
         all_tables = [*tables, *val_tables]
         self.features = FeatureExtractor.fit(
-            all_tables, include_controls=self.config.include_controls, knobs=_knob_names(runs)
+            all_tables,
+            include_controls=self.config.include_controls,
+            knobs=_knob_names(runs),
+            view=self.config.feature_view,
+            change_window=self.config.change_window,
+            exclude=self.config.exclude_features,
         )
         self.horizon = int(np.median([_run_length(t) for t in all_tables]))
         train_raw = [self.features.transform(t, clip=False) for t in tables]
