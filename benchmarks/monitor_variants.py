@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "terms": ["features"],
         "exclude_features": ["param_norm"],
     },
+    "rise": {"relative": True},
+    "change_features_rise": {"feature_view": "change", "terms": ["features"], "relative": True},
     "change32_features_no_param_norm": {
         "feature_view": "change",
         "change_window": 32,

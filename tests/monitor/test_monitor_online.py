@@ -106,3 +106,21 @@ def test_the_monitor_on_change_features_runs_online_as_offline(view: str) -> Non
     online = [monitor.step(row) for row in run.to_dict("records")]
     np.testing.assert_allclose(online, offline, rtol=1e-7, atol=1e-9)
     assert offline[150] > offline[140]  # the spike is a change too
+
+
+def test_the_relative_monitor_scores_the_rise_above_its_own_floor_online_as_offline() -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    plain = MetaStateMonitor(latent_dim=2, seed=0, **FAST).fit([_table(1), _table(2), _table(3)])
+    relative = MetaStateMonitor(latent_dim=2, seed=0, relative=True, **FAST)
+    relative.fit([_table(1), _table(2), _table(3)])
+    run = _table(0, spike=150)
+    msd = plain.score(run)["msd"].to_numpy()
+    rise = relative.score(run)["msd"].to_numpy()
+    warm = plain.config.warmup_steps
+    floor = np.minimum.accumulate(msd[warm:])
+    np.testing.assert_allclose(rise[warm:], msd[warm:] - floor, atol=1e-9)
+    assert (rise[:warm] == 0).all() and (rise >= 0).all()
+    relative.reset()
+    online = [relative.step(row) for row in run.to_dict("records")]
+    np.testing.assert_allclose(online, rise, rtol=1e-7, atol=1e-9)

@@ -16,6 +16,10 @@ forward (the baseline median at the start). A non-finite value, or a step whose 
 non-finite, is a divergence: its features are +inf and the `nonfinite` flag fires. A network
 reads the clipped view (`[-CLIP, CLIP]`); scores that must keep growing with the distance read the
 unclipped one (`transform(..., clip=False)`).
+
+`view` chooses what is read of each column: its level (the default), its change over the last
+`change_window` rows (`delta:<column>`: a log-growth rate for a norm, so that a recipe that sits
+at another level from its start is not a deviation while its growth is healthy), or both.
 """
 
 from __future__ import annotations

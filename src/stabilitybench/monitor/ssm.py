@@ -79,6 +79,9 @@ class MonitorConfig:
     change_window: int = DEFAULT_CHANGE_WINDOW
     # Columns (base names, e.g. `param_norm`) left out of the features, beside the controls.
     exclude_features: tuple[str, ...] = ()
+    # The MSD as the smoothed deviation's rise above its own running minimum in the run (after
+    # the warm-up): a deviation a run has had since its start (its recipe) is not scored.
+    relative: bool = False
 
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
@@ -281,6 +284,7 @@ class MetaStateMonitor:
         self._h = np.zeros(self.config.hidden)
         self._prediction: np.ndarray | None = None
         self._ema: float | None = None
+        self._floor = math.inf  # running minimum of the smoothed deviation (`relative`)
         self._t = 0
         if self.features is not None:
             self.features.reset()
@@ -361,7 +365,10 @@ class MetaStateMonitor:
             return math.inf
         alpha = self.config.ema
         self._ema = raw if self._ema is None else (1 - alpha) * self._ema + alpha * raw
-        return self._ema
+        if not self.config.relative:
+            return self._ema
+        self._floor = min(self._floor, self._ema)
+        return self._ema - self._floor
 
     def _raw_pass(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """(n, d) clipped features → latents (n, k) and each step's prediction, fresh state."""
@@ -454,15 +461,17 @@ class MetaStateMonitor:
 
     def online_state(self) -> tuple[Any, ...]:
         """A copy of what `step()` carries from row to row (hidden state, last prediction,
-        smoothing, row count, the features' forward fill), for `set_online_state`."""
+        smoothing, row count, the features' online state, the running floor of `relative`),
+        for `set_online_state`."""
         assert self.features is not None
         prediction = None if self._prediction is None else self._prediction.copy()
-        return (self._h.copy(), prediction, self._ema, self._t, self.features.online_state())
+        features = self.features.online_state()
+        return (self._h.copy(), prediction, self._ema, self._t, features, self._floor)
 
     def set_online_state(self, state: tuple[Any, ...]) -> None:
         """Go back to a state `online_state()` returned: the rows fed since are forgotten."""
         assert self.features is not None
-        h, prediction, self._ema, self._t, features = state
+        h, prediction, self._ema, self._t, features, self._floor = state
         self._h = h.copy()
         self._prediction = None if prediction is None else prediction.copy()
         self.features.set_online_state(features)
