@@ -74,7 +74,10 @@ class MonitorConfig:
     include_controls: bool = False  # ablation: read the columns the audit controls too
     warmup_steps: int = 8  # first rows of a run that are not scored (MSD 0: a fresh state)
     # What the monitor reads of each column (features.VIEWS): its level, its change over the
-    # last `change_window` rows, or both.
+    # last `change_window` rows, or both. `feature_view`, `exclude_features` and `relative`
+    # default to the level monitor: on lm_buildup the change view or the relative MSD raised
+    # the event recall (0.38 → 0.78-0.88) but no variant raised both recall and step AUROC on
+    # rl_buildup's PPO as well without a worse quickstart (benchmarks/monitor_variants.py).
     feature_view: str = "level"
     change_window: int = DEFAULT_CHANGE_WINDOW
     # Columns (base names, e.g. `param_norm`) left out of the features, beside the controls.
