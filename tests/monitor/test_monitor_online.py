@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -124,3 +126,20 @@ def test_the_relative_monitor_scores_the_rise_above_its_own_floor_online_as_offl
     relative.reset()
     online = [relative.step(row) for row in run.to_dict("records")]
     np.testing.assert_allclose(online, rise, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"feature_view": "slope"}, "feature_view must be one of level, change, level+change"),
+        ({"change_window": 0}, "change_window must be an integer >= 1; got 0"),
+    ],
+)
+def test_bad_monitor_feature_options_are_one_clear_error(
+    options: dict[str, object], message: str
+) -> None:
+    from stabilitybench.errors import StabilityBenchError
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    with pytest.raises(StabilityBenchError, match=re.escape(message)):
+        MetaStateMonitor(latent_dim=2, **options)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
-from stabilitybench.monitor.features import CLIP, DEFAULT_CHANGE_WINDOW, FeatureExtractor
+from stabilitybench.monitor.features import CLIP, DEFAULT_CHANGE_WINDOW, VIEWS, FeatureExtractor
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.attribution import MonitorAttribution
@@ -76,7 +76,7 @@ class MonitorConfig:
     # What the monitor reads of each column (features.VIEWS): its level, its change over the
     # last `change_window` rows, or both. `feature_view`, `exclude_features` and `relative`
     # default to the level monitor: on lm_buildup the change view or the relative MSD raised
-    # the event recall (0.38 → 0.78-0.88) but no variant raised both recall and step AUROC on
+    # the event recall (0.38 → up to 0.88) but no variant raised both recall and step AUROC on
     # rl_buildup's PPO as well without a worse quickstart (benchmarks/monitor_variants.py).
     feature_view: str = "level"
     change_window: int = DEFAULT_CHANGE_WINDOW
@@ -89,6 +89,14 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
         self.exclude_features = tuple(self.exclude_features)
+        if self.feature_view not in VIEWS:
+            raise StabilityBenchError(
+                f"monitor feature_view must be one of {', '.join(VIEWS)}; got {self.feature_view!r}"
+            )
+        if self.change_window < 1:
+            raise StabilityBenchError(
+                f"monitor change_window must be an integer >= 1; got {self.change_window}"
+            )
         unknown = sorted(set(self.terms) - set(TERMS))
         if unknown or not self.terms:
             raise StabilityBenchError(
