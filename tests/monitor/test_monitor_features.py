@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -169,3 +170,51 @@ def test_online_rows_equal_the_offline_table() -> None:
     ]
     online = np.stack([features.transform_row(r) for r in rows])
     np.testing.assert_allclose(online, offline, atol=1e-12)
+
+
+def test_change_view_is_the_transformed_change_over_the_window() -> None:
+    # grad_norm 1, 10, 100, 1000, 1000 is log10 0, 1, 2, 3, 3: over a 2-row window (the first
+    # row before that) the changes are 0, 1, 2, 2, 1; normalised by centre 1 and scale 0.5.
+    table = pd.DataFrame({"step": range(5), "grad_norm": [1.0, 10.0, 100.0, 1000.0, 1000.0]})
+    features = FeatureExtractor(
+        ["grad_norm"],
+        np.asarray([0.0]),
+        np.asarray([2.0]),
+        view="change",
+        change_window=2,
+        change_center=np.asarray([1.0]),
+        change_scale=np.asarray([0.5]),
+    )
+    assert features.names == ["delta:grad_norm", "nonfinite"]
+    x = features.transform(table)
+    np.testing.assert_allclose(x[:, 0], [-2.0, 0.0, 2.0, 2.0, 0.0], atol=1e-9)
+    both = dataclasses.replace(features, view="level+change")
+    assert both.names == ["grad_norm", "delta:grad_norm", "nonfinite"]
+    np.testing.assert_allclose(both.transform(table)[:, 0], [0.0, 0.5, 1.0, 1.5, 1.5], atol=1e-9)
+
+
+def test_change_view_fits_its_centre_and_scale_and_runs_online() -> None:
+    healthy = [synthetic_telemetry(seed, n=60) for seed in (0, 1)]
+    features = FeatureExtractor.fit(healthy, view="change", change_window=4, exclude=["loss"])
+    assert "loss" not in features.columns and "loss" in features.excluded
+    assert features.change_center is not None and features.change_scale is not None
+    x = np.concatenate([features.transform(t, clip=False) for t in healthy])
+    # on the runs it was fitted on, each change feature has median 0
+    np.testing.assert_allclose(np.median(x[:, :-1], axis=0), 0.0, atol=1e-9)
+    table = synthetic_telemetry(2, n=60)
+    table.loc[20, "grad_norm"] = math.inf
+    offline = features.transform(table, clip=False)
+    assert np.isinf(offline[20]).all()
+    assert np.isfinite(offline[21:]).all()  # after it the change reads the last finite level
+    features.reset()
+    online = np.stack([features.transform_row(r, clip=False) for r in table.to_dict("records")])
+    np.testing.assert_allclose(online, offline, atol=1e-12)
+    again = FeatureExtractor.from_dict(features.to_dict())
+    np.testing.assert_allclose(again.transform(table, clip=False), offline, atol=1e-12)
+
+
+def test_an_unknown_view_is_one_clear_error() -> None:
+    from stabilitybench.errors import StabilityBenchError
+
+    with pytest.raises(StabilityBenchError, match="feature_view must be one of level, change"):
+        FeatureExtractor(["grad_norm"], np.zeros(1), np.ones(1), view="slope")

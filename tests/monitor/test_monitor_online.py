@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,3 +92,55 @@ def test_going_back_to_an_online_state_forgets_the_rows_fed_since(name: str) -> 
         # A reactive guard keeps its running statistics (its `online_state` is None): the spike
         # stays in them, and the scores after it differ from a run that never had it.
         assert state is None and not np.allclose(rewound[150:], straight[150:])
+
+
+@pytest.mark.parametrize("view", ["change", "level+change"])
+def test_the_monitor_on_change_features_runs_online_as_offline(view: str) -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    options = {**FAST, "feature_view": view, "change_window": 8, "exclude_features": ["loss"]}
+    monitor = MetaStateMonitor(latent_dim=2, seed=0, **options)
+    monitor.fit([_table(1), _table(2), _table(3)])
+    assert monitor.features is not None and "loss" not in monitor.features.columns
+    assert "delta:grad_norm" in monitor.fit_info["features"]
+    run = _table(0, spike=150)
+    offline = monitor.score(run)["msd"].to_numpy()
+    monitor.reset()
+    online = [monitor.step(row) for row in run.to_dict("records")]
+    np.testing.assert_allclose(online, offline, rtol=1e-7, atol=1e-9)
+    assert offline[150] > offline[140]  # the spike is a change too
+
+
+def test_the_relative_monitor_scores_the_rise_above_its_own_floor_online_as_offline() -> None:
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    plain = MetaStateMonitor(latent_dim=2, seed=0, **FAST).fit([_table(1), _table(2), _table(3)])
+    relative = MetaStateMonitor(latent_dim=2, seed=0, relative=True, **FAST)
+    relative.fit([_table(1), _table(2), _table(3)])
+    run = _table(0, spike=150)
+    msd = plain.score(run)["msd"].to_numpy()
+    rise = relative.score(run)["msd"].to_numpy()
+    warm = plain.config.warmup_steps
+    floor = np.minimum.accumulate(msd[warm:])
+    np.testing.assert_allclose(rise[warm:], msd[warm:] - floor, atol=1e-9)
+    assert (rise[:warm] == 0).all() and (rise >= 0).all()
+    relative.reset()
+    online = [relative.step(row) for row in run.to_dict("records")]
+    np.testing.assert_allclose(online, rise, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"feature_view": "slope"}, "feature_view must be one of level, change, level+change"),
+        ({"change_window": 0}, "change_window must be an integer >= 1; got 0"),
+    ],
+)
+def test_bad_monitor_feature_options_are_one_clear_error(
+    options: dict[str, object], message: str
+) -> None:
+    from stabilitybench.errors import StabilityBenchError
+    from stabilitybench.monitor.ssm import MetaStateMonitor
+
+    with pytest.raises(StabilityBenchError, match=re.escape(message)):
+        MetaStateMonitor(latent_dim=2, **options)  # type: ignore[arg-type]

@@ -16,6 +16,10 @@ forward (the baseline median at the start). A non-finite value, or a step whose 
 non-finite, is a divergence: its features are +inf and the `nonfinite` flag fires. A network
 reads the clipped view (`[-CLIP, CLIP]`); scores that must keep growing with the distance read the
 unclipped one (`transform(..., clip=False)`).
+
+`view` chooses what is read of each column: its level (the default), its change over the last
+`change_window` rows (`delta:<column>`: a log-growth rate for a norm, so that a recipe that sits
+at another level from its start is not a deviation while its growth is healthy), or both.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ LOGGED_SCALARS: dict[str, str] = {
     "ent_coef": LOG,
 }
 NONFINITE_FEATURE = "nonfinite"
+# What the monitor reads of each column: its normalised `level`, its `change` over the last
+# `change_window` rows (the difference of the transformed values: a log-growth rate for norms),
+# or both. A change feature is named `delta:<column>`.
+VIEWS = ("level", "change", "level+change")
+CHANGE_PREFIX = "delta:"
+DEFAULT_CHANGE_WINDOW = 16
 # Logged scalars that are a setting, not a measurement: SB3 logs the entropy coefficient (a knob;
 # SAC's automatic temperature is its own controller's output, not a sign of health).
 LOGGED_CONTROLS: dict[str, str] = {
@@ -225,7 +235,13 @@ class FeatureExtractor:
     # Candidate columns left out, each with its reason (controls, columns some runs lack).
     excluded: dict[str, str] = field(default_factory=dict)
     include_controls: bool = False  # the ablation that reads the controls too
+    view: str = "level"  # one of VIEWS
+    change_window: int = DEFAULT_CHANGE_WINDOW  # rows over which a change feature is taken
+    change_center: np.ndarray | None = None  # (c,) median change on baseline runs
+    change_scale: np.ndarray | None = None  # (c,) its robust spread, floored
     _last: np.ndarray | None = field(default=None, repr=False)  # online carry-forward state
+    # Online: the last change_window + 1 finite (carried-forward) normalised levels.
+    _history: list[np.ndarray] = field(default_factory=list, repr=False)
     # Base column → scaling, read once from the probe declarations (column_scalings()).
     scalings: dict[str, str] = field(default_factory=column_scalings, repr=False)
 
@@ -233,13 +249,37 @@ class FeatureExtractor:
         """How a feature column is scaled (log, signed_log, identity)."""
         return self.scalings[base_name(column, self.scalings)]
 
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            from stabilitybench.errors import StabilityBenchError
+
+            raise StabilityBenchError(
+                f"feature_view must be one of {', '.join(VIEWS)}; got {self.view!r}"
+            )
+        if self.change_window < 1:
+            from stabilitybench.errors import StabilityBenchError
+
+            raise StabilityBenchError(
+                f"change_window must be an integer >= 1; got {self.change_window}"
+            )
+
+    @property
+    def reads_level(self) -> bool:
+        return self.view in ("level", "level+change")
+
+    @property
+    def reads_change(self) -> bool:
+        return self.view in ("change", "level+change")
+
     @property
     def names(self) -> list[str]:
-        return [*self.columns, NONFINITE_FEATURE]
+        levels = list(self.columns) if self.reads_level else []
+        changes = [CHANGE_PREFIX + c for c in self.columns] if self.reads_change else []
+        return [*levels, *changes, NONFINITE_FEATURE]
 
     @property
     def dim(self) -> int:
-        return len(self.columns) + 1
+        return len(self.names)
 
     @classmethod
     def fit(
@@ -247,13 +287,21 @@ class FeatureExtractor:
         tables: Sequence[pd.DataFrame],
         include_controls: bool = False,
         knobs: Iterable[str] = (),
+        view: str = "level",
+        change_window: int = DEFAULT_CHANGE_WINDOW,
+        exclude: Iterable[str] = (),
     ) -> FeatureExtractor:
         """Choose the columns present in every table, leave out the controls (unless
         `include_controls`; `knobs`: the runs' knob names) and normalise each column with its
-        robust statistics."""
+        robust statistics; with a `change` view, each column's change over `change_window` rows
+        too (normalised on the same tables). `exclude`: base column names left out as well."""
         controls = {} if include_controls else control_columns(knobs)
         columns, excluded = feature_columns(tables, controls)
         scalings = column_scalings()
+        left_out = set(exclude)
+        for column in [c for c in columns if base_name(c, scalings) in left_out]:
+            columns.remove(column)
+            excluded[column] = "left out by the monitor's configuration (exclude_features)"
         centers, scales = [], []
         for column in columns:
             kind = scalings[base_name(column, scalings)]
@@ -269,22 +317,28 @@ class FeatureExtractor:
             q25, q50, q75 = np.percentile(values, [25, 50, 75]) if values.size else (0.0, 0.0, 0.0)
             centers.append(q50)
             scales.append(max((q75 - q25) / 1.349, MIN_SCALE))
-        return cls(
+        found = cls(
             columns,
             np.asarray(centers, dtype=float),
             np.asarray(scales, dtype=float),
             excluded=excluded,
             include_controls=include_controls,
+            view=view,
+            change_window=change_window,
         )
+        if found.reads_change:
+            changes = np.concatenate([found._changes(found._levels(t)) for t in tables])
+            changes = np.where(np.isfinite(changes), changes, np.nan)
+            with np.errstate(all="ignore"):
+                q25, q50, q75 = np.nan_to_num(np.nanpercentile(changes, [25, 50, 75], axis=0))
+            found.change_center = np.asarray(q50, dtype=float).reshape(len(columns))
+            found.change_scale = np.maximum((q75 - q25) / 1.349, MIN_SCALE).reshape(len(columns))
+        return found
 
-    def transform(self, table: pd.DataFrame, clip: bool = True) -> np.ndarray:
-        """Telemetry table (n rows) → (n, d) normalised features, clipped to [-CLIP, CLIP].
-
-        `clip=False`: the same values unclipped (a divergence is +inf), for scores that must keep
-        growing with the distance; `transform(t)` is `np.clip(transform(t, clip=False))`.
-        """
+    def _levels(self, table: pd.DataFrame) -> np.ndarray:
+        """(n, c) normalised levels of the columns, carried forward (+inf: non-finite)."""
         n = len(table)
-        out = np.zeros((n, self.dim), dtype=float)
+        out = np.zeros((n, len(self.columns)), dtype=float)
         diverged = divergence_mask(table, self.scalings)
         for j, column in enumerate(self.columns):
             if column not in table.columns:
@@ -296,6 +350,42 @@ class FeatureExtractor:
             values[bad] = math.inf
             values[missing] = np.nan
             out[:, j] = _carry_forward(values)
+        return out
+
+    def _changes(self, levels: np.ndarray) -> np.ndarray:
+        """(n, c) un-normalised changes: transformed value now minus `change_window` rows ago
+        (the first row before that), from the last finite level; +inf where the level is."""
+        finite = pd.DataFrame(np.where(np.isfinite(levels), levels, np.nan)).ffill().fillna(0.0)
+        past = finite.to_numpy(dtype=float)
+        index = np.maximum(np.arange(len(levels)) - self.change_window, 0)
+        with np.errstate(invalid="ignore"):
+            return (levels - past[index]) * self.scale
+
+    def _normalised_changes(self, changes: np.ndarray) -> np.ndarray:
+        assert self.change_center is not None and self.change_scale is not None
+        return (changes - self.change_center) / self.change_scale
+
+    def _assemble(self, levels: np.ndarray, changes: np.ndarray | None) -> list[np.ndarray]:
+        parts = [levels] if self.reads_level else []
+        if self.reads_change:
+            assert changes is not None
+            parts.append(self._normalised_changes(changes))
+        return parts
+
+    def transform(self, table: pd.DataFrame, clip: bool = True) -> np.ndarray:
+        """Telemetry table (n rows) → (n, d) normalised features, clipped to [-CLIP, CLIP].
+
+        `clip=False`: the same values unclipped (a divergence is +inf), for scores that must keep
+        growing with the distance; `transform(t)` is `np.clip(transform(t, clip=False))`.
+        """
+        n = len(table)
+        out = np.zeros((n, self.dim), dtype=float)
+        diverged = divergence_mask(table, self.scalings)
+        levels = self._levels(table)
+        changes = self._changes(levels) if self.reads_change else None
+        parts = self._assemble(levels, changes)
+        if parts:
+            out[:, :-1] = np.concatenate(parts, axis=1)
         out[:, -1] = np.where(diverged | _row_has_inf(table, self.columns), math.inf, 0.0)
         out[:, :-1][np.isinf(out[:, -1])] = math.inf
         return np.clip(out, -CLIP, CLIP) if clip else out
@@ -303,20 +393,24 @@ class FeatureExtractor:
     def reset(self) -> None:
         """Forget the online carry-forward state (start of a new run)."""
         self._last = None
+        self._history = []
 
-    def online_state(self) -> np.ndarray | None:
-        """A copy of the online carry-forward state (for `set_online_state`)."""
-        return None if self._last is None else self._last.copy()
+    def online_state(self) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        """A copy of the online state (the carried-forward levels and, for a change view, the
+        recent finite levels), for `set_online_state`."""
+        last = None if self._last is None else self._last.copy()
+        return last, [h.copy() for h in self._history]
 
-    def set_online_state(self, state: np.ndarray | None) -> None:
-        self._last = None if state is None else state.copy()
+    def set_online_state(self, state: tuple[np.ndarray | None, list[np.ndarray]] | None) -> None:
+        last, history = (None, []) if state is None else state
+        self._last = None if last is None else last.copy()
+        self._history = [h.copy() for h in history]
 
     def transform_row(self, row: Mapping[str, Any], clip: bool = True) -> np.ndarray:
-        """One telemetry row (a mapping) → (d,) features; same result as `transform` row by row.
-
-        Calling it twice on the same row (clipped and unclipped) gives both views of one step.
-        """
-        last = np.zeros(self.dim, dtype=float) if self._last is None else self._last
+        """One telemetry row (a mapping) → (d,) features; same result as `transform` row by row
+        (each call is the next row: it advances the online state)."""
+        c = len(self.columns)
+        last = np.zeros(c, dtype=float) if self._last is None else self._last
         out = last.copy()
         diverged = _row_diverged(row, self.scalings)
         infinite = False
@@ -331,11 +425,23 @@ class FeatureExtractor:
             elif math.isinf(value) or diverged:
                 infinite = infinite or math.isinf(value)
                 out[j] = math.inf
-        out[-1] = math.inf if (diverged or infinite) else 0.0
-        if diverged or infinite:
-            out[:-1] = math.inf
         self._last = out
-        return np.clip(out, -CLIP, CLIP) if clip else out.copy()
+        changes = None
+        if self.reads_change:
+            previous = self._history[-1] if self._history else np.zeros(c, dtype=float)
+            self._history.append(np.where(np.isfinite(out), out, previous))
+            if len(self._history) > self.change_window + 1:
+                self._history.pop(0)
+            with np.errstate(invalid="ignore"):
+                changes = ((out - self._history[0]) * self.scale)[None, :]
+        full = np.zeros(self.dim, dtype=float)
+        parts = self._assemble(out[None, :], changes)
+        if parts:
+            full[:-1] = np.concatenate(parts, axis=1)[0]
+        full[-1] = math.inf if (diverged or infinite) else 0.0
+        if diverged or infinite:
+            full[:-1] = math.inf
+        return np.clip(full, -CLIP, CLIP) if clip else full
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -344,6 +450,10 @@ class FeatureExtractor:
             "scale": self.scale.tolist(),
             "excluded": self.excluded,
             "include_controls": self.include_controls,
+            "view": self.view,
+            "change_window": self.change_window,
+            "change_center": None if self.change_center is None else self.change_center.tolist(),
+            "change_scale": None if self.change_scale is None else self.change_scale.tolist(),
         }
 
     @classmethod
@@ -354,7 +464,15 @@ class FeatureExtractor:
             np.asarray(data["scale"], dtype=float),
             excluded=dict(data.get("excluded", {})),
             include_controls=bool(data.get("include_controls", False)),
+            view=str(data.get("view", "level")),
+            change_window=int(data.get("change_window", DEFAULT_CHANGE_WINDOW)),
+            change_center=_array_or_none(data.get("change_center")),
+            change_scale=_array_or_none(data.get("change_scale")),
         )
+
+
+def _array_or_none(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=float)
 
 
 def _carry_forward(values: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
-from stabilitybench.monitor.features import CLIP, FeatureExtractor
+from stabilitybench.monitor.features import CLIP, DEFAULT_CHANGE_WINDOW, VIEWS, FeatureExtractor
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.attribution import MonitorAttribution
@@ -73,9 +73,30 @@ class MonitorConfig:
     feature_floor: float = 0.5  # smallest per-bin std of a feature, in its normalised units
     include_controls: bool = False  # ablation: read the columns the audit controls too
     warmup_steps: int = 8  # first rows of a run that are not scored (MSD 0: a fresh state)
+    # What the monitor reads of each column (features.VIEWS): its level, its change over the
+    # last `change_window` rows, or both. `feature_view`, `exclude_features` and `relative`
+    # default to the level monitor: on lm_buildup the change view or the relative MSD raised
+    # the event recall (0.38 → up to 0.88) but no variant raised both recall and step AUROC on
+    # rl_buildup's PPO as well without a worse quickstart (benchmarks/monitor_variants.py).
+    feature_view: str = "level"
+    change_window: int = DEFAULT_CHANGE_WINDOW
+    # Columns (base names, e.g. `param_norm`) left out of the features, beside the controls.
+    exclude_features: tuple[str, ...] = ()
+    # The MSD as the smoothed deviation's rise above its own running minimum in the run (after
+    # the warm-up): a deviation a run has had since its start (its recipe) is not scored.
+    relative: bool = False
 
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
+        self.exclude_features = tuple(self.exclude_features)
+        if self.feature_view not in VIEWS:
+            raise StabilityBenchError(
+                f"monitor feature_view must be one of {', '.join(VIEWS)}; got {self.feature_view!r}"
+            )
+        if self.change_window < 1:
+            raise StabilityBenchError(
+                f"monitor change_window must be an integer >= 1; got {self.change_window}"
+            )
         unknown = sorted(set(self.terms) - set(TERMS))
         if unknown or not self.terms:
             raise StabilityBenchError(
@@ -114,7 +135,12 @@ class MetaStateMonitor:
         tables, val_tables, holdout = _split_holdout(runs, validation)
         all_tables = [*tables, *val_tables]
         self.features = FeatureExtractor.fit(
-            all_tables, include_controls=self.config.include_controls, knobs=_knob_names(runs)
+            all_tables,
+            include_controls=self.config.include_controls,
+            knobs=_knob_names(runs),
+            view=self.config.feature_view,
+            change_window=self.config.change_window,
+            exclude=self.config.exclude_features,
         )
         self.horizon = int(np.median([_run_length(t) for t in all_tables]))
         train_raw = [self.features.transform(t, clip=False) for t in tables]
@@ -269,6 +295,7 @@ class MetaStateMonitor:
         self._h = np.zeros(self.config.hidden)
         self._prediction: np.ndarray | None = None
         self._ema: float | None = None
+        self._floor = math.inf  # running minimum of the smoothed deviation (`relative`)
         self._t = 0
         if self.features is not None:
             self.features.reset()
@@ -354,7 +381,10 @@ class MetaStateMonitor:
         alpha = self.config.ema
         previous = 0.0 if self._ema is None else self._ema
         self._ema = (1 - alpha) * previous + alpha * raw
-        return self._ema
+        if not self.config.relative:
+            return self._ema
+        self._floor = min(self._floor, self._ema)
+        return self._ema - self._floor
 
     def _raw_pass(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """(n, d) clipped features → latents (n, k) and each step's prediction, fresh state."""
@@ -447,15 +477,17 @@ class MetaStateMonitor:
 
     def online_state(self) -> tuple[Any, ...]:
         """A copy of what `step()` carries from row to row (hidden state, last prediction,
-        smoothing, row count, the features' forward fill), for `set_online_state`."""
+        smoothing, row count, the features' online state, the running floor of `relative`),
+        for `set_online_state`."""
         assert self.features is not None
         prediction = None if self._prediction is None else self._prediction.copy()
-        return (self._h.copy(), prediction, self._ema, self._t, self.features.online_state())
+        features = self.features.online_state()
+        return (self._h.copy(), prediction, self._ema, self._t, features, self._floor)
 
     def set_online_state(self, state: tuple[Any, ...]) -> None:
         """Go back to a state `online_state()` returned: the rows fed since are forgotten."""
         assert self.features is not None
-        h, prediction, self._ema, self._t, features = state
+        h, prediction, self._ema, self._t, features, self._floor = state
         self._h = h.copy()
         self._prediction = None if prediction is None else prediction.copy()
         self.features.set_online_state(features)
