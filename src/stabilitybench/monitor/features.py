@@ -62,6 +62,23 @@ NONFINITE_FEATURE = "nonfinite"
 VIEWS = ("level", "change", "level+change")
 CHANGE_PREFIX = "delta:"
 DEFAULT_CHANGE_WINDOW = 16
+
+
+def check_view(view: str, change_window: int, where: str = "") -> None:
+    """A feature view and change window, or one clear error naming the field (`where`: a
+    prefix for the field, e.g. "monitor ")."""
+    from stabilitybench.errors import StabilityBenchError
+
+    if view not in VIEWS:
+        raise StabilityBenchError(
+            f"{where}feature_view must be one of {', '.join(VIEWS)}; got {view!r}"
+        )
+    if change_window < 1:
+        raise StabilityBenchError(
+            f"{where}change_window must be an integer >= 1; got {change_window}"
+        )
+
+
 # Logged scalars that are a setting, not a measurement: SB3 logs the entropy coefficient (a knob;
 # SAC's automatic temperature is its own controller's output, not a sign of health).
 LOGGED_CONTROLS: dict[str, str] = {
@@ -250,18 +267,7 @@ class FeatureExtractor:
         return self.scalings[base_name(column, self.scalings)]
 
     def __post_init__(self) -> None:
-        if self.view not in VIEWS:
-            from stabilitybench.errors import StabilityBenchError
-
-            raise StabilityBenchError(
-                f"feature_view must be one of {', '.join(VIEWS)}; got {self.view!r}"
-            )
-        if self.change_window < 1:
-            from stabilitybench.errors import StabilityBenchError
-
-            raise StabilityBenchError(
-                f"change_window must be an integer >= 1; got {self.change_window}"
-            )
+        check_view(self.view, self.change_window)
 
     @property
     def reads_level(self) -> bool:

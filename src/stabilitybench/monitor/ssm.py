@@ -36,7 +36,12 @@ import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.alarms import calibrate_threshold
-from stabilitybench.monitor.features import CLIP, DEFAULT_CHANGE_WINDOW, VIEWS, FeatureExtractor
+from stabilitybench.monitor.features import (
+    CLIP,
+    DEFAULT_CHANGE_WINDOW,
+    FeatureExtractor,
+    check_view,
+)
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.attribution import MonitorAttribution
@@ -89,14 +94,7 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         self.terms = tuple(self.terms)
         self.exclude_features = tuple(self.exclude_features)
-        if self.feature_view not in VIEWS:
-            raise StabilityBenchError(
-                f"monitor feature_view must be one of {', '.join(VIEWS)}; got {self.feature_view!r}"
-            )
-        if self.change_window < 1:
-            raise StabilityBenchError(
-                f"monitor change_window must be an integer >= 1; got {self.change_window}"
-            )
+        check_view(self.feature_view, self.change_window, where="monitor ")
         unknown = sorted(set(self.terms) - set(TERMS))
         if unknown or not self.terms:
             raise StabilityBenchError(

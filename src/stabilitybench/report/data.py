@@ -9,7 +9,6 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,15 +87,10 @@ def load_report_data(store: RunStore) -> ReportData:
             data.alarms = load_score_result(store.root)
         except StabilityBenchError:
             data.alarms = None  # an unreadable score.json only loses the overlay
-    data.attributions = _attributions(store.root)
-    return data
-
-
-def _attributions(root: Path) -> dict[str, Any]:
-    """monitor/attribution.json (written by `monitor fit`), or {} when absent or unreadable."""
     from stabilitybench.monitor.fitting import read_attributions
 
-    return read_attributions(root)
+    data.attributions = read_attributions(store.root)
+    return data
 
 
 # -- labels ------------------------------------------------------------------------------------
