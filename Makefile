@@ -28,10 +28,14 @@ demo: $(STAMP)
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue),
 # then their findings folders under results/ (summary, evaluation, report, spec, versions).
 FINDINGS ?= paper_rl paper_lm
+HORIZON_paper_rl = 1000
+HORIZON_paper_lm = 100
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
 	  $(BIN)/stabilitybench audit examples/$$a.yaml --out audits/$$a && \
-	  $(BIN)/stabilitybench export audits/$$a --out results/$$a || exit 2; \
+	  $(BIN)/stabilitybench export audits/$$a --out results/$$a \
+	    --horizon $$(case $$a in paper_rl) echo $(HORIZON_paper_rl);; *) echo $(HORIZON_paper_lm);; esac) && \
+	  $(BIN)/stabilitybench findings results/$$a || exit 2; \
 	done
 
 test: $(STAMP) browser

@@ -368,23 +368,42 @@ def export(
     target_false_alarms: Annotated[
         float, typer.Option(help="Target false alarms per 1,000 steps for evaluation.json.")
     ] = 1.0,
+    horizon: Annotated[
+        int,
+        typer.Option(help="Early-warning horizon in optimizer steps for evaluation.json."),
+    ] = 100,
     partial: Annotated[
         bool, typer.Option("--partial", help="Export an unfinished audit's finished runs.")
     ] = False,
 ) -> None:
-    """Write summary.json, evaluation.json, report.html with its figures, the spec and the
-    versions into one small folder (no raw telemetry) that opens offline."""
+    """Write summary.json, evaluation.json, findings (the three claims), report.html with its
+    figures, the spec and the versions into one small folder (no raw telemetry) that opens
+    offline."""
     from stabilitybench.findings import describe, export_results
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
-    options = {"target_false_alarms": target_false_alarms}
+    options = {"target_false_alarms": target_false_alarms, "horizon": horizon}
     path = _guard(
         lambda: export_results(
             store, out, allow_partial=partial, evaluate_options=options, console=console
         )
     )
     console.print(escape(describe(path)), highlight=False)
+
+
+@app.command()
+def findings(
+    path: Annotated[
+        Path, typer.Argument(help="A findings folder (from export) or an audit folder.")
+    ],
+    json_out: Annotated[bool, typer.Option("--json", help="Print findings.json instead.")] = False,
+) -> None:
+    """The paper's three claims per workload, with CIs and a verdict (findings.md)."""
+    from stabilitybench.findings import findings_markdown
+
+    text = _guard(lambda: findings_markdown(path, as_json=json_out))
+    sys.stdout.write(text)
 
 
 def main() -> None:

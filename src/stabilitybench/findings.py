@@ -7,7 +7,9 @@
 - `report.html` and `figures/*.png` — the self-contained report and its figures;
 - `spec.yaml` — the audit spec as expanded and recorded in audit.json;
 - `version.json` — the package version, the versions of the libraries the runs used, the
-  number of runs by status, and when the export was made.
+  number of runs by status, and when the export was made;
+- `findings.json` and `findings.md` — the paper's three claims judged per workload with CIs and
+  a verdict (`metrics/claims.py`); `stabilitybench findings FOLDER` prints findings.md.
 
 No raw telemetry is copied: the folder stays a few MB however long the runs were. The folder is
 built beside `--out` under a temporary name and renamed into place at the end, so a failed export
@@ -90,6 +92,8 @@ def export_results(
 ) -> Path:
     """Write the findings folder `out` for the audit in `store` (see the module docstring)."""
     from stabilitybench.io import write_json
+    from stabilitybench.metrics.claims import audit_claims
+    from stabilitybench.metrics.claims_printing import claims_markdown
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.metrics.summary import summarize
     from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
@@ -103,16 +107,20 @@ def export_results(
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
-    summary = to_jsonable(summarize(store))
+    typed_summary = summarize(store)
+    summary = to_jsonable(typed_summary)
     if not (store.root / "monitor" / "fit.json").exists():
         fit_audit(store, console=console)
     evaluation = to_jsonable(evaluate_audit(store, **(evaluate_options or {})))
+    claims = audit_claims(typed_summary, evaluation, store)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "evaluation.json", evaluation)
+        write_json(tmp / "findings.json", to_jsonable(claims))
+        (tmp / "findings.md").write_text(claims_markdown(claims), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec, encoding="utf-8")
         write_report(store, output=tmp / "report.html", figures_dir=tmp / "figures")
         write_json(
@@ -137,6 +145,42 @@ def export_results(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def findings_markdown(path: Path, *, as_json: bool = False) -> str:
+    """What `stabilitybench findings PATH` prints: a findings folder's findings.md (or .json), or
+    the claims computed from an audit folder (claim 3 only if its monitor has been evaluated)."""
+    import json
+
+    from stabilitybench.metrics.claims import audit_claims
+    from stabilitybench.metrics.claims_printing import claims_markdown
+    from stabilitybench.metrics.serialize import to_jsonable
+    from stabilitybench.metrics.summary import summarize
+
+    path = Path(path)
+    saved = path / ("findings.json" if as_json else "findings.md")
+    if saved.is_file():
+        return saved.read_text(encoding="utf-8")
+    if (path / "summary.json").is_file():
+        raise StabilityBenchError(
+            f"{path} is a findings folder without {saved.name} (exported by an older version); "
+            "export the audit again"
+        )
+    store = RunStore.open(path)
+    if not store.infos():
+        raise StabilityBenchError(f"{path} has no runs; run the audit first")
+    evaluation_file = store.root / "monitor" / "evaluation.json"
+    evaluation = None
+    if evaluation_file.is_file():
+        evaluation = json.loads(evaluation_file.read_text(encoding="utf-8"))
+    claims = audit_claims(summarize(store), evaluation, store)
+    if evaluation is None:
+        claims.notes.append(
+            f"claim 3 needs `stabilitybench monitor fit {path}` then `monitor evaluate {path}`"
+        )
+    if as_json:
+        return json.dumps(to_jsonable(claims), indent=2) + "\n"
+    return claims_markdown(claims)
 
 
 def folder_size(path: Path) -> int:

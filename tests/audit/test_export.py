@@ -38,6 +38,8 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert names == [
         "evaluation.json",
         "figures",
+        "findings.json",
+        "findings.md",
         "report.html",
         "spec.yaml",
         "summary.json",
@@ -59,6 +61,15 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert not list((finished / "runs").glob("*/telemetry.parquet")) or not list(
         out.rglob("*.parquet")
     )  # no raw telemetry in the findings
+    # The claims: `findings` prints findings.md, from the folder or from the audit itself.
+    text = (out / "findings.md").read_text()
+    assert text.startswith("## Findings: toy-test") and "### Claim 3" in text
+    shown = runner.invoke(app, ["findings", str(out)])
+    assert shown.exit_code == 0 and shown.stdout == text
+    assert runner.invoke(app, ["findings", str(finished)]).stdout == text
+    claims = json.loads(runner.invoke(app, ["findings", str(out), "--json"]).stdout)
+    assert claims == json.loads((out / "findings.json").read_text())
+    assert claims["audit"] == "toy-test" and set(claims["rules"]) == {"1", "2", "3"}
     # Exporting again replaces the folder, and leaves no temporary folder behind.
     again = runner.invoke(app, ["export", str(finished), "--out", str(out)])
     assert again.exit_code == 0, again.output
@@ -69,6 +80,12 @@ def _expect_error(args: list[str], text: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert text in " ".join(result.output.split())
+
+
+def test_findings_of_a_folder_that_is_neither_is_refused(tmp_path: Path) -> None:
+    _expect_error(["findings", str(tmp_path)], "is not a StabilityBench audit")
+    (tmp_path / "summary.json").write_text("{}")
+    _expect_error(["findings", str(tmp_path)], "export the audit again")
 
 
 def test_unfinished_audit_is_refused_unless_partial(finished: Path, tmp_path: Path) -> None:

@@ -1,0 +1,706 @@
+"""The paper's three claims, judged per workload with CIs and a verdict (`stabilitybench findings`).
+
+arXiv 2601.13160 claims that (1) high final performance is often decoupled from stability,
+(2) controlled stochasticity buffers training, and (3) meta-state deviations precede collapse.
+`audit_claims` reads an audit's typed summary, its early-warning evaluation and (for two facts
+the summary does not hold) its store, and returns one `Claims` record; `claims_markdown` renders
+it as the tables that `findings.md`, `stabilitybench findings` and the README show.
+
+The verdict rules are fixed here, before any paper-scale run was looked at, and are the same on
+every workload (`VERDICT_RULES` is what the JSON and the markdown quote):
+
+1. Decoupling. Spearman rho between final performance and stability score over a workload's
+   finished runs, both ranked *within their perturbation* (so a perturbation that lowers both
+   cannot make them look coupled), with a percentile bootstrap 95% CI. Supported (decoupled)
+   when the CI's upper bound is below 0.5; not supported (coupled) when its lower bound is
+   above 0.5; otherwise inconclusive. Fewer than 10 runs: inconclusive.
+2. Buffering. For each swept stochasticity knob, the collapse rate of the perturbed runs at its
+   most and its least stochastic level, and their difference (most − least) with a Newcombe
+   hybrid-score 95% CI. Supported when the CI's upper bound is below 0; not supported when the
+   CI's lower bound is above 0 (more collapses with more noise) or when it is at least −0.1
+   with a point estimate ≥ 0 (a buffering of more than 10 points is ruled out); otherwise
+   inconclusive. No collapse at either level: inconclusive (nothing to buffer).
+3. Early warning. The monitor (`msm`) under the prospective protocol of `monitor evaluate`.
+   Supported when its step AUROC's CI lower bound is above 0.5 and it warns of at least half
+   the collapses (event recall ≥ 0.5); not supported when the AUROC's CI upper bound is below
+   0.6 or the Wilson CI of the recall lies below 0.5; otherwise inconclusive. Fewer than 3
+   collapses: inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stabilitybench.metrics.conditions import number
+from stabilitybench.metrics.intervals import (
+    DEFAULT_REPS,
+    iqm,
+    spearman_ci,
+    stratified_bootstrap_ci,
+    wilson_interval,
+)
+from stabilitybench.metrics.records import RunRecord
+from stabilitybench.metrics.stability import within_group_rank
+
+if TYPE_CHECKING:
+    from stabilitybench.metrics.summary import AuditSummary
+    from stabilitybench.store import RunStore
+
+SUPPORTED = "supported"
+NOT_SUPPORTED = "not supported"
+INCONCLUSIVE = "inconclusive"
+
+DECOUPLED_BELOW = 0.5  # claim 1: the rho CI's upper bound below this → decoupled
+MIN_DECOUPLING_RUNS = 10
+SMALLEST_BUFFERING = 0.10  # claim 2: a buffering smaller than 10 points counts as none
+MIN_COLLAPSES = 3  # claim 3
+AUROC_WEAK = 0.6  # claim 3: an AUROC CI entirely below this is at most weak separation
+MIN_RECALL = 0.5
+
+STOCHASTICITY_KNOBS = ("ent_coef", "action_noise", "target_policy_noise", "dropout", "grad_noise")
+"""Knobs whose higher levels inject more noise into training: claim 2's axes. Other swept knobs
+(a learning rate, a batch size) are recipes, shown in the robustness table but not judged."""
+
+VERDICT_RULES = {
+    "1": (
+        "Spearman rho(final perf, stability score), both ranked within each perturbation, "
+        "bootstrap 95% CI: supported if CI high < 0.5, not supported if CI low > 0.5, else "
+        "inconclusive (< 10 runs: inconclusive)"
+    ),
+    "2": (
+        "collapse rate of perturbed runs, most minus least stochastic level, Newcombe 95% CI: "
+        "supported if CI high < 0; not supported if CI low > 0, or CI low >= -0.1 with the "
+        "difference >= 0; else inconclusive (no collapse at either level: inconclusive)"
+    ),
+    "3": (
+        "the monitor (msm), prospective protocol: supported if step AUROC CI low > 0.5 and "
+        "event recall >= 0.5; not supported if AUROC CI high < 0.6 or the recall's Wilson CI "
+        "high < 0.5; else inconclusive (< 3 collapses: inconclusive)"
+    ),
+}
+
+
+@dataclass
+class Verdict:
+    """A claim's verdict on one workload and the figure that decided it."""
+
+    verdict: str  # supported | not supported | inconclusive
+    reason: str
+
+
+@dataclass
+class RecipeRow:
+    """One recipe (a knob setting) of a workload, over all its perturbations."""
+
+    knobs: dict[str, Any]
+    n_runs: int
+    final_perf_iqm: float | None
+    final_perf_iqm_ci: list[float | None]
+    stability_mean: float | None
+    stability_mean_ci: list[float | None]
+    collapse_rate: float | None  # of its perturbed runs
+
+
+@dataclass
+class DecouplingFinding:
+    """Claim 1 on one workload."""
+
+    workload: str
+    n_runs: int
+    rho: float | None  # within perturbation (the verdict's figure)
+    rho_ci: list[float | None]
+    rho_all: float | None  # plain, over all runs (what `summary` reports)
+    rho_all_ci: list[float | None]
+    best_scoring: dict[str, Any] | None  # the recipe with the highest final-perf IQM
+    most_stable: dict[str, Any] | None  # the recipe with the highest mean stability score
+    recipes: list[RecipeRow]
+    verdict: Verdict
+
+
+@dataclass
+class LevelRow:
+    """The perturbed runs at one level of a stochasticity knob."""
+
+    value: Any
+    order: float | None  # the number the levels are ordered by (see `StochasticityAxis`)
+    n_runs: int
+    n_collapsed: int
+    collapse_rate: float | None
+    collapse_rate_ci: list[float | None]
+    n_recovered: int
+    recovery_rate: float | None  # of its collapsed runs
+    recovery_rate_ci: list[float | None]
+    final_perf_iqm: float | None
+    baseline_final_perf_iqm: float | None  # its unperturbed runs
+
+
+@dataclass
+class PerturbationRates:
+    """Collapses per level of one knob under one perturbation (the per-perturbation view)."""
+
+    perturbation: str
+    name: str  # short: `lr_spike×10`, `lr_spike×30 ramp`
+    n_collapsed: list[int]  # per level, in level order
+    n_runs: list[int]
+
+
+@dataclass
+class BufferingFinding:
+    """Claim 2 on one workload and one stochasticity knob."""
+
+    workload: str
+    knob: str
+    least: Any  # the least stochastic level
+    most: Any
+    order_note: str
+    levels: list[LevelRow]
+    difference: float | None  # collapse rate, most − least
+    difference_ci: list[float | None]
+    per_perturbation: list[PerturbationRates]
+    verdict: Verdict
+
+
+@dataclass
+class DetectorRow:
+    """One detector's early-warning figures on one workload (from `monitor evaluate`)."""
+
+    detector: str
+    event_recall: float | None
+    event_recall_ci: list[float | None]
+    n_warned: int | None
+    lead_time_median: float | None
+    lead_time_iqr: list[float | None]
+    false_alarms_per_1k: float | None
+    false_alarms_per_1k_not_collapsed: float | None
+    auroc: float | None
+    auroc_ci: list[float | None]
+    outcome_auroc: float | None
+
+
+@dataclass
+class WarningFinding:
+    """Claim 3 on one workload."""
+
+    workload: str
+    n_collapsed: int
+    n_not_collapsed: int
+    n_healthy: int
+    detectors: list[DetectorRow]
+    best_auroc: str | None  # the detector with the highest step AUROC
+    verdict: Verdict
+
+
+@dataclass
+class RobustnessRow:
+    """Per workload and perturbation: collapse rate per level of the first stochasticity knob."""
+
+    workload: str
+    perturbation: str
+    name: str
+    knob: str | None
+    levels: list[Any]
+    n_collapsed: list[int]
+    n_runs: list[int]
+    final_perf_iqm: list[float | None]
+    most_robust: Any  # the level with the fewest collapses (ties: higher final perf)
+
+
+@dataclass
+class Throughput:
+    """Steps per second of a workload's finished runs in this audit (telemetry on, evals in)."""
+
+    workload: str
+    unit: str  # env steps | optimizer steps
+    n_runs: int
+    median: float | None
+    low: float | None  # the slowest run
+    high: float | None
+
+
+@dataclass
+class Claims:
+    """The three claims on every workload of one audit, and what they mean in practice."""
+
+    audit: str
+    horizon: int | None
+    horizon_unit: str | None
+    target_false_alarms_per_1k: float | None
+    decoupling: list[DecouplingFinding]
+    buffering: list[BufferingFinding]
+    warning: list[WarningFinding]
+    robustness: list[RobustnessRow]
+    throughput: list[Throughput]
+    rules: dict[str, str] = field(default_factory=lambda: dict(VERDICT_RULES))
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+
+def newcombe_difference(
+    k_high: int, n_high: int, k_low: int, n_low: int
+) -> tuple[float, tuple[float, float]]:
+    """p_high − p_low and its Newcombe hybrid-score 95% interval (Newcombe 1998, method 10).
+
+    (NaN, (NaN, NaN)) when either side has no runs.
+    """
+    if n_high == 0 or n_low == 0:
+        nan = float("nan")
+        return nan, (nan, nan)
+    p_high, p_low = k_high / n_high, k_low / n_low
+    l_high, u_high = wilson_interval(k_high, n_high)
+    l_low, u_low = wilson_interval(k_low, n_low)
+    diff = p_high - p_low
+    low = diff - math.sqrt((p_high - l_high) ** 2 + (u_low - p_low) ** 2)
+    high = diff + math.sqrt((u_high - p_high) ** 2 + (p_low - l_low) ** 2)
+    return diff, (max(low, -1.0), min(high, 1.0))
+
+
+def decoupling_verdict(n: int, rho: float | None, ci: Sequence[float | None]) -> Verdict:
+    """Claim 1's rule (module docstring) on a within-perturbation rho and its CI."""
+    if n < MIN_DECOUPLING_RUNS or rho is None or ci[0] is None or ci[1] is None:
+        return Verdict(INCONCLUSIVE, f"{n} runs with a usable rho (need {MIN_DECOUPLING_RUNS})")
+    text = f"rho {rho:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if ci[1] < DECOUPLED_BELOW:
+        return Verdict(SUPPORTED, f"{text}: CI below {DECOUPLED_BELOW}")
+    if ci[0] > DECOUPLED_BELOW:
+        return Verdict(NOT_SUPPORTED, f"{text}: coupled, CI above {DECOUPLED_BELOW}")
+    return Verdict(INCONCLUSIVE, f"{text}: CI spans {DECOUPLED_BELOW}")
+
+
+def buffering_verdict(
+    k_most: int, n_most: int, k_least: int, n_least: int
+) -> tuple[float | None, list[float | None], Verdict]:
+    """Claim 2's rule (module docstring) on collapse counts at the two extreme levels."""
+    diff, (low, high) = newcombe_difference(k_most, n_most, k_least, n_least)
+    if math.isnan(diff):
+        return None, [None, None], Verdict(INCONCLUSIVE, "a level has no perturbed runs")
+    text = f"{k_most}/{n_most} vs {k_least}/{n_least}, difference {diff:+.2f} [{low:+.2f}, {high:+.2f}]"
+    ci: list[float | None] = [low, high]
+    if k_most == 0 and k_least == 0:
+        return diff, ci, Verdict(INCONCLUSIVE, f"{text}: no collapse at either level")
+    if high < 0:
+        return diff, ci, Verdict(SUPPORTED, f"{text}: fewer collapses with more stochasticity")
+    if low > 0:
+        return diff, ci, Verdict(NOT_SUPPORTED, f"{text}: more collapses with more stochasticity")
+    if low >= -SMALLEST_BUFFERING and diff >= 0:
+        return diff, ci, Verdict(NOT_SUPPORTED, f"{text}: a buffering > 0.10 is ruled out")
+    return diff, ci, Verdict(INCONCLUSIVE, f"{text}: CI spans 0")
+
+
+def warning_verdict(n_collapsed: int, msm: DetectorRow | None) -> Verdict:
+    """Claim 3's rule (module docstring) on the monitor's row of one workload."""
+    if n_collapsed < MIN_COLLAPSES:
+        return Verdict(INCONCLUSIVE, f"{n_collapsed} collapses (need {MIN_COLLAPSES})")
+    if msm is None or msm.auroc is None or msm.event_recall is None:
+        return Verdict(INCONCLUSIVE, "the monitor was not evaluated on this workload")
+    low, high = msm.auroc_ci
+    recall_high = msm.event_recall_ci[1]
+    text = (
+        f"AUROC {msm.auroc:.2f} [{_f(low)}, {_f(high)}], recall {msm.event_recall:.2f}"
+        f" ({msm.n_warned}/{n_collapsed})"
+    )
+    if low is not None and low > 0.5 and msm.event_recall >= MIN_RECALL:
+        return Verdict(SUPPORTED, text)
+    if high is not None and high < AUROC_WEAK:
+        return Verdict(NOT_SUPPORTED, f"{text}: AUROC CI below {AUROC_WEAK}")
+    if recall_high is not None and recall_high < MIN_RECALL:
+        return Verdict(NOT_SUPPORTED, f"{text}: warns of fewer than half (CI)")
+    return Verdict(INCONCLUSIVE, text)
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+# ---- from an audit ----------------------------------------------------------------------------
+
+
+def _judged(records: Sequence[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.done and r.guard == "none" and r.collapsed is not None]
+
+
+def _perf(records: Sequence[RunRecord]) -> np.ndarray:
+    values = [r.final_perf for r in records if r.final_perf is not None]
+    arr = np.asarray(values, dtype=float)
+    return arr[~np.isnan(arr)]
+
+
+def _iqm_ci(
+    values: np.ndarray, rng: np.random.Generator, reps: int
+) -> tuple[float | None, list[float | None]]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None, [None, None]
+    low, high = stratified_bootstrap_ci(finite, rng=rng, reps=reps)
+    return number(iqm(finite)), [number(low), number(high)]
+
+
+def _decoupling(
+    workload: str, runs: Sequence[RunRecord], rng: np.random.Generator, reps: int
+) -> DecouplingFinding:
+    usable = [
+        r
+        for r in runs
+        if r.final_perf is not None
+        and not math.isnan(r.final_perf)
+        and r.stability_score is not None
+    ]
+    perf = np.array([r.final_perf for r in usable], dtype=float)
+    score = np.array([r.stability_score for r in usable], dtype=float)
+    groups = [r.perturbation for r in usable]
+    from scipy import stats
+
+    perf_ranked = stats.rankdata(perf) if perf.size else perf  # -inf (diverged) ranks lowest
+    rho_w, ci_w = spearman_ci(
+        within_group_rank(perf_ranked, groups),
+        within_group_rank(score, groups),
+        rng=rng,
+        reps=reps,
+    )
+    rho_a, ci_a = spearman_ci(perf_ranked, score, rng=rng, reps=reps)
+    recipes = []
+    for key in dict.fromkeys(r.knobs_key for r in runs):
+        members = [r for r in runs if r.knobs_key == key]
+        perf_iqm, perf_ci = _iqm_ci(_perf(members), rng, reps)
+        scores = np.array([r.stability_score for r in members if r.stability_score is not None])
+        if scores.size:
+            s_low, s_high = stratified_bootstrap_ci(scores, np.mean, rng=rng, reps=reps)
+            s_mean, s_ci = number(float(scores.mean())), [number(s_low), number(s_high)]
+        else:
+            s_mean, s_ci = None, [None, None]
+        perturbed = [r for r in members if not r.is_baseline]
+        rate = sum(bool(r.collapsed) for r in perturbed) / len(perturbed) if perturbed else None
+        recipes.append(
+            RecipeRow(dict(members[0].knobs), len(members), perf_iqm, perf_ci, s_mean, s_ci, rate)
+        )
+    by_perf = [r for r in recipes if r.final_perf_iqm is not None]
+    by_score = [r for r in recipes if r.stability_mean is not None]
+    rho_w_n, ci_w_n = number(rho_w), [number(ci_w[0]), number(ci_w[1])]
+    return DecouplingFinding(
+        workload=workload,
+        n_runs=len(usable),
+        rho=rho_w_n,
+        rho_ci=ci_w_n,
+        rho_all=number(rho_a),
+        rho_all_ci=[number(ci_a[0]), number(ci_a[1])],
+        best_scoring=max(by_perf, key=lambda r: r.final_perf_iqm or 0.0).knobs if by_perf else None,
+        most_stable=max(by_score, key=lambda r: r.stability_mean or 0.0).knobs
+        if by_score
+        else None,
+        recipes=recipes,
+        verdict=decoupling_verdict(len(usable), rho_w_n, ci_w_n),
+    )
+
+
+@dataclass(frozen=True)
+class StochasticityAxis:
+    """A swept knob of a workload and its levels, least stochastic first.
+
+    Numbers order themselves (a higher entropy bonus, exploration noise, dropout or gradient
+    noise is more stochastic). SAC's `ent_coef: auto` (a learned temperature) is placed by the
+    mean temperature its runs actually used, read from the telemetry's `ent_coef` column.
+    """
+
+    knob: str
+    levels: tuple[Any, ...]
+    orders: tuple[float | None, ...]
+    note: str
+
+
+def _learned_temperature(store: RunStore | None, runs: Sequence[RunRecord]) -> float | None:
+    if store is None:
+        return None
+    means = []
+    for r in runs:
+        frame = store.table(r.run_id, "telemetry", columns=["ent_coef"])
+        if "ent_coef" in frame.columns:
+            values = np.asarray(frame["ent_coef"], dtype=float)
+            values = values[np.isfinite(values)]
+            if values.size:
+                means.append(float(values.mean()))
+    return float(np.mean(means)) if means else None
+
+
+def stochasticity_axes(
+    runs: Sequence[RunRecord], store: RunStore | None = None, *, stochastic_only: bool = True
+) -> list[StochasticityAxis]:
+    """The swept knobs of one workload's runs (those with ≥ 2 values), levels ordered; only
+    `STOCHASTICITY_KNOBS` unless `stochastic_only` is False."""
+    axes = []
+    names = sorted({k for r in runs for k in r.knobs})
+    if stochastic_only:
+        names = [k for k in names if k in STOCHASTICITY_KNOBS]
+    for knob in names:
+        values = list(dict.fromkeys(json_value(r.knobs.get(knob)) for r in runs))
+        if len(values) < 2:
+            continue
+        orders: dict[Any, float | None] = {}
+        notes = []
+        for value in values:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                orders[value] = float(value)
+            elif isinstance(value, str) and value.startswith("auto"):
+                members = [r for r in runs if json_value(r.knobs.get(knob)) == value]
+                learned = _learned_temperature(store, members)
+                orders[value] = learned
+                if learned is not None:
+                    notes.append(f"{knob}={value} used a mean temperature of {learned:.3g}")
+            else:
+                orders[value] = None
+        if any(o is None for o in orders.values()):
+            notes.append(f"the levels of {knob} have no known order; listed as swept")
+            ordered = values
+        else:
+            ordered = sorted(values, key=lambda v: orders[v] or 0.0)
+        axes.append(
+            StochasticityAxis(
+                knob, tuple(ordered), tuple(orders[v] for v in ordered), "; ".join(notes)
+            )
+        )
+    return axes
+
+
+def short_name(run: RunRecord) -> str:
+    """A perturbation in a table cell: `weight_noise×0.5`, `lr_spike×30 ramp`."""
+    kind, size = run.perturbation_kind, run.magnitude
+    name = kind if kind == "none" or size is None else f"{kind}×{size:g}"
+    return f"{name} ramp" if "ramp=" in run.perturbation else name
+
+
+def json_value(value: Any) -> Any:
+    """A knob value as a hashable JSON scalar (lists → tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _level_row(
+    axis: StochasticityAxis,
+    index: int,
+    runs: Sequence[RunRecord],
+    rng: np.random.Generator,
+    reps: int,
+) -> LevelRow:
+    value = axis.levels[index]
+    at_level = [r for r in runs if json_value(r.knobs.get(axis.knob)) == value]
+    perturbed = [r for r in at_level if not r.is_baseline]
+    baseline = [r for r in at_level if r.is_baseline]
+    k = sum(bool(r.collapsed) for r in perturbed)
+    collapsed = [r for r in perturbed if r.collapsed]
+    recovered = sum(1 for r in collapsed if r.collapse is not None and not r.collapse.irreversible)
+    low, high = wilson_interval(k, len(perturbed))
+    r_low, r_high = wilson_interval(recovered, len(collapsed))
+    perf_iqm, _ = _iqm_ci(_perf(perturbed), rng, reps=1)
+    base_iqm, _ = _iqm_ci(_perf(baseline), rng, reps=1)
+    return LevelRow(
+        value=value,
+        order=axis.orders[index],
+        n_runs=len(perturbed),
+        n_collapsed=k,
+        collapse_rate=k / len(perturbed) if perturbed else None,
+        collapse_rate_ci=[number(low), number(high)],
+        n_recovered=recovered,
+        recovery_rate=recovered / len(collapsed) if collapsed else None,
+        recovery_rate_ci=[number(r_low), number(r_high)],
+        final_perf_iqm=perf_iqm,
+        baseline_final_perf_iqm=base_iqm,
+    )
+
+
+def _buffering(
+    workload: str,
+    axis: StochasticityAxis,
+    runs: Sequence[RunRecord],
+    rng: np.random.Generator,
+    reps: int,
+) -> BufferingFinding:
+    levels = [_level_row(axis, i, runs, rng, reps) for i in range(len(axis.levels))]
+    least, most = levels[0], levels[-1]
+    per_perturbation = []
+    for label in dict.fromkeys(r.perturbation for r in runs if not r.is_baseline):
+        members = [r for r in runs if r.perturbation == label]
+        per_level = [
+            [r for r in members if json_value(r.knobs.get(axis.knob)) == v] for v in axis.levels
+        ]
+        per_perturbation.append(
+            PerturbationRates(
+                label,
+                short_name(members[0]),
+                [sum(bool(r.collapsed) for r in g) for g in per_level],
+                [len(g) for g in per_level],
+            )
+        )
+    diff, ci, verdict = buffering_verdict(
+        most.n_collapsed, most.n_runs, least.n_collapsed, least.n_runs
+    )
+    if axis.note and any(o is None for o in axis.orders):
+        verdict = Verdict(INCONCLUSIVE, f"{verdict.reason}; {axis.note}")
+    return BufferingFinding(
+        workload=workload,
+        knob=axis.knob,
+        least=least.value,
+        most=most.value,
+        order_note=axis.note,
+        levels=levels,
+        difference=diff,
+        difference_ci=ci,
+        per_perturbation=per_perturbation,
+        verdict=verdict,
+    )
+
+
+def _detector_row(name: str, result: Mapping[str, Any], n_collapsed: int) -> DetectorRow:
+    recall = result.get("event_recall")
+    warned = round(recall * n_collapsed) if recall is not None else None
+    low, high = wilson_interval(warned, n_collapsed) if warned is not None else (None, None)
+    return DetectorRow(
+        detector=name,
+        event_recall=recall,
+        event_recall_ci=[number(low), number(high)],
+        n_warned=warned,
+        lead_time_median=result.get("lead_time_median"),
+        lead_time_iqr=list(result.get("lead_time_iqr") or [None, None]),
+        false_alarms_per_1k=result.get("false_alarms_per_1k"),
+        false_alarms_per_1k_not_collapsed=result.get("false_alarms_per_1k_not_collapsed"),
+        auroc=result.get("auroc"),
+        auroc_ci=list(result.get("auroc_ci") or [None, None]),
+        outcome_auroc=result.get("outcome_auroc"),
+    )
+
+
+def _warning(workload: str, entry: Mapping[str, Any]) -> WarningFinding:
+    n_collapsed = int(entry.get("n_collapsed", 0))
+    rows = [
+        _detector_row(name, result, n_collapsed)
+        for name, result in (entry.get("detectors") or {}).items()
+    ]
+    scored = [r for r in rows if r.auroc is not None]
+    best = max(scored, key=lambda r: r.auroc or 0.0).detector if scored else None
+    msm = next((r for r in rows if r.detector == "msm"), None)
+    return WarningFinding(
+        workload=workload,
+        n_collapsed=n_collapsed,
+        n_not_collapsed=int(entry.get("n_not_collapsed", 0)),
+        n_healthy=int(entry.get("n_healthy", 0)),
+        detectors=rows,
+        best_auroc=best,
+        verdict=warning_verdict(n_collapsed, msm),
+    )
+
+
+def _robustness(
+    workload: str,
+    axis: StochasticityAxis | None,
+    runs: Sequence[RunRecord],
+    rng: np.random.Generator,
+) -> list[RobustnessRow]:
+    out = []
+    levels: list[Any] = list(axis.levels) if axis is not None else [None]
+    for label in dict.fromkeys(r.perturbation for r in runs if not r.is_baseline):
+        members = [r for r in runs if r.perturbation == label]
+        groups = [
+            [r for r in members if axis is None or json_value(r.knobs.get(axis.knob)) == v]
+            for v in levels
+        ]
+        collapsed = [sum(bool(r.collapsed) for r in g) for g in groups]
+        perf = [_iqm_ci(_perf(g), rng, reps=1)[0] for g in groups]
+        best = min(
+            range(len(levels)),
+            key=lambda i: (collapsed[i] / max(len(groups[i]), 1), -(perf[i] or -math.inf)),
+        )
+        out.append(
+            RobustnessRow(
+                workload=workload,
+                perturbation=label,
+                name=short_name(members[0]),
+                knob=axis.knob if axis is not None else None,
+                levels=levels,
+                n_collapsed=collapsed,
+                n_runs=[len(g) for g in groups],
+                final_perf_iqm=perf,
+                most_robust=levels[best],
+            )
+        )
+    return out
+
+
+def _throughput(workload: str, runs: Sequence[RunRecord], store: RunStore | None) -> Throughput:
+    rates = []
+    unit = "optimizer steps"
+    for r in runs:
+        if r.timing.wall_s is None or r.timing.wall_s <= 0:
+            continue
+        steps = None
+        if store is not None:
+            spec = store.info(r.run_id).get("spec") or {}
+            steps = (spec.get("workload") or {}).get("total_steps")
+            if r.kind == "rl":
+                unit = "env steps"
+        if steps:
+            rates.append(float(steps) / r.timing.wall_s)
+    arr = np.asarray(rates)
+    return Throughput(
+        workload,
+        unit,
+        int(arr.size),
+        number(float(np.median(arr))) if arr.size else None,
+        number(float(arr.min())) if arr.size else None,
+        number(float(arr.max())) if arr.size else None,
+    )
+
+
+def audit_claims(
+    summary: AuditSummary,
+    evaluation: Mapping[str, Any] | None,
+    store: RunStore | None = None,
+    *,
+    reps: int = DEFAULT_REPS,
+    seed: int = 0,
+) -> Claims:
+    """The three claims per workload; `evaluation` is `monitor evaluate --json` (or None)."""
+    rng = np.random.default_rng(seed)
+    judged = _judged(summary.runs)
+    claims = Claims(
+        audit=summary.audit.name,
+        horizon=(evaluation or {}).get("horizon"),
+        horizon_unit=((evaluation or {}).get("protocol") or {}).get("horizon_unit"),
+        target_false_alarms_per_1k=(evaluation or {}).get("target_false_alarms_per_1k"),
+        decoupling=[],
+        buffering=[],
+        warning=[],
+        robustness=[],
+        throughput=[],
+    )
+    left_out = sum(1 for r in summary.runs if r.done and r.guard != "none")
+    if left_out:
+        claims.notes.append(f"{left_out} guarded runs are left out of claims 1 and 2")
+    for workload in dict.fromkeys(r.workload for r in judged):
+        runs = [r for r in judged if r.workload == workload]
+        claims.decoupling.append(_decoupling(workload, runs, rng, reps))
+        axes = stochasticity_axes(runs, store)
+        for axis in axes:
+            claims.buffering.append(_buffering(workload, axis, runs, rng, reps))
+        if not axes:
+            claims.notes.append(f"{workload}: no stochasticity knob is swept; claim 2 not judged")
+        recipe_axes = axes or stochasticity_axes(runs, store, stochastic_only=False)
+        claims.robustness += _robustness(
+            workload, recipe_axes[0] if recipe_axes else None, runs, rng
+        )
+        done = [r for r in summary.runs if r.workload == workload and r.done]
+        claims.throughput.append(_throughput(workload, done, store))
+    for workload, entry in ((evaluation or {}).get("workloads") or {}).items():
+        claims.warning.append(_warning(workload, entry))
+    if evaluation is None:
+        claims.notes.append("no early-warning evaluation: claim 3 is not judged")
+    return claims
+
+
+def knobs_text(knobs: Mapping[str, Any] | None, only: Sequence[str] | None = None) -> str:
+    """`ent_coef=0.01, dropout=0.1` (only the named knobs, if given)."""
+    if not knobs:
+        return "–"
+    return ", ".join(f"{k}={v}" for k, v in knobs.items() if only is None or k in only)

@@ -1,0 +1,278 @@
+"""The paper's claims as markdown tables: `findings.md`, `stabilitybench findings` and the README."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from stabilitybench.metrics.claims import (
+    BufferingFinding,
+    Claims,
+    DecouplingFinding,
+    WarningFinding,
+    knobs_text,
+)
+
+CLAIMS = {
+    "1": "high final performance is often decoupled from stability",
+    "2": "controlled stochasticity buffers training",
+    "3": "meta-state deviations precede collapse",
+}
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(value: float | None, ci: Sequence[float | None], digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    low, high = ci
+    if low is None or high is None:
+        return _num(value, digits)
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _count(k: int, n: int) -> str:
+    return f"{k}/{n}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _swept(finding: DecouplingFinding) -> list[str]:
+    keys = dict.fromkeys(k for r in finding.recipes for k in r.knobs)
+    return [k for k in keys if len({str(r.knobs.get(k)) for r in finding.recipes}) > 1]
+
+
+def _claim1(items: Sequence[DecouplingFinding]) -> list[str]:
+    lines = [f"### Claim 1 — {CLAIMS['1']}", ""]
+    rows = []
+    for f in items:
+        swept = _swept(f)
+        rows.append(
+            [
+                f.workload,
+                str(f.n_runs),
+                _ci(f.rho, f.rho_ci),
+                _ci(f.rho_all, f.rho_all_ci),
+                knobs_text(f.best_scoring, swept),
+                knobs_text(f.most_stable, swept),
+                f"**{f.verdict.verdict}**",
+            ]
+        )
+    lines += _table(
+        [
+            "workload",
+            "runs",
+            "ρ within perturbation [95% CI]",
+            "ρ all runs",
+            "best-scoring recipe",
+            "most stable recipe",
+            "verdict",
+        ],
+        rows,
+    )
+    rows = []
+    for f in items:
+        swept = _swept(f)
+        for r in f.recipes:
+            rows.append(
+                [
+                    f.workload,
+                    knobs_text(r.knobs, swept),
+                    str(r.n_runs),
+                    _ci(r.final_perf_iqm, r.final_perf_iqm_ci, 1),
+                    _ci(r.stability_mean, r.stability_mean_ci),
+                    _num(r.collapse_rate),
+                ]
+            )
+    lines += _table(
+        [
+            "workload",
+            "recipe",
+            "runs",
+            "final perf IQM [95% CI]",
+            "stability score, mean [95% CI]",
+            "collapse rate (perturbed)",
+        ],
+        rows,
+    )
+    return lines
+
+
+def _claim2(items: Sequence[BufferingFinding]) -> list[str]:
+    lines = [f"### Claim 2 — {CLAIMS['2']}", ""]
+    rows = []
+    for f in items:
+        for level in f.levels:
+            rows.append(
+                [
+                    f.workload,
+                    f"{f.knob}={level.value}",
+                    _count(level.n_collapsed, level.n_runs),
+                    _ci(level.collapse_rate, level.collapse_rate_ci),
+                    _count(level.n_recovered, level.n_collapsed),
+                    _num(level.final_perf_iqm, 1),
+                    _num(level.baseline_final_perf_iqm, 1),
+                ]
+            )
+    lines += _table(
+        [
+            "workload",
+            "level",
+            "collapsed (perturbed runs)",
+            "collapse rate [95% CI]",
+            "recovered",
+            "final perf IQM, perturbed",
+            "final perf IQM, baseline",
+        ],
+        rows,
+    )
+    rows = [
+        [
+            f.workload,
+            f"{f.knob}: {f.least} → {f.most}",
+            _ci(f.difference, f.difference_ci),
+            f"**{f.verdict.verdict}**",
+        ]
+        for f in items
+    ]
+    lines += _table(
+        ["workload", "least → most stochastic", "collapse-rate difference [95% CI]", "verdict"],
+        rows,
+    )
+    rows = []
+    for f in items:
+        for p in f.per_perturbation:
+            cells = ", ".join(
+                f"{level.value}: {_count(k, n)}"
+                for level, k, n in zip(f.levels, p.n_collapsed, p.n_runs, strict=True)
+            )
+            rows.append([f.workload, f.knob, p.name, cells])
+    lines += _table(["workload", "knob", "perturbation", "collapsed per level"], rows)
+    notes = [f"- {f.workload}: {f.order_note}" for f in items if f.order_note]
+    return lines + ([*notes, ""] if notes else [])
+
+
+def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
+    unit = claims.horizon_unit or "steps"
+    lines = [
+        f"### Claim 3 — {CLAIMS['3']}",
+        "",
+        f"Prospective protocol: a warning counts when the collapse follows within "
+        f"{claims.horizon} {unit}; thresholds calibrated per workload on held-out healthy "
+        f"seeds to {_num(claims.target_false_alarms_per_1k, 1)} false alarm per 1k steps.",
+        "",
+    ]
+    rows = []
+    for f in items:
+        for d in f.detectors:
+            rows.append(
+                [
+                    f.workload,
+                    d.detector,
+                    "–" if d.n_warned is None else _count(d.n_warned, f.n_collapsed),
+                    _ci(d.event_recall, d.event_recall_ci),
+                    _ci(d.lead_time_median, d.lead_time_iqr, 0),
+                    _num(d.false_alarms_per_1k, 1),
+                    _num(d.false_alarms_per_1k_not_collapsed, 1),
+                    _ci(d.auroc, d.auroc_ci),
+                    _num(d.outcome_auroc),
+                ]
+            )
+    lines += _table(
+        [
+            "workload",
+            "detector",
+            "warned",
+            "recall [95% CI]",
+            "lead, median [IQR]",
+            "FA/1k healthy",
+            "FA/1k not collapsed",
+            "step AUROC [95% CI]",
+            "outcome AUROC",
+        ],
+        rows,
+    )
+    rows = [
+        [
+            f.workload,
+            f"{f.n_collapsed} / {f.n_not_collapsed} / {f.n_healthy}",
+            f.best_auroc or "–",
+            f"**{f.verdict.verdict}**: {f.verdict.reason}",
+        ]
+        for f in items
+    ]
+    lines += _table(
+        ["workload", "collapsed / not / healthy runs", "best step AUROC", "verdict (msm)"], rows
+    )
+    return lines
+
+
+def _practice(claims: Claims) -> list[str]:
+    lines = ["### In practice: the most robust setting per perturbation", ""]
+    rows = []
+    for r in claims.robustness:
+        cells = ", ".join(
+            f"{level}: {k}/{n} (perf {_num(p, 0)})"
+            for level, k, n, p in zip(
+                r.levels, r.n_collapsed, r.n_runs, r.final_perf_iqm, strict=True
+            )
+        )
+        best = "–" if r.knob is None else f"{r.knob}={r.most_robust}"
+        rows.append([r.name, r.workload, cells, best])
+    lines += _table(
+        ["perturbation", "workload", "collapsed per level (final perf IQM)", "most robust"], rows
+    )
+    rows = [
+        [
+            t.workload,
+            t.unit,
+            str(t.n_runs),
+            _num(t.median, 0),
+            f"{_num(t.low, 0)}–{_num(t.high, 0)}",
+        ]
+        for t in claims.throughput
+    ]
+    lines += ["Throughput of this audit's runs (telemetry on, evaluations included):", ""]
+    lines += _table(["workload", "unit", "runs", "median per second", "range"], rows)
+    return lines
+
+
+def claims_markdown(claims: Claims) -> str:
+    """The findings of one audit as markdown (what findings.md holds)."""
+    lines = [f"## Findings: {claims.audit}", ""]
+    verdicts: dict[str, dict[str, str]] = {}
+    for f1 in claims.decoupling:
+        verdicts.setdefault(f1.workload, {})["1"] = f1.verdict.verdict
+    for f2 in claims.buffering:
+        cell = verdicts.setdefault(f2.workload, {})
+        cell["2"] = (cell["2"] + "; " if "2" in cell else "") + f"{f2.knob}: {f2.verdict.verdict}"
+    for f3 in claims.warning:
+        verdicts.setdefault(f3.workload, {})["3"] = f3.verdict.verdict
+    rows = [[w] + [v.get(k, "–") for k in CLAIMS] for w, v in verdicts.items()]
+    lines += _table(["workload"] + [f"claim {k}: {text}" for k, text in CLAIMS.items()], rows)
+    lines += _claim1(claims.decoupling) + _claim2(claims.buffering)
+    lines += _claim3(claims.warning, claims) + _practice(claims)
+    lines += ["Verdict rules:", ""] + [f"{k}. {rule}" for k, rule in claims.rules.items()] + [""]
+    lines += [f"- {note}" for note in claims.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def verdict_table(claims: Claims) -> list[list[Any]]:
+    """(workload, claim, verdict, reason) rows, for tests and quick checks."""
+    out: list[list[Any]] = []
+    for f1 in claims.decoupling:
+        out.append([f1.workload, "1", f1.verdict.verdict, f1.verdict.reason])
+    for f2 in claims.buffering:
+        out.append([f2.workload, "2", f2.verdict.verdict, f2.verdict.reason])
+    for f3 in claims.warning:
+        out.append([f3.workload, "3", f3.verdict.verdict, f3.verdict.reason])
+    return out

@@ -1,0 +1,246 @@
+"""The paper's three claims judged per workload (`metrics/claims.py`), on hand-built records."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stabilitybench.metrics.claims import (
+    INCONCLUSIVE,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    DetectorRow,
+    audit_claims,
+    buffering_verdict,
+    decoupling_verdict,
+    newcombe_difference,
+    stochasticity_axes,
+    warning_verdict,
+)
+from stabilitybench.metrics.claims_printing import claims_markdown, verdict_table
+from stabilitybench.metrics.collapse import CollapseResult
+from stabilitybench.metrics.records import RunRecord
+from stabilitybench.metrics.summary import AuditSummary
+
+
+def test_newcombe_difference_matches_newcombe_1998() -> None:
+    # Newcombe (1998), Table II, example (a): 56/70 − 48/80 = 0.2000, method 10: 0.0524 to 0.3339.
+    diff, (low, high) = newcombe_difference(56, 70, 48, 80)
+    assert diff == pytest.approx(0.2)
+    assert low == pytest.approx(0.0524, abs=5e-4)
+    assert high == pytest.approx(0.3339, abs=5e-4)
+    # Example (h): 0/10 − 0/20: −0.1611 to 0.2775.
+    diff, (low, high) = newcombe_difference(0, 10, 0, 20)
+    assert diff == 0.0
+    assert low == pytest.approx(-0.1611, abs=5e-4)
+    assert high == pytest.approx(0.2775, abs=5e-4)
+    assert math.isnan(newcombe_difference(0, 0, 1, 5)[0])
+
+
+def test_decoupling_rule() -> None:
+    assert decoupling_verdict(30, 0.1, [-0.3, 0.45]).verdict == SUPPORTED
+    assert decoupling_verdict(30, 0.8, [0.6, 0.9]).verdict == NOT_SUPPORTED
+    assert decoupling_verdict(30, 0.5, [0.2, 0.7]).verdict == INCONCLUSIVE
+    assert decoupling_verdict(8, 0.0, [-0.5, 0.4]).verdict == INCONCLUSIVE  # too few runs
+    assert decoupling_verdict(30, None, [None, None]).verdict == INCONCLUSIVE
+
+
+def test_buffering_rule() -> None:
+    # 1/20 collapses with more noise against 12/20 without: buffered.
+    assert buffering_verdict(1, 20, 12, 20)[2].verdict == SUPPORTED
+    # More collapses with more noise.
+    assert buffering_verdict(12, 20, 1, 20)[2].verdict == NOT_SUPPORTED
+    # 6/20 vs 6/20: the CI reaches below −0.1, so a buffering is not ruled out.
+    diff, ci, verdict = buffering_verdict(6, 20, 6, 20)
+    assert diff == 0.0 and ci[0] is not None and ci[0] < -0.1
+    assert verdict.verdict == INCONCLUSIVE
+    # Many runs and equal rates rule a buffering > 0.1 out.
+    assert buffering_verdict(40, 400, 40, 400)[2].verdict == NOT_SUPPORTED
+    # Nothing collapsed: nothing to buffer.
+    assert buffering_verdict(0, 20, 0, 20)[2].verdict == INCONCLUSIVE
+
+
+def _msm(auroc: float, ci: list[float], recall: float, recall_ci: list[float]) -> DetectorRow:
+    return DetectorRow(
+        "msm", recall, list(recall_ci), None, 50.0, [40.0, 60.0], 1.0, 1.0, auroc, list(ci), 0.9
+    )
+
+
+def test_warning_rule() -> None:
+    assert warning_verdict(10, _msm(0.8, [0.7, 0.9], 0.6, [0.3, 0.8])).verdict == SUPPORTED
+    assert warning_verdict(10, _msm(0.55, [0.5, 0.58], 0.6, [0.3, 0.8])).verdict == NOT_SUPPORTED
+    # High AUROC but no prospective warning (always in alarm): not supported.
+    assert warning_verdict(10, _msm(0.95, [0.9, 0.97], 0.0, [0.0, 0.28])).verdict == NOT_SUPPORTED
+    assert warning_verdict(10, _msm(0.7, [0.45, 0.85], 0.6, [0.3, 0.8])).verdict == INCONCLUSIVE
+    assert warning_verdict(2, _msm(0.9, [0.8, 0.95], 1.0, [0.3, 1.0])).verdict == INCONCLUSIVE
+    assert warning_verdict(10, None).verdict == INCONCLUSIVE
+
+
+def _collapse(collapsed: bool, irreversible: bool = True) -> CollapseResult:
+    return CollapseResult(
+        collapsed=collapsed,
+        irreversible=irreversible if collapsed else False,
+        collapse_step=10 if collapsed else None,
+        collapse_env_steps=None,
+        recovery_steps=None if (not collapsed or irreversible) else 5,
+        recovery_env_steps=None,
+        diverged=False,
+        progress_undefined=False,
+        onset_step=5,
+        perf_0=0.0,
+        perf_pre=1.0,
+        min_progress=0.1 if collapsed else 0.9,
+        n_missing_evals=0,
+    )
+
+
+def _run(
+    index: int,
+    noise: Any,
+    perturbation: str,
+    collapsed: bool,
+    perf: float,
+    score: float,
+    *,
+    irreversible: bool = True,
+) -> RunRecord:
+    kind = "none" if perturbation == "none" else perturbation.split("(")[0]
+    return RunRecord(
+        run_id=f"r{index}",
+        label=None,
+        workload="w",
+        kind="toy",
+        knobs={"ent_coef": noise, "lr": 0.1},
+        perturbation=perturbation,
+        perturbation_kind=kind,
+        magnitude=None if kind == "none" else 10.0,
+        seed=index % 5,
+        status="done",
+        error=None,
+        collapse=_collapse(collapsed, irreversible),
+        final_perf=perf,
+        stability_score=score,
+    )
+
+
+def _summary(runs: list[RunRecord]) -> AuditSummary:
+    """The two fields `audit_claims` reads: the audit's name and its run records."""
+    return SimpleNamespace(audit=SimpleNamespace(name="hand"), runs=runs)  # type: ignore[return-value]
+
+
+@pytest.fixture
+def runs() -> list[RunRecord]:
+    """ent_coef 0 collapses 4/5 under a spike, 0.01 collapses 1/5 (and recovers); 5 baselines each."""
+    out = []
+    i = 0
+    for noise, n_collapsed in ((0.0, 4), (0.01, 1)):
+        for seed in range(5):
+            out.append(_run(i, noise, "none", False, 100.0 + seed, 0.9))
+            i += 1
+        for seed in range(5):
+            collapsed = seed < n_collapsed
+            out.append(
+                _run(
+                    i,
+                    noise,
+                    "lr_spike(at=0.3,factor=10)",
+                    collapsed,
+                    20.0 + seed if collapsed else 90.0 + seed,
+                    0.2 if collapsed else 0.85,
+                    irreversible=noise == 0.0,
+                )
+            )
+            i += 1
+    return out
+
+
+def test_audit_claims_on_hand_built_runs(runs: list[RunRecord]) -> None:
+    evaluation = {
+        "horizon": 100,
+        "target_false_alarms_per_1k": 1.0,
+        "protocol": {"horizon_unit": "optimizer steps"},
+        "workloads": {
+            "w": {
+                "n_collapsed": 5,
+                "n_not_collapsed": 5,
+                "n_healthy": 5,
+                "detectors": {
+                    "msm": {
+                        "event_recall": 0.6,
+                        "lead_time_median": 40.0,
+                        "lead_time_iqr": [30.0, 50.0],
+                        "false_alarms_per_1k": 0.8,
+                        "false_alarms_per_1k_not_collapsed": 1.5,
+                        "auroc": 0.8,
+                        "auroc_ci": [0.7, 0.9],
+                        "outcome_auroc": 0.9,
+                    },
+                    "zclip": {"event_recall": 0.2, "auroc": 0.85, "auroc_ci": [0.8, 0.9]},
+                },
+            }
+        },
+    }
+    claims = audit_claims(_summary(runs), evaluation, reps=300)
+    (d,) = claims.decoupling
+    assert d.n_runs == 20
+    assert d.rho is not None and d.rho > 0.5  # the collapsed runs end low: coupled
+    assert d.best_scoring == {"ent_coef": 0.01, "lr": 0.1}
+    assert [r.collapse_rate for r in d.recipes] == [0.8, 0.2]
+    (b,) = claims.buffering  # lr is not a stochasticity knob
+    assert (b.knob, b.least, b.most) == ("ent_coef", 0.0, 0.01)
+    assert [(lv.n_collapsed, lv.n_runs, lv.n_recovered) for lv in b.levels] == [
+        (4, 5, 0),
+        (1, 5, 1),
+    ]
+    assert b.difference == pytest.approx(-0.6)
+    assert b.per_perturbation[0].name == "lr_spike×10"
+    assert b.per_perturbation[0].n_collapsed == [4, 1]
+    (w,) = claims.warning
+    assert w.verdict.verdict == SUPPORTED and w.best_auroc == "zclip"
+    msm = w.detectors[0]
+    assert msm.n_warned == 3 and msm.event_recall_ci[0] is not None
+    (robust,) = claims.robustness
+    assert robust.most_robust == 0.01 and robust.n_collapsed == [4, 1]
+    rows = verdict_table(claims)
+    assert [r[:2] for r in rows] == [["w", "1"], ["w", "2"], ["w", "3"]]
+    text = claims_markdown(claims)
+    assert "## Findings: hand" in text
+    assert "| w | ent_coef: 0.0 → 0.01 | -0.60 [" in text
+    assert "**supported**: AUROC 0.80 [0.70, 0.90], recall 0.60 (3/5)" in text
+    assert "Verdict rules:" in text
+
+
+def test_claim_3_is_left_out_without_an_evaluation(runs: list[RunRecord]) -> None:
+    claims = audit_claims(_summary(runs), None, reps=100)
+    assert claims.warning == []
+    assert any("claim 3 is not judged" in n for n in claims.notes)
+    assert "### Claim 3" in claims_markdown(claims)
+
+
+class _Store:
+    """The one store read `stochasticity_axes` makes: a run's `ent_coef` telemetry column."""
+
+    def __init__(self, temperature: dict[str, list[float]]) -> None:
+        self.temperature = temperature
+
+    def table(self, run_id: str, name: str, columns: list[str] | None = None) -> Any:
+        import pandas as pd
+
+        assert name == "telemetry" and columns == ["ent_coef"]
+        return pd.DataFrame({"ent_coef": np.asarray(self.temperature.get(run_id, []), float)})
+
+
+def test_a_learned_temperature_is_placed_by_what_the_runs_used() -> None:
+    runs = [_run(0, "auto", "none", False, 1.0, 0.9), _run(1, 0.01, "none", False, 1.0, 0.9)]
+    runs.append(_run(2, 0.5, "none", False, 1.0, 0.9))
+    (axis,) = stochasticity_axes(runs, _Store({"r0": [0.2, 0.1]}))  # type: ignore[arg-type]
+    assert axis.levels == (0.01, "auto", 0.5)
+    assert axis.orders[1] == pytest.approx(0.15)
+    assert "mean temperature of 0.15" in axis.note
+    # Without telemetry the order is unknown, and claim 2 is not judged on it.
+    (unknown,) = stochasticity_axes(runs, None)
+    assert None in unknown.orders and "no known order" in unknown.note
