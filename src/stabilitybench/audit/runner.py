@@ -36,12 +36,19 @@ from stabilitybench.store import RunStore
 from stabilitybench.types import RunSpec, RunStatus
 
 PROCESS_OVERHEAD_S = 1.0  # a fresh worker process, imports, writing the run's files
-RL_ENV_STEPS_PER_S = {
+RL_ENV_STEPS_PER_S = {  # SAC/TD3: only a fallback, see estimate_run_seconds
     "ppo": 1000.0,
     "sac": 100.0,
     "td3": 120.0,
 }  # CartPole-v1 PPO: 1,000 (measured)
-LM_SECONDS_PER_STEP = {"tiny": 0.18, "small": 0.7, "gpt2-124m": 4.0}  # tiny: measured
+LM_SECONDS_PER_STEP = {"tiny": 0.18, "small": 1.05, "gpt2-124m": 6.0}
+"""Seconds per optimizer step at batch 16 x block 128 (tiny, small: measured on one core)."""
+LM_REFERENCE_TOKENS = 16 * 128
+LM_FIXED_SHARE = (
+    0.03  # the share of a step's cost that does not shrink with fewer tokens (measured)
+)
+OFF_POLICY_ENV_S = 0.0015  # SAC/TD3: env step + action, per env step (HalfCheetah, measured)
+OFF_POLICY_UPDATE_S = (0.005, 0.00004)  # one gradient step: fixed + per sample of the batch
 TOY_SECONDS_PER_STEP = 0.001
 
 
@@ -367,18 +374,40 @@ def estimate_run_seconds(workload: dict[str, Any]) -> float:
     steps = float(workload.get("total_steps", 0))
     evaluation = workload.get("eval") or {}
     n_evals = steps / max(float(evaluation.get("every", steps) or steps), 1.0) + 1
+    knobs = workload.get("knobs") or {}
     if kind == "rl":
-        rate = RL_ENV_STEPS_PER_S.get(str(workload.get("algo")), 500.0)
+        algo = str(workload.get("algo"))
+        per_env_step = 1.0 / RL_ENV_STEPS_PER_S.get(algo, 500.0)
+        if algo in ("sac", "td3"):  # the gradient steps dominate: scale by how many, how big
+            fixed, per_sample = OFF_POLICY_UPDATE_S
+            update = fixed + per_sample * _first_number(knobs.get("batch_size"), 256)
+            ratio = _first_number(knobs.get("gradient_steps"), 1) / _first_number(
+                knobs.get("train_freq"), 1
+            )
+            per_env_step = OFF_POLICY_ENV_S + update * ratio * (0.85 if algo == "td3" else 1.0)
         # evaluation episodes: assume ~200 env steps each at ~5,000 inference steps/s
         eval_s = n_evals * float(evaluation.get("episodes", 5)) * 200 / 5000.0
-        return PROCESS_OVERHEAD_S + 2.0 + steps / rate + eval_s
+        return PROCESS_OVERHEAD_S + 2.0 + steps * per_env_step + eval_s
     if kind == "lm":
-        per_step = LM_SECONDS_PER_STEP.get(str(workload.get("size")), 1.0)
+        size = workload.get("size", "tiny")
+        per_step = LM_SECONDS_PER_STEP.get(str(size), 1.0)
+        tokens = _first_number(knobs.get("batch_size"), 16) * _first_number(
+            knobs.get("block_size"), 128
+        )
+        per_step *= LM_FIXED_SHARE + (1 - LM_FIXED_SHARE) * tokens / LM_REFERENCE_TOKENS
         eval_s = n_evals * float(evaluation.get("batches", 8)) * per_step / 3.0
         return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
     if kind == "toy":
         return PROCESS_OVERHEAD_S + steps * TOY_SECONDS_PER_STEP
     return PROCESS_OVERHEAD_S + steps * 0.01
+
+
+def _first_number(value: Any, default: float) -> float:
+    """A knob's value for the estimate: a number, the first of a swept list, else `default`."""
+    value = value[0] if isinstance(value, list) and value else value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default
 
 
 def _duration(seconds: float) -> str:
