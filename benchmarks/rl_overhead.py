@@ -8,7 +8,7 @@ condition's time / the time without telemetry — by wall clock and by this proc
 
     .venv/bin/python benchmarks/rl_overhead.py            # PPO CartPole + PPO HalfCheetah-v5
     .venv/bin/python benchmarks/rl_overhead.py --sac      # also SAC Pendulum-v1
-    .venv/bin/python benchmarks/rl_overhead.py --paper    # PPO, SAC, TD3 on HalfCheetah-v5
+    .venv/bin/python benchmarks/rl_overhead.py --paper    # examples/paper_rl.yaml's recipes
 
 Beside the ratios it prints env steps/s with and without telemetry (the paper audits' algorithms,
 issue 16), from the same interleaved repetitions.
@@ -21,9 +21,11 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from stabilitybench.integrations.sb3 import StabilityCallback
 from stabilitybench.workloads.rl import build_model, parse_config
@@ -37,21 +39,34 @@ CASES: dict[str, dict[str, Any]] = {
         "total_steps": 1100,
         "knobs": {"learning_starts": 100},
     },
-    # The paper audits' off-policy algorithms (examples/paper_rl.yaml), shortened.
-    "sac-halfcheetah": {
-        "algo": "sac",
-        "env": "HalfCheetah-v5",
-        "total_steps": 1100,
-        "knobs": {"learning_starts": 100},
-    },
-    "td3-halfcheetah": {
-        "algo": "td3",
-        "env": "HalfCheetah-v5",
-        "total_steps": 1100,
-        "knobs": {"learning_starts": 100},
-    },
 }
-PAPER = ["ppo-halfcheetah", "sac-halfcheetah", "td3-halfcheetah"]
+PAPER_SPEC = Path(__file__).resolve().parents[1] / "examples" / "paper_rl.yaml"
+PAPER_STEPS = {"ppo": 8192, "sac": 1100, "td3": 1100}  # shortened; SAC/TD3 learn from step 100
+
+
+def paper_cases() -> dict[str, dict[str, Any]]:
+    """examples/paper_rl.yaml's workloads, shortened, with each swept knob at its reference."""
+    spec = yaml.safe_load(PAPER_SPEC.read_text())
+    cases = {}
+    for workload in spec["workloads"]:
+        reference = workload.get("reference") or {}
+        knobs = {
+            k: reference.get(k, v[0]) if isinstance(v, list) else v
+            for k, v in workload.get("knobs", {}).items()
+        }
+        if workload["algo"] != "ppo":
+            knobs["learning_starts"] = 100
+        cases[f"paper-{workload['name']}"] = {
+            "algo": workload["algo"],
+            "env": workload["env"],
+            "total_steps": PAPER_STEPS[workload["algo"]],
+            "knobs": knobs,
+        }
+    return cases
+
+
+CASES.update(paper_cases())
+PAPER = [name for name in CASES if name.startswith("paper-")]
 CONDITIONS: dict[str, dict[str, Any] | None] = {
     "off": None,
     "defaults": {},  # StabilityCallback(): probes every 4th step, grad_norm_raw every step
