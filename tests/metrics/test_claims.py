@@ -218,7 +218,14 @@ def test_claim_3_is_left_out_without_an_evaluation(runs: list[RunRecord]) -> Non
     claims = audit_claims(_summary(runs), None, reps=100)
     assert claims.warning == []
     assert any("claim 3 is not judged" in n for n in claims.notes)
-    assert "### Claim 3" in claims_markdown(claims)
+    assert "Not judged: the audit's detectors have not been evaluated." in claims_markdown(claims)
+
+
+def test_the_most_robust_level_is_one_that_ran(runs: list[RunRecord]) -> None:
+    runs = [r for r in runs if r.knobs["ent_coef"] == 0.0 or r.is_baseline]
+    claims = audit_claims(_summary(runs), None, reps=100)
+    (robust,) = claims.robustness
+    assert robust.n_runs == [5, 0] and robust.most_robust == 0.0
 
 
 class _Store:

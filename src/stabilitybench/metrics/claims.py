@@ -608,10 +608,13 @@ def _robustness(
         ]
         collapsed = [sum(bool(r.collapsed) for r in g) for g in groups]
         perf = [_iqm_ci(_perf(g), rng, reps=1)[0] for g in groups]
-        best = min(
-            range(len(levels)),
-            key=lambda i: (collapsed[i] / max(len(groups[i]), 1), -(perf[i] or -math.inf)),
-        )
+        present = [i for i in range(len(levels)) if groups[i]]
+
+        def rank(i: int) -> tuple[float, float]:  # fewest collapses, then best final perf
+            perf_i = perf[i]
+            return collapsed[i] / len(groups[i]), -(perf_i if perf_i is not None else -math.inf)
+
+        best = min(present, key=rank)
         out.append(
             RobustnessRow(
                 workload=workload,

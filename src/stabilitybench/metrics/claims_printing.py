@@ -162,13 +162,14 @@ def _claim2(items: Sequence[BufferingFinding]) -> list[str]:
 
 
 def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
-    unit = claims.horizon_unit or "steps"
-    lines = [
-        f"### Claim 3 — {CLAIMS['3']}",
-        "",
+    lines = [f"### Claim 3 — {CLAIMS['3']}", ""]
+    if claims.horizon is None:
+        return [*lines, "Not judged: the audit's detectors have not been evaluated.", ""]
+    lines += [
         f"Prospective protocol: a warning counts when the collapse follows within "
-        f"{claims.horizon} {unit}; thresholds calibrated per workload on held-out healthy "
-        f"seeds to {_num(claims.target_false_alarms_per_1k, 1)} false alarm per 1k steps.",
+        f"{claims.horizon} {claims.horizon_unit or 'steps'}; thresholds calibrated per workload "
+        f"on held-out healthy seeds to {_num(claims.target_false_alarms_per_1k, 1)} false alarm "
+        "per 1k steps.",
         "",
     ]
     rows = []
