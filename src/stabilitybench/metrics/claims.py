@@ -608,13 +608,13 @@ def _robustness(
         ]
         collapsed = [sum(bool(r.collapsed) for r in g) for g in groups]
         perf = [_iqm_ci(_perf(g), rng, reps=1)[0] for g in groups]
-        present = [i for i in range(len(levels)) if groups[i]]
-
-        def rank(i: int) -> tuple[float, float]:  # fewest collapses, then best final perf
-            perf_i = perf[i]
-            return collapsed[i] / len(groups[i]), -(perf_i if perf_i is not None else -math.inf)
-
-        best = min(present, key=rank)
+        # fewest collapses, then the best final perf, among the levels that ran
+        ranks = {
+            i: (collapsed[i] / len(g), -(p if p is not None else -math.inf))
+            for i, (g, p) in enumerate(zip(groups, perf, strict=True))
+            if g
+        }
+        best = min(ranks, key=ranks.__getitem__)
         out.append(
             RobustnessRow(
                 workload=workload,
