@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from pert_helpers import Recorder, tiny_mlp
 
@@ -135,3 +136,35 @@ def test_lr_spike_acts_on_every_optimizer() -> None:
     assert rows["critic/lr"].tolist() == [0.1, 0.1 * 10, 0.1]
     assert rows["actor/lr"].tolist() == [0.01, 0.01 * 10, 0.01]
     assert rows["perturbed"].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    "perturbation",
+    [
+        {"kind": "weight_noise", "at": 1, "scale": 0.3},
+        {"kind": "layer_reset", "at": 1, "module": "2"},
+        {"kind": "param_scale", "at": 1, "param": "2.weight", "factor": 0.0},
+    ],
+    ids=lambda p: p["kind"],
+)
+def test_an_edit_leaves_a_pending_backward_usable(perturbation: dict[str, Any]) -> None:
+    # SB3's SAC runs the actor's forward pass, then the critic's update (the clock, where the
+    # edit happens), then the actor's backward: editing the actor must not break that backward.
+    actor, critic = tiny_mlp(0), tiny_mlp(1)
+    actor_opt = torch.optim.SGD(actor.parameters(), lr=0.1)
+    critic_opt = torch.optim.SGD(critic.parameters(), lr=0.1)
+    tel = Telemetry(actor, {"critic": critic_opt, "actor": actor_opt}, probes=[])
+    PerturbationSchedule([perturbation], seed=5).attach(tel)
+    x = torch.ones(3, 4)
+    for step in range(3):
+        before = [p.detach().clone() for p in actor.parameters()]
+        pending = actor(x).pow(2).sum()  # the actor's graph, alive across the clock step
+        critic_opt.zero_grad()
+        critic(x).pow(2).sum().backward()
+        critic_opt.step()
+        edited = any(not torch.equal(b, p) for b, p in zip(before, actor.parameters(), strict=True))
+        assert edited == (step == 1)
+        actor_opt.zero_grad()
+        pending.backward()  # raised "modified by an inplace operation" before
+        actor_opt.step()
+    tel.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stabilitybench.errors import StabilityBenchError
@@ -31,7 +32,13 @@ def _need_model(label: str, model: torch.nn.Module | None) -> torch.nn.Module:
 
 
 class _ModelEdit(Perturbation):
-    """A one-shot edit of the parameters, done once per clock step, just before the update."""
+    """A one-shot edit of the parameters, done once per clock step, just before the update.
+
+    Edits write through `tensor.data`, which autograd does not version: SB3's SAC runs the
+    actor's forward pass before the critic's update (the clock) and its backward after it, so an
+    in-place edit of the actor visible to autograd would fail that backward ("modified by an
+    inplace operation"). The pending backward then sees the edited weights, as hardware would.
+    """
 
     dimension = "parametric"
     scope = "model"
@@ -82,7 +89,7 @@ class WeightNoise(_ModelEdit):
             noise = torch.randn(p.shape, generator=self.generator, dtype=torch.float32)
             target = self.values["scale"] * p.detach().float().norm().cpu()
             noise *= target / noise.norm().clamp_min(1e-30)
-            p.add_(noise.to(device=p.device, dtype=p.dtype))
+            p.data.add_(noise.to(device=p.device, dtype=p.dtype))  # .data: see _ModelEdit
 
 
 def _get_module(label: str, model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -119,12 +126,16 @@ class LayerReset(_ModelEdit):
         devices = sorted({p.device.index for p in module.parameters() if p.device.type == "cuda"})
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         # The init functions use the global RNG: fork it so training's stream is untouched.
+        # Reset a copy, then write its values through .data (see _ModelEdit).
+        fresh = copy.deepcopy(module)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for m in module.modules():
+            for m in fresh.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
+        for old, new in zip(module.parameters(), fresh.parameters(), strict=True):
+            old.data.copy_(new.data)
 
 
 @register
@@ -165,7 +176,7 @@ class ParamScale(_ModelEdit):
     @no_grad
     def apply(self, ctx: StepContext) -> None:
         param, index = self._target(ctx.model)
-        param[index] *= self.values["factor"]
+        param.data[index] *= self.values["factor"]  # .data: see _ModelEdit
 
 
 def _index(label: str, index: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
