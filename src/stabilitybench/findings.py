@@ -98,6 +98,7 @@ def export_results(
     from stabilitybench.metrics.summary import summarize
     from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
     from stabilitybench.report.html import write_report
+    from stabilitybench.report.markup import EMBED_DPI
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -122,7 +123,11 @@ def export_results(
         write_json(tmp / "findings.json", to_jsonable(claims))
         (tmp / "findings.md").write_text(claims_markdown(claims), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec, encoding="utf-8")
-        write_report(store, output=tmp / "report.html", figures_dir=tmp / "figures")
+        # The figures are the report's own images (100 dpi), not a second, larger rendering:
+        # a findings folder stays a few MB.
+        write_report(
+            store, output=tmp / "report.html", figures_dir=tmp / "figures", figures_dpi=EMBED_DPI
+        )
         write_json(
             tmp / "version.json",
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert version["runs"] == {"done": 6} and "stabilitybench" in version["versions"]
     assert any((out / "figures").glob("*.png"))
     html = (out / "report.html").read_text()
+    for png in (out / "figures").glob("*.png"):  # the report's own images, not re-rendered
+        assert base64.b64encode(png.read_bytes()).decode("ascii") in html
     assert "<html" in html and 'src="http' not in html  # self-contained
     assert not list((finished / "runs").glob("*/telemetry.parquet")) or not list(
         out.rglob("*.parquet")

@@ -38,10 +38,12 @@ NAV = (
 )
 
 
-def render_report(store: RunStore, figures_dir: Path | None = None) -> tuple[str, list[Path]]:
+def render_report(
+    store: RunStore, figures_dir: Path | None = None, figures_dpi: int = 150
+) -> tuple[str, list[Path]]:
     """The page's HTML and the PNG files written (when `figures_dir` is given)."""
     data = load_report_data(store)
-    figures = Figures(figures_dir)
+    figures = Figures(figures_dir, figures_dpi)
     name = audit_name(data, store)
     sections = [
         section_overview(data, store),
@@ -77,6 +79,7 @@ def write_report(
     store: RunStore | str | Path,
     output: str | Path | None = None,
     figures_dir: str | Path | None = None,
+    figures_dpi: int = 150,
 ) -> Path:
     """Write the audit's self-contained HTML report (default DIR/report.html); returns its path."""
     if not isinstance(store, RunStore):
@@ -91,7 +94,7 @@ def write_report(
         raise StabilityBenchError(
             f"--figures: {fig_dir} is a file; give a folder for the PNG figures"
         )
-    page, _ = render_report(store, fig_dir)
+    page, _ = render_report(store, fig_dir, figures_dpi)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -94,20 +94,31 @@ def table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+EMBED_DPI = 100
+
+
 class Figures:
     """Embeds figures in the page and, when asked, writes each as a PNG file."""
 
-    def __init__(self, figures_dir: Path | None) -> None:
+    def __init__(self, figures_dir: Path | None, dpi: int = 150) -> None:
         self.figures_dir = figures_dir
+        self.dpi = dpi  # of the PNG files; the page embeds its figures at EMBED_DPI
         self.written: list[Path] = []
 
     def embed(self, name: str, fig: Any, caption: str) -> str:
         import matplotlib.pyplot as plt
 
         try:
-            data = base64.b64encode(figs.png_bytes(fig)).decode("ascii")
+            png = figs.png_bytes(fig, dpi=EMBED_DPI)
+            data = base64.b64encode(png).decode("ascii")
             if self.figures_dir is not None:
-                self.written.append(figs.save_png(fig, self.figures_dir / f"{name}.png"))
+                path = self.figures_dir / f"{name}.png"
+                if self.dpi == EMBED_DPI:  # the embedded image itself: no second rendering
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(png)
+                    self.written.append(path)
+                else:
+                    self.written.append(figs.save_png(fig, path, dpi=self.dpi))
         finally:
             plt.close(fig)
         return (
