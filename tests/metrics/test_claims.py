@@ -196,6 +196,7 @@ def test_audit_claims_on_hand_built_runs(runs: list[RunRecord]) -> None:
         (4, 5, 0),
         (1, 5, 1),
     ]
+    assert [(lv.baseline_n_collapsed, lv.baseline_n_runs) for lv in b.levels] == [(0, 5), (0, 5)]
     assert b.difference == pytest.approx(-0.6)
     assert b.per_perturbation[0].name == "lr_spike×10"
     assert b.per_perturbation[0].n_collapsed == [4, 1]

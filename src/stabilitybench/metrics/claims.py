@@ -137,6 +137,8 @@ class LevelRow:
     recovery_rate_ci: list[float | None]
     final_perf_iqm: float | None
     baseline_final_perf_iqm: float | None  # its unperturbed runs
+    baseline_n_runs: int = 0
+    baseline_n_collapsed: int = 0  # unperturbed runs the collapse criterion flagged anyway
 
 
 @dataclass
@@ -508,6 +510,8 @@ def _level_row(
         recovery_rate_ci=[number(r_low), number(r_high)],
         final_perf_iqm=perf_iqm,
         baseline_final_perf_iqm=base_iqm,
+        baseline_n_runs=len(baseline),
+        baseline_n_collapsed=sum(bool(r.collapsed) for r in baseline),
     )
 
 

@@ -119,6 +119,7 @@ def _claim2(items: Sequence[BufferingFinding]) -> list[str]:
                     _count(level.n_collapsed, level.n_runs),
                     _ci(level.collapse_rate, level.collapse_rate_ci),
                     _count(level.n_recovered, level.n_collapsed),
+                    _count(level.baseline_n_collapsed, level.baseline_n_runs),
                     _num(level.final_perf_iqm, 1),
                     _num(level.baseline_final_perf_iqm, 1),
                 ]
@@ -130,6 +131,7 @@ def _claim2(items: Sequence[BufferingFinding]) -> list[str]:
             "collapsed (perturbed runs)",
             "collapse rate [95% CI]",
             "recovered",
+            "baselines collapsed",
             "final perf IQM, perturbed",
             "final perf IQM, baseline",
         ],
