@@ -45,7 +45,7 @@ from stabilitybench.metrics.intervals import (
     wilson_interval,
 )
 from stabilitybench.metrics.records import RunRecord
-from stabilitybench.metrics.stability import within_group_rank
+from stabilitybench.metrics.stability import decoupling, within_group_rank
 
 if TYPE_CHECKING:
     from stabilitybench.metrics.summary import AuditSummary
@@ -333,6 +333,11 @@ def _perf(records: Sequence[RunRecord]) -> np.ndarray:
     return arr[~np.isnan(arr)]
 
 
+def _iqm(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return number(iqm(finite)) if finite.size else None
+
+
 def _iqm_ci(
     values: np.ndarray, rng: np.random.Generator, reps: int
 ) -> tuple[float | None, list[float | None]]:
@@ -356,16 +361,11 @@ def _decoupling(
     perf = np.array([r.final_perf for r in usable], dtype=float)
     score = np.array([r.stability_score for r in usable], dtype=float)
     groups = [r.perturbation for r in usable]
-    from scipy import stats
-
-    perf_ranked = stats.rankdata(perf) if perf.size else perf  # -inf (diverged) ranks lowest
+    # Ranks make -inf (a diverged run) usable: it is simply the worst.
     rho_w, ci_w = spearman_ci(
-        within_group_rank(perf_ranked, groups),
-        within_group_rank(score, groups),
-        rng=rng,
-        reps=reps,
+        within_group_rank(perf, groups), within_group_rank(score, groups), rng=rng, reps=reps
     )
-    rho_a, ci_a = spearman_ci(perf_ranked, score, rng=rng, reps=reps)
+    plain = decoupling(perf, score, rng=rng, reps=reps)  # what `summary` reports
     recipes = []
     for key in dict.fromkeys(r.knobs_key for r in runs):
         members = [r for r in runs if r.knobs_key == key]
@@ -389,8 +389,8 @@ def _decoupling(
         n_runs=len(usable),
         rho=rho_w_n,
         rho_ci=ci_w_n,
-        rho_all=number(rho_a),
-        rho_all_ci=[number(ci_a[0]), number(ci_a[1])],
+        rho_all=number(plain.rho),
+        rho_all_ci=[number(plain.ci[0]), number(plain.ci[1])],
         best_scoring=max(by_perf, key=lambda r: r.final_perf_iqm or 0.0).knobs if by_perf else None,
         most_stable=max(by_score, key=lambda r: r.stability_mean or 0.0).knobs
         if by_score
@@ -470,8 +470,9 @@ def stochasticity_axes(
 
 def short_name(run: RunRecord) -> str:
     """A perturbation in a table cell: `weight_noise×0.5`, `lr_spike×30 ramp`."""
-    kind, size = run.perturbation_kind, run.magnitude
-    name = kind if kind == "none" or size is None else f"{kind}×{size:g}"
+    from stabilitybench.metrics.summary_printing import short_perturbation
+
+    name = short_perturbation(run.perturbation_kind, run.magnitude)
     return f"{name} ramp" if "ramp=" in run.perturbation else name
 
 
@@ -496,8 +497,7 @@ def _level_row(
     recovered = sum(1 for r in collapsed if r.collapse is not None and not r.collapse.irreversible)
     low, high = wilson_interval(k, len(perturbed))
     r_low, r_high = wilson_interval(recovered, len(collapsed))
-    perf_iqm, _ = _iqm_ci(_perf(perturbed), rng, reps=1)
-    base_iqm, _ = _iqm_ci(_perf(baseline), rng, reps=1)
+    perf_iqm, base_iqm = _iqm(_perf(perturbed)), _iqm(_perf(baseline))
     return LevelRow(
         value=value,
         order=axis.orders[index],
@@ -541,7 +541,7 @@ def _buffering(
     diff, ci, verdict = buffering_verdict(
         most.n_collapsed, most.n_runs, least.n_collapsed, least.n_runs
     )
-    if axis.note and any(o is None for o in axis.orders):
+    if None in axis.orders:
         verdict = Verdict(INCONCLUSIVE, f"{verdict.reason}; {axis.note}")
     return BufferingFinding(
         workload=workload,
@@ -611,7 +611,7 @@ def _robustness(
             for v in levels
         ]
         collapsed = [sum(bool(r.collapsed) for r in g) for g in groups]
-        perf = [_iqm_ci(_perf(g), rng, reps=1)[0] for g in groups]
+        perf = [_iqm(_perf(g)) for g in groups]
         # fewest collapses, then the best final perf, among the levels that ran
         ranks = {
             i: (collapsed[i] / len(g), -(p if p is not None else -math.inf))
@@ -636,17 +636,13 @@ def _robustness(
 
 
 def _throughput(workload: str, runs: Sequence[RunRecord], store: RunStore | None) -> Throughput:
+    unit = "env steps" if any(r.kind == "rl" for r in runs) else "optimizer steps"
     rates = []
-    unit = "optimizer steps"
     for r in runs:
-        if r.timing.wall_s is None or r.timing.wall_s <= 0:
+        if store is None or r.timing.wall_s is None or r.timing.wall_s <= 0:
             continue
-        steps = None
-        if store is not None:
-            spec = store.info(r.run_id).get("spec") or {}
-            steps = (spec.get("workload") or {}).get("total_steps")
-            if r.kind == "rl":
-                unit = "env steps"
+        spec = store.info(r.run_id).get("spec") or {}  # total_steps is not on the record
+        steps = (spec.get("workload") or {}).get("total_steps")
         if steps:
             rates.append(float(steps) / r.timing.wall_s)
     arr = np.asarray(rates)
@@ -704,10 +700,3 @@ def audit_claims(
     if evaluation is None:
         claims.notes.append("no early-warning evaluation: claim 3 is not judged")
     return claims
-
-
-def knobs_text(knobs: Mapping[str, Any] | None, only: Sequence[str] | None = None) -> str:
-    """`ent_coef=0.01, dropout=0.1` (only the named knobs, if given)."""
-    if not knobs:
-        return "–"
-    return ", ".join(f"{k}={v}" for k, v in knobs.items() if only is None or k in only)

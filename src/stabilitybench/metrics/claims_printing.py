@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stabilitybench.metrics.claims import (
@@ -10,8 +10,8 @@ from stabilitybench.metrics.claims import (
     Claims,
     DecouplingFinding,
     WarningFinding,
-    knobs_text,
 )
+from stabilitybench.metrics.summary_printing import knobs_text
 
 CLAIMS = {
     "1": "high final performance is often decoupled from stability",
@@ -51,6 +51,11 @@ def _swept(finding: DecouplingFinding) -> list[str]:
     return [k for k in keys if len({str(r.knobs.get(k)) for r in finding.recipes}) > 1]
 
 
+def _recipe(knobs: Mapping[str, Any] | None, swept: Sequence[str]) -> str:
+    """The swept knobs of a recipe: `ent_coef=0.01`, or `–`."""
+    return knobs_text({k: v for k, v in (knobs or {}).items() if k in swept})
+
+
 def _claim1(items: Sequence[DecouplingFinding]) -> list[str]:
     lines = [f"### Claim 1 — {CLAIMS['1']}", ""]
     rows = []
@@ -62,8 +67,8 @@ def _claim1(items: Sequence[DecouplingFinding]) -> list[str]:
                 str(f.n_runs),
                 _ci(f.rho, f.rho_ci),
                 _ci(f.rho_all, f.rho_all_ci),
-                knobs_text(f.best_scoring, swept),
-                knobs_text(f.most_stable, swept),
+                _recipe(f.best_scoring, swept),
+                _recipe(f.most_stable, swept),
                 f"**{f.verdict.verdict}**",
             ]
         )
@@ -86,7 +91,7 @@ def _claim1(items: Sequence[DecouplingFinding]) -> list[str]:
             rows.append(
                 [
                     f.workload,
-                    knobs_text(r.knobs, swept),
+                    _recipe(r.knobs, swept),
                     str(r.n_runs),
                     _ci(r.final_perf_iqm, r.final_perf_iqm_ci, 1),
                     _ci(r.stability_mean, r.stability_mean_ci),
