@@ -145,6 +145,28 @@ def test_bad_guard_is_exit_2_naming_the_field_and_nothing_is_written(
     assert not out.exists()
 
 
+def test_dry_run_names_a_monitor_not_fitted_yet_and_a_real_run_refuses_it(
+    tmp_path: Path,
+) -> None:
+    # An audit's guards may name the monitor that another audit will fit (as
+    # examples/paper_rl_guards.yaml does): `--dry-run` still prices the grid and says what is
+    # missing; the run itself stops before writing anything.
+    guard = {"detector": "msm", "action": "rollback", "monitor": str(tmp_path / "later")}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(["none", guard])))
+    out = tmp_path / "audit"
+    dry = CliRunner().invoke(app, ["audit", str(path), "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    message = " ".join(dry.output.split())
+    assert "estimated cost" in message
+    assert "not fitted yet" in message and "guards[1].monitor" in message, message
+    assert not out.exists()
+    real = CliRunner().invoke(app, ["audit", str(path), "--out", str(out)])
+    assert real.exit_code == 2, real.output
+    assert "not a fitted monitor folder" in " ".join(real.output.split())
+    assert not out.exists()
+
+
 def test_msm_with_a_monitor_fitted_on_another_workload_kind_is_exit_2(tmp_path: Path) -> None:
     # What `audit` and `monitor fit` leave in an LM audit: audit.json, monitor/fit.json and the
     # monitor's files (their contents are not read for this check).

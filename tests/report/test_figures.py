@@ -75,7 +75,7 @@ def test_condition_figure_has_one_panel_per_available_signal(with_msd: bool) -> 
     try:
         axes = fig.axes
         assert len(axes) == 1 + 3 + int(with_msd)  # performance + grad norm, cosine, ratio (+ MSD)
-        assert axes[1].get_yscale() == "log"  # gradient norm
+        assert axes[1].get_yscale() == "linear"  # gradient norm within 0.7-1.4: no decade
         assert axes[2].get_yscale() == "linear"  # cosine can be negative
         assert [a.get_xlim() for a in axes[1:]] == [axes[0].get_xlim()] * (len(axes) - 1)  # aligned
         legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
@@ -85,6 +85,30 @@ def test_condition_figure_has_one_panel_per_available_signal(with_msd: bool) -> 
         assert shaded and math.isclose(shaded[0].get_width(), 10.0)
         image = Image.open(io.BytesIO(figs.png_bytes(fig)))
         assert image.size == (round(fig.get_figwidth() * 100), round(fig.get_figheight() * 100))
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize(("spread", "scale"), [(0.001, "linear"), (3.0, "log")])
+def test_grad_norm_panel_is_logarithmic_only_across_a_decade(spread: float, scale: str) -> None:
+    # PPO clips its gradient norm at 0.5: a log axis there labelled every tick "5×10⁻¹".
+    series = _series("ppo", 3, with_msd=False)
+    for seed, frame in enumerate(series.telemetry):
+        rng = np.random.default_rng(seed)
+        frame["grad_norm"] = 0.5 * np.exp(rng.normal(0, spread, len(frame)))
+    fig = figs.condition_figure([series], title="ppo · none")
+    try:
+        panel = fig.axes[1]
+        assert panel.get_ylabel() == "grad norm"
+        assert panel.get_yscale() == scale
+        fig.canvas.draw()
+        low, high = panel.get_ylim()
+        labels = [
+            t.get_text()
+            for t in panel.get_yticklabels()
+            if t.get_text() and low <= t.get_position()[1] <= high
+        ]
+        assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
     finally:
         plt.close(fig)
 

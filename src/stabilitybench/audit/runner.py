@@ -62,15 +62,18 @@ class AuditPlan:
     spec_hash: str
     statuses: dict[str, str] = field(default_factory=dict)  # run_id → status, for an existing audit
     references: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload → healthy knobs
+    unfitted: list[str] = field(default_factory=list)  # dry run: guards' monitors not fitted yet
 
     @property
     def todo(self) -> list[RunSpec]:
         return [r for r in self.runs if self.statuses.get(r.run_id) != RunStatus.DONE.value]
 
 
-def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
-    """Validate the spec, the runs and `--out` without writing anything."""
-    spec = load_spec(spec_path)
+def plan_audit(spec_path: str | Path, out: str | Path, *, dry_run: bool = False) -> AuditPlan:
+    """Validate the spec, the runs and `--out` without writing anything. A dry run tolerates
+    guard monitors that are not fitted yet (it lists them in `unfitted`); a real run does not."""
+    unfitted: list[str] | None = [] if dry_run else None
+    spec = load_spec(spec_path, unfitted=unfitted)
     runs = expand(spec)
     check_runs(spec, runs)
     digest = spec_hash(spec)
@@ -83,6 +86,7 @@ def plan_audit(spec_path: str | Path, out: str | Path) -> AuditPlan:
         spec_hash=digest,
         statuses=statuses,
         references=references(spec),
+        unfitted=unfitted or [],
     )
 
 
@@ -317,7 +321,7 @@ def run_audit_cli(
     """`stabilitybench audit`: returns the exit code (0 all done, 1 some runs failed)."""
     console = console or Console()
     make_backend(backend, workers, ray_address)  # check the options before anything else
-    plan = plan_audit(spec_path, out)
+    plan = plan_audit(spec_path, out, dry_run=dry_run)
     if dry_run:
         print_plan(plan, console, workers=workers)
         return 0
@@ -455,6 +459,11 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         " (rough: from per-kind rates on one core)",
         highlight=False,
     )
+    for message in plan.unfitted:
+        console.print(
+            "[yellow]not fitted yet; the audit will stop here until it is:[/] " + escape(message),
+            highlight=False,
+        )
     console.print(
         escape(f"nothing was run or written (dry run); the audit folder would be {plan.out}"),
         highlight=False,

@@ -221,8 +221,12 @@ def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
     return data
 
 
-def load_spec(path: str | Path) -> AuditSpec:
-    """Read and validate an audit spec file."""
+def load_spec(path: str | Path, *, unfitted: list[str] | None = None) -> AuditSpec:
+    """Read and validate an audit spec file.
+
+    A guard's monitor that is not fitted yet is an error, unless `unfitted` is given (a dry
+    run): then its message is appended there and validation goes on.
+    """
     path = Path(path)
     if not path.is_file():
         raise StabilityBenchError(f"{path}: no such spec file")
@@ -230,7 +234,8 @@ def load_spec(path: str | Path) -> AuditSpec:
         raw = path.read_bytes()
     except OSError as exc:
         raise StabilityBenchError(f"{path}: cannot read the spec file: {exc.strerror}") from None
-    return validate_spec(parse_yaml(decode_spec(raw, str(path)), source=str(path)))
+    data = parse_yaml(decode_spec(raw, str(path)), source=str(path))
+    return validate_spec(data, unfitted=unfitted)
 
 
 def decode_spec(raw: bytes, source: str = "spec") -> str:
@@ -245,8 +250,9 @@ def decode_spec(raw: bytes, source: str = "spec") -> str:
         ) from None
 
 
-def validate_spec(data: dict[str, Any]) -> AuditSpec:
-    """Validate a spec mapping (top level, each workload by kind, each perturbation)."""
+def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) -> AuditSpec:
+    """Validate a spec mapping (top level, each workload by kind, each perturbation); see
+    `load_spec` for `unfitted`."""
     try:
         spec = AuditSpec.model_validate(data)
     except ValidationError as exc:
@@ -265,7 +271,7 @@ def validate_spec(data: dict[str, Any]) -> AuditSpec:
         _check_reference(workload, index)
     _check_eval_every(spec)
     _perturbation_lists(spec.perturbations)
-    _check_guards(spec)
+    _check_guards(spec, unfitted)
     return spec
 
 
@@ -286,8 +292,9 @@ def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
     return out
 
 
-def _check_guards(spec: AuditSpec) -> None:
-    """Each guard is valid and every workload of the audit can host it."""
+def _check_guards(spec: AuditSpec, unfitted: list[str] | None = None) -> None:
+    """Each guard is valid and every workload of the audit can host it; a monitor folder that
+    is not fitted yet goes to `unfitted` when that is a list, and is an error otherwise."""
     if spec.guards is None:
         return
     from stabilitybench.guard.config import (
@@ -301,7 +308,12 @@ def _check_guards(spec: AuditSpec) -> None:
         if guard is None:
             continue
         config = parse_guard(guard, f"guards[{index}]")
-        check_monitor_folder(config, f"guards[{index}]")
+        try:
+            check_monitor_folder(config, f"guards[{index}]")
+        except StabilityBenchError as exc:
+            if unfitted is None:
+                raise
+            unfitted.append(str(exc))
         for workload in spec.workloads:
             kind = str(workload.get("kind"))
             check_workload(config, kind, f"guards[{index}]")

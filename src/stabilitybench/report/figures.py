@@ -273,24 +273,32 @@ def _legends(
         )
 
 
+LOG_SPAN = 10.0  # a telemetry panel is drawn on a log axis when its band spans this factor
+
+
 def _telemetry_panel(
     ax: Any, series: Sequence[ConditionSeries], colors: Sequence[Any], panel: tuple[str, str, bool]
 ) -> None:
     """One telemetry signal: median + IQR per series (log scale when positive and asked)."""
     signal, label, log = panel
     positive = True
+    low, high = math.inf, 0.0
     for color, s in zip(colors, series, strict=True):
         band = quantile_band(s.telemetry, signal)
         if band.empty:
             continue
         positive = positive and bool((band["q25"] > 0).all())
+        low = min(low, float(band["q25"].min()))
+        high = max(high, float(band["q75"].max()))
         ax.fill_between(band["x"], band["q25"], band["q75"], color=color, alpha=0.2, lw=0)
         ax.plot(band["x"], band["median"], color=color, lw=1.3)
         if signal == "grad_cos_prev":
             ema = quantile_band(s.telemetry, "grad_cos_ema")
             if not ema.empty:
                 ax.plot(ema["x"], ema["median"], color=color, lw=1.0, ls=":")
-    if log and positive:
+    # A log axis only where the signal spans a decade: inside a narrower range (PPO's clipped
+    # gradient norm sits at 0.5) every tick label would read the same, e.g. "5×10⁻¹".
+    if log and positive and high >= LOG_SPAN * low:
         ax.set_yscale("log")
     ax.set_ylabel(label)
 
