@@ -129,7 +129,7 @@ def _run(
 
 def _summary(runs: list[RunRecord]) -> AuditSummary:
     """The two fields `audit_claims` reads: the audit's name and its run records."""
-    return SimpleNamespace(audit=SimpleNamespace(name="hand"), runs=runs)  # type: ignore[return-value]
+    return SimpleNamespace(audit=SimpleNamespace(name="hand"), runs=runs, guards=[])  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -220,6 +220,43 @@ def test_claim_3_is_left_out_without_an_evaluation(runs: list[RunRecord]) -> Non
     assert claims.warning == []
     assert any("claim 3 is not judged" in n for n in claims.notes)
     assert "Not judged: the audit's detectors have not been evaluated." in claims_markdown(claims)
+
+
+def test_what_a_guard_saved_is_a_table_beside_the_unguarded_runs() -> None:
+    from dataclasses import replace
+
+    from stabilitybench.metrics.guards import Intervention, guard_comparisons
+
+    ramp = "lr_spike(at=0.3,factor=30,duration=2000,ramp=geometric)"
+    plain = [_run(i, 0.0, ramp, True, -300.0 + i, 0.1) for i in range(5)]
+    guarded = [
+        replace(_run(5 + i, 0.0, ramp, i == 0, 100.0 + i, 0.8), guard="zclip:escalate")
+        for i in range(5)
+    ]
+    records = plain + guarded
+    interventions = {r.run_id: [Intervention(step=50, action="skip")] * 2 for r in guarded}
+    steps = {r.run_id: 1000 for r in records}
+    comparisons = guard_comparisons(records, interventions, steps, reps=200)
+    summary = SimpleNamespace(audit=SimpleNamespace(name="g"), runs=records, guards=comparisons)
+    claims = audit_claims(summary, None, reps=100)  # type: ignore[arg-type]
+    (g,) = claims.guards
+    assert (g.collapse.k, g.collapse_unguarded.k, g.n_runs) == (1, 5, 5)
+    assert any("5 guarded runs are left out of claims 1 and 2" in n for n in claims.notes)
+    text = claims_markdown(claims)
+    assert "### In practice: what a guard saved" in text
+    row = next(line for line in text.splitlines() if "zclip:escalate" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:7] == [
+        "lr_spike×10 ramp",
+        "zclip:escalate",
+        "1/5 vs 5/5",
+        "1/5 vs 5/5",
+        "2.0",
+        "0.2%",
+    ]
+    assert cells[7].startswith("400 [")  # IQM 102 guarded − IQM −298 unguarded
+    # No guards axis, no table.
+    assert "what a guard saved" not in claims_markdown(audit_claims(_summary(plain), None, reps=50))
 
 
 def test_the_most_robust_level_is_one_that_ran(runs: list[RunRecord]) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stabilitybench.metrics.conditions import number
+from stabilitybench.metrics.guards import GuardComparison
 from stabilitybench.metrics.intervals import (
     DEFAULT_REPS,
     iqm,
@@ -237,6 +238,10 @@ class Claims:
     warning: list[WarningFinding]
     robustness: list[RobustnessRow]
     throughput: list[Throughput]
+    # Guarded conditions beside the same condition unguarded (the summary's), when the audit
+    # has a `guards:` axis: what a guard saved, in practice.
+    guards: list[GuardComparison] = field(default_factory=list)
+    perturbation_names: dict[str, str] = field(default_factory=dict)  # label → `lr_spike×30 ramp`
     rules: dict[str, str] = field(default_factory=lambda: dict(VERDICT_RULES))
     notes: list[str] = field(default_factory=list)
 
@@ -677,6 +682,10 @@ def audit_claims(
         warning=[],
         robustness=[],
         throughput=[],
+        guards=list(summary.guards),
+        perturbation_names={r.perturbation: short_name(r) for r in summary.runs}
+        if summary.guards
+        else {},
     )
     left_out = sum(1 for r in summary.runs if r.done and r.guard != "none")
     if left_out:
