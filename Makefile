@@ -26,7 +26,8 @@ demo: $(STAMP)
 	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
 
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue),
-# then their findings folders under results/ (summary, evaluation, report, spec, versions).
+# then their findings folders under results/ (summary, evaluation, report, spec, versions),
+# then the guard audit on paper_rl's PPO ramp (examples/paper_rl_guards.yaml).
 FINDINGS ?= paper_rl paper_lm
 HORIZON_paper_rl = 1000
 HORIZON_paper_lm = 100
@@ -37,6 +38,12 @@ findings: $(STAMP)
 	    --horizon $$(case $$a in paper_rl) echo $(HORIZON_paper_rl);; *) echo $(HORIZON_paper_lm);; esac) && \
 	  $(BIN)/stabilitybench findings results/$$a || exit 2; \
 	done
+	@# What a guard saves on the paper audit's PPO ramp (its msm guard reads audits/paper_rl's monitor).
+	@if echo " $(FINDINGS) " | grep -q " paper_rl "; then \
+	  $(BIN)/stabilitybench audit examples/paper_rl_guards.yaml --out audits/paper_rl_guards --no-report && \
+	  $(BIN)/stabilitybench export audits/paper_rl_guards --out results/paper_rl_guards --horizon $(HORIZON_paper_rl) && \
+	  $(BIN)/stabilitybench findings results/paper_rl_guards || exit 2; \
+	fi
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
