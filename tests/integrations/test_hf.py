@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate import Accelerator
 from guard_detector import alarm_at_step_fixture  # noqa: F401  (the `alarm_at_step` fixture)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -150,10 +151,13 @@ def test_batch_perturbations_are_refused_by_the_callback(tmp_path: Path) -> None
 
 def test_grad_norm_raw_is_the_trainers_pre_clip_norm(tmp_path: Path) -> None:
     original = torch.nn.utils.clip_grad_norm_
+    accelerator_clip = Accelerator.clip_grad_norm_
     callback = StabilityTrainerCallback()
     seen = RecordGradNorms()
     trainer = train(tmp_path, [callback, seen], steps=4, max_grad_norm=0.05)
+    # The wrapped clipping function is put back when training ends.
     assert torch.nn.utils.clip_grad_norm_ is original
+    assert Accelerator.clip_grad_norm_ is accelerator_clip
     rows = callback.telemetry.rows()
     logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     assert len(logged) == 4

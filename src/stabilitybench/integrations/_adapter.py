@@ -48,60 +48,99 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 # ---- the pre-clip gradient norm ------------------------------------------------------------------
-# SB3 (PPO, A2C, DQN) and the HF Trainer (through accelerate) clip with
-# `torch.nn.utils.clip_grad_norm_`, which returns the total norm BEFORE clipping; the optimizer's
-# step hooks only ever see the clipped gradients. While a callback is active, that function is
-# wrapped (once, however many callbacks listen) and the value it returns is logged as
-# `grad_norm_raw` of the optimizer that owns the parameters. The value stays a device tensor.
+# SB3 (PPO, A2C, DQN) clips with `torch.nn.utils.clip_grad_norm_`; the HF Trainer clips (or, with
+# max_grad_norm 0, measures) with `accelerate.Accelerator.clip_grad_norm_`, which accelerate
+# >= 1.16 no longer routes through torch's function (it calls `get_total_norm` and
+# `clip_grads_with_norm_` itself). Both return the total norm BEFORE clipping; the optimizer's
+# step hooks only ever see the clipped gradients. While a callback is active, the clipping
+# function it names is wrapped (once, however many callbacks listen) and the value it returns is
+# logged as `grad_norm_raw` of the optimizer that owns the parameters. The value stays a device
+# tensor.
 
 _ClipListener = tuple[frozenset[int], Callable[[torch.Tensor], None]]
-_clip_listeners: dict[int, _ClipListener] = {}
-_clip_original: Callable[..., torch.Tensor] | None = None
 
 
-def _clip_grad_norm_wrapper(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    assert _clip_original is not None
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    total = _clip_original(params, *args, **kwargs)
-    trained = next((p for p in params if p.requires_grad), None)  # frozen ones: no optimizer
-    if trained is not None and isinstance(total, torch.Tensor):
-        first = id(trained)
-        for ids, callback in list(_clip_listeners.values()):
-            if first in ids:
-                callback(total.detach())
-    return total
+class _ClipTarget:
+    """One clipping function, `owner.name`, that returns the pre-clip total norm; `method` when
+    it is an unbound method (its parameters come after `self`)."""
+
+    def __init__(self, owner: Any, name: str, *, method: bool = False) -> None:
+        self.owner, self.name, self.method = owner, name, method
+        self.listeners: dict[int, _ClipListener] = {}
+        self.original: Callable[..., Any] | None = None
+        self._installed: Callable[..., Any] | None = None
+
+    def _wrapper(self) -> Callable[..., Any]:
+        def clip(*args: Any, **kwargs: Any) -> Any:
+            assert self.original is not None
+            at = 1 if self.method else 0
+            given = list(args)
+            parameters = given[at] if len(given) > at else kwargs.pop("parameters")
+            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            if len(given) > at:
+                given[at] = params
+            else:
+                kwargs["parameters"] = params
+            total = self.original(*given, **kwargs)
+            trained = next((p for p in params if p.requires_grad), None)  # frozen: no optimizer
+            if trained is not None and isinstance(total, torch.Tensor):
+                first = id(trained)
+                for ids, callback in list(self.listeners.values()):
+                    if first in ids:
+                        callback(total.detach())
+            return total
+
+        clip.__wrapped__ = self.original  # type: ignore[attr-defined]
+        return clip
+
+    def listen(self, telemetry: Telemetry) -> Callable[[], None]:
+        keys = []
+        for optimizer in telemetry.optimizers.values():
+            ids = frozenset(id(p) for g in optimizer.param_groups for p in g["params"])
+
+            def log(total: torch.Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
+                telemetry.log_before_step(optimizer, grad_norm_raw=total)
+
+            listener: _ClipListener = (ids, log)
+            keys.append(id(listener))
+            self.listeners[id(listener)] = listener
+        if self.original is None:
+            self.original = getattr(self.owner, self.name)
+            self._installed = self._wrapper()
+            setattr(self.owner, self.name, self._installed)
+
+        def release() -> None:
+            for key in keys:
+                self.listeners.pop(key, None)
+            keys.clear()
+            if not self.listeners and self.original is not None:
+                if getattr(self.owner, self.name) is self._installed:
+                    setattr(self.owner, self.name, self.original)
+                self.original = None
+
+        return release
+
+
+_torch_clip = _ClipTarget(torch.nn.utils, "clip_grad_norm_")
+_accelerate_clip: _ClipTarget | None = None
 
 
 def capture_clip_grad_norm(telemetry: Telemetry) -> Callable[[], None]:
     """Log what `torch.nn.utils.clip_grad_norm_` returns (the pre-clip total norm) as
     `grad_norm_raw` in the row of the optimizer step that follows; returns a function that stops
     listening (and unwraps torch's function when no one else listens)."""
-    global _clip_original
-    keys = []
-    for optimizer in telemetry.optimizers.values():
-        ids = frozenset(id(p) for g in optimizer.param_groups for p in g["params"])
+    return _torch_clip.listen(telemetry)
 
-        def log(total: torch.Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
-            telemetry.log_before_step(optimizer, grad_norm_raw=total)
 
-        listener: _ClipListener = (ids, log)
-        keys.append(id(listener))
-        _clip_listeners[id(listener)] = listener
-    if _clip_original is None:
-        _clip_original = torch.nn.utils.clip_grad_norm_
-        torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_wrapper
+def capture_accelerate_clip_grad_norm(telemetry: Telemetry) -> Callable[[], None]:
+    """The same for `accelerate.Accelerator.clip_grad_norm_`, the HF Trainer's one way to clip
+    and to measure the gradient norm."""
+    global _accelerate_clip
+    if _accelerate_clip is None:
+        from accelerate import Accelerator
 
-    def release() -> None:
-        global _clip_original
-        for key in keys:
-            _clip_listeners.pop(key, None)
-        keys.clear()
-        if not _clip_listeners and _clip_original is not None:
-            if torch.nn.utils.clip_grad_norm_ is _clip_grad_norm_wrapper:
-                torch.nn.utils.clip_grad_norm_ = _clip_original
-            _clip_original = None
-
-    return release
+        _accelerate_clip = _ClipTarget(Accelerator, "clip_grad_norm_", method=True)
+    return _accelerate_clip.listen(telemetry)
 
 
 def log_grad_norm_before_step(telemetry: Telemetry, optimizer: torch.optim.Optimizer) -> None:

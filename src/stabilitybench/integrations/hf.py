@@ -28,7 +28,7 @@ from stabilitybench.integrations._adapter import (
     OnlineMonitor,
     PerturbationHook,
     TelemetryAdapter,
-    capture_clip_grad_norm,
+    capture_accelerate_clip_grad_norm,
     unwrap_optimizer,
 )
 from stabilitybench.telemetry import Sink, Telemetry
@@ -138,9 +138,9 @@ class StabilityTrainerCallback(TrainerCallback):
         telemetry = self._adapter.start(model, optimizer, total)
         if self._release_clip is not None:
             self._release_clip()
-        # The Trainer clips (or, with max_grad_norm 0, measures) through accelerate, which calls
-        # torch.nn.utils.clip_grad_norm_: its return value is the pre-clip norm.
-        self._release_clip = capture_clip_grad_norm(telemetry)
+        # The Trainer clips (or, with max_grad_norm 0, measures) through
+        # Accelerator.clip_grad_norm_: its return value is the pre-clip norm.
+        self._release_clip = capture_accelerate_clip_grad_norm(telemetry)
         if isinstance(model, torch.nn.Module):
             self._remove_forward_hook()
             self._forward_hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
