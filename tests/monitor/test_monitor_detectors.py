@@ -45,6 +45,22 @@ def test_zclip_warmup_spike_and_flat() -> None:
     assert det.zclip_scores(flat)[25] == pytest.approx(z)
 
 
+def test_zclip_locks_in_after_a_lasting_jump_of_the_norm() -> None:
+    # The published rule feeds the clipped value back into the EMA: after a jump of the norm's
+    # level (PPO's pre-clip norm jumps several-fold when a new rollout's value targets arrive),
+    # the clipped value is about the old mean, the variance decays by alpha every step, and z
+    # never comes back (benchmarks/zclip_lockin.py measures it on PPO HalfCheetah).
+    rng = np.random.default_rng(0)
+    level = np.r_[np.full(300, 10.0), np.full(700, 50.0)]  # a x5 jump at step 300
+    z = det.zclip_scores(level * (1 + 0.1 * rng.standard_normal(1000)))
+    assert (z[:300] > 2.5).mean() < 0.05
+    assert (z[300:] > 2.5).all()  # every update after the jump alarms ...
+    assert z[-1] > 1e4  # ... ever louder
+    milder = np.r_[np.full(300, 10.0), np.full(700, 15.0)]  # x1.5: the EMA absorbs it
+    z = det.zclip_scores(milder * (1 + 0.1 * rng.standard_normal(1000)))
+    assert (z[300:] > 2.5).mean() < 0.1 and z[-1] < 2.5
+
+
 def test_olmo_needs_a_full_window_and_uses_six_sigma() -> None:
     values = _noise(300, seed=1)
     values[100] = 50.0  # before 128 values of history: not judged
