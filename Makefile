@@ -25,10 +25,11 @@ browser:
 demo: $(STAMP)
 	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
 
-# The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue),
+# The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
+# paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2),
 # then their findings folders under results/ (summary, evaluation, report, spec, versions),
 # then the guard audit on paper_rl's PPO ramp (examples/paper_rl_guards.yaml).
-FINDINGS ?= paper_rl paper_lm
+FINDINGS ?= paper_rl paper_lm paper_lm_collapse
 HORIZON_paper_rl = 1000
 HORIZON_paper_lm = 100
 findings: $(STAMP)

@@ -113,7 +113,7 @@ def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:
     _expect_error(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "r")], "nope")
 
 
-@pytest.mark.parametrize("name", ["paper_rl", "paper_lm"])
+@pytest.mark.parametrize("name", ["paper_rl", "paper_lm", "paper_lm_collapse"])
 def test_paper_specs_are_valid(name: str) -> None:
     spec: Any = load_spec(EXAMPLES / f"{name}.yaml")
     assert spec.name == name

@@ -82,3 +82,6 @@ def test_cli_summary_wide_flag(store: RunStore) -> None:
     wide = CliRunner().invoke(app, ["summary", str(store.root), "--wide"])
     assert narrow.exit_code == 0 and wide.exit_code == 0
     assert "disp." not in narrow.stdout and "disp." in wide.stdout
+    # --wide put back the console's own setting: the next table follows the terminal again.
+    after = CliRunner().invoke(app, ["summary", str(store.root)], env={"COLUMNS": "300"})
+    assert max(len(line) for line in after.stdout.splitlines()) > 100

@@ -107,8 +107,12 @@ def print_table(console: Any, table: Any, wide: bool) -> None:
 
     options = console.options.update(width=10_000, max_width=10_000)
     width, terminal = Measurement.get(console, options, table).maximum, console.width
-    console.width = max(width, terminal)  # rich never prints wider than its console
+    # Rich never prints wider than its console. Put back the console's own setting afterwards
+    # (None: follow the terminal), not the width it had now: else the next table, in a process
+    # that prints many, is laid out at this terminal's width for good.
+    setting = getattr(console, "_width", terminal)
+    console.width = max(width, terminal)
     try:
         console.print(table)
     finally:
-        console.width = terminal
+        console._width = setting
