@@ -199,3 +199,25 @@ def test_condition_figure_marks_each_guard_intervention_on_the_performance_panel
         assert "guard: lr cut" not in legend
     finally:
         plt.close(fig)
+
+
+def test_embedded_figures_are_256_colour_pngs_a_third_of_the_size() -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = np.linspace(0, 10, 400)
+    for k in range(3):
+        ax.plot(x, np.sin(x + k), label=f"run {k}")
+        ax.fill_between(x, np.sin(x + k) - 0.2, np.sin(x + k) + 0.2, alpha=0.2)
+    ax.legend()
+    lossless = io.BytesIO()
+    fig.savefig(lossless, format="png", dpi=100, metadata={"Software": None})
+    png = figs.png_bytes(fig, dpi=100)
+    plt.close(fig)
+    with Image.open(io.BytesIO(png)) as small, Image.open(lossless) as full:
+        assert small.mode == "P" and small.size == full.size
+        # Few pixels change, and by little: the palette holds the plot's colours.
+        diff = np.abs(
+            np.asarray(small.convert("RGB"), float) - np.asarray(full.convert("RGB"), float)
+        )
+        assert (diff.max(axis=2) > 24).mean() < 0.01
+    assert len(png) < 0.6 * len(lossless.getvalue())
+    assert figs.palette_png(png) == figs.palette_png(png)  # deterministic
