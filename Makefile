@@ -28,7 +28,8 @@ demo: $(STAMP)
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
 # paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2),
 # then their findings folders under results/ (summary, evaluation, report, spec, versions),
-# then the guard audit on paper_rl's PPO ramp (examples/paper_rl_guards.yaml).
+# then the guard audits on paper_rl's PPO ramp and paper_lm_collapse's GPT-2 ramp
+# (examples/paper_rl_guards.yaml, examples/paper_lm_guards.yaml).
 FINDINGS ?= paper_rl paper_lm paper_lm_collapse
 HORIZON_paper_rl = 1000
 HORIZON_paper_lm = 100
@@ -44,6 +45,12 @@ findings: $(STAMP)
 	  $(BIN)/stabilitybench audit examples/paper_rl_guards.yaml --out audits/paper_rl_guards --no-report && \
 	  $(BIN)/stabilitybench export audits/paper_rl_guards --out results/paper_rl_guards --horizon $(HORIZON_paper_rl) && \
 	  $(BIN)/stabilitybench findings results/paper_rl_guards || exit 2; \
+	fi
+	@# ... and on paper_lm_collapse's GPT-2 ramp (its msm guard reads that audit's monitor).
+	@if echo " $(FINDINGS) " | grep -q " paper_lm_collapse "; then \
+	  $(BIN)/stabilitybench audit examples/paper_lm_guards.yaml --out audits/paper_lm_guards --no-report && \
+	  $(BIN)/stabilitybench export audits/paper_lm_guards --out results/paper_lm_guards --horizon $(HORIZON_paper_lm) && \
+	  $(BIN)/stabilitybench findings results/paper_lm_guards || exit 2; \
 	fi
 
 test: $(STAMP) browser
