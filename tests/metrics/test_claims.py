@@ -289,3 +289,14 @@ def test_a_learned_temperature_is_placed_by_what_the_runs_used() -> None:
     # Without telemetry the order is unknown, and claim 2 is not judged on it.
     (unknown,) = stochasticity_axes(runs, None)
     assert None in unknown.orders and "no known order" in unknown.note
+
+
+def test_a_guards_difference_keeps_the_decimals_of_its_scale() -> None:
+    from stabilitybench.metrics.claims_printing import _ci, _digits
+
+    # A return difference of hundreds, a loss difference of nats, and one of hundredths.
+    assert _ci(400.4, [210.2, 611.9], _digits([400.4, 210.2, 611.9])) == "400 [210, 612]"
+    assert _ci(2.449, [1.342, 3.838], _digits([2.449, 1.342, 3.838])) == "2.45 [1.34, 3.84]"
+    assert _ci(0.0023, [-0.0253, 0.0298], _digits([0.0023, -0.0253, 0.0298])) == (
+        "0.002 [-0.025, 0.030]"
+    )

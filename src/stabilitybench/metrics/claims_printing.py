@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,13 @@ def _ci(value: float | None, ci: Sequence[float | None], digits: int = 2) -> str
     if low is None or high is None:
         return _num(value, digits)
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _digits(values: Sequence[float | None]) -> int:
+    """Decimals for numbers on the scale of `values`: none from 100, up to 3 below 1 (a return
+    of hundreds, a loss difference of hundredths)."""
+    scale = max((abs(v) for v in values if v is not None and math.isfinite(v)), default=0.0)
+    return 0 if scale >= 100 else 1 if scale >= 10 else 2 if scale >= 1 else 3
 
 
 def _count(k: int, n: int) -> str:
@@ -276,7 +284,13 @@ def _guards(claims: Claims) -> list[str]:
                 f"{_count(g.irreversible_unguarded.k, g.irreversible_unguarded.n)}",
                 _num(g.interventions_per_run, 1),
                 "–" if g.extra_compute is None else f"{100 * g.extra_compute:.1f}%",
-                "–" if difference is None else _ci(difference.value, difference.ci, 0),
+                "–"
+                if difference is None
+                else _ci(
+                    difference.value,
+                    difference.ci,
+                    _digits([difference.value, *difference.ci]),
+                ),
                 _num(g.wall_time_ratio),
             ]
         )
