@@ -26,32 +26,27 @@ demo: $(STAMP)
 	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
 
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
-# paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2),
-# then their findings folders under results/ (summary, evaluation, report, spec, versions),
-# then the guard audits on paper_rl's PPO ramp and paper_lm_collapse's GPT-2 ramp
-# (examples/paper_rl_guards.yaml, examples/paper_lm_guards.yaml).
+# paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2), then their findings
+# folders under results/ (summary, evaluation, report, spec, versions); after paper_rl and
+# paper_lm_collapse, the guard audit on that audit's ramp (examples/paper_rl_guards.yaml,
+# examples/paper_lm_guards.yaml: its msm guard reads the audit's fitted monitor).
 FINDINGS ?= paper_rl paper_lm paper_lm_collapse
 HORIZON_paper_rl = 1000
 HORIZON_paper_lm = 100
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
+	  case $$a in paper_rl) h=$(HORIZON_paper_rl); g=paper_rl_guards;; \
+	    paper_lm_collapse) h=$(HORIZON_paper_lm); g=paper_lm_guards;; \
+	    *) h=$(HORIZON_paper_lm); g=;; esac; \
 	  $(BIN)/stabilitybench audit examples/$$a.yaml --out audits/$$a && \
-	  $(BIN)/stabilitybench export audits/$$a --out results/$$a \
-	    --horizon $$(case $$a in paper_rl) echo $(HORIZON_paper_rl);; *) echo $(HORIZON_paper_lm);; esac) && \
+	  $(BIN)/stabilitybench export audits/$$a --out results/$$a --horizon $$h && \
 	  $(BIN)/stabilitybench findings results/$$a || exit 2; \
+	  if [ -n "$$g" ]; then \
+	    $(BIN)/stabilitybench audit examples/$$g.yaml --out audits/$$g --no-report && \
+	    $(BIN)/stabilitybench export audits/$$g --out results/$$g --horizon $$h && \
+	    $(BIN)/stabilitybench findings results/$$g || exit 2; \
+	  fi; \
 	done
-	@# What a guard saves on the paper audit's PPO ramp (its msm guard reads audits/paper_rl's monitor).
-	@if echo " $(FINDINGS) " | grep -q " paper_rl "; then \
-	  $(BIN)/stabilitybench audit examples/paper_rl_guards.yaml --out audits/paper_rl_guards --no-report && \
-	  $(BIN)/stabilitybench export audits/paper_rl_guards --out results/paper_rl_guards --horizon $(HORIZON_paper_rl) && \
-	  $(BIN)/stabilitybench findings results/paper_rl_guards || exit 2; \
-	fi
-	@# ... and on paper_lm_collapse's GPT-2 ramp (its msm guard reads that audit's monitor).
-	@if echo " $(FINDINGS) " | grep -q " paper_lm_collapse "; then \
-	  $(BIN)/stabilitybench audit examples/paper_lm_guards.yaml --out audits/paper_lm_guards --no-report && \
-	  $(BIN)/stabilitybench export audits/paper_lm_guards --out results/paper_lm_guards --horizon $(HORIZON_paper_lm) && \
-	  $(BIN)/stabilitybench findings results/paper_lm_guards || exit 2; \
-	fi
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
