@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _record import record
+
 HERE = Path(__file__).resolve().parents[1] / "src"
 ENTRY = "from stabilitybench.cli import main; main()"
 
@@ -95,6 +97,18 @@ def main() -> None:
         f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, "
         f"on {os.cpu_count()} cores"
     )
+    figures = {
+        tree: {
+            name: {
+                "wall_s": statistics.median(x[0] for x in times[(name, tree)]),
+                "cpu_s": statistics.median(x[1] for x in times[(name, tree)]),
+            }
+            for name in commands
+        }
+        for tree in trees
+    }
+    settings = {"repeats": options.repeats, "before": str(options.before or "") or None}
+    record("cli_latency", figures, settings=settings, load_before=load_before)
 
 
 if __name__ == "__main__":

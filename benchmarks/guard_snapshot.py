@@ -11,10 +11,12 @@ capture and per rollback snapshot, and the wall time of training steps unguarded
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+from _record import record
 
 from stabilitybench.guard import Guard
 from stabilitybench.guard.snapshot import Snapshot, StepUndo
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     t = trainer(args.size)
     for _ in range(2):
         t.train_step()  # create the optimizer state
@@ -98,6 +101,16 @@ def main() -> None:
     for name, values in times.items():
         med = statistics.median(values)
         print(f"{name:>15}: {1e3 * med:7.2f} ms/step  ratio {med / base:.3f}")
+    figures = {
+        "parameters": n_params,
+        "skip_buffer_mib": undo.nbytes() / 2**20,
+        "skip_capture_ms": statistics.median(capture_ms),
+        "snapshot_mib": snap.nbytes() / 2**20,
+        "snapshot_ms": statistics.median(snapshot_ms),
+        "ms_per_step": {name: 1e3 * statistics.median(values) for name, values in times.items()},
+        "ratio": {name: statistics.median(values) / base for name, values in times.items()},
+    }
+    record("guard_snapshot", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

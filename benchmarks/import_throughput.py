@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,6 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from _record import record
 
 CHILD_IMPORT = r"""
 import json, resource, sys, time
@@ -103,10 +107,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-baseline-b", action="store_true", help="skip EventAccumulator")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    figures: dict[str, Any] = {"logs": []}
     work = Path(tempfile.mkdtemp(prefix="sb-import-bench-"))
     try:
         base = run_child(CHILD_IMPORT, "baseline")
         print(f"baseline process (imports only): peak RSS {base['rss_mb']:.0f} MB")
+        figures["baseline_rss_mb"] = base["rss_mb"]
         for steps in (int(s) for s in args.steps.split(",")):
             log = work / f"tb_{steps}"
             started = time.perf_counter()
@@ -123,6 +130,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if not args.no_baseline_b:
                     results["B"].append(run_child(CHILD_ACCUMULATOR, "acc", str(log / "run")))
+            log_figures: dict[str, Any] = {"steps": steps, "scalars": scalars, "mb": size / 1e6}
+            figures["logs"].append(log_figures)
             for key, label in (
                 ("A", "stabilitybench import"),
                 ("B", "EventAccumulator(size_guidance=0) + pandas"),
@@ -132,6 +141,12 @@ def main() -> None:
                 wall = statistics.median(r["wall_s"] for r in results[key])
                 rss = statistics.median(r["rss_mb"] for r in results[key])
                 rows = results[key][0]["rows"]
+                log_figures["import" if key == "A" else "event_accumulator"] = {
+                    "wall_s": wall,
+                    "steps_per_s": steps / wall,
+                    "scalars_per_s": scalars / wall,
+                    "peak_rss_mb": rss,
+                }
                 print(
                     f"  {label:45s} {wall:6.1f} s  {steps / wall:9,.0f} steps/s  "
                     f"{scalars / wall:10,.0f} scalars/s  peak RSS {rss:6.0f} MB  ({rows:,} rows)"
@@ -149,6 +164,7 @@ def main() -> None:
             shutil.rmtree(log, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    record("import_throughput", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

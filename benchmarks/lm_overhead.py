@@ -10,10 +10,12 @@ Run: `.venv/bin/python benchmarks/lm_overhead.py`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+from _record import record
 
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.workloads.lm import LMTrainer, parse_config
@@ -27,6 +29,7 @@ def main() -> None:
     parser.add_argument("--probes", default="cheap")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     settings = parse_config(
         {
             "name": "lm-overhead",
@@ -70,6 +73,15 @@ def main() -> None:
         f"steps/s on / off, paired per repetition: median {statistics.median(paired):.3f} "
         f"(quartiles {paired[len(paired) // 4]:.3f}-{paired[(3 * len(paired)) // 4]:.3f})"
     )
+    figures = {
+        "off_steps_per_s": 1 / off,
+        "on_steps_per_s": 1 / on,
+        "off_ms_per_step": off * 1e3,
+        "on_ms_per_step": on * 1e3,
+        "on_off_ratio": statistics.median(paired),
+        "on_off_ratio_quartiles": [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]],
+    }
+    record("lm_overhead", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ the columns of the `cheap` probe preset: 20 runs × 2,000 optimizer steps).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import numpy as np
 import pandas as pd
 import torch
+from _record import record
 
 
 def synthetic_run(seed: int, steps: int) -> pd.DataFrame:
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5000)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     runs = [_Run(seed % 4, synthetic_run(seed, args.steps)) for seed in range(args.runs)]
     start = time.perf_counter()
     monitor = MetaStateMonitor(latent_dim=4, seed=0).fit(runs)
@@ -77,6 +80,12 @@ def main() -> None:
     print(
         f"monitor.step: median {median_us:.1f} us per call over {args.calls} calls (budget 200 us)"
     )
+    figures = {
+        "fit_s": fit_s,
+        "fit_epochs": monitor.fit_info["epochs"],
+        "step_median_us": median_us,
+    }
+    record("monitor_cost", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _record import record
 
 from stabilitybench import Telemetry
 
@@ -120,6 +121,7 @@ def measure(
         "cheap_cpu_ratio": ratio(cpu, "cheap"),
         "cheap_extra_cpu_ms": (statistics.median(cpu["cheap"]) - statistics.median(cpu["off"]))
         * 1e3,
+        "full_cpu_ratio": ratio(cpu, "full"),
     }
     print(
         f"{name:<28} off {result['off_ms']:8.2f} ms/step | cheap every step "
@@ -139,14 +141,18 @@ def main() -> None:
     parser.add_argument("--sharpness-every", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, median per step, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start"
+        f"load average {load_before:.1f} on {os.cpu_count()} cores at the start"
     )
-    measure(
+    gpt2 = measure(
         "(a) GPT-2 4L n_embd128 b16", gpt2_loop, args.gpt2_steps, args.reps, args.sharpness_every
     )
-    measure("(b) MLP regression b32", mlp_loop, args.mlp_steps, args.reps, args.sharpness_every)
+    mlp = measure(
+        "(b) MLP regression b32", mlp_loop, args.mlp_steps, args.reps, args.sharpness_every
+    )
+    record("overhead", {"gpt2": gpt2, "mlp": mlp}, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

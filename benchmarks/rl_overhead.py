@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import yaml
+from _record import record
 
 from stabilitybench.integrations.sb3 import StabilityCallback
 from stabilitybench.workloads.rl import build_model, parse_config
@@ -131,16 +132,32 @@ def main() -> None:
         if args.paper
         else ["ppo-cartpole", "ppo-halfcheetah"] + (["sac-pendulum"] if args.sac else [])
     )
+    load_before = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, 1 thread, {args.reps} interleaved repetitions, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start"
+        f"load average {load_before:.1f} on {os.cpu_count()} cores at the start"
     )
     print(
         f"{'case':<16} {'env steps':>9} {'opt steps':>9} {'off s':>6} {'callback':>9} "
         f"{'wall x':>7} {'cpu x':>7} {'wall range':>13} {'steps/s off':>11} {'on':>7}"
     )
+    cases: dict[str, Any] = {}
     for name in names:
         r = measure(name, args.reps)
+        cases[name] = {
+            "algo": CASES[name]["algo"],
+            "env": CASES[name]["env"],
+            "env_steps": CASES[name]["total_steps"],
+            "optimizer_steps": r["rows"],
+            "off_wall_s": r["off_wall"],
+            "env_steps_per_s": r["steps_per_s"],
+            "ratios": {
+                condition: dict(
+                    zip(("wall", "cpu", "wall_min", "wall_max"), r[condition], strict=True)
+                )
+                for condition in list(CONDITIONS)[1:]
+            },
+        }
         for condition in list(CONDITIONS)[1:]:
             w, c, lo, hi = r[condition]
             print(
@@ -149,6 +166,8 @@ def main() -> None:
                 f"{r['steps_per_s']['off']:>11.0f} {r['steps_per_s'][condition]:>7.0f}",
                 flush=True,
             )
+    name = "rl_overhead_paper" if args.paper and not args.cases else "rl_overhead"
+    record(name, {"cases": cases}, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

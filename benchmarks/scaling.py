@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _record import record
 from rich.console import Console
 
 from stabilitybench.audit.runner import execute_plan, plan_audit
@@ -63,7 +64,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
+    load_before = os.getloadavg()[0]
+    print(f"cores: {os.cpu_count()}, load average before: {load_before:.2f}")
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cold, _ = run_grid(
@@ -79,16 +82,27 @@ def main() -> None:
 
         one, one_runs = run_grid(args.steps, "local", 1, root / "w1")
         two, _ = run_grid(args.steps, "local", 2, root / "w2")
+        figures.update(
+            first_audit_s=cold,
+            overhead_per_run_s=(tiny_wall - tiny_runs) / 8,
+            run_s=one_runs / 8,
+            one_worker_s=one,
+            two_workers_s=two,
+            speedup=one / two,
+            overhead_per_run_long_s=(one - one_runs) / 8,
+        )
         print(f"8 runs × {args.steps} steps (≈{one_runs / 8:.1f} s each):")
         print(f"  local, 1 worker : {one:7.2f} s   overhead per run {(one - one_runs) / 8:.3f} s")
         print(f"  local, 2 workers: {two:7.2f} s   speed-up {one / two:.2f}×")
         if not args.skip_ray:
             ray_wall, _ = run_grid(args.steps, "ray", 2, root / "ray")
+            figures.update(ray_s=ray_wall, ray_over_local=ray_wall / two)
             print(
                 f"  ray,   2 workers: {ray_wall:7.2f} s   ray / local(2) = {ray_wall / two:.2f}× "
                 "(includes starting and stopping a local Ray instance)"
             )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    record("scaling", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

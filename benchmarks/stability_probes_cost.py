@@ -14,11 +14,13 @@ Run: `.venv/bin/python benchmarks/stability_probes_cost.py`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
 
 import torch
+from _record import record
 
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.telemetry.stability_probes import AttentionLogits, close_probes
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     settings = parse_config(
         {
             "name": "probe-cost",
@@ -78,16 +81,23 @@ def main() -> None:
         f"{'condition':28s} {'wall ms/step':>12s}  {'ratio (quartiles)':>22s}   "
         f"{'CPU ms/step':>11s}  {'ratio (quartiles)':>22s}"
     )
+    figures: dict[str, dict[str, Any]] = {}
     for name in CONDITIONS:
         cells = []
-        for table in (seconds, cpu):
+        for clock, table in (("wall", seconds), ("cpu", cpu)):
             paired = sorted(v / b for v, b in zip(table[name], table["cheap"], strict=True))
             q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
+            figures.setdefault(name, {})[clock] = {
+                "ms_per_step": statistics.median(table[name]) * 1e3,
+                "ratio": statistics.median(paired),
+                "ratio_quartiles": [q1, q3],
+            }
             cells.append(
                 f"{statistics.median(table[name]) * 1e3:11.1f}  "
                 f"{statistics.median(paired):8.3f} ({q1:.3f}-{q3:.3f})"
             )
         print(f"{name:28s} {cells[0]}   {cells[1]}")
+    record("stability_probes_cost", figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ The growth is the peak RSS over the whole run minus the RSS after the first `--w
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from _record import record
 
 from stabilitybench import Telemetry
 from stabilitybench.store import RunStore
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--keep-rows", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -68,6 +71,7 @@ def main() -> None:
                     f"{(time.perf_counter() - start) / step * 1e3:.3f} ms/step",
                     flush=True,
                 )
+        train_s = time.perf_counter() - start
         close_start = time.perf_counter()
         tel.close(read_back=False)
         close_s = time.perf_counter() - close_start
@@ -81,6 +85,19 @@ def main() -> None:
             f"telemetry.parquet {meta.num_rows:,} rows in {meta.num_row_groups:,} row groups, "
             f"{path.stat().st_size / 2**20:.1f} MiB, written at close in {close_s:.1f} s"
         )
+        figures = {
+            "rss_after_warmup_mib": base,
+            "rss_peak_mib": peak,
+            "rss_growth_mib": peak - base,
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ms_per_step": train_s / args.steps * 1e3,
+            "rows": meta.num_rows,
+            "row_groups": meta.num_row_groups,
+            "file_mib": path.stat().st_size / 2**20,
+            "close_s": close_s,
+        }
+    name = "telemetry_memory_keep_rows" if args.keep_rows else "telemetry_memory"
+    record(name, figures, settings=vars(args), load_before=load_before)
 
 
 if __name__ == "__main__":
