@@ -6,14 +6,14 @@ PIP := $(BIN)/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 AUDIT_DIR ?= audits/quickstart
 
-.PHONY: install demo test lint bench clean browser findings
+.PHONY: install demo test lint bench clean browser findings docs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, from the CPU build; every later call is constrained to it.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[all,dev,docs]'
 	@if $(BIN)/pip show torchvision >/dev/null 2>&1; then $(PIP) uninstall -y -q torchvision; fi
 	touch $(STAMP)
 
@@ -55,6 +55,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+# The documentation site (mkdocs-material) into site/; --strict: a broken link fails the build.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
