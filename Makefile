@@ -58,7 +58,7 @@ lint: $(STAMP)
 
 # The documentation site (mkdocs-material) into site/; --strict: a broken link fails the build.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict -d site
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict -d site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
