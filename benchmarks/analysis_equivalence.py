@@ -112,7 +112,7 @@ def current(what: str, audit: Path, refit: bool) -> Any:
         from stabilitybench.metrics.summary import summarize
 
         return to_jsonable(summarize(store))
-    from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
+    from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
 
     if refit:
         fit_audit(store)

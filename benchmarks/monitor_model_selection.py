@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stabilitybench.detectors.base import DetectorSettings, detector_classes
+from stabilitybench.detectors.pca import PCADetector
+from stabilitybench.evaluation.alarms import alarm_events, auroc, calibrate_threshold
+from stabilitybench.evaluation.fitting import is_healthy
 from stabilitybench.metrics.records import RunRecord, audit_records
-from stabilitybench.monitor.alarms import alarm_events, auroc, calibrate_threshold
-from stabilitybench.monitor.detectors import PCADetector
-from stabilitybench.monitor.fitting import is_healthy
-from stabilitybench.monitor.registry import DetectorSettings, detector_classes
 from stabilitybench.monitor.ssm import DEFAULT_TERMS, TERMS, MetaStateMonitor
 from stabilitybench.store import RunData, RunStore
 

@@ -78,8 +78,8 @@ def copy_audit(source: Path, target: Path, workload: str | None) -> int:
 
 
 def measure(audit: Path, options: dict[str, Any], horizon: int, target: float) -> dict[str, Any]:
+    from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
     from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
     from stabilitybench.store import RunStore
 
     shutil.rmtree(audit / "monitor", ignore_errors=True)

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from stabilitybench.monitor.detectors import zclip_scores
+from stabilitybench.detectors.scores import zclip_scores
 
 
 def train(steps: int, seed: int) -> np.ndarray:

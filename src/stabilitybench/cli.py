@@ -221,7 +221,7 @@ def monitor_fit(
     ] = False,
 ) -> None:
     """Fit the Meta-State Monitor on the audit's healthy runs and score every run."""
-    from stabilitybench.monitor.fitting import fit_audit
+    from stabilitybench.evaluation.fitting import fit_audit
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
@@ -255,8 +255,8 @@ def monitor_evaluate(
 ) -> None:
     """Prospective warning, per workload and macro-averaged: event recall, lead time, false
     alarms, step AUROC of collapse within the horizon, outcome AUROC."""
+    from stabilitybench.evaluation.evaluate import evaluate_audit, print_evaluation
     from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.monitor.evaluate import evaluate_audit, print_evaluation
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
@@ -266,7 +266,7 @@ def monitor_evaluate(
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
-        from stabilitybench.monitor.fitting import read_attributions
+        from stabilitybench.evaluation.fitting import read_attributions
 
         print_evaluation(result, console, wide=wide, attributions=read_attributions(store.root))
 
@@ -285,8 +285,8 @@ def monitor_score(
 ) -> None:
     """Every detector's per-step score and native alarms on each run (scores.parquet), and
     which signal deviated first."""
-    from stabilitybench.monitor.printing import print_score
-    from stabilitybench.monitor.scoring import score_audit
+    from stabilitybench.evaluation.printing import print_score
+    from stabilitybench.evaluation.scoring import score_audit
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
@@ -379,7 +379,7 @@ def export(
     """Write summary.json, evaluation.json, findings (the three claims), report.html with its
     figures, the spec and the versions into one small folder (no raw telemetry) that opens
     offline."""
-    from stabilitybench.findings import describe, export_results
+    from stabilitybench.findings.export import describe, export_results
     from stabilitybench.store import RunStore
 
     store = _guard(lambda: RunStore.open(audit_dir))
@@ -400,7 +400,7 @@ def findings(
     json_out: Annotated[bool, typer.Option("--json", help="Print findings.json instead.")] = False,
 ) -> None:
     """The paper's three claims per workload, with CIs and a verdict (findings.md)."""
-    from stabilitybench.findings import findings_markdown
+    from stabilitybench.findings.export import findings_markdown
 
     text = _guard(lambda: findings_markdown(path, as_json=json_out))
     sys.stdout.write(text)

@@ -174,7 +174,7 @@ def test_names_are_labels_shown_escaped_everywhere_and_never_paths(
 
 
 def test_the_monitor_folder_of_a_workload_is_a_hash_of_its_name() -> None:
-    from stabilitybench.monitor.fitting import safe_name as _safe_name
+    from stabilitybench.evaluation.fitting import safe_name as _safe_name
 
     assert re.fullmatch(r"workload-[0-9a-f]{12}", _safe_name(".."))
     assert _safe_name("a/b") != _safe_name("a_b")

@@ -170,7 +170,7 @@ def test_an_msm_skip_takes_the_undone_row_out_of_the_monitors_state(
     """A skipped update is not on the run's timeline, so its row leaves the monitor's smoothing
     and recurrent state as they were. Kept in them, the spike's deviation decays over ~1/ema
     rows and every one of those steps is skipped too, each a healthy update thrown away."""
-    from stabilitybench.monitor.detectors import MSMDetector
+    from stabilitybench.detectors.msm import MSMDetector
 
     # The fixture's threshold comes from one held-out run; set it, as `monitor fit` does, from
     # healthy runs the model has not seen (seeds 11-14; the guarded run is seed 10).

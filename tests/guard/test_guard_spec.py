@@ -55,7 +55,7 @@ def no_snapshot_kind() -> Any:
 
     base.register_workload("no_snapshot", NoSnapshot)  # type: ignore[arg-type]
     yield
-    base._REGISTRY.pop("no_snapshot", None)
+    base.REGISTRY.unregister("no_snapshot")
 
 
 @pytest.mark.parametrize(

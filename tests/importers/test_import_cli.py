@@ -67,7 +67,7 @@ def test_import_then_status_query_summary_monitor_fit_and_report(tmp_path: Path)
     assert runs["run0"]["collapsed"] is None  # no onset, no divergence: nothing to judge
     assert runs["run0"]["final_perf"] < 0
 
-    from stabilitybench.monitor.evaluate import fit_audit
+    from stabilitybench.evaluation.evaluate import fit_audit
 
     fit = fit_audit(RunStore.open(out), latent_dim=2, monitor_options={"max_epochs": 3})
     assert fit["workloads"]["mine"]["scored_runs"] == 3

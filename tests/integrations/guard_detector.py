@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from stabilitybench.monitor.registry import BaseDetector, register_detector, unregister_detector
+from stabilitybench.detectors.base import BaseDetector, register_detector, unregister_detector
 
 
 @dataclass

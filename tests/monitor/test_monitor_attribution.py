@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from monitor_synthetic import synthetic_telemetry
 
+from stabilitybench.detectors.msm import MSMDetector
 from stabilitybench.monitor.attribution import Contribution, MonitorAttribution, argmax_columns
-from stabilitybench.monitor.detectors import MSMDetector
 from stabilitybench.monitor.ssm import MetaStateMonitor
 
 FAST = {"max_epochs": 3, "window": 32, "hidden": 16}

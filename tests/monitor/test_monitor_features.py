@@ -71,7 +71,7 @@ def test_the_controls_are_left_out_with_their_reason() -> None:
 
 
 def test_controls_come_from_the_declarations() -> None:
-    from stabilitybench.perturbations.base import _REGISTRY, Perturbation
+    from stabilitybench.perturbations.base import REGISTRY, Perturbation
     from stabilitybench.telemetry.base import Probe
 
     found = control_columns(knobs=["clip_range"])
@@ -88,7 +88,7 @@ def test_controls_come_from_the_declarations() -> None:
         dimension = "optimization"
         sets_columns = ("momentum_echo",)
 
-    _REGISTRY[SetsMomentum.name] = SetsMomentum
+    REGISTRY.register(SetsMomentum.name, SetsMomentum)
     try:
         found = control_columns()
         assert found["temperature"] == (
@@ -96,7 +96,7 @@ def test_controls_come_from_the_declarations() -> None:
         )
         assert found["momentum_echo"] == "set by the perturbation 'sets_momentum_test'"
     finally:
-        del _REGISTRY[SetsMomentum.name]
+        REGISTRY.unregister(SetsMomentum.name)
     assert "lr" in control_columns() and control_columns()["lr"].startswith("probe 'lr'")
 
 

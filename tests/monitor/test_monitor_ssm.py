@@ -10,7 +10,7 @@ import pytest
 from monitor_synthetic import ONSET, synthetic_telemetry
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.monitor.alarms import calibrate_threshold, false_alarm_rate
+from stabilitybench.evaluation.alarms import calibrate_threshold, false_alarm_rate
 from stabilitybench.monitor.ssm import MetaStateMonitor
 
 FAST = {"max_epochs": 4, "window": 32, "hidden": 16}

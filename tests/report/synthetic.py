@@ -167,9 +167,9 @@ def write_run(
 
 def evaluation_document() -> dict[str, Any]:
     """A `monitor evaluate --json` document; one detector could estimate nothing (notes say why)."""
+    from stabilitybench.detectors.base import detector_classes
+    from stabilitybench.evaluation.results import DetectorResult, Evaluation, WorkloadResult
     from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.monitor.registry import detector_classes
-    from stabilitybench.monitor.results import DetectorResult, Evaluation, WorkloadResult
 
     detectors = {
         "msm": DetectorResult(

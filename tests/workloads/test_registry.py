@@ -12,11 +12,11 @@ from stabilitybench.workloads import base
 
 @pytest.fixture
 def broken_builtin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    modules = {**base.BUILTIN_MODULES, "broken": "stabilitybench.workloads._no_such_module"}
-    monkeypatch.setattr(base, "BUILTIN_MODULES", modules)
-    base._builtin_failures.cache_clear()
+    monkeypatch.setitem(
+        base.REGISTRY._builtins, "broken", "stabilitybench.workloads._no_such_module"
+    )
+    monkeypatch.setattr(base.REGISTRY, "_failures", None)  # import the built-ins again
     yield
-    base._builtin_failures.cache_clear()
 
 
 def test_a_workload_module_that_fails_to_import_is_named_with_the_reason(

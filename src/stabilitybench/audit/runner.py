@@ -261,7 +261,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
 def analyse(store: RunStore, console: Console) -> Path | None:
     """Fit the monitor and write the report; a problem there is one line, not a lost audit."""
     try:
-        from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
+        from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
 
         fit_audit(store, console=console)
     except Exception as exc:  # the runs are safe on disk; the user can refit by hand

@@ -80,7 +80,7 @@ def parse_guard(item: Mapping[str, Any], where: str = "guard") -> GuardConfig:
         raise StabilityBenchError(
             f"{where}.action: unknown action {action!r}; allowed: {', '.join(ACTIONS)}"
         )
-    from stabilitybench.monitor.registry import detector_classes
+    from stabilitybench.detectors.base import detector_classes
 
     classes = detector_classes()
     if not isinstance(detector, str) or detector not in classes:

@@ -121,11 +121,11 @@ class GuardStats:
 
 def build_detector(config: GuardConfig) -> Any:
     """The registered detector a guard drives, fresh (msm: loaded from `config.monitor`)."""
-    from stabilitybench.monitor.registry import DetectorSettings, detector_class
+    from stabilitybench.detectors.base import DetectorSettings, detector_class
 
     cls = detector_class(config.detector)
     if config.detector == "msm":
-        from stabilitybench.monitor.detectors import MSMDetector
+        from stabilitybench.detectors.msm import MSMDetector
         from stabilitybench.monitor.ssm import MetaStateMonitor
 
         assert config.monitor is not None

@@ -1,4 +1,4 @@
-"""The Meta-State Monitor, the reactive guards it is compared with, and their evaluation."""
+"""The Meta-State Monitor: features, the state-space model and attribution."""
 
 from __future__ import annotations
 

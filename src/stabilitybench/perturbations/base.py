@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 import numpy as np
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.registry import Registry
 from stabilitybench.types import StepContext
 
 if TYPE_CHECKING:
@@ -494,7 +495,10 @@ def _check_at(where: str, at: Any) -> int | float:
 
 
 # ---- registry ---------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Perturbation]] = {}
+REGISTRY: Registry[type[Perturbation]] = Registry(
+    "kind",
+    [f"stabilitybench.perturbations.{m}" for m in ("optimization", "data", "parametric", "signal")],
+)
 
 
 def register(cls: type[Perturbation]) -> type[Perturbation]:
@@ -507,27 +511,29 @@ def register(cls: type[Perturbation]) -> type[Perturbation]:
         raise ValueError(f"{cls.__name__}: ramp_field must name one of its params")
     if cls.ramp_mode not in RAMP_MODES:
         raise ValueError(f"{cls.__name__}: ramp_mode must be one of {RAMP_MODES}")
-    _REGISTRY[cls.name] = cls
+    REGISTRY.register(cls.name, cls)
     return cls
 
 
 def _env_names() -> list[str]:
-    return sorted(n for n, c in _REGISTRY.items() if c.scope == "env")
+    return sorted(n for n, c in REGISTRY.entries().items() if c.scope == "env")
 
 
 def _ramp_names() -> list[str]:
-    return sorted(n for n, c in _REGISTRY.items() if c.ramp_field is not None and not c.one_shot)
+    return sorted(
+        n for n, c in REGISTRY.entries().items() if c.ramp_field is not None and not c.one_shot
+    )
 
 
 def registry() -> Mapping[str, type[Perturbation]]:
     """Every registered perturbation class by name."""
-    return dict(_REGISTRY)
+    return REGISTRY.entries()
 
 
 def available() -> dict[str, list[str]]:
     """The registered perturbation names, by dimension."""
     out: dict[str, list[str]] = {d: [] for d in DIMENSIONS}
-    for name, cls in _REGISTRY.items():
+    for name, cls in REGISTRY.entries().items():
         out[cls.dimension].append(name)
     return out
 
@@ -542,13 +548,10 @@ def build(config: Mapping[str, Any] | Perturbation) -> Perturbation:
         )
     fields = dict(config)
     kind = fields.pop("kind", None)
-    if kind not in _REGISTRY:
-        raise StabilityBenchError(
-            f"perturbation: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
-        )
+    cls = REGISTRY.get(kind, where="perturbation")
     if "at" not in fields:
         raise StabilityBenchError(
             f"perturbation {kind!r}: missing field 'at'; at must be an optimizer step (int >= 0) "
             "or a fraction of the run (float in (0, 1))"
         )
-    return _REGISTRY[kind](**fields)
+    return cls(**fields)

@@ -15,16 +15,16 @@ import numpy as np
 import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.collapse import CollapseConfig
-from stabilitybench.metrics.records import Onset, RunRecord, audit_records, run_record
-from stabilitybench.metrics.summary import AuditSummary
-from stabilitybench.monitor.results import (
+from stabilitybench.evaluation.results import (
     EVALUATION_FILE,
     Evaluation,
     evaluation_path,
     load_evaluation,
 )
-from stabilitybench.monitor.scoring import ScoreResult, load_score_result, score_path
+from stabilitybench.evaluation.scoring import ScoreResult, load_score_result, score_path
+from stabilitybench.metrics.collapse import CollapseConfig
+from stabilitybench.metrics.records import Onset, RunRecord, audit_records, run_record
+from stabilitybench.metrics.summary import AuditSummary
 from stabilitybench.store import RunData, RunStore
 
 TELEMETRY_SIGNALS: tuple[str, ...] = ("grad_norm", "grad_cos_prev", "grad_cos_ema", "update_ratio")
@@ -87,7 +87,7 @@ def load_report_data(store: RunStore) -> ReportData:
             data.alarms = load_score_result(store.root)
         except StabilityBenchError:
             data.alarms = None  # an unreadable score.json only loses the overlay
-    from stabilitybench.monitor.fitting import read_attributions
+    from stabilitybench.evaluation.fitting import read_attributions
 
     data.attributions = read_attributions(store.root)
     return data

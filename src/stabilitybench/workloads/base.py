@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from stabilitybench.errors import StabilityBenchError
+from stabilitybench.registry import Registry
 from stabilitybench.store import RunWriter
 from stabilitybench.types import RunSpec
 
@@ -31,53 +30,29 @@ class Workload(Protocol):
 
 
 WorkloadFactory = Callable[[dict[str, Any]], Workload]
-_REGISTRY: dict[str, WorkloadFactory] = {}
-BUILTIN_MODULES = {
-    "rl": "stabilitybench.workloads.rl",
-    "lm": "stabilitybench.workloads.lm",
-    "toy": "stabilitybench.workloads.toy",
-}
+REGISTRY: Registry[WorkloadFactory] = Registry(
+    "kind",
+    {
+        "rl": "stabilitybench.workloads.rl",
+        "lm": "stabilitybench.workloads.lm",
+        "toy": "stabilitybench.workloads.toy",
+    },
+)
 
 
 def register_workload(kind: str, factory: WorkloadFactory) -> None:
     """Make a workload kind available to audit specs (`kind: <name>`)."""
-    _REGISTRY[kind] = factory
-
-
-@functools.cache
-def _builtin_failures() -> dict[str, str]:
-    """Import the built-in workload modules once (each registers its kind); returns, per kind
-    whose module failed to import, which module and why."""
-    import importlib
-
-    failures = {}
-    for kind, module in BUILTIN_MODULES.items():
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            failures[kind] = f"{module} failed to import ({type(exc).__name__}: {exc})"
-    return failures
+    REGISTRY.register(kind, factory)
 
 
 def workload_kinds() -> list[str]:
-    _builtin_failures()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def build_workload(config: dict[str, Any]) -> Workload:
     """Build the workload for a resolved workload config (the `workload` field of a RunSpec)."""
-    failures = _builtin_failures()
-    kind = config.get("kind")
-    name = config.get("name", "?")
-    if kind not in _REGISTRY and kind in failures:
-        raise StabilityBenchError(
-            f"workload {name!r}: kind {kind!r} is unavailable: {failures[kind]}"
-        )
-    if kind not in _REGISTRY:
-        raise StabilityBenchError(
-            f"workload {name!r}: unknown kind {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[kind](config)
+    factory = REGISTRY.get(config.get("kind"), where=f"workload {config.get('name', '?')!r}")
+    return factory(config)
 
 
 def finish_run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from stabilitybench.monitor.scoring import RunAlarms
+from stabilitybench.evaluation.scoring import RunAlarms
 from stabilitybench.report import figures as figs
 from stabilitybench.report.data import (
     ReportData,

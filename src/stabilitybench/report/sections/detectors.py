@@ -3,8 +3,8 @@ macro average, the best step AUROC of each table highlighted."""
 
 from __future__ import annotations
 
-from stabilitybench.monitor.registry import detector_classes
-from stabilitybench.monitor.results import DetectorResult, Evaluation
+from stabilitybench.detectors.base import detector_classes
+from stabilitybench.evaluation.results import DetectorResult, Evaluation
 from stabilitybench.report.data import ReportData
 from stabilitybench.report.markup import esc, fmt_number, fmt_rate, notice, table, with_interval
 

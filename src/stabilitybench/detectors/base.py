@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from stabilitybench.registry import Registry
 from stabilitybench.store import RunData
 
 if TYPE_CHECKING:
@@ -212,37 +213,29 @@ def _has_values(table: pd.DataFrame, column: str) -> bool:
     return bool((~np.isnan(values)).any())
 
 
-_REGISTRY: dict[str, type[BaseDetector]] = {}
+REGISTRY: Registry[type[BaseDetector]] = Registry(
+    "detector",
+    [f"stabilitybench.detectors.{m}" for m in ("msm", "builtin", "pca")],
+)
 
 
 def register_detector(cls: type[BaseDetector]) -> type[BaseDetector]:
     """Class decorator: make a detector part of fit, evaluation, the CLI table and the report."""
     if not cls.name or not cls.title:
         raise ValueError(f"{cls.__name__}: a detector needs a `name` and a `title`")
-    _REGISTRY[cls.name] = cls
+    REGISTRY.register(cls.name, cls)
     return cls
 
 
 def unregister_detector(name: str) -> None:
     """Remove a detector (tests that register a toy one clean up with this)."""
-    _REGISTRY.pop(name, None)
+    REGISTRY.unregister(name)
 
 
 def detector_classes() -> dict[str, type[BaseDetector]]:
     """Every registered detector class by name, the built-ins first (in their listed order)."""
-    _load_builtins()
-    return dict(_REGISTRY)
+    return REGISTRY.entries()
 
 
 def detector_class(name: str) -> type[BaseDetector]:
-    classes = detector_classes()
-    if name not in classes:
-        from stabilitybench.errors import StabilityBenchError
-
-        raise StabilityBenchError(f"unknown detector {name!r}; allowed: {', '.join(classes)}")
-    return classes[name]
-
-
-def _load_builtins() -> None:
-    # Importing the module registers the built-ins (msm first, then the guards, then PCA).
-    import stabilitybench.monitor.detectors  # noqa: F401
+    return REGISTRY.get(name)

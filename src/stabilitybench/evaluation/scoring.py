@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stabilitybench.errors import StabilityBenchError
-from stabilitybench.io import read_json, write_json, write_parquet
-from stabilitybench.metrics.serialize import load_json_as, to_jsonable
-from stabilitybench.monitor.fitting import FIT_FILE, SCORES_FILE, done_runs, say, score_frame
-from stabilitybench.monitor.registry import (
+from stabilitybench.detectors.base import (
     BaseDetector,
     DetectorSettings,
     detector_classes,
 )
-from stabilitybench.monitor.results import MONITOR_DIR
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.evaluation.fitting import FIT_FILE, SCORES_FILE, done_runs, say, score_frame
+from stabilitybench.evaluation.results import MONITOR_DIR
+from stabilitybench.io import read_json, write_json, write_parquet
+from stabilitybench.metrics.serialize import load_json_as, to_jsonable
 from stabilitybench.store import AUDIT_FILE, RunData, RunStore
 
 SCORE_FILE = "score.json"

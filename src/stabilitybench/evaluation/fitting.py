@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stabilitybench.detectors.base import BaseDetector, DetectorSettings, detector_classes
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.evaluation.results import MONITOR_DIR
 from stabilitybench.io import write_json, write_parquet
 from stabilitybench.metrics.serialize import to_jsonable
-from stabilitybench.monitor.registry import BaseDetector, DetectorSettings, detector_classes
-from stabilitybench.monitor.results import MONITOR_DIR
 from stabilitybench.store import RunData, RunStore
 
 FIT_FILE = "fit.json"
@@ -132,7 +132,7 @@ def first_alarm_attribution(
 ) -> dict[str, Any] | None:
     """At the monitor's first native alarm on a run: the dominant term and the features (and
     layers) that moved the deviation most, from the model that scored the run (its fold)."""
-    from stabilitybench.monitor.detectors import MSMDetector
+    from stabilitybench.detectors.msm import MSMDetector
 
     detector = next((d for d in fold.values() if isinstance(d, MSMDetector)), None)
     if detector is None or f"{detector.column}_native" not in frame.columns:

@@ -14,13 +14,13 @@ import pytest
 from monitor_synthetic import make_audit
 from rich.console import Console
 
-from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit, print_evaluation
-from stabilitybench.monitor.registry import (
+from stabilitybench.detectors.base import (
     BaseDetector,
     detector_classes,
     register_detector,
     unregister_detector,
 )
+from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit, print_evaluation
 
 FAST = {"max_epochs": 2, "window": 32, "hidden": 8}
 

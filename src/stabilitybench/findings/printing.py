@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stabilitybench.metrics.claims import (
+from stabilitybench.findings.claims import (
     BufferingFinding,
     Claims,
     DecouplingFinding,

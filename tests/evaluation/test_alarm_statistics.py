@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stabilitybench.metrics.collapse import CollapseConfig, CollapseResult
-from stabilitybench.metrics.records import Onset, run_record
-from stabilitybench.monitor.alarms import (
+from stabilitybench.detectors.base import BaseDetector
+from stabilitybench.evaluation.alarms import (
     alarm_events,
     auroc,
     first_true_warning,
@@ -20,10 +19,11 @@ from stabilitybench.monitor.alarms import (
     warning_window,
     weighted_auroc,
 )
-from stabilitybench.monitor.evaluate import WorkloadRuns, evaluate_detector, macro_average
-from stabilitybench.monitor.protocol import HELD_OUT, IN_SAMPLE, ScoredRun, Thresholds
-from stabilitybench.monitor.registry import BaseDetector
-from stabilitybench.monitor.results import DetectorResult
+from stabilitybench.evaluation.evaluate import WorkloadRuns, evaluate_detector, macro_average
+from stabilitybench.evaluation.protocol import HELD_OUT, IN_SAMPLE, ScoredRun, Thresholds
+from stabilitybench.evaluation.results import DetectorResult
+from stabilitybench.metrics.collapse import CollapseConfig, CollapseResult
+from stabilitybench.metrics.records import Onset, run_record
 from stabilitybench.store import RunData
 
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
+from stabilitybench.evaluation.results import NO_VALUE, DetectorResult, Evaluation
 from stabilitybench.metrics.display import fmt, print_table, render_table
-from stabilitybench.monitor.results import NO_VALUE, DetectorResult, Evaluation
 
 if TYPE_CHECKING:
-    from stabilitybench.monitor.scoring import DetectorAlarms, RunAlarms, ScoreResult
+    from stabilitybench.evaluation.scoring import DetectorAlarms, RunAlarms, ScoreResult
 
 
 def _two(value: float | None) -> str:

@@ -12,10 +12,10 @@ from monitor_synthetic import make_audit
 from typer.testing import CliRunner
 
 from stabilitybench.cli import app
+from stabilitybench.detectors.base import detector_classes
+from stabilitybench.evaluation.alarms import auroc, auroc_bootstrap_ci
+from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
 from stabilitybench.metrics.serialize import to_jsonable
-from stabilitybench.monitor.alarms import auroc, auroc_bootstrap_ci
-from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
-from stabilitybench.monitor.registry import detector_classes
 from stabilitybench.store import RunStore
 
 DETECTORS = tuple(detector_classes())
@@ -205,7 +205,7 @@ def test_the_cli_default_horizon_is_the_documented_one() -> None:
     import inspect
 
     from stabilitybench.cli import monitor_evaluate
-    from stabilitybench.monitor.evaluate import DEFAULT_HORIZON
+    from stabilitybench.evaluation.evaluate import DEFAULT_HORIZON
 
     assert inspect.signature(monitor_evaluate).parameters["horizon"].default == DEFAULT_HORIZON
 
@@ -220,8 +220,8 @@ def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:
 def test_cli_evaluate_says_what_moved_the_monitor_at_its_first_alarms(fitted: RunStore) -> None:
     from collections import Counter
 
-    from stabilitybench.monitor.fitting import read_attributions
-    from stabilitybench.monitor.printing import first_alarm_lines
+    from stabilitybench.evaluation.fitting import read_attributions
+    from stabilitybench.evaluation.printing import first_alarm_lines
 
     found = read_attributions(fitted.root)
     assert found, "the synthetic spikes make the monitor alarm"

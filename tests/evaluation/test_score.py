@@ -12,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 from stabilitybench.cli import app
+from stabilitybench.evaluation.fitting import safe_name
+from stabilitybench.evaluation.scoring import load_score_result, score_path
 from stabilitybench.monitor.attribution import deviations, strongest
 from stabilitybench.monitor.features import FeatureExtractor
-from stabilitybench.monitor.fitting import safe_name
-from stabilitybench.monitor.scoring import load_score_result, score_path
 from stabilitybench.store import RunStore
 
 runner = CliRunner()
@@ -29,7 +29,7 @@ LEFT_OUT = ("grad_cos_ema", "grad_cos_prev", "grad_norm_max_layer", "update_norm
 def _toy_audit(root: Path) -> Path:
     """A 2-seed healthy toy audit run in-process, with a monitor fitted on it (a few seconds)."""
     from stabilitybench.audit.runner import plan_audit, prepare_store
-    from stabilitybench.monitor.fitting import fit_audit
+    from stabilitybench.evaluation.fitting import fit_audit
     from stabilitybench.workloads.base import build_workload
 
     spec = {

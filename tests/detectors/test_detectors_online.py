@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stabilitybench.monitor.registry import DetectorSettings, detector_classes
+from stabilitybench.detectors.base import DetectorSettings, detector_classes
 
 FAST = {"max_epochs": 2, "window": 32, "hidden": 8}
 

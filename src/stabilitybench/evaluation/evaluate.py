@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stabilitybench.detectors.base import BaseDetector, detector_classes
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.io import read_json, write_json
-from stabilitybench.metrics.records import audit_records
-from stabilitybench.metrics.serialize import to_jsonable
-from stabilitybench.monitor.alarms import (
+from stabilitybench.evaluation.alarms import (
     BOOTSTRAP,
     auroc,
     first_true_warning,
@@ -35,7 +33,7 @@ from stabilitybench.monitor.alarms import (
     weighted_auroc,
     window_max,
 )
-from stabilitybench.monitor.fitting import (
+from stabilitybench.evaluation.fitting import (
     BASELINE_HINT,
     FIT_FILE,
     SCORES_FILE,
@@ -43,10 +41,9 @@ from stabilitybench.monitor.fitting import (
     fit_audit,
     require_runs,
 )
-from stabilitybench.monitor.printing import print_evaluation
-from stabilitybench.monitor.protocol import NO_LEAD_STEPS, ScoredRun, Thresholds
-from stabilitybench.monitor.registry import BaseDetector, detector_classes
-from stabilitybench.monitor.results import (
+from stabilitybench.evaluation.printing import print_evaluation
+from stabilitybench.evaluation.protocol import NO_LEAD_STEPS, ScoredRun, Thresholds
+from stabilitybench.evaluation.results import (
     EVALUATION_FILE,
     MACRO_FIELDS,
     MONITOR_DIR,
@@ -58,6 +55,9 @@ from stabilitybench.monitor.results import (
     evaluation_path,
     load_evaluation,
 )
+from stabilitybench.io import read_json, write_json
+from stabilitybench.metrics.records import audit_records
+from stabilitybench.metrics.serialize import to_jsonable
 from stabilitybench.store import RunStore
 
 __all__ = [

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stabilitybench.metrics.claims import (
+from stabilitybench.findings.claims import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
     SUPPORTED,
@@ -21,7 +21,7 @@ from stabilitybench.metrics.claims import (
     stochasticity_axes,
     warning_verdict,
 )
-from stabilitybench.metrics.claims_printing import claims_markdown, verdict_table
+from stabilitybench.findings.printing import claims_markdown, verdict_table
 from stabilitybench.metrics.collapse import CollapseResult
 from stabilitybench.metrics.records import RunRecord
 from stabilitybench.metrics.summary import AuditSummary
@@ -292,7 +292,7 @@ def test_a_learned_temperature_is_placed_by_what_the_runs_used() -> None:
 
 
 def test_a_guards_difference_keeps_the_decimals_of_its_scale() -> None:
-    from stabilitybench.metrics.claims_printing import _ci, _digits
+    from stabilitybench.findings.printing import _ci, _digits
 
     # A return difference of hundreds, a loss difference of nats, and one of hundredths.
     assert _ci(400.4, [210.2, 611.9], _digits([400.4, 210.2, 611.9])) == "400 [210, 612]"

@@ -10,7 +10,7 @@ from monitor_synthetic import make_audit
 from typer.testing import CliRunner
 
 from stabilitybench.cli import app
-from stabilitybench.monitor.fitting import fit_audit
+from stabilitybench.evaluation.fitting import fit_audit
 from stabilitybench.store import RunStore
 
 FAST = {"max_epochs": 3, "window": 32, "hidden": 16}
@@ -78,8 +78,8 @@ def test_the_saved_monitors_threshold_comes_from_the_out_of_fold_healthy_scores(
     scored leave-one-seed-out give as many out-of-sample runs as there are seeds."""
     import pandas as pd
 
-    from stabilitybench.monitor.alarms import calibrate_threshold
-    from stabilitybench.monitor.fitting import done_runs, is_healthy
+    from stabilitybench.evaluation.alarms import calibrate_threshold
+    from stabilitybench.evaluation.fitting import done_runs, is_healthy
     from stabilitybench.monitor.ssm import MetaStateMonitor
 
     healthy = [r for r in done_runs(fitted) if is_healthy(r)]

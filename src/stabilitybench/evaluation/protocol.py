@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stabilitybench.evaluation.alarms import alarm_events, calibrate_threshold
 from stabilitybench.metrics.records import RunRecord
-from stabilitybench.monitor.alarms import alarm_events, calibrate_threshold
 from stabilitybench.store import RunData
 
 HELD_OUT = "held-out seeds"

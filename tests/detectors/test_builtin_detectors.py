@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stabilitybench.monitor import detectors as det
+from stabilitybench.detectors import builtin as det
+from stabilitybench.detectors import scores as score_fns
+from stabilitybench.detectors.pca import PCADetector
 
 
 def _frame(grad_norm: np.ndarray, loss: np.ndarray | None = None) -> pd.DataFrame:
@@ -34,7 +36,7 @@ def test_zclip_warmup_spike_and_flat() -> None:
     flat = _noise(300)
     early = flat.copy()
     early[10] = 100.0  # inside the 25-step warm-up: never an alarm
-    assert det.zclip_scores(early)[:25].tolist() == [0.0] * 25
+    assert score_fns.zclip_scores(early)[:25].tolist() == [0.0] * 25
     spiky = _smooth(300)
     spiky[200] = 5.0
     alarms = det.ZClipDetector().alarms(_frame(spiky))
@@ -42,7 +44,7 @@ def test_zclip_warmup_spike_and_flat() -> None:
     # first z after warm-up, worked out by hand from the warm-up mean/variance
     warm = flat[:25]
     z = (flat[25] - warm.mean()) / (warm.std() + 1e-6)
-    assert det.zclip_scores(flat)[25] == pytest.approx(z)
+    assert score_fns.zclip_scores(flat)[25] == pytest.approx(z)
 
 
 def test_zclip_locks_in_after_a_lasting_jump_of_the_norm() -> None:
@@ -52,12 +54,12 @@ def test_zclip_locks_in_after_a_lasting_jump_of_the_norm() -> None:
     # never comes back (benchmarks/zclip_lockin.py measures it on PPO HalfCheetah).
     rng = np.random.default_rng(0)
     level = np.r_[np.full(300, 10.0), np.full(700, 50.0)]  # a x5 jump at step 300
-    z = det.zclip_scores(level * (1 + 0.1 * rng.standard_normal(1000)))
+    z = score_fns.zclip_scores(level * (1 + 0.1 * rng.standard_normal(1000)))
     assert (z[:300] > 2.5).mean() < 0.05
     assert (z[300:] > 2.5).all()  # every update after the jump alarms ...
     assert z[-1] > 1e4  # ... ever louder
     milder = np.r_[np.full(300, 10.0), np.full(700, 15.0)]  # x1.5: the EMA absorbs it
-    z = det.zclip_scores(milder * (1 + 0.1 * rng.standard_normal(1000)))
+    z = score_fns.zclip_scores(milder * (1 + 0.1 * rng.standard_normal(1000)))
     assert (z[300:] > 2.5).mean() < 0.1 and z[-1] < 2.5
 
 
@@ -65,7 +67,7 @@ def test_olmo_needs_a_full_window_and_uses_six_sigma() -> None:
     values = _noise(300, seed=1)
     values[100] = 50.0  # before 128 values of history: not judged
     values[250] = 50.0
-    scores = det.rolling_zscores(values, 128)
+    scores = score_fns.rolling_zscores(values, 128)
     assert scores[100] == 0.0
     history = values[250 - 128 : 250]
     assert scores[250] == pytest.approx((50.0 - history.mean()) / history.std())
@@ -148,13 +150,13 @@ def test_missing_values_are_skipped_not_counted() -> None:
     loss[::2] = 1.0
     loss[150] = 5.0
     loss[300] = 49.0  # 9.8 × 5: not a spike; 10 × 1 would have been
-    scores = det.megatron_scores(loss)
+    scores = score_fns.megatron_scores(loss)
     assert np.isnan(scores[1::2]).all() and scores[150] == 0.0
     assert scores[300] == pytest.approx(49.0 / 5.0)
     # OLMo's window holds the previous 128 logged values
     values = np.where(np.arange(600) % 3 == 0, _noise(600, seed=7), np.nan)
     values[450] = 50.0
-    z = det.rolling_zscores(values, 128)
+    z = score_fns.rolling_zscores(values, 128)
     history = values[:450][~np.isnan(values[:450])][-128:]
     assert z[450] == pytest.approx((50.0 - history.mean()) / history.std())
     assert np.isnan(z[451])
@@ -203,10 +205,12 @@ def test_rolling_variance_and_lag1_autocorrelation_match_ewstools() -> None:
     residuals = series.state["residuals"].to_numpy()
     window = int(0.25 * 200)
     np.testing.assert_allclose(
-        det.rolling_variance(residuals, window), series.ews["variance"].to_numpy(), rtol=1e-8
+        score_fns.rolling_variance(residuals, window), series.ews["variance"].to_numpy(), rtol=1e-8
     )
     np.testing.assert_allclose(
-        det.rolling_lag1_autocorrelation(residuals, window), series.ews["ac1"].to_numpy(), rtol=1e-8
+        score_fns.rolling_lag1_autocorrelation(residuals, window),
+        series.ews["ac1"].to_numpy(),
+        rtol=1e-8,
     )
 
 
@@ -214,7 +218,7 @@ def test_rolling_kendall_tau_matches_scipy() -> None:
     from scipy.stats import kendalltau
 
     values = np.random.default_rng(6).standard_normal(40).cumsum()
-    taus = det.rolling_kendall_tau(values, 15)
+    taus = score_fns.rolling_kendall_tau(values, 15)
     for end in (14, 25, 39):
         window = values[end - 14 : end + 1]
         assert taus[end] == pytest.approx(kendalltau(np.arange(15), window).statistic)
@@ -233,8 +237,8 @@ def test_ews_rises_on_critical_slowing_down_and_stays_low_on_white_noise() -> No
             + phi * (slowing[t - 1] - 1.0)
             + 0.05 * (1 + 3 * max(0, t - 200) / 200) * rng.standard_normal()
         )
-    calm = det.ews_scores(white, white)
-    rising = det.ews_scores(slowing, slowing)
+    calm = score_fns.ews_scores(white, white)
+    rising = score_fns.ews_scores(slowing, slowing)
     assert np.nanmax(rising[300:]) > 0.8
     assert np.mean(rising[300:]) > np.mean(calm[300:]) + 0.2
 
@@ -254,7 +258,7 @@ def test_pca_mahalanobis_is_chi_like_on_baseline_and_large_on_an_outlier() -> No
                 }
             )
         )
-    pca = det.PCADetector(latent_dim=2).fit(tables)
+    pca = PCADetector(latent_dim=2).fit(tables)
     scores = np.concatenate([pca.score(t) for t in tables])
     assert np.mean(scores**2) == pytest.approx(2.0, rel=0.05)  # E[d²] = k on the fitted data
     outlier = tables[0].copy()

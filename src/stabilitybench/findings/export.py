@@ -91,12 +91,12 @@ def export_results(
     console: Any = None,
 ) -> Path:
     """Write the findings folder `out` for the audit in `store` (see the module docstring)."""
+    from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
+    from stabilitybench.findings.claims import audit_claims
+    from stabilitybench.findings.printing import claims_markdown
     from stabilitybench.io import write_json
-    from stabilitybench.metrics.claims import audit_claims
-    from stabilitybench.metrics.claims_printing import claims_markdown
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.metrics.summary import summarize
-    from stabilitybench.monitor.evaluate import evaluate_audit, fit_audit
     from stabilitybench.report.html import write_report
     from stabilitybench.report.markup import EMBED_DPI
 
@@ -157,8 +157,8 @@ def findings_markdown(path: Path, *, as_json: bool = False) -> str:
     the claims computed from an audit folder (claim 3 only if its monitor has been evaluated)."""
     import json
 
-    from stabilitybench.metrics.claims import audit_claims
-    from stabilitybench.metrics.claims_printing import claims_markdown
+    from stabilitybench.findings.claims import audit_claims
+    from stabilitybench.findings.printing import claims_markdown
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.metrics.summary import summarize
 
