@@ -41,7 +41,9 @@ def _version(folder: Path) -> str:
     info = json.loads(path.read_text())
     package = info.get("versions", {}).get("stabilitybench", "?")
     runs = ", ".join(f"{n} {status}" for status, n in info.get("runs", {}).items())
-    return f"stabilitybench {package}, {runs} runs, exported {str(info.get('exported_at', '?'))[:10]}"
+    return (
+        f"stabilitybench {package}, {runs} runs, exported {str(info.get('exported_at', '?'))[:10]}"
+    )
 
 
 def _page(folder: Path) -> None:

@@ -66,42 +66,82 @@ def n(value: float | None, digits: int = 1) -> str:
 
 
 def _overhead(f: dict[str, Any]) -> str:
-    names = {"gpt2": "4-layer GPT-2 (n_embd 128, byte vocabulary, batch 16, block 128)",
-             "mlp": "small MLP regression (batch 32): the worst case"}
+    names = {
+        "gpt2": "4-layer GPT-2 (n_embd 128, byte vocabulary, batch 16, block 128)",
+        "mlp": "small MLP regression (batch 32): the worst case",
+    }
     rows = [
-        [names.get(key, key), n(r["off_ms"], 2), x(r["cheap_ratio"]), x(r.get("cheap_cpu_ratio")),
-         "+" + n(r.get("cheap_extra_cpu_ms"), 2), x(r["full_ratio"])]
+        [
+            names.get(key, key),
+            n(r["off_ms"], 2),
+            x(r["cheap_ratio"]),
+            x(r.get("cheap_cpu_ratio")),
+            "+" + n(r.get("cheap_extra_cpu_ms"), 2),
+            x(r["full_ratio"]),
+        ]
         for key, r in f.items()
     ]
-    return table(["loop", "ms/step without telemetry", "`cheap`, wall", "`cheap`, CPU time",
-                  "`cheap`, extra CPU ms/step", "`full` (+ layer norms, sharpness), wall"], rows)
+    return table(
+        [
+            "loop",
+            "ms/step without telemetry",
+            "`cheap`, wall",
+            "`cheap`, CPU time",
+            "`cheap`, extra CPU ms/step",
+            "`full` (+ layer norms, sharpness), wall",
+        ],
+        rows,
+    )
 
 
 def _lm_overhead(f: dict[str, Any]) -> str:
     q1, q3 = f["on_off_ratio_quartiles"]
-    return table(["", "steps/s", "ms/step"], [
-        ["telemetry off", n(f["off_steps_per_s"], 2), n(f["off_ms_per_step"])],
-        ["telemetry on (`cheap`)", n(f["on_steps_per_s"], 2), n(f["on_ms_per_step"])],
-        ["**on / off, paired per repetition**", f"**{f['on_off_ratio']:.3f}** "
-         f"(quartiles {q1:.3f}–{q3:.3f})", ""],
-    ])
+    return table(
+        ["", "steps/s", "ms/step"],
+        [
+            ["telemetry off", n(f["off_steps_per_s"], 2), n(f["off_ms_per_step"])],
+            ["telemetry on (`cheap`)", n(f["on_steps_per_s"], 2), n(f["on_ms_per_step"])],
+            [
+                "**on / off, paired per repetition**",
+                f"**{f['on_off_ratio']:.3f}** (quartiles {q1:.3f}–{q3:.3f})",
+                "",
+            ],
+        ],
+    )
 
 
 def _rl_overhead(f: dict[str, Any]) -> str:
     rows = []
-    for name, c in f["cases"].items():
+    for c in f["cases"].values():
         sps, ratios = c["env_steps_per_s"], c["ratios"]
         d, e = ratios.get("defaults", {}), ratios.get("every=1", {})
-        rows.append([
-            f"{c['algo'].upper()} {c['env']}", f"{c['env_steps']:,}", f"{c['optimizer_steps']:,}",
-            n(sps.get("off"), 0), n(sps.get("defaults"), 0), n(sps.get("every=1"), 0),
-            f"{x(d.get('wall'))} / {x(e.get('wall'))}", f"{x(d.get('cpu'))} / {x(e.get('cpu'))}",
-            f"{n(d.get('wall_min'), 2)}–{n(d.get('wall_max'), 2)}",
-        ])
-    return table(["case", "env steps", "optimizer steps", "env steps/s, no telemetry",
-                  "`StabilityCallback()`", "`every=1` (audits)",
-                  "wall on/off: defaults / every=1", "CPU on/off: defaults / every=1",
-                  "wall ratio range, defaults"], rows)
+        rows.append(
+            [
+                f"{c['algo'].upper()} {c['env']}",
+                f"{c['env_steps']:,}",
+                f"{c['optimizer_steps']:,}",
+                n(sps.get("off"), 0),
+                n(sps.get("defaults"), 0),
+                n(sps.get("every=1"), 0),
+                f"{x(d.get('wall'))} / {x(e.get('wall'))}",
+                f"{x(d.get('cpu'))} / {x(e.get('cpu'))}",
+                f"{n(d.get('wall_min'), 2)}–{n(d.get('wall_max'), 2)}",
+            ]
+        )
+    return table(
+        [
+            "case",
+            "env steps",
+            "optimizer steps",
+            "env steps/s, no telemetry",
+            "`StabilityCallback()`",
+            "`every=1` (audits)",
+            "wall on/off: defaults / every=1",
+            "CPU on/off: defaults / every=1",
+            "wall ratio range, defaults",
+        ],
+        rows,
+    )
 
 
 def _cli_latency(f: dict[str, Any]) -> str:
@@ -112,8 +152,13 @@ def _cli_latency(f: dict[str, Any]) -> str:
         header += ["older tree: wall", "ratio (wall)"]
     rows = []
     for command, t in current.items():
-        row = [f"`stabilitybench {command}`" if command.startswith("-") or command == "status"
-               else command, f"{t['wall_s']:.2f} s", f"{t['cpu_s']:.2f} s"]
+        row = [
+            f"`stabilitybench {command}`"
+            if command.startswith("-") or command == "status"
+            else command,
+            f"{t['wall_s']:.2f} s",
+            f"{t['cpu_s']:.2f} s",
+        ]
         if before:
             b = before[command]
             row += [f"{b['wall_s']:.2f} s", x(b["wall_s"] / t["wall_s"], 1)]
@@ -122,36 +167,69 @@ def _cli_latency(f: dict[str, Any]) -> str:
 
 
 def _monitor_cost(f: dict[str, Any], settings: dict[str, Any]) -> str:
-    return table(["", "figure"], [
-        ["`MetaStateMonitor.step` (online MSD), median per call", f"{f['step_median_us']:.1f} µs"],
-        [f"fit on {settings.get('runs', '?')} healthy runs × {settings.get('steps', '?'):,} steps",
-         f"{f['fit_s']:.1f} s ({f['fit_epochs']} epochs)"],
-    ])
+    return table(
+        ["", "figure"],
+        [
+            [
+                "`MetaStateMonitor.step` (online MSD), median per call",
+                f"{f['step_median_us']:.1f} µs",
+            ],
+            [
+                f"fit on {settings.get('runs', '?')} healthy runs × {settings.get('steps', '?'):,} steps",
+                f"{f['fit_s']:.1f} s ({f['fit_epochs']} epochs)",
+            ],
+        ],
+    )
 
 
 def _guard_snapshot(f: dict[str, Any]) -> str:
     ms, ratio = f["ms_per_step"], f["ratio"]
-    return table(["", "figure"], [
-        ["model", f"{f['parameters']:,} parameters (AdamW)"],
-        ["skip buffer (device copy)", f"{f['skip_buffer_mib']:.2f} MiB, "
-         f"{f['skip_capture_ms']:.2f} ms per step to capture"],
-        ["rollback snapshot (CPU copy)", f"{f['snapshot_mib']:.2f} MiB each (× `keep`), "
-         f"{f['snapshot_ms']:.2f} ms to take, every `every` steps"],
-        *[[f"step time, `{name}`", f"{ms[name]:.1f} ms ({x(ratio[name])} unguarded)"]
-          for name in ms],
-    ])
+    return table(
+        ["", "figure"],
+        [
+            ["model", f"{f['parameters']:,} parameters (AdamW)"],
+            [
+                "skip buffer (device copy)",
+                f"{f['skip_buffer_mib']:.2f} MiB, "
+                f"{f['skip_capture_ms']:.2f} ms per step to capture",
+            ],
+            [
+                "rollback snapshot (CPU copy)",
+                f"{f['snapshot_mib']:.2f} MiB each (× `keep`), "
+                f"{f['snapshot_ms']:.2f} ms to take, every `every` steps",
+            ],
+            *[
+                [f"step time, `{name}`", f"{ms[name]:.1f} ms ({x(ratio[name])} unguarded)"]
+                for name in ms
+            ],
+        ],
+    )
 
 
 def _telemetry_memory(f: dict[str, Any], settings: dict[str, Any]) -> str:
-    return table(["", "figure"], [
-        ["run", f"{settings.get('steps', 0):,} optimizer steps, tiny model, `cheap` preset, "
-                f"streamed to the run store ({f['ms_per_step']:.3f} ms/step)"],
-        [f"resident memory after {settings.get('warmup', 0):,} steps", f"{f['rss_after_warmup_mib']:.1f} MiB"],
-        ["peak over the rest of the run, `close()` included", f"{f['rss_peak_mib']:.1f} MiB "
-         f"(**{f['rss_growth_mib']:+.1f} MiB**)"],
-        ["telemetry.parquet", f"{f['rows']:,} rows in {f['row_groups']:,} row groups, "
-                              f"{f['file_mib']:.1f} MiB, merged at `close()` in {f['close_s']:.1f} s"],
-    ])
+    return table(
+        ["", "figure"],
+        [
+            [
+                "run",
+                f"{settings.get('steps', 0):,} optimizer steps, tiny model, `cheap` preset, "
+                f"streamed to the run store ({f['ms_per_step']:.3f} ms/step)",
+            ],
+            [
+                f"resident memory after {settings.get('warmup', 0):,} steps",
+                f"{f['rss_after_warmup_mib']:.1f} MiB",
+            ],
+            [
+                "peak over the rest of the run, `close()` included",
+                f"{f['rss_peak_mib']:.1f} MiB (**{f['rss_growth_mib']:+.1f} MiB**)",
+            ],
+            [
+                "telemetry.parquet",
+                f"{f['rows']:,} rows in {f['row_groups']:,} row groups, "
+                f"{f['file_mib']:.1f} MiB, merged at `close()` in {f['close_s']:.1f} s",
+            ],
+        ],
+    )
 
 
 def _stability_probes_cost(f: dict[str, Any]) -> str:
@@ -160,47 +238,78 @@ def _stability_probes_cost(f: dict[str, Any]) -> str:
     for name, clocks in f.items():
         cpu, wall = clocks["cpu"], clocks["wall"]
         q1, q3 = cpu["ratio_quartiles"]
-        rows.append([labels.get(name, f"`{name.lstrip('+')}`"), n(cpu["ms_per_step"]),
-                     f"{cpu['ratio']:.3f} ({q1:.3f}–{q3:.3f})", f"{wall['ratio']:.3f}"])
-    return table(["added to `cheap`", "CPU ms/step", "CPU time ratio to `cheap` (quartiles)",
-                  "wall ratio"], rows)
+        rows.append(
+            [
+                labels.get(name, f"`{name.lstrip('+')}`"),
+                n(cpu["ms_per_step"]),
+                f"{cpu['ratio']:.3f} ({q1:.3f}–{q3:.3f})",
+                f"{wall['ratio']:.3f}",
+            ]
+        )
+    return table(
+        ["added to `cheap`", "CPU ms/step", "CPU time ratio to `cheap` (quartiles)", "wall ratio"],
+        rows,
+    )
 
 
 def _scaling(f: dict[str, Any], settings: dict[str, Any]) -> str:
     rows = [
-        ["1 worker → 2 workers", f"{f['one_worker_s']:.1f} s → {f['two_workers_s']:.1f} s: "
-         f"**{f['speedup']:.2f}× speed-up**"],
+        [
+            "1 worker → 2 workers",
+            f"{f['one_worker_s']:.1f} s → {f['two_workers_s']:.1f} s: "
+            f"**{f['speedup']:.2f}× speed-up**",
+        ],
         ["orchestration overhead per run (8 one-step runs)", f"{f['overhead_per_run_s']:.2f} s"],
         ["a run of the grid", f"{f['run_s']:.1f} s ({settings.get('steps', '?')} steps)"],
         ["first audit in a process (starts the fork server)", f"{f['first_audit_s']:.1f} s"],
     ]
     if "ray_s" in f:
-        rows.append(["Ray (local instance, 2 CPUs) vs local pool (2 workers)",
-                     f"{f['ray_s']:.1f} s vs {f['two_workers_s']:.1f} s: {x(f['ray_over_local'], 2)}"])
+        rows.append(
+            [
+                "Ray (local instance, 2 CPUs) vs local pool (2 workers)",
+                f"{f['ray_s']:.1f} s vs {f['two_workers_s']:.1f} s: {x(f['ray_over_local'], 2)}",
+            ]
+        )
     return table(["8-run toy grid", "figure"], rows)
 
 
 def _import_throughput(f: dict[str, Any]) -> str:
     rows = []
     for log in f["logs"]:
-        for key, label in (("import", "`stabilitybench import`"),
-                           ("event_accumulator", "TensorBoard `EventAccumulator` + pandas")):
+        for key, label in (
+            ("import", "`stabilitybench import`"),
+            ("event_accumulator", "TensorBoard `EventAccumulator` + pandas"),
+        ):
             if key in log:
                 r = log[key]
-                rows.append([f"{log['steps']:,} steps ({log['scalars']:,} scalars, "
-                             f"{log['mb']:.1f} MB)", label, f"{r['wall_s']:.1f} s",
-                             f"{r['steps_per_s']:,.0f}", f"{r['peak_rss_mb']:,.0f} MB"])
-    return (table(["log", "reader", "time", "steps/s", "peak RSS"], rows)
-            + f"\n\nA process that only imports the same modules peaks at "
-              f"{f['baseline_rss_mb']:,.0f} MB (the baseline both readers start from).")
+                rows.append(
+                    [
+                        f"{log['steps']:,} steps ({log['scalars']:,} scalars, {log['mb']:.1f} MB)",
+                        label,
+                        f"{r['wall_s']:.1f} s",
+                        f"{r['steps_per_s']:,.0f}",
+                        f"{r['peak_rss_mb']:,.0f} MB",
+                    ]
+                )
+    return (
+        table(["log", "reader", "time", "steps/s", "peak RSS"], rows)
+        + f"\n\nA process that only imports the same modules peaks at "
+        f"{f['baseline_rss_mb']:,.0f} MB (the baseline both readers start from)."
+    )
 
 
 RENDER: dict[str, Callable[..., str]] = {
-    "overhead": _overhead, "lm_overhead": _lm_overhead, "rl_overhead": _rl_overhead,
-    "rl_overhead_paper": _rl_overhead, "cli_latency": _cli_latency,
-    "monitor_cost": _monitor_cost, "guard_snapshot": _guard_snapshot,
-    "telemetry_memory": _telemetry_memory, "stability_probes_cost": _stability_probes_cost,
-    "scaling": _scaling, "import_throughput": _import_throughput,
+    "overhead": _overhead,
+    "lm_overhead": _lm_overhead,
+    "rl_overhead": _rl_overhead,
+    "rl_overhead_paper": _rl_overhead,
+    "cli_latency": _cli_latency,
+    "monitor_cost": _monitor_cost,
+    "guard_snapshot": _guard_snapshot,
+    "telemetry_memory": _telemetry_memory,
+    "stability_probes_cost": _stability_probes_cost,
+    "scaling": _scaling,
+    "import_throughput": _import_throughput,
 }
 
 
@@ -212,7 +321,11 @@ def measured(name: str) -> str:
         return f"*Not measured yet — run `{command}`.*"
     render = RENDER[name]
     takes_settings = len(inspect.signature(render).parameters) > 1
-    body = render(doc["figures"], doc.get("settings", {})) if takes_settings else render(doc["figures"])
+    body = (
+        render(doc["figures"], doc.get("settings", {}))
+        if takes_settings
+        else render(doc["figures"])
+    )
     return body + "\n\n" + provenance(doc)
 
 
@@ -233,8 +346,10 @@ def test_time() -> str:
     if not path.exists():
         return "Run `make test` to see how long the suite takes on your machine."
     data = json.loads(path.read_text())
-    return (f"`make test` took {data['seconds'] / 60:.0f} minutes on {data.get('machine', '?')} "
-            f"({str(data.get('date', '?'))[:10]}).")
+    return (
+        f"`make test` took {data['seconds'] / 60:.0f} minutes on {data.get('machine', '?')} "
+        f"({str(data.get('date', '?'))[:10]})."
+    )
 
 
 def verdict_rules(audit: str = "paper_rl") -> str:
@@ -259,9 +374,9 @@ def learned_at_onset(audit: str) -> str:
         tally[0] += bool(run.get("progress_undefined"))
         tally[1] += 1
     rows = [[f"`{w}`", f"{u} of {n}"] for w, (u, n) in sorted(counts.items())]
-    return table(["workload", "runs with no progress before onset (`progress_undefined`)"], rows) + (
-        f"\n\n<small>Counted from `results/{audit}/summary.json`.</small>"
-    )
+    return table(
+        ["workload", "runs with no progress before onset (`progress_undefined`)"], rows
+    ) + (f"\n\n<small>Counted from `results/{audit}/summary.json`.</small>")
 
 
 def define_env(env: Any) -> None:

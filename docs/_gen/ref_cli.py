@@ -32,8 +32,10 @@ def _type_name(param: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
         (item,) = typing.get_args(annotation)[:1]
-        return f"{ {'str': 'text'}.get(getattr(item, '__name__', ''), getattr(item, '__name__', item))} (repeatable)"
-    return {"Path": "path", "str": "text"}.get(getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation)))
+        return f"{ {'str': 'text'}.get(getattr(item, '__name__', ''), getattr(item, '__name__', item)) } (repeatable)"
+    return {"Path": "path", "str": "text"}.get(
+        getattr(annotation, "__name__", ""), getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def _param_row(param: Any) -> str:
@@ -94,9 +96,9 @@ def main() -> None:
         "`stabilitybench VERB --help` prints the same. Every user error is one red line "
         "and exit code 2.",
         "",
-        "Global options: " + ", ".join(
-            f"`{opt}`" for p in root.params for opt in getattr(p, "opts", [])
-        ) + ".",
+        "Global options: "
+        + ", ".join(f"`{opt}`" for p in root.params for opt in getattr(p, "opts", []))
+        + ".",
     ]
     _command([], root, lines)
     with mkdocs_gen_files.open("reference/cli.md", "w") as page:

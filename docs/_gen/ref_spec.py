@@ -41,15 +41,26 @@ def _type(schema: dict[str, Any], defs: dict[str, Any]) -> str:
     if kind == "object" and "additionalProperties" in schema:
         extra = schema["additionalProperties"]
         return "mapping" if extra is True else f"mapping of {_type(extra, defs)}"
-    return {"integer": "int", "number": "float", "string": "str", "boolean": "bool",
-            "null": "null", "object": "mapping"}.get(kind, kind)
+    return {
+        "integer": "int",
+        "number": "float",
+        "string": "str",
+        "boolean": "bool",
+        "null": "null",
+        "object": "mapping",
+    }.get(kind, kind)
 
 
 def _limits(schema: dict[str, Any]) -> str:
     words = []
-    for key, text in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"),
-                      ("exclusiveMaximum", "<"), ("minLength", "length ≥"),
-                      ("minItems", "items ≥")):
+    for key, text in (
+        ("minimum", "≥"),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "≤"),
+        ("exclusiveMaximum", "<"),
+        ("minLength", "length ≥"),
+        ("minItems", "items ≥"),
+    ):
         for part in [schema, *schema.get("anyOf", [])]:
             if key in part:
                 words.append(f"{text} {part[key]}")
@@ -67,8 +78,10 @@ def _model_table(title: str, model: type, lines: list[str]) -> None:
     lines.append("| field | type | default | limits |")
     lines.append("|---|---|---|---|")
     for name, prop in schema.get("properties", {}).items():
-        default = "required" if name in required else (
-            f"`{json.dumps(prop['default'])}`" if "default" in prop else "—"
+        default = (
+            "required"
+            if name in required
+            else (f"`{json.dumps(prop['default'])}`" if "default" in prop else "—")
         )
         lines.append(
             f"| `{name}` | {_cell(_type(prop, defs))} | {_cell(default)} | {_cell(_limits(prop))} |"
@@ -123,7 +136,11 @@ def _perturbations(lines: list[str]) -> None:
             f"`{p}`: {spec.allowed()}" + ("" if spec.required else f" (default {spec.default!r})")
             for p, spec in cls.params.items()
         ) or ("— (acts once)" if cls.one_shot else "—")
-        ramp = "—" if cls.ramp_field is None or cls.one_shot else f"`{cls.ramp_field}` ({cls.ramp_mode})"
+        ramp = (
+            "—"
+            if cls.ramp_field is None or cls.one_shot
+            else f"`{cls.ramp_field}` ({cls.ramp_mode})"
+        )
         lines.append(
             f"| `{name}` | {cls.dimension} | {cls.adapter or '—'} | {_cell(params)} | {ramp} "
             f"| {_cell(cls.models)} |"
@@ -131,8 +148,11 @@ def _perturbations(lines: list[str]) -> None:
 
 
 def _detector_registry() -> Any:
-    for module in ("stabilitybench.detectors", "stabilitybench.detectors.base",
-                   "stabilitybench.monitor.registry"):
+    for module in (
+        "stabilitybench.detectors",
+        "stabilitybench.detectors.base",
+        "stabilitybench.monitor.registry",
+    ):
         try:
             found = importlib.import_module(module)
         except ImportError:
