@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import json
 from dataclasses import MISSING, fields
@@ -147,21 +146,6 @@ def _perturbations(lines: list[str]) -> None:
         )
 
 
-def _detector_registry() -> Any:
-    for module in (
-        "stabilitybench.detectors",
-        "stabilitybench.detectors.base",
-        "stabilitybench.monitor.registry",
-    ):
-        try:
-            found = importlib.import_module(module)
-        except ImportError:
-            continue
-        if hasattr(found, "detector_classes"):
-            return found.detector_classes
-    raise ImportError("no detector registry found")
-
-
 def _detectors(lines: list[str]) -> None:
     lines.append("\n## Detectors\n")
     lines.append(
@@ -170,7 +154,9 @@ def _detectors(lines: list[str]) -> None:
     )
     lines.append("| name | what it is | source | fitted |")
     lines.append("|---|---|---|---|")
-    for name, cls in _detector_registry()().items():
+    from stabilitybench.detectors import detector_classes
+
+    for name, cls in detector_classes().items():
         lines.append(
             f"| `{name}` | {_cell(cls.title)} | {_cell(cls.citation)} | "
             f"{'yes' if getattr(cls, 'fitted', False) else 'no'} |"
