@@ -128,16 +128,13 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
     for name, count in counts.items():
         table.add_row(name, str(count))
     console.print(table)
-    failed = [i for i in store.infos() if i.get("status") == "failed"]
+    failed = [i for i in store.infos() if i.status == "failed"]
     for info in failed:
         # A traceback's last line is the one that says what went wrong.
-        lines = [line for line in (info.get("error") or "").strip().splitlines() if line.strip()]
+        lines = [line for line in (info.error or "").strip().splitlines() if line.strip()]
         console.print(
             "[red]failed[/] "
-            + escape(
-                f"{info.get('run_id')} ({info.get('label', '')}): "
-                f"{lines[-1].strip() if lines else '?'}"
-            ),
+            + escape(f"{info.run_id} ({info.label}): {lines[-1].strip() if lines else '?'}"),
             highlight=False,
         )
     unfinished = counts.get("pending", 0) + counts.get("running", 0) + len(failed)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.streaming import (
@@ -35,7 +37,6 @@ from stabilitybench.streaming import (
     read_parts,
 )
 from stabilitybench.types import RunStatus
-from stabilitybench.types import is_baseline as _is_baseline
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or built: `status` stays light
     import pandas as pd
@@ -55,29 +56,117 @@ AUDIT_FILE = "audit.json"
 RUNS_DIR = "runs"
 
 
+class PerturbationInfo(BaseModel):
+    """What was done to a run: `none`, or the perturbations' kinds joined by `+`, their label
+    and parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = "none"
+    label: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def shown(self) -> str:
+        """The label a table shows: `none` for a baseline, else the label (or the kind)."""
+        return "none" if self.kind == "none" else (self.label or self.kind)
+
+
+class RunOutcome(BaseModel):
+    """What a finished run reports: final performance (mean of the last 3 evaluations; −inf for
+    a diverged run), whether a non-finite loss was seen, optimizer and environment steps."""
+
+    model_config = ConfigDict(extra="allow")
+
+    final_perf: float | None = None
+    diverged: bool = False
+    diverged_step: int | None = None
+    steps: int | None = None
+    env_steps: int | None = None
+
+
+class RunInfo(BaseModel):
+    """run.json: a run's identity, spec, status, timings, outcome and error text.
+
+    Written by the runner and the importers, read by every analysis; the one place its fields
+    are named. Keys this version does not know (a newer writer's) are kept as they are.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str = ""
+    label: str = ""
+    audit: str = ""
+    workload: str = ""
+    kind: str = ""  # the workload kind: rl | lm | toy | imported | …
+    knobs: dict[str, Any] = Field(default_factory=dict)
+    perturbation: PerturbationInfo = Field(default_factory=PerturbationInfo)
+    guard: dict[str, Any] | None = None  # the guard's config with its `label`; None: unguarded
+    seed: int | None = None
+    spec: dict[str, Any] = Field(default_factory=dict)  # RunSpec.to_dict()
+    healthy: bool | None = None  # perturbation none and the reference knobs (None: not recorded)
+    status: RunStatus = RunStatus.PENDING
+    started: float | None = None
+    finished: float | None = None
+    wall_s: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    outcome: RunOutcome | None = None
+    # per-layer probes: the names behind each indexed column family
+    telemetry_index: dict[str, list[str]] | None = None
+    source: dict[str, Any] | None = None  # an imported run: where it came from, what was read
+
+    @classmethod
+    def of(cls, info: RunInfo | Mapping[str, Any]) -> RunInfo:
+        """A RunInfo from a run.json document (or itself)."""
+        return info if isinstance(info, RunInfo) else cls.model_validate(dict(info))
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document written as run.json."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @property
+    def is_baseline(self) -> bool:
+        """Unperturbed and unguarded (what monitors learn from)."""
+        return self.perturbation.kind == "none" and not self.guard
+
+    @property
+    def is_healthy(self) -> bool:
+        """A run the detectors learn from: perturbation none, unguarded and the workload's
+        reference knobs (`healthy`; a run written before it existed: unperturbed, unguarded)."""
+        return self.is_baseline and (self.healthy is None or self.healthy)
+
+    @property
+    def final_perf(self) -> float | None:
+        return None if self.outcome is None else self.outcome.final_perf
+
+
 @dataclass
 class RunData:
     """Everything stored for one run, loaded into memory."""
 
     run_id: str
-    info: dict[str, Any]  # the contents of run.json
+    info: RunInfo  # run.json
     telemetry: pd.DataFrame
     evals: pd.DataFrame
     events: pd.DataFrame
     scores: pd.DataFrame | None = None
     telemetry_partial: bool = False  # rows up to the last flush of a run that did not finish
 
+    def __post_init__(self) -> None:
+        self.info = RunInfo.of(self.info)
+
     @property
     def status(self) -> str:
-        return str(self.info.get("status", "pending"))
+        return self.info.status.value
 
     @property
     def seed(self) -> int | None:
-        return self.info.get("seed")
+        return self.info.seed
 
     @property
     def is_baseline(self) -> bool:
-        return _is_baseline(self.info)
+        return self.info.is_baseline
 
 
 def empty_events() -> pd.DataFrame:
@@ -96,19 +185,20 @@ class RunWriter:
         self._telemetry = ParquetSink(self.run_dir / "telemetry.parquet")
 
     # -- run.json ----------------------------------------------------------------------------
-    def read_info(self) -> dict[str, Any]:
+    def read_info(self) -> RunInfo:
         if self.run_json.exists():
-            info: dict[str, Any] = read_json(self.run_json)
-            return info
-        return {}
+            return RunInfo.of(read_json(self.run_json))
+        return RunInfo()
 
-    def update_info(self, **fields: Any) -> dict[str, Any]:
-        info = self.read_info()
-        info.update(fields)
-        write_json(self.run_json, info)
+    def write_info(self, info: RunInfo) -> None:
+        write_json(self.run_json, info.document())
+
+    def update_info(self, **fields: Any) -> RunInfo:
+        info = RunInfo.of({**self.read_info().document(), **fields})
+        self.write_info(info)
         return info
 
-    def start(self, info: Mapping[str, Any]) -> None:
+    def start(self, info: RunInfo | Mapping[str, Any]) -> None:
         """Mark the run as running, clearing any half-finished output of an earlier attempt."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for item in self.run_dir.iterdir():
@@ -117,39 +207,33 @@ class RunWriter:
                     shutil.rmtree(item)
                 else:
                     item.unlink()
-        attempts = int(self.read_info().get("attempts", 0)) + 1
-        write_json(
-            self.run_json,
-            {
-                **info,
-                "status": RunStatus.RUNNING.value,
-                "started": time.time(),
-                "attempts": attempts,
-                "error": None,
-            },
+        attempts = self.read_info().attempts + 1
+        self.write_info(
+            RunInfo.of(info).model_copy(
+                update={
+                    "status": RunStatus.RUNNING,
+                    "started": time.time(),
+                    "attempts": attempts,
+                    "error": None,
+                }
+            )
+        )
+
+    def _end(self, status: RunStatus, **fields: Any) -> None:
+        info = self.read_info()
+        now = time.time()
+        started = now if info.started is None else info.started
+        self.write_info(
+            info.model_copy(
+                update={"status": status, "finished": now, "wall_s": now - started, **fields}
+            )
         )
 
     def finish(self, outcome: Mapping[str, Any] | None = None) -> None:
-        info = self.read_info()
-        now = time.time()
-        info.update(
-            status=RunStatus.DONE.value,
-            finished=now,
-            wall_s=now - float(info.get("started", now)),
-            outcome=dict(outcome or {}),
-        )
-        write_json(self.run_json, info)
+        self._end(RunStatus.DONE, outcome=RunOutcome.model_validate(dict(outcome or {})))
 
     def fail(self, error: str) -> None:
-        info = self.read_info()
-        now = time.time()
-        info.update(
-            status=RunStatus.FAILED.value,
-            finished=now,
-            wall_s=now - float(info.get("started", now)),
-            error=error,
-        )
-        write_json(self.run_json, info)
+        self._end(RunStatus.FAILED, error=error)
 
     # -- tables ------------------------------------------------------------------------------
     def write_table(self, name: str, table: pd.DataFrame) -> None:
@@ -235,11 +319,10 @@ class RunStore:
             return []
         return sorted(p.name for p in self.runs_dir.iterdir() if (p / "run.json").exists())
 
-    def info(self, run_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = read_json(self.run_dir(run_id) / "run.json")
-        return data
+    def info(self, run_id: str) -> RunInfo:
+        return RunInfo.of(read_json(self.run_dir(run_id) / "run.json"))
 
-    def infos(self) -> list[dict[str, Any]]:
+    def infos(self) -> list[RunInfo]:
         return [self.info(r) for r in self.run_ids()]
 
     def table(self, run_id: str, name: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -284,14 +367,13 @@ class RunStore:
     def iter_runs(self, status: str | None = RunStatus.DONE.value) -> Iterator[RunData]:
         """Load runs one by one; by default only finished ones."""
         for run_id in self.run_ids():
-            info = self.info(run_id)
-            if status is None or info.get("status") == status:
+            if status is None or self.info(run_id).status == status:
                 yield self.load(run_id)
 
     def status_counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}
         for info in self.infos():
-            counts[str(info.get("status", "pending"))] = counts.get(str(info.get("status")), 0) + 1
+            counts[info.status.value] += 1
         return counts
 
     # -- SQL ---------------------------------------------------------------------------------
@@ -301,20 +383,20 @@ class RunStore:
 
         rows = []
         for info in self.infos():
-            pert = info.get("perturbation") or {}
+            outcome = {} if info.outcome is None else info.outcome.model_dump(exclude_unset=True)
             rows.append(
                 {
-                    "run_id": info.get("run_id"),
-                    "status": info.get("status"),
-                    "workload": info.get("workload"),
-                    "kind": info.get("kind"),
-                    "perturbation": pert.get("label", pert.get("kind")),
-                    "seed": info.get("seed"),
-                    "knobs": json.dumps(info.get("knobs", {}), sort_keys=True),
-                    "wall_s": info.get("wall_s"),
-                    "attempts": info.get("attempts"),
-                    "error": info.get("error"),
-                    "outcome": json.dumps(info.get("outcome", {}), sort_keys=True),
+                    "run_id": info.run_id,
+                    "status": info.status.value,
+                    "workload": info.workload,
+                    "kind": info.kind,
+                    "perturbation": info.perturbation.label,
+                    "seed": info.seed,
+                    "knobs": json.dumps(info.knobs, sort_keys=True),
+                    "wall_s": info.wall_s,
+                    "attempts": info.attempts,
+                    "error": info.error,
+                    "outcome": json.dumps(outcome, sort_keys=True),
                 }
             )
         columns = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from stabilitybench.audit.lock import LOCK_FILE
@@ -83,7 +85,40 @@ def test_a_second_audit_is_refused_naming_the_holder_and_a_dead_holder_frees_the
     assert (out / LOCK_FILE).read_text() == ""  # released: nobody holds it
 
 
+def test_an_audit_holds_the_lock_while_its_runs_execute_and_a_second_touches_no_run(
+    write_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test below without its two overlapping processes: a second audit of the folder starts
+    # from inside the first one's backend, just before the first one's runs execute.
+    from stabilitybench.audit.backends import LocalBackend
+    from stabilitybench.audit.runner import run_audit_cli
+    from stabilitybench.errors import StabilityBenchError
+
+    out = tmp_path / "audit"
+    spec = write_spec(toy_spec(seeds=[0]))
+    refusals: list[str] = []
+    run_every_task = LocalBackend.run
+
+    def run_after_a_second_audit(self: LocalBackend, tasks: Any, on_result: Any) -> None:
+        with pytest.raises(StabilityBenchError) as refused:
+            run_audit_cli(spec, out, report=False, console=Console(file=io.StringIO()))
+        refusals.append(" ".join(str(refused.value).split()))
+        run_every_task(self, tasks, on_result)
+
+    monkeypatch.setattr(LocalBackend, "run", run_after_a_second_audit)
+    args = ["audit", str(spec), "--out", str(out), "--no-report", "--workers", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (message,) = refusals
+    assert message.startswith("--out:") and "in use by another audit" in message
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in message
+    runs = RunStore.open(out).runs_frame()
+    assert list(runs["status"]) == ["done", "done"] and list(runs["attempts"]) == [1, 1]
+
+
+@pytest.mark.slow
 def test_two_audit_commands_at_once_run_every_run_once(write_spec: Any, tmp_path: Path) -> None:
+    # Slow: two real audits that must overlap (the test above checks the same in one process).
     out = tmp_path / "audit"
     spec = toy_spec(seeds=[0])
     spec["workloads"][0]["total_steps"] = 300
@@ -103,8 +138,8 @@ def test_two_audit_commands_at_once_run_every_run_once(write_spec: Any, tmp_path
     assert second.returncode == 2, second.stdout + second.stderr
     assert f"pid {info['pid']}" in " ".join(second.stderr.split())
     infos = RunStore.open(out).infos()
-    assert len(infos) == 2 and {i["status"] for i in infos} == {"done"}
-    assert [i["attempts"] for i in infos] == [1, 1]  # before the lock: 2 on every run
+    assert len(infos) == 2 and {i.status for i in infos} == {"done"}
+    assert [i.attempts for i in infos] == [1, 1]  # before the lock: 2 on every run
 
 
 def test_a_filesystem_without_locks_is_a_clear_error(

@@ -1,4 +1,10 @@
-"""`--backend ray` on a real two-node Ray cluster on this machine, with a node lost mid-audit."""
+"""`--backend ray` on a real two-node Ray cluster on this machine, with a node lost mid-audit.
+
+Slow (a cluster to start, a node to lose, two audits): its parts are checked quickly elsewhere.
+Identical tables on Ray and the local pool, a lost worker's task retried once, `--ray-address`
+reaching `ray.init`: test_ray_backend.py; a rerun that resumes a killed audit without redoing
+finished runs: test_runner.py.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +55,7 @@ def _infos(store: RunStore) -> list[dict[str, Any]]:
         return []
 
 
+@pytest.mark.slow
 def test_audit_on_a_two_node_cluster_survives_losing_a_node_and_matches_the_local_pool(
     two_nodes: tuple[Any, Any], write_spec: Any, tmp_path: Path
 ) -> None:
@@ -69,18 +76,18 @@ def test_audit_on_a_two_node_cluster_survives_losing_a_node_and_matches_the_loca
     deadline = time.time() + 240
     try:  # wait until both nodes have a run in flight, then kill every process of the second
         while time.time() < deadline and audit.poll() is None:
-            if sum(i.get("status") == "running" for i in _infos(store)) >= 2:
+            if sum(i.status == "running" for i in _infos(store)) >= 2:
                 break
             time.sleep(0.05)
         assert audit.poll() is None, audit.communicate()[0]
-        before = {i["run_id"]: i for i in _infos(store)}
+        before = {i.run_id: i for i in _infos(store)}
         cluster.remove_node(second, allow_graceful=False)
         output, _ = audit.communicate(timeout=300)
     finally:
         if audit.poll() is None:
             audit.kill()
             audit.wait()
-    done_before = {r for r, i in before.items() if i.get("status") == "done"}
+    done_before = {r for r, i in before.items() if i.status == "done"}
     if audit.returncode != 0:  # a run lost with the node may be `failed`: a rerun resumes it
         assert audit.returncode == 1, output
         again = subprocess.run(
@@ -92,13 +99,13 @@ def test_audit_on_a_two_node_cluster_survives_losing_a_node_and_matches_the_loca
         assert again.returncode == 0, again.stdout + again.stderr
         assert "resuming" in again.stdout
     infos = RunStore.open(out).infos()
-    assert len(infos) == 4 and {i["status"] for i in infos} == {"done"}, infos
+    assert len(infos) == 4 and {i.status for i in infos} == {"done"}, infos
     assert len(list((out / "runs").iterdir())) == 4  # one record per run, never two
     for info in infos:
-        assert 1 <= info["attempts"] <= 2
-        if info["run_id"] in done_before:  # a finished run is kept, not redone
-            assert info["attempts"] == 1 and info["started"] == before[info["run_id"]]["started"]
-    assert any(i["attempts"] == 2 for i in infos), "no run was in flight on the lost node"
+        assert 1 <= info.attempts <= 2
+        if info.run_id in done_before:  # a finished run is kept, not redone
+            assert info.attempts == 1 and info.started == before[info.run_id].started
+    assert any(i.attempts == 2 for i in infos), "no run was in flight on the lost node"
 
     # the same seeds on the local pool record the same telemetry, evals and events
     local = tmp_path / "local"

@@ -54,7 +54,7 @@ def test_toy_run_writes_the_contract_tables_and_is_deterministic(tmp_path: Path)
     assert list(first.evals["step"]) == [0, *range(19, 300, 20)]
     assert (first.evals["perf"] == -first.evals["val_loss"]).all()
     assert (first.events["start_step"].iloc[0], first.events["end_step"].iloc[0]) == (90, 99)
-    outcome = first.info["outcome"]
+    outcome = first.info.document()["outcome"]
     assert outcome["steps"] == 300 and outcome["diverged"] is False
     assert outcome["final_perf"] == pytest.approx(first.evals["perf"].iloc[-3:].mean())
 
@@ -75,7 +75,7 @@ def test_a_big_lr_spike_collapses_the_toy_and_a_small_one_does_not(tmp_path: Pat
         )
         assert _final_progress(small, onset=90) > 0.9  # recovered
         assert _final_progress(big, onset=90) < 0.9  # collapsed and not recovered
-        assert math.isfinite(big.info["outcome"]["final_perf"])
+        assert math.isfinite(big.info.outcome.final_perf)
 
 
 def test_toy_validation_names_the_knob() -> None:

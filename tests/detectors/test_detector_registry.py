@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from monitor_synthetic import make_audit
 from rich.console import Console
 
+from monitor_synthetic import make_audit
 from stabilitybench.detectors.base import (
     BaseDetector,
     detector_classes,

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from monitor_synthetic import make_audit
 from typer.testing import CliRunner
 
+from monitor_synthetic import make_audit
 from stabilitybench.cli import app
 from stabilitybench.detectors.base import detector_classes
 from stabilitybench.evaluation.alarms import auroc, auroc_bootstrap_ci
@@ -178,9 +178,7 @@ def test_a_workload_without_healthy_runs_is_an_error(tmp_path: Path) -> None:
     store = make_audit(tmp_path / "a", seeds=(0, 1), factors=(None, 30.0))
     fit_audit(store, latent_dim=2, monitor_options=FAST)
     for run_id in store.run_ids():  # the audit's reference says these baselines are not healthy
-        info = store.info(run_id)
-        info["healthy"] = False
-        (store.run_dir(run_id) / "run.json").write_text(json.dumps(info))
+        store.writer(run_id).update_info(healthy=False)
     code, out = _cli("monitor", "evaluate", str(store.root))
     text = " ".join(out.split())
     assert code == 2 and "workload 'synth' has no finished healthy runs" in text

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from monitor_synthetic import make_audit
 from typer.testing import CliRunner
 
+from monitor_synthetic import make_audit
 from stabilitybench.cli import app
 from stabilitybench.evaluation.fitting import fit_audit
 from stabilitybench.store import RunStore

@@ -232,13 +232,13 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
     )
     assert result.exit_code == 0, result.output
     store = RunStore.open(out)
-    infos = {i["label"]: i for i in store.infos()}
+    infos = {i.label: i for i in store.infos()}
     spiked = next(i for label, i in infos.items() if "lr_spike" in label and "guard=" in label)
-    assert spiked["guard"]["label"] == "zclip:rollback(every=5,keep=4,min_age=5)"
-    assert spiked["healthy"] is False
-    unguarded = [i for i in infos.values() if i["guard"] is None]
+    assert (spiked.guard or {})["label"] == "zclip:rollback(every=5,keep=4,min_age=5)"
+    assert spiked.healthy is False
+    unguarded = [i for i in infos.values() if i.guard is None]
     assert len(unguarded) == 2
-    events = store.load(spiked["run_id"]).events
+    events = store.load(spiked.run_id).events
     kinds = list(events["kind"])
     assert "lr_spike" in kinds and "guard" in kinds
     params = json.loads(events[events["kind"] == "guard"]["params"].iloc[0])

@@ -73,7 +73,7 @@ def test_import_then_status_query_summary_monitor_fit_and_report(tmp_path: Path)
     assert fit["workloads"]["mine"]["scored_runs"] == 3
     assert fit["workloads"]["mine"]["leave_one_seed_out"] == 3  # each run is its own seed
     store = RunStore.open(out)
-    labels = {i["run_id"]: i["label"] for i in store.infos()}
+    labels = {i.run_id: i.label for i in store.infos()}
     scores = store.query(
         "SELECT run_id, count(*) AS n, max(msd) AS top FROM scores GROUP BY run_id"
     )

@@ -48,7 +48,7 @@ def test_summary_writer_log_becomes_one_done_run_with_the_logged_values(tmp_path
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
     assert run.status == "done" and run.is_baseline
-    assert run.info["kind"] == "imported" and run.info["label"] == "run_a"
+    assert run.info.kind == "imported" and run.info.label == "run_a"
     assert list(run.telemetry["step"]) == list(range(30))
     assert np.allclose(run.telemetry["loss"], [3.0 - 0.05 * s for s in range(30)])
     assert np.allclose(run.telemetry["lr"], 0.01)
@@ -57,8 +57,8 @@ def test_summary_writer_log_becomes_one_done_run_with_the_logged_values(tmp_path
     assert list(run.evals["step"]) == [0, 10, 20]
     assert np.allclose(run.evals["perf"], [-3.5, -3.0, -2.5])
     assert np.allclose(run.evals["val_loss"], [3.5, 3.0, 2.5])
-    assert run.info["outcome"]["diverged"] is False
-    assert run.info["outcome"]["final_perf"] == pytest.approx(-3.0)  # mean of the last 3 evals
+    assert run.info.outcome.diverged is False
+    assert run.info.outcome.final_perf == pytest.approx(-3.0)  # mean of the last 3 evals
     assert result.runs[0].columns["val_loss"] == "eval_loss"
     assert any("notes" in note for note in result.runs[0].notes)  # the text tag was skipped
 
@@ -68,8 +68,8 @@ def test_a_nan_loss_is_imported_as_an_irreversible_collapse(tmp_path: Path) -> N
     import_logs(tmp_path / "tb", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    assert run.info["outcome"]["diverged"] is True
-    assert run.info["outcome"]["diverged_step"] == 17
+    assert run.info.outcome.diverged is True
+    assert run.info.outcome.diverged_step == 17
     # evals 0 and 10 as logged, then the divergence at 17; the eval at 20 (after it) is dropped
     assert list(run.evals["step"]) == [0, 10, 17]
     assert run.evals["perf"].iloc[-1] == -math.inf
@@ -113,7 +113,7 @@ def test_truncated_event_file_imports_what_is_readable_and_says_what_was_skipped
     assert np.allclose(table["loss"], [3.0 - 0.05 * s for s in table["step"]])
     notes = " ".join(result.runs[0].notes)
     assert "truncated or corrupt record" in notes and path.name in notes
-    assert store.info(run_id)["source"]["skipped"] == result.runs[0].notes
+    assert (store.info(run_id).source or {})["skipped"] == result.runs[0].notes
 
 
 def test_corrupt_record_in_the_middle_keeps_the_events_before_it(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_csv_like_lightning_csvlogger_with_empty_cells_and_a_logged_nan(tmp_path
     assert run.telemetry["epoch"].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert list(run.evals["step"]) == [1, 2]
     assert run.evals["perf"].tolist() == [-1.8, -math.inf]
-    assert run.info["outcome"]["diverged_step"] == 2
+    assert run.info.outcome.diverged_step == 2
 
 
 def test_wandb_history_export_uses_the_trainer_step_and_map_overrides(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_wandb_history_export_uses_the_trainer_step_and_map_overrides(tmp_path: 
     assert "_runtime" not in run.telemetry.columns
     assert "_step" in run.telemetry.columns  # unknown columns are kept
     assert run.evals["perf"].tolist() == [0.1, 0.2, 0.4]
-    assert run.info["source"]["columns"]["my_loss"] == "loss"
+    assert (run.info.source or {})["columns"]["my_loss"] == "loss"
 
 
 def test_jsonl_one_object_per_step_keeps_nan_apart_from_missing(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_jsonl_one_object_per_step_keeps_nan_apart_from_missing(tmp_path: Path) 
     table = store.load(run_id).telemetry
     assert table["loss"].tolist() == [2.0, 1.0, math.inf]
     assert table["grad_norm"].iloc[0] == 1.0 and math.isnan(table["grad_norm"].iloc[1])
-    assert store.info(run_id)["outcome"]["diverged_step"] == 2
+    assert store.info(run_id).outcome.diverged_step == 2
     assert any("note" in n for n in result.runs[0].notes)  # a text column is skipped, said so
 
 
@@ -268,8 +268,8 @@ def test_many_runs_in_one_folder_get_distinct_seeds_for_leave_one_out(tmp_path: 
         write_tb(tmp_path / "tb" / name, steps=4)
     import_logs(tmp_path / "tb", tmp_path / "audit", console=quiet())
     infos = RunStore.open(tmp_path / "audit").infos()
-    assert sorted((i["label"], i["seed"]) for i in infos) == [("a", 0), ("b", 1), ("c", 2)]
-    assert {i["workload"] for i in infos} == {"tb"}
+    assert sorted((i.label, i.seed) for i in infos) == [("a", 0), ("b", 1), ("c", 2)]
+    assert {i.workload for i in infos} == {"tb"}
 
 
 def test_tables_have_the_store_columns(tmp_path: Path) -> None:

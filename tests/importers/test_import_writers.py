@@ -110,7 +110,7 @@ def test_hf_trainer_tensorboard_log_imports_with_the_trainer_values(tmp_path: Pa
     import_logs(tmp_path / "hf", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    assert run.info["source"]["writer"] == "hf"
+    assert (run.info.source or {})["writer"] == "hf"
     train = {step: logs for step, logs in seen.logs if "loss" in logs}
     evals = {step: logs["eval_loss"] for step, logs in seen.logs if "eval_loss" in logs}
     table = run.telemetry.set_index("step")
@@ -121,7 +121,7 @@ def test_hf_trainer_tensorboard_log_imports_with_the_trainer_values(tmp_path: Pa
     assert np.allclose(table["lr"], 1e-3)
     assert list(run.evals["step"]) == sorted(evals) == [4, 8, 12]
     assert np.allclose(run.evals["perf"], [-evals[s] for s in (4, 8, 12)], rtol=1e-6)
-    assert run.info["outcome"]["diverged"] is False
+    assert run.info.outcome.diverged is False
     record = summary_document(store)["runs"][0]
     assert record["status"] == "done" and record["n_evals"] == 3
     assert record["final_perf"] == pytest.approx(np.mean([-evals[s] for s in (4, 8, 12)]), rel=1e-6)
@@ -134,7 +134,7 @@ def test_diverging_hf_trainer_run_is_imported_as_a_collapse(tmp_path: Path) -> N
     import_logs(tmp_path / "hf", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    outcome = run.info["outcome"]
+    outcome = run.info.document()["outcome"]
     assert outcome["diverged"] is True
     # HF hides the NaN loss by default (logging_nan_inf_filter); its NaN grad norm does not
     first_eval_nan = min(s for s, logs in seen.logs if not math.isfinite(logs.get("eval_loss", 0)))
@@ -205,8 +205,8 @@ def test_lightning_logger_output_imports_with_the_training_losses(
     import_logs(tmp_path / "logs", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    assert run.info["label"].startswith("lightning_logs/version_0")
-    assert run.info["source"]["format"] == kind
+    assert run.info.label.startswith("lightning_logs/version_0")
+    assert (run.info.source or {})["format"] == kind
     table = run.telemetry.dropna(subset=["loss"])
     # Lightning logs each training step's loss at its global step (0-based before the step)
     assert list(table["step"]) == list(range(8))
@@ -239,7 +239,7 @@ def test_sb3_tensorboard_log_imports_on_the_env_step_axis(tmp_path: Path) -> Non
     import_logs(tmp_path / "sb3", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    assert run.info["label"] == "PPO_1" and run.info["source"]["writer"] == "sb3"
+    assert run.info.label == "PPO_1" and (run.info.source or {})["writer"] == "sb3"
     assert list(run.telemetry["step"]) == [64, 128, 192, 256]  # SB3 logs against env steps
     assert list(run.telemetry["env_step"]) == [64, 128, 192, 256]
     assert {"loss", "value_loss", "approx_kl", "entropy", "episode_return"} <= set(
@@ -247,7 +247,7 @@ def test_sb3_tensorboard_log_imports_on_the_env_step_axis(tmp_path: Path) -> Non
     )
     # entropy is stored as SB3's entropy loss negated, as the SB3 integration does
     assert (run.telemetry["entropy"].dropna() > 0).all()
-    assert run.info["source"]["perf_source"] == "rollout/ep_rew_mean (training episodes)"
+    assert (run.info.source or {})["perf_source"] == "rollout/ep_rew_mean (training episodes)"
     assert np.allclose(run.evals["perf"], run.telemetry["episode_return"].dropna())
     assert summary_document(store)["runs"][0]["n_evals"] == len(run.evals) > 0
 
@@ -270,7 +270,7 @@ def test_mlflow_local_run_imports_with_its_metric_history(
     import_logs(tmp_path / "mlruns", tmp_path / "audit", console=quiet())
     store, run_id = only_run(tmp_path / "audit")
     run = store.load(run_id)
-    assert run.info["label"] == "tiny/sgd" and run.info["source"]["format"] == "mlflow"
+    assert run.info.label == "tiny/sgd" and (run.info.source or {})["format"] == "mlflow"
     assert np.allclose(run.telemetry["loss"], [1.0 / (s + 1) for s in range(6)])
     assert run.telemetry["lr"].iloc[0] == 0.1
     assert list(run.evals["step"]) == [1, 3, 5]

@@ -9,8 +9,8 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import pytest
-from monitor_synthetic import synthetic_telemetry
 
+from monitor_synthetic import synthetic_telemetry
 from stabilitybench.monitor.features import (
     CLIP,
     FeatureExtractor,

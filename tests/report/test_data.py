@@ -70,7 +70,7 @@ def test_rl_runs_use_environment_steps_and_the_clock_optimizer() -> None:
 
 def test_collapse_step_from_the_record_is_where_the_collapse_evaluation_is() -> None:
     run = rl_run()
-    info = {**run.info, "status": "done", "workload": "w"}
+    info = {**run.info.document(), "status": "done", "workload": "w"}
     record = run_record(info, run.evals, event_onset(run.events), CollapseConfig())
     # onset 10; progress from perf_0 = 1 to perf_pre = 2 (the evaluation at step 9): the
     # evaluation at step 14 (perf 0.2, q = -0.8) is the collapse, 4 steps after onset

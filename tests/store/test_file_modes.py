@@ -47,5 +47,5 @@ def test_atomic_writes_follow_the_umask(umask, tmp_path: Path, mask: int, expect
     assert {p.name: _mode(p) for p in files} == {p.name: expected for p in files}
     assert not list((tmp_path / "audit").rglob("*.tmp"))
     # the content is what was written
-    assert store.info("0123456789abcdef")["outcome"] == {"steps": 2}
+    assert store.info("0123456789abcdef").document()["outcome"] == {"steps": 2}
     assert store.table("0123456789abcdef", "evals")["perf"].tolist() == [0.5, 0.25]

@@ -33,7 +33,7 @@ def test_a_crashed_runs_telemetry_loads_as_partial(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output  # the crashed run failed (its worker got SIGKILL)
     store = RunStore.open(out)
-    by_status = {info["status"]: info["run_id"] for info in store.infos()}
+    by_status = {info.status.value: info.run_id for info in store.infos()}
     assert set(by_status) == {"done", "failed"}
     crashed = store.load(by_status["failed"])
     assert crashed.telemetry_partial

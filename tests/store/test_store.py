@@ -56,12 +56,12 @@ def test_life_cycle_and_loading(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert store.run_ids() == ["run0", "run1", "run2"]
     assert store.status_counts() == {"pending": 0, "running": 0, "done": 2, "failed": 1}
     run = store.load("run1")
-    assert run.status == "done" and run.info["outcome"] == {"final_perf": -0.5}
-    assert run.info["wall_s"] >= 0 and run.info["attempts"] == 1
+    assert run.status == "done" and run.info.document()["outcome"] == {"final_perf": -0.5}
+    assert run.info.wall_s is not None and run.info.wall_s >= 0 and run.info.attempts == 1
     assert run.telemetry["grad_norm"].tolist() == [1.0, 2.0, 4.0]
     assert json.loads(run.events["params"].iloc[0]) == {"factor": 10}
     assert [r.run_id for r in store.iter_runs()] == ["run0", "run1"]
-    assert "boom" in store.info("run2")["error"]
+    assert "boom" in (store.info("run2").error or "")
 
 
 def test_restart_clears_partial_output_and_counts_attempts(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -70,7 +70,7 @@ def test_restart_clears_partial_output_and_counts_attempts(tmp_path) -> None:  #
     (writer.run_dir / ".telemetry.parquet.x.tmp").write_bytes(b"half")
     writer.start({"run_id": "run2"})
     assert sorted(p.name for p in writer.run_dir.iterdir()) == ["run.json"]
-    assert store.info("run2")["attempts"] == 2 and store.info("run2")["status"] == "running"
+    assert store.info("run2").attempts == 2 and store.info("run2").status == "running"
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -128,3 +128,11 @@ def test_cli_version_help_status_query(tmp_path) -> None:  # type: ignore[no-unt
     assert result.exit_code == 2 and "not a StabilityBench audit" in result.output
     result = runner.invoke(app, ["query", str(store.root), "SELEC 1"])
     assert result.exit_code == 2 and "query failed" in result.output
+
+
+def test_runs_without_a_status_count_as_pending_each(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = RunStore(tmp_path / "a")
+    for run_id in ("x", "y", "z"):
+        write_json(store.run_dir(run_id) / "run.json", {"run_id": run_id})
+    assert store.status_counts() == {"pending": 3, "running": 0, "done": 0, "failed": 0}
+    assert [i.run_id for i in store.infos()] == ["x", "y", "z"]

@@ -176,7 +176,7 @@ def test_nonfinite_training_is_recorded_as_divergence(tmp_path: Path) -> None:
     assert outcome["env_steps"] < 200  # training stopped early
     assert run.evals["perf"].iloc[-1] == -math.inf
     assert np.isfinite(run.evals["perf"].iloc[0])
-    assert run.info["status"] == "done"
+    assert run.info.status == "done"
 
 
 @pytest.mark.parametrize(

@@ -114,11 +114,11 @@ last_line = last_error_line
 def _fail_if_started(task: RunTask, error: str) -> RunResult | None:
     """After a worker died: record the run failed if it had started; None if it never began."""
     writer = RunWriter(_run_dir(task))
-    status = writer.read_info().get("status")
-    if status == RunStatus.PENDING.value:
+    info = writer.read_info()
+    if info.status == RunStatus.PENDING:
         return None
-    if status != RunStatus.RUNNING.value:  # finished just before the pool broke
-        return RunResult(task.run_id, str(status), writer.read_info().get("error"))
+    if info.status != RunStatus.RUNNING:  # finished just before the pool broke
+        return RunResult(task.run_id, info.status.value, info.error)
     writer.fail(error)
     return RunResult(task.run_id, RunStatus.FAILED.value, last_line(error))
 

@@ -32,7 +32,7 @@ from stabilitybench.audit.spec import (
     spec_hash,
 )
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.store import RunStore
+from stabilitybench.store import PerturbationInfo, RunInfo, RunStore
 from stabilitybench.types import RunSpec, RunStatus
 
 PROCESS_OVERHEAD_S = 1.0  # a fresh worker process, imports, writing the run's files
@@ -109,14 +109,14 @@ def folder_statuses(out: Path, digest: str) -> dict[str, str]:
             f"{existing.get('name')!r}); runs of different specs are never mixed, "
             "so use a new --out for this spec"
         )
-    return {r: str(store.info(r).get("status", "pending")) for r in store.run_ids()}
+    return {r: store.info(r).status.value for r in store.run_ids()}
 
 
-def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> RunInfo:
     """The descriptive fields of run.json (the runner adds status and timings); with the
     workload's `reference` knob levels, also `healthy` (perturbation none and those levels)."""
     if not run.perturbations:
-        perturbation: dict[str, Any] = {"kind": "none", "label": "none", "params": {}}
+        perturbation = PerturbationInfo(kind="none", label="none", params={})
     else:
         kinds = [str(p["kind"]) for p in run.perturbations]
         params_list = [{k: v for k, v in p.items() if k != "kind"} for p in run.perturbations]
@@ -127,21 +127,23 @@ def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> dict[str,
                 (k if kinds.count(k) == 1 else f"{k}#{i}"): p
                 for i, (k, p) in enumerate(zip(kinds, params_list, strict=True))
             }
-        perturbation = {"kind": "+".join(kinds), "label": run.perturbation_label, "params": params}
-    info = {
-        "run_id": run.run_id,
-        "label": run.label,
-        "audit": run.audit,
-        "workload": run.workload["name"],
-        "kind": run.workload["kind"],
-        "knobs": dict(run.workload.get("knobs", {})),
-        "perturbation": perturbation,
-        "guard": None if run.guard is None else {"label": run.guard_label, **run.guard},
-        "seed": run.seed,
-        "spec": run.to_dict(),
-    }
+        perturbation = PerturbationInfo(
+            kind="+".join(kinds), label=run.perturbation_label, params=params
+        )
+    info = RunInfo(
+        run_id=run.run_id,
+        label=run.label,
+        audit=run.audit,
+        workload=run.workload["name"],
+        kind=run.workload["kind"],
+        knobs=dict(run.workload.get("knobs", {})),
+        perturbation=perturbation,
+        guard=None if run.guard is None else {"label": run.guard_label, **run.guard},
+        seed=run.seed,
+        spec=run.to_dict(),
+    )
     if reference is not None:
-        info["healthy"] = is_healthy(run, reference)
+        info.healthy = is_healthy(run, reference)
     return info
 
 
@@ -171,7 +173,7 @@ def prepare_store(plan: AuditPlan) -> RunStore:
         store.write_audit({**store.audit(), "references": plan.references})
     for run in plan.todo:
         store.writer(run.run_id).update_info(
-            **run_info(run, _reference(plan, run)), status=RunStatus.PENDING.value
+            **run_info(run, _reference(plan, run)).document(), status=RunStatus.PENDING.value
         )
     return store
 
@@ -219,7 +221,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
             f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
         )
     tasks = [
-        RunTask(str(store.root), run.to_dict(), run_info(run, _reference(plan, run)))
+        RunTask(str(store.root), run.to_dict(), run_info(run, _reference(plan, run)).document())
         for run in todo
     ]
     labels = {run.run_id: run.label for run in todo}
@@ -253,7 +255,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
     ids = {r.run_id for r in plan.runs}
     for run_id in store.run_ids():
         if run_id in ids:
-            status = str(store.info(run_id).get("status", "pending"))
+            status = store.info(run_id).status.value
             final[status] = final.get(status, 0) + 1
     return final
 

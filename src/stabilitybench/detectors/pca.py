@@ -47,7 +47,7 @@ class PCADetector(BaseDetector):
 
     def fit(self, healthy: Healthy) -> PCADetector:
         tables = telemetry_tables(healthy)
-        knobs = {k for r in healthy if isinstance(r, RunData) for k in r.info.get("knobs") or {}}
+        knobs = {k for r in healthy if isinstance(r, RunData) for k in r.info.knobs}
         self.features = FeatureExtractor.fit(
             tables, include_controls=self.include_controls, knobs=knobs
         )

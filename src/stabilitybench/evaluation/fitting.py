@@ -50,14 +50,13 @@ def say(console: Any, text: str) -> None:
 
 
 def workload_of(run: RunData) -> str:
-    return str(run.info.get("workload") or "?")
+    return run.info.workload or "?"
 
 
 def is_healthy(run: RunData) -> bool:
     """A run the detectors learn from: perturbation none, unguarded and the workload's reference
     knobs (run.json's `healthy`; a run written before it existed: unperturbed and unguarded)."""
-    healthy = run.info.get("healthy")
-    return run.is_baseline if healthy is None else bool(healthy) and run.is_baseline
+    return run.info.is_healthy
 
 
 def done_runs(store: RunStore) -> list[RunData]:
@@ -71,7 +70,7 @@ def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
             f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
         )
     if need_perturbed and not any(not r.is_baseline for r in runs):
-        if runs and all(r.info.get("kind") == "imported" for r in runs):
+        if runs and all(r.info.kind == "imported" for r in runs):
             raise StabilityBenchError(
                 "the audit holds imported runs only, with no perturbed runs to judge warnings "
                 f"against; {IMPORTED_HINT}"
@@ -141,10 +140,10 @@ def first_alarm_attribution(
     if not flags.any():
         return None
     index = int(np.argmax(flags))
-    explained = detector.monitor.explain(run.telemetry, index, run.info.get("telemetry_index"))
+    explained = detector.monitor.explain(run.telemetry, index, run.info.telemetry_index)
     return {
         "detector": detector.name,
-        "label": run.info.get("label"),
+        "label": run.info.label or None,
         "workload": workload_of(run),
         "step": explained.step,
         "term": explained.term,

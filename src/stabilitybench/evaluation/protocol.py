@@ -67,7 +67,7 @@ class ScoredRun:
     @property
     def healthy(self) -> bool:
         """run.json `healthy`; an audit written before that field: baseline and unguarded."""
-        flag = self.run.info.get("healthy")
+        flag = self.run.info.healthy
         if isinstance(flag, bool):
             return flag
         return self.record.is_baseline and self.record.guard == "none"

@@ -31,7 +31,7 @@ from stabilitybench.evaluation.fitting import FIT_FILE, SCORES_FILE, done_runs, 
 from stabilitybench.evaluation.results import MONITOR_DIR
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.metrics.serialize import load_json_as, to_jsonable
-from stabilitybench.store import AUDIT_FILE, RunData, RunStore
+from stabilitybench.store import AUDIT_FILE, RunData, RunOutcome, RunStore
 
 SCORE_FILE = "score.json"
 MONITOR_HINT = (
@@ -152,7 +152,7 @@ def load_fitted(folder: Path, notes: list[str]) -> dict[str, BaseDetector]:
 
 # -- feature matching --------------------------------------------------------------------------
 def _label(run: RunData) -> str:
-    return str(run.info.get("label") or run.run_id)
+    return run.info.label or run.run_id
 
 
 def _present(table: pd.DataFrame, column: str) -> bool:
@@ -227,9 +227,9 @@ def detector_alarms(
 
 
 def _diverged_step(run: RunData) -> int | None:
-    outcome = run.info.get("outcome") or {}
-    step = outcome.get("diverged_step")
-    if step is None and outcome.get("diverged"):
+    outcome = run.info.outcome or RunOutcome()
+    step = outcome.diverged_step
+    if step is None and outcome.diverged:
         evals = run.evals
         bad = evals[np.isneginf(evals["perf"].to_numpy(dtype=float))] if len(evals) else evals
         step = int(bad["step"].iloc[0]) if len(bad) else None
@@ -258,7 +258,7 @@ def score_audit(
         result.monitor, result.monitor_kind = str(folder), monitor_kind(folder)
         result.features = list(dict.fromkeys(c for d in fitted.values() for c in d.inputs()))
         missing = match_features(runs, fitted, result.notes)
-        kinds = {str(r.info.get("kind") or "?") for r in runs}
+        kinds = {r.info.kind or "?" for r in runs}
         if result.monitor_kind and result.monitor_kind not in kinds:
             result.notes.insert(
                 0,
@@ -313,7 +313,7 @@ def _run_alarms(
             frame,
             run.telemetry,
             scored=not cls.fitted or name in fitted,
-            index_names=run.info.get("telemetry_index"),
+            index_names=run.info.telemetry_index,
         )
         if not entry.scored:
             entry.note = "skipped: not in the monitor" if fitted else "skipped: no --monitor"

@@ -57,7 +57,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _status_counts(store: RunStore) -> dict[str, int]:
-    return dict(sorted(Counter(str(i.get("status", "pending")) for i in store.infos()).items()))
+    return dict(sorted(Counter(i.status.value for i in store.infos()).items()))
 
 
 def _check_complete(store: RunStore, counts: dict[str, int], allow_partial: bool) -> None:

@@ -300,7 +300,8 @@ def _write_run_json(
     built: Any,
     started: float,
 ) -> None:
-    from stabilitybench.io import write_json
+    from stabilitybench.store import PerturbationInfo, RunInfo, RunOutcome, RunWriter
+    from stabilitybench.types import RunStatus
 
     name = str(spec["name"])
     fmt = str(spec["import"]["format"])
@@ -320,43 +321,41 @@ def _write_run_json(
         "audit": name,
         "collapse": collapse,
     }
-    write_json(
-        run_dir / "run.json",
-        {
-            "run_id": record.run_id,
-            "label": record.label,
-            "audit": name,
-            "workload": name,
-            "kind": "imported",
-            "knobs": {},
-            "perturbation": {"kind": "none", "label": "none", "params": {}},
-            # Each imported run is its own "seed", so leave-one-seed-out fits hold it out.
-            "seed": index,
-            "spec": run_spec,
-            "status": "done",
-            "started": started,
-            "finished": finished,
-            "wall_s": finished - started,
-            "attempts": 1,
-            "outcome": {
-                "final_perf": None if math.isnan(built.final_perf) else built.final_perf,
-                "diverged": built.diverged,
-                "diverged_step": built.diverged_step,
-                "steps": built.last_step,
-                "env_steps": built.last_env_step,
-            },
-            "error": None,
-            "source": {
-                "path": str(spec["import"]["source"]),
-                "run": record.label,
-                "format": fmt,
-                "writer": dialect,
-                "columns": record.columns,
-                "perf_source": record.perf_source,
-                "skipped": record.notes,
-            },
+    info = RunInfo(
+        run_id=record.run_id,
+        label=record.label,
+        audit=name,
+        workload=name,
+        kind="imported",
+        knobs={},
+        perturbation=PerturbationInfo(kind="none", label="none", params={}),
+        # Each imported run is its own "seed", so leave-one-seed-out fits hold it out.
+        seed=index,
+        spec=run_spec,
+        status=RunStatus.DONE,
+        started=started,
+        finished=finished,
+        wall_s=finished - started,
+        attempts=1,
+        outcome=RunOutcome(
+            final_perf=None if math.isnan(built.final_perf) else built.final_perf,
+            diverged=built.diverged,
+            diverged_step=built.diverged_step,
+            steps=built.last_step,
+            env_steps=built.last_env_step,
+        ),
+        error=None,
+        source={
+            "path": str(spec["import"]["source"]),
+            "run": record.label,
+            "format": fmt,
+            "writer": dialect,
+            "columns": record.columns,
+            "perf_source": record.perf_source,
+            "skipped": record.notes,
         },
     )
+    RunWriter(run_dir).write_info(info)
 
 
 def _write_audit(temp: Path, spec: dict[str, Any], spec_hash: str, runs: list[ImportedRun]) -> None:

@@ -30,8 +30,8 @@ from stabilitybench.metrics.collapse import (
 )
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
 from stabilitybench.metrics.stability import stability_score
-from stabilitybench.store import RunStore
-from stabilitybench.types import last_error_line, run_perturbation
+from stabilitybench.store import RunInfo, RunStore
+from stabilitybench.types import last_error_line
 
 # Where a run's onset came from: its own events, or (a baseline) matched perturbed runs.
 ONSET_SOURCES = ("events", "matched_seed", "matched_knobs", "matched_workload")
@@ -85,11 +85,8 @@ class RunTiming:
     wall_s: float | None = None
 
     @classmethod
-    def of(cls, info: Mapping[str, Any]) -> RunTiming:
-        started, finished, wall = (
-            _number_or_none(info.get(k)) for k in ("started", "finished", "wall_s")
-        )
-        return cls(started, finished, wall)
+    def of(cls, info: RunInfo) -> RunTiming:
+        return cls(info.started, info.finished, info.wall_s)
 
 
 def _number_or_none(value: object) -> float | None:
@@ -204,16 +201,16 @@ def perturbation_magnitude(kind: str, params: Mapping[str, Any]) -> float | None
     return _number_or_none(value)
 
 
-def collapse_config(audit: Mapping[str, Any], infos: Sequence[Mapping[str, Any]]) -> CollapseConfig:
+def collapse_config(
+    audit: Mapping[str, Any], infos: Sequence[RunInfo | Mapping[str, Any]]
+) -> CollapseConfig:
     """Thresholds from audit.json's spec.collapse, else a run's spec.collapse, else defaults."""
     spec = audit.get("spec")
     config: Mapping[str, Any] = {}
     if isinstance(spec, Mapping) and isinstance(spec.get("collapse"), Mapping):
         config = spec["collapse"]
     else:
-        found = (
-            i.get("spec", {}).get("collapse") for i in infos if isinstance(i.get("spec"), Mapping)
-        )
+        found = (RunInfo.of(i).spec.get("collapse") for i in infos)
         config = next((c for c in found if isinstance(c, Mapping)), {})
     default = CollapseConfig()
     result = CollapseConfig(
@@ -263,7 +260,7 @@ def within_run_reliability(perf: np.ndarray) -> Reliability:
 
 
 def run_record(
-    info: Mapping[str, Any],
+    info: RunInfo | Mapping[str, Any],
     evals: pd.DataFrame | None,
     onset: Onset,
     config: CollapseConfig,
@@ -273,27 +270,27 @@ def run_record(
 ) -> RunRecord:
     """The record of one run from its run.json, evaluations and resolved onset; `telemetry`
     (at least `DENSE_COLUMNS`) and `events` give the dense signal that times a collapse."""
-    label, kind, params = run_perturbation(info)
-    status = str(info.get("status", "pending"))
+    info = RunInfo.of(info)
+    pert, status = info.perturbation, info.status.value
     curve = EvalCurve.of(evals if status == "done" else None)
     record = RunRecord(
-        run_id=str(info.get("run_id")),
-        label=info.get("label"),
-        workload=str(info.get("workload")),
-        kind=info.get("kind"),
-        knobs=dict(info.get("knobs") or {}),
-        perturbation=label,
-        perturbation_kind=kind,
-        magnitude=perturbation_magnitude(kind, params),
-        seed=info.get("seed"),
+        run_id=info.run_id,
+        label=info.label or None,
+        workload=info.workload,
+        kind=info.kind or None,
+        knobs=dict(info.knobs),
+        perturbation=pert.shown,
+        perturbation_kind=pert.kind,
+        magnitude=perturbation_magnitude(pert.kind, pert.params),
+        seed=info.seed,
         status=status,
-        error=last_error_line(info.get("error")) if status == "failed" else None,
+        error=last_error_line(info.error) if status == "failed" else None,
         onset=onset,
         curve=curve,
         timing=RunTiming.of(info),
-        error_text=str(info["error"]).strip() if info.get("error") else None,
-        outcome_final_perf=_outcome_final(info),
-        guard=_guard_label(info),
+        error_text=info.error.strip() if info.error else None,
+        outcome_final_perf=info.final_perf,
+        guard=str(info.guard.get("label", "guarded")) if info.guard else "none",
     )
     if curve.steps.size == 0:
         return record
@@ -377,17 +374,6 @@ def _batch_windows(events: pd.DataFrame | None) -> tuple[list[tuple[int, int]], 
     return windows, names
 
 
-def _guard_label(info: Mapping[str, Any]) -> str:
-    guard = info.get("guard")
-    return str(guard.get("label", "guarded")) if isinstance(guard, Mapping) else "none"
-
-
-def _outcome_final(info: Mapping[str, Any]) -> float | None:
-    outcome = info.get("outcome")
-    value = outcome.get("final_perf") if isinstance(outcome, Mapping) else None
-    return _number_or_none(value)
-
-
 def _with_collapse(
     record: RunRecord, config: CollapseConfig, dense: DenseSignal | None, why: str | None
 ) -> RunRecord:
@@ -463,16 +449,16 @@ def audit_records(store: RunStore, config: CollapseConfig | None = None) -> list
     onsets: dict[str, Onset] = {}
     events: dict[str, pd.DataFrame] = {}
     for info in infos:
-        rid = str(info.get("run_id"))
-        if info.get("status") == "done" and run_perturbation(info)[1] != "none":
+        rid = info.run_id
+        if info.status == "done" and info.perturbation.kind != "none":
             events[rid] = store.table(rid, "events")
             onsets[rid] = event_onset(events[rid])
     # First pass: identities and onsets only, to match baselines to perturbed runs.
-    bare = [run_record(i, None, onsets.get(str(i.get("run_id")), Onset()), config) for i in infos]
+    bare = [run_record(i, None, onsets.get(i.run_id, Onset()), config) for i in infos]
     onsets.update(baseline_onsets([r for r in bare if r.done]))
     records = []
     for info in infos:
-        rid, done = str(info.get("run_id")), info.get("status") == "done"
+        rid, done = info.run_id, info.status == "done"
         records.append(
             run_record(
                 info,

@@ -22,7 +22,7 @@ from stabilitybench.metrics.guards import GuardComparison, guard_comparisons, in
 from stabilitybench.metrics.intervals import DEFAULT_REPS
 from stabilitybench.metrics.records import RunRecord, audit_records, collapse_config
 from stabilitybench.metrics.serialize import to_jsonable
-from stabilitybench.store import RunStore
+from stabilitybench.store import RunInfo, RunStore
 
 SEED = 0  # the bootstrap's seed: the same store always gives the same summary
 
@@ -60,13 +60,13 @@ class AuditSummary:
         return next((r for r in self.runs if r.run_id == run_id), None)
 
 
-def _check_runs(store: RunStore, infos: Sequence[dict[str, Any]]) -> None:
+def _check_runs(store: RunStore, infos: Sequence[RunInfo]) -> None:
     if not infos:
         raise StabilityBenchError(
             f"audit {store.root} has no runs yet; start them with "
             f"`stabilitybench audit SPEC --out {store.root}`"
         )
-    if not any(i.get("status") == "done" for i in infos):
+    if not any(i.status == "done" for i in infos):
         detail = ", ".join(f"{v} {k}" for k, v in store.status_counts().items() if v)
         raise StabilityBenchError(
             f"audit {store.root} has no finished runs ({detail}); resume it with "
@@ -158,9 +158,8 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
 
 
 def _steps_trained(store: RunStore, run_id: str) -> int:
-    outcome = store.info(run_id).get("outcome") or {}
-    steps = outcome.get("steps") if isinstance(outcome, dict) else None
-    return int(steps) if isinstance(steps, int) else 0
+    outcome = store.info(run_id).outcome
+    return 0 if outcome is None or outcome.steps is None else outcome.steps
 
 
 def summary_document(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) -> Any:

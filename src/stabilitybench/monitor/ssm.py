@@ -42,6 +42,7 @@ from stabilitybench.monitor.features import (
     FeatureExtractor,
     check_view,
 )
+from stabilitybench.store import RunInfo
 
 if TYPE_CHECKING:
     from stabilitybench.monitor.attribution import MonitorAttribution
@@ -658,8 +659,8 @@ def _knob_names(runs: Sequence[Any]) -> set[str]:
     names: set[str] = set()
     for run in runs:
         info = getattr(run, "info", None)
-        if isinstance(info, Mapping):
-            names |= set((info.get("knobs") or {}).keys())
+        if isinstance(info, RunInfo | Mapping):  # (a DataFrame's `info` is a method)
+            names |= set(RunInfo.of(info).knobs)
     return names
 
 

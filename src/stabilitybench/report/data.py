@@ -130,7 +130,7 @@ def as_float(value: Any) -> float | None:
 # -- per-run series ----------------------------------------------------------------------------
 def x_column(run: RunData) -> str:
     """RL runs are plotted against environment steps, everything else against optimizer steps."""
-    if run.info.get("kind") == "rl":
+    if run.info.kind == "rl":
         for frame in (run.evals, run.telemetry):
             if "env_step" in frame.columns and frame["env_step"].notna().any():
                 return "env_step"
