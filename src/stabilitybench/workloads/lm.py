@@ -43,7 +43,12 @@ from stabilitybench.telemetry import Telemetry
 from stabilitybench.telemetry.stability_probes import close_probes, index_names
 from stabilitybench.types import RunSpec
 from stabilitybench.workloads import corpus as corpora
-from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
+from stabilitybench.workloads.base import (
+    RunOutcome,
+    finish_validated_run,
+    register_workload,
+    train_and_validate,
+)
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
@@ -526,52 +531,30 @@ class LMWorkload:
             trainer.schedule = schedule
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
-        evals: list[dict[str, Any]] = []
+        def train_step(step: int) -> float:
+            loss = trainer.train_step()
+            if trainer.grad_norm_raw is not None:
+                telemetry.log(loss=loss, grad_norm_raw=trainer.grad_norm_raw)
+            else:
+                telemetry.log(loss=loss)
+            return loss
 
-        def record(step: int, val_loss: float) -> None:
-            perf = -val_loss if math.isfinite(val_loss) else -math.inf
-            evals.append({"step": step, "env_step": None, "perf": perf, "val_loss": val_loss})
-
-        diverged = False
-        steps_taken = 0
         try:
-            record(0, trainer.validation_loss())
-            for step in range(settings.total_steps):
-                loss = trainer.train_step()
-                if trainer.grad_norm_raw is not None:
-                    telemetry.log(loss=loss, grad_norm_raw=trainer.grad_norm_raw)
-                else:
-                    telemetry.log(loss=loss)
-                action = guard.after_step() if guard is not None else None
-                steps_taken = step + 1
-                if not math.isfinite(loss) and action != "rollback":
-                    diverged = True
-                    record(step, math.inf)
-                    break
-                if steps_taken % settings.eval_every == 0 or steps_taken == settings.total_steps:
-                    val_loss = trainer.validation_loss()
-                    record(step, val_loss)
-                    if not math.isfinite(val_loss):
-                        diverged = True
-                        break
+            result = train_and_validate(
+                settings.total_steps,
+                settings.eval_every,
+                train_step,
+                trainer.validation_loss,
+                guard,
+                stop_on_nonfinite_validation=True,
+            )
         finally:
             telemetry.close(read_back=False)
             close_probes(telemetry.probes)
         index = index_names(telemetry.probes)
         if index:  # what the *_argmax columns' tensor indices name
             writer.update_info(telemetry_index=index)
-        return finish_run(
-            writer,
-            evals,
-            [
-                *(schedule.events() if schedule is not None else []),
-                *(guard.events() if guard is not None else []),
-            ],
-            extra_eval_column="val_loss",
-            diverged=diverged,
-            steps=steps_taken,
-            env_steps=None,
-        )
+        return finish_validated_run(writer, result, schedule, guard)
 
 
 register_workload("lm", LMWorkload)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
     from stable_baselines3.common.vec_env import VecEnv
 
+    from stabilitybench.integrations.sb3 import StabilityCallback
+
 
 @dataclass(frozen=True)
 class EnvInfo:
@@ -377,91 +379,23 @@ class RLWorkload:
     def run(self, spec: RunSpec, writer: RunWriter) -> RunOutcome:
         """Train for `total_steps` env steps, evaluating periodically; write the run's tables."""
         _sb3_available()
-        import numpy as np
-        from stable_baselines3.common.callbacks import CallbackList
-        from stable_baselines3.common.evaluation import evaluate_policy
-
-        from stabilitybench.integrations.sb3 import (
-            EveryEnvSteps,
-            StabilityCallback,
-            TrainingDiverged,
-        )
-        from stabilitybench.telemetry.stability_probes import index_names
-
         settings = parse_config(spec.workload)
         schedule = self._schedule(spec, settings)
         model = build_model(
             settings, spec.seed, schedule.wrap_env if schedule is not None else None
         )
-        eval_env = make_env(settings.env, spec.seed + EVAL_SEED_OFFSET)
-        evals: list[dict[str, Any]] = []
-
-        def evaluate(step: int, env_step: int) -> None:
-            returns, _ = evaluate_policy(
-                model,
-                eval_env,
-                n_eval_episodes=settings.eval_episodes,
-                deterministic=True,
-                return_episode_rewards=True,
-                warn=False,
-            )
-            values = np.asarray(returns, dtype=np.float64)  # (episodes,)
-            evals.append(
-                {
-                    "step": step,
-                    "env_step": env_step,
-                    "perf": float(values.mean()),
-                    "return_std": float(values.std()),
-                }
-            )
-
-        telemetry_callback = StabilityCallback(
-            every=1,  # audits measure every optimizer step (the callback's default is 4)
-            probes=list(PROBE_SETS[settings.probes]),
-            sink=writer,
-            schedule=schedule,
-            total_steps=settings.expected_updates(),
-            stop_on_divergence=True,
-            guard=spec.guard,
+        evaluation = _Evaluation(
+            model, make_env(settings.env, spec.seed + EVAL_SEED_OFFSET), settings.eval_episodes
         )
-
-        def periodic_eval(env_step: int) -> None:
-            if not telemetry_callback.diverged:  # a NaN policy cannot act; run() records -inf
-                evaluate(max(telemetry_callback.telemetry.step, 0), env_step)
-
-        callback = CallbackList(
-            [telemetry_callback, EveryEnvSteps(settings.eval_every, periodic_eval)]
-        )
-        evaluate(0, 0)
+        telemetry_callback = _telemetry_callback(spec, settings, schedule, writer)
+        evaluation.run(0, 0)
         try:
-            try:
-                model.learn(settings.total_steps, callback=callback)
-            except TrainingDiverged:
-                pass
-            except ValueError:
-                # torch.distributions rejects NaN parameters in the policy's next forward pass.
-                if not telemetry_callback.diverged:
-                    raise
-            diverged = telemetry_callback.diverged
-            step = max(telemetry_callback.telemetry.step, 0)
-            env_step = int(model.num_timesteps)
-            if diverged:
-                evals.append(
-                    {"step": step, "env_step": env_step, "perf": -_INF, "return_std": math.nan}
-                )
-            elif evals[-1]["env_step"] < env_step:
-                evaluate(step, env_step)
+            diverged, env_step = _learn(model, settings, telemetry_callback, evaluation)
         finally:
-            if telemetry_callback.attached:
-                telemetry_callback.close(read_back=False)
-                index = index_names(telemetry_callback.telemetry.probes)
-                if index:  # what the *_argmax columns' tensor indices name (clock optimizer)
-                    writer.update_info(telemetry_index=index)
-            eval_env.close()
-            model.get_env().close()  # type: ignore[union-attr]
+            _close(model, evaluation, telemetry_callback, writer)
         return finish_run(
             writer,
-            evals,
+            evaluation.rows,
             [
                 *(schedule.events() if schedule is not None else []),
                 *telemetry_callback.guard_events(),
@@ -471,6 +405,112 @@ class RLWorkload:
             steps=telemetry_callback.telemetry.step + 1,
             env_steps=env_step,
         )
+
+
+class _Evaluation:
+    """Deterministic evaluation episodes on a separate env, and the `evals` rows they gave."""
+
+    def __init__(self, model: BaseAlgorithm, env: VecEnv, episodes: int) -> None:
+        self.model, self.env, self.episodes = model, env, episodes
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, step: int, env_step: int) -> None:
+        """Evaluate the current policy; one row with the mean and std of the episode returns."""
+        import numpy as np
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        returns, _ = evaluate_policy(
+            self.model,
+            self.env,
+            n_eval_episodes=self.episodes,
+            deterministic=True,
+            return_episode_rewards=True,
+            warn=False,
+        )
+        values = np.asarray(returns, dtype=np.float64)  # (episodes,)
+        self.rows.append(
+            {
+                "step": step,
+                "env_step": env_step,
+                "perf": float(values.mean()),
+                "return_std": float(values.std()),
+            }
+        )
+
+
+def _telemetry_callback(
+    spec: RunSpec, settings: RLSettings, schedule: Any, writer: RunWriter
+) -> StabilityCallback:
+    """The SB3 callback that records telemetry, drives the perturbations and hosts the guard."""
+    from stabilitybench.integrations.sb3 import StabilityCallback
+
+    return StabilityCallback(
+        every=1,  # audits measure every optimizer step (the callback's default is 4)
+        probes=list(PROBE_SETS[settings.probes]),
+        sink=writer,
+        schedule=schedule,
+        total_steps=settings.expected_updates(),
+        stop_on_divergence=True,
+        guard=spec.guard,
+    )
+
+
+def _learn(
+    model: BaseAlgorithm,
+    settings: RLSettings,
+    telemetry_callback: StabilityCallback,
+    evaluation: _Evaluation,
+) -> tuple[bool, int]:
+    """Train for `total_steps` env steps, evaluating every `eval_every`; (diverged, env steps).
+
+    A diverged run gets an evaluation row with perf −inf where it stopped; otherwise the policy
+    is evaluated at the end unless the last periodic evaluation already saw it.
+    """
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from stabilitybench.integrations.sb3 import EveryEnvSteps, TrainingDiverged
+
+    def periodic_eval(env_step: int) -> None:
+        if not telemetry_callback.diverged:  # a NaN policy cannot act; run() records -inf
+            evaluation.run(max(telemetry_callback.telemetry.step, 0), env_step)
+
+    callback = CallbackList([telemetry_callback, EveryEnvSteps(settings.eval_every, periodic_eval)])
+    try:
+        model.learn(settings.total_steps, callback=callback)
+    except TrainingDiverged:
+        pass
+    except ValueError:
+        # torch.distributions rejects NaN parameters in the policy's next forward pass.
+        if not telemetry_callback.diverged:
+            raise
+    diverged = telemetry_callback.diverged
+    step = max(telemetry_callback.telemetry.step, 0)
+    env_step = int(model.num_timesteps)
+    if diverged:
+        evaluation.rows.append(
+            {"step": step, "env_step": env_step, "perf": -_INF, "return_std": math.nan}
+        )
+    elif evaluation.rows[-1]["env_step"] < env_step:
+        evaluation.run(step, env_step)
+    return diverged, env_step
+
+
+def _close(
+    model: BaseAlgorithm,
+    evaluation: _Evaluation,
+    telemetry_callback: StabilityCallback,
+    writer: RunWriter,
+) -> None:
+    """Flush the telemetry (and name its argmax indices in run.json); close both envs."""
+    from stabilitybench.telemetry.stability_probes import index_names
+
+    if telemetry_callback.attached:
+        telemetry_callback.close(read_back=False)
+        index = index_names(telemetry_callback.telemetry.probes)
+        if index:  # what the *_argmax columns' tensor indices name (clock optimizer)
+            writer.update_info(telemetry_index=index)
+    evaluation.env.close()
+    model.get_env().close()  # type: ignore[union-attr]
 
 
 register_workload("rl", RLWorkload)

@@ -31,7 +31,12 @@ from stabilitybench.guard.core import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import RunSpec
-from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
+from stabilitybench.workloads.base import (
+    RunOutcome,
+    finish_validated_run,
+    register_workload,
+    train_and_validate,
+)
 
 INPUT_DIM = 16
 TEACHER_HIDDEN = 32
@@ -77,6 +82,68 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
         if values[key] is not None:
             number(key, 0, integer=True)
     return values
+
+
+class _ToyTrainer:
+    """The task, the student, its optimizer and one `train_step()`: the toy loop's state."""
+
+    def __init__(self, knobs: dict[str, Any], eval_batches: int, data_seed: int) -> None:
+        """Build the task and the student (initialised from the global torch RNG, seeded first)."""
+        self.data_gen = torch.Generator().manual_seed(data_seed)
+        # The teacher (the task) is the same for every seed; only the student and data vary.
+        task_gen = torch.Generator().manual_seed(12345)
+        self.teacher_w1 = torch.randn(INPUT_DIM, TEACHER_HIDDEN, generator=task_gen) / math.sqrt(
+            INPUT_DIM
+        )
+        self.teacher_w2 = torch.randn(TEACHER_HIDDEN, 1, generator=task_gen) / math.sqrt(
+            TEACHER_HIDDEN
+        )
+        self.val_x = torch.randn(eval_batches * VAL_BATCH, INPUT_DIM, generator=task_gen)
+        self.val_y = self.teacher(self.val_x)
+        self.model = _student(int(knobs["hidden"]), float(knobs["dropout"]))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=float(knobs["lr"]))
+        self.batch_size = int(knobs["batch_size"])
+        self.noise = float(knobs["noise"])
+        self.fail_at, self.crash_at = knobs["fail_at_step"], knobs["crash_at_step"]
+
+    def teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed random network the student learns: (B, INPUT_DIM) → (B, 1)."""
+        return torch.tanh(x @ self.teacher_w1) @ self.teacher_w2  # (B, 1)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One Adam step on a fresh noisy batch; returns the training loss (a tensor, no sync)."""
+        if self.fail_at is not None and step == self.fail_at:
+            raise RuntimeError(f"toy workload: fail_at_step={self.fail_at} reached (testing aid)")
+        if self.crash_at is not None and step == self.crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x = torch.randn(self.batch_size, INPUT_DIM, generator=self.data_gen)
+        y = self.teacher(x) + self.noise * torch.randn(self.batch_size, 1, generator=self.data_gen)
+        loss = nn.functional.mse_loss(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def validation_loss(self) -> float:
+        """MSE on the fixed validation set, without dropout (a host sync)."""
+        self.model.eval()
+        with torch.no_grad():
+            val_loss = float(nn.functional.mse_loss(self.model(self.val_x), self.val_y))
+        self.model.train()
+        return val_loss
+
+
+def _student(hidden: int, dropout: float) -> nn.Sequential:
+    """The two-hidden-layer ReLU MLP that learns the teacher."""
+    return nn.Sequential(
+        nn.Linear(INPUT_DIM, hidden),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, 1),
+    )
 
 
 class ToyWorkload:
@@ -125,33 +192,9 @@ class ToyWorkload:
         """Train the student for `total_steps` optimizer steps, writing the run's three tables."""
         total_steps, eval_every, eval_batches, knobs = self._settings(spec)
         torch.manual_seed(spec.seed)
-        data_gen = torch.Generator().manual_seed(spec.seed * 7919 + 1)
-        # The teacher (the task) is the same for every seed; only the student and data vary.
-        task_gen = torch.Generator().manual_seed(12345)
-        teacher_w1 = torch.randn(INPUT_DIM, TEACHER_HIDDEN, generator=task_gen) / math.sqrt(
-            INPUT_DIM
-        )
-        teacher_w2 = torch.randn(TEACHER_HIDDEN, 1, generator=task_gen) / math.sqrt(TEACHER_HIDDEN)
-
-        def teacher(x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(x @ teacher_w1) @ teacher_w2  # (B, 1)
-
-        val_x = torch.randn(eval_batches * VAL_BATCH, INPUT_DIM, generator=task_gen)
-        val_y = teacher(val_x)
-
-        hidden = int(knobs["hidden"])
-        model = nn.Sequential(
-            nn.Linear(INPUT_DIM, hidden),
-            nn.ReLU(),
-            nn.Dropout(float(knobs["dropout"])),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Dropout(float(knobs["dropout"])),
-            nn.Linear(hidden, 1),
-        )
-        optimizer = torch.optim.Adam(model.parameters(), lr=float(knobs["lr"]))
+        trainer = _ToyTrainer(knobs, eval_batches, data_seed=spec.seed * 7919 + 1)
         telemetry = Telemetry(
-            model, optimizer, probes="cheap", sink=writer, total_steps=total_steps
+            trainer.model, trainer.optimizer, probes="cheap", sink=writer, total_steps=total_steps
         )
         schedule = self._schedule(spec, total_steps)
         if schedule is not None:
@@ -159,62 +202,23 @@ class ToyWorkload:
             schedule.attach(telemetry)
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
-        evals: list[dict[str, Any]] = []
+        def train_step(step: int) -> torch.Tensor:
+            loss = trainer.train_step(step)
+            telemetry.log(loss=loss)
+            return loss.detach()
 
-        def evaluate(step: int) -> float:
-            model.eval()
-            with torch.no_grad():
-                val_loss = float(nn.functional.mse_loss(model(val_x), val_y))
-            model.train()
-            perf = -val_loss if math.isfinite(val_loss) else -math.inf
-            evals.append({"step": step, "env_step": None, "perf": perf, "val_loss": val_loss})
-            return perf
-
-        batch_size = int(knobs["batch_size"])
-        noise = float(knobs["noise"])
-        fail_at, crash_at = knobs["fail_at_step"], knobs["crash_at_step"]
-        diverged = False
-        steps_taken = 0
         try:
-            evaluate(0)
-            for step in range(total_steps):
-                if fail_at is not None and step == fail_at:
-                    raise RuntimeError(
-                        f"toy workload: fail_at_step={fail_at} reached (testing aid)"
-                    )
-                if crash_at is not None and step == crash_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                x = torch.randn(batch_size, INPUT_DIM, generator=data_gen)
-                y = teacher(x) + noise * torch.randn(batch_size, 1, generator=data_gen)
-                loss = nn.functional.mse_loss(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                telemetry.log(loss=loss)
-                action = guard.after_step() if guard is not None else None
-                steps_taken = step + 1
-                if not math.isfinite(float(loss.detach())) and action != "rollback":
-                    diverged = True
-                    evals.append(
-                        {"step": step, "env_step": None, "perf": -math.inf, "val_loss": math.inf}
-                    )
-                    break
-                if steps_taken % eval_every == 0 or steps_taken == total_steps:
-                    evaluate(step)
+            result = train_and_validate(
+                total_steps,
+                eval_every,
+                train_step,
+                trainer.validation_loss,
+                guard,
+                stop_on_nonfinite_validation=False,
+            )
         finally:
             telemetry.close(read_back=False)
-        return finish_run(
-            writer,
-            evals,
-            [
-                *(schedule.events() if schedule is not None else []),
-                *(guard.events() if guard is not None else []),
-            ],
-            extra_eval_column="val_loss",
-            diverged=diverged,
-            steps=steps_taken,
-            env_steps=None,
-        )
+        return finish_validated_run(writer, result, schedule, guard)
 
 
 register_workload("toy", ToyWorkload)
