@@ -177,8 +177,17 @@ class Perturbation:
             raise StabilityBenchError(
                 f"{where}: duration={duration!r} is not allowed; {self.name} acts once, so duration must be 1"
             )
-        self.ramp = str(Param(str, choices=RAMPS).check(where, "ramp", ramp))
-        if self.ramp != "none" and (self.one_shot or self.ramp_field is None):
+        self.ramp = self._check_ramp(where, ramp)
+        self.duration_env_steps = self._check_duration_env_steps(where, duration_env_steps)
+        self.values: dict[str, Any] = self._check_magnitude(where, magnitude)
+        self.label = label if label is not None else self.name
+        self.bind(index=0, seed=0)
+        self._init_window_state()
+
+    def _check_ramp(self, where: str, ramp: str) -> str:
+        """The checked `ramp`; anything but none needs a kind with a window and a size to grow."""
+        checked = str(Param(str, choices=RAMPS).check(where, "ramp", ramp))
+        if checked != "none" and (self.one_shot or self.ramp_field is None):
             why = (
                 "acts once, so it has no window to ramp over"
                 if self.one_shot
@@ -188,16 +197,23 @@ class Perturbation:
                 f"{where}: ramp={ramp!r} is not allowed; {self.name} {why}, so ramp must be none "
                 f"(kinds that ramp: {', '.join(_ramp_names())})"
             )
+        return checked
+
+    def _check_duration_env_steps(self, where: str, duration_env_steps: int | None) -> int | None:
+        """The checked `duration_env_steps` (environment perturbations only), or None."""
         if duration_env_steps is not None and self.scope != "env":
             raise StabilityBenchError(
                 f"{where}: duration_env_steps is only allowed for environment perturbations "
                 f"({', '.join(_env_names())})"
             )
-        self.duration_env_steps = (
+        return (
             None
             if duration_env_steps is None
             else int(Param(int, low=1).check(where, "duration_env_steps", duration_env_steps))
         )
+
+    def _check_magnitude(self, where: str, magnitude: Mapping[str, Any]) -> dict[str, Any]:
+        """Every field of `params`, checked, with defaults for those not given."""
         unknown = sorted(set(magnitude) - set(self.params))
         if unknown:
             allowed = [
@@ -211,18 +227,20 @@ class Perturbation:
             raise StabilityBenchError(
                 f"{where}: unknown field {unknown[0]!r}; allowed fields: {', '.join(allowed)}"
             )
-        self.values: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for field, spec in self.params.items():
             if field not in magnitude:
                 if spec.required:
                     raise StabilityBenchError(
                         f"{where}: missing field {field!r}; {field} must be {spec.allowed()}"
                     )
-                self.values[field] = spec.default
+                values[field] = spec.default
             else:
-                self.values[field] = spec.check(where, field, magnitude[field])
-        self.label = label if label is not None else self.name
-        self.bind(index=0, seed=0)
+                values[field] = spec.check(where, field, magnitude[field])
+        return values
+
+    def _init_window_state(self) -> None:
+        """The window's state before the run: no onset yet unless `at` is a step, nothing applied."""
         self._onset_step: int | None = None
         self._onset_env: int | None = None
         if isinstance(self.at, int):
