@@ -1,21 +1,33 @@
 """A guard's configuration: which detector, which action, and the action's parameters.
 
 `parse_guard(item, where)` turns one entry of an audit spec's `guards:` list (or the keyword
-arguments of `Guard`) into a checked `GuardConfig`; every problem is one `StabilityBenchError`
-naming the field and the allowed values. This module imports neither torch nor the detectors'
+arguments of `Guard`) into a checked `GuardConfig` (a pydantic dataclass: its field types and
+validators are the checks); every problem is one `StabilityBenchError` naming the field and the
+allowed values. This module imports neither torch nor the detectors'
 heavy dependencies, so spec validation stays light.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, fields
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from stabilitybench.errors import StabilityBenchError
 
-ACTIONS = ("skip", "lr_cut", "rollback", "escalate")
+Action = Literal["skip", "lr_cut", "rollback", "escalate"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 # Actions that restore a snapshot of the training state (every one of them: skip restores the
 # pre-step state, rollback an older one, escalate may do either).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
@@ -23,28 +35,94 @@ SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
 GUARDED_KINDS = ("lm", "rl", "toy")
 
 
-@dataclass(frozen=True)
+def _integer_at_least(low: int) -> Any:
+    """Settings of an integer field >= `low` (a bool or a float such as 2.0 is not an integer);
+    the description is what an error message says the value must be."""
+    return Field(strict=True, ge=low, description=f"an integer >= {low}")
+
+
+LRFactor = Annotated[
+    float, Field(strict=True, gt=0, lt=1, description="a number in (0, 1) (the LR multiplier)")
+]
+AtLeastOne = Annotated[int, _integer_at_least(1)]
+AtLeastZero = Annotated[int, _integer_at_least(0)]
+
+
+# Defaults are validated too: `min_age`'s default must fit the `keep` and `every` given.
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", validate_default=True))
 class GuardConfig:
-    """What a guard watches and what it does on an alarm (defaults in the field comments)."""
+    """What a guard watches and what it does on an alarm (defaults in the field comments).
+
+    Constructing one checks it; `parse_guard` turns a problem into a user's error message.
+    """
 
     detector: str
-    action: str
-    factor: float = 0.5  # lr_cut / after a rollback: LR multiplier, in (0, 1)
-    cooldown: int = 50  # steps the LR stays cut after an alarm (>= 1)
-    every: int = 20  # rollback: a CPU snapshot every `every` steps (>= 1)
-    keep: int = 4  # rollback: snapshots kept, a ring (>= 1)
-    min_age: int = 20  # rollback: restore the newest snapshot at least this many steps old
-    window: int = 100  # escalate: alarms within this many steps count as repeats (>= 1)
+    action: Action
+    factor: LRFactor = 0.5  # lr_cut / after a rollback: LR multiplier, in (0, 1)
+    cooldown: AtLeastOne = 50  # steps the LR stays cut after an alarm (>= 1)
+    every: AtLeastOne = 20  # rollback: a CPU snapshot every `every` steps (>= 1)
+    keep: AtLeastOne = 4  # rollback: snapshots kept, a ring (>= 1)
+    min_age: AtLeastZero = 20  # rollback: restore the newest snapshot at least this many steps old
+    window: AtLeastOne = 100  # escalate: alarms within this many steps count as repeats (>= 1)
     monitor: str | None = None  # msm: the folder of a fitted monitor (`<audit>/monitor/...`)
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _online_detector(cls, detector: Any) -> Any:
+        """A registered detector with an online score that a guard can use as it is (msm is
+        fitted by `monitor fit`; no other fitted detector can be)."""
+        from stabilitybench.detectors.base import detector_classes
+
+        classes = detector_classes()
+        if not isinstance(detector, str) or detector not in classes:
+            raise ValueError(f"unknown detector {detector!r}; allowed: {', '.join(classes)}")
+        if not classes[detector].online:
+            online = [n for n, c in classes.items() if c.online]
+            raise ValueError(f"{detector!r} has no online score; allowed: {', '.join(online)}")
+        if classes[detector].fitted and detector != "msm":
+            fitted = [n for n, c in classes.items() if c.online and not c.fitted] + ["msm"]
+            raise ValueError(
+                f"{detector!r} must be fitted and no guard can fit it; allowed: {', '.join(fitted)}"
+            )
+        return detector
+
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _monitor_for_msm(cls, monitor: Any, info: ValidationInfo) -> Any:
+        """msm needs the folder of a fitted monitor; no other detector takes one."""
+        detector = info.data.get("detector")
+        if detector == "msm" and (not isinstance(monitor, str) or not monitor.strip()):
+            raise ValueError(
+                "detector msm needs the folder of a fitted monitor (e.g. monitor: "
+                "audits/lm-buildup/monitor, written by `stabilitybench monitor fit`)"
+            )
+        if detector is not None and detector != "msm" and monitor is not None:
+            raise ValueError("only detector msm takes a monitor folder")
+        return monitor
+
+    @field_validator("min_age", mode="after")
+    @classmethod
+    def _snapshot_kept(cls, min_age: int, info: ValidationInfo) -> int:
+        """A rollback needs a snapshot at least `min_age` steps old still in the ring."""
+        action, keep, every = (info.data.get(k) for k in ("action", "keep", "every"))
+        if action not in ("rollback", "escalate") or keep is None or every is None:
+            return min_age  # no snapshots, or `keep` / `every` has its own error
+        if min_age > (keep - 1) * every:
+            raise PydanticCustomError(
+                "snapshot_not_kept",
+                "must be <= (keep - 1) * every = {oldest} so that a snapshot that old is always "
+                "kept, got {min_age}",
+                {"oldest": (keep - 1) * every, "min_age": min_age},
+            )
+        return min_age
 
     def label(self) -> str:
         """`detector:action`, plus the parameters the user set away from their defaults."""
-        defaults = GuardConfig(self.detector, self.action)
         extra = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
             if f.name not in ("detector", "action", "monitor")
-            and getattr(self, f.name) != getattr(defaults, f.name)
+            and getattr(self, f.name) != f.default
         ]
         return f"{self.detector}:{self.action}" + (f"({','.join(extra)})" if extra else "")
 
@@ -52,12 +130,23 @@ class GuardConfig:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-_FIELDS = {f.name for f in fields(GuardConfig)}
-_INTEGER_MIN = {"cooldown": 1, "every": 1, "keep": 1, "min_age": 0, "window": 1}
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_FIELDS = [f.name for f in fields(GuardConfig)]
+_VALIDATOR = TypeAdapter(GuardConfig)
+# Which problem an entry with several is reported by: unknown keys (by name), then missing ones,
+# then each field's own value in this order, then `min_age` against `keep` and `every`.
+_FIELD_ORDER = (
+    "action",
+    "detector",
+    "monitor",
+    "factor",
+    "cooldown",
+    "every",
+    "keep",
+    "min_age",
+    "window",
+)
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+_MISSING = ("missing", "missing_argument")
 
 
 def parse_guard(item: Mapping[str, Any], where: str = "guard") -> GuardConfig:
@@ -67,78 +156,38 @@ def parse_guard(item: Mapping[str, Any], where: str = "guard") -> GuardConfig:
             f"{where}: must be `none` or a mapping such as {{detector: zclip, action: rollback}}; "
             f"got {item!r}"
         )
-    unknown = sorted(set(item) - _FIELDS)
-    if unknown:
-        raise StabilityBenchError(
-            f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(_FIELDS))}"
-        )
-    for key in ("detector", "action"):
-        if key not in item:
-            raise StabilityBenchError(f"{where}.{key}: is required")
-    detector, action = item["detector"], item["action"]
-    if action not in ACTIONS:
-        raise StabilityBenchError(
-            f"{where}.action: unknown action {action!r}; allowed: {', '.join(ACTIONS)}"
-        )
-    from stabilitybench.detectors.base import detector_classes
+    try:
+        return _VALIDATOR.validate_python(dict(item))
+    except ValidationError as exc:
+        first = min(exc.errors(include_url=False), key=_report_order)
+        raise StabilityBenchError(f"{where}.{first['loc'][0]}: {_message(first)}") from None
 
-    classes = detector_classes()
-    if not isinstance(detector, str) or detector not in classes:
-        raise StabilityBenchError(
-            f"{where}.detector: unknown detector {detector!r}; allowed: {', '.join(classes)}"
-        )
-    cls = classes[detector]
-    if not cls.online:
-        online = [n for n, c in classes.items() if c.online]
-        raise StabilityBenchError(
-            f"{where}.detector: {detector!r} has no online score; allowed: {', '.join(online)}"
-        )
-    monitor = item.get("monitor")
-    if detector == "msm":
-        if not isinstance(monitor, str) or not monitor.strip():
-            raise StabilityBenchError(
-                f"{where}.monitor: detector msm needs the folder of a fitted monitor "
-                "(e.g. monitor: audits/lm-buildup/monitor, written by `stabilitybench monitor fit`)"
-            )
-    elif cls.fitted:
-        fitted = [n for n, c in classes.items() if c.online and not c.fitted] + ["msm"]
-        raise StabilityBenchError(
-            f"{where}.detector: {detector!r} must be fitted and no guard can fit it; "
-            f"allowed: {', '.join(fitted)}"
-        )
-    elif monitor is not None:
-        raise StabilityBenchError(f"{where}.monitor: only detector msm takes a monitor folder")
-    values: dict[str, Any] = {"detector": detector, "action": action, "monitor": monitor}
-    if "factor" in item:
-        factor = item["factor"]
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, int | float)
-            or not math.isfinite(factor)
-            or not 0 < factor < 1
-        ):
-            raise StabilityBenchError(
-                f"{where}.factor: must be a number in (0, 1) (the LR multiplier), got {factor!r}"
-            )
-        values["factor"] = float(factor)
-    for key, low in _INTEGER_MIN.items():
-        if key in item:
-            value = item[key]
-            if not _integer(value) or value < low:
-                raise StabilityBenchError(
-                    f"{where}.{key}: must be an integer >= {low}, got {value!r}"
-                )
-            values[key] = value
-    config = GuardConfig(**values)
-    if (
-        config.action in ("rollback", "escalate")
-        and config.min_age > (config.keep - 1) * config.every
-    ):
-        raise StabilityBenchError(
-            f"{where}.min_age: must be <= (keep - 1) * every = {(config.keep - 1) * config.every} "
-            f"so that a snapshot that old is always kept, got {config.min_age}"
-        )
-    return config
+
+def _report_order(error: ErrorDetails) -> tuple[int, int | str]:
+    """Sort key of a validation error: the first one is the one a user is told about."""
+    if error["type"] in _UNKNOWN_KEY:
+        return (0, str(error["loc"][0]))
+    field = str(error["loc"][0])
+    if error["type"] in _MISSING:
+        return (1, _FIELDS.index(field))
+    if error["type"] == "snapshot_not_kept":
+        return (3, 0)
+    return (2, _FIELD_ORDER.index(field))
+
+
+def _message(error: ErrorDetails) -> str:
+    """What is wrong with one field, in the user's words (no pydantic phrasing)."""
+    kind, value = error["type"], error["input"]
+    if kind in _UNKNOWN_KEY:
+        return f"unknown key; allowed: {', '.join(sorted(_FIELDS))}"
+    if kind in _MISSING:
+        return "is required"
+    if kind == "literal_error":
+        return f"unknown action {value!r}; allowed: {', '.join(ACTIONS)}"
+    if kind in ("value_error", "snapshot_not_kept"):
+        return str(error["msg"]).removeprefix("Value error, ")
+    must_be = _VALIDATOR.json_schema()["properties"][error["loc"][0]]["description"]
+    return f"must be {must_be}, got {value!r}"
 
 
 def guard_configs(items: list[Any], where: str = "guards") -> list[GuardConfig | None]:
