@@ -27,6 +27,7 @@ from stabilitybench.importers.columns import (
     EVAL_RETURN,
     SKIP,
     Assignment,
+    Column,
 )
 from stabilitybench.io import write_parquet
 
@@ -87,56 +88,17 @@ def _pick(tag_id: int, sign: float = 1.0) -> str:
 
 
 def _build(con: Any, tag_ids: dict[str, int], assignment: Assignment, run_dir: Path) -> BuiltRun:
-    notes: list[str] = []
+    """Write the three tables of one run from the `points` view; what was written."""
     telemetry = [c for c in assignment.telemetry if c.tag in tag_ids]
     env_tags = [t for t in assignment.tags_for(ENV_STEP) if t in tag_ids]
-    selects = ["step"]
-    if env_tags:
-        selects.append(f"CAST({_pick(tag_ids[env_tags[0]])} AS BIGINT) AS env_step")
-    elif assignment.dialect == "sb3":  # SB3 logs against the number of environment steps
-        selects.append("step AS env_step")
-    selects += [f"{_pick(tag_ids[c.tag], c.sign)} AS {_quote(c.target)}" for c in telemetry]
-    wanted = [tag_ids[c.tag] for c in telemetry] + [tag_ids[t] for t in env_tags]
-    where = f"WHERE tag IN ({', '.join(map(str, wanted))})" if wanted else ""
-    if not telemetry:  # no training signal at all: one row per logged step, for the clock
-        where = (
-            "WHERE tag NOT IN ("
-            + ", ".join(
-                str(tag_ids[c.tag]) for c in assignment.columns.values() if c.target == SKIP
-            )
-            + ")"
-            if any(c.target == SKIP for c in assignment.columns.values())
-            else ""
-        )
-    sql = f"SELECT {', '.join(selects)} FROM points {where} GROUP BY step ORDER BY step"
-    telemetry_path = run_dir / "telemetry.parquet"
-    tmp = run_dir / ".telemetry.parquet.tmp"
-    con.execute(
-        f"COPY ({sql}) TO {_literal(tmp)} (FORMAT PARQUET, ROW_GROUP_SIZE {TELEMETRY_ROW_GROUP})"
-    )
-    tmp.replace(telemetry_path)
+    sql = _telemetry_sql(tag_ids, assignment, telemetry, env_tags)
     has_env = bool(env_tags) or assignment.dialect == "sb3"
-    stats = con.execute(
-        f"SELECT count(*), max(step){', max(env_step)' if has_env else ''} "
-        f"FROM read_parquet({_literal(telemetry_path)})"
-    ).fetchone()
-    telemetry_rows, last_step = int(stats[0]), None if stats[1] is None else int(stats[1])
-    last_env = int(stats[2]) if has_env and stats[2] is not None else None
+    telemetry_rows, last_step, last_env = _write_telemetry(con, sql, run_dir, has_env)
 
     evals, perf_source = _evals(con, tag_ids, assignment, env_from_step=assignment.dialect == "sb3")
     diverged_step = _divergence(con, tag_ids, assignment)
     if diverged_step is not None:
-        evals = evals[evals["step"] <= diverged_step].reset_index(drop=True)
-        at = evals["step"] == diverged_step
-        if at.any():
-            evals.loc[at, "perf"] = -math.inf
-        else:
-            row = {c: np.nan for c in evals.columns}
-            row.update(step=diverged_step, perf=-math.inf)
-            if "env_step" in evals.columns and assignment.dialect == "sb3":
-                row["env_step"] = diverged_step
-            evals = pd.concat([evals, pd.DataFrame([row])], ignore_index=True)
-            evals = evals.sort_values("step", kind="stable").reset_index(drop=True)
+        evals = _cut_at_divergence(evals, diverged_step, env_from_step=assignment.dialect == "sb3")
         if perf_source is None:
             perf_source = "divergence only"
     evals["step"] = evals["step"].astype("int64")
@@ -157,8 +119,65 @@ def _build(con: Any, tag_ids: dict[str, int], assignment: Assignment, run_dir: P
         diverged_step=diverged_step,
         last_step=last_step,
         last_env_step=last_env,
-        notes=notes,
     )
+
+
+def _telemetry_sql(
+    tag_ids: dict[str, int],
+    assignment: Assignment,
+    telemetry: list[Column],
+    env_tags: list[str],
+) -> str:
+    """The query that pivots the points into one telemetry row per logged step."""
+    selects = ["step"]
+    if env_tags:
+        selects.append(f"CAST({_pick(tag_ids[env_tags[0]])} AS BIGINT) AS env_step")
+    elif assignment.dialect == "sb3":  # SB3 logs against the number of environment steps
+        selects.append("step AS env_step")
+    selects += [f"{_pick(tag_ids[c.tag], c.sign)} AS {_quote(c.target)}" for c in telemetry]
+    wanted = [tag_ids[c.tag] for c in telemetry] + [tag_ids[t] for t in env_tags]
+    where = f"WHERE tag IN ({', '.join(map(str, wanted))})" if wanted else ""
+    if not telemetry:  # no training signal at all: one row per logged step, for the clock
+        skipped = [str(tag_ids[c.tag]) for c in assignment.columns.values() if c.target == SKIP]
+        where = f"WHERE tag NOT IN ({', '.join(skipped)})" if skipped else ""
+    return f"SELECT {', '.join(selects)} FROM points {where} GROUP BY step ORDER BY step"
+
+
+def _write_telemetry(
+    con: Any, sql: str, run_dir: Path, has_env: bool
+) -> tuple[int, int | None, int | None]:
+    """Write telemetry.parquet from `sql` (through a temporary file, in row groups); its (rows,
+    last step, last env step)."""
+    telemetry_path = run_dir / "telemetry.parquet"
+    tmp = run_dir / ".telemetry.parquet.tmp"
+    con.execute(
+        f"COPY ({sql}) TO {_literal(tmp)} (FORMAT PARQUET, ROW_GROUP_SIZE {TELEMETRY_ROW_GROUP})"
+    )
+    tmp.replace(telemetry_path)
+    stats = con.execute(
+        f"SELECT count(*), max(step){', max(env_step)' if has_env else ''} "
+        f"FROM read_parquet({_literal(telemetry_path)})"
+    ).fetchone()
+    telemetry_rows, last_step = int(stats[0]), None if stats[1] is None else int(stats[1])
+    last_env = int(stats[2]) if has_env and stats[2] is not None else None
+    return telemetry_rows, last_step, last_env
+
+
+def _cut_at_divergence(
+    evals: pd.DataFrame, diverged_step: int, env_from_step: bool
+) -> pd.DataFrame:
+    """The evaluations up to `diverged_step`, with perf −inf there (a row added if none was)."""
+    evals = evals[evals["step"] <= diverged_step].reset_index(drop=True)
+    at = evals["step"] == diverged_step
+    if at.any():
+        evals.loc[at, "perf"] = -math.inf
+        return evals
+    row = {c: np.nan for c in evals.columns}
+    row.update(step=diverged_step, perf=-math.inf)
+    if "env_step" in evals.columns and env_from_step:
+        row["env_step"] = diverged_step
+    evals = pd.concat([evals, pd.DataFrame([row])], ignore_index=True)
+    return evals.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def _evals(
