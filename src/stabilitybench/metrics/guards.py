@@ -77,6 +77,10 @@ class Rate:
         return cls(n, k, k / n if n else None, [low if n else None, high if n else None])
 
 
+Condition = tuple[str, str, str, str]
+"""(workload, knobs key, perturbation, guard label) — runs of one condition differ by seed."""
+
+
 @dataclass
 class GuardComparison:
     """One guarded condition and the same (workload, knobs, perturbation) unguarded."""
@@ -171,53 +175,72 @@ def guard_comparisons(
     Final performance of a diverged run (−inf) counts as the worst finite run of the condition.
     """
     rng = np.random.default_rng(0) if rng is None else rng
-    groups: dict[tuple[str, str, str, str], list[RunRecord]] = {}
+    groups: dict[Condition, list[RunRecord]] = {}
     for r in records:
         groups.setdefault((r.workload, r.knobs_key, r.perturbation, r.guard), []).append(r)
-    out = []
-    for (workload, knobs, perturbation, guard), members in groups.items():
-        if guard == "none":
-            continue
-        done = [r for r in members if r.done]
-        plain = [r for r in groups.get((workload, knobs, perturbation, "none"), []) if r.done]
-        collapse, irreversible = _judged(done)
-        collapse_u, irreversible_u = _judged(plain)
-        events = [list(interventions.get(r.run_id, ())) for r in done]
-        by_action: dict[str, int] = {}
-        for run_events in events:
-            for i in run_events:
-                by_action[i.action] = by_action.get(i.action, 0) + 1
-        lost = [sum(i.steps_lost for i in e) for e in events]
-        trained = [int((steps or {}).get(r.run_id, 0)) for r in done]
-        guarded_wall = _median([r.timing.wall_s for r in done])
-        plain_wall = _median([r.timing.wall_s for r in plain])
-        n = len(done)
-        out.append(
-            GuardComparison(
-                workload=workload,
-                knobs=dict(members[0].knobs),
-                perturbation=perturbation,
-                guard=guard,
-                n_runs=n,
-                n_unguarded=len(plain),
-                collapse=collapse,
-                collapse_unguarded=collapse_u,
-                irreversible=irreversible,
-                irreversible_unguarded=irreversible_u,
-                interventions_per_run=sum(len(e) for e in events) / n if n else None,
-                by_action=by_action,
-                steps_lost_per_run=sum(lost) / n if n else None,
-                extra_compute=sum(lost) / sum(trained) if sum(trained) else None,
-                wall_time_ratio=guarded_wall / plain_wall
-                if guarded_wall is not None and plain_wall
-                else None,
-                false_interventions_per_run=(sum(len(e) for e in events) / n if n else None)
-                if members[0].is_baseline
-                else None,
-                **_finals_of(done, plain, rng, reps),
-            )
+    return [
+        _comparison(
+            condition,
+            members,
+            groups.get((*condition[:3], "none"), []),
+            interventions,
+            steps or {},
+            rng,
+            reps,
         )
-    return out
+        for condition, members in groups.items()
+        if condition[3] != "none"
+    ]
+
+
+def _comparison(
+    condition: Condition,
+    members: Sequence[RunRecord],
+    unguarded: Sequence[RunRecord],
+    interventions: Mapping[str, Sequence[Intervention]],
+    steps: Mapping[str, int],
+    rng: np.random.Generator,
+    reps: int,
+) -> GuardComparison:
+    """One guarded condition's runs (`members`) beside the same condition's `unguarded` runs."""
+    workload, _, perturbation, guard = condition
+    done = [r for r in members if r.done]
+    plain = [r for r in unguarded if r.done]
+    collapse, irreversible = _judged(done)
+    collapse_u, irreversible_u = _judged(plain)
+    events = [list(interventions.get(r.run_id, ())) for r in done]
+    by_action: dict[str, int] = {}
+    for run_events in events:
+        for i in run_events:
+            by_action[i.action] = by_action.get(i.action, 0) + 1
+    lost = [sum(i.steps_lost for i in e) for e in events]
+    trained = [int(steps.get(r.run_id, 0)) for r in done]
+    guarded_wall = _median([r.timing.wall_s for r in done])
+    plain_wall = _median([r.timing.wall_s for r in plain])
+    n = len(done)
+    return GuardComparison(
+        workload=workload,
+        knobs=dict(members[0].knobs),
+        perturbation=perturbation,
+        guard=guard,
+        n_runs=n,
+        n_unguarded=len(plain),
+        collapse=collapse,
+        collapse_unguarded=collapse_u,
+        irreversible=irreversible,
+        irreversible_unguarded=irreversible_u,
+        interventions_per_run=sum(len(e) for e in events) / n if n else None,
+        by_action=by_action,
+        steps_lost_per_run=sum(lost) / n if n else None,
+        extra_compute=sum(lost) / sum(trained) if sum(trained) else None,
+        wall_time_ratio=guarded_wall / plain_wall
+        if guarded_wall is not None and plain_wall
+        else None,
+        false_interventions_per_run=(sum(len(e) for e in events) / n if n else None)
+        if members[0].is_baseline
+        else None,
+        **_finals_of(done, plain, rng, reps),
+    )
 
 
 def _finals_of(
