@@ -31,21 +31,17 @@ demo: $(STAMP)
 # paper_lm_collapse, the guard audit on that audit's ramp (examples/paper_rl_guards.yaml,
 # examples/paper_lm_guards.yaml: its msm guard reads the audit's fitted monitor).
 FINDINGS ?= paper_rl paper_lm paper_lm_collapse
-HORIZON_paper_rl = 1000
-HORIZON_paper_lm = 100
+GUARDS_paper_rl = paper_rl_guards
+GUARDS_paper_lm_collapse = paper_lm_guards
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
-	  case $$a in paper_rl) h=$(HORIZON_paper_rl); g=paper_rl_guards;; \
-	    paper_lm_collapse) h=$(HORIZON_paper_lm); g=paper_lm_guards;; \
-	    *) h=$(HORIZON_paper_lm); g=;; esac; \
-	  $(BIN)/stabilitybench audit examples/$$a.yaml --out audits/$$a && \
-	  $(BIN)/stabilitybench export audits/$$a --out results/$$a --horizon $$h && \
-	  $(BIN)/stabilitybench findings results/$$a || exit 2; \
-	  if [ -n "$$g" ]; then \
-	    $(BIN)/stabilitybench audit examples/$$g.yaml --out audits/$$g --no-report && \
-	    $(BIN)/stabilitybench export audits/$$g --out results/$$g --horizon $$h && \
-	    $(BIN)/stabilitybench findings results/$$g || exit 2; \
-	  fi; \
+	  case $$a in paper_rl) g=$(GUARDS_paper_rl);; paper_lm_collapse) g=$(GUARDS_paper_lm_collapse);; *) g=;; esac; \
+	  for b in $$a $$g; do \
+	    if [ "$$b" = "$$g" ]; then r=--no-report; else r=; fi; \
+	    $(BIN)/stabilitybench audit examples/$$b.yaml --out audits/$$b $$r && \
+	    $(BIN)/stabilitybench export audits/$$b --out results/$$b && \
+	    $(BIN)/stabilitybench findings results/$$b || exit 2; \
+	  done; \
 	done
 
 test: $(STAMP) browser

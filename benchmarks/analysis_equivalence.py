@@ -2,8 +2,10 @@
 
     python benchmarks/analysis_equivalence.py summary BEFORE.json AUDIT_DIR
     python benchmarks/analysis_equivalence.py evaluate BEFORE.json AUDIT_DIR [--refit]
+    python benchmarks/analysis_equivalence.py findings BEFORE.json AUDIT_DIR
 
-The "before" document comes from an older version of the package on the same audit folder.
+The "before" document comes from an older version of the package on the same audit folder
+(`summary --json`, `monitor evaluate --json`, `findings --json`).
 Today's document is computed in-process. Numbers must agree to 1e-9 (relative); lists of runs
 and conditions are matched by identity, not position. A value that was a sentence before (a
 figure that could not be estimated) matches a null today when the sentence is in the enclosing
@@ -107,21 +109,23 @@ def current(what: str, audit: Path, refit: bool) -> Any:
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.store import RunStore
 
+    from stabilitybench.analysis import analyse
+
     store = RunStore.open(audit)
-    if what == "summary":
-        from stabilitybench.metrics.summary import summarize
-
-        return to_jsonable(summarize(store))
-    from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
-
     if refit:
+        from stabilitybench.evaluation.fitting import fit_audit
+
         fit_audit(store)
-    return to_jsonable(evaluate_audit(store))
+    if what == "summary":
+        return to_jsonable(analyse(store).summary)
+    if what == "findings":
+        return to_jsonable(analyse(store).claims)
+    return to_jsonable(analyse(store, evaluation="fresh").evaluation)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("summary", "evaluate"))
+    parser.add_argument("what", choices=("summary", "evaluate", "findings"))
     parser.add_argument("before", type=Path)
     parser.add_argument("audit", type=Path)
     parser.add_argument("--refit", action="store_true", help="refit the monitor first")

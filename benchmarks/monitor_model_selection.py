@@ -41,8 +41,9 @@ import pandas as pd
 
 from stabilitybench.detectors.base import DetectorSettings, detector_classes
 from stabilitybench.detectors.pca import PCADetector
-from stabilitybench.evaluation.alarms import alarm_events, auroc, calibrate_threshold
+from stabilitybench.evaluation.alarms import auroc
 from stabilitybench.evaluation.fitting import is_healthy
+from stabilitybench.metrics.alarms import alarm_events, calibrate_threshold
 from stabilitybench.metrics.records import RunRecord, audit_records
 from stabilitybench.monitor.ssm import DEFAULT_TERMS, TERMS, MetaStateMonitor
 from stabilitybench.store import RunData, RunStore

@@ -182,7 +182,8 @@ def main() -> None:
     for name, model in spec_module.BUILTIN_SPECS.items():
         _model_table(f"{model.__name__} (`kind: {name}`)", model, lines)
     _model_table("EvalSpec", spec_module.EvalSpec, lines)
-    _model_table("CollapseSpec", spec_module.CollapseSpec, lines)
+    _model_table("CollapseSettings", spec_module.CollapseSettings, lines)
+    _model_table("WarningSettings", spec_module.WarningSettings, lines)
     _guards(lines)
     _perturbations(lines)
     _detectors(lines)

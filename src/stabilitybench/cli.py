@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from typer.core import TyperGroup
 
 from stabilitybench.errors import StabilityBenchError
 
+
+class _Commands(TyperGroup):
+    """The verbs; a user error anywhere under them is one red line and exit code 2 — never a
+    traceback (the one place errors are caught)."""
+
+    def invoke(self, ctx: Any) -> Any:  # (typer vendors its own click Context)
+        try:
+            return super().invoke(ctx)
+        except StabilityBenchError as exc:
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}",
+                highlight=False,
+                markup=True,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
     name="stabilitybench",
+    cls=_Commands,
     help="Audit the stability of deep-learning training: telemetry, perturbations, early warning.",
     no_args_is_help=True,
     add_completion=False,
@@ -31,23 +49,10 @@ app.add_typer(monitor_app, name="monitor")
 console = Console()
 err_console = Console(stderr=True)
 
-T = TypeVar("T")
-
 
 class Backend(StrEnum):
     local = "local"
     ray = "ray"
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Turn a user error into one red line and exit code 2 — never a traceback."""
-    try:
-        return fn()
-    except StabilityBenchError as exc:
-        err_console.print(
-            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
-        )
-        raise typer.Exit(2) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -99,17 +104,15 @@ def audit(
     """Run every run of an audit spec (resumable: finished runs are skipped)."""
     from stabilitybench.audit.runner import run_audit_cli
 
-    code = _guard(
-        lambda: run_audit_cli(
-            spec,
-            out,
-            backend=backend.value,
-            workers=workers,
-            ray_address=ray_address,
-            dry_run=dry_run,
-            report=report,
-            console=console,
-        )
+    code = run_audit_cli(
+        spec,
+        out,
+        backend=backend.value,
+        workers=workers,
+        ray_address=ray_address,
+        dry_run=dry_run,
+        report=report,
+        console=console,
     )
     raise typer.Exit(code)
 
@@ -117,35 +120,10 @@ def audit(
 @app.command()
 def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) -> None:
     """Counts of runs by status, and the first error line of each failed run."""
+    from stabilitybench.printing import print_status
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    counts = store.status_counts()
-    # Names are free text: every one shown through rich is escaped (`[red]` stays text).
-    table = Table(title=escape(f"audit {store.audit().get('name', audit_dir)}"))
-    table.add_column("status")
-    table.add_column("runs", justify="right")
-    for name, count in counts.items():
-        table.add_row(name, str(count))
-    console.print(table)
-    failed = [i for i in store.infos() if i.status == "failed"]
-    for info in failed:
-        # A traceback's last line is the one that says what went wrong.
-        lines = [line for line in (info.error or "").strip().splitlines() if line.strip()]
-        console.print(
-            "[red]failed[/] "
-            + escape(f"{info.run_id} ({info.label}): {lines[-1].strip() if lines else '?'}"),
-            highlight=False,
-        )
-    unfinished = counts.get("pending", 0) + counts.get("running", 0) + len(failed)
-    if unfinished:
-        console.print(
-            escape(
-                f"{unfinished} run(s) not done; unless the audit is still running, rerun "
-                f"`stabilitybench audit SPEC --out {audit_dir}` to resume"
-            ),
-            highlight=False,
-        )
+    print_status(RunStore.open(audit_dir), audit_dir, console)
 
 
 @app.command()
@@ -160,27 +138,11 @@ def query(
     limit: Annotated[int, typer.Option(help="Rows to print (the table view).")] = 50,
 ) -> None:
     """Run DuckDB SQL over the audit's Parquet files and print the result."""
+    from stabilitybench.printing import print_query
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    frame = _guard(lambda: store.query(sql))
-    if output_json:
-        sys.stdout.write(frame.to_json(orient="records", date_format="iso") + "\n")
-        return
-    table = Table(show_lines=False)
-    for column in frame.columns:
-        table.add_column(escape(str(column)), overflow="fold")
-    for row in frame.head(limit).itertuples(index=False):
-        table.add_row(*[_cell(v) for v in row])
-    console.print(table)
-    if len(frame) > limit:
-        console.print(f"… {len(frame) - limit} more rows (use --limit or --json)")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return escape(str(value))
+    store = RunStore.open(audit_dir)
+    print_query(store.query(sql), console, as_json=output_json, limit=limit)
 
 
 @app.command()
@@ -195,8 +157,8 @@ def summary(
     from stabilitybench.metrics.summary_printing import print_summary
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    result = _guard(lambda: summarize(store))
+    store = RunStore.open(audit_dir)
+    result = summarize(store)
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
@@ -221,15 +183,13 @@ def monitor_fit(
     from stabilitybench.evaluation.fitting import fit_audit
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    _guard(
-        lambda: fit_audit(
-            store,
-            latent_dim=latent_dim,
-            seed=seed,
-            console=console,
-            include_controls=include_controls,
-        )
+    store = RunStore.open(audit_dir)
+    fit_audit(
+        store,
+        latent_dim=latent_dim,
+        seed=seed,
+        console=console,
+        include_controls=include_controls,
     )
 
 
@@ -238,16 +198,19 @@ def monitor_evaluate(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     output_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
     target_false_alarms: Annotated[
-        float,
-        typer.Option(help="Target false alarms per 1,000 steps on held-out healthy runs."),
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Target false alarms per 1,000 steps on held-out healthy runs [default: the "
+            "spec's warning.target_false_alarms, else 1]."
+        ),
+    ] = None,
     horizon: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Optimizer steps: an alarm at step t is a true warning if the run collapses "
-            "in (t, t + horizon]."
+            "in (t, t + horizon] [default: the spec's warning.horizon, per workload, else 100]."
         ),
-    ] = 100,
+    ] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Show every column in full.")] = False,
 ) -> None:
     """Prospective warning, per workload and macro-averaged: event recall, lead time, false
@@ -256,10 +219,8 @@ def monitor_evaluate(
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    result = _guard(
-        lambda: evaluate_audit(store, target_false_alarms=target_false_alarms, horizon=horizon)
-    )
+    store = RunStore.open(audit_dir)
+    result = evaluate_audit(store, target_false_alarms=target_false_alarms, horizon=horizon)
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
@@ -286,8 +247,8 @@ def monitor_score(
     from stabilitybench.evaluation.scoring import score_audit
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    result = _guard(lambda: score_audit(store, monitor, console=console))
+    store = RunStore.open(audit_dir)
+    result = score_audit(store, monitor, console=console)
     print_score(result, console)
 
 
@@ -306,8 +267,8 @@ def report(
     from stabilitybench.report.html import write_report
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    path = _guard(lambda: write_report(store, output=output, figures_dir=figures))
+    store = RunStore.open(audit_dir)
+    path = write_report(store, output=output, figures_dir=figures)
     console.print(f"report written to [bold]{escape(str(path))}[/]", highlight=False)
 
 
@@ -345,15 +306,13 @@ def import_command(
     from stabilitybench.importers import import_logs
     from stabilitybench.importers.report import print_import
 
-    result = _guard(
-        lambda: import_logs(
-            source,
-            out,
-            fmt=None if log_format is None else log_format.value,
-            mapping=mapping or [],
-            name=name,
-            console=console,
-        )
+    result = import_logs(
+        source,
+        out,
+        fmt=None if log_format is None else log_format.value,
+        mapping=mapping or [],
+        name=name,
+        console=console,
     )
     print_import(result, console)
 
@@ -363,12 +322,18 @@ def export(
     audit_dir: Annotated[Path, typer.Argument(help="A finished audit folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The findings folder to write.")],
     target_false_alarms: Annotated[
-        float, typer.Option(help="Target false alarms per 1,000 steps for evaluation.json.")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Target false alarms per 1,000 steps for evaluation.json [default: the spec's]."
+        ),
+    ] = None,
     horizon: Annotated[
-        int,
-        typer.Option(help="Early-warning horizon in optimizer steps for evaluation.json."),
-    ] = 100,
+        int | None,
+        typer.Option(
+            help="Early-warning horizon in optimizer steps for evaluation.json [default: the "
+            "spec's, per workload]."
+        ),
+    ] = None,
     partial: Annotated[
         bool, typer.Option("--partial", help="Export an unfinished audit's finished runs.")
     ] = False,
@@ -379,12 +344,14 @@ def export(
     from stabilitybench.findings.export import describe, export_results
     from stabilitybench.store import RunStore
 
-    store = _guard(lambda: RunStore.open(audit_dir))
-    options = {"target_false_alarms": target_false_alarms, "horizon": horizon}
-    path = _guard(
-        lambda: export_results(
-            store, out, allow_partial=partial, evaluate_options=options, console=console
-        )
+    store = RunStore.open(audit_dir)
+    path = export_results(
+        store,
+        out,
+        allow_partial=partial,
+        target_false_alarms=target_false_alarms,
+        horizon=horizon,
+        console=console,
     )
     console.print(escape(describe(path)), highlight=False)
 
@@ -399,7 +366,7 @@ def findings(
     """The paper's three claims per workload, with CIs and a verdict (findings.md)."""
     from stabilitybench.findings.export import findings_markdown
 
-    text = _guard(lambda: findings_markdown(path, as_json=json_out))
+    text = findings_markdown(path, as_json=json_out)
     sys.stdout.write(text)
 
 

@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from stabilitybench.settings import CollapseSettings
+
 if TYPE_CHECKING:
     import torch
 
 
-# Collapse thresholds when the spec gives none (DESIGN.md "Collapse"); the one copy of them.
-COLLAPSE_THRESHOLD = 0.5
-COLLAPSE_RECOVERY = 0.9
-COLLAPSE_PRE_EVALS = 3
 UNKNOWN_ERROR = "unknown error"
 
 
@@ -200,9 +198,6 @@ class StepContext:
         return zip(self.param_names, self.params, strict=True)
 
 
-_COLLAPSE_SPEC_DEFAULT = {"threshold": COLLAPSE_THRESHOLD, "recovery": COLLAPSE_RECOVERY}
-
-
 @dataclass(frozen=True)
 class RunSpec:
     """One run of an audit: a workload with every knob fixed, its perturbations, and a seed.
@@ -217,7 +212,7 @@ class RunSpec:
     perturbations: tuple[dict[str, Any], ...] = ()
     seed: int = 0
     audit: str = ""
-    collapse: dict[str, float] = field(default_factory=lambda: dict(_COLLAPSE_SPEC_DEFAULT))
+    collapse: dict[str, float] = field(default_factory=lambda: CollapseSettings().recorded())
     # The guard's config as the spec gave it ({"detector": ..., "action": ..., ...}); None:
     # unguarded (and then the run id is what it was before guards existed).
     guard: dict[str, Any] | None = None
@@ -287,7 +282,7 @@ class RunSpec:
             perturbations=tuple(dict(p) for p in data.get("perturbations", [])),
             seed=int(data.get("seed", 0)),
             audit=str(data.get("audit", "")),
-            collapse=dict(data.get("collapse", _COLLAPSE_SPEC_DEFAULT)),
+            collapse=dict(data.get("collapse") or CollapseSettings().recorded()),
             guard=dict(data["guard"]) if data.get("guard") else None,
         )
 

@@ -11,7 +11,6 @@ import pytest
 
 from stabilitybench.detectors.base import BaseDetector
 from stabilitybench.evaluation.alarms import (
-    alarm_events,
     auroc,
     first_true_warning,
     pair_counts,
@@ -22,8 +21,10 @@ from stabilitybench.evaluation.alarms import (
 from stabilitybench.evaluation.evaluate import WorkloadRuns, evaluate_detector, macro_average
 from stabilitybench.evaluation.protocol import HELD_OUT, IN_SAMPLE, ScoredRun, Thresholds
 from stabilitybench.evaluation.results import DetectorResult
-from stabilitybench.metrics.collapse import CollapseConfig, CollapseResult
+from stabilitybench.metrics.alarms import alarm_events
+from stabilitybench.metrics.collapse import CollapseResult
 from stabilitybench.metrics.records import Onset, run_record
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunData
 
 
@@ -103,7 +104,7 @@ def _run(
     run = RunData(info["run_id"], info, frame, pd.DataFrame(), pd.DataFrame(), scores=frame)
     start = None if healthy else onset
     record = run_record(
-        info, None, Onset(start, None, "events" if start else None), CollapseConfig()
+        info, None, Onset(start, None, "events" if start else None), CollapseSettings()
     )
     if not healthy:
         collapse = CollapseResult(

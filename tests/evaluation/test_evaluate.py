@@ -93,7 +93,14 @@ def test_evaluate_has_the_documented_shape_per_workload_and_macro(fitted: RunSto
     }
     assert result["target_false_alarms_per_1k"] == 5.0 and result["horizon"] == 40
     synth = result["workloads"]["synth"]
-    assert set(synth) == {"n_collapsed", "n_not_collapsed", "n_healthy", "detectors"}
+    assert set(synth) == {
+        "n_collapsed",
+        "n_not_collapsed",
+        "n_healthy",
+        "detectors",
+        "horizon",
+        "target_false_alarms_per_1k",
+    }
     assert (synth["n_collapsed"], synth["n_not_collapsed"], synth["n_healthy"]) == (6, 6, 3)
     assert set(synth["detectors"]) == set(result["detectors"]) == set(DETECTORS)
     for entry in [*synth["detectors"].values(), *result["detectors"].values()]:
@@ -199,13 +206,31 @@ def test_cli_evaluate_json(fitted: RunStore) -> None:
     assert "macro average, 1 workloads (1 FA/1k, horizon 100 steps)" in out
 
 
-def test_the_cli_default_horizon_is_the_documented_one() -> None:
-    import inspect
+def test_warning_settings_come_from_the_spec_per_workload_and_the_cli_overrides(
+    fitted: RunStore,
+) -> None:
+    from stabilitybench.settings import HORIZON, TARGET_FALSE_ALARMS
 
-    from stabilitybench.cli import monitor_evaluate
-    from stabilitybench.evaluation.evaluate import DEFAULT_HORIZON
-
-    assert inspect.signature(monitor_evaluate).parameters["horizon"].default == DEFAULT_HORIZON
+    default = evaluate_audit(fitted)
+    assert (default.horizon, default.target_false_alarms_per_1k) == (HORIZON, TARGET_FALSE_ALARMS)
+    original = fitted.audit()
+    spec = dict(original.get("spec") or {})
+    spec["warning"] = {"target_false_alarms": 5.0}
+    spec["workloads"] = [{"name": "synth", "warning": {"horizon": 40}}]
+    fitted.write_audit({**original, "spec": spec})
+    try:
+        from_spec = evaluate_audit(fitted)
+    finally:
+        fitted.write_audit(original)
+    synth = from_spec.workloads["synth"]
+    assert (synth.horizon, synth.target_false_alarms_per_1k) == (40, 5.0)
+    assert (from_spec.horizon, from_spec.target_false_alarms_per_1k) == (HORIZON, 5.0)
+    # the same as asking for those settings on the command line (a spec without `warning`)
+    assert to_jsonable(synth) == to_jsonable(
+        evaluate_audit(fitted, target_false_alarms=5.0, horizon=40).workloads["synth"]
+    )
+    overridden = evaluate_audit(fitted, horizon=5).workloads["synth"]
+    assert (overridden.horizon, overridden.target_false_alarms_per_1k) == (5, 1.0)
 
 
 def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:

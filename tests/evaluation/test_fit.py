@@ -78,8 +78,8 @@ def test_the_saved_monitors_threshold_comes_from_the_out_of_fold_healthy_scores(
     scored leave-one-seed-out give as many out-of-sample runs as there are seeds."""
     import pandas as pd
 
-    from stabilitybench.evaluation.alarms import calibrate_threshold
     from stabilitybench.evaluation.fitting import done_runs, is_healthy
+    from stabilitybench.metrics.alarms import calibrate_threshold
     from stabilitybench.monitor.ssm import MetaStateMonitor
 
     healthy = [r for r in done_runs(fitted) if is_healthy(r)]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stabilitybench.evaluation.results import Evaluation
 from stabilitybench.findings.claims import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
@@ -24,6 +25,7 @@ from stabilitybench.findings.claims import (
 from stabilitybench.findings.printing import claims_markdown, verdict_table
 from stabilitybench.metrics.collapse import CollapseResult
 from stabilitybench.metrics.records import RunRecord
+from stabilitybench.metrics.serialize import from_jsonable
 from stabilitybench.metrics.summary import AuditSummary
 
 
@@ -184,7 +186,7 @@ def test_audit_claims_on_hand_built_runs(runs: list[RunRecord]) -> None:
             }
         },
     }
-    claims = audit_claims(_summary(runs), evaluation, reps=300)
+    claims = audit_claims(_summary(runs), from_jsonable(Evaluation, evaluation), reps=300)
     (d,) = claims.decoupling
     assert d.n_runs == 20
     assert d.rho is not None and d.rho > 0.5  # the collapsed runs end low: coupled

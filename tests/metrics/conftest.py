@@ -18,7 +18,13 @@ def rly() -> ModuleType:
     try:
         from rliable import library
     except TypeError:
+        import sys
+
         import pandas.util._decorators as decorators
+
+        # a failed import (here, or earlier by another library) leaves half-built modules
+        for name in [m for m in sys.modules if m.split(".")[0] in ("arch", "rliable")]:
+            del sys.modules[name]
 
         original = decorators.deprecate_kwarg
 

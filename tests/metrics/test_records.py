@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.collapse import CollapseConfig
 from stabilitybench.metrics.records import audit_records, collapse_config, perturbation_magnitude
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunStore
 
 EVAL_STEPS = [0, 10, 20, 30, 40, 50]
@@ -87,11 +87,13 @@ def test_a_failed_run_keeps_the_last_line_of_its_error(store: RunStore) -> None:
 
 
 def test_collapse_config_resolves_once_and_checks(store: RunStore) -> None:
-    assert collapse_config(store.audit(), []) == CollapseConfig(0.5, 0.9, 3)
+    assert collapse_config(store.audit(), []) == CollapseSettings(
+        threshold=0.5, recovery=0.9, pre_evals=3
+    )
     assert collapse_config({}, [{"spec": {"collapse": {"threshold": 0.3}}}]).threshold == 0.3
-    assert collapse_config({}, []) == CollapseConfig()
+    assert collapse_config({}, []) == CollapseSettings()
     with pytest.raises(
-        StabilityBenchError, match=r"collapse.threshold must be in \(0, collapse.recovery\]"
+        StabilityBenchError, match=r"collapse: recovery \(0.9\) must be >= threshold \(0.95\)"
     ):
         collapse_config({"spec": {"collapse": {"threshold": 0.95, "recovery": 0.9}}}, [])
 

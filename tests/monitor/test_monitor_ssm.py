@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from monitor_synthetic import ONSET, synthetic_telemetry
 
+from monitor_synthetic import ONSET, synthetic_telemetry
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.evaluation.alarms import calibrate_threshold, false_alarm_rate
+from stabilitybench.metrics.alarms import calibrate_threshold, false_alarm_rate
 from stabilitybench.monitor.ssm import MetaStateMonitor
 
 FAST = {"max_epochs": 4, "window": 32, "hidden": 16}

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 
-from stabilitybench.metrics.collapse import CollapseConfig
 from stabilitybench.metrics.records import event_onset, run_record
 from stabilitybench.report.data import (
     collapse_at_step,
@@ -16,6 +15,7 @@ from stabilitybench.report.data import (
     telemetry_series,
     window_spans,
 )
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunData
 
 
@@ -71,13 +71,13 @@ def test_rl_runs_use_environment_steps_and_the_clock_optimizer() -> None:
 def test_collapse_step_from_the_record_is_where_the_collapse_evaluation_is() -> None:
     run = rl_run()
     info = {**run.info.document(), "status": "done", "workload": "w"}
-    record = run_record(info, run.evals, event_onset(run.events), CollapseConfig())
+    record = run_record(info, run.evals, event_onset(run.events), CollapseSettings())
     # onset 10; progress from perf_0 = 1 to perf_pre = 2 (the evaluation at step 9): the
     # evaluation at step 14 (perf 0.2, q = -0.8) is the collapse, 4 steps after onset
     assert record.collapse is not None and record.collapse.collapse_step == 4
     assert collapse_at_step(run, record) == 14.0
     assert collapse_point(run, record) == (120.0, 0.2)  # the evaluation at optimizer step 14
-    held = run_record(info, run.evals.iloc[:2], event_onset(run.events), CollapseConfig())
+    held = run_record(info, run.evals.iloc[:2], event_onset(run.events), CollapseSettings())
     assert collapse_point(run, held) is None  # no evaluation after onset: not judged
     # without a summary, only a divergence is a known collapse
     assert collapse_at_step(run, None) is None

@@ -260,46 +260,36 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
     return final
 
 
-def analyse(store: RunStore, console: Console) -> Path | None:
-    """Fit the monitor and write the report; a problem there is one line, not a lost audit."""
-    try:
-        from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
+def _note(console: Console, what: str, exc: BaseException, retry: str) -> None:
+    """One line saying what could not be done after the runs, and the command that retries it."""
+    console.print(
+        "[yellow]note:[/] " + escape(f"{what} ({_one_line(exc)}); retry with `{retry}`"),
+        highlight=False,
+    )
 
+
+def analyse_and_report(store: RunStore, console: Console) -> Path | None:
+    """Fit the detectors, analyse the audit and write the report; a problem there is one line,
+    not a lost audit (the runs are safe on disk, and each step can be retried by hand)."""
+    from stabilitybench.analysis import Analysis, analyse
+    from stabilitybench.evaluation.fitting import fit_audit
+    from stabilitybench.report.html import write_report
+
+    analysis: Analysis | None = None
+    try:
         fit_audit(store, console=console)
-    except Exception as exc:  # the runs are safe on disk; the user can refit by hand
-        console.print(
-            "[yellow]note:[/] "
-            + escape(
-                f"monitor not fitted ({_one_line(exc)}); "
-                f"retry with `stabilitybench monitor fit {store.root}`"
-            ),
-            highlight=False,
-        )
+    except Exception as exc:
+        _note(console, "monitor not fitted", exc, f"stabilitybench monitor fit {store.root}")
     else:
         try:
-            evaluate_audit(store)  # also saved under monitor/, where the report reads it
+            analysis = analyse(store, evaluation="fresh")  # saved under monitor/ too
         except Exception as exc:
-            console.print(
-                "[yellow]note:[/] "
-                + escape(
-                    f"detectors not evaluated ({_one_line(exc)}); "
-                    f"retry with `stabilitybench monitor evaluate {store.root}`"
-                ),
-                highlight=False,
-            )
+            retry = f"stabilitybench monitor evaluate {store.root}"
+            _note(console, "detectors not evaluated", exc, retry)
     try:
-        from stabilitybench.report.html import write_report
-
-        return write_report(store)
+        return write_report(store, analysis=analysis)
     except Exception as exc:
-        console.print(
-            "[yellow]note:[/] "
-            + escape(
-                f"no report written ({_one_line(exc)}); "
-                f"retry with `stabilitybench report {store.root}`"
-            ),
-            highlight=False,
-        )
+        _note(console, "no report written", exc, f"stabilitybench report {store.root}")
     return None
 
 
@@ -338,7 +328,7 @@ def run_audit_cli(
             lock=lock,
         )
         store = RunStore(plan.out)
-        report_path = analyse(store, console) if report and counts["done"] > 0 else None
+        report_path = analyse_and_report(store, console) if report and counts["done"] > 0 else None
     finally:
         lock.release()
     print_where(plan.out, report_path, console)

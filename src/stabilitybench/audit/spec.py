@@ -6,13 +6,13 @@ import hashlib
 import itertools
 import json
 import unicodedata
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from stabilitybench.errors import StabilityBenchError
+from stabilitybench.errors import StabilityBenchError, validation_message
+from stabilitybench.settings import CollapseSettings, WarningSettings
 from stabilitybench.types import RunSpec
 
 Scalar = int | float | str | bool | None
@@ -64,19 +64,6 @@ class EvalSpec(_Model):
     batches: int | None = Field(default=None, ge=1)
 
 
-class CollapseSpec(_Model):
-    """Progress thresholds for collapse and recovery (fractions of pre-onset progress)."""
-
-    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
-    recovery: float = Field(default=0.9, gt=0.0, le=1.5)
-
-    @model_validator(mode="after")
-    def _recovery_above_threshold(self) -> CollapseSpec:
-        if self.recovery < self.threshold:
-            raise ValueError(f"recovery ({self.recovery}) must be >= threshold ({self.threshold})")
-        return self
-
-
 class _WorkloadBase(_Model):
     """Fields every workload has; `knobs` values that are lists are sweep axes; `reference`
     names the healthy level of swept knobs (default: the first value of each)."""
@@ -86,6 +73,7 @@ class _WorkloadBase(_Model):
     eval: EvalSpec | None = None
     knobs: dict[str, Any] = Field(default_factory=dict)
     reference: dict[str, Any] | None = None
+    warning: WarningSettings | None = None  # this workload's warning protocol (over the audit's)
 
     _name_is_label = field_validator("name")(_label)
 
@@ -156,7 +144,8 @@ class AuditSpec(_Model):
     perturbations: list[Any] = Field(default_factory=lambda: ["none"], min_length=1)
     seeds: list[int] | int = Field(default_factory=lambda: [0])
     eval: EvalSpec | None = None
-    collapse: CollapseSpec = Field(default_factory=CollapseSpec)
+    collapse: CollapseSettings = Field(default_factory=CollapseSettings)
+    warning: WarningSettings | None = None
     # Optional grid axis: `none` (unguarded) or {detector, action, ...} (see stabilitybench.guard).
     guards: list[Any] | None = Field(default=None, min_length=1)
 
@@ -176,30 +165,6 @@ class AuditSpec(_Model):
 
 
 # ---- loading ---------------------------------------------------------------------------------
-
-
-def _field_path(loc: Sequence[int | str]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "spec"
-
-
-def _first_error(exc: ValidationError, prefix: Sequence[int | str] = ()) -> str:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc = list(prefix) + [p for p in first["loc"] if not str(p).startswith("function-")]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "is required"
-    elif isinstance(first.get("input"), int | float | str | bool) and not first["type"].startswith(
-        "value_error"
-    ):
-        message = f"{message}, got {first['input']!r}"
-    extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{_field_path(loc)}: {message}{extra}"
 
 
 def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
@@ -256,7 +221,7 @@ def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) ->
     try:
         spec = AuditSpec.model_validate(data)
     except ValidationError as exc:
-        raise StabilityBenchError(_first_error(exc)) from None
+        raise StabilityBenchError(validation_message(exc)) from None
     seen: set[str] = set()
     for index, workload in enumerate(spec.workloads):
         model = _workload_model(workload, index)
@@ -264,7 +229,7 @@ def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) ->
         try:
             model.model_validate(workload)
         except ValidationError as exc:
-            raise StabilityBenchError(_first_error(exc, ("workloads", index))) from None
+            raise StabilityBenchError(validation_message(exc, ("workloads", index))) from None
         if name in seen:
             raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
         seen.add(name)
@@ -467,7 +432,10 @@ def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
     top = spec.eval.model_dump(exclude_none=True) if spec.eval else {}
     out = []
     for workload in spec.workloads:
-        config = _workload_model(workload, 0).model_validate(workload).model_dump(exclude_none=True)
+        model = _workload_model(workload, 0).model_validate(workload)
+        config = model.model_dump(exclude_none=True)
+        if model.warning is not None:  # what it sets, so the audit's `warning` fills the rest
+            config["warning"] = model.warning.model_dump(include=model.warning.model_fields_set)
         kind = config["kind"]
         keys = EVAL_KEYS.get(kind, ("every", "batches"))
         merged = {**top, **(config.get("eval") or {})}
@@ -484,8 +452,10 @@ def resolved_spec(spec: AuditSpec) -> dict[str, Any]:
         "workloads": resolved_workloads(spec),
         "perturbations": [list(g) for g in _perturbation_lists(spec.perturbations)],
         "seeds": list(spec.seeds),  # type: ignore[arg-type]
-        "collapse": spec.collapse.model_dump(),
+        "collapse": spec.collapse.recorded(),
     }
+    if spec.warning is not None:  # only where given, like a workload's own `warning`
+        resolved["warning"] = spec.warning.model_dump(include=spec.warning.model_fields_set)
     if spec.guards is not None:  # only where given: specs without guards hash as before
         resolved["guards"] = ["none" if g is None else g for g in _guard_list(spec)]
     return resolved
@@ -502,9 +472,10 @@ def expand(spec: AuditSpec) -> list[RunSpec]:
     runs: list[RunSpec] = []
     perturbations = _perturbation_lists(spec.perturbations)
     guards = _guard_list(spec)
-    collapse = spec.collapse.model_dump()
+    collapse = spec.collapse.recorded()
     for config in resolved_workloads(spec):
-        config = {k: v for k, v in config.items() if k != "reference"}  # not part of a run
+        # how runs are judged is not part of a run: its id stays the same whatever they say
+        config = {k: v for k, v in config.items() if k not in ("reference", "warning")}
         knobs: dict[str, Any] = config["knobs"]
         axes = [v if isinstance(v, list) else [v] for v in knobs.values()]
         for levels in itertools.product(*axes):

@@ -56,12 +56,16 @@ from stabilitybench.evaluation.results import (
     load_evaluation,
 )
 from stabilitybench.io import read_json, write_json
-from stabilitybench.metrics.records import audit_records
+from stabilitybench.metrics.records import RunRecord, audit_records
 from stabilitybench.metrics.serialize import to_jsonable
+from stabilitybench.settings import (
+    MAX_TARGET_FALSE_ALARMS,
+    WarningSettings,
+    warning_by_workload,
+)
 from stabilitybench.store import RunStore
 
 __all__ = [
-    "DEFAULT_HORIZON",
     "EVALUATION_FILE",
     "FIT_FILE",
     "MONITOR_DIR",
@@ -72,11 +76,6 @@ __all__ = [
     "load_evaluation",
     "print_evaluation",
 ]
-DEFAULT_HORIZON = 100
-"""Optimizer steps. Room for the goal's 50-step lead with as much again on either side, short
-enough that a warning is about this run's next moves (the guards' rollback ring reaches 80
-steps back), and far above the 1–8 steps by which Adam's RMS leads a loss spike."""
-MAX_TARGET = 500.0  # an up-crossing needs a step below the threshold before it
 _FIT_HINT = "run `stabilitybench monitor fit DIR`"
 
 
@@ -95,20 +94,26 @@ class WorkloadRuns:
 
 def evaluate_audit(
     store: RunStore,
-    target_false_alarms: float = 1.0,
-    horizon: int = DEFAULT_HORIZON,
+    target_false_alarms: float | None = None,
+    horizon: int | None = None,
     *,
+    records: Sequence[RunRecord] | None = None,
     seed: int = 0,
     reps: int = BOOTSTRAP,
 ) -> Evaluation:
     """The `monitor evaluate --json` document; also written to `<audit>/monitor/evaluation.json`.
 
-    `seed` drives the bootstrap (the only randomness), so an evaluation is reproducible.
+    The horizon and target come from the spec's `warning` (per workload, over the audit's);
+    `target_false_alarms` and `horizon` given here override them for every workload.
+    `records`: the audit's run records, if already made. `seed` drives the bootstrap (the only
+    randomness), so an evaluation is reproducible.
     """
-    _check_inputs(target_false_alarms, horizon)
+    override = _override(target_false_alarms, horizon)
     runs = done_runs(store)
-    records = {r.run_id: r for r in audit_records(store)} if runs else {}
-    scored_all = [ScoredRun(run, records[run.run_id]) for run in runs]
+    if runs and records is None:
+        records = audit_records(store)
+    by_id = {r.run_id: r for r in records or ()}
+    scored_all = [ScoredRun(run, by_id[run.run_id]) for run in runs]
     if any(r.is_baseline for r in runs):  # name the workload that lacks healthy runs
         _require_healthy(scored_all)
     require_runs(runs, need_perturbed=True)
@@ -126,23 +131,29 @@ def evaluate_audit(
         n_guarded=sum(r.record.guard != "none" for r in with_scores),
     )
     groups = _split(r for r in with_scores if r.record.guard == "none")
-    result = Evaluation(float(target_false_alarms), int(horizon), protocol)
+    spec = store.audit().get("spec") or {}
+    audit_level = WarningSettings.model_validate(spec.get("warning") or {}).over(override)
+    per_workload = warning_by_workload(spec)
+    result = Evaluation(audit_level.target_false_alarms, audit_level.horizon, protocol)
     rng = np.random.default_rng(seed)
     draws: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     for name in sorted(groups):
         split = groups[name]
+        settings = per_workload.get(name, audit_level).over(override)
         protocol.n_unjudged += split.unjudged
         entry = WorkloadResult(
             n_collapsed=len(split.collapsed),
             n_not_collapsed=len(split.judged) - len(split.collapsed),
             n_healthy=len(split.healthy),
+            horizon=settings.horizon,
+            target_false_alarms_per_1k=settings.target_false_alarms,
         )
         no_lead = sum(r.no_lead_possible for r in split.collapsed)
         if no_lead:
             protocol.no_lead_possible[name] = no_lead
         for detector, cls in detector_classes().items():
             entry.detectors[detector], boot = evaluate_detector(
-                cls, split, target_false_alarms, horizon, rng, reps
+                cls, split, settings.target_false_alarms, settings.horizon, rng, reps
             )
             if boot is not None:
                 draws[detector][name] = boot
@@ -167,16 +178,26 @@ def evaluate_audit(
     return result
 
 
-def _check_inputs(target: float, horizon: int) -> None:
-    if not (isinstance(target, int | float) and math.isfinite(target) and 0 < target <= MAX_TARGET):
+def _override(target: float | None, horizon: int | None) -> WarningSettings | None:
+    """The command line's warning settings, checked; None where it gives none."""
+    if target is not None and not (
+        isinstance(target, int | float)
+        and math.isfinite(target)
+        and 0 < target <= MAX_TARGET_FALSE_ALARMS
+    ):
         raise StabilityBenchError(
-            f"--target-false-alarms must be a number in (0, {MAX_TARGET:g}] (false alarms per "
-            f"1,000 steps), got {target}"
+            f"--target-false-alarms must be a number in (0, {MAX_TARGET_FALSE_ALARMS:g}] (false "
+            f"alarms per 1,000 steps), got {target}"
         )
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+    if horizon is not None and (
+        isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1
+    ):
         raise StabilityBenchError(
             f"--horizon must be a whole number of optimizer steps >= 1, got {horizon}"
         )
+    given = {"target_false_alarms": target, "horizon": horizon}
+    given = {k: v for k, v in given.items() if v is not None}
+    return WarningSettings.model_validate(given) if given else None
 
 
 def _require_healthy(runs: Sequence[ScoredRun]) -> None:

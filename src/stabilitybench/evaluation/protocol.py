@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stabilitybench.evaluation.alarms import alarm_events, calibrate_threshold
+from stabilitybench.metrics.alarms import alarm_events, calibrate_threshold
 from stabilitybench.metrics.records import RunRecord
 from stabilitybench.store import RunData
 

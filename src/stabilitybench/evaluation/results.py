@@ -55,6 +55,9 @@ class WorkloadResult:
     n_not_collapsed: int
     n_healthy: int
     detectors: dict[str, DetectorResult] = field(default_factory=dict)
+    # the workload's warning settings (the spec's `warning`, or the command line's)
+    horizon: int | None = None
+    target_false_alarms_per_1k: float | None = None
 
 
 @dataclass

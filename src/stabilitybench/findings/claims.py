@@ -30,12 +30,13 @@ every workload (`VERDICT_RULES` is what the JSON and the markdown quote):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stabilitybench.evaluation.results import DetectorResult, Evaluation, WorkloadResult
 from stabilitybench.metrics.conditions import number
 from stabilitybench.metrics.guards import GuardComparison
 from stabilitybench.metrics.intervals import (
@@ -562,8 +563,12 @@ def _buffering(
     )
 
 
-def _detector_row(name: str, result: Mapping[str, Any], n_collapsed: int) -> DetectorRow:
-    recall = result.get("event_recall")
+def _pair(values: Sequence[float | None] | None) -> list[float | None]:
+    return [number(v) for v in values] if values else [None, None]
+
+
+def _detector_row(name: str, result: DetectorResult, n_collapsed: int) -> DetectorRow:
+    recall = number(result.event_recall)
     warned = round(recall * n_collapsed) if recall is not None else None
     low, high = wilson_interval(warned, n_collapsed) if warned is not None else (None, None)
     return DetectorRow(
@@ -571,30 +576,27 @@ def _detector_row(name: str, result: Mapping[str, Any], n_collapsed: int) -> Det
         event_recall=recall,
         event_recall_ci=[number(low), number(high)],
         n_warned=warned,
-        lead_time_median=result.get("lead_time_median"),
-        lead_time_iqr=list(result.get("lead_time_iqr") or [None, None]),
-        false_alarms_per_1k=result.get("false_alarms_per_1k"),
-        false_alarms_per_1k_not_collapsed=result.get("false_alarms_per_1k_not_collapsed"),
-        auroc=result.get("auroc"),
-        auroc_ci=list(result.get("auroc_ci") or [None, None]),
-        outcome_auroc=result.get("outcome_auroc"),
+        lead_time_median=number(result.lead_time_median),
+        lead_time_iqr=_pair(result.lead_time_iqr),
+        false_alarms_per_1k=number(result.false_alarms_per_1k),
+        false_alarms_per_1k_not_collapsed=number(result.false_alarms_per_1k_not_collapsed),
+        auroc=number(result.auroc),
+        auroc_ci=_pair(result.auroc_ci),
+        outcome_auroc=number(result.outcome_auroc),
     )
 
 
-def _warning(workload: str, entry: Mapping[str, Any]) -> WarningFinding:
-    n_collapsed = int(entry.get("n_collapsed", 0))
-    rows = [
-        _detector_row(name, result, n_collapsed)
-        for name, result in (entry.get("detectors") or {}).items()
-    ]
+def _warning(workload: str, entry: WorkloadResult) -> WarningFinding:
+    n_collapsed = entry.n_collapsed
+    rows = [_detector_row(name, result, n_collapsed) for name, result in entry.detectors.items()]
     scored = [r for r in rows if r.auroc is not None]
     best = max(scored, key=lambda r: r.auroc or 0.0).detector if scored else None
     msm = next((r for r in rows if r.detector == "msm"), None)
     return WarningFinding(
         workload=workload,
         n_collapsed=n_collapsed,
-        n_not_collapsed=int(entry.get("n_not_collapsed", 0)),
-        n_healthy=int(entry.get("n_healthy", 0)),
+        n_not_collapsed=entry.n_not_collapsed,
+        n_healthy=entry.n_healthy,
         detectors=rows,
         best_auroc=best,
         verdict=warning_verdict(n_collapsed, msm),
@@ -663,20 +665,22 @@ def _throughput(workload: str, runs: Sequence[RunRecord], store: RunStore | None
 
 def audit_claims(
     summary: AuditSummary,
-    evaluation: Mapping[str, Any] | None,
+    evaluation: Evaluation | None,
     store: RunStore | None = None,
     *,
     reps: int = DEFAULT_REPS,
     seed: int = 0,
 ) -> Claims:
-    """The three claims per workload; `evaluation` is `monitor evaluate --json` (or None)."""
+    """The three claims per workload; `evaluation`: the early-warning evaluation (or None)."""
     rng = np.random.default_rng(seed)
     judged = _judged(summary.runs)
     claims = Claims(
         audit=summary.audit.name,
-        horizon=(evaluation or {}).get("horizon"),
-        horizon_unit=((evaluation or {}).get("protocol") or {}).get("horizon_unit"),
-        target_false_alarms_per_1k=(evaluation or {}).get("target_false_alarms_per_1k"),
+        horizon=None if evaluation is None else evaluation.horizon,
+        horizon_unit=None if evaluation is None else evaluation.protocol.horizon_unit,
+        target_false_alarms_per_1k=None
+        if evaluation is None
+        else evaluation.target_false_alarms_per_1k,
         decoupling=[],
         buffering=[],
         warning=[],
@@ -704,7 +708,7 @@ def audit_claims(
         )
         done = [r for r in summary.runs if r.workload == workload and r.done]
         claims.throughput.append(_throughput(workload, done, store))
-    for workload, entry in ((evaluation or {}).get("workloads") or {}).items():
+    for workload, entry in (evaluation.workloads if evaluation is not None else {}).items():
         claims.warning.append(_warning(workload, entry))
     if evaluation is None:
         claims.notes.append("no early-warning evaluation: claim 3 is not judged")

@@ -87,16 +87,16 @@ def export_results(
     out: Path,
     *,
     allow_partial: bool = False,
-    evaluate_options: dict[str, Any] | None = None,
+    target_false_alarms: float | None = None,
+    horizon: int | None = None,
     console: Any = None,
 ) -> Path:
-    """Write the findings folder `out` for the audit in `store` (see the module docstring)."""
-    from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
-    from stabilitybench.findings.claims import audit_claims
+    """Write the findings folder `out` for the audit in `store` (see the module docstring);
+    `target_false_alarms` and `horizon` override the spec's `warning` settings."""
+    from stabilitybench.analysis import analyse
     from stabilitybench.findings.printing import claims_markdown
     from stabilitybench.io import write_json
     from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.metrics.summary import summarize
     from stabilitybench.report.html import write_report
     from stabilitybench.report.markup import EMBED_DPI
 
@@ -108,25 +108,30 @@ def export_results(
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
-    typed_summary = summarize(store)
-    summary = to_jsonable(typed_summary)
-    if not (store.root / "monitor" / "fit.json").exists():
-        fit_audit(store, console=console)
-    evaluation = to_jsonable(evaluate_audit(store, **(evaluate_options or {})))
-    claims = audit_claims(typed_summary, evaluation, store)
+    analysis = analyse(
+        store,
+        evaluation="fit",
+        target_false_alarms=target_false_alarms,
+        horizon=horizon,
+        console=console,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
-        write_json(tmp / "summary.json", summary)
-        write_json(tmp / "evaluation.json", evaluation)
-        write_json(tmp / "findings.json", to_jsonable(claims))
-        (tmp / "findings.md").write_text(claims_markdown(claims), encoding="utf-8")
+        write_json(tmp / "summary.json", to_jsonable(analysis.summary))
+        write_json(tmp / "evaluation.json", to_jsonable(analysis.evaluation))
+        write_json(tmp / "findings.json", to_jsonable(analysis.claims))
+        (tmp / "findings.md").write_text(claims_markdown(analysis.claims), encoding="utf-8")
         (tmp / "spec.yaml").write_text(spec, encoding="utf-8")
         # The figures are the report's own images (100 dpi), not a second, larger rendering:
         # a findings folder stays a few MB.
         write_report(
-            store, output=tmp / "report.html", figures_dir=tmp / "figures", figures_dpi=EMBED_DPI
+            store,
+            output=tmp / "report.html",
+            figures_dir=tmp / "figures",
+            figures_dpi=EMBED_DPI,
+            analysis=analysis,
         )
         write_json(
             tmp / "version.json",
@@ -157,10 +162,9 @@ def findings_markdown(path: Path, *, as_json: bool = False) -> str:
     the claims computed from an audit folder (claim 3 only if its monitor has been evaluated)."""
     import json
 
-    from stabilitybench.findings.claims import audit_claims
+    from stabilitybench.analysis import analyse
     from stabilitybench.findings.printing import claims_markdown
     from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.metrics.summary import summarize
 
     path = Path(path)
     saved = path / ("findings.json" if as_json else "findings.md")
@@ -174,15 +178,7 @@ def findings_markdown(path: Path, *, as_json: bool = False) -> str:
     store = RunStore.open(path)
     if not store.infos():
         raise StabilityBenchError(f"{path} has no runs; run the audit first")
-    evaluation_file = store.root / "monitor" / "evaluation.json"
-    evaluation = None
-    if evaluation_file.is_file():
-        evaluation = json.loads(evaluation_file.read_text(encoding="utf-8"))
-    claims = audit_claims(summarize(store), evaluation, store)
-    if evaluation is None:
-        claims.notes.append(
-            f"claim 3 needs `stabilitybench monitor fit {path}` then `monitor evaluate {path}`"
-        )
+    claims = analyse(store).claims
     if as_json:
         return json.dumps(to_jsonable(claims), indent=2) + "\n"
     return claims_markdown(claims)

@@ -25,6 +25,7 @@ from typing import Any
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.importers.columns import SKIP, STEP, assign, parse_map
 from stabilitybench.importers.points import PointWriter, SourceRun
+from stabilitybench.settings import CollapseSettings
 
 FORMATS = ("tensorboard", "csv", "jsonl", "mlflow")
 LOOKED_FOR = {
@@ -168,7 +169,7 @@ def import_logs(
             "map": dict(sorted(overrides.items())),
         },
         "workloads": [{"name": name, "kind": "imported", "format": fmt}],
-        "collapse": {"threshold": 0.5, "recovery": 0.9},
+        "collapse": CollapseSettings().recorded(),
     }
     spec_hash = _digest(spec)
     replaced = check_out(out_path, spec_hash)

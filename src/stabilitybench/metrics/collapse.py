@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from stabilitybench.metrics.dense import LOSS_EMA_SPAN, RETURN_EMA_SPAN, DenseSignal
-from stabilitybench.types import COLLAPSE_PRE_EVALS as DEFAULT_PRE_EVALS
-from stabilitybench.types import COLLAPSE_RECOVERY as DEFAULT_RECOVERY
-from stabilitybench.types import COLLAPSE_THRESHOLD as DEFAULT_THRESHOLD
+from stabilitybench.metrics.dense import DenseSignal
+from stabilitybench.settings import COLLAPSE_RECOVERY as DEFAULT_RECOVERY
+from stabilitybench.settings import COLLAPSE_THRESHOLD as DEFAULT_THRESHOLD
+from stabilitybench.settings import PRE_EVALS as DEFAULT_PRE_EVALS
 
 # Below this gain (relative to the perf level) the run did not learn before onset and the
 # progress ratio would divide noise by noise.
@@ -272,27 +272,6 @@ def _fallback_note(
     if dense.excluded_reason and dense.overlaps_excluded(start, hi):
         note += f" ({dense.excluded_reason})"
     return note
-
-
-@dataclass(frozen=True)
-class CollapseConfig:
-    """The audit's collapse thresholds (`collapse:` in the spec) and the dense signal's spans;
-    the one place defaults live."""
-
-    threshold: float = DEFAULT_THRESHOLD
-    recovery: float = DEFAULT_RECOVERY
-    pre_evals: int = DEFAULT_PRE_EVALS
-    loss_ema_span: float = LOSS_EMA_SPAN  # optimizer steps
-    return_ema_span: float = RETURN_EMA_SPAN  # training episodes
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "threshold": self.threshold,
-            "recovery": self.recovery,
-            "pre_evals": self.pre_evals,
-            "loss_ema_span": self.loss_ema_span,
-            "return_ema_span": self.return_ema_span,
-        }
 
 
 @dataclass(frozen=True)

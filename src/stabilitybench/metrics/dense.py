@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike
 
+from stabilitybench.settings import LOSS_EMA_SPAN, RETURN_EMA_SPAN
+
 # Spans (α = 2 / (span + 1); an EMA keeps a fraction α / (2 − α) of white noise's variance and
 # lags a step change by ~(1 − α) / α points). The loss span, 5 steps (α = 1/3): a tiny GPT-2's
 # per-step loss jitters by ~0.1 nats, a few % of progress; 5 steps cut that to 0.45× and lag by
@@ -31,8 +33,6 @@ from numpy.typing import ArrayLike
 # below 1.0 after onset, while on its LR ramps a span of 10 crossed 1–3 steps later than 5 and,
 # more often, only after the evaluation had seen the collapse. The return span, 5 episodes: an
 # episode return varies by ~30 % between episodes; 5 episodes cut that to 0.45×.
-LOSS_EMA_SPAN = 5
-RETURN_EMA_SPAN = 5
 DENSE_SOURCES = ("loss_ema", "episode_return_ema")
 
 

@@ -18,18 +18,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
-from stabilitybench.errors import StabilityBenchError
+from stabilitybench.errors import StabilityBenchError, validation_message
 from stabilitybench.metrics import reliability as rel
 from stabilitybench.metrics.collapse import (
     NO_DENSE_SIGNAL,
-    CollapseConfig,
     CollapseResult,
     analyze_collapse,
     final_performance,
 )
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
 from stabilitybench.metrics.stability import stability_score
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunInfo, RunStore
 from stabilitybench.types import last_error_line
 
@@ -203,7 +204,7 @@ def perturbation_magnitude(kind: str, params: Mapping[str, Any]) -> float | None
 
 def collapse_config(
     audit: Mapping[str, Any], infos: Sequence[RunInfo | Mapping[str, Any]]
-) -> CollapseConfig:
+) -> CollapseSettings:
     """Thresholds from audit.json's spec.collapse, else a run's spec.collapse, else defaults."""
     spec = audit.get("spec")
     config: Mapping[str, Any] = {}
@@ -212,20 +213,13 @@ def collapse_config(
     else:
         found = (RunInfo.of(i).spec.get("collapse") for i in infos)
         config = next((c for c in found if isinstance(c, Mapping)), {})
-    default = CollapseConfig()
-    result = CollapseConfig(
-        threshold=float(config.get("threshold", default.threshold)),
-        recovery=float(config.get("recovery", default.recovery)),
-        pre_evals=int(config.get("pre_evals", config.get("k", default.pre_evals))),
-    )
-    if not 0 < result.threshold <= result.recovery:
-        raise StabilityBenchError(
-            f"collapse.threshold must be in (0, collapse.recovery], got "
-            f"threshold={result.threshold}, recovery={result.recovery}"
-        )
-    if result.pre_evals < 1:
-        raise StabilityBenchError(f"collapse.pre_evals must be >= 1, got {result.pre_evals}")
-    return result
+    fields = dict(config)
+    if "k" in fields:  # the older name of pre_evals
+        fields.setdefault("pre_evals", fields.pop("k"))
+    try:
+        return CollapseSettings.model_validate(fields)
+    except ValidationError as exc:
+        raise StabilityBenchError(validation_message(exc, ("collapse",))) from None
 
 
 def event_onset(events: pd.DataFrame | None) -> Onset:
@@ -263,7 +257,7 @@ def run_record(
     info: RunInfo | Mapping[str, Any],
     evals: pd.DataFrame | None,
     onset: Onset,
-    config: CollapseConfig,
+    config: CollapseSettings,
     *,
     telemetry: pd.DataFrame | None = None,
     events: pd.DataFrame | None = None,
@@ -303,7 +297,7 @@ def dense_signal(
     events: pd.DataFrame | None,
     *,
     kind: str | None,
-    config: CollapseConfig,
+    config: CollapseSettings,
 ) -> tuple[DenseSignal | None, str | None]:
     """A run's dense performance signal from its telemetry, or None and why there is none.
 
@@ -375,7 +369,7 @@ def _batch_windows(events: pd.DataFrame | None) -> tuple[list[tuple[int, int]], 
 
 
 def _with_collapse(
-    record: RunRecord, config: CollapseConfig, dense: DenseSignal | None, why: str | None
+    record: RunRecord, config: CollapseSettings, dense: DenseSignal | None, why: str | None
 ) -> RunRecord:
     from dataclasses import replace
 
@@ -442,7 +436,7 @@ def _match_keys(r: RunRecord) -> tuple[tuple[tuple[Any, ...], str], ...]:
     )
 
 
-def audit_records(store: RunStore, config: CollapseConfig | None = None) -> list[RunRecord]:
+def audit_records(store: RunStore, config: CollapseSettings | None = None) -> list[RunRecord]:
     """Every run's record, in run-id order (the one place onsets and collapse labels are made)."""
     infos = store.infos()
     config = config or collapse_config(store.audit() if store.exists() else {}, infos)

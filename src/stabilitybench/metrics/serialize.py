@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel
 
 from stabilitybench.errors import StabilityBenchError
 
@@ -28,6 +29,8 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(value.__json__())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return to_jsonable(value.model_dump())
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -63,6 +66,8 @@ def _build(hint: Any, data: Any) -> Any:
         hints = typing.get_type_hints(hint)
         known = {f.name for f in dataclasses.fields(hint) if f.init}
         return hint(**{k: _build(hints[k], v) for k, v in data.items() if k in known})
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return hint.model_validate(data)
     if hint is float and data is None:
         return math.nan
     return data

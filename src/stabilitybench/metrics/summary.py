@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.collapse import CollapseConfig
 from stabilitybench.metrics.conditions import ConditionSummary, condition_summary
 from stabilitybench.metrics.decoupling import Decoupling, audit_decoupling
 from stabilitybench.metrics.dose_response import DoseResponse, dose_response
@@ -22,6 +21,7 @@ from stabilitybench.metrics.guards import GuardComparison, guard_comparisons, in
 from stabilitybench.metrics.intervals import DEFAULT_REPS
 from stabilitybench.metrics.records import RunRecord, audit_records, collapse_config
 from stabilitybench.metrics.serialize import to_jsonable
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunInfo, RunStore
 
 SEED = 0  # the bootstrap's seed: the same store always gives the same summary
@@ -38,7 +38,7 @@ class AuditInfo:
     n_done: int
     n_failed: int
     n_unfinished: int
-    collapse: CollapseConfig
+    collapse: CollapseSettings
     bootstrap_reps: int
     confidence: float
     seed: int

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.evaluation.alarms import calibrate_threshold
+from stabilitybench.metrics.alarms import calibrate_threshold
 from stabilitybench.monitor.features import (
     CLIP,
     DEFAULT_CHANGE_WINDOW,

@@ -14,17 +14,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stabilitybench.analysis import Analysis
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.evaluation.results import (
-    EVALUATION_FILE,
     Evaluation,
-    evaluation_path,
-    load_evaluation,
 )
 from stabilitybench.evaluation.scoring import ScoreResult, load_score_result, score_path
-from stabilitybench.metrics.collapse import CollapseConfig
 from stabilitybench.metrics.records import Onset, RunRecord, audit_records, run_record
 from stabilitybench.metrics.summary import AuditSummary
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunData, RunStore
 
 TELEMETRY_SIGNALS: tuple[str, ...] = ("grad_norm", "grad_cos_prev", "grad_cos_ema", "update_ratio")
@@ -58,30 +56,30 @@ class ReportData:
         return found
 
 
-def load_report_data(store: RunStore) -> ReportData:
-    """Read the audit, its runs, the metrics summary and the monitor evaluation (each optional)."""
-    from stabilitybench.metrics import summary as metrics_summary
+def load_report_data(store: RunStore, analysis: Analysis | None = None) -> ReportData:
+    """Read the audit, its runs, and its analysis (the summary and the saved evaluation, each
+    optional; `analysis` if it was already made)."""
+    from stabilitybench.analysis import analyse
 
     audit = store.audit() if store.exists() else {}
     runs = {run.run_id: run for run in store.iter_runs(status="done")}
     data = ReportData(audit=audit, records=[], runs=runs)
-    try:
-        data.summary = metrics_summary.summarize(store)
-    except StabilityBenchError as exc:
-        data.summary_error = str(exc)
+    if analysis is None:
+        try:
+            analysis = analyse(store)
+        except StabilityBenchError as exc:
+            data.summary_error = str(exc)
+    if analysis is not None:
+        data.summary, data.evaluation = analysis.summary, analysis.evaluation
+        data.evaluation_error = "; ".join(analysis.notes) or None
     if data.summary is not None:
         data.records = data.summary.runs
     else:
         try:
             data.records = audit_records(store)
         except StabilityBenchError:
-            config = CollapseConfig()
+            config = CollapseSettings()
             data.records = [run_record(i, None, Onset(), config) for i in store.infos()]
-    if evaluation_path(store.root).exists():
-        try:
-            data.evaluation = load_evaluation(store.root)
-        except StabilityBenchError as exc:
-            data.evaluation_error = f"{EVALUATION_FILE} could not be read: {exc}"
     if score_path(store.root).exists():
         try:
             data.alarms = load_score_result(store.root)

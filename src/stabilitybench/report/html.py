@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from stabilitybench.analysis import Analysis
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.report.data import load_report_data
 from stabilitybench.report.markup import Figures, esc, stylesheet
@@ -39,10 +40,14 @@ NAV = (
 
 
 def render_report(
-    store: RunStore, figures_dir: Path | None = None, figures_dpi: int = 150
+    store: RunStore,
+    figures_dir: Path | None = None,
+    figures_dpi: int = 150,
+    analysis: Analysis | None = None,
 ) -> tuple[str, list[Path]]:
-    """The page's HTML and the PNG files written (when `figures_dir` is given)."""
-    data = load_report_data(store)
+    """The page's HTML and the PNG files written (when `figures_dir` is given); `analysis`:
+    the audit's analysis if it was already made."""
+    data = load_report_data(store, analysis)
     figures = Figures(figures_dir, figures_dpi)
     name = audit_name(data, store)
     sections = [
@@ -80,8 +85,10 @@ def write_report(
     output: str | Path | None = None,
     figures_dir: str | Path | None = None,
     figures_dpi: int = 150,
+    analysis: Analysis | None = None,
 ) -> Path:
-    """Write the audit's self-contained HTML report (default DIR/report.html); returns its path."""
+    """Write the audit's self-contained HTML report (default DIR/report.html); returns its path.
+    `analysis`: the audit's analysis if it was already made (else it is made here)."""
     if not isinstance(store, RunStore):
         store = RunStore.open(store)
     path = Path(output) if output is not None else store.root / "report.html"
@@ -94,7 +101,7 @@ def write_report(
         raise StabilityBenchError(
             f"--figures: {fig_dir} is a file; give a folder for the PNG figures"
         )
-    page, _ = render_report(store, fig_dir, figures_dpi)
+    page, _ = render_report(store, fig_dir, figures_dpi, analysis)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -1,0 +1,74 @@
+"""One analysis pipeline: run records → summary → early-warning evaluation → findings.
+
+`audit`, `export`, `findings` and `report` all call `analyse`, so each fact is computed once
+(the run records are read and judged once; the evaluation reuses them) and the four verbs can
+never disagree about the same audit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from stabilitybench.errors import StabilityBenchError
+
+if TYPE_CHECKING:
+    from stabilitybench.evaluation.results import Evaluation
+    from stabilitybench.findings.claims import Claims
+    from stabilitybench.metrics.summary import AuditSummary
+    from stabilitybench.store import RunStore
+
+EvaluationMode = Literal["saved", "fresh", "fit"]
+"""`saved`: read `monitor/evaluation.json` if there is one; `fresh`: evaluate the fitted
+detectors now (and save it); `fit`: the same, fitting the detectors first if they are not."""
+
+
+@dataclass
+class Analysis:
+    """Everything the verbs report about one audit, each part made once."""
+
+    summary: AuditSummary
+    evaluation: Evaluation | None
+    claims: Claims
+    notes: list[str] = field(default_factory=list)  # why a part is missing
+
+
+def analyse(
+    store: RunStore,
+    *,
+    evaluation: EvaluationMode = "saved",
+    target_false_alarms: float | None = None,
+    horizon: int | None = None,
+    console: Any = None,
+) -> Analysis:
+    """Analyse the audit in `store`. A user error in the summary or a fresh evaluation raises
+    `StabilityBenchError`; a saved evaluation that cannot be read is a note (claim 3 is then
+    not judged). `target_false_alarms` and `horizon` override the spec's `warning` settings."""
+    from stabilitybench.evaluation.fitting import FIT_FILE, fit_audit
+    from stabilitybench.evaluation.results import MONITOR_DIR, evaluation_path, load_evaluation
+    from stabilitybench.findings.claims import audit_claims
+    from stabilitybench.metrics.summary import summarize
+
+    summary = summarize(store)
+    notes: list[str] = []
+    result: Evaluation | None = None
+    if evaluation == "fit" and not (store.root / MONITOR_DIR / FIT_FILE).exists():
+        fit_audit(store, console=console)
+    if evaluation in ("fresh", "fit"):
+        from stabilitybench.evaluation.evaluate import evaluate_audit
+
+        result = evaluate_audit(
+            store, target_false_alarms, horizon, records=summary.runs
+        )  # also saved under monitor/
+    elif evaluation_path(store.root).exists():
+        try:
+            result = load_evaluation(store.root)
+        except StabilityBenchError as exc:
+            notes.append(str(exc))
+    claims = audit_claims(summary, result, store)
+    if result is None:
+        claims.notes.append(
+            f"claim 3 needs `stabilitybench monitor fit {store.root}` then "
+            f"`monitor evaluate {store.root}`"
+        )
+    return Analysis(summary, result, claims, notes)

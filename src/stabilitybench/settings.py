@@ -1,0 +1,83 @@
+"""The analysis settings a spec can set: how collapse is judged and how warnings are scored.
+
+One type each, with the one set of defaults: the audit spec (`collapse:`, `warning:`), the
+importers, the analysis and the CLI all take them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+COLLAPSE_THRESHOLD = 0.5
+"""Progress below which a run has collapsed (a fraction of its pre-onset progress)."""
+COLLAPSE_RECOVERY = 0.9
+"""Progress at which a collapsed run has recovered."""
+PRE_EVALS = 3
+"""Evaluations before onset averaged into the pre-onset level."""
+LOSS_EMA_SPAN = 5.0
+"""Optimizer steps: the span of the training-loss EMA that times a collapse (LM, toy, imported)."""
+RETURN_EMA_SPAN = 5.0
+"""Training episodes: the span of the episode-return EMA that times a collapse (RL)."""
+HORIZON = 100
+"""Optimizer steps. Room for a 50-step lead with as much again on either side, short enough that
+a warning is about this run's next moves (the guards' rollback ring reaches 80 steps back), and
+far above the 1–8 steps by which Adam's RMS leads a loss spike."""
+TARGET_FALSE_ALARMS = 1.0
+"""False alarms per 1,000 steps on held-out healthy runs that thresholds are calibrated for."""
+MAX_TARGET_FALSE_ALARMS = 500.0
+"""An alarm is an up-crossing, which needs a step below the threshold before it."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CollapseSettings(_Settings):
+    """How a run's collapse is judged (`collapse:` in the spec)."""
+
+    threshold: float = Field(default=COLLAPSE_THRESHOLD, gt=0.0, le=1.0)
+    recovery: float = Field(default=COLLAPSE_RECOVERY, gt=0.0, le=1.5)
+    pre_evals: int = Field(default=PRE_EVALS, ge=1)
+    loss_ema_span: float = Field(default=LOSS_EMA_SPAN, gt=0.0)  # optimizer steps
+    return_ema_span: float = Field(default=RETURN_EMA_SPAN, gt=0.0)  # training episodes
+
+    @model_validator(mode="after")
+    def _recovery_above_threshold(self) -> CollapseSettings:
+        if self.recovery < self.threshold:
+            raise ValueError(f"recovery ({self.recovery}) must be >= threshold ({self.threshold})")
+        return self
+
+    def recorded(self) -> dict[str, Any]:
+        """What audit.json and run.json record: the two thresholds always, the other settings
+        where the spec gave them (so a spec that sets none hashes as it always did)."""
+        keep = {"threshold", "recovery"} | set(self.model_fields_set)
+        return self.model_dump(include=keep)
+
+
+class WarningSettings(_Settings):
+    """How early warnings are scored (`warning:` in the spec, for the audit or one workload)."""
+
+    horizon: int = Field(default=HORIZON, gt=0)  # optimizer steps
+    target_false_alarms: float = Field(
+        default=TARGET_FALSE_ALARMS, gt=0.0, le=MAX_TARGET_FALSE_ALARMS
+    )  # per 1,000 steps on held-out healthy runs
+
+    def over(self, override: WarningSettings | None) -> WarningSettings:
+        """These settings with the fields `override` set explicitly put over them."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(include=override.model_fields_set))
+
+
+def warning_by_workload(spec: Mapping[str, Any]) -> dict[str, WarningSettings]:
+    """Each workload's warning settings from a resolved spec (audit.json's `spec`): its own
+    `warning` over the audit's, over the defaults."""
+    top = WarningSettings.model_validate(spec.get("warning") or {})
+    found = {}
+    for workload in spec.get("workloads") or []:
+        own = workload.get("warning")
+        found[str(workload["name"])] = top.over(WarningSettings.model_validate(own or {}))
+    return found
