@@ -106,10 +106,9 @@ def _compare_lists(
 
 
 def current(what: str, audit: Path, refit: bool) -> Any:
+    from stabilitybench.analysis import analyse
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.store import RunStore
-
-    from stabilitybench.analysis import analyse
 
     store = RunStore.open(audit)
     if refit:
