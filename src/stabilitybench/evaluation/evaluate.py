@@ -109,6 +109,35 @@ def evaluate_audit(
     randomness), so an evaluation is reproducible.
     """
     override = _override(target_false_alarms, horizon)
+    with_scores, protocol = _scored_runs(store, records, seed=seed, reps=reps)
+    groups = _split(r for r in with_scores if r.record.guard == "none")
+    spec = store.audit().get("spec") or {}
+    audit_level = WarningSettings.model_validate(spec.get("warning") or {}).over(override)
+    per_workload = warning_by_workload(spec)
+    result = Evaluation(audit_level.target_false_alarms, audit_level.horizon, protocol)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for name in sorted(groups):
+        settings = per_workload.get(name, audit_level).over(override)
+        result.workloads[name] = _evaluate_workload(
+            name, groups[name], settings, protocol, draws, rng, reps
+        )
+    result.detectors = {
+        detector: macro_average(
+            {w: e.detectors[detector] for w, e in result.workloads.items()}, draws[detector]
+        )
+        for detector in detector_classes()
+    }
+    _explain(protocol)
+    write_json(evaluation_path(store.root), to_jsonable(result))
+    return result
+
+
+def _scored_runs(
+    store: RunStore, records: Sequence[RunRecord] | None, *, seed: int, reps: int
+) -> tuple[list[ScoredRun], Protocol]:
+    """The finished runs with scores, each with its record, and the protocol's bookkeeping;
+    a user error if nothing can be evaluated yet."""
     runs = done_runs(store)
     if runs and records is None:
         records = audit_records(store)
@@ -130,40 +159,41 @@ def evaluate_audit(
         n_unscored=len(runs) - len(with_scores),
         n_guarded=sum(r.record.guard != "none" for r in with_scores),
     )
-    groups = _split(r for r in with_scores if r.record.guard == "none")
-    spec = store.audit().get("spec") or {}
-    audit_level = WarningSettings.model_validate(spec.get("warning") or {}).over(override)
-    per_workload = warning_by_workload(spec)
-    result = Evaluation(audit_level.target_false_alarms, audit_level.horizon, protocol)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for name in sorted(groups):
-        split = groups[name]
-        settings = per_workload.get(name, audit_level).over(override)
-        protocol.n_unjudged += split.unjudged
-        entry = WorkloadResult(
-            n_collapsed=len(split.collapsed),
-            n_not_collapsed=len(split.judged) - len(split.collapsed),
-            n_healthy=len(split.healthy),
-            horizon=settings.horizon,
-            target_false_alarms_per_1k=settings.target_false_alarms,
+    return with_scores, protocol
+
+
+def _evaluate_workload(
+    name: str,
+    split: WorkloadRuns,
+    settings: WarningSettings,
+    protocol: Protocol,
+    draws: dict[str, dict[str, np.ndarray]],
+    rng: np.random.Generator,
+    reps: int,
+) -> WorkloadResult:
+    """Every detector on one workload; its bootstrap draws go to `draws` for the macro CI."""
+    protocol.n_unjudged += split.unjudged
+    entry = WorkloadResult(
+        n_collapsed=len(split.collapsed),
+        n_not_collapsed=len(split.judged) - len(split.collapsed),
+        n_healthy=len(split.healthy),
+        horizon=settings.horizon,
+        target_false_alarms_per_1k=settings.target_false_alarms,
+    )
+    no_lead = sum(r.no_lead_possible for r in split.collapsed)
+    if no_lead:
+        protocol.no_lead_possible[name] = no_lead
+    for detector, cls in detector_classes().items():
+        entry.detectors[detector], boot = evaluate_detector(
+            cls, split, settings.target_false_alarms, settings.horizon, rng, reps
         )
-        no_lead = sum(r.no_lead_possible for r in split.collapsed)
-        if no_lead:
-            protocol.no_lead_possible[name] = no_lead
-        for detector, cls in detector_classes().items():
-            entry.detectors[detector], boot = evaluate_detector(
-                cls, split, settings.target_false_alarms, settings.horizon, rng, reps
-            )
-            if boot is not None:
-                draws[detector][name] = boot
-        result.workloads[name] = entry
-    result.detectors = {
-        detector: macro_average(
-            {w: e.detectors[detector] for w, e in result.workloads.items()}, draws[detector]
-        )
-        for detector in detector_classes()
-    }
+        if boot is not None:
+            draws[detector][name] = boot
+    return entry
+
+
+def _explain(protocol: Protocol) -> None:
+    """Notes on the runs the evaluation could not use."""
     if protocol.n_unscored:
         protocol.notes.append(
             f"{protocol.n_unscored} finished runs have no scores; rerun "
@@ -174,8 +204,6 @@ def evaluate_audit(
             f"{protocol.n_unjudged} unhealthy runs have no collapse verdict (no evaluation to "
             "judge them by) and are left out"
         )
-    write_json(evaluation_path(store.root), to_jsonable(result))
-    return result
 
 
 def _override(target: float | None, horizon: int | None) -> WarningSettings | None:

@@ -25,10 +25,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.io import write_json
 from stabilitybench.store import RunStore
+
+if TYPE_CHECKING:
+    from stabilitybench.analysis import Analysis
 
 LIBRARIES = (
     "torch",
@@ -94,11 +98,6 @@ def export_results(
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings."""
     from stabilitybench.analysis import analyse
-    from stabilitybench.findings.printing import claims_markdown
-    from stabilitybench.io import write_json
-    from stabilitybench.metrics.serialize import to_jsonable
-    from stabilitybench.report.html import write_report
-    from stabilitybench.report.markup import EMBED_DPI
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -119,20 +118,7 @@ def export_results(
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
-        write_json(tmp / "summary.json", to_jsonable(analysis.summary))
-        write_json(tmp / "evaluation.json", to_jsonable(analysis.evaluation))
-        write_json(tmp / "findings.json", to_jsonable(analysis.claims))
-        (tmp / "findings.md").write_text(claims_markdown(analysis.claims), encoding="utf-8")
-        (tmp / "spec.yaml").write_text(spec, encoding="utf-8")
-        # The figures are the report's own images (100 dpi), not a second, larger rendering:
-        # a findings folder stays a few MB.
-        write_report(
-            store,
-            output=tmp / "report.html",
-            figures_dir=tmp / "figures",
-            figures_dpi=EMBED_DPI,
-            analysis=analysis,
-        )
+        _write_folder(tmp, store, analysis, spec)
         write_json(
             tmp / "version.json",
             {
@@ -144,17 +130,45 @@ def export_results(
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace(out, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_folder(folder: Path, store: RunStore, analysis: Analysis, spec: str) -> None:
+    """The analysis' documents, the spec and the report with its figures, into `folder`."""
+    from stabilitybench.findings.printing import claims_markdown
+    from stabilitybench.metrics.serialize import to_jsonable
+    from stabilitybench.report.html import write_report
+    from stabilitybench.report.markup import EMBED_DPI
+
+    write_json(folder / "summary.json", to_jsonable(analysis.summary))
+    write_json(folder / "evaluation.json", to_jsonable(analysis.evaluation))
+    write_json(folder / "findings.json", to_jsonable(analysis.claims))
+    (folder / "findings.md").write_text(claims_markdown(analysis.claims), encoding="utf-8")
+    (folder / "spec.yaml").write_text(spec, encoding="utf-8")
+    # The figures are the report's own images (100 dpi), not a second, larger rendering:
+    # a findings folder stays a few MB.
+    write_report(
+        store,
+        output=folder / "report.html",
+        figures_dir=folder / "figures",
+        figures_dpi=EMBED_DPI,
+        analysis=analysis,
+    )
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Rename the finished folder `new` to `out`; an earlier `out` goes only once it is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def findings_markdown(path: Path, *, as_json: bool = False) -> str:

@@ -50,6 +50,18 @@ class ImportedRun:
     diverged_step: int | None
     notes: list[str] = field(default_factory=list)
 
+    def source(self, path: str, fmt: str, writer: str) -> dict[str, Any]:
+        """run.json's `source`: where the run came from and what was read of it."""
+        return {
+            "path": path,
+            "run": self.label,
+            "format": fmt,
+            "writer": writer,
+            "columns": self.columns,
+            "perf_source": self.perf_source,
+            "skipped": self.notes,
+        }
+
 
 @dataclass
 class ImportResult:
@@ -232,8 +244,6 @@ def _import_runs(
     source: Path,
     console: Any,
 ) -> list[ImportedRun]:
-    from stabilitybench.importers.build import build_run
-
     scratch = temp / ".scratch"
     scratch.mkdir()
     imported: list[ImportedRun] = []
@@ -248,37 +258,11 @@ def _import_runs(
             finally:
                 points.close()
             progress.update(task, completed=max(run.size, 1))
-            tags = points.tag_names()
-            seen_tags.update(tags)
-            if points.n_points == 0:
-                notes = [*notes, "no scalar values; not imported"]
-                imported.append(
-                    ImportedRun("", run.label, 0, 0, {}, None, False, None, notes=notes)
-                )
-                points_path.unlink()
-                continue
-            assignment = assign(tags, overrides)
-            run_id = _digest(
-                {"source": str(source), "run": run.label, "format": spec["import"]["format"]}
+            seen_tags.update(points.tag_names())
+            imported.append(
+                _import_one(run, index, points, notes, temp, scratch, spec, overrides, source)
             )
-            started = time.time()
-            built = build_run(points_path, points.tags, assignment, temp / "runs" / run_id, scratch)
             points_path.unlink()
-            record = ImportedRun(
-                run_id=run_id,
-                label=run.label,
-                telemetry_rows=built.telemetry_rows,
-                eval_rows=built.eval_rows,
-                columns={t: c for t, c in assignment.described().items() if c != SKIP},
-                perf_source=built.perf_source,
-                diverged=built.diverged,
-                diverged_step=built.diverged_step,
-                notes=[*notes, *built.notes],
-            )
-            _write_run_json(
-                temp / "runs" / run_id, record, spec, index, assignment.dialect, built, started
-            )
-            imported.append(record)
     missing = sorted(t for t, target in overrides.items() if t not in seen_tags and target != STEP)
     if missing:
         raise StabilityBenchError(
@@ -292,6 +276,42 @@ def _import_runs(
     return imported
 
 
+def _import_one(
+    run: SourceRun,
+    index: int,
+    points: PointWriter,
+    notes: list[str],
+    temp: Path,
+    scratch: Path,
+    spec: dict[str, Any],
+    overrides: dict[str, str],
+    source: Path,
+) -> ImportedRun:
+    """One source run's points as a run folder with its run.json (or a note if it has none)."""
+    from stabilitybench.importers.build import build_run
+
+    if points.n_points == 0:
+        notes = [*notes, "no scalar values; not imported"]
+        return ImportedRun("", run.label, 0, 0, {}, None, False, None, notes=notes)
+    assignment = assign(points.tag_names(), overrides)
+    run_id = _digest({"source": str(source), "run": run.label, "format": spec["import"]["format"]})
+    started = time.time()
+    built = build_run(points.path, points.tags, assignment, temp / "runs" / run_id, scratch)
+    record = ImportedRun(
+        run_id=run_id,
+        label=run.label,
+        telemetry_rows=built.telemetry_rows,
+        eval_rows=built.eval_rows,
+        columns={t: c for t, c in assignment.described().items() if c != SKIP},
+        perf_source=built.perf_source,
+        diverged=built.diverged,
+        diverged_step=built.diverged_step,
+        notes=[*notes, *built.notes],
+    )
+    _write_run_json(temp / "runs" / run_id, record, spec, index, assignment.dialect, built, started)
+    return record
+
+
 def _write_run_json(
     run_dir: Path,
     record: ImportedRun,
@@ -302,14 +322,13 @@ def _write_run_json(
     started: float,
 ) -> None:
     from stabilitybench.store import PerturbationInfo, RunInfo, RunOutcome, RunWriter
-    from stabilitybench.types import RunStatus
+    from stabilitybench.types import RunSpec, RunStatus
 
     name = str(spec["name"])
     fmt = str(spec["import"]["format"])
     finished = time.time()
-    collapse = dict(spec["collapse"])
-    run_spec = {
-        "workload": {
+    run_spec = RunSpec(
+        workload={
             "name": name,
             "kind": "imported",
             "format": fmt,
@@ -317,11 +336,10 @@ def _write_run_json(
             "total_steps": built.last_step,
             "knobs": {},
         },
-        "perturbations": [],
-        "seed": index,
-        "audit": name,
-        "collapse": collapse,
-    }
+        seed=index,
+        audit=name,
+        collapse=dict(spec["collapse"]),
+    ).to_dict()
     info = RunInfo(
         run_id=record.run_id,
         label=record.label,
@@ -346,15 +364,7 @@ def _write_run_json(
             env_steps=built.last_env_step,
         ),
         error=None,
-        source={
-            "path": str(spec["import"]["source"]),
-            "run": record.label,
-            "format": fmt,
-            "writer": dialect,
-            "columns": record.columns,
-            "perf_source": record.perf_source,
-            "skipped": record.notes,
-        },
+        source=record.source(str(spec["import"]["source"]), fmt, dialect),
     )
     RunWriter(run_dir).write_info(info)
 

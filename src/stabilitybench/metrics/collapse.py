@@ -342,14 +342,7 @@ def analyze_collapse(
     curve = _Curve.of(steps, perf, env_steps)
     timer = _Timer(dense, None, threshold, no_dense_reason)
     if onset_step is None:
-        base = curve.result(
-            None, True, None, float("nan"), float("-inf") if curve.diverged else float("nan")
-        )
-        base = replace(base, dense_signal=None if dense is None else dense.source)
-        if not curve.diverged:
-            return base
-        first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
-        return curve.collapsed_at(base, first_inf, None, None, timer.time(curve, first_inf, None))
+        return _without_onset(curve, timer, dense)
     perf_0, perf_pre = reference_levels(curve.steps, curve.perf, onset_step, k)
     _, _, undefined = progress_scale(perf_0, perf_pre)
     q = progress(curve.perf, perf_0, perf_pre)
@@ -379,6 +372,18 @@ def analyze_collapse(
         return replace(base, collapsed=False, irreversible=False)
     back = recovery_index(q, at, recovery)
     return curve.collapsed_at(base, at, back, onset_env_step, timer.time(curve, at, onset_step))
+
+
+def _without_onset(curve: _Curve, timer: _Timer, dense: DenseSignal | None) -> CollapseResult:
+    """A run with nothing to judge against: no verdict, unless it diverged (a collapse then)."""
+    base = curve.result(
+        None, True, None, float("nan"), float("-inf") if curve.diverged else float("nan")
+    )
+    base = replace(base, dense_signal=None if dense is None else dense.source)
+    if not curve.diverged:
+        return base
+    first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
+    return curve.collapsed_at(base, first_inf, None, None, timer.time(curve, first_inf, None))
 
 
 @dataclass(frozen=True)
