@@ -13,16 +13,35 @@ from stabilitybench.errors import StabilityBenchError
 
 if TYPE_CHECKING:
     __version__: str
-    from stabilitybench.store import RunData, RunStore, RunWriter
+    from stabilitybench.analysis import Analysis, analyse
+    from stabilitybench.detectors import BaseDetector, register_detector
+    from stabilitybench.guard import Guard
+    from stabilitybench.monitor import MetaStateMonitor
+    from stabilitybench.perturbations import Perturbation
+    from stabilitybench.settings import CollapseSettings, WarningSettings
+    from stabilitybench.store import AuditRecord, RunData, RunInfo, RunStore, RunWriter
     from stabilitybench.telemetry import Probe, Telemetry
+    from stabilitybench.workloads.base import register_workload
 
 # public name → the module that defines it (imported on first attribute access)
 _LAZY = {
+    "Analysis": "stabilitybench.analysis",
+    "AuditRecord": "stabilitybench.store",
+    "BaseDetector": "stabilitybench.detectors",
+    "CollapseSettings": "stabilitybench.settings",
+    "Guard": "stabilitybench.guard",
+    "MetaStateMonitor": "stabilitybench.monitor",
+    "Perturbation": "stabilitybench.perturbations",
     "Probe": "stabilitybench.telemetry",
     "RunData": "stabilitybench.store",
+    "RunInfo": "stabilitybench.store",
     "RunStore": "stabilitybench.store",
     "RunWriter": "stabilitybench.store",
     "Telemetry": "stabilitybench.telemetry",
+    "WarningSettings": "stabilitybench.settings",
+    "analyse": "stabilitybench.analysis",
+    "register_detector": "stabilitybench.detectors",
+    "register_workload": "stabilitybench.workloads.base",
 }
 
 
@@ -53,11 +72,23 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Analysis",
+    "AuditRecord",
+    "BaseDetector",
+    "CollapseSettings",
+    "Guard",
+    "MetaStateMonitor",
+    "Perturbation",
     "Probe",
     "RunData",
+    "RunInfo",
     "RunStore",
     "RunWriter",
     "StabilityBenchError",
     "Telemetry",
+    "WarningSettings",
     "__version__",
+    "analyse",
+    "register_detector",
+    "register_workload",
 ]

@@ -22,7 +22,7 @@ def print_status(store: RunStore, audit_dir: Path, console: Console) -> None:
     """Counts of runs by status, the last error line of each failed run, and how to resume."""
     counts = store.status_counts()
     # Names are free text: every one shown through rich is escaped (`[red]` stays text).
-    table = Table(title=escape(f"audit {store.audit().get('name', audit_dir)}"))
+    table = Table(title=escape(f"audit {store.audit().name or audit_dir}"))
     table.add_column("status")
     table.add_column("runs", justify="right")
     for name, count in counts.items():

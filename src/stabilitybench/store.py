@@ -141,6 +141,26 @@ class RunInfo(BaseModel):
         return None if self.outcome is None else self.outcome.final_perf
 
 
+class AuditRecord(BaseModel):
+    """audit.json: the audit's name, its resolved spec and hash, the package version that made
+    it and its run ids (an import records its source instead of a hash of a spec)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    kind: str | None = None  # "imported" for an audit made by `stabilitybench import`
+    spec: dict[str, Any] = Field(default_factory=dict)  # resolved: every default filled in
+    spec_hash: str | None = None
+    version: str | None = None
+    created: float | None = None
+    run_ids: list[str] = Field(default_factory=list)
+    references: dict[str, Any] | None = None  # per workload: the healthy knob levels
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document written as audit.json."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
 @dataclass
 class RunData:
     """Everything stored for one run, loaded into memory."""
@@ -300,12 +320,12 @@ class RunStore:
             )
         return store
 
-    def audit(self) -> dict[str, Any]:
-        data: dict[str, Any] = read_json(self.audit_file)
-        return data
+    def audit(self) -> AuditRecord:
+        return AuditRecord.model_validate(read_json(self.audit_file))
 
-    def write_audit(self, data: Mapping[str, Any]) -> None:
-        write_json(self.audit_file, dict(data))
+    def write_audit(self, audit: AuditRecord | Mapping[str, Any]) -> None:
+        record = audit if isinstance(audit, AuditRecord) else AuditRecord.model_validate(audit)
+        write_json(self.audit_file, record.document())
 
     # -- runs --------------------------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:

@@ -23,22 +23,6 @@ def last_error_line(text: object) -> str:
     return lines[-1].strip() if lines else UNKNOWN_ERROR
 
 
-def run_perturbation(info: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """(label, kind, params) of a run's perturbation from its run.json; a baseline is
-    ('none', 'none', {})."""
-    pert = info.get("perturbation") or {"kind": "none"}
-    if not isinstance(pert, Mapping):
-        return str(pert), str(pert), {}
-    kind = str(pert.get("kind", "none"))
-    label = "none" if kind == "none" else str(pert.get("label") or kind)
-    return label, kind, dict(pert.get("params") or {})
-
-
-def is_baseline(info: Mapping[str, Any]) -> bool:
-    """Whether a run (its run.json) is unperturbed and unguarded (what monitors learn from)."""
-    return run_perturbation(info)[1] == "none" and not info.get("guard")
-
-
 class RunStatus(StrEnum):
     """Life cycle of one run in an audit."""
 
@@ -277,13 +261,22 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        """The RunSpec of `to_dict()` (a missing field takes its default)."""
+        given: dict[str, Any] = {
+            "perturbations": [],
+            "seed": 0,
+            "audit": "",
+            "collapse": None,
+            "guard": None,
+        }
+        given.update(data)
         return cls(
-            workload=dict(data["workload"]),
-            perturbations=tuple(dict(p) for p in data.get("perturbations", [])),
-            seed=int(data.get("seed", 0)),
-            audit=str(data.get("audit", "")),
-            collapse=dict(data.get("collapse") or CollapseSettings().recorded()),
-            guard=dict(data["guard"]) if data.get("guard") else None,
+            workload=dict(given["workload"]),
+            perturbations=tuple(dict(p) for p in given["perturbations"]),
+            seed=int(given["seed"]),
+            audit=str(given["audit"]),
+            collapse=dict(given["collapse"] or CollapseSettings().recorded()),
+            guard=dict(given["guard"]) if given["guard"] else None,
         )
 
 

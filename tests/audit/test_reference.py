@@ -77,7 +77,7 @@ def test_run_json_records_healthy_and_audit_json_the_references(
     result = runner.invoke(app, ["audit", str(write_spec(spec)), "--out", str(out), "--no-report"])
     assert result.exit_code == 0, result.output
     store = RunStore(out)
-    assert store.audit()["references"] == {"toy": {"lr": 0.05}}
+    assert store.audit().references == {"toy": {"lr": 0.05}}
     healthy = {(i.knobs["lr"], i.perturbation.kind): i.healthy for i in store.infos()}
     assert healthy == {
         (0.05, "none"): True,

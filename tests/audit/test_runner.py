@@ -74,7 +74,7 @@ def test_local_pool_runs_the_grid_and_a_rerun_skips_it(write_spec: Any, tmp_path
     store = RunStore.open(out)
     infos = _check_complete(store, 4)
     audit = store.audit()
-    assert audit["name"] == "toy-test" and sorted(audit["run_ids"]) == sorted(store.run_ids())
+    assert audit.name == "toy-test" and sorted(audit.run_ids) == sorted(store.run_ids())
     perturbed = [i for i in infos if i.perturbation.kind == "lr_spike"]
     assert len(perturbed) == 2
     assert perturbed[0].perturbation.params == {"at": 0.5, "factor": 50, "duration": 5}

@@ -214,10 +214,10 @@ def test_warning_settings_come_from_the_spec_per_workload_and_the_cli_overrides(
     default = evaluate_audit(fitted)
     assert (default.horizon, default.target_false_alarms_per_1k) == (HORIZON, TARGET_FALSE_ALARMS)
     original = fitted.audit()
-    spec = dict(original.get("spec") or {})
+    spec = dict(original.spec)
     spec["warning"] = {"target_false_alarms": 5.0}
     spec["workloads"] = [{"name": "synth", "warning": {"horizon": 40}}]
-    fitted.write_audit({**original, "spec": spec})
+    fitted.write_audit(original.model_copy(update={"spec": spec}))
     try:
         from_spec = evaluate_audit(fitted)
     finally:

@@ -17,7 +17,10 @@ def rly() -> ModuleType:
     """
     try:
         from rliable import library
-    except TypeError:
+    except (
+        TypeError,
+        AttributeError,
+    ):  # AttributeError: an earlier failed import left arch half-built
         import sys
 
         import pandas.util._decorators as decorators

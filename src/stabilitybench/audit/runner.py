@@ -103,10 +103,10 @@ def folder_statuses(out: Path, digest: str) -> dict[str, str]:
             "(no audit.json); give a new or empty folder"
         )
     existing = store.audit()
-    if existing.get("spec_hash") != digest:
+    if existing.spec_hash != digest:
         raise StabilityBenchError(
             f"--out: {out} was created from a different spec (audit "
-            f"{existing.get('name')!r}); runs of different specs are never mixed, "
+            f"{existing.name!r}); runs of different specs are never mixed, "
             "so use a new --out for this spec"
         )
     return {r: store.info(r).status.value for r in store.run_ids()}
@@ -169,8 +169,8 @@ def prepare_store(plan: AuditPlan) -> RunStore:
                 "references": plan.references,
             }
         )
-    elif "references" not in store.audit():  # an audit created before references existed
-        store.write_audit({**store.audit(), "references": plan.references})
+    elif store.audit().references is None:  # an audit created before references existed
+        store.write_audit(store.audit().model_copy(update={"references": plan.references}))
     for run in plan.todo:
         store.writer(run.run_id).update_info(
             **run_info(run, _reference(plan, run)).document(), status=RunStatus.PENDING.value

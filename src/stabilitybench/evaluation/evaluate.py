@@ -111,7 +111,7 @@ def evaluate_audit(
     override = _override(target_false_alarms, horizon)
     with_scores, protocol = _scored_runs(store, records, seed=seed, reps=reps)
     groups = _split(r for r in with_scores if r.record.guard == "none")
-    spec = store.audit().get("spec") or {}
+    spec = store.audit().spec
     audit_level = WarningSettings.model_validate(spec.get("warning") or {}).over(override)
     per_workload = warning_by_workload(spec)
     result = Evaluation(audit_level.target_false_alarms, audit_level.horizon, protocol)

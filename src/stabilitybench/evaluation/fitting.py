@@ -196,17 +196,23 @@ def _folds(
 
 
 def _fit_workload(
-    store: RunStore, name: str, group: Sequence[RunData], settings: DetectorSettings, **kw: Any
+    store: RunStore,
+    name: str,
+    group: Sequence[RunData],
+    settings: DetectorSettings,
+    *,
+    console: Any = None,
+    single: bool = False,
+    attributions: dict[str, Any],
 ) -> dict[str, Any]:
-    """Fit one workload's detectors, save the full monitor, write its runs' scores."""
-    console, single = kw.get("console"), kw.get("single", False)
+    """Fit one workload's detectors, save the full monitor, write its runs' scores (and each
+    run's first-alarm attribution into `attributions`)."""
     baseline = [r for r in group if is_healthy(r)]
     baseline_seeds = sorted({int(r.seed or 0) for r in baseline})
     say(console, f"[bold]{name}[/]: {len(baseline)} healthy runs, seeds {baseline_seeds}")
     full = fit_detectors(settings, baseline)
     folder = store.root / MONITOR_DIR / safe_name(name)
     folds = _folds(group, full, settings, console)
-    attributions = kw.setdefault("attributions", {})
     out_of_fold: list[pd.DataFrame] = []
     for run in group:
         fold = folds.get(int(run.seed or 0))

@@ -29,7 +29,7 @@ from stabilitybench.detectors.base import (
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.evaluation.fitting import FIT_FILE, SCORES_FILE, done_runs, say, score_frame
 from stabilitybench.evaluation.results import MONITOR_DIR
-from stabilitybench.io import read_json, write_json, write_parquet
+from stabilitybench.io import write_json, write_parquet
 from stabilitybench.metrics.serialize import load_json_as, to_jsonable
 from stabilitybench.store import AUDIT_FILE, RunData, RunOutcome, RunStore
 
@@ -126,10 +126,9 @@ def monitor_kind(folder: Path) -> str | None:
     """The workload kind of the audit the monitor was fitted on (its audit.json), if found."""
     for parent in (folder.parent, folder.parent.parent):
         if (parent / AUDIT_FILE).is_file():
-            audit = read_json(parent / AUDIT_FILE)
-            workloads = (audit.get("spec") or audit).get("workloads") or audit.get("workloads")
-            kinds = {str(w.get("kind")) for w in workloads or [] if isinstance(w, dict)}
-            kinds.discard("None")
+            audit = RunStore(parent).audit()
+            workloads = audit.spec.get("workloads") or []
+            kinds = {str(w["kind"]) for w in workloads if isinstance(w, dict) and "kind" in w}
             return ", ".join(sorted(kinds)) or None
     return None
 

@@ -648,8 +648,8 @@ def _throughput(workload: str, runs: Sequence[RunRecord], store: RunStore | None
     for r in runs:
         if store is None or r.timing.wall_s is None or r.timing.wall_s <= 0:
             continue
-        spec = store.info(r.run_id).spec  # total_steps is not on the record
-        steps = (spec.get("workload") or {}).get("total_steps")
+        # total_steps is not on the record
+        steps = (store.info(r.run_id).spec.get("workload") or {}).get("total_steps")
         if steps:
             rates.append(float(steps) / r.timing.wall_s)
     arr = np.asarray(rates)

@@ -79,8 +79,8 @@ def _check_complete(store: RunStore, counts: dict[str, int], allow_partial: bool
 def _spec_yaml(store: RunStore) -> str:
     import yaml
 
-    spec = store.audit().get("spec")
-    if not isinstance(spec, dict):
+    spec = store.audit().spec
+    if not spec:
         raise StabilityBenchError(f"export: {store.root}/audit.json has no recorded spec")
     text: str = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
     return text
@@ -122,7 +122,7 @@ def export_results(
         write_json(
             tmp / "version.json",
             {
-                "audit": store.audit().get("name"),
+                "audit": store.audit().name or None,
                 "versions": library_versions(),
                 "python": sys.version.split()[0],
                 "runs": counts,

@@ -26,6 +26,7 @@ from stabilitybench.errors import StabilityBenchError
 from stabilitybench.importers.columns import SKIP, STEP, assign, parse_map
 from stabilitybench.importers.points import PointWriter, SourceRun
 from stabilitybench.settings import CollapseSettings
+from stabilitybench.store import AuditRecord, RunStore
 
 FORMATS = ("tensorboard", "csv", "jsonl", "mlflow")
 LOOKED_FOR = {
@@ -136,12 +137,12 @@ def check_out(out: Path, spec_hash: str) -> bool:
             "(no audit.json); give a new or empty folder"
         )
     try:
-        existing = json.loads(audit_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        existing = {}
-    if existing.get("spec_hash") != spec_hash:
+        existing = RunStore(out).audit()
+    except (OSError, ValueError):  # (a pydantic ValidationError is a ValueError)
+        existing = AuditRecord()
+    if existing.spec_hash != spec_hash:
         raise StabilityBenchError(
-            f"--out: {out} already holds a different audit ({existing.get('name')!r}); "
+            f"--out: {out} already holds a different audit ({existing.name or None!r}); "
             "an import never mixes with other runs, so give a new or empty folder"
         )
     return True

@@ -31,7 +31,7 @@ from stabilitybench.metrics.collapse import (
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
 from stabilitybench.metrics.stability import stability_score
 from stabilitybench.settings import CollapseSettings
-from stabilitybench.store import RunInfo, RunStore
+from stabilitybench.store import AuditRecord, RunInfo, RunStore
 from stabilitybench.types import last_error_line
 
 # Where a run's onset came from: its own events, or (a baseline) matched perturbed runs.
@@ -203,16 +203,13 @@ def perturbation_magnitude(kind: str, params: Mapping[str, Any]) -> float | None
 
 
 def collapse_config(
-    audit: Mapping[str, Any], infos: Sequence[RunInfo | Mapping[str, Any]]
+    audit: AuditRecord | Mapping[str, Any], infos: Sequence[RunInfo | Mapping[str, Any]]
 ) -> CollapseSettings:
     """Thresholds from audit.json's spec.collapse, else a run's spec.collapse, else defaults."""
-    spec = audit.get("spec")
-    config: Mapping[str, Any] = {}
-    if isinstance(spec, Mapping) and isinstance(spec.get("collapse"), Mapping):
-        config = spec["collapse"]
-    else:
-        found = (RunInfo.of(i).spec.get("collapse") for i in infos)
-        config = next((c for c in found if isinstance(c, Mapping)), {})
+    if not isinstance(audit, AuditRecord):
+        audit = AuditRecord.model_validate(dict(audit))
+    found = (c for c in (audit.spec, *(RunInfo.of(i).spec for i in infos)) if "collapse" in c)
+    config = next((c["collapse"] for c in found if isinstance(c["collapse"], Mapping)), {})
     fields = dict(config)
     if "k" in fields:  # the older name of pre_evals
         fields.setdefault("pre_evals", fields.pop("k"))
@@ -439,7 +436,7 @@ def _match_keys(r: RunRecord) -> tuple[tuple[tuple[Any, ...], str], ...]:
 def audit_records(store: RunStore, config: CollapseSettings | None = None) -> list[RunRecord]:
     """Every run's record, in run-id order (the one place onsets and collapse labels are made)."""
     infos = store.infos()
-    config = config or collapse_config(store.audit() if store.exists() else {}, infos)
+    config = config or collapse_config(store.audit() if store.exists() else AuditRecord(), infos)
     onsets: dict[str, Onset] = {}
     events: dict[str, pd.DataFrame] = {}
     for info in infos:

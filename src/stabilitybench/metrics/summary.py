@@ -135,7 +135,7 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
     rng = np.random.default_rng(seed)
     conditions = conditions_of(records, rng, reps)
     info = AuditInfo(
-        name=str(audit.get("name", store.root.name)),
+        name=audit.name or store.root.name,
         path=str(store.root),
         n_runs=len(records),
         status_counts=store.status_counts(),

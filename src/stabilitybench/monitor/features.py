@@ -464,16 +464,26 @@ class FeatureExtractor:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureExtractor:
+        """The extractor of `to_dict()`; fields an older file lacks take their defaults."""
+        given = {
+            "excluded": {},
+            "include_controls": False,
+            "view": "level",
+            "change_window": DEFAULT_CHANGE_WINDOW,
+            "change_center": None,
+            "change_scale": None,
+            **data,
+        }
         return cls(
-            list(data["columns"]),
-            np.asarray(data["center"], dtype=float),
-            np.asarray(data["scale"], dtype=float),
-            excluded=dict(data.get("excluded", {})),
-            include_controls=bool(data.get("include_controls", False)),
-            view=str(data.get("view", "level")),
-            change_window=int(data.get("change_window", DEFAULT_CHANGE_WINDOW)),
-            change_center=_array_or_none(data.get("change_center")),
-            change_scale=_array_or_none(data.get("change_scale")),
+            list(given["columns"]),
+            np.asarray(given["center"], dtype=float),
+            np.asarray(given["scale"], dtype=float),
+            excluded=dict(given["excluded"]),
+            include_controls=bool(given["include_controls"]),
+            view=str(given["view"]),
+            change_window=int(given["change_window"]),
+            change_center=_array_or_none(given["change_center"]),
+            change_scale=_array_or_none(given["change_scale"]),
         )
 
 

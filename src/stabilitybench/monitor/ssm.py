@@ -617,10 +617,11 @@ class MetaStateMonitor:
                 f"{folder}: no fitted monitor ({CONFIG_FILE} + {MODEL_FILE}); "
                 "run `stabilitybench monitor fit DIR`"
             )
-        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        if int(meta.get("format_version", 1)) != FORMAT_VERSION:
+        meta: dict[str, Any] = {"format_version": 1, "threshold": None, "fit_info": {}}
+        meta.update(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+        if int(meta["format_version"]) != FORMAT_VERSION:
             raise StabilityBenchError(
-                f"{folder}: monitor format {meta.get('format_version', 1)} is from an older "
+                f"{folder}: monitor format {meta['format_version']} is from an older "
                 f"release (this one reads format {FORMAT_VERSION}); refit it with "
                 "`stabilitybench monitor fit DIR`"
             )
@@ -630,8 +631,8 @@ class MetaStateMonitor:
         )
         monitor.features = FeatureExtractor.from_dict(meta["features"])
         monitor.horizon = int(meta["horizon"])
-        monitor.threshold = math.inf if meta.get("threshold") is None else float(meta["threshold"])
-        monitor.fit_info = dict(meta.get("fit_info", {}))
+        monitor.threshold = math.inf if meta["threshold"] is None else float(meta["threshold"])
+        monitor.fit_info = dict(meta["fit_info"])
         tensors = load_file(str(folder / MODEL_FILE))
         monitor.weights = {
             k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")

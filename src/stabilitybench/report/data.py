@@ -23,7 +23,7 @@ from stabilitybench.evaluation.scoring import ScoreResult, load_score_result, sc
 from stabilitybench.metrics.records import Onset, RunRecord, audit_records, run_record
 from stabilitybench.metrics.summary import AuditSummary
 from stabilitybench.settings import CollapseSettings
-from stabilitybench.store import RunData, RunStore
+from stabilitybench.store import AuditRecord, RunData, RunStore
 
 TELEMETRY_SIGNALS: tuple[str, ...] = ("grad_norm", "grad_cos_prev", "grad_cos_ema", "update_ratio")
 MAX_CURVE_POINTS = 400  # telemetry is binned to at most this many points per run
@@ -33,7 +33,7 @@ MAX_CURVE_POINTS = 400  # telemetry is binned to at most this many points per ru
 class ReportData:
     """Everything the page needs, loaded once: typed records and results, and the stored runs."""
 
-    audit: dict[str, Any]  # audit.json (the resolved spec)
+    audit: AuditRecord  # audit.json (the resolved spec)
     records: list[RunRecord]  # every run, whatever its status
     runs: dict[str, RunData]  # finished runs, by run_id
     summary: AuditSummary | None = None
@@ -61,7 +61,7 @@ def load_report_data(store: RunStore, analysis: Analysis | None = None) -> Repor
     optional; `analysis` if it was already made)."""
     from stabilitybench.analysis import analyse
 
-    audit = store.audit() if store.exists() else {}
+    audit = store.audit() if store.exists() else AuditRecord()
     runs = {run.run_id: run for run in store.iter_runs(status="done")}
     data = ReportData(audit=audit, records=[], runs=runs)
     if analysis is None:
@@ -239,9 +239,9 @@ def guard_marks(run: RunData) -> list[tuple[str, float]]:
         return []
     marks = []
     for row in events[events["kind"] == "guard"].to_dict("records"):
-        step = as_float(row.get("start_step"))
+        step = as_float(row["start_step"])
         if step is not None and not math.isnan(step):
-            marks.append((str(row.get("name")), step_x(run, step)))
+            marks.append((str(row["name"]), step_x(run, step)))
     return marks
 
 

@@ -120,14 +120,16 @@ def _where_it_started(data: ReportData) -> str:
     ]
     if not found:
         return ""
-    found.sort(key=lambda item: (str(item[1].get("workload")), str(item[1].get("label"))))
+    blank = {"workload": "", "label": None, "step": "", "term": "", "text": ""}
+    found = [(run_id, {**blank, **entry}) for run_id, entry in found]
+    found.sort(key=lambda item: (str(item[1]["workload"]), str(item[1]["label"])))
     rows = [
         [
-            esc(entry.get("workload", "")),
-            esc(entry.get("label") or run_id),
-            esc(entry.get("step", "")),
-            esc(entry.get("term", "")),
-            esc(entry.get("text", "")),
+            esc(entry["workload"]),
+            esc(entry["label"] or run_id),
+            esc(entry["step"]),
+            esc(entry["term"]),
+            esc(entry["text"]),
         ]
         for run_id, entry in found[:MAX_ATTRIBUTION_ROWS]
     ]

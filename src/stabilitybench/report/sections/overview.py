@@ -13,12 +13,11 @@ from stabilitybench.store import RunStore
 
 
 def audit_spec(data: ReportData) -> Mapping[str, Any]:
-    spec = data.audit.get("spec")
-    return spec if isinstance(spec, Mapping) else data.audit
+    return data.audit.spec
 
 
 def audit_name(data: ReportData, store: RunStore) -> str:
-    return str(data.audit.get("name") or audit_spec(data).get("name") or store.root.name)
+    return data.audit.name or str(audit_spec(data).get("name") or store.root.name)
 
 
 def short_perturbation(perturbation: Any) -> str:
@@ -52,8 +51,8 @@ def _cards(data: ReportData) -> str:
 def _facts(data: ReportData, store: RunStore) -> str:
     from stabilitybench import __version__
 
-    spec, audit = audit_spec(data), data.audit
-    version = audit.get("version") or audit.get("package_version")
+    spec = audit_spec(data)
+    version = data.audit.version
     rows = [
         ("audit folder", esc(store.root)),
         ("package version (audit)", esc(version or "unknown")),
@@ -89,7 +88,7 @@ def section_overview(data: ReportData, store: RunStore) -> str:
     parts = ['<h2 id="overview">Overview</h2>', _cards(data), _facts(data, store)]
     parts.append(
         "<details><summary>the resolved spec (audit.json)</summary><pre>"
-        + esc(json.dumps(data.audit, indent=2, sort_keys=True, default=str))
+        + esc(json.dumps(data.audit.document(), indent=2, sort_keys=True, default=str))
         + "</pre></details>"
     )
     parts += _failures(data)
