@@ -1,18 +1,11 @@
 """Which telemetry column a detector reads, and when a missing value means divergence.
 
-Each guard has a pure scoring function over arrays and a thin class following the registry's
-`Detector` protocol: `score(df) -> (n,)` (higher = more alarming; offline), `native(scores)`
-(the guard's own rule) and an online `update(row) -> float` that equals `score` step by step.
-
-Every guard also treats a non-finite value as an alarm (score +inf), as every framework checks
-for NaN/Inf separately. A value that was not logged is missing, not non-finite: SB3 logs PPO's
-loss once per rollout, so most PPO rows have no loss. The store keeps no difference between a
-NaN and a gap (Parquet writes both as null), so a NaN is a divergence only on a row that
-recorded non-finite gradients (`nonfinite_grads` > 0, any optimizer role); ±inf always is.
-A guard skips a missing value: its score there is NaN (no alarm) and its state is unchanged,
-so its windows count logged values. The "loss" a guard watches is the `loss` column; an RL run
-without one uses the best available stand-in: `value_loss`, then `critic_loss`, then
-`critic/loss` (see `loss_series`)."""
+A value that was not logged is missing, not non-finite: SB3 logs PPO's loss once per rollout,
+so most PPO rows have no loss. The store keeps no difference between a NaN and a gap (Parquet
+writes both as null), so a NaN is a divergence only on a row that recorded non-finite gradients
+(`nonfinite_grads` > 0, any optimizer role); ±inf always is. The "loss" a guard watches is the
+`loss` column; an RL run without one uses the best available stand-in: `value_loss`, then
+`critic_loss`, then `critic/loss` (see `loss_series`)."""
 
 from __future__ import annotations
 
