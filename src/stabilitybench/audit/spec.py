@@ -5,138 +5,34 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from stabilitybench.errors import StabilityBenchError, validation_message
 from stabilitybench.settings import CollapseSettings, WarningSettings
 from stabilitybench.types import RunSpec
+from stabilitybench.workloads.config import (  # the workload models, also read from here
+    BUILTIN_SPECS,
+    EVAL_KEYS,
+    CustomWorkloadSpec,
+    EvalSpec,
+    SpecModel,
+    WorkloadSpec,
+    check_label,
+    label_problem,
+    workload_spec,
+)
+from stabilitybench.workloads.config import MAX_LABEL_CHARS as MAX_LABEL_CHARS
+from stabilitybench.workloads.config import LMWorkloadSpec as LMWorkloadSpec
+from stabilitybench.workloads.config import RLWorkloadSpec as RLWorkloadSpec
+from stabilitybench.workloads.config import ToyWorkloadSpec as ToyWorkloadSpec
 
 Scalar = int | float | str | bool | None
-MAX_LABEL_CHARS = 200
-# Bidirectional overrides and isolates reorder what a terminal or a browser shows ("Trojan Source").
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def label_problem(value: str) -> str | None:
-    """Why `value` cannot be a name (audit, workload, perturbation label), or None if it can.
-
-    Names are labels shown to people, never identifiers: spaces, quotes, unicode and markup are
-    fine (every view escapes them; no file or folder name is built from them). What is refused
-    is what no view can show honestly: control characters (newlines, escapes, bidi overrides)
-    and names too long to read.
-    """
-    if not value.strip():
-        return "must not be empty or only spaces"
-    if len(value) > MAX_LABEL_CHARS:
-        return f"is {len(value)} characters long; a name has at most {MAX_LABEL_CHARS}"
-    for position, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in _BIDI_CONTROLS:
-            return (
-                f"contains the control character U+{ord(char):04X} at position {position}; "
-                "a name is one line of printable text"
-            )
-    return None
-
-
-def _label(value: str) -> str:
-    problem = label_problem(value)
-    if problem is not None:
-        raise ValueError(problem)
-    return value
-
-
-class _Model(BaseModel):
-    """Base for every spec model: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class EvalSpec(_Model):
-    """How often and how much to evaluate (RL: `every` env steps, `episodes`; LM/toy: `every`
-    optimizer steps, `batches`)."""
-
-    every: int | None = Field(default=None, ge=1)
-    episodes: int | None = Field(default=None, ge=1)
-    batches: int | None = Field(default=None, ge=1)
-
-
-class _WorkloadBase(_Model):
-    """Fields every workload has; `knobs` values that are lists are sweep axes; `reference`
-    names the healthy level of swept knobs (default: the first value of each)."""
-
-    name: str = Field(min_length=1)
-    total_steps: int = Field(ge=1)
-    eval: EvalSpec | None = None
-    knobs: dict[str, Any] = Field(default_factory=dict)
-    reference: dict[str, Any] | None = None
-    warning: WarningSettings | None = None  # this workload's warning protocol (over the audit's)
-
-    _name_is_label = field_validator("name")(_label)
-
-    @field_validator("knobs")
-    @classmethod
-    def _knob_values(cls, knobs: dict[str, Any]) -> dict[str, Any]:
-        for key, value in knobs.items():
-            values = value if isinstance(value, list) else [value]
-            if not values:
-                raise ValueError(
-                    f"knob {key!r}: an empty list sweeps nothing; give at least one value"
-                )
-            for item in values:
-                if not isinstance(item, int | float | str | bool) and item is not None:
-                    raise ValueError(
-                        f"knob {key!r}: values must be numbers, strings, booleans or null "
-                        f"(a list of them is a sweep axis), got {type(item).__name__}"
-                    )
-        return knobs
-
-
-class RLWorkloadSpec(_WorkloadBase):
-    """A Stable-Baselines3 agent on a Gymnasium environment (`total_steps` = env steps)."""
-
-    kind: Literal["rl"]
-    algo: Literal["ppo", "sac", "td3"]
-    env: str = Field(min_length=1)
-    probes: Literal["cheap", "stability"] | None = None
-
-
-class LMWorkloadSpec(_WorkloadBase):
-    """A GPT-2-style language model on a corpus (`total_steps` = optimizer steps)."""
-
-    kind: Literal["lm"]
-    size: str | dict[str, int]  # tiny | small | gpt2-124m | {n_layer, n_embd, n_head}
-    corpus: str = Field(default="shakespeare", min_length=1)
-    tokenizer: str | dict[str, Any] | None = None  # byte | bpe | {kind: bpe, vocab_size: N}
-    device: str | None = None
-    probes: Literal["cheap", "stability"] | None = None  # stability: the build-up probes too
-
-
-class ToyWorkloadSpec(_WorkloadBase):
-    """The teacher-student MLP used by tests and demos (`total_steps` = optimizer steps)."""
-
-    kind: Literal["toy"]
-
-
-class CustomWorkloadSpec(_WorkloadBase):
-    """A workload kind registered with `register_workload`; its own `validate` checks extra keys."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: str
-
-
-BUILTIN_SPECS: dict[str, type[_WorkloadBase]] = {
-    "rl": RLWorkloadSpec,
-    "lm": LMWorkloadSpec,
-    "toy": ToyWorkloadSpec,
-}
-EVAL_KEYS: dict[str, tuple[str, ...]] = {"rl": ("every", "episodes")}
-
-
-class AuditSpec(_Model):
+class AuditSpec(SpecModel):
     """A whole audit: workloads × knob levels × perturbations × seeds."""
 
     name: str = Field(min_length=1)
@@ -149,7 +45,7 @@ class AuditSpec(_Model):
     # Optional grid axis: `none` (unguarded) or {detector, action, ...} (see stabilitybench.guard).
     guards: list[Any] | None = Field(default=None, min_length=1)
 
-    _name_is_label = field_validator("name")(_label)
+    _name_is_label = field_validator("name")(check_label)
 
     @field_validator("seeds")
     @classmethod
@@ -223,21 +119,26 @@ def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) ->
     except ValidationError as exc:
         raise StabilityBenchError(validation_message(exc)) from None
     seen: set[str] = set()
-    for index, workload in enumerate(spec.workloads):
-        model = _workload_model(workload, index)
-        name = workload["name"] if isinstance(workload.get("name"), str) else ""
+    workloads: list[WorkloadSpec] = []
+    for index, raw in enumerate(spec.workloads):
         try:
-            model.model_validate(workload)
+            workload = _workload_model(raw, index).model_validate(raw)
         except ValidationError as exc:
             raise StabilityBenchError(validation_message(exc, ("workloads", index))) from None
-        if name in seen:
-            raise StabilityBenchError(f"workloads[{index}].name: {name!r} is used twice")
-        seen.add(name)
+        if workload.name in seen:
+            raise StabilityBenchError(f"workloads[{index}].name: {workload.name!r} is used twice")
+        seen.add(workload.name)
         _check_reference(workload, index)
-    _check_eval_every(spec)
+        workloads.append(workload)
+    _check_eval_every(spec, workloads)
     _perturbation_lists(spec.perturbations)
-    _check_guards(spec, unfitted)
+    _check_guards(spec, workloads, unfitted)
     return spec
+
+
+def workload_specs(spec: AuditSpec) -> list[WorkloadSpec]:
+    """The workloads of a validated spec, each as its kind's model (in the spec's order)."""
+    return [_workload_model(w, i).model_validate(w) for i, w in enumerate(spec.workloads)]
 
 
 def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
@@ -257,7 +158,9 @@ def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
     return out
 
 
-def _check_guards(spec: AuditSpec, unfitted: list[str] | None = None) -> None:
+def _check_guards(
+    spec: AuditSpec, workloads: list[WorkloadSpec], unfitted: list[str] | None = None
+) -> None:
     """Each guard is valid and every workload of the audit can host it; a monitor folder that
     is not fitted yet goes to `unfitted` when that is a list, and is an error otherwise."""
     if spec.guards is None:
@@ -279,35 +182,33 @@ def _check_guards(spec: AuditSpec, unfitted: list[str] | None = None) -> None:
             if unfitted is None:
                 raise
             unfitted.append(str(exc))
-        for workload in spec.workloads:
-            kind = str(workload.get("kind"))
-            check_workload(config, kind, f"guards[{index}]")
-            check_monitor_kind(config, kind, str(workload.get("name")), f"guards[{index}]")
+        for workload in workloads:
+            check_workload(config, workload.kind, f"guards[{index}]")
+            check_monitor_kind(config, workload.kind, workload.name, f"guards[{index}]")
 
 
-def _check_eval_every(spec: AuditSpec) -> None:
+def _check_eval_every(spec: AuditSpec, workloads: list[WorkloadSpec]) -> None:
     """An `eval.every` the user gave that exceeds `total_steps` would judge nothing."""
     top = spec.eval.every if spec.eval is not None else None
-    for index, workload in enumerate(spec.workloads):
-        own = (workload.get("eval") or {}).get("every")
+    for index, workload in enumerate(workloads):
+        own = workload.eval.every if workload.eval is not None else None
         every, where = (
             (own, f"workloads[{index}].eval.every") if own is not None else (top, "eval.every")
         )
-        total = workload["total_steps"]
+        total = workload.total_steps
         if every is not None and every > total:
             raise StabilityBenchError(
                 f"{where}: {every} is larger than total_steps ({total}) of workload "
-                f"{workload['name']!r}; no evaluation would happen during the run, so collapse "
+                f"{workload.name!r}; no evaluation would happen during the run, so collapse "
                 f"could not be judged; use an eval.every of at most {total}"
             )
 
 
-def _check_reference(workload: dict[str, Any], index: int) -> None:
+def _check_reference(workload: WorkloadSpec, index: int) -> None:
     """Every `reference` knob must be a swept knob of this workload, at one of its swept values."""
-    reference = workload.get("reference")
+    reference, knobs = workload.reference, workload.knobs
     if reference is None:
         return
-    knobs: dict[str, Any] = workload.get("knobs") or {}
     swept = [k for k, v in knobs.items() if isinstance(v, list)]
     allowed = ", ".join(swept) if swept else "none (this workload sweeps no knob)"
     for key, value in reference.items():
@@ -328,23 +229,22 @@ def _check_reference(workload: dict[str, Any], index: int) -> None:
             )
 
 
-def reference_knobs(workload: dict[str, Any]) -> dict[str, Any]:
-    """The healthy knob levels of a workload config: its `reference`, else the first value of
-    every swept knob (a workload that sweeps nothing: {} — every unperturbed run is healthy)."""
-    knobs: dict[str, Any] = workload.get("knobs") or {}
-    first = {k: v[0] for k, v in knobs.items() if isinstance(v, list)}
-    explicit = workload.get("reference")
+def reference_knobs(workload: WorkloadSpec) -> dict[str, Any]:
+    """The healthy knob levels of a workload: its `reference`, else the first value of every
+    swept knob (a workload that sweeps nothing: {} — every unperturbed run is healthy)."""
+    first = {k: v[0] for k, v in workload.knobs.items() if isinstance(v, list)}
+    explicit = workload.reference
     return {**first, **explicit} if explicit else first
 
 
 def references(spec: AuditSpec) -> dict[str, dict[str, Any]]:
     """Workload name → its healthy knob levels (what audit.json stores as `references`)."""
-    return {w["name"]: reference_knobs(w) for w in resolved_workloads(spec)}
+    return {w.name: reference_knobs(w) for w in workload_specs(spec)}
 
 
 def is_healthy(run: RunSpec, reference: dict[str, Any]) -> bool:
     """A healthy run: perturbation `none` and the workload's reference knob levels."""
-    knobs = run.workload.get("knobs", {})
+    knobs = workload_spec(run.workload).knobs
     return (
         not run.perturbations
         and run.guard is None
@@ -361,7 +261,7 @@ def same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _workload_model(workload: Any, index: int) -> type[_WorkloadBase]:
+def _workload_model(workload: Any, index: int) -> type[WorkloadSpec]:
     if not isinstance(workload, dict):
         raise StabilityBenchError(f"workloads[{index}]: must be a mapping with name, kind, …")
     kind = workload.get("kind")
@@ -431,14 +331,13 @@ def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
     what is still unset is left to the workload's own defaults."""
     top = spec.eval.model_dump(exclude_none=True) if spec.eval else {}
     out = []
-    for workload in spec.workloads:
-        model = _workload_model(workload, 0).model_validate(workload)
+    for model in workload_specs(spec):
         config = model.model_dump(exclude_none=True)
         if model.warning is not None:  # what it sets, so the audit's `warning` fills the rest
             config["warning"] = model.warning.model_dump(include=model.warning.model_fields_set)
-        kind = config["kind"]
-        keys = EVAL_KEYS.get(kind, ("every", "batches"))
-        merged = {**top, **(config.get("eval") or {})}
+        keys = EVAL_KEYS.get(model.kind, ("every", "batches"))
+        own = model.eval.model_dump(exclude_none=True) if model.eval is not None else {}
+        merged = {**top, **own}
         config["eval"] = {k: merged[k] for k in keys if k in merged}
         config.setdefault("knobs", {})
         out.append(config)
