@@ -33,6 +33,7 @@ BUNDLED_SHA256 = {
 }
 TOKENIZERS = ("byte", "bpe")
 DEFAULT_BPE_VOCAB = 2048
+_LEFT_OUT: Any = object()  # a tokenizer mapping without vocab_size (null is a wrong value)
 
 # Project Gutenberg wrappers, modern ("*** START OF THE PROJECT GUTENBERG EBOOK …") and older
 # ("*END*THE SMALL PRINT!…", "End of the Project Gutenberg Etext of …").
@@ -195,26 +196,29 @@ class TokenizerSpec:
                 raise StabilityBenchError(
                     f"tokenizer: unknown keys {sorted(unknown)}; allowed: kind, vocab_size"
                 )
-            kind = value.get("kind", "byte")
-            if kind == "byte":
-                if value.get("vocab_size", 256) != 256:
-                    raise StabilityBenchError("tokenizer: byte tokens always have vocab_size 256")
-                return cls()
-            if kind == "bpe":
-                size = value.get("vocab_size", DEFAULT_BPE_VOCAB)
-                if (
-                    not isinstance(size, int)
-                    or isinstance(size, bool)
-                    or not 257 <= size <= 1_000_000
-                ):
-                    raise StabilityBenchError(
-                        f"tokenizer.vocab_size: expected an integer in [257, 1000000], got {size!r}"
-                    )
-                return cls("bpe", size)
+            spec = cls._from_mapping(**value)
+            if spec is not None:
+                return spec
         raise StabilityBenchError(
             f"tokenizer: expected one of {', '.join(TOKENIZERS)} or "
             f"{{kind: bpe, vocab_size: N}}, got {value!r}"
         )
+
+    @classmethod
+    def _from_mapping(cls, kind: Any = "byte", vocab_size: Any = _LEFT_OUT) -> TokenizerSpec | None:
+        """The mapping form {kind, vocab_size}; None for a kind that is neither byte nor bpe."""
+        if kind == "byte":
+            if vocab_size is not _LEFT_OUT and vocab_size != 256:
+                raise StabilityBenchError("tokenizer: byte tokens always have vocab_size 256")
+            return cls()
+        if kind != "bpe":
+            return None
+        size = DEFAULT_BPE_VOCAB if vocab_size is _LEFT_OUT else vocab_size
+        if not isinstance(size, int) or isinstance(size, bool) or not 257 <= size <= 1_000_000:
+            raise StabilityBenchError(
+                f"tokenizer.vocab_size: expected an integer in [257, 1000000], got {size!r}"
+            )
+        return cls("bpe", size)
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,10 +29,10 @@ the training split, alone), `upper` (the training text in capitals), or another 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,6 +48,14 @@ from stabilitybench.workloads.base import (
     finish_validated_run,
     register_workload,
     train_and_validate,
+)
+from stabilitybench.workloads.config import (
+    EvalConfig,
+    ProbeSet,
+    WorkloadConfig,
+    probes_validator,
+    total_steps_validator,
+    workload_name,
 )
 
 SIZES: dict[str, dict[str, int]] = {
@@ -67,7 +75,6 @@ CONFIG_KEYS = (
     "device",
     "probes",
 )
-PROBE_SETS = ("cheap", "stability")
 DEFAULT_KNOBS: dict[str, Any] = {
     "lr": 1e-3,
     "batch_size": 16,
@@ -85,26 +92,9 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "adam_beta2": 0.95,
 }
 GRAD_NOISE_MODES = ("relative", "absolute")
-DEFAULT_EVAL = {"every": 50, "batches": 8}
 MIN_LR_RATIO = 0.1
 ADAPTERS = {"batch"}  # perturbations may also transform training batches
 ATTN_LOGITS_EVERY = 10  # `probes: stability`: attention/output logits every 10 optimizer steps
-
-
-@dataclass(frozen=True)
-class LMSettings:
-    """A checked LM workload config with every default filled in."""
-
-    name: str
-    size: dict[str, int]
-    corpus: str
-    tokenizer: corpora.TokenizerSpec
-    total_steps: int
-    eval_every: int
-    eval_batches: int
-    knobs: dict[str, Any]
-    device: str
-    probes: str = "cheap"
 
 
 def _fail(name: str, message: str) -> StabilityBenchError:
@@ -115,37 +105,36 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_size(name: str, size: Any) -> dict[str, int]:
+def _check_size(size: Any) -> dict[str, int]:
+    """A size name or mapping as {n_layer, n_embd, n_head}."""
     if isinstance(size, str):
         if size not in SIZES:
-            raise _fail(
-                name,
+            raise ValueError(
                 f"unknown size {size!r}; allowed: {', '.join(SIZES)} or "
-                "{n_layer: L, n_embd: E, n_head: H}",
+                "{n_layer: L, n_embd: E, n_head: H}"
             )
         return dict(SIZES[size])
     if isinstance(size, dict):
         keys = ("n_layer", "n_embd", "n_head")
         if set(size) != set(keys) or not all(_integer(size[k]) and size[k] >= 1 for k in keys):
-            raise _fail(
-                name,
-                f"size as a mapping needs exactly n_layer, n_embd, n_head (integers >= 1); got {size!r}",
+            raise ValueError(
+                f"size as a mapping needs exactly n_layer, n_embd, n_head (integers >= 1); got {size!r}"
             )
         if size["n_embd"] % size["n_head"]:
-            raise _fail(
-                name,
-                f"size.n_embd ({size['n_embd']}) must be a multiple of size.n_head ({size['n_head']})",
+            raise ValueError(
+                f"size.n_embd ({size['n_embd']}) must be a multiple of size.n_head ({size['n_head']})"
             )
         return {k: int(size[k]) for k in keys}
-    raise _fail(name, f"size: expected one of {', '.join(SIZES)} or a mapping, got {size!r}")
+    raise ValueError(f"size: expected one of {', '.join(SIZES)} or a mapping, got {size!r}")
 
 
-def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and check every knob's type and range."""
+def _check_knobs(knobs: Any) -> dict[str, Any]:
+    """Every knob, defaults filled in, each checked for type and range."""
+    knobs = dict(knobs or {})
     unknown = sorted(set(knobs) - set(DEFAULT_KNOBS))
     if unknown:
-        raise _fail(
-            name, f"unknown knob knobs.{unknown[0]}; allowed: {', '.join(sorted(DEFAULT_KNOBS))}"
+        raise ValueError(
+            f"unknown knob knobs.{unknown[0]}; allowed: {', '.join(sorted(DEFAULT_KNOBS))}"
         )
     values = {**DEFAULT_KNOBS, **knobs}
 
@@ -162,8 +151,8 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
         if not in_range:
             kind = "an integer" if integer else "a number"
             bracket = "]" if closed else ")"
-            raise _fail(
-                name, f"knobs.{key} must be {kind} in [{low}, {high}{bracket}, got {value!r}"
+            raise ValueError(
+                f"knobs.{key} must be {kind} in [{low}, {high}{bracket}, got {value!r}"
             )
 
     number("lr", 1e-12)
@@ -178,8 +167,8 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     number("adam_eps", 0.0)
     number("adam_beta2", 0.0, 1.0)
     if not isinstance(values["qk_layernorm"], bool):
-        raise _fail(
-            name, f"knobs.qk_layernorm must be true or false, got {values['qk_layernorm']!r}"
+        raise ValueError(
+            f"knobs.qk_layernorm must be true or false, got {values['qk_layernorm']!r}"
         )
     warmup = values["warmup"]
     if _integer(warmup):
@@ -187,57 +176,71 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     else:
         number("warmup", 0.0, 1.0)
     if values["grad_noise_mode"] not in GRAD_NOISE_MODES:
-        raise _fail(
-            name,
-            f"knobs.grad_noise_mode must be one of {', '.join(GRAD_NOISE_MODES)}, got {values['grad_noise_mode']!r}",
+        raise ValueError(
+            f"knobs.grad_noise_mode must be one of {', '.join(GRAD_NOISE_MODES)}, got {values['grad_noise_mode']!r}"
         )
     return values
 
 
-def parse_config(config: dict[str, Any]) -> LMSettings:
+class LMEval(EvalConfig):
+    """When and how much an LM run evaluates: every `every` optimizer steps, on `batches` fixed
+    validation batches."""
+
+    shape: ClassVar[str] = "{every: N, batches: M}"
+
+    every: int = 50
+    batches: int = 8
+
+
+class LMConfig(WorkloadConfig):
+    """A checked LM workload config with every default filled in (no corpus read yet); its
+    fields in the order they are checked."""
+
+    default_name: ClassVar[str] = "lm"
+    config_keys: ClassVar[tuple[str, ...] | None] = CONFIG_KEYS
+
+    size: dict[str, int] = Field(default="tiny", validate_default=True)  # n_layer, n_embd, n_head
+    corpus: str = "shakespeare"
+    total_steps: int = Field(default=None, validate_default=True)  # optimizer steps
+    eval: LMEval = Field(default_factory=LMEval)
+    tokenizer: corpora.TokenizerSpec = Field(default=None, validate_default=True)
+    device: str = Field(default="auto", validate_default=True)  # cpu or cuda; auto: cuda if there
+    probes: ProbeSet = "cheap"
+    knobs: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # all, filled in
+
+    _size = field_validator("size", mode="before")(_check_size)
+    _total_steps = total_steps_validator()
+    _probes = probes_validator()
+    _knobs = field_validator("knobs", mode="before")(_check_knobs)
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _corpus_name(cls, corpus: Any) -> Any:
+        if not isinstance(corpus, str) or not corpus:
+            raise ValueError(f"corpus: expected shakespeare, a path, or hf:NAME; got {corpus!r}")
+        return corpus
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer(cls, tokenizer: Any) -> corpora.TokenizerSpec:
+        try:
+            return corpora.TokenizerSpec.parse(tokenizer)
+        except StabilityBenchError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, device: Any) -> str:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda; got {device!r}")
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return str(device)
+
+
+def parse_config(config: dict[str, Any]) -> LMConfig:
     """Check an LM workload config (no corpus reading) and fill in defaults."""
-    name = str(config.get("name", "lm"))
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise _fail(name, f"unknown key {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
-    size = _check_size(name, config.get("size", "tiny"))
-    corpus = config.get("corpus", "shakespeare")
-    if not isinstance(corpus, str) or not corpus:
-        raise _fail(name, f"corpus: expected shakespeare, a path, or hf:NAME; got {corpus!r}")
-    total_steps = config.get("total_steps")
-    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
-        raise _fail(name, f"total_steps must be an integer >= 1, got {total_steps!r}")
-    evaluation = {**DEFAULT_EVAL, **(config.get("eval") or {})}
-    unknown_eval = sorted(set(evaluation) - set(DEFAULT_EVAL))
-    if unknown_eval:
-        raise _fail(name, f"unknown key eval.{unknown_eval[0]}; allowed: every, batches")
-    for key in DEFAULT_EVAL:
-        if not _integer(evaluation[key]) or evaluation[key] < 1:
-            raise _fail(name, f"eval.{key} must be an integer >= 1, got {evaluation[key]!r}")
-    try:
-        tokenizer = corpora.TokenizerSpec.parse(config.get("tokenizer"))
-    except StabilityBenchError as exc:
-        raise _fail(name, str(exc)) from None
-    device = config.get("device", "auto")
-    if device not in ("auto", "cpu", "cuda"):
-        raise _fail(name, f"device must be one of auto, cpu, cuda; got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    probes = config.get("probes", "cheap")
-    if probes not in PROBE_SETS:
-        raise _fail(name, f"probes must be one of {', '.join(PROBE_SETS)}; got {probes!r}")
-    return LMSettings(
-        name=name,
-        size=size,
-        corpus=corpus,
-        tokenizer=tokenizer,
-        total_steps=int(total_steps),
-        eval_every=int(evaluation["every"]),
-        eval_batches=int(evaluation["batches"]),
-        knobs=_check_knobs(name, dict(config.get("knobs") or {})),
-        device=str(device),
-        probes=str(probes),
-    )
+    return LMConfig.read(config)
 
 
 def build_model(
@@ -338,7 +341,7 @@ def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:
 class LMTrainer:
     """Model, optimizer, data and one `train_step()`: the LM workload's loop without the run folder."""
 
-    def __init__(self, settings: LMSettings, seed: int) -> None:
+    def __init__(self, settings: LMConfig, seed: int) -> None:
         knobs = settings.knobs
         self.settings = settings
         self.device = torch.device(settings.device)
@@ -387,7 +390,7 @@ class LMTrainer:
             self.optimizer, lambda step: lr_multiplier(step, total, warmup_steps)
         )
         self.validation = corpora.fixed_batches(
-            tokens.validation, settings.eval_batches, self.batch_size, self.block_size
+            tokens.validation, settings.eval.batches, self.batch_size, self.block_size
         )
         self.label_smoothing = float(knobs["label_smoothing"])
         self.z_loss = float(knobs["z_loss"])
@@ -419,7 +422,7 @@ class LMTrainer:
         shifts = [p for p in getattr(self.schedule, "perturbations", []) if p.name == "data_shift"]
         step = self.schedule.telemetry.step + 1 if shifts else 0
         active = [p for p in shifts if p.would_cover(step)] or shifts
-        return str(active[0].values.get("source", "tail")) if active else "tail"
+        return str(active[0].values["source"]) if active else "tail"
 
     def train_step(self) -> float:
         """One optimizer step; returns the training cross-entropy (a host sync).
@@ -478,7 +481,7 @@ class LMWorkload:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.name = str(config.get("name", "lm"))
+        self.name = workload_name(config, LMConfig.default_name)
 
     def _schedule(self, spec: RunSpec, total_steps: int, vocab_size: int | None = None) -> Any:
         """The perturbation schedule, or None for a baseline run."""
@@ -506,7 +509,7 @@ class LMWorkload:
             for p in schedule.perturbations:
                 if p.name == "data_shift":
                     try:
-                        corpora.check_shift_source(str(p.values.get("source", "tail")))
+                        corpora.check_shift_source(str(p.values["source"]))
                     except StabilityBenchError as exc:
                         raise _fail(
                             settings.name, f"perturbation {p.label!r}: source: {exc}"
@@ -542,7 +545,7 @@ class LMWorkload:
         try:
             result = train_and_validate(
                 settings.total_steps,
-                settings.eval_every,
+                settings.eval.every,
                 train_step,
                 trainer.validation_loss,
                 guard,

@@ -22,12 +22,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
+
+from pydantic import Field, ValidationInfo, field_validator
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import RunWriter
 from stabilitybench.types import RunSpec
 from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
+from stabilitybench.workloads.config import (
+    EvalConfig,
+    ProbeSet,
+    WorkloadConfig,
+    earlier_fields,
+    probes_validator,
+    total_steps_validator,
+)
 
 if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
@@ -73,7 +83,6 @@ PROBE_SETS: dict[str, tuple[str, ...]] = {
     "cheap": ("cheap",),
     "stability": ("cheap", "adam_rms", "eos", "layer_max"),  # no attention in an MLP policy
 }
-EVAL_FIELDS: tuple[str, ...] = ("every", "episodes")
 EVAL_SEED_OFFSET = 1_000_003  # the evaluation env's seed is the run's seed plus this
 
 _INF = math.inf
@@ -131,18 +140,74 @@ workload passes `inf`, which makes the clip coefficient clamp(inf / (norm + 1e-6
 gradients are multiplied by exactly 1.0 and so are unchanged (the norm is still computed)."""
 
 
-@dataclass(frozen=True)
-class RLSettings:
-    """A checked workload config with every default filled in."""
+class RLEval(EvalConfig):
+    """When and how much an RL run evaluates: every `every` env steps (left out: a tenth of the
+    budget), `episodes` deterministic episodes."""
 
-    name: str
-    algo: str
-    env: str
-    total_steps: int
-    eval_every: int
-    eval_episodes: int
-    knobs: dict[str, Any]  # SB3 constructor arguments plus `action_noise` for TD3
-    probes: str = "cheap"
+    unknown_word: ClassVar[str | None] = "field"
+    shape: ClassVar[str] = "{every: N, episodes: M}"
+
+    every: int | None = None
+    episodes: int = 5
+
+
+class RLConfig(WorkloadConfig):
+    """A checked RL workload config with every default filled in; its fields in the order they
+    are checked."""
+
+    default_name: ClassVar[str] = "rl"
+    config_keys: ClassVar[tuple[str, ...] | None] = CONFIG_FIELDS
+    unknown_word: ClassVar[str] = "field"
+
+    algo: str = Field(default=None, validate_default=True)
+    env: str = Field(default=None, validate_default=True)
+    total_steps: int = Field(default=None, validate_default=True)  # environment steps
+    eval: RLEval = Field(default_factory=RLEval)
+    # SB3 constructor arguments plus `action_noise` for TD3, with the defaults of `_defaults`
+    knobs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    probes: ProbeSet = "cheap"
+
+    _total_steps = total_steps_validator(" (environment steps)")
+    _probes = probes_validator()
+
+    @field_validator("algo", mode="before")
+    @classmethod
+    def _known_algo(cls, algo: Any) -> Any:
+        if algo not in ALGOS:
+            raise ValueError(f"unknown algo {algo!r}; allowed: {', '.join(ALGOS)}")
+        return algo
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _known_env(cls, env: Any, info: ValidationInfo) -> Any:
+        if env not in ENVS:
+            raise ValueError(f"unknown env {env!r}; allowed: {', '.join(ENVS)}")
+        (algo,) = earlier_fields(info, "algo") or (None,)
+        if algo in ("sac", "td3") and not ENVS[env].continuous:
+            continuous = [name for name, known in ENVS.items() if known.continuous]
+            raise ValueError(
+                f"algo {algo!r} needs continuous (Box) actions but env {env!r} has discrete "
+                f"actions; use algo 'ppo', or one of: {', '.join(continuous)}"
+            )
+        return env
+
+    @field_validator("knobs", mode="before")
+    @classmethod
+    def _checked_knobs(cls, knobs: Any, info: ValidationInfo) -> Any:
+        earlier = earlier_fields(info, "algo", "total_steps")
+        if earlier is None:
+            return knobs
+        algo, total_steps = earlier
+        return _defaults(algo, total_steps, _check_knobs(algo, dict(knobs or {})))
+
+    @property
+    def eval_every(self) -> int:
+        """Env steps between evaluations."""
+        return self.eval.every if self.eval.every is not None else max(self.total_steps // 10, 1)
+
+    @property
+    def eval_episodes(self) -> int:
+        return self.eval.episodes
 
     @property
     def env_info(self) -> EnvInfo:
@@ -158,74 +223,21 @@ class RLSettings:
         return max(trained // k["train_freq"] * k["gradient_steps"], 1)
 
 
-def parse_config(config: dict[str, Any]) -> RLSettings:
+def parse_config(config: dict[str, Any]) -> RLConfig:
     """Check an RL workload config and fill defaults; any problem is one StabilityBenchError."""
-    name = str(config.get("name", "rl"))
-    where = f"workload {name!r}"
-    unknown = sorted(set(config) - set(CONFIG_FIELDS))
-    if unknown:
-        raise StabilityBenchError(
-            f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(CONFIG_FIELDS)}"
-        )
-    algo = config.get("algo")
-    if algo not in ALGOS:
-        raise StabilityBenchError(f"{where}: unknown algo {algo!r}; allowed: {', '.join(ALGOS)}")
-    env = config.get("env")
-    if env not in ENVS:
-        raise StabilityBenchError(f"{where}: unknown env {env!r}; allowed: {', '.join(ENVS)}")
-    if algo in ("sac", "td3") and not ENVS[env].continuous:
-        continuous = [e for e, info in ENVS.items() if info.continuous]
-        raise StabilityBenchError(
-            f"{where}: algo {algo!r} needs continuous (Box) actions but env {env!r} has discrete "
-            f"actions; use algo 'ppo', or one of: {', '.join(continuous)}"
-        )
-    total_steps = config.get("total_steps")
-    if not _is_int(total_steps) or total_steps < 1:
-        raise StabilityBenchError(
-            f"{where}: total_steps (environment steps) must be an integer >= 1, got {total_steps!r}"
-        )
-    evaluation = config.get("eval") or {}
-    if not isinstance(evaluation, dict):
-        raise StabilityBenchError(f"{where}: eval must be a mapping {{every: N, episodes: M}}")
-    bad = sorted(set(evaluation) - set(EVAL_FIELDS))
-    if bad:
-        raise StabilityBenchError(
-            f"{where}: unknown field eval.{bad[0]}; allowed: {', '.join(EVAL_FIELDS)}"
-        )
-    every = evaluation.get("every", max(total_steps // 10, 1))
-    episodes = evaluation.get("episodes", 5)
-    for key, value in (("every", every), ("episodes", episodes)):
-        if not _is_int(value) or value < 1:
-            raise StabilityBenchError(f"{where}: eval.{key} must be an integer >= 1, got {value!r}")
-    knobs = _check_knobs(where, algo, dict(config.get("knobs") or {}))
-    probes = config.get("probes", "cheap")
-    if probes not in PROBE_SETS:
-        raise StabilityBenchError(
-            f"{where}: probes must be one of {', '.join(PROBE_SETS)}; got {probes!r}"
-        )
-    return RLSettings(
-        name,
-        algo,
-        env,
-        total_steps,
-        every,
-        episodes,
-        _defaults(algo, total_steps, knobs),
-        str(probes),
-    )
+    return RLConfig.read(config)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]:
+def _check_knobs(algo: str, knobs: dict[str, Any]) -> dict[str, Any]:
     allowed = KNOBS[algo]
     for key, value in knobs.items():
         if key not in allowed:
-            raise StabilityBenchError(
-                f"{where}: unknown knob knobs.{key} for algo {algo!r}; "
-                f"allowed: {', '.join(sorted(allowed))}"
+            raise ValueError(
+                f"unknown knob knobs.{key} for algo {algo!r}; allowed: {', '.join(sorted(allowed))}"
             )
         knob = allowed[key]
         if value is None and knob.nullable:
@@ -233,8 +245,8 @@ def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]
         if knob.kind == "ent_coef" and isinstance(value, str):
             if value == "auto" or (value.startswith("auto_") and _positive_float(value[5:])):
                 continue
-            raise StabilityBenchError(
-                f"{where}: knobs.ent_coef must be a number >= 0, 'auto' or 'auto_<initial value>' "
+            raise ValueError(
+                f"knobs.ent_coef must be a number >= 0, 'auto' or 'auto_<initial value>' "
                 f"(e.g. 'auto_0.1'), got {value!r}"
             )
         is_number = (
@@ -254,8 +266,8 @@ def _check_knobs(where: str, algo: str, knobs: dict[str, Any]) -> dict[str, Any]
                 if knob.kind == "ent_coef"
                 else (", or null (off)" if knob.nullable else "")
             )
-            raise StabilityBenchError(
-                f"{where}: knobs.{key} must be {kind} in {left}{knob.low}, {knob.high}{right}"
+            raise ValueError(
+                f"knobs.{key} must be {kind} in {left}{knob.low}, {knob.high}{right}"
                 f"{extra}, got {value!r}"
             )
     return knobs
@@ -292,7 +304,7 @@ def _defaults(algo: str, total_steps: int, knobs: dict[str, Any]) -> dict[str, A
 
 
 def build_model(
-    settings: RLSettings,
+    settings: RLConfig,
     seed: int,
     wrap_env: Callable[[Any], Any] | None = None,
 ) -> BaseAlgorithm:
@@ -353,7 +365,7 @@ class RLWorkload:
         """What perturbations may act on: the training env, and MuJoCo physics for MuJoCo envs."""
         return {"env", "mujoco"} if self.settings.env_info.mujoco else {"env"}
 
-    def _schedule(self, spec: RunSpec, settings: RLSettings) -> Any:
+    def _schedule(self, spec: RunSpec, settings: RLConfig) -> Any:
         """The perturbation schedule (validated against this workload), or None for a baseline."""
         if not spec.perturbations:
             return None
@@ -439,7 +451,7 @@ class _Evaluation:
 
 
 def _telemetry_callback(
-    spec: RunSpec, settings: RLSettings, schedule: Any, writer: RunWriter
+    spec: RunSpec, settings: RLConfig, schedule: Any, writer: RunWriter
 ) -> StabilityCallback:
     """The SB3 callback that records telemetry, drives the perturbations and hosts the guard."""
     from stabilitybench.integrations.sb3 import StabilityCallback
@@ -457,7 +469,7 @@ def _telemetry_callback(
 
 def _learn(
     model: BaseAlgorithm,
-    settings: RLSettings,
+    settings: RLConfig,
     telemetry_callback: StabilityCallback,
     evaluation: _Evaluation,
 ) -> tuple[bool, int]:

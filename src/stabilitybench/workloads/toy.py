@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import os
 import signal
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.core import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
@@ -36,6 +36,12 @@ from stabilitybench.workloads.base import (
     finish_validated_run,
     register_workload,
     train_and_validate,
+)
+from stabilitybench.workloads.config import (
+    EvalConfig,
+    WorkloadConfig,
+    total_steps_validator,
+    workload_name,
 )
 
 INPUT_DIM = 16
@@ -54,13 +60,13 @@ DEFAULT_KNOBS: dict[str, Any] = {
 ADAPTERS: set[str] = set()  # perturbations act through optimizer hooks / parameter edits only
 
 
-def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and check every knob's type and range."""
+def _check_knobs(knobs: Any) -> dict[str, Any]:
+    """Every knob, defaults filled in, each checked for type and range."""
+    knobs = dict(knobs or {})
     unknown = sorted(set(knobs) - set(DEFAULT_KNOBS))
     if unknown:
-        raise StabilityBenchError(
-            f"workload {name!r}: unknown knob knobs.{unknown[0]}; "
-            f"allowed: {', '.join(sorted(DEFAULT_KNOBS))}"
+        raise ValueError(
+            f"unknown knob knobs.{unknown[0]}; allowed: {', '.join(sorted(DEFAULT_KNOBS))}"
         )
     values = {**DEFAULT_KNOBS, **knobs}
 
@@ -69,9 +75,7 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
         ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok_type or not (low <= value < high):
             kind = "an integer" if integer else "a number"
-            raise StabilityBenchError(
-                f"workload {name!r}: knobs.{key} must be {kind} in [{low}, {high}), got {value!r}"
-            )
+            raise ValueError(f"knobs.{key} must be {kind} in [{low}, {high}), got {value!r}")
 
     number("lr", 1e-12)
     number("hidden", 1, integer=True)
@@ -82,6 +86,31 @@ def _check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
         if values[key] is not None:
             number(key, 0, integer=True)
     return values
+
+
+class ToyEval(EvalConfig):
+    """When and how much a toy run evaluates: every `every` optimizer steps, on `batches` ×
+    256 validation samples (other keys are ignored)."""
+
+    unknown_word: ClassVar[str | None] = None
+    shape: ClassVar[str] = "{every: N, batches: M}"
+
+    every: int = 20
+    batches: int = 2
+
+
+class ToyConfig(WorkloadConfig):
+    """A checked toy workload config with every default filled in (keys it does not read are
+    ignored); its fields in the order they are checked."""
+
+    default_name: ClassVar[str] = "toy"
+
+    total_steps: int = Field(default=None, validate_default=True)  # optimizer steps
+    eval: ToyEval = Field(default_factory=ToyEval)
+    knobs: dict[str, Any] = Field(default_factory=dict, validate_default=True)  # all, filled in
+
+    _total_steps = total_steps_validator()
+    _knobs = field_validator("knobs", mode="before")(_check_knobs)
 
 
 class _ToyTrainer:
@@ -153,23 +182,7 @@ class ToyWorkload:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.name = str(config.get("name", "toy"))
-
-    def _settings(self, spec: RunSpec) -> tuple[int, int, int, dict[str, Any]]:
-        cfg = spec.workload
-        total_steps = cfg.get("total_steps")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise StabilityBenchError(
-                f"workload {self.name!r}: total_steps must be an integer >= 1, got {total_steps!r}"
-            )
-        evaluation = cfg.get("eval") or {}
-        every, batches = evaluation.get("every", 20), evaluation.get("batches", 2)
-        for key, value in (("every", every), ("batches", batches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StabilityBenchError(
-                    f"workload {self.name!r}: eval.{key} must be an integer >= 1, got {value!r}"
-                )
-        return total_steps, every, batches, _check_knobs(self.name, dict(cfg.get("knobs") or {}))
+        self.name = workload_name(config, ToyConfig.default_name)
 
     def _schedule(self, spec: RunSpec, total_steps: int) -> Any:
         """The perturbation schedule, or None for a baseline run."""
@@ -183,16 +196,17 @@ class ToyWorkload:
 
     def validate(self, spec: RunSpec) -> None:
         """Check knobs, budget and that every perturbation can act on this workload."""
-        total_steps, _, _, _ = self._settings(spec)
-        schedule = self._schedule(spec, total_steps)
+        settings = ToyConfig.read(spec.workload)
+        schedule = self._schedule(spec, settings.total_steps)
         if schedule is not None:
             schedule.validate(ADAPTERS, where=f"workload {self.name!r} (kind toy)")
 
     def run(self, spec: RunSpec, writer: RunWriter) -> RunOutcome:
         """Train the student for `total_steps` optimizer steps, writing the run's three tables."""
-        total_steps, eval_every, eval_batches, knobs = self._settings(spec)
+        settings = ToyConfig.read(spec.workload)
+        total_steps = settings.total_steps
         torch.manual_seed(spec.seed)
-        trainer = _ToyTrainer(knobs, eval_batches, data_seed=spec.seed * 7919 + 1)
+        trainer = _ToyTrainer(settings.knobs, settings.eval.batches, data_seed=spec.seed * 7919 + 1)
         telemetry = Telemetry(
             trainer.model, trainer.optimizer, probes="cheap", sink=writer, total_steps=total_steps
         )
@@ -210,7 +224,7 @@ class ToyWorkload:
         try:
             result = train_and_validate(
                 total_steps,
-                eval_every,
+                settings.eval.every,
                 train_step,
                 trainer.validation_loss,
                 guard,
