@@ -123,14 +123,14 @@ def test_dry_run_prints_the_grid_and_writes_nothing(write_spec: Any, tmp_path: P
 def test_the_estimate_follows_the_cost_knobs() -> None:
     from stabilitybench.audit.runner import estimate_run_seconds
 
-    lm = {"kind": "lm", "size": "small", "total_steps": 1000, "knobs": {}}
+    lm = {"name": "lm", "kind": "lm", "size": "small", "total_steps": 1000, "knobs": {}}
     full = estimate_run_seconds(lm)
     quarter = estimate_run_seconds({**lm, "knobs": {"batch_size": 4, "block_size": 128}})
     assert 0.25 < quarter / full < 0.3  # a quarter of the tokens, plus the fixed share
-    sac = {"kind": "rl", "algo": "sac", "total_steps": 8000, "knobs": {}}
+    sac = {"name": "sac", "kind": "rl", "algo": "sac", "env": "Pendulum-v1", "total_steps": 8000}
     halved = {**sac, "knobs": {"train_freq": 2, "batch_size": [256, 128]}}  # swept: first value
     assert 0.5 < estimate_run_seconds(halved) / estimate_run_seconds(sac) < 0.6
-    ppo = {"kind": "rl", "algo": "ppo", "total_steps": 8000, "knobs": {"batch_size": 4}}
+    ppo = {**sac, "name": "ppo", "algo": "ppo", "knobs": {"batch_size": 4}}
     assert estimate_run_seconds(ppo) == estimate_run_seconds({**ppo, "knobs": {}})
 
 

@@ -34,6 +34,13 @@ from stabilitybench.audit.spec import (
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.store import PerturbationInfo, RunInfo, RunStore
 from stabilitybench.types import RunSpec, RunStatus
+from stabilitybench.workloads.config import (
+    EvalSpec,
+    LMWorkloadSpec,
+    RLWorkloadSpec,
+    ToyWorkloadSpec,
+    workload_spec,
+)
 
 PROCESS_OVERHEAD_S = 1.0  # a fresh worker process, imports, writing the run's files
 RL_ENV_STEPS_PER_S = {  # SAC/TD3: only a fallback, see estimate_run_seconds
@@ -136,7 +143,7 @@ def run_info(run: RunSpec, reference: dict[str, Any] | None = None) -> RunInfo:
         audit=run.audit,
         workload=run.workload["name"],
         kind=run.workload["kind"],
-        knobs=dict(run.workload.get("knobs", {})),
+        knobs=dict(workload_spec(run.workload).knobs),
         perturbation=perturbation,
         guard=None if run.guard is None else {"label": run.guard_label, **run.guard},
         seed=run.seed,
@@ -365,41 +372,48 @@ def print_where(out: Path, report_path: Path | None, console: Console) -> None:
 
 
 def estimate_run_seconds(workload: dict[str, Any]) -> float:
-    """A rough wall-clock estimate of one run on one CPU core (for `--dry-run`)."""
-    kind = workload.get("kind")
-    steps = float(workload.get("total_steps", 0))
-    evaluation = workload.get("eval") or {}
-    n_evals = steps / max(float(evaluation.get("every", steps) or steps), 1.0) + 1
-    knobs = workload.get("knobs") or {}
-    if kind == "rl":
-        algo = str(workload.get("algo"))
-        per_env_step = 1.0 / RL_ENV_STEPS_PER_S.get(algo, 500.0)
-        if algo in ("sac", "td3"):  # the gradient steps dominate: scale by how many, how big
-            fixed, per_sample = OFF_POLICY_UPDATE_S
-            update = fixed + per_sample * _first_number(knobs.get("batch_size"), 256)
-            ratio = _first_number(knobs.get("gradient_steps"), 1) / _first_number(
-                knobs.get("train_freq"), 1
-            )
-            per_env_step = OFF_POLICY_ENV_S + update * ratio * (0.85 if algo == "td3" else 1.0)
-        # evaluation episodes: assume ~200 env steps each at ~5,000 inference steps/s
-        eval_s = n_evals * float(evaluation.get("episodes", 5)) * 200 / 5000.0
-        return PROCESS_OVERHEAD_S + 2.0 + steps * per_env_step + eval_s
-    if kind == "lm":
-        size = workload.get("size", "tiny")
-        per_step = LM_SECONDS_PER_STEP.get(str(size), 1.0)
-        tokens = _first_number(knobs.get("batch_size"), 16) * _first_number(
-            knobs.get("block_size"), 128
-        )
-        per_step *= LM_FIXED_SHARE + (1 - LM_FIXED_SHARE) * tokens / LM_REFERENCE_TOKENS
-        eval_s = n_evals * float(evaluation.get("batches", 8)) * per_step / 3.0
-        return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
-    if kind == "toy":
+    """A rough wall-clock estimate of one run on one CPU core (for `--dry-run`), from a resolved
+    workload config (a RunSpec's `workload`)."""
+    spec = workload_spec(workload)
+    steps = float(spec.total_steps)
+    evaluation = spec.eval or EvalSpec()
+    n_evals = steps / max(float(evaluation.every or steps), 1.0) + 1
+    if isinstance(spec, RLWorkloadSpec):
+        return _rl_seconds(spec, steps, n_evals * (evaluation.episodes or 5))
+    if isinstance(spec, LMWorkloadSpec):
+        return _lm_seconds(spec, steps, n_evals * (evaluation.batches or 8))
+    if isinstance(spec, ToyWorkloadSpec):
         return PROCESS_OVERHEAD_S + steps * TOY_SECONDS_PER_STEP
     return PROCESS_OVERHEAD_S + steps * 0.01
 
 
-def _first_number(value: Any, default: float) -> float:
+def _rl_seconds(spec: RLWorkloadSpec, steps: float, eval_episodes: float) -> float:
+    per_env_step = 1.0 / RL_ENV_STEPS_PER_S.get(spec.algo, 500.0)
+    if spec.algo in ("sac", "td3"):  # the gradient steps dominate: scale by how many, how big
+        fixed, per_sample = OFF_POLICY_UPDATE_S
+        update = fixed + per_sample * _knob_number(spec.knobs, "batch_size", 256)
+        ratio = _knob_number(spec.knobs, "gradient_steps", 1) / _knob_number(
+            spec.knobs, "train_freq", 1
+        )
+        per_env_step = OFF_POLICY_ENV_S + update * ratio * (0.85 if spec.algo == "td3" else 1.0)
+    # evaluation episodes: assume ~200 env steps each at ~5,000 inference steps/s
+    eval_s = eval_episodes * 200 / 5000.0
+    return PROCESS_OVERHEAD_S + 2.0 + steps * per_env_step + eval_s
+
+
+def _lm_seconds(spec: LMWorkloadSpec, steps: float, eval_batches: float) -> float:
+    per_step = LM_SECONDS_PER_STEP.get(str(spec.size), 1.0)
+    tokens = _knob_number(spec.knobs, "batch_size", 16) * _knob_number(
+        spec.knobs, "block_size", 128
+    )
+    per_step *= LM_FIXED_SHARE + (1 - LM_FIXED_SHARE) * tokens / LM_REFERENCE_TOKENS
+    eval_s = eval_batches * per_step / 3.0
+    return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
+
+
+def _knob_number(knobs: dict[str, Any], key: str, default: float) -> float:
     """A knob's value for the estimate: a number, the first of a swept list, else `default`."""
+    value = knobs.get(key)
     value = value[0] if isinstance(value, list) and value else value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -431,7 +445,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         status = plan.statuses.get(run.run_id, "new")
         if status != RunStatus.DONE.value:
             todo_s += seconds
-        knobs = ", ".join(f"{k}={v}" for k, v in run.workload.get("knobs", {}).items())
+        knobs = ", ".join(f"{k}={v}" for k, v in workload_spec(run.workload).knobs.items())
         row = [
             run.run_id,
             run.workload["name"],
