@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,7 +116,7 @@ class GuardStats:
     snapshots: int = 0
     snapshot_bytes: int = 0  # of one rollback snapshot (CPU)
     undo_bytes: int = 0  # of the skip buffer (device)
-    by_action: dict[str, int] = field(default_factory=dict)
+    by_action: Counter[str] = field(default_factory=Counter)  # interventions by action
 
 
 def build_detector(config: GuardConfig) -> Any:
@@ -349,7 +349,7 @@ class Guard:
             self.stats.skipped_steps += 1
         if action in ("lr_cut", "rollback"):
             self._cut_until = max(self._cut_until, step + self.config.cooldown)
-        self.stats.by_action[action] = self.stats.by_action.get(action, 0) + 1
+        self.stats.by_action[action] += 1
         self.last_action = action
         self.interventions.append(
             Intervention(

@@ -96,17 +96,17 @@ class StabilityTrainerCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._start(state, kwargs)
+        self._start(state, **kwargs)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._start(state, kwargs)  # the optimizer may only exist now (DeepSpeed, custom loops)
+        self._start(state, **kwargs)  # the optimizer may only exist now (DeepSpeed, custom loops)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._start(state, kwargs)
+        self._start(state, **kwargs)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -128,14 +128,15 @@ class StabilityTrainerCallback(TrainerCallback):
     # ---- internals ------------------------------------------------------------------------------
     _active = False
 
-    def _start(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
-        """Create the telemetry once per `train()` call, as soon as the optimizer exists."""
-        if self._active or kwargs.get("optimizer") is None:
+    def _start(
+        self, state: TrainerState, model: Any = None, optimizer: Any = None, **_: Any
+    ) -> None:
+        """Create the telemetry once per `train()` call, as soon as the optimizer exists (the
+        Trainer passes its `model` and `optimizer` to every event; None until it has one)."""
+        if self._active or optimizer is None:
             return
-        model = kwargs.get("model")
-        optimizer = unwrap_optimizer(kwargs["optimizer"])
         total = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
-        telemetry = self._adapter.start(model, optimizer, total)
+        telemetry = self._adapter.start(model, unwrap_optimizer(optimizer), total)
         if self._release_clip is not None:
             self._release_clip()
         # The Trainer clips (or, with max_grad_norm 0, measures) through

@@ -213,10 +213,10 @@ class StabilityCallback(BaseCallback):
         if self.guard is not None:
             # Score the last update of the previous training phase now (its row has SB3's
             # logged losses) and act before the next rollout is collected.
-            rollbacks = self.guard.stats.by_action.get("rollback", 0)
+            rollbacks = self.guard.stats.by_action["rollback"]
             self.guard.after_step()
             self.guard.release()
-            if self.guard.stats.by_action.get("rollback", 0) > rollbacks and self._params_finite():
+            if self.guard.stats.by_action["rollback"] > rollbacks and self._params_finite():
                 self._loss_diverged = False  # the state that logged a non-finite loss is gone
         if self.stop_on_divergence and self.diverged:
             raise TrainingDiverged(
