@@ -21,6 +21,16 @@ LOSS_EMA_SPAN = 5.0
 """Optimizer steps: the span of the training-loss EMA that times a collapse (LM, toy, imported)."""
 RETURN_EMA_SPAN = 5.0
 """Training episodes: the span of the episode-return EMA that times a collapse (RL)."""
+LEARNED_SIGMAS = 3.0
+"""A run is judged only if it gained more than this many σ (evaluation noise) before onset."""
+DROP_SIGMAS = 3.0
+"""A collapse is a drop below the pre-onset level of more than this many σ (among others)."""
+BASELINE_QUANTILE = 0.95
+"""The quantile of matched baselines' drops that a collapse must exceed."""
+CONFIRM_EVALS = 2
+"""Consecutive evaluations that confirm a collapse (and a recovery)."""
+EVALS_AFTER = 2
+"""Evaluations left after a confirmed collapse that make it irreversible (fewer: censored)."""
 HORIZON = 100
 """Optimizer steps. Room for a 50-step lead with as much again on either side, short enough that
 a warning is about this run's next moves (the guards' rollback ring reaches 80 steps back), and
@@ -43,6 +53,12 @@ class CollapseSettings(_Settings):
     pre_evals: int = Field(default=PRE_EVALS, ge=1)
     loss_ema_span: float = Field(default=LOSS_EMA_SPAN, gt=0.0)  # optimizer steps
     return_ema_span: float = Field(default=RETURN_EMA_SPAN, gt=0.0)  # training episodes
+    # Calibrated on the runs that were not perturbed (matched baselines of other seeds):
+    learned_sigmas: float = Field(default=LEARNED_SIGMAS, gt=0.0)  # gain needed to be judged
+    drop_sigmas: float = Field(default=DROP_SIGMAS, gt=0.0)  # least drop that is a collapse
+    baseline_quantile: float = Field(default=BASELINE_QUANTILE, gt=0.0, le=1.0)
+    confirm_evals: int = Field(default=CONFIRM_EVALS, ge=1)  # consecutive evaluations
+    evals_after: int = Field(default=EVALS_AFTER, ge=0)  # left after a collapse: else censored
 
     @model_validator(mode="after")
     def _recovery_above_threshold(self) -> CollapseSettings:

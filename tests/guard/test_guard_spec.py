@@ -225,7 +225,8 @@ def test_unguarded_run_ids_and_spec_hash_are_what_they_were_before_guards() -> N
 def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Path) -> None:
     guard = {"detector": "zclip", "action": "rollback", "every": 5, "keep": 4, "min_age": 5}
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(_spec(["none", guard])))
+    # two seeds: each run's collapse label is calibrated on the other seed's unperturbed run
+    path.write_text(yaml.safe_dump(_spec(["none", guard], seeds=[0, 1])))
     out = tmp_path / "audit"
     result = CliRunner().invoke(
         app, ["audit", str(path), "--out", str(out), "--workers", "1", "--no-report"]
@@ -233,11 +234,13 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
     assert result.exit_code == 0, result.output
     store = RunStore.open(out)
     infos = {i.label: i for i in store.infos()}
-    spiked = next(i for label, i in infos.items() if "lr_spike" in label and "guard=" in label)
+    spiked = next(
+        i for label, i in infos.items() if "lr_spike" in label and "guard=" in label and i.seed == 0
+    )
     assert (spiked.guard or {})["label"] == "zclip:rollback(every=5,keep=4,min_age=5)"
     assert spiked.healthy is False
     unguarded = [i for i in infos.values() if i.guard is None]
-    assert len(unguarded) == 2
+    assert len(unguarded) == 4
     events = store.load(spiked.run_id).events
     kinds = list(events["kind"])
     assert "lr_spike" in kinds and "guard" in kinds
@@ -248,18 +251,21 @@ def test_guarded_toy_audit_records_the_guard_and_its_interventions(tmp_path: Pat
     document = json.loads(summary.output)
     conditions = document["conditions"]
     (spiked_guarded,) = [g for g in document["guards"] if g["perturbation"].startswith("lr_spike")]
-    n_events = int((events["kind"] == "guard").sum())
-    assert spiked_guarded["n_runs"] == 1 and spiked_guarded["n_unguarded"] == 1
-    assert spiked_guarded["interventions_per_run"] == n_events
-    assert sum(spiked_guarded["by_action"].values()) == n_events
-    assert spiked_guarded["collapse_unguarded"]["n"] == 1
+    guarded = [i for i in infos.values() if i.guard is not None and "lr_spike" in i.label]
+    n_events = [
+        int((store.load(i.run_id).events["kind"] == "guard").sum()) for i in guarded
+    ]  # per guarded run of the spiked condition (both seeds)
+    assert spiked_guarded["n_runs"] == 2 and spiked_guarded["n_unguarded"] == 2
+    assert spiked_guarded["interventions_per_run"] == pytest.approx(sum(n_events) / 2)
+    assert sum(spiked_guarded["by_action"].values()) == sum(n_events)
+    assert spiked_guarded["collapse_unguarded"]["n"] == 2
     assert sorted(c["guard"] for c in conditions) == [
         "none",
         "none",
         "zclip:rollback(every=5,keep=4,min_age=5)",
         "zclip:rollback(every=5,keep=4,min_age=5)",
     ]
-    assert spiked_guarded["final_difference"]["n"] == 2
+    assert spiked_guarded["final_difference"]["n"] == 4
     # The table groups guarded conditions by condition, the unperturbed one first.
     text = CliRunner().invoke(app, ["summary", str(out), "--wide"], env={"COLUMNS": "250"})
     table = text.output[text.output.index(" guards ") :]

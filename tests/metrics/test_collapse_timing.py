@@ -10,6 +10,7 @@ import pytest
 
 from stabilitybench.metrics.collapse import (
     NO_DENSE_SIGNAL,
+    Calibration,
     analyze_collapse,
     dense_crossing,
     dense_reference_levels,
@@ -17,11 +18,18 @@ from stabilitybench.metrics.collapse import (
 from stabilitybench.metrics.dense import DenseSignal, ema, episode_return_signal, loss_signal
 from stabilitybench.metrics.records import audit_records
 from stabilitybench.metrics.summary import audit_notes
+from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunStore
 
+# These tests are about *timing*: one evaluation confirms a collapse (as before the calibrated
+# rule), against baselines that show no noise and no drop.
+CAL = Calibration(noise=0.0, baseline_drop=0.0, n_baselines=1)
+ONE = CollapseSettings(confirm_evals=1, evals_after=0)
+ONE_K2 = CollapseSettings(pre_evals=2, confirm_evals=1, evals_after=0)
+
 STEPS = [0, 10, 20, 30, 40, 50, 60, 70]
-# perf_0 = 0, perf_pre = mean(5, 9, 10) = 8 (evaluations at 10, 20, 30; onset 40): q = perf / 8.
-# q = 0.45 at 50: the collapse evaluation; 1.3125 at 70: recovered.
+# perf_0 = 0, P_pre = median(5, 9, 10) = 9 (evaluations at 10, 20, 30; onset 40): a drop of
+# more than 4.5 is a collapse (3.6 at 50), back within 0.9 a recovery (10.5 at 70).
 RECOVERS = [0.0, 5.0, 9.0, 10.0, 11.0, 3.6, 6.0, 10.5]
 HEALTHY = [0.0, 5.0, 9.0, 10.0, 11.0, 10.0, 10.0, 10.0]
 
@@ -43,7 +51,7 @@ def test_dense_crossing_before_the_confirming_evaluation() -> None:
     # Dense q = 3 / 8 = 0.375 < 0.5 from step 45: the collapse the evaluation at 50 confirms.
     dense = _dense({**BEFORE, 45: 3.0, 60: 10.5})
     assert dense_reference_levels(dense, STEPS, RECOVERS, onset_step=40) == (0.0, 8.0)
-    r = analyze_collapse(STEPS, RECOVERS, onset_step=40, dense=dense)
+    r = analyze_collapse(STEPS, RECOVERS, onset_step=40, calibration=CAL, settings=ONE, dense=dense)
     assert r.collapsed and not r.irreversible and r.collapse_timing == "dense"
     assert (r.collapse_at, r.collapse_step) == (45, 5)
     assert (r.collapse_eval_at, r.collapse_eval_step) == (50, 10)
@@ -55,13 +63,13 @@ def test_dense_crossing_before_the_confirming_evaluation() -> None:
 def test_a_dip_that_recovers_before_the_next_evaluation_is_not_timed() -> None:
     # A dip to q = 0.25 at steps 52-55 between healthy evaluations: no collapse, nothing timed.
     dip = _dense({**BEFORE, 52: 2.0, 56: 10.0})
-    held = analyze_collapse(STEPS, HEALTHY, onset_step=40, dense=dip)
+    held = analyze_collapse(STEPS, HEALTHY, onset_step=40, calibration=CAL, settings=ONE, dense=dip)
     assert held.collapsed is False and held.collapse_at is None and held.collapse_timing is None
     # The same dip at 42-45 before a collapse confirmed at 60 (evaluation at 50: q = 1.25): the
     # collapse is the crossing at 55, after the evaluation at 50, not the dip before it.
     perf = [0.0, 5.0, 9.0, 10.0, 11.0, 10.0, 3.0, 3.0]
     dense = _dense({**BEFORE, 42: 2.0, 46: 10.0, 55: 3.0})
-    r = analyze_collapse(STEPS, perf, onset_step=40, dense=dense)
+    r = analyze_collapse(STEPS, perf, onset_step=40, calibration=CAL, settings=ONE, dense=dense)
     assert (r.collapse_at, r.collapse_eval_at, r.collapse_timing) == (55, 60, "dense")
 
 
@@ -72,7 +80,7 @@ def test_non_finite_loss_is_a_collapse_at_that_step() -> None:
     dense = loss_signal(np.arange(8), loss, span=1)
     assert dense is not None and dense.nonfinite.tolist() == [False] * 7 + [True]
     steps, perf = [0, 2, 4, 6, 7], [-4.0, -2.0, -2.0, -2.0, -np.inf]
-    r = analyze_collapse(steps, perf, onset_step=5, k=2, dense=dense)
+    r = analyze_collapse(steps, perf, onset_step=5, calibration=CAL, settings=ONE_K2, dense=dense)
     assert r.collapsed and r.irreversible and r.diverged and r.collapse_timing == "nonfinite"
     assert (r.collapse_at, r.collapse_step, r.collapse_eval_at) == (7, 2, 7)
     # Without an onset only the divergence is judged: timed at the non-finite step.
@@ -80,18 +88,25 @@ def test_non_finite_loss_is_a_collapse_at_that_step() -> None:
     assert alone.collapsed and alone.collapse_at == 7 and alone.collapse_timing == "nonfinite"
     assert alone.collapse_step is None and alone.collapse_eval_step is None
     # The -inf evaluation itself marks the step when there is no dense signal.
-    bare = analyze_collapse(steps, perf, onset_step=5, k=2)
+    bare = analyze_collapse(steps, perf, onset_step=5, calibration=CAL, settings=ONE_K2)
     assert (bare.collapse_at, bare.collapse_timing) == (7, "nonfinite")
 
 
 def test_no_dense_signal_falls_back_to_the_evaluation_and_says_so() -> None:
-    r = analyze_collapse(STEPS, RECOVERS, onset_step=40)
+    r = analyze_collapse(STEPS, RECOVERS, onset_step=40, calibration=CAL, settings=ONE)
     assert (r.collapse_at, r.collapse_eval_at, r.collapse_step) == (50, 50, 10)
     assert r.collapse_timing == "evaluation" and r.collapse_timing_note == NO_DENSE_SIGNAL
     assert r.recovery_steps == 20 and r.dense_signal is None
     # Dense already below from step 38, before the evaluation at 40 said q = 1.375: no
     # crossing between 40 and 50, so the evaluation times it.
-    early = analyze_collapse(STEPS, RECOVERS, onset_step=40, dense=_dense({**BEFORE, 38: 3.0}))
+    early = analyze_collapse(
+        STEPS,
+        RECOVERS,
+        onset_step=40,
+        calibration=CAL,
+        settings=ONE,
+        dense=_dense({**BEFORE, 38: 3.0}),
+    )
     assert early.collapse_timing == "evaluation" and early.collapse_at == 50
     assert early.collapse_timing_note == (
         "loss_ema: no dense crossing between the evaluations at steps 40 and 50"
@@ -143,7 +158,14 @@ def test_rl_collapse_timed_by_training_episode_returns() -> None:
     level_200 = level_100 + (200 - level_100) / 3
     assert (d0, dpre) == pytest.approx((10.0, (level_100 + level_200) / 2))
     r = analyze_collapse(
-        steps, perf, onset_step=250, k=2, env_steps=env, onset_env_step=2500, dense=s
+        steps,
+        perf,
+        onset_step=250,
+        calibration=CAL,
+        settings=ONE_K2,
+        env_steps=env,
+        onset_env_step=2500,
+        dense=s,
     )
     # q at 399 = (40 − 10) / 140 = 0.21: collapsed. Dense at 350: 5 episodes of 20 pull the
     # average below the threshold; the rows at 250 and 300 still sit above it.
@@ -159,6 +181,7 @@ def _store_run(
     evals: pd.DataFrame,
     telemetry: pd.DataFrame,
     events: list[dict[str, object]],
+    seed: int = 0,
 ) -> None:
     writer = store.writer(run_id)
     pert_kind = str(events[0]["kind"]) if events else "none"
@@ -168,7 +191,7 @@ def _store_run(
             "workload": "w",
             "kind": kind,
             "knobs": {},
-            "seed": 0,
+            "seed": seed,
             "perturbation": {"kind": pert_kind, "label": pert_kind, "params": {}},
         }
     )
@@ -182,8 +205,16 @@ def _store_run(
 def store(tmp_path: Path) -> RunStore:
     store = RunStore(tmp_path / "a")
     store.root.mkdir()
-    store.write_audit({"name": "a", "spec": {"collapse": {"threshold": 0.5, "recovery": 0.9}}})
+    collapse = {"threshold": 0.5, "recovery": 0.9, "confirm_evals": 1, "evals_after": 0}
+    store.write_audit({"name": "a", "spec": {"collapse": collapse}})
     return store
+
+
+def _steady_baseline(store: RunStore, kind: str, evals: pd.DataFrame, level: float) -> None:
+    """An unperturbed run of another seed that learned to `level` and stayed there: the
+    calibration (no noise, no drop)."""
+    steady = evals.assign(perf=[float(evals["perf"].iloc[0])] + [level] * (len(evals) - 1))
+    _store_run(store, "base", kind, steady, pd.DataFrame({"step": [0]}), [], seed=1)
 
 
 def test_records_time_an_lm_collapse_by_its_training_loss(store: RunStore) -> None:
@@ -192,7 +223,8 @@ def test_records_time_an_lm_collapse_by_its_training_loss(store: RunStore) -> No
     # Loss EMA (span 5, α = 1/3): 2 + 2 · (2/3)^t ≈ 2.000 at 40 and 50, so the dense perf_pre is
     # -2.000 and dense q < 0.5 once the EMA passes 3: after n spiked steps it is
     # 3.5 − 1.5 · (2/3)^n: 2.83 at n = 2 (step 53), 3.06 at n = 3 (step 54).
-    store.write_audit({"name": "a", "spec": {"collapse": {"pre_evals": 2}}})
+    collapse = {"pre_evals": 2, "confirm_evals": 1, "evals_after": 0}
+    store.write_audit({"name": "a", "spec": {"collapse": collapse}})
     loss = np.where(np.arange(71) < 1, 4.0, 2.0)
     loss[52:] = 3.5
     steps = [0, 30, 40, 50, 60, 70]
@@ -204,6 +236,7 @@ def test_records_time_an_lm_collapse_by_its_training_loss(store: RunStore) -> No
     # batches, so the evaluation times the collapse.
     noise = [{"kind": "label_noise", "start_step": 52, "end_step": 70, "params": {}}]
     _store_run(store, "noisy", "lm", evals, telemetry, noise)
+    _steady_baseline(store, "lm", evals, -2.0)
     records = {r.run_id: r for r in audit_records(store)}
     c = records["lm"].collapse
     assert c is not None and c.collapse_timing == "dense" and c.dense_signal == "loss_ema"
@@ -241,6 +274,7 @@ def test_records_read_episode_returns_and_not_an_rl_loss(store: RunStore) -> Non
     noise = [{"kind": "reward_noise", "start_step": 150, "end_step": 299, "params": {}}]
     _store_run(store, "ppo", "rl", evals, returns, noise)
     _store_run(store, "old", "rl", evals, returns.drop(columns=["episode_return"]), noise)
+    _steady_baseline(store, "rl", evals, 100.0)
     records = {r.run_id: r for r in audit_records(store)}
     c = records["ppo"].collapse
     assert c is not None and c.dense_signal == "episode_return_ema"

@@ -12,7 +12,7 @@ from stabilitybench.metrics.records import audit_records, collapse_config, pertu
 from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import RunStore
 
-EVAL_STEPS = [0, 10, 20, 30, 40, 50]
+EVAL_STEPS = [0, 10, 20, 30, 40, 50, 60, 70]
 
 
 def _run(store: RunStore, run_id: str, seed: int, perf: list[float], factor: float | None) -> None:
@@ -49,11 +49,14 @@ def store(tmp_path: Path) -> RunStore:
     store = RunStore(tmp_path / "a")
     store.root.mkdir()
     store.write_audit({"name": "a", "spec": {"collapse": {"threshold": 0.5, "recovery": 0.9}}})
-    _run(store, "base0", 0, [0.0, 1.0, 2.0, 2.0, 2.0, 2.0], None)
-    # perf_0 = 0, perf_pre = mean(0, 1, 2) = 1 (the 3 evaluations before step 25), so q = perf:
-    # q at 30 = 0.3 < 0.5: collapse at step 30 (5 after onset); 0.8 at 40; 1.0 ≥ 0.9 at 50
-    _run(store, "spike0", 0, [0.0, 1.0, 2.0, 0.3, 0.8, 1.0], 50.0)
-    _run(store, "spike1", 1, [0.0, 1.0, 2.0, 0.1, 0.1, 0.1], 50.0)  # never recovers
+    _run(store, "base0", 0, [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], None)
+    _run(store, "base1", 1, [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0], None)
+    # floor 0, P_pre = median(1, 2) = 1.5 (the evaluations before step 25 but the first): the
+    # baselines of the other seed show no noise and no drop, so a collapse is a drop of more
+    # than 0.5 · 1.5 = 0.75 at two evaluations: 1.2 at 30 and 1.0 at 40; back (drop ≤ 0.15)
+    # from 50 on.
+    _run(store, "spike0", 0, [0.0, 1.0, 2.0, 0.3, 0.5, 1.5, 1.5, 1.5], 50.0)
+    _run(store, "spike1", 1, [0.0, 1.0, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1], 50.0)  # never recovers
     store.writer("failed").update_info(
         run_id="failed",
         workload="w",
@@ -70,9 +73,10 @@ def test_collapse_labels_and_onsets_by_hand(store: RunStore) -> None:
     assert spike.onset.step == 25 and spike.onset.source == "events" and not spike.is_baseline
     c = spike.collapse
     assert c is not None and c.collapsed and not c.irreversible
-    assert c.perf_pre == pytest.approx(1.0) and c.min_progress == pytest.approx(0.3)
+    assert c.perf_pre == pytest.approx(1.5) and c.min_progress == pytest.approx(0.2)
     assert c.collapse_step == 5 and c.collapse_at == 30 and c.first_eval_after_onset == 30
-    assert c.recovery_steps == 20  # from the collapse evaluation (30) to 50
+    assert c.recovery_steps == 20 and c.reason is None  # from the collapse evaluation to 50
+    assert c.drop_threshold == pytest.approx(0.75) and c.noise == 0.0
     gone = records["spike1"].collapse
     assert gone is not None and gone.collapsed and gone.irreversible and gone.recovery_steps is None
     base = records["base0"]

@@ -18,8 +18,9 @@ from stabilitybench.store import RunStore
 
 STEPS = list(range(0, 201, 20))
 ONSET = 100
-# Before onset perf rises linearly from -1 to -0.2; perf_0 = -1, perf_pre = mean(-0.68, -0.52,
-# -0.36) = -0.52, so the progress scale is 0.48.
+# Before onset perf rises linearly from -1 to -0.2; perf_0 = -1, P_pre = median(-0.68, -0.52,
+# -0.36) = -0.52, so the gain is 0.48: a drop of more than 0.24 at two evaluations in a row is a
+# collapse (the baselines of the other seed show no noise and no drop).
 RISE = {s: -1.0 + 0.8 * min(s / 100, 1.0) for s in STEPS}
 
 
@@ -35,7 +36,7 @@ CURVES = {
     (0.1, None, 1): _curve({}),
     (0.0, 50, 0): _curve({s: -1.1 for s in STEPS if s >= 120}),  # irreversible collapse
     (0.0, 50, 1): _curve({120: -np.inf}),  # diverges: the run stops at step 120
-    (0.1, 50, 0): _curve({120: -0.9, 140: -0.6}),  # q 0.21 then 0.83, back to 1.67 at 160
+    (0.1, 50, 0): _curve({120: -0.9, 140: -0.9}),  # q 0.21 twice, back to 1.67 at 160
     (0.1, 50, 1): _curve({120: -0.4}),  # q = 1.25: no collapse
     (0.0, 3, 0): _curve({}),
 }

@@ -12,7 +12,8 @@ from stabilitybench.perturbations import PerturbationSchedule, build
 
 def test_available_lists_every_kind_by_dimension() -> None:
     names = perturbations.available()
-    assert set(names) == {"optimization", "data", "parametric", "signal"}
+    # the four dimensions of disturbance, and the sham: the control arm that disturbs nothing
+    assert set(names) == {"optimization", "data", "parametric", "signal", "control"}
     expected = {
         "optimization": {"lr_spike", "momentum_shock", "optimizer_reset"},
         "data": {
@@ -25,6 +26,7 @@ def test_available_lists_every_kind_by_dimension() -> None:
         },
         "parametric": {"weight_noise", "layer_reset", "param_scale"},
         "signal": {"grad_noise", "grad_scale", "grad_drop", "reward_sign_flip", "loss_scale"},
+        "control": {"sham"},
     }
     assert {k: set(v) for k, v in names.items()} == expected
 

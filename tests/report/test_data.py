@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from stabilitybench.metrics.collapse import Calibration
 from stabilitybench.metrics.records import event_onset, run_record
 from stabilitybench.report.data import (
     collapse_at_step,
@@ -71,13 +72,16 @@ def test_rl_runs_use_environment_steps_and_the_clock_optimizer() -> None:
 def test_collapse_step_from_the_record_is_where_the_collapse_evaluation_is() -> None:
     run = rl_run()
     info = {**run.info.document(), "status": "done", "workload": "w"}
-    record = run_record(info, run.evals, event_onset(run.events), CollapseSettings())
+    # one evaluation confirms; baselines of other seeds with no noise and no drop
+    one = CollapseSettings(confirm_evals=1, evals_after=0)
+    calm = Calibration(noise=0.0, baseline_drop=0.0, n_baselines=1)
+    record = run_record(info, run.evals, event_onset(run.events), one, calibration=calm)
     # onset 10; progress from perf_0 = 1 to perf_pre = 2 (the evaluation at step 9): the
     # evaluation at step 14 (perf 0.2, q = -0.8) is the collapse, 4 steps after onset
     assert record.collapse is not None and record.collapse.collapse_step == 4
     assert collapse_at_step(run, record) == 14.0
     assert collapse_point(run, record) == (120.0, 0.2)  # the evaluation at optimizer step 14
-    held = run_record(info, run.evals.iloc[:2], event_onset(run.events), CollapseSettings())
+    held = run_record(info, run.evals.iloc[:2], event_onset(run.events), one, calibration=calm)
     assert collapse_point(run, held) is None  # no evaluation after onset: not judged
     # without a summary, only a divergence is a known collapse
     assert collapse_at_step(run, None) is None

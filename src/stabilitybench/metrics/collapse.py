@@ -1,26 +1,28 @@
-"""Point estimates of collapse: progress, collapse step, irreversibility, recovery time.
+"""Collapse, irreversibility and recovery of one run, judged against runs that were not
+perturbed, and timed to the step.
 
-Definitions (DESIGN.md): performance is higher-is-better; progress
-`q_t = (perf_t − perf_0) / (perf_pre − perf_0)` with `perf_0` the first evaluation and `perf_pre`
-the mean of the last `k` evaluations before the perturbation onset. A run collapses if an
-evaluation at or after onset has `q < threshold` (the first such is the *confirming*
-evaluation); the collapse is irreversible if `q` never again reaches `recovery`. An infinite
-`perf` (the store's mark of a non-finite loss) is a collapse that is irreversible. A NaN `perf`
-is a missing evaluation (the store never writes NaN for a divergence) and is skipped.
+The rule (DESIGN "Collapse", calibrated on the runs that were not perturbed): the reference level
+`P_pre` is the median of the last `pre_evals` evaluations before onset, never the first; the
+floor `f` is the first evaluation (the untrained level); σ, the evaluation noise, and the drop
+that matched baselines of other seeds show with nothing done come from `calibrate`. A run is
+judged only if `P_pre − f > learned_sigmas · σ` ("not learned at onset" otherwise). It collapses
+when its drop below `P_pre` exceeds `threshold · (P_pre − f)`, `drop_sigmas · σ` and the
+baselines' drop at `confirm_evals` consecutive evaluations; a non-finite loss (an infinite
+`perf`) is a collapse, irreversible, at once. It recovers when the drop is back within
+`(1 − recovery) · (P_pre − f)` or the baselines' drop for as many evaluations; it is irreversible
+only with `evals_after` evaluations left after the confirmation, else censored. A NaN `perf` is
+a missing evaluation and is skipped. `CollapseResult.reason` says why a verdict is missing.
 
 Evaluations judge *whether*; a dense performance signal (`metrics.dense`: −EMA of the training
-loss, or an EMA of training-episode returns) says *when*. Dense progress uses its own reference
-levels, measured on the dense signal at the same evaluations (`dense_reference_levels`). The
-collapse step is the first step after the evaluation before the confirming one (and at or after
-onset) at which dense progress falls below the threshold (`dense_crossing`); a non-finite loss
-there is a collapse at that step. Without a dense signal or a crossing in that window, the
-collapse is timed at the confirming evaluation, and `collapse_timing_note` says why. The
-recovery time counts optimizer steps from the collapse step to the first evaluation that
-reaches `recovery`.
+loss, or an EMA of training-episode returns) says *when*: the collapse step is the first step
+after the evaluation before the first low one (and at or after onset) at which dense progress,
+on its own reference levels (`dense_reference_levels`), falls below `threshold`
+(`dense_crossing`); without one, the evaluation times it and `collapse_timing_note` says why.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -28,9 +30,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from stabilitybench.metrics.dense import DenseSignal
-from stabilitybench.settings import COLLAPSE_RECOVERY as DEFAULT_RECOVERY
 from stabilitybench.settings import COLLAPSE_THRESHOLD as DEFAULT_THRESHOLD
 from stabilitybench.settings import PRE_EVALS as DEFAULT_PRE_EVALS
+from stabilitybench.settings import CollapseSettings
 
 # Below this gain (relative to the perf level) the run did not learn before onset and the
 # progress ratio would divide noise by noise.
@@ -50,28 +52,6 @@ def final_performance(perf: ArrayLike, last: int = 3) -> float:
     if np.any(np.isinf(tail)):
         return float(tail[np.isinf(tail)][0])
     return float(tail.mean())
-
-
-def reference_levels(
-    steps: ArrayLike, perf: ArrayLike, onset_step: int, k: int = DEFAULT_PRE_EVALS
-) -> tuple[float, float]:
-    """`(perf_0, perf_pre)`: the first finite evaluation and the mean of the last `k` before onset.
-
-    steps: (n_evals,) int optimizer steps; perf: (n_evals,) float (NaN rows are skipped).
-    An evaluation at `step >= onset_step` is after onset. `perf_pre` is NaN when no finite
-    evaluation precedes onset.
-    """
-    steps_arr = np.asarray(steps, dtype=float)
-    perf_arr = np.asarray(perf, dtype=float)
-    finite = np.isfinite(perf_arr)
-    if not finite.any():
-        return float("nan"), float("nan")
-    perf_0 = float(perf_arr[finite][0])
-    before = finite & (steps_arr < onset_step)
-    if not before.any():
-        return perf_0, float("nan")
-    perf_pre = float(perf_arr[before][-k:].mean())
-    return perf_0, perf_pre
 
 
 def progress_scale(
@@ -110,36 +90,6 @@ def progress(perf: ArrayLike, perf_0: float, perf_pre: float) -> np.ndarray:
     q[np.isneginf(values)] = -np.inf
     q[np.isposinf(values)] = -np.inf  # +inf can only come from a broken loss: a divergence
     return q
-
-
-def collapse_index(
-    q: ArrayLike, after_onset: ArrayLike, threshold: float = DEFAULT_THRESHOLD
-) -> int | None:
-    """Index of the first evaluation at/after onset with q < threshold (q, after_onset: (n,)).
-
-    NaN q (missing evaluation) never counts as a collapse; -inf always does.
-    """
-    q_arr = np.asarray(q, dtype=float)
-    mask = np.asarray(after_onset, dtype=bool) & ~np.isnan(q_arr) & (q_arr < threshold)
-    hits = np.flatnonzero(mask)
-    return int(hits[0]) if hits.size else None
-
-
-def recovery_index(
-    q: ArrayLike, collapse_at: int, recovery: float = DEFAULT_RECOVERY
-) -> int | None:
-    """Index of the first evaluation after `collapse_at` with q >= recovery, or None (q: (n,)).
-
-    None means the collapse is irreversible. Nothing after a -inf evaluation counts: a
-    diverged run has stopped training.
-    """
-    q_arr = np.asarray(q, dtype=float)
-    for i in range(collapse_at + 1, q_arr.size):
-        if np.isneginf(q_arr[i]):
-            return None
-        if q_arr[i] >= recovery:
-            return i
-    return None
 
 
 # How a collapse step was timed (`CollapseResult.collapse_timing`).
@@ -309,9 +259,96 @@ class CollapseResult:
     dense_signal: str | None = None  # loss_ema | episode_return_ema | None (none recorded)
     dense_perf_0: float = float("nan")  # the dense signal's reference levels
     dense_perf_pre: float = float("nan")
+    # Why `collapsed` is None (not testable, not learned at onset, unconfirmed), or why
+    # `irreversible` is None (censored); None when the verdict stands.
+    reason: str | None = None
+    noise: float = float("nan")  # σ: the evaluation noise the run was judged with
+    drop_threshold: float = float("nan")  # the drop below P_pre that counts as a collapse
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+NOT_TESTABLE = "not testable: no unperturbed run of another seed to calibrate on"
+NOT_LEARNED = "not learned at onset"
+UNCONFIRMED = "unconfirmed: the drop came too close to the end of the run to be confirmed"
+CENSORED = "censored: too little of the run was left after the collapse to call it irreversible"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the runs that were not perturbed show, for judging one run (its own seed left out):
+    the evaluation noise and the drops that happen with nothing done."""
+
+    noise: float  # σ: robust scale of one evaluation's noise
+    baseline_drop: float  # the baselines' `quantile` of confirmed drops below their own P_pre
+    n_baselines: int
+
+
+def robust_level(steps: ArrayLike, perf: ArrayLike, onset_step: int, k: int) -> float:
+    """`P_pre`: the median of the last `k` finite evaluations before onset, never the first
+    evaluation (the untrained level); NaN when there is none (steps, perf: (n,), sorted)."""
+    s, p = np.asarray(steps, dtype=float), np.asarray(perf, dtype=float)
+    finite = np.flatnonzero(np.isfinite(p))
+    before = [i for i in finite[1:] if s[i] < onset_step]
+    return float(np.median(p[before[-k:]])) if before else float("nan")
+
+
+def evaluation_noise(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], onset_step: float = -np.inf
+) -> float:
+    """σ of one evaluation, from the evaluation-to-evaluation changes of the given runs (each
+    `(steps, perf)`): 1.4826 · MAD(Δperf) / √2 over the finite changes between evaluations at or
+    after `onset_step` (where a run that was not perturbed has mostly stopped learning; the MAD
+    also removes a steady trend), or over every change after the first evaluation when the
+    window holds fewer than 2 (the first change, from the untrained level, is never used)."""
+    changes, fallback = [], []
+    for steps, perf in curves:
+        s, p = np.asarray(steps, dtype=float), np.asarray(perf, dtype=float)
+        keep = np.isfinite(p)
+        s, p = s[keep][1:], p[keep][1:]
+        fallback.append(np.diff(p))
+        changes.append(np.diff(p[s >= onset_step]))
+    d = np.concatenate(changes) if changes else np.zeros(0)
+    if d.size < 2:
+        d = np.concatenate(fallback) if fallback else np.zeros(0)
+    if d.size == 0:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def confirmed_drops(drop: np.ndarray, confirm: int) -> np.ndarray:
+    """(n - confirm + 1,): the drop held at `confirm` consecutive evaluations from each one
+    (the smallest of them); drop: (n,) with -inf perf as +inf drop."""
+    if drop.size < confirm:
+        return np.zeros(0)
+    windows = np.lib.stride_tricks.sliding_window_view(drop, confirm)
+    return windows.min(axis=1)
+
+
+def calibrate(
+    baselines: Sequence[tuple[np.ndarray, np.ndarray]],
+    onset_step: int,
+    *,
+    k: int = DEFAULT_PRE_EVALS,
+    confirm: int = 2,
+    quantile: float = 0.95,
+) -> Calibration | None:
+    """The calibration from matched baselines of other seeds (each `(steps, perf)`, sorted):
+    their evaluation noise, and the `quantile` of the largest drop each held below its own
+    `P_pre` for `confirm` evaluations from `onset_step` on. None without baselines."""
+    if not baselines:
+        return None
+    worst = []
+    for steps, perf in baselines:
+        level = robust_level(steps, perf, onset_step, k)
+        p = np.asarray(perf, dtype=float)
+        post = p[(np.asarray(steps) >= onset_step) & ~np.isnan(p)]
+        held = confirmed_drops(np.where(np.isneginf(post), np.inf, level - post), confirm)
+        if np.isfinite(level) and held.size:
+            worst.append(float(held.max()))
+    drop = float(np.quantile(worst, quantile)) if worst else 0.0
+    return Calibration(evaluation_noise(baselines, onset_step), max(drop, 0.0), len(baselines))
 
 
 def analyze_collapse(
@@ -319,59 +356,142 @@ def analyze_collapse(
     perf: ArrayLike,
     onset_step: int | None,
     *,
+    calibration: Calibration | None = None,
     env_steps: ArrayLike | None = None,
     onset_env_step: int | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    recovery: float = DEFAULT_RECOVERY,
-    k: int = DEFAULT_PRE_EVALS,
+    settings: CollapseSettings | None = None,
     dense: DenseSignal | None = None,
     no_dense_reason: str | None = None,
 ) -> CollapseResult:
-    """Collapse, irreversibility and recovery of one run, timed to the step by `dense`.
+    """Collapse, irreversibility and recovery of one run, judged against `calibration` (what
+    matched runs of other seeds that were not perturbed show; None: not testable) by the rule in
+    the module docstring, and timed to the step by `dense`.
 
     steps: (n_evals,) int optimizer step of each evaluation; perf: (n_evals,) float, may hold
-    -inf (divergence) and NaN (missing, skipped); env_steps: (n_evals,) or None (RL: the env
-    step of each evaluation; `onset_env_step` is the event's `start_env_step`).
-    `onset_step`: the perturbation's first step (for a baseline, the matched perturbed runs'
-    onset); None means there is nothing to judge against, so `collapsed` is None unless the run
-    diverged (then it collapsed at its divergence, with no `collapse_step` from onset).
-    A divergence before onset counts as a collapse with a negative `collapse_step`.
-    `dense`: the run's dense performance signal (`metrics.dense`), or None (then the collapse is
-    timed at its evaluation; `no_dense_reason` says why there is none).
+    -inf (divergence) and NaN (missing, skipped); env_steps: (n_evals,) or None (RL, with the
+    event's `onset_env_step`). `onset_step`: the perturbation's first step (a baseline: its
+    matched perturbed runs'); None: nothing to judge against, so `collapsed` is None unless the
+    run diverged. `dense`: the run's dense performance signal, or None (`no_dense_reason`).
     """
+    rule = settings or CollapseSettings()
     curve = _Curve.of(steps, perf, env_steps)
-    timer = _Timer(dense, None, threshold, no_dense_reason)
+    timer = _Timer(dense, None, rule.threshold, no_dense_reason)
     if onset_step is None:
         return _without_onset(curve, timer, dense)
-    perf_0, perf_pre = reference_levels(curve.steps, curve.perf, onset_step, k)
-    _, _, undefined = progress_scale(perf_0, perf_pre)
-    q = progress(curve.perf, perf_0, perf_pre)
+    floor = (
+        float(curve.perf[np.isfinite(curve.perf)][0])
+        if np.isfinite(curve.perf).any()
+        else float("nan")
+    )
+    level = robust_level(curve.steps, curve.perf, onset_step, rule.pre_evals)
+    gain = level - floor
     after = curve.steps >= onset_step
+    q = (curve.perf - floor) / gain if gain > 0 else np.full(curve.perf.shape, np.nan)
+    q[np.isinf(curve.perf)] = -np.inf
     post_q = q[after]
     min_q = (
         float(np.nanmin(post_q)) if post_q.size and not np.all(np.isnan(post_q)) else float("nan")
     )
-    base = curve.result(onset_step, undefined, perf_0, perf_pre, min_q)
+    base = curve.result(onset_step, True, floor, level, min_q)
     if dense is not None:
-        d0, dpre = dense_reference_levels(dense, curve.steps, curve.perf, onset_step, k)
-        _, scale, _ = progress_scale(d0, dpre)
-        q_dense = progress(dense.perf, d0, dpre) if np.isfinite(scale) else None
-        timer = _Timer(dense, q_dense, threshold, no_dense_reason)
-        base = replace(base, dense_signal=dense.source, dense_perf_0=d0, dense_perf_pre=dpre)
-    if not after.any():
-        if not curve.diverged:
-            return base
+        base, timer = _dense_timer(dense, curve, onset_step, base, rule, no_dense_reason)
+    if curve.diverged and not after.any():
         # Diverged before onset: training stopped, the collapse precedes the perturbation.
         first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
         when = timer.time(curve, first_inf, None)
         return curve.collapsed_at(
             replace(base, min_progress=float("-inf")), first_inf, None, None, when
         )
-    at = collapse_index(q, after, threshold)
+    return _judge(curve, base, after, gain, calibration, rule, timer, onset_env_step)
+
+
+def _dense_timer(
+    dense: DenseSignal,
+    curve: _Curve,
+    onset_step: int,
+    base: CollapseResult,
+    rule: CollapseSettings,
+    no_dense_reason: str | None,
+) -> tuple[CollapseResult, _Timer]:
+    """The dense signal's reference levels on `base`, and the timer that reads its progress."""
+    d0, dpre = dense_reference_levels(dense, curve.steps, curve.perf, onset_step, rule.pre_evals)
+    _, scale, _ = progress_scale(d0, dpre)
+    q_dense = progress(dense.perf, d0, dpre) if np.isfinite(scale) else None
+    timer = _Timer(dense, q_dense, rule.threshold, no_dense_reason)
+    return replace(base, dense_signal=dense.source, dense_perf_0=d0, dense_perf_pre=dpre), timer
+
+
+def _judge(
+    curve: _Curve,
+    base: CollapseResult,
+    after: np.ndarray,
+    gain: float,
+    calibration: Calibration | None,
+    rule: CollapseSettings,
+    timer: _Timer,
+    onset_env: int | None,
+) -> CollapseResult:
+    """The verdict on a run with an onset (see `analyze_collapse`)."""
+    onset = base.onset_step
+    first_inf = next((int(i) for i in np.flatnonzero(after) if np.isinf(curve.perf[i])), None)
+    if calibration is None and first_inf is None:
+        return replace(base, reason=NOT_TESTABLE)
+    noise = calibration.noise if calibration is not None else float("nan")
+    sigma = noise if np.isfinite(noise) else 0.0
+    learned = bool(gain > 0 and gain > rule.learned_sigmas * sigma)
+    drop_limit = max(
+        rule.threshold * gain if learned else np.inf,
+        rule.drop_sigmas * sigma,
+        calibration.baseline_drop if calibration is not None else 0.0,
+    )
+    base = replace(base, progress_undefined=not learned, noise=noise, drop_threshold=drop_limit)
+    drop = np.where(np.isinf(curve.perf), np.inf, base.perf_pre - curve.perf)
+    post = [int(i) for i in np.flatnonzero(after)]
+    held = confirmed_drops(drop[post], rule.confirm_evals)
+    hits = np.flatnonzero(held > drop_limit)
+    at = post[int(hits[0])] if hits.size else first_inf
+    if at is not None and first_inf is not None and first_inf < at:
+        at = first_inf  # a non-finite loss is a collapse at once
     if at is None:
+        if not learned:
+            return replace(base, reason=NOT_LEARNED)
+        tail = drop[post[-(rule.confirm_evals - 1) :]] if rule.confirm_evals > 1 else drop[:0]
+        if tail.size and bool((tail > drop_limit).all()):
+            return replace(base, reason=UNCONFIRMED)
         return replace(base, collapsed=False, irreversible=False)
-    back = recovery_index(q, at, recovery)
-    return curve.collapsed_at(base, at, back, onset_env_step, timer.time(curve, at, onset_step))
+    if not learned and not np.isinf(curve.perf[at]):
+        return replace(base, reason=NOT_LEARNED)
+    confirmed = at if np.isinf(curve.perf[at]) else at + rule.confirm_evals - 1
+    back = _recovery(drop, confirmed, (1 - rule.recovery) * gain, calibration, rule)
+    when = timer.time(curve, at, onset)
+    result = curve.collapsed_at(base, at, back, onset_env, when)
+    left = int((~np.isnan(drop[confirmed + 1 :])).sum())
+    if back is None and not curve.diverged and left < rule.evals_after:
+        return replace(result, irreversible=None, reason=CENSORED)
+    return result
+
+
+def _recovery(
+    drop: np.ndarray,
+    confirmed: int,
+    within: float,
+    calibration: Calibration | None,
+    rule: CollapseSettings,
+) -> int | None:
+    """The first evaluation after `confirmed` from which the drop stays within `within` (or
+    the baselines' drop) for `confirm_evals` evaluations; None if none does (or the run
+    diverged, which ends it)."""
+    limit = max(within, calibration.baseline_drop if calibration is not None else 0.0)
+    rest = drop[confirmed + 1 :]
+    if np.isinf(rest).any():
+        rest = rest[: int(np.flatnonzero(np.isinf(rest))[0])]
+    held = (
+        np.lib.stride_tricks.sliding_window_view(rest, rule.confirm_evals).max(axis=1)
+        if rest.size >= rule.confirm_evals
+        else np.zeros(0)
+    )
+    hits = np.flatnonzero(held <= limit)
+    return confirmed + 1 + int(hits[0]) if hits.size else None
 
 
 def _without_onset(curve: _Curve, timer: _Timer, dense: DenseSignal | None) -> CollapseResult:

@@ -24,8 +24,10 @@ from stabilitybench.errors import StabilityBenchError, validation_message
 from stabilitybench.metrics import reliability as rel
 from stabilitybench.metrics.collapse import (
     NO_DENSE_SIGNAL,
+    Calibration,
     CollapseResult,
     analyze_collapse,
+    calibrate,
     final_performance,
 )
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
@@ -154,6 +156,7 @@ class RunRecord:
             "seed": self.seed,
             "status": self.status,
             "collapsed": None if c is None else c.collapsed,
+            "collapse_reason": None if c is None else c.reason,
             "irreversible": None if c is None else c.irreversible,
             "diverged": None if c is None else c.diverged,
             "onset_step": self.onset.step,
@@ -172,6 +175,8 @@ class RunRecord:
             "perf_0": None if c is None else c.perf_0,
             "perf_pre": None if c is None else c.perf_pre,
             "min_progress": None if c is None else c.min_progress,
+            "noise": None if c is None else c.noise,
+            "drop_threshold": None if c is None else c.drop_threshold,
             "final_perf": self.final_perf,
             "n_evals": int(self.curve.steps.size),
             "n_missing_evals": 0 if c is None else c.n_missing_evals,
@@ -258,9 +263,11 @@ def run_record(
     *,
     telemetry: pd.DataFrame | None = None,
     events: pd.DataFrame | None = None,
+    calibration: Calibration | None = None,
 ) -> RunRecord:
     """The record of one run from its run.json, evaluations and resolved onset; `telemetry`
-    (at least `DENSE_COLUMNS`) and `events` give the dense signal that times a collapse."""
+    (at least `DENSE_COLUMNS`) and `events` give the dense signal that times a collapse;
+    `calibration`: what matched unperturbed runs of other seeds show (see `calibration_for`)."""
     info = RunInfo.of(info)
     pert, status = info.perturbation, info.status.value
     curve = EvalCurve.of(evals if status == "done" else None)
@@ -286,7 +293,7 @@ def run_record(
     if curve.steps.size == 0:
         return record
     dense, why = dense_signal(telemetry, events, kind=record.kind, config=config)
-    return _with_collapse(record, config, dense, why)
+    return _with_collapse(record, config, dense, why, calibration)
 
 
 def dense_signal(
@@ -366,7 +373,11 @@ def _batch_windows(events: pd.DataFrame | None) -> tuple[list[tuple[int, int]], 
 
 
 def _with_collapse(
-    record: RunRecord, config: CollapseSettings, dense: DenseSignal | None, why: str | None
+    record: RunRecord,
+    config: CollapseSettings,
+    dense: DenseSignal | None,
+    why: str | None,
+    calibration: Calibration | None,
 ) -> RunRecord:
     from dataclasses import replace
 
@@ -375,11 +386,10 @@ def _with_collapse(
         curve.steps,
         curve.perf,
         onset.step,
+        calibration=calibration,
         env_steps=curve.env_steps,
         onset_env_step=onset.env_step,
-        threshold=config.threshold,
-        recovery=config.recovery,
-        k=config.pre_evals,
+        settings=config,
         dense=dense,
         no_dense_reason=why,
     )
@@ -447,17 +457,59 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
     # First pass: identities and onsets only, to match baselines to perturbed runs.
     bare = [run_record(i, None, onsets.get(i.run_id, Onset()), config) for i in infos]
     onsets.update(baseline_onsets([r for r in bare if r.done]))
+    evals = {r.run_id: store.table(r.run_id, "evals") for r in bare if r.done}
+    baselines = _baseline_curves(bare, evals)
     records = []
-    for info in infos:
-        rid, done = info.run_id, info.status == "done"
+    for info, first in zip(infos, bare, strict=True):
+        rid, onset = info.run_id, onsets.get(info.run_id, Onset())
         records.append(
             run_record(
                 info,
-                store.table(rid, "evals") if done else None,
-                onsets.get(rid, Onset()),
+                evals.get(rid),
+                onset,
                 config,
-                telemetry=store.table(rid, "telemetry", columns=DENSE_COLUMNS) if done else None,
+                telemetry=store.table(rid, "telemetry", columns=DENSE_COLUMNS)
+                if rid in evals
+                else None,
                 events=events.get(rid),
+                calibration=calibration_for(first, onset, baselines, config),
             )
         )
     return records
+
+
+BaselineCurves = dict[tuple[str, str], list[tuple[int | None, EvalCurve]]]
+
+
+def _baseline_curves(
+    records: Sequence[RunRecord], evals: Mapping[str, pd.DataFrame]
+) -> BaselineCurves:
+    """The evaluation curves of finished, unperturbed, unguarded runs, by (workload, knobs)."""
+    out: BaselineCurves = {}
+    for r in records:
+        if r.done and r.is_baseline and r.run_id in evals:
+            out.setdefault((r.workload, r.knobs_key), []).append(
+                (r.seed, EvalCurve.of(evals[r.run_id]))
+            )
+    return out
+
+
+def calibration_for(
+    record: RunRecord, onset: Onset, baselines: BaselineCurves, config: CollapseSettings
+) -> Calibration | None:
+    """What the matched baselines of *other* seeds (same workload and knobs, not perturbed, not
+    guarded) show from this run's onset on; None without an onset or without such runs."""
+    if onset.step is None:
+        return None
+    matched = [
+        (c.steps, c.perf)
+        for seed, c in baselines.get((record.workload, record.knobs_key), [])
+        if seed != record.seed
+    ]
+    return calibrate(
+        matched,
+        onset.step,
+        k=config.pre_evals,
+        confirm=config.confirm_evals,
+        quantile=config.baseline_quantile,
+    )

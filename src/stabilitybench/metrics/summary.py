@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.conditions import ConditionSummary, condition_summary
+from stabilitybench.metrics.conditions import ConditionSummary, condition_summary, number
 from stabilitybench.metrics.decoupling import Decoupling, audit_decoupling
 from stabilitybench.metrics.dose_response import DoseResponse, dose_response
 from stabilitybench.metrics.guards import GuardComparison, guard_comparisons, interventions_of
-from stabilitybench.metrics.intervals import DEFAULT_REPS
+from stabilitybench.metrics.intervals import DEFAULT_REPS, wilson_interval
 from stabilitybench.metrics.records import RunRecord, audit_records, collapse_config
 from stabilitybench.metrics.serialize import to_jsonable
 from stabilitybench.settings import CollapseSettings
@@ -46,6 +46,50 @@ class AuditInfo:
 
 
 @dataclass
+class ShamFlagRate:
+    """The collapse criterion's false-positive rate on one workload: the share of its judged
+    sham and unperturbed (unguarded) runs that were flagged collapsed, with a Wilson 95 % CI,
+    and the share of those runs judged at all (the rest: not learned, not testable, …)."""
+
+    workload: str
+    sham_flag_rate: float | None
+    sham_flag_rate_ci: list[float | None]
+    n_flagged: int
+    n_judged: int
+    n_runs: int  # sham and unperturbed runs, judged or not
+    share_judged: float | None
+
+
+def sham_flag_rates(records: Sequence[RunRecord]) -> list[ShamFlagRate]:
+    """Per workload, the flag rate of runs that nothing harmful happened to."""
+    out = []
+    for workload in dict.fromkeys(r.workload for r in records):
+        controls = [
+            r
+            for r in records
+            if r.workload == workload
+            and r.done
+            and r.guard == "none"
+            and r.perturbation_kind in ("none", "sham")
+        ]
+        judged = [r for r in controls if r.collapsed is not None]
+        flagged = sum(bool(r.collapsed) for r in judged)
+        low, high = wilson_interval(flagged, len(judged)) if judged else (None, None)
+        out.append(
+            ShamFlagRate(
+                workload,
+                flagged / len(judged) if judged else None,
+                [number(low), number(high)],
+                flagged,
+                len(judged),
+                len(controls),
+                len(judged) / len(controls) if controls else None,
+            )
+        )
+    return out
+
+
+@dataclass
 class AuditSummary:
     """The `summary --json` document, typed."""
 
@@ -55,6 +99,8 @@ class AuditSummary:
     decoupling: Decoupling
     dose_response: DoseResponse
     guards: list[GuardComparison] = field(default_factory=list)  # empty: no guarded runs
+    # per workload: how often the criterion flags runs that nothing harmful happened to
+    false_positives: list[ShamFlagRate] = field(default_factory=list)
 
     def run(self, run_id: str) -> RunRecord | None:
         return next((r for r in self.runs if r.run_id == run_id), None)
@@ -154,7 +200,15 @@ def summarize(store: RunStore, *, reps: int = DEFAULT_REPS, seed: int = SEED) ->
     interventions = {r.run_id: interventions_of(store.table(r.run_id, "events")) for r in guarded}
     steps = {r.run_id: _steps_trained(store, r.run_id) for r in guarded}
     comparisons = guard_comparisons(records, interventions, steps, rng, reps) if guarded else []
-    return AuditSummary(info, conditions, records, decoupled, dose_response(unguarded), comparisons)
+    return AuditSummary(
+        info,
+        conditions,
+        records,
+        decoupled,
+        dose_response(unguarded),
+        comparisons,
+        sham_flag_rates(records),
+    )
 
 
 def _steps_trained(store: RunStore, run_id: str) -> int:

@@ -168,6 +168,8 @@ def _rho(item: Correlation) -> str:
 def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> None:
     """Render a summary as rich tables: conditions, runs, decoupling, notes."""
     print_table(console, conditions_table(summary, wide), wide)
+    for line in false_positive_lines(summary):
+        console.print(escape(line), highlight=False)
     print_table(console, runs_table(summary, wide), wide)
     if summary.guards:
         print_table(console, guards_table(summary), wide)
@@ -176,3 +178,22 @@ def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> No
     console.print(f"decoupling pooled: {_rho(summary.decoupling.pooled)}", highlight=False)
     for note in summary.audit.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def false_positive_lines(summary: AuditSummary) -> list[str]:
+    """Per workload, what the criterion flags when nothing harmful happened: the line to read
+    every collapse rate beside."""
+    lines = []
+    for item in summary.false_positives:
+        if item.n_runs == 0:
+            continue
+        judged = f"{item.n_judged} of {item.n_runs} sham/unperturbed runs judged"
+        if item.sham_flag_rate is None:
+            lines.append(f"{item.workload}: criterion false-positive rate unknown ({judged})")
+            continue
+        low, high = item.sham_flag_rate_ci
+        lines.append(
+            f"{item.workload}: criterion false-positive rate {item.sham_flag_rate:.2f} "
+            f"[{low:.2f}, {high:.2f}] ({item.n_flagged} flagged; {judged})"
+        )
+    return lines

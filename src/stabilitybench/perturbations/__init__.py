@@ -1,7 +1,7 @@
 """Controlled perturbations of a training run along four dimensions (optimization, data,
 parametric, learning signal), scheduled by optimizer step and recorded as events."""
 
-from stabilitybench.perturbations import data, optimization, parametric, signal
+from stabilitybench.perturbations import data, optimization, parametric, sham, signal
 from stabilitybench.perturbations.base import (
     ADAPTERS,
     DIMENSIONS,
@@ -29,5 +29,6 @@ __all__ = [
     "parametric",
     "register",
     "registry",
+    "sham",
     "signal",
 ]

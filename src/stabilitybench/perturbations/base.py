@@ -18,7 +18,7 @@ from stabilitybench.types import StepContext
 if TYPE_CHECKING:
     import torch
 
-DIMENSIONS = ("optimization", "data", "parametric", "signal")
+DIMENSIONS = ("optimization", "data", "parametric", "signal", "control")
 ADAPTERS = ("env", "mujoco", "batch")
 RAMPS = ("none", "linear", "geometric")
 RAMP_MODES = ("multiplicative", "additive")
@@ -265,6 +265,7 @@ class Perturbation:
         import torch
 
         self.index = index
+        self.schedule: Any = None  # the schedule it belongs to (set by PerturbationSchedule)
         state = np.random.SeedSequence([int(seed), int(index), 0x5EED]).generate_state(2, np.uint32)
         self.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -515,7 +516,10 @@ def _check_at(where: str, at: Any) -> int | float:
 # ---- registry ---------------------------------------------------------------------------------
 REGISTRY: Registry[type[Perturbation]] = Registry(
     "kind",
-    [f"stabilitybench.perturbations.{m}" for m in ("optimization", "data", "parametric", "signal")],
+    [
+        f"stabilitybench.perturbations.{m}"
+        for m in ("optimization", "data", "parametric", "signal", "sham")
+    ],
 )
 
 

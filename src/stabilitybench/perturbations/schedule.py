@@ -48,6 +48,8 @@ class PerturbationSchedule:
         self.vocab_size = vocab_size
         for index, p in enumerate(self.perturbations):
             p.bind(index=index, seed=seed)
+            p.schedule = self
+        self._reseeders: list[Callable[[int], object]] = []
         self.telemetry: Any = None
         self.env_step = 0  # env steps taken through every wrapped env together
         self._step: int | None = None
@@ -56,6 +58,16 @@ class PerturbationSchedule:
 
     def __len__(self) -> int:
         return len(self.perturbations)
+
+    def add_reseed(self, reseed: Callable[[int], object]) -> None:
+        """Register a function that restarts one of the workload's own random streams from a
+        seed (an LM's batch generator, an environment's generator); a `sham` calls it."""
+        self._reseeders.append(reseed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart every registered random stream from `seed` (each from its own derived seed)."""
+        for index, reseed in enumerate(self._reseeders):
+            reseed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
     # ---- set-up -----------------------------------------------------------------------------
     def _resolve(self, strict: bool) -> None:

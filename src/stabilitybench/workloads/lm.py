@@ -532,6 +532,9 @@ class LMWorkload:
             schedule.validate(ADAPTERS, where=f"workload {settings.name!r} (kind lm)")
             schedule.attach(telemetry)
             trainer.schedule = schedule
+            # a sham restarts the batch order and the gradient-noise stream (dropout: torch's)
+            schedule.add_reseed(trainer.batch_gen.manual_seed)
+            schedule.add_reseed(trainer.noise_gen.manual_seed)
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
         def train_step(step: int) -> float:

@@ -396,6 +396,9 @@ class RLWorkload:
         model = build_model(
             settings, spec.seed, schedule.wrap_env if schedule is not None else None
         )
+        env = model.get_env()
+        if schedule is not None and env is not None:  # a sham re-seeds the training env
+            schedule.add_reseed(env.seed)  # (SB3 applies the seed at the env's next reset)
         evaluation = _Evaluation(
             model, make_env(settings.env, spec.seed + EVAL_SEED_OFFSET), settings.eval_episodes
         )

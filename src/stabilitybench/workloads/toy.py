@@ -214,6 +214,7 @@ class ToyWorkload:
         if schedule is not None:
             schedule.validate(ADAPTERS, where=f"workload {self.name!r} (kind toy)")
             schedule.attach(telemetry)
+            schedule.add_reseed(trainer.data_gen.manual_seed)  # a sham restarts the data stream
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
 
         def train_step(step: int) -> torch.Tensor:
