@@ -54,6 +54,7 @@ EVENT_COLUMNS = (
 )
 AUDIT_FILE = "audit.json"
 RUNS_DIR = "runs"
+FINDINGS_FILE = "summary.json"  # what `export` writes in a findings folder, never in an audit's
 
 
 class PerturbationInfo(BaseModel):
@@ -306,6 +307,12 @@ class RunStore:
 
     def exists(self) -> bool:
         return self.audit_file.exists()
+
+    @property
+    def is_findings_folder(self) -> bool:
+        """A findings folder (`export`): its runs keep only the telemetry columns the analysis
+        reads, and their scores come from the audit's full telemetry (never fit on these)."""
+        return (self.root / FINDINGS_FILE).is_file()
 
     @classmethod
     def open(cls, root: str | Path) -> RunStore:

@@ -78,6 +78,18 @@ def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
         raise StabilityBenchError(f"the audit has no finished perturbed runs; {PERTURBED_HINT}")
 
 
+def require_full_telemetry(store: RunStore) -> None:
+    """Refuse a findings folder: its runs keep only the telemetry the analysis reads, and their
+    scores were fitted on the audit's full telemetry (a fit here would replace them)."""
+    if store.is_findings_folder:
+        raise StabilityBenchError(
+            f"{store.root} is a findings folder: its runs keep only the telemetry the analysis "
+            "reads and their scores come from the audit's; fit or score the audit folder and "
+            f"export it again, or judge this folder as it is with `stabilitybench findings "
+            f"{store.root} --rejudge`"
+        )
+
+
 def safe_name(name: str) -> str:
     """The folder of a workload's monitor: a hash, never built from the name (which is free text:
     `..`, `a/b` or two names that differ only in punctuation must not reach the filesystem)."""
@@ -256,6 +268,7 @@ def fit_audit(
     """
     if latent_dim < 1:
         raise StabilityBenchError(f"--latent-dim must be an integer >= 1, got {latent_dim}")
+    require_full_telemetry(store)
     settings = DetectorSettings(latent_dim, seed, dict(monitor_options or {}), include_controls)
     runs = done_runs(store)
     require_runs(runs, need_perturbed=False)

@@ -27,7 +27,14 @@ from stabilitybench.detectors.base import (
     detector_classes,
 )
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.evaluation.fitting import FIT_FILE, SCORES_FILE, done_runs, say, score_frame
+from stabilitybench.evaluation.fitting import (
+    FIT_FILE,
+    SCORES_FILE,
+    done_runs,
+    require_full_telemetry,
+    say,
+    score_frame,
+)
 from stabilitybench.evaluation.results import MONITOR_DIR
 from stabilitybench.io import write_json, write_parquet
 from stabilitybench.metrics.serialize import load_json_as, to_jsonable
@@ -241,6 +248,7 @@ def score_audit(
 ) -> ScoreResult:
     """Score every finished run with every registered detector; write scores.parquet per run
     and `monitor/score.json`. Everything is checked before anything is written."""
+    require_full_telemetry(store)
     runs = done_runs(store)
     if not runs:
         raise StabilityBenchError(
