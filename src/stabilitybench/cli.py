@@ -319,7 +319,9 @@ def import_command(
 
 @app.command()
 def export(
-    audit_dir: Annotated[Path, typer.Argument(help="A finished audit folder.")],
+    audit_dir: Annotated[
+        Path, typer.Argument(help="A finished audit folder, or a findings folder to re-export.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The findings folder to write.")],
     target_false_alarms: Annotated[
         float | None,
@@ -339,12 +341,12 @@ def export(
     ] = False,
 ) -> None:
     """Write summary.json, evaluation.json, findings (the three claims), report.html with its
-    figures, the spec and the versions into one small folder (no raw telemetry) that opens
-    offline."""
-    from stabilitybench.findings.export import describe, export_results
-    from stabilitybench.store import RunStore
+    figures, the spec, the versions and the slim per-run data (runs/: evaluations, events,
+    scores, a few telemetry columns) into one small folder that opens offline; a findings folder
+    given as the audit is judged again from its runs (--out may be that folder)."""
+    from stabilitybench.findings.export import describe, export_results, open_source
 
-    store = RunStore.open(audit_dir)
+    store = open_source(audit_dir)
     path = export_results(
         store,
         out,
@@ -362,11 +364,20 @@ def findings(
         Path, typer.Argument(help="A findings folder (from export) or an audit folder.")
     ],
     json_out: Annotated[bool, typer.Option("--json", help="Print findings.json instead.")] = False,
+    rejudge: Annotated[
+        bool,
+        typer.Option(
+            "--rejudge",
+            help="Judge the claims again from the folder's per-run data (runs/) with this "
+            "version's collapse and warning criteria, instead of printing the saved findings; "
+            "nothing is refitted or retrained, and a findings folder is left as it is.",
+        ),
+    ] = False,
 ) -> None:
     """The paper's three claims per workload, with CIs and a verdict (findings.md)."""
     from stabilitybench.findings.export import findings_markdown
 
-    text = findings_markdown(path, as_json=json_out)
+    text = findings_markdown(path, as_json=json_out, rejudge=rejudge)
     sys.stdout.write(text)
 
 

@@ -37,11 +37,14 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        "audit.json",
         "evaluation.json",
         "figures",
         "findings.json",
         "findings.md",
+        "monitor",
         "report.html",
+        "runs",
         "spec.yaml",
         "summary.json",
         "version.json",
@@ -56,14 +59,12 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "toy-test"
     version = json.loads((out / "version.json").read_text())
     assert version["runs"] == {"done": 6} and "stabilitybench" in version["versions"]
+    assert version["rejudged"] is False
     assert any((out / "figures").glob("*.png"))
     html = (out / "report.html").read_text()
     for png in (out / "figures").glob("*.png"):  # the report's own images, not re-rendered
         assert base64.b64encode(png.read_bytes()).decode("ascii") in html
     assert "<html" in html and 'src="http' not in html  # self-contained
-    assert not list((finished / "runs").glob("*/telemetry.parquet")) or not list(
-        out.rglob("*.parquet")
-    )  # no raw telemetry in the findings
     # The claims: `findings` prints findings.md, from the folder or from the audit itself.
     text = (out / "findings.md").read_text()
     assert text.startswith("## Findings: toy-test") and "### Claim 3" in text
@@ -101,12 +102,19 @@ def test_unfinished_audit_is_refused_unless_partial(finished: Path, tmp_path: Pa
         out = tmp_path / "res"
         _expect_error(["export", str(finished), "--out", str(out)], "1 pending")
         assert not out.exists() and list(tmp_path.iterdir()) == []
+        partial = runner.invoke(app, ["export", str(finished), "--out", str(out), "--partial"])
+        assert partial.exit_code == 0, partial.output
+        # An unfinished run keeps its run.json only: the analysis reads no table of it.
+        kept = out / "runs" / info_path.parent.name
+        assert sorted(p.name for p in kept.iterdir()) == ["run.json"]
+        assert json.loads((out / "version.json").read_text())["partial"] is True
     finally:
         info_path.write_text(original)
 
 
 def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:
     _expect_error(["export", str(finished), "--out", str(finished / "x")], "inside the audit")
+    _expect_error(["export", str(finished), "--out", str(finished)], "the audit folder itself")
     file = tmp_path / "file"
     file.write_text("x")
     _expect_error(["export", str(finished), "--out", str(file)], "is a file")

@@ -9,12 +9,16 @@
 - `version.json` — the package version, the versions of the libraries the runs used, the
   number of runs by status, and when the export was made;
 - `findings.json` and `findings.md` — the paper's three claims judged per workload with CIs and
-  a verdict (`metrics/claims.py`); `stabilitybench findings FOLDER` prints findings.md.
+  a verdict (`metrics/claims.py`); `stabilitybench findings FOLDER` prints findings.md;
+- `audit.json`, `runs/<run_id>/` and `monitor/` — the per-run data the analysis reads, slim
+  (`findings.slim`): evaluations, events, the detectors' scores as fitted and a few telemetry
+  columns, no model weights over 1 MiB. The folder is itself an audit folder, so
+  `findings --rejudge FOLDER` and `export FOLDER --out FOLDER` judge it again with the criteria
+  of the version that runs them, without refitting or retraining.
 
-No raw telemetry is copied: the folder stays a few MB however long the runs were. The folder is
-built beside `--out` under a temporary name and renamed into place at the end, so a failed export
-leaves nothing half-written (and an earlier export of the same name is only replaced once the new
-one is complete).
+The folder is built beside `--out` under a temporary name and renamed into place at the end, so
+a failed export leaves nothing half-written (and an earlier export of the same name, the source
+of a re-export included, is only replaced once the new one is complete).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import write_json
-from stabilitybench.store import RunStore
+from stabilitybench.store import FINDINGS_FILE, RUNS_DIR, RunStore
 
 if TYPE_CHECKING:
     from stabilitybench.analysis import Analysis
+    from stabilitybench.findings.claims import Claims
 
 LIBRARIES = (
     "torch",
@@ -45,6 +50,7 @@ LIBRARIES = (
     "duckdb",
 )
 """The libraries whose versions `version.json` records (those installed)."""
+OLD_EXPORT_HINT = "export the audit again from its audit folder"
 
 
 def library_versions() -> dict[str, str]:
@@ -86,6 +92,40 @@ def _spec_yaml(store: RunStore) -> str:
     return text
 
 
+def is_findings_folder(path: Path) -> bool:
+    """Whether `path` is a findings folder written by `export` (not an audit folder)."""
+    return RunStore(path).is_findings_folder
+
+
+def open_source(path: Path) -> RunStore:
+    """The audit to export: an audit folder, or a findings folder that keeps its per-run data;
+    a findings folder from before that is a user error that says so."""
+    from stabilitybench.findings.slim import has_run_data
+
+    path = Path(path)
+    if is_findings_folder(path) and not has_run_data(path):
+        raise StabilityBenchError(
+            f"{path} is a findings folder without per-run data (runs/, exported by an older "
+            f"version), so it cannot be exported or re-judged; {OLD_EXPORT_HINT}"
+        )
+    return RunStore.open(path)
+
+
+def _check_destination(store: RunStore, out: Path) -> None:
+    """`out` may be a new folder, an earlier export, or the findings folder being re-exported;
+    never a file, a folder inside the source, or the audit folder itself (its runs would go)."""
+    if out.exists() and not out.is_dir():
+        raise StabilityBenchError(f"--out: {out} is a file; give a folder such as results/NAME")
+    source, target = store.root.resolve(), out.resolve()
+    if source in target.parents:
+        raise StabilityBenchError(f"--out: {out} is inside the audit folder; choose another folder")
+    if target == source and not store.is_findings_folder:
+        raise StabilityBenchError(
+            f"--out: {out} is the audit folder itself (its runs would be replaced); choose "
+            "another folder"
+        )
+
+
 def export_results(
     store: RunStore,
     out: Path,
@@ -96,20 +136,19 @@ def export_results(
     console: Any = None,
 ) -> Path:
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
-    `target_false_alarms` and `horizon` override the spec's `warning` settings."""
+    `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
+    findings folder (`out` may be that folder): its findings are judged again from its runs."""
     from stabilitybench.analysis import analyse
+    from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StabilityBenchError(f"--out: {out} is a file; give a folder such as results/NAME")
-    if out.resolve() == store.root.resolve() or store.root.resolve() in out.resolve().parents:
-        raise StabilityBenchError(f"--out: {out} is inside the audit folder; choose another folder")
+    _check_destination(store, out)
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
     analysis = analyse(
         store,
-        evaluation="fit",
+        evaluation="fit",  # a findings folder keeps monitor/fit.json: its scores are used as is
         target_false_alarms=target_false_alarms,
         horizon=horizon,
         console=console,
@@ -119,6 +158,7 @@ def export_results(
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
         _write_folder(tmp, store, analysis, spec)
+        write_run_data(store, tmp)
         write_json(
             tmp / "version.json",
             {
@@ -127,6 +167,7 @@ def export_results(
                 "python": sys.version.split()[0],
                 "runs": counts,
                 "partial": bool(allow_partial and set(counts) - {"done", "failed"}),
+                "rejudged": store.is_findings_folder,  # re-exported from its per-run data
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
@@ -144,7 +185,7 @@ def _write_folder(folder: Path, store: RunStore, analysis: Analysis, spec: str) 
     from stabilitybench.report.html import write_report
     from stabilitybench.report.markup import EMBED_DPI
 
-    write_json(folder / "summary.json", to_jsonable(analysis.summary))
+    write_json(folder / FINDINGS_FILE, to_jsonable(analysis.summary))
     write_json(folder / "evaluation.json", to_jsonable(analysis.evaluation))
     write_json(folder / "findings.json", to_jsonable(analysis.claims))
     (folder / "findings.md").write_text(claims_markdown(analysis.claims), encoding="utf-8")
@@ -171,31 +212,56 @@ def _replace(out: Path, new: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def findings_markdown(path: Path, *, as_json: bool = False) -> str:
+def findings_markdown(path: Path, *, as_json: bool = False, rejudge: bool = False) -> str:
     """What `stabilitybench findings PATH` prints: a findings folder's findings.md (or .json), or
-    the claims computed from an audit folder (claim 3 only if its monitor has been evaluated)."""
+    the claims computed from an audit folder (claim 3 only if its monitor has been evaluated).
+    `rejudge`: the claims computed again from the folder's runs, the evaluation included."""
     import json
 
-    from stabilitybench.analysis import analyse
     from stabilitybench.findings.printing import claims_markdown
     from stabilitybench.metrics.serialize import to_jsonable
 
     path = Path(path)
     saved = path / ("findings.json" if as_json else "findings.md")
-    if saved.is_file():
+    if rejudge:
+        claims = rejudged_claims(path)
+    elif saved.is_file():
         return saved.read_text(encoding="utf-8")
-    if (path / "summary.json").is_file():
+    elif is_findings_folder(path):
         raise StabilityBenchError(
             f"{path} is a findings folder without {saved.name} (exported by an older version); "
             "export the audit again"
         )
-    store = RunStore.open(path)
-    if not store.infos():
-        raise StabilityBenchError(f"{path} has no runs; run the audit first")
-    claims = analyse(store).claims
+    else:
+        from stabilitybench.analysis import analyse
+
+        claims = analyse(_store_with_runs(path)).claims
     if as_json:
         return json.dumps(to_jsonable(claims), indent=2) + "\n"
     return claims_markdown(claims)
+
+
+def rejudged_claims(path: Path) -> Claims:
+    """The claims judged again from the per-run data at `path` with this version's criteria:
+    collapses from the evaluations, the warning protocol on the saved scores (no refit, no
+    retraining). A findings folder is read, never written (the analysis runs on a copy)."""
+    import tempfile
+
+    from stabilitybench.analysis import analyse
+    from stabilitybench.findings.slim import working_copy
+
+    if not is_findings_folder(path):
+        return analyse(_store_with_runs(path), evaluation="fresh").claims
+    open_source(path)  # a findings folder without runs/: one clear error
+    with tempfile.TemporaryDirectory(prefix="stabilitybench-rejudge-") as tmp:
+        return analyse(working_copy(path, Path(tmp)), evaluation="fresh").claims
+
+
+def _store_with_runs(path: Path) -> RunStore:
+    store = RunStore.open(path)
+    if not store.infos():
+        raise StabilityBenchError(f"{path} has no runs; run the audit first")
+    return store
 
 
 def folder_size(path: Path) -> int:
@@ -208,7 +274,10 @@ def describe(path: Path) -> str:
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
     shown = ", ".join(f for f in files if "/" not in f)
     n_figures = sum(1 for f in files if f.startswith("figures/"))
+    runs = path / RUNS_DIR
+    n_runs = sum(1 for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else 0
+    run_bytes = folder_size(runs) if runs.is_dir() else 0
     return (
-        f"findings written to {path} ({shown}; {n_figures} figures; "
-        f"{folder_size(path) / 2**20:.1f} MiB)"
+        f"findings written to {path} ({shown}; {n_figures} figures; per-run data of {n_runs} "
+        f"runs in {RUNS_DIR}/, {run_bytes / 2**10:.0f} KiB; {folder_size(path) / 2**20:.1f} MiB)"
     )

@@ -1,0 +1,149 @@
+"""A findings folder's per-run data: a slim copy of the audit that is re-judged without retraining.
+
+`export` writes, beside the documents, what the analysis reads from each run::
+
+    audit.json                              the resolved spec (as in the audit)
+    runs/<run_id>/run.json                  identity, status, outcome (every run)
+    runs/<run_id>/evals.parquet             every evaluation (a finished run), as stored
+    runs/<run_id>/events.parquet            every perturbation window and intervention, as stored
+    runs/<run_id>/scores.parquet            every detector's per-step columns, as fitted
+    runs/<run_id>/telemetry.parquet         `kept_telemetry_columns` of the run's telemetry only
+    monitor/fit.json, attribution.json, evaluation.json, score.json   (those the audit has)
+    monitor/workload-*/                     each fitted monitor, when under `MAX_MODEL_BYTES`
+
+So the folder is an audit folder to `RunStore.open`: `findings --rejudge` and `export` of it judge
+the collapses again, evaluate the saved scores with the warning protocol and judge the claims,
+with the criteria of the version that runs them, and never refit or retrain (`monitor/fit.json`
+is there; scores are not recomputed). The large Parquet files are rewritten losslessly (same
+columns, types and values) with zstd and encodings that suit numbers: byte-stream-split floats,
+delta-coded integers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from stabilitybench.evaluation.results import EVALUATION_FILE, MONITOR_DIR
+from stabilitybench.store import AUDIT_FILE, FINDINGS_FILE, RUNS_DIR, RunStore
+from stabilitybench.types import RunStatus
+
+MAX_MODEL_BYTES = 1 << 20
+"""A fitted monitor folder (weights and config) is copied only when it is at most this big: the
+re-judge never needs it, a reader may want to score other runs with it."""
+CLAIM_COLUMNS = ("ent_coef",)
+"""Telemetry the claims read: SAC's learned temperature orders an `ent_coef: auto` level."""
+RUN_TABLES = ("evals", "events")
+"""A finished run's tables copied byte for byte."""
+
+
+def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
+    """The telemetry columns a findings folder keeps, in the table's order: the dense performance
+    signal's (`metrics.records.DENSE_COLUMNS`: step, env_step, loss, episode returns), the
+    claims' (`CLAIM_COLUMNS`) and the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`,
+    also as `role/signal` for a run with several optimizers)."""
+    from stabilitybench.metrics.records import DENSE_COLUMNS
+    from stabilitybench.report.data import TELEMETRY_SIGNALS
+
+    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS}
+    panels = set(TELEMETRY_SIGNALS)
+
+    def kept(column: str) -> bool:
+        role, _, signal = column.partition("/")
+        return column in exact or (bool(role) and "/" not in signal and signal in panels)
+
+    return [c for c in columns if kept(c)]
+
+
+def monitor_files() -> tuple[str, ...]:
+    """The monitor folder's small documents the analysis and the report read: the fit (whose
+    presence means "do not refit"), first-alarm attributions, the evaluation, `monitor score`'s
+    alarms."""
+    from stabilitybench.evaluation.fitting import ATTRIBUTION_FILE, FIT_FILE
+    from stabilitybench.evaluation.scoring import SCORE_FILE
+
+    return (FIT_FILE, ATTRIBUTION_FILE, EVALUATION_FILE, SCORE_FILE)
+
+
+def has_run_data(path: Path) -> bool:
+    """Whether `path` holds an audit's per-run data (an audit folder or a slim copy of one)."""
+    return (path / AUDIT_FILE).is_file() and (path / RUNS_DIR).is_dir()
+
+
+def write_run_data(store: RunStore, folder: Path) -> None:
+    """Copy the per-run data of the audit in `store` into `folder` (see the module docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(store.audit_file, folder / AUDIT_FILE)
+    for run_id in store.run_ids():
+        _copy_run(store, run_id, folder / RUNS_DIR / run_id)
+    _copy_monitor(store.root / MONITOR_DIR, folder / MONITOR_DIR)
+
+
+def working_copy(path: Path, folder: Path) -> RunStore:
+    """A copy of the findings folder's per-run data at `path` in `folder` (marked as a findings
+    folder: nothing is fitted on it), for an analysis that writes (the evaluation saves itself
+    under monitor/) while `path` stays as it is."""
+    shutil.copyfile(path / FINDINGS_FILE, folder / FINDINGS_FILE)
+    shutil.copyfile(path / AUDIT_FILE, folder / AUDIT_FILE)
+    shutil.copytree(path / RUNS_DIR, folder / RUNS_DIR)
+    if (path / MONITOR_DIR).is_dir():
+        shutil.copytree(path / MONITOR_DIR, folder / MONITOR_DIR)
+    return RunStore(folder)
+
+
+def _copy_run(store: RunStore, run_id: str, dest: Path) -> None:
+    """run.json of any run; the tables of a finished one (the analysis reads no others)."""
+    source = store.run_dir(run_id)
+    dest.mkdir(parents=True)
+    shutil.copyfile(source / "run.json", dest / "run.json")
+    if store.info(run_id).status != RunStatus.DONE:
+        return
+    for name in RUN_TABLES:
+        if (source / f"{name}.parquet").is_file():
+            shutil.copyfile(source / f"{name}.parquet", dest / f"{name}.parquet")
+    if (source / "scores.parquet").is_file():
+        write_compact(dest / "scores.parquet", source / "scores.parquet")
+    if (source / "telemetry.parquet").is_file():
+        write_compact(dest / "telemetry.parquet", source / "telemetry.parquet", telemetry=True)
+
+
+def write_compact(dest: Path, source: Path, *, telemetry: bool = False) -> None:
+    """Rewrite the Parquet file `source` as `dest`, losslessly and small (`telemetry`: only
+    `kept_telemetry_columns`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = pq.read_schema(source).names
+    table = pq.read_table(source, columns=kept_telemetry_columns(columns) if telemetry else None)
+    encodings: dict[str, str] = {}
+    for column in table.schema:
+        if pa.types.is_floating(column.type):
+            encodings[column.name] = "BYTE_STREAM_SPLIT"  # floats: bytes grouped, then zstd
+        elif pa.types.is_integer(column.type):
+            encodings[column.name] = "DELTA_BINARY_PACKED"  # steps: a constant difference
+    pq.write_table(
+        table,
+        dest,
+        compression="zstd",
+        use_dictionary=[c for c in table.column_names if c not in encodings],
+        column_encoding=encodings,
+        write_statistics=False,
+    )
+
+
+def _copy_monitor(source: Path, dest: Path) -> None:
+    """The monitor's small documents, and each fitted monitor folder under `MAX_MODEL_BYTES`
+    (not the copy at `monitor/` itself that a one-workload audit also keeps)."""
+    if not source.is_dir():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in monitor_files():
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+    for model in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = [p for p in model.iterdir() if p.is_file()]
+        if files and sum(p.stat().st_size for p in files) <= MAX_MODEL_BYTES:
+            (dest / model.name).mkdir()
+            for file in files:
+                shutil.copyfile(file, dest / model.name / file.name)
