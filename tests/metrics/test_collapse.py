@@ -126,9 +126,9 @@ def test_env_steps_are_counted_from_the_onset_env_step() -> None:
 
 
 def test_calibration_from_baselines_by_hand() -> None:
-    # Changes after the first evaluation: +1, -1, +1, -1 → MAD 1 → σ = 1.4826 / √2.
+    # Changes after the first evaluation: +1, -1, +1, -1 → IQR 2 → σ = 2 / 1.349 / √2.
     steady = (np.array(TEN[:6]), np.array([0.0, 5.0, 6.0, 5.0, 6.0, 5.0]))
-    assert evaluation_noise([steady]) == pytest.approx(1.4826 / np.sqrt(2))
+    assert evaluation_noise([steady]) == pytest.approx(2 / 1.349 / np.sqrt(2))
     # P_pre 6 (median of 5, 6, 5... last 3 before 40: 5, 6, 5 → 5); drops held twice from 40 on.
     dips = (np.array(TEN[:7]), np.array([0.0, 5.0, 6.0, 5.0, 2.0, 1.0, 4.0]))
     cal = calibrate([steady, dips], 40, quantile=1.0)

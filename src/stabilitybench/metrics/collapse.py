@@ -298,10 +298,10 @@ def evaluation_noise(
     curves: Sequence[tuple[np.ndarray, np.ndarray]], onset_step: float = -np.inf
 ) -> float:
     """σ of one evaluation, from the evaluation-to-evaluation changes of the given runs (each
-    `(steps, perf)`): 1.4826 · MAD(Δperf) / √2 over the finite changes between evaluations at or
-    after `onset_step` (where a run that was not perturbed has mostly stopped learning; the MAD
-    also removes a steady trend), or over every change after the first evaluation when the
-    window holds fewer than 2 (the first change, from the untrained level, is never used)."""
+    `(steps, perf)`): IQR(Δperf) / 1.349 / √2 over the finite changes between evaluations at
+    or after `onset_step` (where a run that was not perturbed has mostly stopped learning; the
+    IQR ignores a few large jumps and a steady trend), or over every change after the first
+    evaluation when the window holds fewer than 2 (the first, from the untrained level, never)."""
     changes, fallback = [], []
     for steps, perf in curves:
         s, p = np.asarray(steps, dtype=float), np.asarray(perf, dtype=float)
@@ -314,7 +314,8 @@ def evaluation_noise(
         d = np.concatenate(fallback) if fallback else np.zeros(0)
     if d.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+    q25, q75 = np.percentile(d, [25.0, 75.0])
+    return float((q75 - q25) / 1.349 / np.sqrt(2.0))  # the IQR of a normal is 1.349 σ
 
 
 def confirmed_drops(drop: np.ndarray, confirm: int) -> np.ndarray:

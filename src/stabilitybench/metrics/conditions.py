@@ -66,7 +66,34 @@ class ConditionSummary:
     dispersion_across_runs: float | None = None
     risk_across_runs: float | None = None
     guard: str = "none"  # the guard's label; `none` for unguarded runs
+    # The collapse rate beyond what the control arm shows, paired by seed: the mean over seeds
+    # of (this run collapsed − the same-seed control run collapsed), both judged, with a
+    # bootstrap CI over seeds. The control is the sham arm where the audit has one, else the
+    # unperturbed runs.
+    control: str | None = None
+    collapse_excess: float | None = None
+    collapse_excess_ci: list[float | None] = field(default_factory=lambda: [None, None])
+    n_pairs: int = 0
     notes: list[str] = field(default_factory=list)
+
+
+def paired_excess(
+    runs: Sequence[RunRecord], controls: Sequence[RunRecord], rng: np.random.Generator, reps: int
+) -> tuple[float | None, list[float | None], int]:
+    """(mean, 95 % bootstrap CI over seeds, number of pairs) of collapsed(run) − collapsed(control)
+    over the seeds where both a run and its control were judged."""
+    control = {r.seed: r.collapsed for r in controls if r.done and r.collapsed is not None}
+    diffs = np.array(
+        [
+            float(bool(r.collapsed)) - float(bool(control[r.seed]))
+            for r in runs
+            if r.done and r.collapsed is not None and r.seed in control
+        ]
+    )
+    if diffs.size == 0:
+        return None, [None, None], 0
+    low, high = stratified_bootstrap_ci(diffs, np.mean, rng=rng, reps=reps)
+    return float(diffs.mean()), [number(low), number(high)], int(diffs.size)
 
 
 def across_runs(records: Sequence[RunRecord]) -> tuple[float | None, float | None]:

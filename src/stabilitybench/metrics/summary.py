@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.metrics.conditions import ConditionSummary, condition_summary, number
+from stabilitybench.metrics.conditions import (
+    ConditionSummary,
+    condition_summary,
+    number,
+    paired_excess,
+)
 from stabilitybench.metrics.decoupling import Decoupling, audit_decoupling
 from stabilitybench.metrics.dose_response import DoseResponse, dose_response
 from stabilitybench.metrics.guards import GuardComparison, guard_comparisons, interventions_of
@@ -132,8 +137,35 @@ def conditions_of(
     out = []
     for key, members in groups.items():
         baseline = None if key[2] == "none" else groups.get((key[0], key[1], "none", key[3]))
-        out.append(condition_summary(members, baseline, rng, reps))
+        summary = condition_summary(members, baseline, rng, reps)
+        if members[0].perturbation_kind not in ("none", "sham"):
+            _add_excess(summary, members, key, groups, rng, reps)
+        out.append(summary)
     return out
+
+
+def _add_excess(
+    summary: ConditionSummary,
+    members: Sequence[RunRecord],
+    key: tuple[str, str, str, str],
+    groups: dict[tuple[str, str, str, str], list[RunRecord]],
+    rng: np.random.Generator,
+    reps: int,
+) -> None:
+    """The condition's collapse rate beyond its control arm (sham, else unperturbed), by seed."""
+    shams = [
+        r
+        for (w, k, _, g), rs in groups.items()
+        if (w, k, g) == (key[0], key[1], key[3])
+        for r in rs
+        if r.perturbation_kind == "sham"
+    ]
+    control = shams or groups.get((key[0], key[1], "none", key[3]), [])
+    if not control:
+        return
+    summary.control = "sham" if shams else "none"
+    excess, ci, pairs = paired_excess(members, control, rng, reps)
+    summary.collapse_excess, summary.collapse_excess_ci, summary.n_pairs = excess, ci, pairs
 
 
 def audit_notes(records: Sequence[RunRecord]) -> list[str]:

@@ -65,6 +65,8 @@ def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
     )
     row += [runs, fmt_rate_ci(c.collapse_rate, c.collapse_rate_ci)]
     if wide:
+        excess = c.collapse_excess
+        row.append("" if excess is None else f"{fmt_ci(excess, c.collapse_excess_ci, 2)}")
         row.append(fmt(c.median_collapse_steps))
     row += [fmt_rate(c.recovery_rate)]
     row.append(fmt_ci(c.final_perf_iqm, c.final_perf_iqm_ci) if wide else fmt(c.final_perf_iqm))
@@ -78,7 +80,7 @@ def _condition_row(c: ConditionSummary, wide: bool) -> list[str]:
 def conditions_table(summary: AuditSummary, wide: bool = False) -> Any:
     columns = [("workload, knobs", False), ("perturbation", False), ("runs", True)]
     columns += [("collapse\n[95% CI]", True)]
-    columns += [("median\ncollapse step", True)] if wide else []
+    columns += [("excess over\ncontrol", True), ("median\ncollapse step", True)] if wide else []
     columns += [("recov.", True), ("perf\nIQM", True), ("stab.", True)]
     if wide:
         columns += [("disp.\ntime", True), ("disp.\nruns", True), ("risk\nruns", True)]
@@ -134,9 +136,13 @@ def guards_table(summary: AuditSummary) -> Any:
 def run_status(r: RunRecord) -> str:
     if r.status == "failed":
         return f"[red]failed[/]: {escape(str(r.error))}"
+    reason = r.collapse.reason if r.collapse is not None else None
     if r.collapsed is None:
-        return r.status
+        # "not learned at onset", "not testable: …", "unconfirmed: …": the words before the colon
+        return escape(reason.split(":")[0]) if reason else r.status
     if r.collapsed:
+        if r.collapse is not None and r.collapse.irreversible is None:
+            return "[red]collapsed[/] (censored)"
         irreversible = r.collapse is not None and r.collapse.irreversible
         return "[red]irreversible[/]" if irreversible else "[yellow]recovered[/]"
     return "[green]stable[/]"
@@ -181,9 +187,19 @@ def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> No
 
 
 def false_positive_lines(summary: AuditSummary) -> list[str]:
-    """Per workload, what the criterion flags when nothing harmful happened: the line to read
-    every collapse rate beside."""
+    """Per workload, what the criterion flags when nothing harmful happened, and each perturbed
+    condition's collapse rate beyond its control arm paired by seed: the lines to read every
+    collapse rate beside."""
     lines = []
+    for c in sorted(summary.conditions, key=condition_order):
+        if c.collapse_excess is not None:
+            low, high = c.collapse_excess_ci
+            what = short_perturbation(c.perturbation_kind, c.magnitude) + _guard_suffix(c.guard)
+            lines.append(
+                f"{c.workload} {knobs_text(c.knobs)} {what}: collapse rate in excess of "
+                f"{c.control}, paired by seed: {c.collapse_excess:+.2f} [{fmt(low)}, {fmt(high)}] "
+                f"({c.n_pairs} seeds)"
+            )
     for item in summary.false_positives:
         if item.n_runs == 0:
             continue
