@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,20 +14,22 @@ from stabilitybench.evaluation.results import Evaluation
 from stabilitybench.findings.claims import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
+    NOT_TESTABLE,
     SUPPORTED,
     DetectorRow,
     audit_claims,
     buffering_verdict,
-    decoupling_verdict,
     newcombe_difference,
     stochasticity_axes,
     warning_verdict,
 )
 from stabilitybench.findings.printing import claims_markdown, verdict_table
 from stabilitybench.metrics.collapse import CollapseResult
+from stabilitybench.metrics.decoupling import audit_decoupling
+from stabilitybench.metrics.decoupling import verdict as decoupling_rule
 from stabilitybench.metrics.records import RunRecord
 from stabilitybench.metrics.serialize import from_jsonable
-from stabilitybench.metrics.summary import AuditSummary
+from stabilitybench.metrics.summary import AuditSummary, sham_flag_rates
 
 
 def test_newcombe_difference_matches_newcombe_1998() -> None:
@@ -44,26 +47,32 @@ def test_newcombe_difference_matches_newcombe_1998() -> None:
 
 
 def test_decoupling_rule() -> None:
-    assert decoupling_verdict(30, 0.1, [-0.3, 0.45]).verdict == SUPPORTED
-    assert decoupling_verdict(30, 0.8, [0.6, 0.9]).verdict == NOT_SUPPORTED
-    assert decoupling_verdict(30, 0.5, [0.2, 0.7]).verdict == INCONCLUSIVE
-    assert decoupling_verdict(8, 0.0, [-0.5, 0.4]).verdict == INCONCLUSIVE  # too few runs
-    assert decoupling_verdict(30, None, [None, None]).verdict == INCONCLUSIVE
+    assert decoupling_rule(30, 0.1, [-0.3, 0.45], 0.01)[0] == SUPPORTED
+    assert decoupling_rule(30, 0.8, [0.6, 0.9], 0.01)[0] == NOT_SUPPORTED
+    assert decoupling_rule(30, 0.5, [0.2, 0.7], 0.01)[0] == INCONCLUSIVE
+    assert decoupling_rule(8, 0.0, [-0.5, 0.4], 0.01)[0] == INCONCLUSIVE  # too few runs
+    assert decoupling_rule(30, None, [None, None], 0.01)[0] == INCONCLUSIVE
+    # no difference between conditions beyond seed noise: nothing to be decoupled
+    verdict, reason = decoupling_rule(30, 0.1, [-0.3, 0.45], 0.4)
+    assert verdict == INCONCLUSIVE and "nothing to be decoupled" in reason
+    assert decoupling_rule(30, 0.1, [-0.3, 0.45], None)[0] == INCONCLUSIVE
 
 
 def test_buffering_rule() -> None:
-    # 1/20 collapses with more noise against 12/20 without: buffered.
-    assert buffering_verdict(1, 20, 12, 20)[2].verdict == SUPPORTED
-    # More collapses with more noise.
-    assert buffering_verdict(12, 20, 1, 20)[2].verdict == NOT_SUPPORTED
-    # 6/20 vs 6/20: the CI reaches below −0.1, so a buffering is not ruled out.
-    diff, ci, verdict = buffering_verdict(6, 20, 6, 20)
-    assert diff == 0.0 and ci[0] is not None and ci[0] < -0.1
-    assert verdict.verdict == INCONCLUSIVE
-    # Many runs and equal rates rule a buffering > 0.1 out.
-    assert buffering_verdict(40, 400, 40, 400)[2].verdict == NOT_SUPPORTED
-    # Nothing collapsed: nothing to buffer.
-    assert buffering_verdict(0, 20, 0, 20)[2].verdict == INCONCLUSIVE
+    rates = (0.2, 0.6)
+    # fewer excess collapses with more noise, paired over 10 seeds: buffered
+    assert buffering_verdict(-0.4, [-0.6, -0.2], 10, rates, 0.0).verdict == SUPPORTED
+    assert buffering_verdict(0.4, [0.2, 0.6], 10, rates, 0.0).verdict == NOT_SUPPORTED
+    # the CI reaches below −0.1: a buffering is not ruled out
+    assert buffering_verdict(0.0, [-0.3, 0.3], 10, rates, 0.0).verdict == INCONCLUSIVE
+    # a tight CI around 0 rules a buffering > 0.1 out
+    assert buffering_verdict(0.0, [-0.05, 0.05], 40, rates, 0.0).verdict == NOT_SUPPORTED
+    assert buffering_verdict(-0.4, [-0.6, -0.2], 2, rates, 0.0).verdict == INCONCLUSIVE  # seeds
+    # labels that are not trusted, or nothing to buffer: not testable
+    untrusted = buffering_verdict(-0.4, [-0.6, -0.2], 10, rates, 0.2)
+    assert untrusted.verdict == NOT_TESTABLE and "flags 20%" in untrusted.reason
+    assert buffering_verdict(0.0, [0.0, 0.0], 10, (0.0, 0.0), 0.0).verdict == NOT_TESTABLE
+    assert buffering_verdict(0.0, [0.0, 0.0], 10, (1.0, 1.0), 0.0).verdict == NOT_TESTABLE
 
 
 def _msm(auroc: float, ci: list[float], recall: float, recall_ci: list[float]) -> DetectorRow:
@@ -126,12 +135,21 @@ def _run(
         collapse=_collapse(collapsed, irreversible),
         final_perf=perf,
         stability_score=score,
+        stability_before_final=score,
     )
 
 
-def _summary(runs: list[RunRecord]) -> AuditSummary:
-    """The two fields `audit_claims` reads: the audit's name and its run records."""
-    return SimpleNamespace(audit=SimpleNamespace(name="hand"), runs=runs, guards=[])  # type: ignore[return-value]
+def _summary(runs: list[RunRecord], guards: list[Any] | None = None) -> AuditSummary:
+    """The fields `audit_claims` reads: the audit's name, its run records, claim 1 (shared with
+    the summary), the criterion's flag rates and the guard comparisons."""
+    unguarded = [r for r in runs if r.guard == "none"]
+    return SimpleNamespace(  # type: ignore[return-value]
+        audit=SimpleNamespace(name="hand"),
+        runs=runs,
+        guards=guards or [],
+        decoupling=audit_decoupling(unguarded, np.random.default_rng(0), 200),
+        false_positives=sham_flag_rates(runs),
+    )
 
 
 @pytest.fixture
@@ -239,8 +257,7 @@ def test_what_a_guard_saved_is_a_table_beside_the_unguarded_runs() -> None:
     interventions = {r.run_id: [Intervention(step=50, action="skip")] * 2 for r in guarded}
     steps = {r.run_id: 1000 for r in records}
     comparisons = guard_comparisons(records, interventions, steps, reps=200)
-    summary = SimpleNamespace(audit=SimpleNamespace(name="g"), runs=records, guards=comparisons)
-    claims = audit_claims(summary, None, reps=100)  # type: ignore[arg-type]
+    claims = audit_claims(_summary(records, comparisons), None, reps=100)
     (g,) = claims.guards
     assert (g.collapse.k, g.collapse_unguarded.k, g.n_runs) == (1, 5, 5)
     assert any("5 guarded runs are left out of claims 1 and 2" in n for n in claims.notes)
@@ -302,3 +319,30 @@ def test_a_guards_difference_keeps_the_decimals_of_its_scale() -> None:
     assert _ci(0.0023, [-0.0253, 0.0298], _digits([0.0023, -0.0253, 0.0298])) == (
         "0.002 [-0.025, 0.030]"
     )
+
+
+def _null_audit(rng: np.random.Generator, seeds: int = 10) -> list[RunRecord]:
+    """Runs with no effect of anything: each run's collapse, final performance and stability
+    drawn at random, whatever its level or arm."""
+    out, i = [], 0
+    for noise in (0.0, 0.01):
+        for perturbation in ("none", "sham(at=0.3)", "lr_spike(at=0.3,factor=10)"):
+            for seed in range(seeds):
+                collapsed = bool(rng.random() < 0.4) and perturbation != "none"
+                run = _run(i, noise, perturbation, collapsed, float(rng.normal()), rng.random())
+                out.append(replace(run, seed=seed))
+                i += 1
+    return out
+
+
+def test_the_rules_rarely_say_supported_when_nothing_has_an_effect() -> None:
+    rng = np.random.default_rng(7)
+    supported = {"1": 0, "2": 0}
+    for _ in range(200):
+        claims = audit_claims(
+            _summary(_null_audit(rng)), None, reps=200, seed=int(rng.integers(1e9))
+        )
+        (d,), (b,) = claims.decoupling, claims.buffering
+        supported["1"] += d.verdict.verdict == SUPPORTED
+        supported["2"] += b.verdict.verdict == SUPPORTED
+    assert supported["1"] <= 10 and supported["2"] <= 10, supported  # at most 5 % of 200 draws

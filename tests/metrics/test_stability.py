@@ -1,4 +1,4 @@
-"""Stability score, decoupling verdicts and dose-response points, worked by hand."""
+"""Stability scores and dose-response points, worked by hand."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 
 from stabilitybench.metrics.stability import (
     collapse_rate_by,
-    decoupling,
-    decoupling_verdict,
+    stability_before_final,
     stability_score,
     within_group_rank,
 )
@@ -24,20 +23,13 @@ def test_stability_score_by_hand() -> None:
     assert stability_score(None, None, None, None, None) == 1.0
 
 
-def test_decoupling_verdicts() -> None:
-    assert decoupling_verdict(4, 0.9, (0.5, 1.0)) == "insufficient_data"
-    assert decoupling_verdict(10, 0.6, (0.2, 0.9)) == "coupled"
-    assert decoupling_verdict(10, 0.6, (-0.1, 0.9)) == "decoupled"
-    assert decoupling_verdict(10, 0.2, (0.05, 0.4)) == "decoupled"
-    assert decoupling_verdict(10, -0.7, (-0.9, -0.3)) == "anti_coupled"
-
-
-def test_decoupling_ranks_diverged_runs_lowest() -> None:
-    perf = [-np.inf, 1.0, 2.0, 3.0, 4.0, 5.0]
-    score = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    result = decoupling(perf, score, rng=np.random.default_rng(0), reps=200)
-    assert result.n == 6 and result.rho == pytest.approx(1.0)
-    assert result.verdict == "coupled"
+def test_stability_before_the_final_window_by_hand() -> None:
+    # the last 3 evaluations are left out; before them: gain 4 − 0 = 4, largest drawdown 4 → 2
+    perf = [0.0, 4.0, 2.0, 3.0, 9.0, 9.0, 9.0]
+    assert stability_before_final(perf) == pytest.approx(1 - 2 / 4)
+    assert stability_before_final([0.0, 1.0, -np.inf, 5.0, 5.0, 5.0]) == 0.0  # diverged there
+    assert stability_before_final([0.0, 1.0, 5.0, 5.0]) is None  # too few before the end
+    assert stability_before_final([3.0, 2.0, 1.0, 0.0, 5.0, 5.0, 5.0]) is None  # never gained
 
 
 def test_collapse_rate_by_dose() -> None:

@@ -215,7 +215,9 @@ def test_dose_response_and_decoupling(store: RunStore) -> None:
     (toy,) = result["decoupling"]["per_workload"]
     assert toy["n"] == 9 and -1.0 <= toy["rho"] <= 1.0
     assert toy["ci"][0] <= toy["rho"] <= toy["ci"][1]
-    assert toy["verdict"] in {"coupled", "decoupled", "anti_coupled"}
+    # the same rule as the findings' claim 1: a verdict with the figure that decided it
+    assert toy["verdict"] in {"supported", "not supported", "inconclusive"} and toy["reason"]
+    assert result["decoupling"]["pooled"]["workload"] == "pooled"
 
 
 def test_summary_is_reproducible(store: RunStore) -> None:

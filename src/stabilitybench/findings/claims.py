@@ -9,17 +9,22 @@ it as the tables that `findings.md`, `stabilitybench findings` and the README sh
 The verdict rules are fixed here, before any paper-scale run was looked at, and are the same on
 every workload (`VERDICT_RULES` is what the JSON and the markdown quote):
 
-1. Decoupling. Spearman rho between final performance and stability score over a workload's
-   finished runs, both ranked *within their perturbation* (so a perturbation that lowers both
-   cannot make them look coupled), with a percentile bootstrap 95% CI. Supported (decoupled)
-   when the CI's upper bound is below 0.5; not supported (coupled) when its lower bound is
-   above 0.5; otherwise inconclusive. Fewer than 10 runs: inconclusive.
-2. Buffering. For each swept stochasticity knob, the collapse rate of the perturbed runs at its
-   most and its least stochastic level, and their difference (most − least) with a Newcombe
-   hybrid-score 95% CI. Supported when the CI's upper bound is below 0; not supported when the
-   CI's lower bound is above 0 (more collapses with more noise) or when it is at least −0.1
-   with a point estimate ≥ 0 (a buffering of more than 10 points is ruled out); otherwise
-   inconclusive. No collapse at either level: inconclusive (nothing to buffer).
+1. Decoupling (`metrics.decoupling`, the rule `summary` reports too). Spearman rho between final
+   performance and the stability measured before the final window, both ranked within each
+   perturbation, with a percentile bootstrap 95% CI. Supported (decoupled) only on positive
+   evidence: both quantities differ between the workload's conditions beyond seed noise
+   (Kruskal–Wallis p < 0.05 each; otherwise inconclusive: nothing to decouple) and the CI's upper
+   bound is below 0.5; not supported (coupled) when its lower bound is above 0.5; otherwise
+   inconclusive. Fewer than 10 runs: inconclusive.
+2. Buffering. For each swept stochasticity knob, a paired difference-in-differences: per seed,
+   (perturbed − control) collapsed at the most stochastic level minus the same at the least,
+   the control being the same-seed sham run (else the unperturbed run); its mean with a
+   percentile bootstrap 95% CI over seeds. Supported when the CI's upper bound is below 0; not
+   supported when its lower bound is above 0 (more collapses with more noise) or when it is at
+   least −0.1 with a point estimate ≥ 0 (a buffering of more than 10 points is ruled out);
+   otherwise inconclusive (fewer than 3 paired seeds: inconclusive). Not testable when the
+   criterion flags more than 10% of the workload's sham and unperturbed runs, or when no (or
+   every) perturbed run collapsed at both levels.
 3. Early warning. The monitor (`msm`) under the prospective protocol of `monitor evaluate`.
    Supported when its step AUROC's CI lower bound is above 0.5 and it warns of at least half
    the collapses (event recall ≥ 0.5); not supported when the AUROC's CI upper bound is below
@@ -38,27 +43,29 @@ import numpy as np
 
 from stabilitybench.evaluation.results import DetectorResult, Evaluation, WorkloadResult
 from stabilitybench.metrics.conditions import number
+from stabilitybench.metrics.decoupling import (
+    INCONCLUSIVE,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    WorkloadCorrelation,
+)
 from stabilitybench.metrics.guards import GuardComparison
 from stabilitybench.metrics.intervals import (
     DEFAULT_REPS,
     iqm,
-    spearman_ci,
     stratified_bootstrap_ci,
     wilson_interval,
 )
 from stabilitybench.metrics.records import RunRecord
-from stabilitybench.metrics.stability import decoupling, within_group_rank
 
 if TYPE_CHECKING:
     from stabilitybench.metrics.summary import AuditSummary
     from stabilitybench.store import RunStore
 
-SUPPORTED = "supported"
-NOT_SUPPORTED = "not supported"
-INCONCLUSIVE = "inconclusive"
 
-DECOUPLED_BELOW = 0.5  # claim 1: the rho CI's upper bound below this → decoupled
-MIN_DECOUPLING_RUNS = 10
+NOT_TESTABLE = "not testable"
+MAX_FLAG_RATE = 0.10  # claim 2: above this sham/unperturbed flag rate the labels are not trusted
+MIN_SEEDS = 3  # claim 2: seeds with both arms at both levels
 SMALLEST_BUFFERING = 0.10  # claim 2: a buffering smaller than 10 points counts as none
 MIN_COLLAPSES = 3  # claim 3
 AUROC_WEAK = 0.6  # claim 3: an AUROC CI entirely below this is at most weak separation
@@ -70,14 +77,17 @@ STOCHASTICITY_KNOBS = ("ent_coef", "action_noise", "target_policy_noise", "dropo
 
 VERDICT_RULES = {
     "1": (
-        "Spearman rho(final perf, stability score), both ranked within each perturbation, "
-        "bootstrap 95% CI: supported if CI high < 0.5, not supported if CI low > 0.5, else "
+        "Spearman rho(final perf, stability before the final window), both ranked within each "
+        "perturbation, bootstrap 95% CI: supported if both differ between conditions "
+        "(Kruskal-Wallis p < 0.05) and CI high < 0.5, not supported if CI low > 0.5, else "
         "inconclusive (< 10 runs: inconclusive)"
     ),
     "2": (
-        "collapse rate of perturbed runs, most minus least stochastic level, Newcombe 95% CI: "
-        "supported if CI high < 0; not supported if CI low > 0, or CI low >= -0.1 with the "
-        "difference >= 0; else inconclusive (no collapse at either level: inconclusive)"
+        "paired difference-in-differences over seeds: (perturbed - same-seed sham) collapsed, "
+        "most minus least stochastic level, bootstrap 95% CI over seeds: supported if CI high "
+        "< 0; not supported if CI low > 0, or CI low >= -0.1 with the estimate >= 0; else "
+        "inconclusive (< 3 seeds: inconclusive); not testable if the criterion flags > 10% of "
+        "sham/unperturbed runs or no (every) perturbed run collapsed at both levels"
     ),
     "3": (
         "the monitor (msm), prospective protocol: supported if step AUROC CI low > 0.5 and "
@@ -114,10 +124,9 @@ class DecouplingFinding:
 
     workload: str
     n_runs: int
-    rho: float | None  # within perturbation (the verdict's figure)
+    rho: float | None  # within perturbation (the verdict's figure, as `summary` reports it)
     rho_ci: list[float | None]
-    rho_all: float | None  # plain, over all runs (what `summary` reports)
-    rho_all_ci: list[float | None]
+    signal_p: float | None  # Kruskal–Wallis across conditions: is there anything to decouple
     best_scoring: dict[str, Any] | None  # the recipe with the highest final-perf IQM
     most_stable: dict[str, Any] | None  # the recipe with the highest mean stability score
     recipes: list[RecipeRow]
@@ -163,8 +172,15 @@ class BufferingFinding:
     most: Any
     order_note: str
     levels: list[LevelRow]
-    difference: float | None  # collapse rate, most − least
+    difference: float | None  # collapse rate, most − least (descriptive)
     difference_ci: list[float | None]
+    # The verdict's figure: the paired difference-in-differences — per seed, (perturbed −
+    # control) collapsed at the most stochastic level minus the same at the least — its mean,
+    # bootstrap 95 % CI over seeds, the number of seeds, and the control arm used.
+    excess_difference: float | None
+    excess_difference_ci: list[float | None]
+    n_seeds: int
+    control: str | None
     per_perturbation: list[PerturbationRates]
     verdict: Verdict
 
@@ -269,36 +285,73 @@ def newcombe_difference(
     return diff, (max(low, -1.0), min(high, 1.0))
 
 
-def decoupling_verdict(n: int, rho: float | None, ci: Sequence[float | None]) -> Verdict:
-    """Claim 1's rule (module docstring) on a within-perturbation rho and its CI."""
-    if n < MIN_DECOUPLING_RUNS or rho is None or ci[0] is None or ci[1] is None:
-        return Verdict(INCONCLUSIVE, f"{n} runs with a usable rho (need {MIN_DECOUPLING_RUNS})")
-    text = f"rho {rho:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-    if ci[1] < DECOUPLED_BELOW:
-        return Verdict(SUPPORTED, f"{text}: CI below {DECOUPLED_BELOW}")
-    if ci[0] > DECOUPLED_BELOW:
-        return Verdict(NOT_SUPPORTED, f"{text}: coupled, CI above {DECOUPLED_BELOW}")
-    return Verdict(INCONCLUSIVE, f"{text}: CI spans {DECOUPLED_BELOW}")
-
-
 def buffering_verdict(
-    k_most: int, n_most: int, k_least: int, n_least: int
-) -> tuple[float | None, list[float | None], Verdict]:
-    """Claim 2's rule (module docstring) on collapse counts at the two extreme levels."""
-    diff, (low, high) = newcombe_difference(k_most, n_most, k_least, n_least)
-    if math.isnan(diff):
-        return None, [None, None], Verdict(INCONCLUSIVE, "a level has no perturbed runs")
-    text = f"{k_most}/{n_most} vs {k_least}/{n_least}, difference {diff:+.2f} [{low:+.2f}, {high:+.2f}]"
-    ci: list[float | None] = [low, high]
-    if k_most == 0 and k_least == 0:
-        return diff, ci, Verdict(INCONCLUSIVE, f"{text}: no collapse at either level")
-    if high < 0:
-        return diff, ci, Verdict(SUPPORTED, f"{text}: fewer collapses with more stochasticity")
-    if low > 0:
-        return diff, ci, Verdict(NOT_SUPPORTED, f"{text}: more collapses with more stochasticity")
-    if low >= -SMALLEST_BUFFERING and diff >= 0:
-        return diff, ci, Verdict(NOT_SUPPORTED, f"{text}: a buffering > 0.10 is ruled out")
-    return diff, ci, Verdict(INCONCLUSIVE, f"{text}: CI spans 0")
+    did: float | None,
+    ci: Sequence[float | None],
+    n_seeds: int,
+    rates: tuple[float | None, float | None],
+    flag_rate: float | None,
+) -> Verdict:
+    """Claim 2's rule (module docstring) on the paired difference-in-differences `did` (its CI,
+    its seeds), the perturbed collapse rates at the (most, least) stochastic levels, and the
+    criterion's flag rate on the workload's sham and unperturbed runs."""
+    if flag_rate is not None and flag_rate > MAX_FLAG_RATE:
+        return Verdict(
+            NOT_TESTABLE,
+            f"the collapse criterion flags {flag_rate:.0%} of the runs nothing harmful happened "
+            f"to (above {MAX_FLAG_RATE:.0%})",
+        )
+    if rates[0] is not None and rates[0] == rates[1] and rates[0] in (0.0, 1.0):
+        every = "no perturbed run" if rates[0] == 0.0 else "every perturbed run"
+        return Verdict(NOT_TESTABLE, f"{every} collapsed at both levels: nothing to buffer")
+    if did is None or ci[0] is None or ci[1] is None or n_seeds < MIN_SEEDS:
+        return Verdict(
+            INCONCLUSIVE, f"{n_seeds} seeds with both arms at both levels (need {MIN_SEEDS})"
+        )
+    text = (
+        f"paired difference-in-differences {did:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}], {n_seeds} seeds"
+    )
+    if ci[1] < 0:
+        return Verdict(SUPPORTED, f"{text}: fewer collapses with more stochasticity")
+    if ci[0] > 0:
+        return Verdict(NOT_SUPPORTED, f"{text}: more collapses with more stochasticity")
+    if ci[0] >= -SMALLEST_BUFFERING and did >= 0:
+        return Verdict(NOT_SUPPORTED, f"{text}: a buffering > 0.10 is ruled out")
+    return Verdict(INCONCLUSIVE, f"{text}: CI spans 0")
+
+
+def paired_did(
+    runs: Sequence[RunRecord], axis: StochasticityAxis, rng: np.random.Generator, reps: int
+) -> tuple[float | None, list[float | None], int, str | None]:
+    """Claim 2's figure: per seed, (perturbed − control) collapsed at the most stochastic level
+    minus the same at the least; mean, percentile bootstrap 95 % CI over seeds, seeds, control."""
+    most, control = _excess_by_seed(runs, axis, axis.levels[-1])
+    least, _ = _excess_by_seed(runs, axis, axis.levels[0])
+    seeds = sorted(set(most) & set(least), key=str)
+    if not seeds:
+        return None, [None, None], 0, control
+    diffs = np.array([most[s] - least[s] for s in seeds])
+    draws = diffs[rng.integers(0, diffs.size, size=(reps, diffs.size))].mean(axis=1)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(diffs.mean()), [number(float(low)), number(float(high))], len(seeds), control
+
+
+def _excess_by_seed(
+    runs: Sequence[RunRecord], axis: StochasticityAxis, level: Any
+) -> tuple[dict[Any, float], str | None]:
+    """Per seed at one level: the perturbed runs' mean collapse minus the same-seed control's
+    (the sham arm where there is one, else the unperturbed run); and which control."""
+    at = [r for r in runs if json_value(r.knobs.get(axis.knob)) == level]
+    shams = {r.seed: bool(r.collapsed) for r in at if r.perturbation_kind == "sham"}
+    control = shams or {r.seed: bool(r.collapsed) for r in at if r.is_baseline}
+    perturbed: dict[Any, list[float]] = {}
+    for r in at:
+        if not r.is_baseline and r.perturbation_kind != "sham":
+            perturbed.setdefault(r.seed, []).append(float(bool(r.collapsed)))
+    excess = {
+        s: float(np.mean(v)) - float(control[s]) for s, v in perturbed.items() if s in control
+    }
+    return excess, ("sham" if shams else "none") if control else None
 
 
 def warning_verdict(n_collapsed: int, msm: DetectorRow | None) -> Verdict:
@@ -355,54 +408,46 @@ def _iqm_ci(
 
 
 def _decoupling(
-    workload: str, runs: Sequence[RunRecord], rng: np.random.Generator, reps: int
+    workload: str,
+    runs: Sequence[RunRecord],
+    found: WorkloadCorrelation,
+    rng: np.random.Generator,
+    reps: int,
 ) -> DecouplingFinding:
-    usable = [
-        r
-        for r in runs
-        if r.final_perf is not None
-        and not math.isnan(r.final_perf)
-        and r.stability_score is not None
-    ]
-    perf = np.array([r.final_perf for r in usable], dtype=float)
-    score = np.array([r.stability_score for r in usable], dtype=float)
-    groups = [r.perturbation for r in usable]
-    # Ranks make -inf (a diverged run) usable: it is simply the worst.
-    rho_w, ci_w = spearman_ci(
-        within_group_rank(perf, groups), within_group_rank(score, groups), rng=rng, reps=reps
-    )
-    plain = decoupling(perf, score, rng=rng, reps=reps)  # what `summary` reports
+    """Claim 1 on one workload: the summary's rho and verdict (one rule for both), and the
+    recipes it compares."""
     recipes = []
     for key in dict.fromkeys(r.knobs_key for r in runs):
         members = [r for r in runs if r.knobs_key == key]
         perf_iqm, perf_ci = _iqm_ci(_perf(members), rng, reps)
-        scores = np.array([r.stability_score for r in members if r.stability_score is not None])
+        scores = np.array(
+            [r.stability_before_final for r in members if r.stability_before_final is not None]
+        )
         if scores.size:
             s_low, s_high = stratified_bootstrap_ci(scores, np.mean, rng=rng, reps=reps)
             s_mean, s_ci = number(float(scores.mean())), [number(s_low), number(s_high)]
         else:
             s_mean, s_ci = None, [None, None]
         perturbed = [r for r in members if not r.is_baseline]
-        rate = sum(bool(r.collapsed) for r in perturbed) / len(perturbed) if perturbed else None
+        judged = [r for r in perturbed if r.collapsed is not None]
+        rate = sum(bool(r.collapsed) for r in judged) / len(judged) if judged else None
         recipes.append(
             RecipeRow(dict(members[0].knobs), len(members), perf_iqm, perf_ci, s_mean, s_ci, rate)
         )
     by_perf = [r for r in recipes if r.final_perf_iqm is not None]
     by_score = [r for r in recipes if r.stability_mean is not None]
-    rho_w_n, ci_w_n = number(rho_w), [number(ci_w[0]), number(ci_w[1])]
     return DecouplingFinding(
         workload=workload,
-        n_runs=len(usable),
-        rho=rho_w_n,
-        rho_ci=ci_w_n,
-        rho_all=number(plain.rho),
-        rho_all_ci=[number(plain.ci[0]), number(plain.ci[1])],
+        n_runs=found.n,
+        rho=found.rho,
+        rho_ci=list(found.ci),
+        signal_p=found.signal_p,
         best_scoring=max(by_perf, key=lambda r: r.final_perf_iqm or 0.0).knobs if by_perf else None,
         most_stable=max(by_score, key=lambda r: r.stability_mean or 0.0).knobs
         if by_score
         else None,
         recipes=recipes,
-        verdict=decoupling_verdict(len(usable), rho_w_n, ci_w_n),
+        verdict=Verdict(found.verdict, found.reason),
     )
 
 
@@ -496,7 +541,7 @@ def _level_row(
 ) -> LevelRow:
     value = axis.levels[index]
     at_level = [r for r in runs if json_value(r.knobs.get(axis.knob)) == value]
-    perturbed = [r for r in at_level if not r.is_baseline]
+    perturbed = [r for r in at_level if not r.is_baseline and r.perturbation_kind != "sham"]
     baseline = [r for r in at_level if r.is_baseline]
     k = sum(bool(r.collapsed) for r in perturbed)
     collapsed = [r for r in perturbed if r.collapsed]
@@ -525,13 +570,16 @@ def _buffering(
     workload: str,
     axis: StochasticityAxis,
     runs: Sequence[RunRecord],
+    flag_rate: float | None,
     rng: np.random.Generator,
     reps: int,
 ) -> BufferingFinding:
     levels = [_level_row(axis, i, runs, rng, reps) for i in range(len(axis.levels))]
     least, most = levels[0], levels[-1]
     per_perturbation = []
-    for label in dict.fromkeys(r.perturbation for r in runs if not r.is_baseline):
+    for label in dict.fromkeys(
+        r.perturbation for r in runs if not r.is_baseline and r.perturbation_kind != "sham"
+    ):
         members = [r for r in runs if r.perturbation == label]
         per_level = [
             [r for r in members if json_value(r.knobs.get(axis.knob)) == v] for v in axis.levels
@@ -544,9 +592,12 @@ def _buffering(
                 [len(g) for g in per_level],
             )
         )
-    diff, ci, verdict = buffering_verdict(
+    diff, (low, high) = newcombe_difference(
         most.n_collapsed, most.n_runs, least.n_collapsed, least.n_runs
     )
+    did, did_ci, n_seeds, control = paired_did(runs, axis, rng, reps)
+    rates = (most.collapse_rate, least.collapse_rate)
+    verdict = buffering_verdict(did, did_ci, n_seeds, rates, flag_rate)
     if None in axis.orders:
         verdict = Verdict(INCONCLUSIVE, f"{verdict.reason}; {axis.note}")
     return BufferingFinding(
@@ -556,8 +607,12 @@ def _buffering(
         most=most.value,
         order_note=axis.note,
         levels=levels,
-        difference=diff,
-        difference_ci=ci,
+        difference=number(diff),
+        difference_ci=[number(low), number(high)],
+        excess_difference=did,
+        excess_difference_ci=did_ci,
+        n_seeds=n_seeds,
+        control=control,
         per_perturbation=per_perturbation,
         verdict=verdict,
     )
@@ -694,12 +749,20 @@ def audit_claims(
     left_out = sum(1 for r in summary.runs if r.done and r.guard != "none")
     if left_out:
         claims.notes.append(f"{left_out} guarded runs are left out of claims 1 and 2")
+    found = {w.workload: w for w in summary.decoupling.per_workload}
+    flags = {f.workload: f.sham_flag_rate for f in summary.false_positives}
     for workload in dict.fromkeys(r.workload for r in judged):
         runs = [r for r in judged if r.workload == workload]
-        claims.decoupling.append(_decoupling(workload, runs, rng, reps))
+        if workload in found:
+            unguarded = [
+                r for r in summary.runs if r.workload == workload and r.done and r.guard == "none"
+            ]
+            claims.decoupling.append(_decoupling(workload, unguarded, found[workload], rng, reps))
         axes = stochasticity_axes(runs, store)
         for axis in axes:
-            claims.buffering.append(_buffering(workload, axis, runs, rng, reps))
+            claims.buffering.append(
+                _buffering(workload, axis, runs, flags.get(workload), rng, reps)
+            )
         if not axes:
             claims.notes.append(f"{workload}: no stochasticity knob is swept; claim 2 not judged")
         recipe_axes = axes or stochasticity_axes(runs, store, stochastic_only=False)

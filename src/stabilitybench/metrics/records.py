@@ -31,7 +31,7 @@ from stabilitybench.metrics.collapse import (
     final_performance,
 )
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
-from stabilitybench.metrics.stability import stability_score
+from stabilitybench.metrics.stability import stability_before_final, stability_score
 from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import AuditRecord, RunInfo, RunStore
 from stabilitybench.types import last_error_line
@@ -119,6 +119,7 @@ class RunRecord:
     final_perf: float | None = None
     reliability: Reliability | None = None
     stability_score: float | None = None
+    stability_before_final: float | None = None  # claim 1's score (`stability_before_final`)
     curve: EvalCurve = field(default_factory=lambda: EvalCurve.of(None), repr=False)
     timing: RunTiming = field(default_factory=RunTiming)
     error_text: str | None = field(default=None, repr=False)  # the whole stored error
@@ -184,6 +185,7 @@ class RunRecord:
             "short_term_risk": None if c is None else r.short_term_risk,
             "long_term_risk": None if c is None else r.long_term_risk,
             "stability_score": self.stability_score,
+            "stability_before_final": self.stability_before_final,
             "error": self.error,
         }
 
@@ -410,6 +412,7 @@ def _with_collapse(
         final_perf=final_performance(curve.perf),
         reliability=reliability,
         stability_score=score,
+        stability_before_final=stability_before_final(curve.perf),
     )
 
 

@@ -1,4 +1,4 @@
-"""Per-run stability score, the decoupling analysis, and dose-response curves (pure functions)."""
+"""Per-run stability scores, ranks within groups, and dose-response curves (pure functions)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from stabilitybench.metrics.intervals import DEFAULT_REPS, spearman_ci, wilson_interval
+from stabilitybench.metrics.intervals import wilson_interval
 
 COLLAPSE_WEIGHT = 0.75
 DISPERSION_HALF_POINT = 0.1  # dispersion (in curve ranges per evaluation) that halves its term
-COUPLING_RHO = 0.3
-MIN_DECOUPLING_RUNS = 5
 
 
 def stability_score(
@@ -51,31 +49,23 @@ def stability_score(
     return COLLAPSE_WEIGHT * collapse_term + (1 - COLLAPSE_WEIGHT) * dispersion_term
 
 
-def decoupling_verdict(n: int, rho: float, ci: tuple[float, float]) -> str:
-    """Plain-words reading of a Spearman rho and its CI between final perf and stability.
-
-    `insufficient_data`: fewer than 5 runs or rho undefined; `coupled`: rho >= 0.3 and the CI
-    excludes 0; `anti_coupled`: rho <= −0.3 and the CI excludes 0; otherwise `decoupled` (no
-    evidence, at this n, that better final performance goes with more stable training).
-    """
-    if n < MIN_DECOUPLING_RUNS or not math.isfinite(rho):
-        return "insufficient_data"
-    low, high = ci
-    if rho >= COUPLING_RHO and math.isfinite(low) and low > 0:
-        return "coupled"
-    if rho <= -COUPLING_RHO and math.isfinite(high) and high < 0:
-        return "anti_coupled"
-    return "decoupled"
-
-
-@dataclass
-class Correlation:
-    """Spearman rho between final performance and stability, with its CI and a verdict."""
-
-    n: int
-    rho: float | None
-    ci: list[float | None]
-    verdict: str
+def stability_before_final(perf: ArrayLike, final_window: int = 3) -> float | None:
+    """A run's stability measured away from its final performance: 1 − the largest drawdown of
+    its evaluations *before* the last `final_window` (the ones final performance averages), in
+    units of the run's gain over its first evaluation; 0 if it diverged there (perf: (n,), NaN
+    skipped, -inf a divergence). None with fewer than 3 such evaluations or no gain."""
+    p = np.asarray(perf, dtype=float)
+    p = p[~np.isnan(p)]
+    head = p[:-final_window] if final_window else p
+    if head.size < 3:
+        return None
+    if np.isneginf(head).any():
+        return 0.0
+    gain = float(np.max(head) - head[0])
+    if gain <= 0:
+        return None
+    drawdown = float(np.max(np.maximum.accumulate(head) - head)) / gain
+    return float(1.0 - min(max(drawdown, 0.0), 1.0))
 
 
 @dataclass
@@ -87,29 +77,6 @@ class DosePoint:
     ci: list[float]
     n: int
     n_collapsed: int
-
-
-def decoupling(
-    final_perf: ArrayLike,
-    stability: ArrayLike,
-    *,
-    rng: np.random.Generator,
-    reps: int = DEFAULT_REPS,
-) -> Correlation:
-    """Spearman rho between final performance and stability across runs, with a bootstrap CI.
-
-    final_perf, stability: (n_runs,); -inf final perf (diverged) ranks lowest; NaN pairs are
-    dropped.
-    """
-    perf = np.asarray(final_perf, dtype=float)
-    score = np.asarray(stability, dtype=float)
-    keep = ~np.isnan(perf) & ~np.isnan(score)
-    perf, score = perf[keep], score[keep]
-    # Ranks make -inf usable: a diverged run is simply the worst.
-    perf_ranks = stats.rankdata(perf) if perf.size else perf
-    rho, ci = spearman_ci(perf_ranks, score, rng=rng, reps=reps)
-    n = int(perf.size)
-    return Correlation(n, rho, list(ci), decoupling_verdict(n, rho, ci))
 
 
 def within_group_rank(values: ArrayLike, groups: Sequence[str]) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Any
 from rich.markup import escape
 
 from stabilitybench.metrics.conditions import ConditionSummary
+from stabilitybench.metrics.decoupling import WorkloadCorrelation
 from stabilitybench.metrics.display import (
     fmt,
     fmt_ci,
@@ -17,7 +18,6 @@ from stabilitybench.metrics.display import (
     render_table,
 )
 from stabilitybench.metrics.records import RunRecord, knobs_key
-from stabilitybench.metrics.stability import Correlation
 from stabilitybench.metrics.summary import AuditSummary
 
 CAPTION = "95% CIs; stability: median per-run score"
@@ -167,8 +167,8 @@ def runs_table(summary: AuditSummary, wide: bool = False) -> Any:
     return render_table("runs", columns, rows)
 
 
-def _rho(item: Correlation) -> str:
-    return f"rho={fmt_ci(item.rho, item.ci)} (n={item.n}) → {item.verdict}"
+def _rho(item: WorkloadCorrelation) -> str:
+    return f"rho={fmt_ci(item.rho, item.ci)} (n={item.n}) → {item.verdict}: {item.reason}"
 
 
 def print_summary(summary: AuditSummary, console: Any, wide: bool = False) -> None:

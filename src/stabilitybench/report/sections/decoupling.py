@@ -6,13 +6,13 @@ import math
 
 import pandas as pd
 
-from stabilitybench.metrics.stability import Correlation
+from stabilitybench.metrics.decoupling import WorkloadCorrelation
 from stabilitybench.report import figures as figs
 from stabilitybench.report.data import ReportData
 from stabilitybench.report.markup import Figures, esc, fmt_number, notice
 
 
-def rho_text(stats: Correlation) -> str:
+def rho_text(stats: WorkloadCorrelation) -> str:
     """`Spearman ρ = 0.12 [−0.3, 0.5], n = 24 (decoupled)`, or '' without a rho."""
     if stats.rho is None or not math.isfinite(stats.rho):
         return ""
@@ -34,19 +34,19 @@ def section_decoupling(data: ReportData, figures: Figures) -> str:
             "workload": r.workload,
             "perturbation": r.perturbation,
             "final_perf": r.final_perf,
-            "stability_score": r.stability_score,
+            "stability_score": r.stability_before_final,
         }
         for r in data.summary.runs
         if r.final_perf is not None
-        and r.stability_score is not None
+        and r.stability_before_final is not None
         and math.isfinite(r.final_perf)
-        and math.isfinite(r.stability_score)
     ]
     decoupling = data.summary.decoupling
     per = {c.workload: rho_text(c) for c in decoupling.per_workload}
     if overall := rho_text(decoupling.pooled):
         parts.append(
-            f"<p><b>{esc(overall)}</b> (all runs; final performance ranked within each workload)</p>"
+            f"<p><b>{esc(overall)}</b> (all runs; both ranked within each workload and "
+            "perturbation; stability measured before the final window)</p>"
         )
     if per:
         items = "".join(f"<li>{esc(w)}: {esc(t)}</li>" for w, t in per.items() if t)
@@ -57,9 +57,9 @@ def section_decoupling(data: ReportData, figures: Figures) -> str:
         )
         return "\n".join(parts)
     fig = figs.decoupling_figure(
-        pd.DataFrame(rows), stats=per, title="final performance vs stability score"
+        pd.DataFrame(rows), stats=per, title="final performance vs stability before the end"
     )
-    caption = "final performance vs stability score, per workload"
+    caption = "final performance vs stability before the final window, per workload"
     parts.append(figures.embed("decoupling", fig, caption))
     if excluded := len(data.summary.runs) - len(rows):
         parts.append(
