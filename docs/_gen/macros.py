@@ -341,14 +341,17 @@ def figure(name: str, path: str, digits: int = 2, suffix: str = "") -> str:
 
 
 def test_time() -> str:
-    """The suite's running time where a measurement exists (docs/data/test_time.json)."""
-    path = ROOT / "docs" / "data" / "test_time.json"
-    if not path.exists():
-        return "Run `make test` to see how long the suite takes on your machine."
-    data = json.loads(path.read_text())
+    """The suites' running times where `benchmarks/test_time.py` measured them."""
+    doc = load("test_time")
+    if doc is None:
+        return (
+            "How long the suites take has not been measured yet — run "
+            "`python benchmarks/test_time.py`."
+        )
+    figures = doc["figures"]
     return (
-        f"`make test` took {data['seconds'] / 60:.0f} minutes on {data.get('machine', '?')} "
-        f"({str(data.get('date', '?'))[:10]})."
+        f"`make test` took {figures['fast_s'] / 60:.1f} minutes and `make test-slow` "
+        f"{figures['slow_s'] / 60:.1f}. {provenance(doc)}"
     )
 
 
