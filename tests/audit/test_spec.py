@@ -68,6 +68,23 @@ BAD_SPECS = [
     ("negative seed", toy_spec(seeds=[0, -1]), ["seeds", ">= 0", "-1"]),
     ("collapse out of range", toy_spec(collapse={"threshold": 2.0}), ["collapse.threshold"]),
     (
+        "collapse confirmation out of range",
+        toy_spec(collapse={"confirm_evals": 0}),
+        ["collapse.confirm_evals", "greater than or equal to 1"],
+    ),
+    (
+        "collapse noise gate out of range",
+        toy_spec(collapse={"learned_sigmas": -1}),
+        ["collapse.learned_sigmas"],
+    ),
+    ("unknown collapse key", toy_spec(collapse={"sigmas": 3}), ["collapse.sigmas", "unknown key"]),
+    (
+        "a sham with a magnitude",
+        _with("perturbations.1", {"kind": "sham", "at": 0.5, "factor": 10}),
+        ["sham", "factor", "takes no magnitude"],
+    ),
+    ("warning horizon out of range", toy_spec(warning={"horizon": 0}), ["warning.horizon"]),
+    (
         "perturbation field out of range",
         _with("perturbations.1.at", 1.5),
         ["perturbations[1]", "at"],
