@@ -17,6 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {  # how to produce each file (the script's defaults unless said)
+    "collapse_labels": "python benchmarks/collapse_labels.py audits/quickstart",
     "overhead": "python benchmarks/overhead.py",
     "lm_overhead": "python benchmarks/lm_overhead.py",
     "rl_overhead": "python benchmarks/rl_overhead.py --cases ppo-halfcheetah",
@@ -298,7 +299,53 @@ def _import_throughput(f: dict[str, Any]) -> str:
     )
 
 
+def _rate(value: float | None, ci: list[float | None] | None = None) -> str:
+    if value is None:
+        return "–"
+    if ci and ci[0] is not None and ci[1] is not None:
+        return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return f"{value:.2f}"
+
+
+def _collapse_labels(f: dict[str, Any]) -> str:
+    rows = []
+    for audit, workloads in f.items():
+        for workload, w in workloads.items():
+            skipped = ", ".join(f"{k}: {v}" for k, v in w["not_judged"].items()) or "–"
+            conditions = "; ".join(
+                f"{c['perturbation'].split('(')[0]} {c['n_collapsed']}/{c['n_judged']}"
+                + (
+                    f" (excess over {c['control']} {c['collapse_excess']:+.2f})"
+                    if c["collapse_excess"] is not None
+                    else ""
+                )
+                for c in w["conditions"]
+            )
+            rows.append(
+                [
+                    f"`{audit}`",
+                    f"`{workload}`",
+                    _rate(w["sham_flag_rate"], w["sham_flag_rate_ci"]),
+                    f"{w['n_judged']} of {w['n_runs']}",
+                    skipped,
+                    conditions or "–",
+                ]
+            )
+    return table(
+        [
+            "audit",
+            "workload",
+            "flag rate, sham + unperturbed [95% CI]",
+            "judged",
+            "not judged (why)",
+            "perturbed: collapsed / judged",
+        ],
+        rows,
+    )
+
+
 RENDER: dict[str, Callable[..., str]] = {
+    "collapse_labels": _collapse_labels,
     "overhead": _overhead,
     "lm_overhead": _lm_overhead,
     "rl_overhead": _rl_overhead,
