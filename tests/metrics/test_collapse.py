@@ -15,6 +15,7 @@ from stabilitybench.metrics.collapse import (
     Calibration,
     analyze_collapse,
     calibrate,
+    calibrate_fall_back,
     confirmed_drops,
     evaluation_noise,
     final_performance,
@@ -141,3 +142,34 @@ def test_final_performance() -> None:
     assert final_performance([1.0, 2.0, 3.0, np.nan, 6.0]) == pytest.approx(11 / 3)
     assert final_performance([1.0, 2.0, -np.inf]) == -np.inf
     assert math.isnan(final_performance([np.nan]))
+
+
+def test_a_run_without_an_onset_is_judged_by_its_fall_back_from_its_best_level() -> None:
+    # best so far 10 (after the first evaluation), floor 0: falling back by more than
+    # max(0.5·10, 3·0.5, 1.0) = 5 at two evaluations in a row is a collapse; within 1 a recovery
+    steps = [0, 10, 20, 30, 40, 50, 60, 70, 80]
+    fell = analyze_collapse(steps, [0, 5, 9, 10, 10, 3, 3, 9.5, 10], None, calibration=CAL)
+    assert fell.collapsed is True and fell.irreversible is False
+    assert (fell.collapse_at, fell.perf_pre, fell.drop_threshold) == (50, 10.0, 5.0)
+    assert fell.collapse_step is None and fell.recovery_steps == 20  # back at step 70
+    # a run that learns slower than the healthy runs never falls back: not a collapse
+    slow = analyze_collapse(steps, [0, 1, 2, 3, 4, 5, 6, 7, 8], None, calibration=CAL)
+    assert slow.collapsed is False
+    flat = analyze_collapse(
+        steps, [0, 0.1, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1, 0.2], None, calibration=CAL
+    )
+    assert flat.collapsed is None and flat.reason == NOT_LEARNED
+    # healthy runs that fall back by 8 with nothing done make a fall back of 7 ordinary
+    rough = Calibration(noise=0.5, baseline_drop=8.0, n_baselines=3)
+    assert (
+        analyze_collapse(steps, [0, 5, 9, 10, 10, 3, 3, 9.5, 10], None, calibration=rough).collapsed
+        is False
+    )
+
+
+def test_the_fall_back_calibration_from_healthy_runs_by_hand() -> None:
+    steps = np.array([0, 10, 20, 30, 40, 50])
+    dips = (steps, np.array([0.0, 4.0, 8.0, 5.0, 6.0, 8.0]))  # from 8: falls 3 then 2 → held 2
+    cal = calibrate_fall_back([dips], quantile=1.0)
+    assert cal is not None and cal.baseline_drop == pytest.approx(2.0)
+    assert calibrate_fall_back([]) is None

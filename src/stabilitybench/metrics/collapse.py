@@ -378,7 +378,7 @@ def analyze_collapse(
     curve = _Curve.of(steps, perf, env_steps)
     timer = _Timer(dense, None, rule.threshold, no_dense_reason)
     if onset_step is None:
-        return _without_onset(curve, timer, dense)
+        return _without_onset(curve, timer, dense, calibration, rule)
     floor = (
         float(curve.perf[np.isfinite(curve.perf)][0])
         if np.isfinite(curve.perf).any()
@@ -495,16 +495,99 @@ def _recovery(
     return confirmed + 1 + int(hits[0]) if hits.size else None
 
 
-def _without_onset(curve: _Curve, timer: _Timer, dense: DenseSignal | None) -> CollapseResult:
-    """A run with nothing to judge against: no verdict, unless it diverged (a collapse then)."""
+def _without_onset(
+    curve: _Curve,
+    timer: _Timer,
+    dense: DenseSignal | None,
+    calibration: Calibration | None,
+    rule: CollapseSettings,
+) -> CollapseResult:
+    """A run without an onset (no perturbation to compare with): a divergence is a collapse;
+    with a calibration from the workload's healthy runs of other seeds, a fall back from its own
+    best level is judged like a drop below `P_pre` (see `fall_back`); else no verdict."""
     base = curve.result(
         None, True, None, float("nan"), float("-inf") if curve.diverged else float("nan")
     )
     base = replace(base, dense_signal=None if dense is None else dense.source)
-    if not curve.diverged:
+    if curve.diverged:
+        first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
+        return curve.collapsed_at(base, first_inf, None, None, timer.time(curve, first_inf, None))
+    if calibration is None:
         return base
-    first_inf = int(np.flatnonzero(np.isinf(curve.perf))[0])
-    return curve.collapsed_at(base, first_inf, None, None, timer.time(curve, first_inf, None))
+    return fall_back(curve, base, calibration, rule, timer)
+
+
+def fall_back(
+    curve: _Curve,
+    base: CollapseResult,
+    calibration: Calibration,
+    rule: CollapseSettings,
+    timer: _Timer,
+) -> CollapseResult:
+    """A run without an onset judged by the rule of `analyze_collapse` with its own best level so
+    far (the running maximum after the first evaluation) in place of `P_pre`: it collapses when
+    it falls back from that level — not when it merely learns slower than the healthy runs."""
+    perf = curve.perf
+    if perf.size < 2:
+        return base
+    floor = float(perf[0])
+    peak = np.maximum.accumulate(np.concatenate([[perf[1]], perf[1:]]))  # best so far, by eval
+    gain = float(peak[-1] - floor)
+    sigma = calibration.noise if np.isfinite(calibration.noise) else 0.0
+    if not gain > rule.learned_sigmas * sigma or gain <= 0:
+        return replace(base, perf_0=floor, reason=NOT_LEARNED, noise=calibration.noise)
+    for at in range(2, perf.size - rule.confirm_evals + 1):
+        level = float(peak[at - 1])
+        limit = max(rule.threshold * (level - floor), rule.drop_sigmas * sigma)
+        limit = max(limit, calibration.baseline_drop)
+        drops = level - perf[at : at + rule.confirm_evals]
+        if level - floor > rule.learned_sigmas * sigma and bool((drops > limit).all()):
+            judged = replace(
+                base, perf_0=floor, perf_pre=level, noise=calibration.noise, drop_threshold=limit
+            )
+            confirmed = at + rule.confirm_evals - 1
+            drop = level - perf
+            back = _recovery(
+                drop, confirmed, (1 - rule.recovery) * (level - floor), calibration, rule
+            )
+            result = curve.collapsed_at(judged, at, back, None, timer.time(curve, at, None))
+            left = int(perf.size - confirmed - 1)
+            if back is None and left < rule.evals_after:
+                return replace(result, irreversible=None, reason=CENSORED)
+            return result
+    return replace(
+        base,
+        collapsed=False,
+        irreversible=False,
+        perf_0=floor,
+        perf_pre=float(peak[-1]),
+        noise=calibration.noise,
+    )
+
+
+def calibrate_fall_back(
+    healthy: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    confirm: int = 2,
+    quantile: float = 0.95,
+) -> Calibration | None:
+    """The calibration for runs without an onset, from the workload's healthy runs of other
+    seeds (each `(steps, perf)`): their evaluation noise, and the `quantile` of the largest fall
+    back from their own best level so far that each held for `confirm` evaluations."""
+    if not healthy:
+        return None
+    worst = []
+    for _, perf in healthy:
+        p = np.asarray(perf, dtype=float)
+        p = p[np.isfinite(p)]
+        if p.size < 3:
+            continue
+        peak = np.maximum.accumulate(p[1:])
+        held = confirmed_drops(peak[:-1] - p[2:], confirm) if p.size > 2 else np.zeros(0)
+        if held.size:
+            worst.append(float(held.max()))
+    drop = float(np.quantile(worst, quantile)) if worst else 0.0
+    return Calibration(evaluation_noise(healthy), max(drop, 0.0), len(healthy))
 
 
 @dataclass(frozen=True)

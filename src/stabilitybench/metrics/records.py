@@ -28,6 +28,7 @@ from stabilitybench.metrics.collapse import (
     CollapseResult,
     analyze_collapse,
     calibrate,
+    calibrate_fall_back,
     final_performance,
 )
 from stabilitybench.metrics.dense import DenseSignal, episode_return_signal, loss_signal
@@ -120,6 +121,7 @@ class RunRecord:
     reliability: Reliability | None = None
     stability_score: float | None = None
     stability_before_final: float | None = None  # claim 1's score (`stability_before_final`)
+    healthy: bool = False  # perturbation none, unguarded, the workload's reference knobs
     curve: EvalCurve = field(default_factory=lambda: EvalCurve.of(None), repr=False)
     timing: RunTiming = field(default_factory=RunTiming)
     error_text: str | None = field(default=None, repr=False)  # the whole stored error
@@ -291,6 +293,7 @@ def run_record(
         error_text=info.error.strip() if info.error else None,
         outcome_final_perf=info.final_perf,
         guard=str(info.guard.get("label", "guarded")) if info.guard else "none",
+        healthy=info.is_healthy,
     )
     if curve.steps.size == 0:
         return record
@@ -482,18 +485,21 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
 
 
 BaselineCurves = dict[tuple[str, str], list[tuple[int | None, EvalCurve]]]
+HEALTHY = "healthy"  # the key (workload, HEALTHY) holds a workload's healthy runs
 
 
 def _baseline_curves(
     records: Sequence[RunRecord], evals: Mapping[str, pd.DataFrame]
 ) -> BaselineCurves:
-    """The evaluation curves of finished, unperturbed, unguarded runs, by (workload, knobs)."""
+    """The evaluation curves of finished, unperturbed, unguarded runs, by (workload, knobs),
+    and the workload's healthy ones by (workload, HEALTHY)."""
     out: BaselineCurves = {}
     for r in records:
         if r.done and r.is_baseline and r.run_id in evals:
-            out.setdefault((r.workload, r.knobs_key), []).append(
-                (r.seed, EvalCurve.of(evals[r.run_id]))
-            )
+            curve = EvalCurve.of(evals[r.run_id])
+            out.setdefault((r.workload, r.knobs_key), []).append((r.seed, curve))
+            if r.healthy:
+                out.setdefault((r.workload, HEALTHY), []).append((r.seed, curve))
     return out
 
 
@@ -501,9 +507,19 @@ def calibration_for(
     record: RunRecord, onset: Onset, baselines: BaselineCurves, config: CollapseSettings
 ) -> Calibration | None:
     """What the matched baselines of *other* seeds (same workload and knobs, not perturbed, not
-    guarded) show from this run's onset on; None without an onset or without such runs."""
+    guarded) show from this run's onset on; for a run without an onset, what the workload's
+    healthy runs of other seeds show (`calibrate_fall_back`); None without such runs."""
     if onset.step is None:
-        return None
+        if record.kind == "imported":  # logs of unknown health calibrate nothing
+            return None
+        healthy = [
+            (c.steps, c.perf)
+            for seed, c in baselines.get((record.workload, HEALTHY), [])
+            if seed != record.seed
+        ]
+        return calibrate_fall_back(
+            healthy, confirm=config.confirm_evals, quantile=config.baseline_quantile
+        )
     matched = [
         (c.steps, c.perf)
         for seed, c in baselines.get((record.workload, record.knobs_key), [])
