@@ -78,7 +78,7 @@ class WarningSettings(_Settings):
 
     horizon: int = Field(default=HORIZON, gt=0)  # optimizer steps
     target_false_alarms: float = Field(
-        default=TARGET_FALSE_ALARMS, gt=0.0, le=MAX_TARGET_FALSE_ALARMS
+        default=TARGET_FALSE_ALARMS, gt=0.0, le=MAX_TARGET_FALSE_ALARMS, allow_inf_nan=False
     )  # per 1,000 steps on held-out healthy runs
 
     def over(self, override: WarningSettings | None) -> WarningSettings:

@@ -11,12 +11,12 @@ Collapse labels and steps come from the runs' records (`metrics.records`). Fitti
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import ValidationError
 
 from stabilitybench.detectors.base import BaseDetector, detector_classes
 from stabilitybench.errors import StabilityBenchError
@@ -206,26 +206,27 @@ def _explain(protocol: Protocol) -> None:
         )
 
 
+FLAG_MESSAGES = {
+    "target_false_alarms": (
+        f"--target-false-alarms must be a number in (0, {MAX_TARGET_FALSE_ALARMS:g}] (false "
+        "alarms per 1,000 steps), got {value}"
+    ),
+    "horizon": "--horizon must be a whole number of optimizer steps >= 1, got {value}",
+}
+
+
 def _override(target: float | None, horizon: int | None) -> WarningSettings | None:
-    """The command line's warning settings, checked; None where it gives none."""
-    if target is not None and not (
-        isinstance(target, int | float)
-        and math.isfinite(target)
-        and 0 < target <= MAX_TARGET_FALSE_ALARMS
-    ):
-        raise StabilityBenchError(
-            f"--target-false-alarms must be a number in (0, {MAX_TARGET_FALSE_ALARMS:g}] (false "
-            f"alarms per 1,000 steps), got {target}"
-        )
-    if horizon is not None and (
-        isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1
-    ):
-        raise StabilityBenchError(
-            f"--horizon must be a whole number of optimizer steps >= 1, got {horizon}"
-        )
+    """The command line's warning settings, checked by `WarningSettings` (strictly: no bool for
+    a step count, no NaN); None where it gives none."""
     given = {"target_false_alarms": target, "horizon": horizon}
     given = {k: v for k, v in given.items() if v is not None}
-    return WarningSettings.model_validate(given) if given else None
+    if not given:
+        return None
+    try:
+        return WarningSettings.model_validate(given, strict=True)
+    except ValidationError as exc:
+        field = str(exc.errors()[0]["loc"][0])
+        raise StabilityBenchError(FLAG_MESSAGES[field].format(value=given[field])) from None
 
 
 def _require_healthy(runs: Sequence[ScoredRun]) -> None:

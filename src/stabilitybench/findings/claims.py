@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stabilitybench.evaluation.results import DetectorResult, Evaluation, WorkloadResult
-from stabilitybench.metrics.conditions import number
+from stabilitybench.metrics.conditions import number, number_pair
 from stabilitybench.metrics.decoupling import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
@@ -618,10 +618,6 @@ def _buffering(
     )
 
 
-def _pair(values: Sequence[float | None] | None) -> list[float | None]:
-    return [number(v) for v in values] if values else [None, None]
-
-
 def _detector_row(name: str, result: DetectorResult, n_collapsed: int) -> DetectorRow:
     recall = number(result.event_recall)
     warned = round(recall * n_collapsed) if recall is not None else None
@@ -632,11 +628,11 @@ def _detector_row(name: str, result: DetectorResult, n_collapsed: int) -> Detect
         event_recall_ci=[number(low), number(high)],
         n_warned=warned,
         lead_time_median=number(result.lead_time_median),
-        lead_time_iqr=_pair(result.lead_time_iqr),
+        lead_time_iqr=number_pair(result.lead_time_iqr),
         false_alarms_per_1k=number(result.false_alarms_per_1k),
         false_alarms_per_1k_not_collapsed=number(result.false_alarms_per_1k_not_collapsed),
         auroc=number(result.auroc),
-        auroc_ci=_pair(result.auroc_ci),
+        auroc_ci=number_pair(result.auroc_ci),
         outcome_auroc=number(result.outcome_auroc),
     )
 

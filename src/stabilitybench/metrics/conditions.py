@@ -24,8 +24,9 @@ def number(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _pair(values: Sequence[float]) -> list[float | None]:
-    return [number(v) for v in values]
+def number_pair(values: Sequence[float | None] | None) -> list[float | None]:
+    """A (low, high) interval as JSON numbers; [None, None] for none."""
+    return [number(v) for v in values] if values else [None, None]
 
 
 def median_of(values: Sequence[float | None]) -> float | None:
@@ -156,7 +157,7 @@ def condition_summary(
         n_judged=len(judged),
         n_collapsed=len(collapsed),
         collapse_rate=len(collapsed) / len(judged) if judged else None,
-        collapse_rate_ci=_pair(wilson_interval(len(collapsed), len(judged))),
+        collapse_rate_ci=number_pair(wilson_interval(len(collapsed), len(judged))),
         median_collapse_steps=median_of(
             [r.collapse.collapse_step for r in collapsed if r.collapse]
         ),
@@ -170,7 +171,7 @@ def condition_summary(
         irreversible_rate=(len(collapsed) - len(recovered)) / len(judged) if judged else None,
         n_diverged=sum(bool(r.collapse and r.collapse.diverged) for r in done),
         final_perf_iqm=number(iqm(finals)) if finals.size else None,
-        final_perf_iqm_ci=_pair(ci),
+        final_perf_iqm_ci=number_pair(ci),
         n_final_perf_nonfinite=len(finals_all) - int(finals.size),
         prob_improvement_vs_baseline=number(
             probability_of_improvement(np.array(finals_all), np.array(base_finals))
