@@ -22,13 +22,15 @@ def _table(seed: int, n: int = 260, spike: int | None = None) -> pd.DataFrame:
             "loss": 2 - np.linspace(0, 1, n) + 0.05 * rng.random(n),
             "update_ratio": 1e-3 * (1 + 0.1 * rng.random(n)),
             "grad_cos_prev": 0.2 * rng.standard_normal(n),
+            "grad_cos_ema": 0.5 + 0.02 * rng.standard_normal(n),  # coherence
             "adam_rms_max": 0.8 + 0.1 * rng.random(n),  # the build-up probes (adam_rms, eos)
             "eos_ratio": 0.3 * rng.standard_normal(n),
         }
     )
     table.loc[0, ["adam_rms_max", "eos_ratio"]] = np.nan  # not measured before the first update
     if spike is not None:
-        table.loc[spike, ["grad_norm", "loss"]] = [40.0, 9.0]
+        table["perturbed"] = (table["step"] >= spike - 10) & (table["step"] < spike)  # clock
+        table.loc[spike, ["grad_norm", "loss", "grad_cos_ema"]] = [40.0, 9.0, 0.1]
         table.loc[spike + 20 :, "grad_norm"] *= np.linspace(1, 3, n - spike - 20)
         table.loc[spike, ["adam_rms_max", "eos_ratio"]] = [6.0, 2.5]
     return table

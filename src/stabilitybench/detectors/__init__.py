@@ -1,5 +1,6 @@
 """Early-warning detectors behind one protocol: the registry (`base`), the reactive guards people
-use today (`builtin`), the Meta-State Monitor (`msm`) and a PCA meta-state (`pca`)."""
+use today (`builtin`), a gradient-coherence guard (`coherence`), the Meta-State Monitor (`msm`),
+a PCA meta-state (`pca`) and the controls a warning must beat (`controls`: a clock, chance)."""
 
 from __future__ import annotations
 

@@ -54,6 +54,7 @@ class Detector(Protocol):
     title: ClassVar[str]  # what the report calls it
     citation: ClassVar[str]
     fitted: ClassVar[bool]  # learns from healthy runs (scored leave-one-seed-out)
+    control: ClassVar[bool]  # a control (reads no training signal): a yardstick, not a warning
     online: ClassVar[bool]  # supports reset()/update(row)
     column: ClassVar[str]  # its score column in scores.parquet
 
@@ -78,6 +79,9 @@ class BaseDetector:
     title: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     fitted: ClassVar[bool] = False
+    # A control scores without reading how training goes (the clock since the perturbation's
+    # onset, a random number): what any warning must beat. Tables and claims tell them apart.
+    control: ClassVar[bool] = False
     online: ClassVar[bool] = True
     column: ClassVar[str] = ""
     # A guard whose native rule is "score above one of its parameters" names it here.
@@ -215,7 +219,8 @@ def _has_values(table: pd.DataFrame, column: str) -> bool:
 
 REGISTRY: Registry[type[BaseDetector]] = Registry(
     "detector",
-    [f"stabilitybench.detectors.{m}" for m in ("msm", "builtin", "pca")],
+    # The controls last: they list after the detectors that read the run.
+    [f"stabilitybench.detectors.{m}" for m in ("msm", "builtin", "coherence", "pca", "controls")],
 )
 
 

@@ -115,14 +115,87 @@ def score_frame(run: RunData, fold: Fitted | None, settings: DetectorSettings) -
     columns: dict[str, Any] = {"step": steps}
     if "env_step" in table.columns:
         columns["env_step"] = pd.to_numeric(table["env_step"], errors="coerce").to_numpy()
+    flagged = with_perturbed_flag(table, run.events)  # what the clock control counts from
     for name, cls in detector_classes().items():
         if not cls.fitted:
-            columns.update(cls.create(settings).score_columns(table))  # type: ignore[attr-defined]
+            columns.update(cls.create(settings).score_columns(flagged))  # type: ignore[attr-defined]
         elif fold is None or name not in fold:
             columns.update(cls.create(settings).empty_columns(n))  # type: ignore[attr-defined]
         else:
             columns.update(fold[name].score_columns(table))
     return pd.DataFrame(columns)
+
+
+def complete_scores(run: RunData, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` (a run's scores.parquet) with the columns of every registered detector that needs
+    no fit and that it lacks (`<column>`, `<column>_native`), scored from the run's telemetry;
+    `frame` itself when it lacks none.
+
+    Scores written before a detector existed (a findings folder's, an older audit's) so gain it
+    without a refit. The telemetry is scored whole, then its rows are matched to the frame's by
+    `step` (a frame row with no telemetry row scores NaN, no alarm). Telemetry without the
+    `perturbed` flag (a slim copy written before it was kept) gets it back from the run's
+    events: set from the first perturbation window's start on.
+    """
+    wanted = [
+        cls
+        for cls in detector_classes().values()
+        if not cls.fitted and not {cls.column, f"{cls.column}_native"} <= set(frame.columns)
+    ]
+    if not wanted:
+        return frame
+    table = with_perturbed_flag(run.telemetry, run.events)
+    rows = _matching_rows(frame, table)
+    matched = rows >= 0
+    out = frame.copy()
+    for cls in wanted:
+        scored = cls.create(DetectorSettings()).score_columns(table)  # type: ignore[attr-defined]
+        for name, values in scored.items():
+            if name in out.columns:
+                continue
+            values = np.asarray(values)
+            if values.dtype == bool:
+                out[name] = np.where(matched, values[np.maximum(rows, 0)], False)
+            else:
+                out[name] = np.where(matched, values[np.maximum(rows, 0)], np.nan)
+    return out
+
+
+def with_perturbed_flag(telemetry: pd.DataFrame, events: pd.DataFrame | None) -> pd.DataFrame:
+    """`telemetry` with a `perturbed` column: its own, else rebuilt from `events` (true from the
+    earliest perturbation window's start step on; a guard's interventions are not perturbations;
+    false everywhere on a run without any)."""
+    from stabilitybench.detectors.controls import PERTURBED_COLUMN
+    from stabilitybench.metrics.records import event_onset
+
+    if PERTURBED_COLUMN in telemetry.columns:
+        return telemetry
+    onset = event_onset(events).step
+    flags = np.zeros(len(telemetry), dtype=bool)
+    if onset is not None and "step" in telemetry.columns:
+        steps = pd.to_numeric(telemetry["step"], errors="coerce").to_numpy(dtype=float)
+        flags = steps >= onset
+    return telemetry.assign(**{PERTURBED_COLUMN: flags})
+
+
+def _matching_rows(frame: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
+    """Per row of `frame`, its row of `table` (n,): the same row where both have the same steps
+    in the same order (as `score_frame` writes them), else the first row with its step; −1 where
+    there is none."""
+    rows = np.arange(len(frame))
+    if "step" not in frame.columns or "step" not in table.columns:
+        return np.where(rows < len(table), rows, -1)
+    steps = pd.to_numeric(table["step"], errors="coerce")
+    if len(frame) == len(table) and np.array_equal(
+        pd.to_numeric(frame["step"], errors="coerce").to_numpy(dtype=float),
+        steps.to_numpy(dtype=float),
+        equal_nan=True,
+    ):
+        return rows
+    positions = pd.Series(np.arange(len(table)), index=steps)
+    positions = positions[~positions.index.duplicated(keep="first")]
+    wanted = pd.to_numeric(frame["step"], errors="coerce")
+    return positions.reindex(wanted).fillna(-1).to_numpy(dtype=np.int64)
 
 
 def read_attributions(root: Path) -> dict[str, Any]:

@@ -34,6 +34,11 @@ MAX_MODEL_BYTES = 1 << 20
 re-judge never needs it, a reader may want to score other runs with it."""
 CLAIM_COLUMNS = ("ent_coef",)
 """Telemetry the claims read: SAC's learned temperature orders an `ent_coef: auto` level."""
+RESCORE_COLUMNS = ("perturbed", "grad_cos_prev", "grad_cos_ema")
+"""Telemetry the detectors that need no fit read, kept whatever the report shows so that one
+added after the folder's scores were written can be scored from it
+(`evaluation.fitting.complete_scores`): the perturbation flag the clock control counts from,
+the gradient cosines of the coherence guard (the loss and gradient norm are kept anyway)."""
 RUN_TABLES = ("evals", "events")
 """A finished run's tables copied byte for byte."""
 
@@ -41,13 +46,14 @@ RUN_TABLES = ("evals", "events")
 def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     """The telemetry columns a findings folder keeps, in the table's order: the dense performance
     signal's (`metrics.records.DENSE_COLUMNS`: step, env_step, loss, episode returns), the
-    claims' (`CLAIM_COLUMNS`) and the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`,
-    also as `role/signal` for a run with several optimizers)."""
+    claims' (`CLAIM_COLUMNS`), the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`)
+    and the re-scored detectors' (`RESCORE_COLUMNS`), the last two also as `role/signal` for a
+    run with several optimizers."""
     from stabilitybench.metrics.records import DENSE_COLUMNS
     from stabilitybench.report.data import TELEMETRY_SIGNALS
 
-    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS}
-    panels = set(TELEMETRY_SIGNALS)
+    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS}
+    panels = {*TELEMETRY_SIGNALS, *RESCORE_COLUMNS}
 
     def kept(column: str) -> bool:
         role, _, signal = column.partition("/")
