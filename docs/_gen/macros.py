@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "collapse_labels": "python benchmarks/collapse_labels.py audits/quickstart",
+    "warning_protocol": "python benchmarks/warning_protocol.py audits/quickstart",
     "overhead": "python benchmarks/overhead.py",
     "lm_overhead": "python benchmarks/lm_overhead.py",
     "rl_overhead": "python benchmarks/rl_overhead.py --cases ppo-halfcheetah",
@@ -344,8 +345,71 @@ def _collapse_labels(f: dict[str, Any]) -> str:
     )
 
 
+def _warning_protocol(f: dict[str, Any]) -> str:
+    parts = []
+    for audit, workloads in f.items():
+        for workload, w in workloads.items():
+            verdict = w.get("claim_3") or {}
+            m = w.get("manifold") or {}
+            head = (
+                f"**`{audit}` / `{workload}`** — SPH {w['sph']}, SOP {w['sop']} steps, "
+                f"{w['target_false_alarms']:g} FA/1k; {w['n_collapsed']} collapsed, "
+                f"{w['n_not_collapsed']} not collapsed, {w['n_healthy']} healthy runs. "
+                f"Claim 3: **{verdict.get('verdict', '–')}** ({verdict.get('reason', '')})."
+            )
+            if m.get("n_components_90") is not None:
+                head += (
+                    f" {m['n_components_90']} of {m['n_features']} principal components hold "
+                    "90 % of the healthy telemetry"
+                )
+                if m.get("residual_ratio_median") is not None:
+                    head += (
+                        f"; before collapsing, runs reach {m['subspace_ratio_median']:.1f}× the "
+                        f"healthy 99th percentile in them and {m['residual_ratio_median']:.1f}× "
+                        "off them"
+                    )
+                head += "."
+            rows = []
+            for name, d in w["detectors"].items():
+                if d["event_recall"] is None and d["auroc"] is None:
+                    continue
+                lead = d["lead_time_median"]
+                rows.append(
+                    [
+                        f"`{name}`",
+                        _rate(d["event_recall"]) + f" (of {d['n_collapses']})",
+                        _rate(d["chance_recall_p95"]),
+                        _rate(d["clock_recall"]),
+                        "–" if lead is None else f"{lead:.0f}",
+                        _rate(d["false_alarms_per_1k"]),
+                        _rate(d["false_alarms_per_1k_not_collapsed"]),
+                        _rate(d["auroc"]),
+                        _rate(d["outcome_auroc"]),
+                    ]
+                )
+            parts.append(head)
+            parts.append(
+                table(
+                    [
+                        "detector",
+                        "recall",
+                        "chance p95",
+                        "clock at its FA",
+                        "lead",
+                        "FA/1k healthy",
+                        "FA/1k perturbed, not collapsed",
+                        "step AUROC",
+                        "outcome AUROC",
+                    ],
+                    rows,
+                )
+            )
+    return "\n\n".join(parts)
+
+
 RENDER: dict[str, Callable[..., str]] = {
     "collapse_labels": _collapse_labels,
+    "warning_protocol": _warning_protocol,
     "overhead": _overhead,
     "lm_overhead": _lm_overhead,
     "rl_overhead": _rl_overhead,

@@ -39,11 +39,12 @@ def analyse(
     evaluation: EvaluationMode = "saved",
     target_false_alarms: float | None = None,
     horizon: int | None = None,
+    sph: int | None = None,
     console: Any = None,
 ) -> Analysis:
     """Analyse the audit in `store`. A user error in the summary or a fresh evaluation raises
     `StabilityBenchError`; a saved evaluation that cannot be read is a note (claim 3 is then
-    not judged). `target_false_alarms` and `horizon` override the spec's `warning` settings."""
+    not judged). `target_false_alarms`, `horizon` and `sph` override the spec's `warning` settings."""
     from stabilitybench.evaluation.fitting import FIT_FILE, fit_audit
     from stabilitybench.evaluation.results import MONITOR_DIR, evaluation_path, load_evaluation
     from stabilitybench.findings.claims import audit_claims
@@ -58,7 +59,7 @@ def analyse(
         from stabilitybench.evaluation.evaluate import evaluate_audit
 
         result = evaluate_audit(
-            store, target_false_alarms, horizon, records=summary.runs
+            store, target_false_alarms, horizon, sph=sph, records=summary.runs
         )  # also saved under monitor/
     elif evaluation_path(store.root).exists():
         try:

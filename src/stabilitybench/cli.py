@@ -207,20 +207,30 @@ def monitor_evaluate(
     horizon: Annotated[
         int | None,
         typer.Option(
-            help="Optimizer steps: an alarm at step t is a true warning if the run collapses "
-            "in (t, t + horizon] [default: the spec's warning.horizon, per workload, else 100]."
+            help="Optimizer steps (SOP): an alarm at step t is true if the run's collapse "
+            "starts in [t + sph, t + sph + horizon], and an alarm episode renews its alarm every "
+            "horizon steps [default: the spec's warning.horizon, per workload, else 100]."
+        ),
+    ] = None,
+    sph: Annotated[
+        int | None,
+        typer.Option(
+            help="Optimizer steps: the least lead that is still useful (time to act) [default: "
+            "the spec's warning.sph, per workload, else 10]."
         ),
     ] = None,
     wide: Annotated[bool, typer.Option("--wide", help="Show every column in full.")] = False,
 ) -> None:
-    """Prospective warning, per workload and macro-averaged: event recall, lead time, false
-    alarms, step AUROC of collapse within the horizon, outcome AUROC."""
+    """Prospective warning, per workload and macro-averaged: event recall beside chance and the
+    clock control, lead time, false alarms, time in warning, step and outcome AUROC."""
     from stabilitybench.evaluation.evaluate import evaluate_audit, print_evaluation
     from stabilitybench.metrics.serialize import to_jsonable
     from stabilitybench.store import RunStore
 
     store = RunStore.open(audit_dir)
-    result = evaluate_audit(store, target_false_alarms=target_false_alarms, horizon=horizon)
+    result = evaluate_audit(
+        store, target_false_alarms=target_false_alarms, horizon=horizon, sph=sph
+    )
     if output_json:
         sys.stdout.write(json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
     else:
@@ -332,7 +342,14 @@ def export(
     horizon: Annotated[
         int | None,
         typer.Option(
-            help="Early-warning horizon in optimizer steps for evaluation.json [default: the "
+            help="Early-warning horizon (SOP) in optimizer steps for evaluation.json [default: "
+            "the spec's, per workload]."
+        ),
+    ] = None,
+    sph: Annotated[
+        int | None,
+        typer.Option(
+            help="The least useful lead in optimizer steps for evaluation.json [default: the "
             "spec's, per workload]."
         ),
     ] = None,
@@ -353,6 +370,7 @@ def export(
         allow_partial=partial,
         target_false_alarms=target_false_alarms,
         horizon=horizon,
+        sph=sph,
         console=console,
     )
     console.print(escape(describe(path)), highlight=False)

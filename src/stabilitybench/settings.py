@@ -32,9 +32,17 @@ CONFIRM_EVALS = 2
 EVALS_AFTER = 2
 """Evaluations left after a confirmed collapse that make it irreversible (fewer: censored)."""
 HORIZON = 100
-"""Optimizer steps. Room for a 50-step lead with as much again on either side, short enough that
-a warning is about this run's next moves (the guards' rollback ring reaches 80 steps back), and
-far above the 1–8 steps by which Adam's RMS leads a loss spike."""
+"""Optimizer steps: the seizure occurrence period (SOP), how far ahead an alarm predicts. Room
+for a 50-step lead with as much again on either side, short enough that a warning is about this
+run's next moves (the guards' rollback ring reaches 80 steps back), and far above the 1–8 steps
+by which Adam's RMS leads a loss spike. An episode that stays on renews its alarm every SOP."""
+SPH = 10
+"""Optimizer steps: the seizure prediction horizon (SPH), the least lead that is still useful —
+time for a guard to act (cut the LR, take a snapshot, page someone). An alarm at t predicts a
+collapse in [t + SPH, t + SPH + SOP]."""
+EPISODE_GAP = 5
+"""Optimizer steps: below-threshold gaps this short inside an episode are merged into it (a
+score that dips for a step or two is one warning, not several)."""
 TARGET_FALSE_ALARMS = 1.0
 """False alarms per 1,000 steps on held-out healthy runs that thresholds are calibrated for."""
 MAX_TARGET_FALSE_ALARMS = 500.0
@@ -74,9 +82,12 @@ class CollapseSettings(_Settings):
 
 
 class WarningSettings(_Settings):
-    """How early warnings are scored (`warning:` in the spec, for the audit or one workload)."""
+    """How early warnings are scored (`warning:` in the spec, for the audit or one workload):
+    an alarm at step t is true when the collapse starts in [t + sph, t + sph + horizon]."""
 
-    horizon: int = Field(default=HORIZON, gt=0)  # optimizer steps
+    horizon: int = Field(default=HORIZON, gt=0)  # optimizer steps: SOP
+    sph: int = Field(default=SPH, ge=0)  # optimizer steps: the least useful lead
+    gap: int = Field(default=EPISODE_GAP, ge=0)  # optimizer steps merged inside an episode
     target_false_alarms: float = Field(
         default=TARGET_FALSE_ALARMS, gt=0.0, le=MAX_TARGET_FALSE_ALARMS, allow_inf_nan=False
     )  # per 1,000 steps on held-out healthy runs

@@ -92,7 +92,7 @@ def test_the_folder_keeps_each_runs_scores_and_the_telemetry_the_analysis_reads(
     for run_id, tables in original_tables.items():
         pd.testing.assert_frame_equal(store.load(run_id).scores, tables["scores"])
         kept = kept_telemetry_columns(list(tables["telemetry"].columns))
-        assert {"step", "loss", "grad_norm"} <= set(kept) and "param_norm" not in kept
+        assert {"step", "loss", "grad_norm", "param_norm"} <= set(kept) and "lr" not in kept
         pd.testing.assert_frame_equal(store.table(run_id, "telemetry"), tables["telemetry"][kept])
     per_run = sum(f.stat().st_size for f in (results / "runs").rglob("*") if f.is_file())
     assert per_run / len(original_tables) < MAX_BYTES_PER_RUN
@@ -105,9 +105,11 @@ def test_kept_telemetry_columns() -> None:
         "step",
         "env_step",
         "loss",
+        "param_norm",
         "ent_coef",
         "grad_cos_prev",
         "actor/grad_norm",
+        "actor/param_norm",
         "episode_return",
     ]
 

@@ -84,6 +84,17 @@ BAD_SPECS = [
         ["sham", "factor", "takes no magnitude"],
     ),
     ("warning horizon out of range", toy_spec(warning={"horizon": 0}), ["warning.horizon"]),
+    ("warning sph below 0", toy_spec(warning={"sph": -1}), ["warning.sph", "greater than or"]),
+    (
+        "warning target at 0",
+        toy_spec(warning={"target_false_alarms": 0}),
+        ["warning.target_false_alarms", "greater than 0"],
+    ),
+    (
+        "warning sph as long as the run",
+        _with("workloads.0.warning", {"sph": 60}),
+        ["workloads[0]", "warning.sph (60) must be less than total_steps (60)"],
+    ),
     (
         "perturbation field out of range",
         _with("perturbations.1.at", 1.5),

@@ -12,19 +12,21 @@ import pytest
 from stabilitybench.detectors.base import BaseDetector
 from stabilitybench.evaluation.alarms import (
     auroc,
-    first_true_warning,
+    chance_recall,
+    clock_recall_at,
     pair_counts,
     run_bootstrap,
-    warning_window,
+    true_alarms,
     weighted_auroc,
 )
-from stabilitybench.evaluation.evaluate import WorkloadRuns, evaluate_detector, macro_average
+from stabilitybench.evaluation.episodes import WorkloadRuns, evaluate_detector
+from stabilitybench.evaluation.evaluate import macro_average
 from stabilitybench.evaluation.protocol import HELD_OUT, IN_SAMPLE, ScoredRun, Thresholds
 from stabilitybench.evaluation.results import DetectorResult
-from stabilitybench.metrics.alarms import alarm_events
+from stabilitybench.metrics.alarms import alarm_events, warning_mask
 from stabilitybench.metrics.collapse import CollapseResult
 from stabilitybench.metrics.records import Onset, run_record
-from stabilitybench.settings import CollapseSettings
+from stabilitybench.settings import CollapseSettings, WarningSettings
 from stabilitybench.store import RunData
 
 
@@ -35,24 +37,36 @@ class _Score(BaseDetector):
     title = "test score"
 
 
-def test_alarm_events_are_up_crossings_and_a_gap_does_not_end_an_alarm() -> None:
+def test_alarm_episodes_start_renew_every_sop_and_merge_short_gaps() -> None:
     nan = math.nan
     scores = np.array([2.0, 2.0, 0.0, 3.0, nan, nan, 3.0, 0.0, nan, 5.0])
+    # one alarm per episode; NaN carries the state (3, nan, nan, 3 is one episode)
     assert np.flatnonzero(alarm_events(scores, 1.0)).tolist() == [0, 3, 9]
     assert not alarm_events(np.full(4, nan), 0.0).any()
+    assert warning_mask(scores, 1.0).tolist() == [1, 1, 0, 1, 1, 1, 1, 0, 0, 1]
+    # a gap of at most 1 step is merged: 0..6 is one episode, then 9
+    assert np.flatnonzero(alarm_events(scores, 1.0, gap=1)).tolist() == [0, 9]
+    # an episode on from step 3 to 20, renewed every 5 steps: 3, 8, 13, 18
+    on = np.zeros(25)
+    on[3:21] = 1.0
+    assert np.flatnonzero(alarm_events(on, 0.5, sop=5)).tolist() == [3, 8, 13, 18]
+    # renewals count the steps themselves (every other step logged: 6 steps apart is 3 rows)
+    steps = np.arange(0, 50, 2)
+    assert np.flatnonzero(alarm_events(on, 0.5, sop=6, steps=steps)).tolist() == [
+        3,
+        6,
+        9,
+        12,
+        15,
+        18,
+    ]
 
 
-def test_a_true_warning_is_an_alarm_with_the_collapse_within_the_horizon() -> None:
-    steps = np.arange(100)
-    # collapse at 60, H = 10: alarms at steps 50..59 are warnings (60 in (t, t + 10])
-    assert np.flatnonzero(warning_window(steps, 60, 10)).tolist() == list(range(50, 60))
-    events = np.zeros(100, dtype=bool)
-    events[[20, 49, 55, 58, 60]] = True
-    assert first_true_warning(events, steps, 60, 10) == 55  # 49 is 11 steps early: too early
-    assert first_true_warning(events, steps, 60, 11) == 49
-    assert first_true_warning(events, steps, 21, 10) == 20  # 21 is in (20, 30]: lead 1
-    events[20] = False
-    assert first_true_warning(events, steps, 21, 10) is None
+def test_a_true_alarm_has_the_collapse_start_within_sph_to_sph_plus_sop_after_it() -> None:
+    # collapse starting at 60, SPH 5, SOP 10: alarms at t in [45, 55] are true
+    t = np.arange(100)
+    assert np.flatnonzero(true_alarms(t, 60, 5, 10)).tolist() == list(range(45, 56))
+    assert np.flatnonzero(true_alarms(t, 60, 0, 10)).tolist() == list(range(50, 61))
 
 
 def test_pair_counts_give_the_step_auroc_and_weights_replicate_runs() -> None:
@@ -142,32 +156,114 @@ def _workload(workload: str = "w") -> WorkloadRuns:
     return WorkloadRuns(healthy=healthy, judged=judged)
 
 
-def test_prospective_warning_figures_by_hand() -> None:
+def _settings(**given: float) -> WarningSettings:
+    return WarningSettings.model_validate(
+        {"target_false_alarms": 0.001, "horizon": 20, "sph": 2, "gap": 0, **given}
+    )
+
+
+def test_warning_figures_by_hand() -> None:
     split = _workload()
     # target 0.001 / 1k: each held-out threshold clears the other seeds' largest spike:
-    # seeds 0, 1 → just above 6; seed 2 → just above 4, so seed 2's healthy spike 6 alarms
-    result, draws = evaluate_detector(_Score, split, 0.001, 20, np.random.default_rng(0), 200)
-    assert result.event_recall == pytest.approx(2 / 3)  # 2 of the 3 collapses with room
+    # seeds 0, 1 → just above 6; seed 2 → just above 4, so seed 2's healthy spike 6 alarms.
+    # SPH 2, SOP 20: an alarm at t is true for a collapse starting in [t + 2, t + 22].
+    result, draws = evaluate_detector(_Score, split, _settings(), np.random.default_rng(0), 200)
+    assert result.n_collapses == 3 and result.n_no_lead_possible == 1  # 41 − 40 < SPH
+    assert result.event_recall == pytest.approx(2 / 3)  # 45 → 60 and 70 → 80; 90 unwarned
     assert result.lead_time_median == 12.5 and result.lead_time_iqr == [11.25, 13.75]  # 15, 10
     assert result.false_alarms_per_1k == pytest.approx(1000 / 300)  # 1 in 300 healthy steps
-    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(20.0)  # 2 in 100 steps
-    assert any("1 collapses came within 1 step" in n for n in result.notes)
+    assert result.time_in_warning == pytest.approx(1 / 300)
+    # the run that did not collapse: 2 alarms (50, 52) in its 60 steps from the onset on
+    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(2000 / 60)
+    # collapsed runs: the alarm at 30 (collapse at 80) is not true; 60 + 80 + 41 + 90 steps
+    assert result.false_alarms_per_1k_collapsed == pytest.approx(1000 / 271)
+    # chance: before their collapses the 3 runs are in warning 5 of 230 steps and start 3
+    # episodes in the 225 steps out of warning
+    assert result.chance_recall == pytest.approx(1 - (1 - 5 / 230) * math.exp(-3 / 225 * 20))
+    assert result.chance_recall_p95 is not None and 0 <= result.chance_recall_p95 <= 1
+    # clock: 2 alarms per 60 post-onset steps on the calm run is reached from d = 20 on
+    # (alarms at 60 and 80); it then warns of the collapses with room 60 − 2 − 40 = 18 < 20,
+    # 38 and 48 → 2 of 3
+    assert result.clock_recall == pytest.approx(2 / 3)
     # outcome AUROC, max over [onset 40, 50]: collapsed 10, 0, 0, 0 vs not collapsed 10
     assert result.outcome_auroc == pytest.approx(0.5 / 4)
-    # step AUROC: every step before a collapse (the no-lead run left out), positive in the
-    # 20 steps before it, against the reference implementation on the same steps
+    # step AUROC: positives at [c − 22, c − 2] of the collapses with room; negatives the
+    # healthy runs' and the calm run's steps from the onset (40) on
     flat, labels = [], []
-    for run in [*split.healthy, split.judged[0], split.judged[1], *split.judged[3:]]:
-        steps, values = run.steps, run.values("score")
-        keep = np.ones(len(steps), bool) if run.collapse_at is None else steps < run.collapse_at
-        label = np.zeros(len(steps), bool)
-        if run.collapse_at is not None:
-            label = (steps >= run.collapse_at - 20) & (steps < run.collapse_at)
-        flat.append(values[keep])
-        labels.append(label[keep])
+    for run in split.healthy:
+        flat.append(run.values("score")[40:])
+        labels.append(np.zeros(60, bool))
+    for run in (split.judged[0], split.judged[1], split.judged[4]):
+        c = run.collapse_at
+        flat.append(run.values("score")[c - 22 : c - 1])
+        labels.append(np.ones(21, bool))
+    flat.append(split.judged[3].values("score")[40:])
+    labels.append(np.zeros(60, bool))
     assert result.auroc == pytest.approx(auroc(np.concatenate(flat), np.concatenate(labels)))
-    assert result.auroc_ci is not None and result.auroc_ci[0] <= result.auroc <= 1.0
+    assert result.auroc_ci is not None and result.auroc_ci[0] <= result.auroc + 1e-9
     assert draws is not None and len(draws) == 200
+    # merging gaps of up to 5 steps makes 50 and 52 one episode: one false alarm
+    merged, _ = evaluate_detector(_Score, split, _settings(gap=5), np.random.default_rng(0), 20)
+    assert merged.false_alarms_per_1k_not_collapsed == pytest.approx(1000 / 60)
+
+
+def _long_run(seed: int, on_from: int | None, collapse_at: int | None, n: int = 1000) -> ScoredRun:
+    """A run whose score is 1 from `on_from` to the end (0 before; never without)."""
+    spikes = {} if on_from is None else dict.fromkeys(range(on_from, n), 1.0)
+    return _run(seed, spikes, collapse_at=collapse_at, onset=300, n=n)
+
+
+def test_a_warning_that_stays_on_is_credited_and_its_early_renewals_are_charged() -> None:
+    healthy = [_run(s, {}, healthy=True, n=1000) for s in range(3)]
+    judged = [_long_run(s, 470, 700) for s in range(3)]  # on from 230 steps before a collapse
+    split = WorkloadRuns(healthy=healthy, judged=judged)
+    rng = np.random.default_rng(0)
+    wide, _ = evaluate_detector(_Score, split, _settings(horizon=300, sph=10), rng, 50)
+    assert wide.event_recall == 1.0 and wide.lead_time_median == 230  # not capped by SOP
+    assert wide.false_alarms_per_1k_collapsed == 0.0  # its one alarm (470) is true
+    # SOP 100 < 230: alarms at 470, 570, 670; only 670 has the collapse in [680, 780]
+    narrow, _ = evaluate_detector(_Score, split, _settings(horizon=100, sph=10), rng, 50)
+    assert narrow.event_recall == 1.0 and narrow.lead_time_median == 230
+    assert narrow.false_alarms_per_1k_collapsed == pytest.approx(1000 * 6 / 2100)  # 470, 570 ×3
+
+
+def test_a_flickering_detector_earns_nothing_it_did_not_predict() -> None:
+    # alarms every 40 steps in healthy and collapsing runs alike: it is "right" by chance only
+    flicker = dict.fromkeys(range(5, 1000, 40), 1.0)
+    healthy = [_run(s, flicker, healthy=True, n=1000) for s in range(3)]
+    judged = [_run(s, flicker, collapse_at=650 + 7 * s, onset=300, n=1000) for s in range(6)]
+    settings = _settings(horizon=20, sph=5, target_false_alarms=30.0)
+    result, _ = evaluate_detector(
+        _Score, WorkloadRuns(healthy, judged), settings, np.random.default_rng(1), 20
+    )
+    assert result.false_alarms_per_1k == pytest.approx(25.0)  # 25 alarms in 1,000 steps
+    assert result.event_recall is not None and result.chance_recall_p95 is not None
+    assert result.event_recall <= result.chance_recall_p95  # no better than shifted alarms
+    assert result.event_recall == pytest.approx(result.chance_recall, abs=0.35)
+
+
+def test_chance_recall_is_the_poisson_formula_and_matches_random_alarms() -> None:
+    lam, sop = 0.004, 150
+    assert chance_recall(lam, 0.0, sop) == pytest.approx(1 - math.exp(-lam * sop))
+    assert chance_recall(lam, 0.25, sop) == pytest.approx(1 - 0.75 * math.exp(-lam * sop))
+    # random point alarms at λ per step in 4,000 runs collapsing at 800: the share with an
+    # alarm in [800 − SPH − SOP, 800 − SPH] is 1 − (1 − λ)^(SOP + 1) ≈ 1 − e^(−λ·SOP)
+    rng = np.random.default_rng(3)
+    alarms = rng.random((4000, 1000)) < lam
+    hit = alarms[:, 800 - 10 - sop : 800 - 10 + 1].any(axis=1)
+    assert hit.mean() == pytest.approx(1 - math.exp(-lam * sop), abs=0.03)
+
+
+def test_the_clock_control_at_a_matched_false_alarm_rate() -> None:
+    # collapses 280 steps after onset (300); calm runs go on to step 999 after the same onset
+    collapses = [(300, 580)] * 4
+    calm = [(300, 999)] * 4
+    # from onset on, a clock renewed every 100 steps raises 7 alarms in 700 steps = 10 per 1k
+    assert clock_recall_at(collapses, calm, 10.0, 10, 100) == 1.0
+    # at 5 per 1k it must wait until only 3-4 alarms fit: d with 1 + (699 − d) // 100 <= 3.5
+    # → d = 400 > 280 − 10: it warns of nothing
+    assert clock_recall_at(collapses, calm, 5.0, 10, 100) == 0.0
+    assert clock_recall_at(collapses, [], 5.0, 10, 100) is None
 
 
 def test_macro_average_is_the_mean_over_workloads_not_a_pool() -> None:
@@ -214,3 +310,27 @@ def test_a_workload_with_one_seed_is_calibrated_in_sample() -> None:
     assert thresholds.of(runs[0]) == pytest.approx(5.0 + 5e-6)
     assert math.isfinite(thresholds.of(runs[1]))
     assert thresholds.calibration == IN_SAMPLE
+
+
+def test_the_registered_clock_scores_what_a_clock_should() -> None:
+    from stabilitybench.detectors.controls import ClockDetector
+
+    def clock_run(seed: int, collapse_at: int | None, healthy: bool = False) -> ScoredRun:
+        steps = np.arange(1000)
+        table = pd.DataFrame({"step": steps, "perturbed": (steps >= 300) & (not healthy)})
+        values = ClockDetector().score(table)
+        spikes = {int(i): float(v) for i, v in enumerate(values) if v}
+        return _run(seed, spikes, healthy=healthy, collapse_at=collapse_at, onset=300, n=1000)
+
+    healthy = [clock_run(s, None, healthy=True) for s in range(3)]
+    judged = [clock_run(s, 580) for s in range(3)] + [clock_run(s, None) for s in range(3)]
+    settings = _settings(horizon=100, sph=10, target_false_alarms=1.0)
+    result, _ = evaluate_detector(
+        _Score, WorkloadRuns(healthy, judged), settings, np.random.default_rng(0), 20
+    )
+    # collapses a fixed 280 steps after onset: on from step 301, it warns of every one
+    assert result.event_recall == 1.0 and result.lead_time_median == 279
+    assert result.false_alarms_per_1k == 0.0  # healthy runs are never perturbed
+    # on the runs that did not collapse it alarms at 301, 401, …, 901: 7 in 700 steps
+    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(10.0)
+    assert result.clock_recall == 1.0  # the clock matched to itself

@@ -71,15 +71,23 @@ def test_leave_one_seed_out_scores_differ_from_the_full_model(fitted: RunStore) 
 
 FIELDS = {
     "event_recall",
+    "chance_recall",
+    "chance_recall_p95",
+    "clock_recall",
     "lead_time_median",
     "lead_time_iqr",
     "false_alarms_per_1k",
     "false_alarms_per_1k_not_collapsed",
+    "false_alarms_per_1k_collapsed",
+    "time_in_warning",
     "auroc",
     "auroc_ci",
     "outcome_auroc",
+    "n_collapses",
+    "n_no_lead_possible",
     "notes",
 }
+COUNTS = {"n_collapses", "n_no_lead_possible"}
 
 
 def test_evaluate_has_the_documented_shape_per_workload_and_macro(fitted: RunStore) -> None:
@@ -100,16 +108,22 @@ def test_evaluate_has_the_documented_shape_per_workload_and_macro(fitted: RunSto
         "detectors",
         "horizon",
         "target_false_alarms_per_1k",
+        "sph",
+        "gap",
+        "manifold",
     }
     assert (synth["n_collapsed"], synth["n_not_collapsed"], synth["n_healthy"]) == (6, 6, 3)
     assert set(synth["detectors"]) == set(result["detectors"]) == set(DETECTORS)
     for entry in [*synth["detectors"].values(), *result["detectors"].values()]:
         assert set(entry) == FIELDS
-        for key in FIELDS - {"notes", "lead_time_iqr", "auroc_ci"}:
+        for key in FIELDS - {"notes", "lead_time_iqr", "auroc_ci"} - COUNTS:
             assert entry[key] is None or isinstance(entry[key], float), key
     msm = synth["detectors"]["msm"]
-    # the drift starts at step 80; the collapse evaluation is at step 99 or 119: within 40 steps
-    assert msm["event_recall"] == 1.0 and 0 < msm["lead_time_median"] <= 40
+    # the drift starts at step 80; the collapse is seen at the evaluation at step 99 or 119
+    assert msm["event_recall"] == 1.0 and 0 < msm["lead_time_median"] <= 60
+    assert msm["chance_recall_p95"] is not None and msm["chance_recall"] is not None
+    protocol = result["protocol"]
+    assert (protocol["horizon"], protocol["sop"], protocol["sph"]) == (40, 40, 10)
     assert msm["outcome_auroc"] >= 0.9
     assert msm["auroc_ci"][0] <= msm["auroc"] <= msm["auroc_ci"][1]
     # one workload: the macro average is that workload
@@ -120,12 +134,11 @@ def test_evaluate_has_the_documented_shape_per_workload_and_macro(fitted: RunSto
 
 
 def test_a_longer_horizon_counts_earlier_alarms_as_warnings(fitted: RunStore) -> None:
-    short = evaluate_audit(fitted, target_false_alarms=5.0, horizon=5).workloads["synth"]
-    long = evaluate_audit(fitted, target_false_alarms=5.0, horizon=60).workloads["synth"]
+    short = evaluate_audit(fitted, target_false_alarms=5.0, horizon=5, sph=0).workloads["synth"]
+    long = evaluate_audit(fitted, target_false_alarms=5.0, horizon=60, sph=0).workloads["synth"]
     for name in ("zclip", "pca"):
         s, w = short.detectors[name], long.detectors[name]
         assert (s.event_recall or 0.0) <= (w.event_recall or 0.0)
-        assert s.lead_time_median is None or s.lead_time_median <= 5
 
 
 def test_too_few_runs_says_so_instead_of_a_number(tmp_path: Path) -> None:
@@ -136,7 +149,13 @@ def test_too_few_runs_says_so_instead_of_a_number(tmp_path: Path) -> None:
     msm = result.workloads["synth"].detectors["msm"]
     assert msm.outcome_auroc is None and msm.false_alarms_per_1k_not_collapsed is None
     assert any(note.startswith("too few runs for the outcome AUROC") for note in msm.notes)
-    assert isinstance(result.workloads["synth"].detectors["zclip"].event_recall, float)
+    # these collapses come within SPH = 10 steps of the spike: no lead possible, said so
+    zclip = result.workloads["synth"].detectors["zclip"]
+    assert zclip.event_recall is None and zclip.n_no_lead_possible == 2
+    assert any("no lead possible" in note for note in zclip.notes)
+    assert isinstance(
+        evaluate_audit(store, sph=0).workloads["synth"].detectors["zclip"].event_recall, float
+    )
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -169,6 +188,8 @@ def test_cli_bad_inputs_exit_2_with_what_is_missing(tmp_path: Path) -> None:
         ("--target-false-alarms", "-1", "--target-false-alarms must be a number in (0, 500]"),
         ("--target-false-alarms", "501", "--target-false-alarms must be a number in (0, 500]"),
         ("--target-false-alarms", "nan", "--target-false-alarms must be a number in (0, 500]"),
+        ("--sph", "-1", "--sph must be a whole number of optimizer steps >= 0"),
+        ("--sph", "100000", "warning.sph of workload 'synth' is 100000 optimizer steps"),
     ],
 )
 def test_cli_bad_protocol_options_exit_2_and_write_nothing(
@@ -203,7 +224,7 @@ def test_cli_evaluate_json(fitted: RunStore) -> None:
     code, out = _cli("monitor", "evaluate", str(fitted.root))
     assert code == 0 and "msm" in out and "adam_rms" in out
     assert "synth: 6 collapsed, 6 not collapsed, 3 healthy runs" in out
-    assert "macro average, 1 workloads (1 FA/1k, horizon 100 steps)" in out
+    assert "macro average, 1 workloads (1 FA/1k, SOP 100 steps)" in out
 
 
 def test_warning_settings_come_from_the_spec_per_workload_and_the_cli_overrides(

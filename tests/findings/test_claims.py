@@ -17,6 +17,7 @@ from stabilitybench.findings.claims import (
     NOT_TESTABLE,
     SUPPORTED,
     DetectorRow,
+    WarningRule,
     audit_claims,
     buffering_verdict,
     newcombe_difference,
@@ -75,20 +76,55 @@ def test_buffering_rule() -> None:
     assert buffering_verdict(0.0, [0.0, 0.0], 10, (1.0, 1.0), 0.0).verdict == NOT_TESTABLE
 
 
-def _msm(auroc: float, ci: list[float], recall: float, recall_ci: list[float]) -> DetectorRow:
+def _msm(
+    recall: float = 0.9,
+    p95: float = 0.6,
+    clock: float | None = 0.5,
+    fa: float = 1.0,
+    lead: float | None = 50.0,
+    n: int = 10,
+) -> DetectorRow:
     return DetectorRow(
-        "msm", recall, list(recall_ci), None, 50.0, [40.0, 60.0], 1.0, 1.0, auroc, list(ci), 0.9
+        detector="msm",
+        event_recall=recall,
+        event_recall_ci=[None, None],
+        n_warned=round(recall * n),
+        n_collapses=n,
+        chance_recall=p95 - 0.1,
+        chance_recall_p95=p95,
+        clock_recall=clock,
+        lead_time_median=lead,
+        lead_time_iqr=[None, None],
+        false_alarms_per_1k=fa,
+        false_alarms_per_1k_not_collapsed=1.0,
+        false_alarms_per_1k_collapsed=1.0,
+        time_in_warning=0.01,
+        auroc=0.9,
+        auroc_ci=[0.8, 0.95],
+        outcome_auroc=0.9,
     )
 
 
 def test_warning_rule() -> None:
-    assert warning_verdict(10, _msm(0.8, [0.7, 0.9], 0.6, [0.3, 0.8])).verdict == SUPPORTED
-    assert warning_verdict(10, _msm(0.55, [0.5, 0.58], 0.6, [0.3, 0.8])).verdict == NOT_SUPPORTED
-    # High AUROC but no prospective warning (always in alarm): not supported.
-    assert warning_verdict(10, _msm(0.95, [0.9, 0.97], 0.0, [0.0, 0.28])).verdict == NOT_SUPPORTED
-    assert warning_verdict(10, _msm(0.7, [0.45, 0.85], 0.6, [0.3, 0.8])).verdict == INCONCLUSIVE
-    assert warning_verdict(2, _msm(0.9, [0.8, 0.95], 1.0, [0.3, 1.0])).verdict == INCONCLUSIVE
-    assert warning_verdict(10, None).verdict == INCONCLUSIVE
+    rule = WarningRule(target_false_alarms=1.0, sph=10, sham_flag_rate=0.0)
+    assert warning_verdict(_msm(), rule).verdict == SUPPORTED
+    # each condition fails it on its own, and the reason says which
+    for row, why in (
+        (_msm(p95=0.9), "not above chance"),
+        (_msm(clock=0.9), "not above the clock"),
+        (_msm(fa=2.5), "FA above 2x the target"),
+        (_msm(lead=5.0), "lead below SPH"),
+        (_msm(lead=None), "lead below SPH"),
+    ):
+        verdict = warning_verdict(row, rule)
+        assert verdict.verdict == NOT_SUPPORTED and verdict.reason.endswith(why), verdict
+    assert warning_verdict(_msm(fa=2.0), rule).verdict == SUPPORTED  # 2x is within
+    assert warning_verdict(_msm(n=2), rule).verdict == INCONCLUSIVE
+    assert warning_verdict(None, rule).verdict == INCONCLUSIVE
+    # labels not trusted, or no perturbed run that escaped collapse: not testable
+    untrusted = WarningRule(target_false_alarms=1.0, sph=10, sham_flag_rate=0.2)
+    assert warning_verdict(_msm(), untrusted).verdict == NOT_TESTABLE
+    assert warning_verdict(_msm(clock=None), rule).verdict == NOT_TESTABLE
 
 
 def _collapse(collapsed: bool, irreversible: bool = True) -> CollapseResult:
@@ -188,9 +224,15 @@ def test_audit_claims_on_hand_built_runs(runs: list[RunRecord]) -> None:
                 "n_collapsed": 5,
                 "n_not_collapsed": 5,
                 "n_healthy": 5,
+                "sph": 10,
+                "target_false_alarms_per_1k": 1.0,
                 "detectors": {
                     "msm": {
                         "event_recall": 0.6,
+                        "n_collapses": 5,
+                        "chance_recall": 0.2,
+                        "chance_recall_p95": 0.4,
+                        "clock_recall": 0.2,
                         "lead_time_median": 40.0,
                         "lead_time_iqr": [30.0, 50.0],
                         "false_alarms_per_1k": 0.8,
@@ -231,7 +273,7 @@ def test_audit_claims_on_hand_built_runs(runs: list[RunRecord]) -> None:
     text = claims_markdown(claims)
     assert "## Findings: hand" in text
     assert "| w | ent_coef: 0.0 → 0.01 | -0.60 [" in text
-    assert "**supported**: AUROC 0.80 [0.70, 0.90], recall 0.60 (3/5)" in text
+    assert "**supported**: recall 0.60 (3/5), chance p95 0.40, clock 0.20" in text
     assert "Verdict rules:" in text
 
 

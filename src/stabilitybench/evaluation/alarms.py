@@ -1,9 +1,10 @@
 """Alarm statistics of the evaluation (alarms and thresholds themselves: `metrics.alarms`).
 
-Pure functions over arrays. Prospective warning with
-horizon H: an alarm at step t is a true warning when the run collapses in (t, t + H]; the step
-AUROC ranks every step by "collapse within H" with a bootstrap interval over runs; the outcome
-AUROC separates runs that collapse from runs that do not by the score right after onset.
+Pure functions over arrays. An alarm at step t is true when the run's collapse starts in
+[t + SPH, t + SPH + SOP] (`true_alarms`); beside a detector's recall stand what chance
+(`chance_recall`, `surrogate_recalls`) and the clock control (`clock_recall_at`) score; the step
+AUROC's bootstrap resamples units (seeds) through `pair_counts`; the outcome AUROC separates
+runs that collapse from runs that do not by the score right after onset.
 """
 
 from __future__ import annotations
@@ -57,25 +58,6 @@ def window_max(scores: np.ndarray, steps: np.ndarray, start: int, end: int) -> f
     values = np.asarray(scores, dtype=float)[mask]
     values = values[~np.isnan(values)]
     return float(values.max()) if values.size else math.nan
-
-
-# -- prospective warning ------------------------------------------------------------------------
-
-
-def warning_window(steps: np.ndarray, collapse_at: int, horizon: int) -> np.ndarray:
-    """(n,) bool: the steps t whose alarm would be a true warning, collapse_at in (t, t + H]."""
-    steps = np.asarray(steps)
-    return (steps < collapse_at) & (steps >= collapse_at - horizon)
-
-
-def first_true_warning(
-    events: np.ndarray, steps: np.ndarray, collapse_at: int, horizon: int
-) -> int | None:
-    """The step of the earliest alarm event within the horizon before `collapse_at`, or None."""
-    hits = np.flatnonzero(
-        np.asarray(events, dtype=bool) & warning_window(steps, collapse_at, horizon)
-    )
-    return int(np.asarray(steps)[hits[0]]) if hits.size else None
 
 
 def quartiles(values: Sequence[float]) -> tuple[float | None, list[float] | None]:
@@ -158,3 +140,82 @@ def percentile_ci(draws: np.ndarray, level: float = 0.95) -> list[float] | None:
 
 def too_few(what: str, n_collapsed: int, n_other: int) -> str:
     return f"too few runs for {what}: {n_collapsed} collapsed, {n_other} not collapsed"
+
+
+# -- alarm episodes (the seizure-prediction characteristic) -----------------------------------
+
+
+def true_alarms(alarm_steps: np.ndarray, lo: int, sph: int, sop: int) -> np.ndarray:
+    """(m,) bool: which alarms (at these steps) predict a collapse that began at `lo`: the
+    collapse starts in [t + sph, t + sph + sop]."""
+    t = np.asarray(alarm_steps)
+    return (t + sph <= lo) & (lo <= t + sph + sop)
+
+
+def episode_start(on: np.ndarray, index: int) -> int:
+    """The first index of the stretch of True in `on` that holds `index`."""
+    before = np.flatnonzero(~np.asarray(on[: index + 1], dtype=bool))
+    return int(before[-1]) + 1 if before.size else 0
+
+
+def chance_recall(starts_per_step: float, time_in_warning: float, sop: int) -> float:
+    """The recall of a random predictor that is in warning a share `time_in_warning` of the
+    time and starts episodes at `starts_per_step` while not in warning: the chance that it is
+    in warning, or starts an episode, somewhere in a collapse's `sop`-long window (with renewal
+    every `sop`, either gives an alarm there): 1 − (1 − w)·exp(−λ·sop). With point alarms
+    (w ≈ 0) this is the classic 1 − exp(−λ·sop) (Snyder et al. 2008)."""
+    w = min(max(time_in_warning, 0.0), 1.0)
+    return float(1.0 - (1.0 - w) * math.exp(-max(starts_per_step, 0.0) * sop))
+
+
+def surrogate_recalls(
+    runs: Sequence[tuple[np.ndarray, int, int, int]],
+    rng: np.random.Generator,
+    draws: int = 1000,
+) -> np.ndarray:
+    """(draws,) event recalls with each run's alarms shifted circularly by a random offset.
+
+    runs: per collapsed run (alarm indices (m,) before the collapse, the number L of steps
+    before it, and the index range [a, b] whose alarms would be true). Each draw shifts every
+    run's alarms by its own uniform offset in [0, L) — the same alarm rate and episodes, placed
+    with no knowledge of the collapse.
+    """
+    hits = np.zeros((draws, len(runs)), dtype=bool)
+    for r, (alarms, length, a, b) in enumerate(runs):
+        if alarms.size == 0 or length <= 0 or b < a:
+            continue
+        offsets = rng.integers(0, length, size=(draws, 1))
+        shifted = (alarms[None, :] + offsets) % length
+        hits[:, r] = ((shifted >= a) & (shifted <= b)).any(axis=1)
+    return hits.mean(axis=1) if runs else np.zeros(draws)
+
+
+def clock_recall_at(
+    collapses: Sequence[tuple[int, int]],
+    negatives: Sequence[tuple[int, int]],
+    false_alarms_per_1k: float,
+    sph: int,
+    sop: int,
+) -> float | None:
+    """The recall of the `clock` control (in warning from `d` steps after the onset on, renewed
+    every `sop`) at the smallest delay `d` whose false alarms per 1,000 post-onset steps on the
+    runs that did not collapse are at most `false_alarms_per_1k`.
+
+    collapses: (onset, collapse start) per collapsed run; negatives: (onset, last step) per
+    perturbed run that did not collapse. A clock started at onset + d warns of a collapse at c
+    iff onset + d <= c − sph (a renewal then falls in the window). None without negatives.
+    """
+    if not negatives or not collapses:
+        return None
+    onsets = np.asarray([o for o, _ in negatives], dtype=float)
+    ends = np.asarray([e for _, e in negatives], dtype=float)
+    steps = float(np.sum(np.maximum(ends - onsets + 1, 0)))
+    if steps <= 0:
+        return None
+    room = np.asarray([c - sph - o for o, c in collapses], dtype=float)
+    for d in range(int(np.max(ends - onsets)) + 2):
+        start = onsets + d
+        alarms = np.where(start <= ends, 1 + np.floor((ends - start) / sop), 0.0)
+        if 1000.0 * alarms.sum() / steps <= false_alarms_per_1k:
+            return float(np.mean(room >= d))
+    return 0.0

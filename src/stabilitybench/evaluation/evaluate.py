@@ -1,10 +1,11 @@
 """`monitor evaluate`: every registered detector as a prospective warning of collapse.
 
 Per workload (never pooled across workloads), with thresholds calibrated leave-one-seed-out on
-healthy runs for a target false-alarm rate (`protocol.Thresholds`) and a horizon H in optimizer
-steps: event recall, lead time, false alarms per 1,000 steps on held-out healthy runs and on
-judged runs that did not collapse, the step AUROC of "collapse within H" with a bootstrap
-interval over runs, and the onset-window outcome AUROC; then the macro average over workloads.
+healthy runs for a target false-alarm rate (`protocol.Thresholds`), alarm episodes renewed every
+SOP (= the horizon) and a least useful lead SPH, in optimizer steps: event recall beside chance
+and the `clock` control, lead time, false alarms per 1,000 steps, time in warning, the step
+AUROC with a bootstrap over seeds and the onset-window outcome AUROC (`episodes.py`); how
+low-dimensional the healthy telemetry is (`manifold.py`); then the macro average over workloads.
 Collapse labels and steps come from the runs' records (`metrics.records`). Fitting lives in
 `fitting.py`; the statistics in `alarms.py`; the table in `printing.py`.
 """
@@ -13,36 +14,27 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from pydantic import ValidationError
 
-from stabilitybench.detectors.base import BaseDetector, detector_classes
+from stabilitybench.detectors.base import detector_classes
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.evaluation.alarms import (
-    BOOTSTRAP,
-    auroc,
-    first_true_warning,
-    pair_counts,
-    percentile_ci,
-    quartiles,
-    run_bootstrap,
-    too_few,
-    warning_window,
-    weighted_auroc,
-    window_max,
-)
+from stabilitybench.evaluation.alarms import BOOTSTRAP, percentile_ci
+from stabilitybench.evaluation.episodes import WorkloadRuns, evaluate_detector
 from stabilitybench.evaluation.fitting import (
     BASELINE_HINT,
     FIT_FILE,
     SCORES_FILE,
+    complete_scores,
     done_runs,
     fit_audit,
     require_runs,
 )
+from stabilitybench.evaluation.manifold import ManifoldResult, manifold_report, signal_columns
 from stabilitybench.evaluation.printing import print_evaluation
-from stabilitybench.evaluation.protocol import NO_LEAD_STEPS, ScoredRun, Thresholds
+from stabilitybench.evaluation.protocol import NO_LEAD_STEPS, ScoredRun
 from stabilitybench.evaluation.results import (
     EVALUATION_FILE,
     MACRO_FIELDS,
@@ -70,6 +62,7 @@ __all__ = [
     "FIT_FILE",
     "MONITOR_DIR",
     "SCORES_FILE",
+    "WorkloadRuns",
     "evaluate_audit",
     "evaluate_detector",
     "fit_audit",
@@ -79,46 +72,40 @@ __all__ = [
 _FIT_HINT = "run `stabilitybench monitor fit DIR`"
 
 
-@dataclass
-class WorkloadRuns:
-    """One workload's scored, unguarded runs split as the protocol uses them."""
-
-    healthy: list[ScoredRun] = field(default_factory=list)
-    judged: list[ScoredRun] = field(default_factory=list)  # unhealthy, with a collapse verdict
-    unjudged: int = 0
-
-    @property
-    def collapsed(self) -> list[ScoredRun]:
-        return [r for r in self.judged if r.collapsed]
-
-
 def evaluate_audit(
     store: RunStore,
     target_false_alarms: float | None = None,
     horizon: int | None = None,
     *,
+    sph: int | None = None,
     records: Sequence[RunRecord] | None = None,
     seed: int = 0,
     reps: int = BOOTSTRAP,
 ) -> Evaluation:
     """The `monitor evaluate --json` document; also written to `<audit>/monitor/evaluation.json`.
 
-    The horizon and target come from the spec's `warning` (per workload, over the audit's);
-    `target_false_alarms` and `horizon` given here override them for every workload.
-    `records`: the audit's run records, if already made. `seed` drives the bootstrap (the only
-    randomness), so an evaluation is reproducible.
+    The horizon (SOP), SPH and target come from the spec's `warning` (per workload, over the
+    audit's); `target_false_alarms`, `horizon` and `sph` given here override them for every
+    workload. `records`: the audit's run records, if already made. `seed` drives the bootstrap
+    and the surrogates (the only randomness), so an evaluation is reproducible.
     """
-    override = _override(target_false_alarms, horizon)
+    override = _override(target_false_alarms, horizon, sph)
     with_scores, protocol = _scored_runs(store, records, seed=seed, reps=reps)
     groups = _split(r for r in with_scores if r.record.guard == "none")
     spec = store.audit().spec
     audit_level = WarningSettings.model_validate(spec.get("warning") or {}).over(override)
     per_workload = warning_by_workload(spec)
     result = Evaluation(audit_level.target_false_alarms, audit_level.horizon, protocol)
+    protocol.horizon = protocol.sop = audit_level.horizon
+    protocol.sph, protocol.gap = audit_level.sph, audit_level.gap
+    protocol.target_false_alarms = audit_level.target_false_alarms
+    chosen = {n: per_workload.get(n, audit_level).over(override) for n in groups}
+    for name, settings in chosen.items():
+        _check_length(name, groups[name], settings)
     rng = np.random.default_rng(seed)
     draws: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     for name in sorted(groups):
-        settings = per_workload.get(name, audit_level).over(override)
+        settings = chosen[name]
         result.workloads[name] = _evaluate_workload(
             name, groups[name], settings, protocol, draws, rng, reps
         )
@@ -148,6 +135,9 @@ def _scored_runs(
     require_runs(runs, need_perturbed=True)
     if not (store.root / MONITOR_DIR / FIT_FILE).exists():
         raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
+    for run in runs:  # a detector that needs no fit, added after the scores were written
+        if run.scores is not None and len(run.scores) > 0:
+            run.scores = complete_scores(run, run.scores)
     with_scores = [r for r in scored_all if r.run.scores is not None and len(r.run.scores) > 0]
     if not with_scores:
         raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
@@ -173,23 +163,54 @@ def _evaluate_workload(
 ) -> WorkloadResult:
     """Every detector on one workload; its bootstrap draws go to `draws` for the macro CI."""
     protocol.n_unjudged += split.unjudged
+    protocol.n_flagged_healthy += split.flagged
     entry = WorkloadResult(
         n_collapsed=len(split.collapsed),
         n_not_collapsed=len(split.judged) - len(split.collapsed),
         n_healthy=len(split.healthy),
         horizon=settings.horizon,
         target_false_alarms_per_1k=settings.target_false_alarms,
+        sph=settings.sph,
+        gap=settings.gap,
     )
-    no_lead = sum(r.no_lead_possible for r in split.collapsed)
+    no_lead = sum(r.no_lead_possible(settings.sph) for r in split.collapsed)
     if no_lead:
         protocol.no_lead_possible[name] = no_lead
     for detector, cls in detector_classes().items():
-        entry.detectors[detector], boot = evaluate_detector(
-            cls, split, settings.target_false_alarms, settings.horizon, rng, reps
-        )
+        entry.detectors[detector], boot = evaluate_detector(cls, split, settings, rng, reps)
         if boot is not None:
             draws[detector][name] = boot
+    entry.manifold = _manifold(split, settings)
     return entry
+
+
+def _manifold(split: WorkloadRuns, settings: WarningSettings) -> ManifoldResult:
+    """How many components the healthy telemetry needs, and how collapsing runs leave it."""
+    collapsing = [
+        (_signals(r), r.collapse_interval[0], r.onset_step)  # type: ignore[index]
+        for r in split.judged
+        if r.collapse_interval is not None
+    ]
+    healthy = [_signals(r) for r in split.healthy]
+    knobs = {k for r in split.healthy for k in r.run.info.knobs}
+    return manifold_report(healthy, collapsing, window=settings.horizon, knobs=knobs)
+
+
+def _signals(run: ScoredRun) -> pd.DataFrame:
+    """The run's step and the telemetry signals the manifold report reads."""
+    table = run.run.telemetry
+    return table[["step", *signal_columns([c for c in table.columns if c != "step"])]]
+
+
+def _check_length(name: str, split: WorkloadRuns, settings: WarningSettings) -> None:
+    """SPH must leave room for a warning inside the workload's runs."""
+    runs = [*split.healthy, *split.judged]
+    length = max((int(r.steps.max()) + 1 for r in runs if len(r.steps)), default=0)
+    if length and settings.sph >= length:
+        raise StabilityBenchError(
+            f"warning.sph of workload {name!r} is {settings.sph} optimizer steps, not less than "
+            f"its runs' length ({length}): no warning could come in time; set a smaller `sph`"
+        )
 
 
 def _explain(protocol: Protocol) -> None:
@@ -198,6 +219,11 @@ def _explain(protocol: Protocol) -> None:
         protocol.notes.append(
             f"{protocol.n_unscored} finished runs have no scores; rerun "
             "`stabilitybench monitor fit DIR`"
+        )
+    if protocol.n_flagged_healthy:
+        protocol.notes.append(
+            f"{protocol.n_flagged_healthy} healthy runs are flagged collapsed by the collapse "
+            "criterion and are left out (never a healthy reference)"
         )
     if protocol.n_unjudged:
         protocol.notes.append(
@@ -212,13 +238,16 @@ FLAG_MESSAGES = {
         "alarms per 1,000 steps), got {value}"
     ),
     "horizon": "--horizon must be a whole number of optimizer steps >= 1, got {value}",
+    "sph": "--sph must be a whole number of optimizer steps >= 0, got {value}",
 }
 
 
-def _override(target: float | None, horizon: int | None) -> WarningSettings | None:
+def _override(
+    target: float | None, horizon: int | None, sph: int | None = None
+) -> WarningSettings | None:
     """The command line's warning settings, checked by `WarningSettings` (strictly: no bool for
     a step count, no NaN); None where it gives none."""
-    given = {"target_false_alarms": target, "horizon": horizon}
+    given = {"target_false_alarms": target, "horizon": horizon, "sph": sph}
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return None
@@ -246,140 +275,15 @@ def _split(runs: Iterable[ScoredRun]) -> dict[str, WorkloadRuns]:
     groups: dict[str, WorkloadRuns] = defaultdict(WorkloadRuns)
     for run in runs:
         split = groups[run.workload]
-        if run.healthy:
+        if run.healthy and run.record.collapsed is True:
+            split.flagged += 1  # the criterion flags it: not a healthy reference
+        elif run.healthy:
             split.healthy.append(run)
         elif run.record.collapsed is None:
             split.unjudged += 1
         else:
             split.judged.append(run)
     return dict(groups)
-
-
-def evaluate_detector(
-    cls: type[BaseDetector],
-    split: WorkloadRuns,
-    target: float,
-    horizon: int,
-    rng: np.random.Generator,
-    reps: int = BOOTSTRAP,
-) -> tuple[DetectorResult, np.ndarray | None]:
-    """One detector on one workload; also its step-AUROC bootstrap draws (for the macro CI)."""
-    column = cls.column
-    result = DetectorResult()
-    healthy = [r for r in split.healthy if r.scored_by(column)]
-    judged = [r for r in split.judged if r.scored_by(column)]
-    if not healthy:
-        result.note(
-            f"no `{column}` scores on this workload's healthy runs (a signal it reads was not "
-            "recorded)"
-        )
-        return result, None
-    thresholds = Thresholds(column, healthy, target)
-    if thresholds.in_sample:
-        result.note("thresholds calibrated in-sample: the healthy runs share one seed")
-    events = {id(r): thresholds.events(r) for r in [*healthy, *judged]}
-    _warnings(result, judged, events, horizon)
-    result.false_alarms_per_1k = _rate(healthy, events)
-    calm = [r for r in judged if not r.collapsed]
-    if calm:
-        result.false_alarms_per_1k_not_collapsed = _rate(calm, events)
-    else:
-        result.note("no judged run without a collapse: no false-alarm rate on them")
-    draws = _step_auroc(result, [*healthy, *judged], column, horizon, rng, reps)
-    _outcome_auroc(result, [r for r in judged if r.record.onset.source == "events"], column)
-    if len(judged) < len(split.judged):
-        result.note(f"{len(split.judged) - len(judged)} judged runs have no `{column}` score")
-    return result, draws
-
-
-def _warnings(
-    result: DetectorResult,
-    judged: Sequence[ScoredRun],
-    events: dict[int, np.ndarray],
-    horizon: int,
-) -> None:
-    """Event recall and lead times over the collapses that leave room for a warning."""
-    collapsed = [r for r in judged if r.collapsed and r.collapse_at is not None]
-    no_lead = [r for r in collapsed if r.no_lead_possible]
-    if no_lead:
-        result.note(
-            f"{len(no_lead)} collapses came within {NO_LEAD_STEPS} step of a perturbation's "
-            "onset (no lead possible): left out of event recall and lead time"
-        )
-    leadable = [r for r in collapsed if not r.no_lead_possible]
-    if not leadable:
-        result.note(too_few("event recall", len(leadable), len(judged) - len(collapsed)))
-        return
-    leads = []
-    for run in leadable:
-        assert run.collapse_at is not None
-        warned = first_true_warning(events[id(run)], run.steps, run.collapse_at, horizon)
-        if warned is not None:
-            leads.append(run.collapse_at - warned)
-    result.event_recall = len(leads) / len(leadable)
-    result.lead_time_median, result.lead_time_iqr = quartiles(leads)
-    if not leads:
-        result.note(f"no true warning within {horizon} steps before any collapse")
-
-
-def _rate(runs: Sequence[ScoredRun], events: dict[int, np.ndarray]) -> float:
-    """Alarms per 1,000 steps over these runs."""
-    steps = sum(len(events[id(r)]) for r in runs)
-    count = sum(int(events[id(r)].sum()) for r in runs)
-    return 1000.0 * count / steps if steps else 0.0
-
-
-def _step_auroc(
-    result: DetectorResult,
-    runs: Sequence[ScoredRun],
-    column: str,
-    horizon: int,
-    rng: np.random.Generator,
-    reps: int,
-) -> np.ndarray | None:
-    """Step AUROC of "collapse within H" over every scored step before a collapse; bootstrap
-    over runs. Steps a detector could not score (NaN) are left out, and so are collapses that
-    leave no room for a lead (their steps before the jolt could not be warned of)."""
-    scores, labels = [], []
-    runs = [r for r in runs if not r.no_lead_possible]
-    for run in runs:
-        values, steps = run.values(column), run.steps
-        keep = ~np.isnan(values)
-        label = np.zeros(len(steps), dtype=bool)
-        if run.collapse_at is not None:
-            keep &= steps < run.collapse_at
-            label = warning_window(steps, run.collapse_at, horizon)
-        scores.append(values[keep])
-        labels.append(label[keep])
-    pairs, positives, negatives = pair_counts(scores, labels)
-    if positives.sum() == 0 or negatives.sum() == 0:
-        result.note(f"no scored step within {horizon} steps before a collapse: no step AUROC")
-        return None
-    result.auroc = weighted_auroc(pairs, positives, negatives, np.ones(len(runs)))
-    n_runs_pos = int((positives > 0).sum())
-    if n_runs_pos < 2:
-        result.note(
-            f"too few collapsed runs for a bootstrap CI of the step AUROC: {n_runs_pos} (need 2)"
-        )
-        return None
-    draws = run_bootstrap(pairs, positives, negatives, rng, reps)
-    result.auroc_ci = percentile_ci(draws)
-    if result.auroc_ci is None:
-        result.note("no step-AUROC CI: most bootstrap draws lacked collapsed or calm steps")
-    return draws
-
-
-def _outcome_auroc(result: DetectorResult, runs: Sequence[ScoredRun], column: str) -> None:
-    """AUROC of the window maximum (onset → first evaluation after it): collapsed vs not."""
-    maxima = [window_max(r.values(column), r.steps, *r.outcome_window()) for r in runs]
-    scores = np.nan_to_num(np.asarray(maxima, dtype=float), nan=-np.inf)
-    labels = np.asarray([r.collapsed for r in runs], dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if not (n_pos >= 1 and n_neg >= 1):
-        result.note(too_few("the outcome AUROC (runs with an onset)", n_pos, n_neg))
-        return
-    finite = np.where(np.isposinf(scores), np.finfo(float).max, scores)
-    result.outcome_auroc = auroc(finite, labels)
 
 
 def macro_average(

@@ -35,12 +35,30 @@ import pandas as pd
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.monitor.features import NONFINITE_FEATURE, FeatureExtractor
 
+SIGNALS = (
+    "loss",
+    "grad_norm",
+    "grad_norm_max_layer",
+    "grad_cos_prev",
+    "grad_cos_ema",
+    "update_ratio",
+    "update_norm",
+    "param_norm",
+)
+"""The optimizer's telemetry the report reads (also as `role/signal`): the signals every
+workload records through the optimizer hooks, and what a findings folder keeps, so that a
+folder re-judged from its per-run data gives the same figures as its audit."""
 PERCENTILE = 99.0  # the healthy level a collapsing run's distance is compared with
 MIN_HEALTHY_ROWS = 20  # and at least two rows per feature
 SHOWN_COMPONENTS = 10  # cumulative explained variance reported for this many components
 # A feature whose standardized healthy values spread less than this is constant (a gradient
 # norm always at its clip): it stays in the PCA, where any change of it is residual.
 CONSTANT_SPREAD = 1e-3
+
+
+def signal_columns(columns: Sequence[str]) -> list[str]:
+    """The columns of a telemetry table this report reads (`SIGNALS`, or `role/signal`)."""
+    return [c for c in columns if c in SIGNALS or c.partition("/")[2] in SIGNALS]
 
 
 @dataclass

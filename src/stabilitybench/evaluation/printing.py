@@ -40,32 +40,57 @@ def _lead(entry: DetectorResult) -> str:
 
 
 HEADERS = {
-    False: ["detector", "recall", "lead [IQR]", "FA/1k", "FA nc", "step AUROC [CI]", "outc."],
+    False: [
+        "detector",
+        "recall",
+        "p95",
+        "clock",
+        "lead [IQR]",
+        "FA/1k",
+        "FA nc",
+        "warn",
+        "AUROC",
+        "outc.",
+    ],
     True: [
         "detector",
         "event recall",
+        "chance (p95 of shifted alarms)",
+        "clock at its FA",
         "lead, steps [IQR]",
         "FA/1k healthy",
         "FA/1k not collapsed",
+        "FA/1k collapsed",
+        "time in warning",
         "step AUROC [95% CI]",
         "outcome AUROC",
     ],
 }
 LEGEND = (
-    "recall: collapses warned within the horizon; lead: collapse step − first true warning; "
-    "FA/1k: false alarms per 1,000 steps on held-out healthy runs (FA nc: on runs that did "
-    "not collapse); step AUROC: of collapse within the horizon; outc.: onset-window outcome "
-    "AUROC"
+    "recall: collapses with a true alarm (collapse starting SPH to SPH + SOP steps after it); "
+    "p95: the 95th percentile of recall with each run's alarms shifted at random (chance); "
+    "clock: the clock control's recall at the detector's own false-alarm rate on runs that did "
+    "not collapse; lead: collapse − start of the first true alarm's episode; FA/1k: false "
+    "alarms per 1,000 steps on held-out healthy runs (FA nc: on perturbed runs that did not "
+    "collapse, after onset); warn: share of healthy steps in warning; AUROC: step AUROC; "
+    "outc.: onset-window outcome AUROC"
 )
 
 
-def detector_rows(detectors: dict[str, DetectorResult]) -> list[list[str]]:
+def detector_rows(detectors: dict[str, DetectorResult], wide: bool = False) -> list[list[str]]:
     """One row per detector: the fields of its JSON entry, in the table's order."""
     rows = []
     for name, entry in detectors.items():
-        row = [name, _two(entry.event_recall), _lead(entry)]
+        chance = _two(entry.chance_recall_p95)
+        if wide and entry.chance_recall is not None:
+            chance = f"{_two(entry.chance_recall)} ({chance})"
+        row = [name, _two(entry.event_recall), chance, _two(entry.clock_recall), _lead(entry)]
         row += [_two(entry.false_alarms_per_1k), _two(entry.false_alarms_per_1k_not_collapsed)]
-        row.append(f"{_two(entry.auroc)} {_range(entry.auroc_ci, 2)}".strip())
+        if wide:
+            row.append(_two(entry.false_alarms_per_1k_collapsed))
+        row.append(_two(entry.time_in_warning))
+        auroc = _two(entry.auroc)
+        row.append(f"{auroc} {_range(entry.auroc_ci, 2)}".strip() if wide else auroc)
         row.append(_two(entry.outcome_auroc))
         rows.append(row)
     return rows
@@ -78,15 +103,39 @@ def evaluation_tables(result: Evaluation, wide: bool = False) -> list[Any]:
     for name, entry in result.workloads.items():
         title = (
             f"{name}: {entry.n_collapsed} collapsed, {entry.n_not_collapsed} not collapsed, "
-            f"{entry.n_healthy} healthy runs"
+            f"{entry.n_healthy} healthy runs (SPH {entry.sph}, SOP {entry.horizon} steps, "
+            f"{entry.target_false_alarms_per_1k:g} FA/1k)"
         )
-        tables.append(render_table(escape(title), columns, detector_rows(entry.detectors)))
+        rows = detector_rows(entry.detectors, wide)
+        tables.append(render_table(escape(title), columns, rows))
     title = (
         f"macro average, {len(result.workloads)} workloads "
-        f"({result.target_false_alarms_per_1k:g} FA/1k, horizon {result.horizon} steps)"
+        f"({result.target_false_alarms_per_1k:g} FA/1k, SOP {result.horizon} steps)"
     )
-    tables.append(render_table(escape(title), columns, detector_rows(result.detectors)))
+    tables.append(render_table(escape(title), columns, detector_rows(result.detectors, wide)))
     return tables
+
+
+def manifold_lines(result: Evaluation) -> list[str]:
+    """Per workload: how many principal components hold 90 % of the healthy telemetry, and how
+    far collapsing runs leave that manifold before they collapse."""
+    lines = []
+    for name, entry in result.workloads.items():
+        m = entry.manifold
+        if m is None or m.n_components_90 is None:
+            continue
+        line = (
+            f"{name}: {m.n_components_90} of {m.n_features} principal components hold 90% of "
+            "the healthy runs' standardized telemetry"
+        )
+        if m.residual_ratio_median is not None and m.subspace_ratio_median is not None:
+            line += (
+                f"; in the SOP before collapse, collapsing runs reach {m.subspace_ratio_median:.1f}× "
+                f"the healthy 99th percentile within it and {m.residual_ratio_median:.1f}× off it "
+                "(medians)"
+            )
+        lines.append(line)
+    return lines
 
 
 def _once(prefix: str, detectors: dict[str, DetectorResult]) -> list[str]:
@@ -106,9 +155,10 @@ def evaluation_notes(result: Evaluation) -> list[str]:
     for workload, entry in result.workloads.items():
         out += _once(f"{workload}: ", entry.detectors)
     for workload, count in result.protocol.no_lead_possible.items():
+        sph = result.workloads[workload].sph if workload in result.workloads else None
         out.append(
-            f"{workload}: {count} collapses came within {result.protocol.no_lead_steps} step "
-            "of a jolt: no lead was possible"
+            f"{workload}: {count} collapses began less than SPH = {sph} steps after their "
+            "onset: no lead was possible"
         )
     # "no workload has a value" repeats the workloads' own notes; the JSON keeps it
     macro = {
@@ -151,6 +201,8 @@ def print_evaluation(
         console.print(f"[dim]{escape(LEGEND)}[/]", highlight=False)
     for note in evaluation_notes(result):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for line in manifold_lines(result):
+        console.print(f"[cyan]manifold:[/] {escape(line)}", highlight=False)
     for line in first_alarm_lines(attributions or {}):
         console.print(f"[cyan]where:[/] {escape(line)}", highlight=False)
 

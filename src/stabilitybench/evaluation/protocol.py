@@ -4,8 +4,10 @@ Healthy runs (run.json `healthy`: perturbation `none` at the workload's `referen
 the fitted detectors and set every threshold; a run of seed s is scored by a detector fitted on
 the other seeds and judged against a threshold calibrated on the other seeds' healthy runs of
 its workload (in-sample only when a workload's healthy runs all share one seed). Every other
-unguarded run with a collapse verdict is judged: its collapse step is
-`RunRecord.collapse.collapse_at` (the absolute optimizer step the collapse is timed at).
+unguarded run with a collapse verdict is judged. Its collapse *interval* `[c_lo, c_hi]` is the
+dense collapse step (a point) when the dense signal timed it, else `[previous evaluation,
+the evaluation that first showed the drop]` clipped at the onset: the collapse began somewhere
+in it. A detector's alarms are its episodes' starts and renewals (`metrics.alarms`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stabilitybench.metrics.alarms import alarm_events, calibrate_threshold
+from stabilitybench.metrics.alarms import calibrate_threshold, renewed_alarms, warning_mask
 from stabilitybench.metrics.records import RunRecord
 from stabilitybench.store import RunData
 
@@ -90,15 +92,32 @@ class ScoredRun:
         return int(onset + collapse.collapse_step)
 
     @property
-    def no_lead_possible(self) -> bool:
-        """A collapse within `NO_LEAD_STEPS` of the run's own perturbation onset (a jolt)."""
-        at, onset = self.collapse_at, self.record.onset
-        return (
-            at is not None
-            and onset.source == "events"
-            and onset.step is not None
-            and at - onset.step <= NO_LEAD_STEPS
-        )
+    def onset_step(self) -> int | None:
+        """The perturbation's onset (optimizer step) when the run's events give one."""
+        onset = self.record.onset
+        return onset.step if onset.source == "events" and onset.step is not None else None
+
+    @property
+    def collapse_interval(self) -> tuple[int, int] | None:
+        """[c_lo, c_hi]: where the collapse began (see the module); None without a collapse."""
+        at, collapse = self.collapse_at, self.record.collapse
+        if at is None or collapse is None:
+            return None
+        if collapse.collapse_timing != "evaluation" or collapse.collapse_eval_at is None:
+            return at, at
+        hi = int(collapse.collapse_eval_at)
+        evals = self.run.evals
+        steps = evals["step"].to_numpy() if len(evals) else np.zeros(0, dtype=np.int64)
+        before = steps[steps < hi]
+        lo = int(before.max()) if before.size else hi
+        onset = self.onset_step
+        return (max(lo, onset) if onset is not None else lo), hi
+
+    def no_lead_possible(self, sph: int = NO_LEAD_STEPS) -> bool:
+        """A collapse that began less than `sph` steps (at least one) after the run's own
+        perturbation onset: no warning could have been in time."""
+        interval, onset = self.collapse_interval, self.onset_step
+        return interval is not None and onset is not None and interval[0] - onset < max(sph, 1)
 
     def outcome_window(self) -> tuple[int, int]:
         """[onset, first evaluation after onset] (to the last step when there is none)."""
@@ -116,6 +135,8 @@ class Thresholds:
     healthy: Sequence[ScoredRun]
     target: float
     in_sample: bool = False
+    sop: int | None = None  # renewal period of an episode's alarm (None: one alarm per episode)
+    gap: int = 0  # steps merged inside an episode
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[str, int], float] = {}
@@ -133,7 +154,11 @@ class Thresholds:
             if not others:
                 others, self.in_sample = pool, True
             scores = [v for r in others if not np.all(np.isnan(v := r.values(self.column)))]
-            self._cache[key] = calibrate_threshold(scores, self.target) if others else math.inf
+            self._cache[key] = (
+                calibrate_threshold(scores, self.target, sop=self.sop, gap=self.gap)
+                if others
+                else math.inf
+            )
         return self._cache[key]
 
     @property
@@ -146,6 +171,10 @@ class Thresholds:
         finite = [t for t in used if math.isfinite(t)]
         return float(np.median(finite)) if finite else None
 
+    def in_warning(self, run: ScoredRun) -> np.ndarray:
+        """(n,) bool: the run's steps inside an alarm episode at its threshold."""
+        return warning_mask(run.values(self.column), self.of(run), self.gap)
+
     def events(self, run: ScoredRun) -> np.ndarray:
-        """(n,) bool: the run's alarms, up-crossings of its threshold (`alarms.alarm_events`)."""
-        return alarm_events(run.values(self.column), self.of(run))
+        """(n,) bool: the run's alarms, its episodes' starts and renewals every `sop` steps."""
+        return renewed_alarms(self.in_warning(run), run.steps, self.sop)

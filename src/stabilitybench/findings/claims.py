@@ -67,9 +67,8 @@ NOT_TESTABLE = "not testable"
 MAX_FLAG_RATE = 0.10  # claim 2: above this sham/unperturbed flag rate the labels are not trusted
 MIN_SEEDS = 3  # claim 2: seeds with both arms at both levels
 SMALLEST_BUFFERING = 0.10  # claim 2: a buffering smaller than 10 points counts as none
-MIN_COLLAPSES = 3  # claim 3
-AUROC_WEAK = 0.6  # claim 3: an AUROC CI entirely below this is at most weak separation
-MIN_RECALL = 0.5
+MIN_COLLAPSES = 3  # claim 3: collapses with room for a warning
+MAX_FA_RATIO = 2.0  # claim 3: held-out false alarms at most this many times the target
 
 STOCHASTICITY_KNOBS = ("ent_coef", "action_noise", "target_policy_noise", "dropout", "grad_noise")
 """Knobs whose higher levels inject more noise into training: claim 2's axes. Other swept knobs
@@ -90,9 +89,13 @@ VERDICT_RULES = {
         "sham/unperturbed runs or no (every) perturbed run collapsed at both levels"
     ),
     "3": (
-        "the monitor (msm), prospective protocol: supported if step AUROC CI low > 0.5 and "
-        "event recall >= 0.5; not supported if AUROC CI high < 0.6 or the recall's Wilson CI "
-        "high < 0.5; else inconclusive (< 3 collapses: inconclusive)"
+        "the monitor (msm), alarm episodes renewed every SOP, true if the collapse starts SPH to "
+        "SPH + SOP steps later: supported if its event recall is above its chance 95th "
+        "percentile (shifted alarms) and above the clock control at its false-alarm rate on "
+        "runs that did not collapse, its held-out false alarms are at most 2x the target and "
+        "its median lead >= SPH; else not supported (< 3 collapses with room for a warning: "
+        "inconclusive); not testable if the criterion flags > 10% of sham/unperturbed runs or "
+        "no perturbed run escaped collapse (no hard negative)"
     ),
 }
 
@@ -193,10 +196,16 @@ class DetectorRow:
     event_recall: float | None
     event_recall_ci: list[float | None]
     n_warned: int | None
+    n_collapses: int  # with room for a warning: the recall's denominator
+    chance_recall: float | None
+    chance_recall_p95: float | None
+    clock_recall: float | None
     lead_time_median: float | None
     lead_time_iqr: list[float | None]
     false_alarms_per_1k: float | None
     false_alarms_per_1k_not_collapsed: float | None
+    false_alarms_per_1k_collapsed: float | None
+    time_in_warning: float | None
     auroc: float | None
     auroc_ci: list[float | None]
     outcome_auroc: float | None
@@ -247,7 +256,7 @@ class Claims:
     """The three claims on every workload of one audit, and what they mean in practice."""
 
     audit: str
-    horizon: int | None
+    horizon: int | None  # SOP, optimizer steps
     horizon_unit: str | None
     target_false_alarms_per_1k: float | None
     decoupling: list[DecouplingFinding]
@@ -261,6 +270,7 @@ class Claims:
     perturbation_names: dict[str, str] = field(default_factory=dict)  # label → `lr_spike×30 ramp`
     rules: dict[str, str] = field(default_factory=lambda: dict(VERDICT_RULES))
     notes: list[str] = field(default_factory=list)
+    sph: int | None = None  # the least useful lead of claim 3's protocol (the audit's)
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -354,25 +364,51 @@ def _excess_by_seed(
     return excess, ("sham" if shams else "none") if control else None
 
 
-def warning_verdict(n_collapsed: int, msm: DetectorRow | None) -> Verdict:
-    """Claim 3's rule (module docstring) on the monitor's row of one workload."""
-    if n_collapsed < MIN_COLLAPSES:
-        return Verdict(INCONCLUSIVE, f"{n_collapsed} collapses (need {MIN_COLLAPSES})")
-    if msm is None or msm.auroc is None or msm.event_recall is None:
+@dataclass(frozen=True)
+class WarningRule:
+    """What claim 3 is judged against on one workload."""
+
+    target_false_alarms: float
+    sph: int
+    sham_flag_rate: float | None = None
+
+
+def warning_verdict(msm: DetectorRow | None, rule: WarningRule) -> Verdict:
+    """Claim 3's rule (`VERDICT_RULES["3"]`) on the monitor's row of one workload."""
+    if rule.sham_flag_rate is not None and rule.sham_flag_rate > MAX_FLAG_RATE:
+        return Verdict(
+            NOT_TESTABLE,
+            f"the criterion flags {rule.sham_flag_rate:.0%} of sham/unperturbed runs",
+        )
+    if msm is None or msm.event_recall is None:
         return Verdict(INCONCLUSIVE, "the monitor was not evaluated on this workload")
-    low, high = msm.auroc_ci
-    recall_high = msm.event_recall_ci[1]
+    if msm.n_collapses < MIN_COLLAPSES:
+        return Verdict(INCONCLUSIVE, f"{msm.n_collapses} collapses (need {MIN_COLLAPSES})")
+    if msm.clock_recall is None:
+        return Verdict(NOT_TESTABLE, "no perturbed run escaped collapse: no hard negative")
     text = (
-        f"AUROC {msm.auroc:.2f} [{_f(low)}, {_f(high)}], recall {msm.event_recall:.2f}"
-        f" ({msm.n_warned}/{n_collapsed})"
+        f"recall {msm.event_recall:.2f} ({msm.n_warned}/{msm.n_collapses}), chance p95 "
+        f"{_f(msm.chance_recall_p95)}, clock {_f(msm.clock_recall)}, FA/1k "
+        f"{_f(msm.false_alarms_per_1k)} (target {rule.target_false_alarms:g}), lead "
+        f"{_f(msm.lead_time_median, 0)} (SPH {rule.sph})"
     )
-    if low is not None and low > 0.5 and msm.event_recall >= MIN_RECALL:
+    fa = msm.false_alarms_per_1k
+    failed = [
+        what
+        for what, ok in (
+            ("not above chance", msm.event_recall > (msm.chance_recall_p95 or 0.0)),
+            ("not above the clock", msm.event_recall > msm.clock_recall),
+            (
+                f"FA above {MAX_FA_RATIO:g}x the target",
+                fa is not None and fa <= MAX_FA_RATIO * rule.target_false_alarms,
+            ),
+            ("lead below SPH", (msm.lead_time_median or -1.0) >= rule.sph),
+        )
+        if not ok
+    ]
+    if not failed:
         return Verdict(SUPPORTED, text)
-    if high is not None and high < AUROC_WEAK:
-        return Verdict(NOT_SUPPORTED, f"{text}: AUROC CI below {AUROC_WEAK}")
-    if recall_high is not None and recall_high < MIN_RECALL:
-        return Verdict(NOT_SUPPORTED, f"{text}: warns of fewer than half (CI)")
-    return Verdict(INCONCLUSIVE, text)
+    return Verdict(NOT_SUPPORTED, f"{text}: {', '.join(failed)}")
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -618,28 +654,34 @@ def _buffering(
     )
 
 
-def _detector_row(name: str, result: DetectorResult, n_collapsed: int) -> DetectorRow:
-    recall = number(result.event_recall)
-    warned = round(recall * n_collapsed) if recall is not None else None
-    low, high = wilson_interval(warned, n_collapsed) if warned is not None else (None, None)
+def _detector_row(name: str, result: DetectorResult) -> DetectorRow:
+    recall, n = number(result.event_recall), result.n_collapses
+    warned = round(recall * n) if recall is not None else None
+    low, high = wilson_interval(warned, n) if warned is not None and n else (None, None)
     return DetectorRow(
         detector=name,
         event_recall=recall,
         event_recall_ci=[number(low), number(high)],
         n_warned=warned,
+        n_collapses=n,
+        chance_recall=number(result.chance_recall),
+        chance_recall_p95=number(result.chance_recall_p95),
+        clock_recall=number(result.clock_recall),
         lead_time_median=number(result.lead_time_median),
         lead_time_iqr=number_pair(result.lead_time_iqr),
         false_alarms_per_1k=number(result.false_alarms_per_1k),
         false_alarms_per_1k_not_collapsed=number(result.false_alarms_per_1k_not_collapsed),
+        false_alarms_per_1k_collapsed=number(result.false_alarms_per_1k_collapsed),
+        time_in_warning=number(result.time_in_warning),
         auroc=number(result.auroc),
         auroc_ci=number_pair(result.auroc_ci),
         outcome_auroc=number(result.outcome_auroc),
     )
 
 
-def _warning(workload: str, entry: WorkloadResult) -> WarningFinding:
+def _warning(workload: str, entry: WorkloadResult, flag_rate: float | None) -> WarningFinding:
     n_collapsed = entry.n_collapsed
-    rows = [_detector_row(name, result, n_collapsed) for name, result in entry.detectors.items()]
+    rows = [_detector_row(name, result) for name, result in entry.detectors.items()]
     scored = [r for r in rows if r.auroc is not None]
     best = max(scored, key=lambda r: r.auroc or 0.0).detector if scored else None
     msm = next((r for r in rows if r.detector == "msm"), None)
@@ -650,7 +692,14 @@ def _warning(workload: str, entry: WorkloadResult) -> WarningFinding:
         n_healthy=entry.n_healthy,
         detectors=rows,
         best_auroc=best,
-        verdict=warning_verdict(n_collapsed, msm),
+        verdict=warning_verdict(
+            msm,
+            WarningRule(
+                target_false_alarms=entry.target_false_alarms_per_1k or 1.0,
+                sph=entry.sph if entry.sph is not None else 0,
+                sham_flag_rate=flag_rate,
+            ),
+        ),
     )
 
 
@@ -729,6 +778,7 @@ def audit_claims(
         audit=summary.audit.name,
         horizon=None if evaluation is None else evaluation.horizon,
         horizon_unit=None if evaluation is None else evaluation.protocol.horizon_unit,
+        sph=None if evaluation is None else evaluation.protocol.sph,
         target_false_alarms_per_1k=None
         if evaluation is None
         else evaluation.target_false_alarms_per_1k,
@@ -768,7 +818,7 @@ def audit_claims(
         done = [r for r in summary.runs if r.workload == workload and r.done]
         claims.throughput.append(_throughput(workload, done, store))
     for workload, entry in (evaluation.workloads if evaluation is not None else {}).items():
-        claims.warning.append(_warning(workload, entry))
+        claims.warning.append(_warning(workload, entry, flags.get(workload)))
     if evaluation is None:
         claims.notes.append("no early-warning evaluation: claim 3 is not judged")
     return claims

@@ -133,6 +133,7 @@ def export_results(
     allow_partial: bool = False,
     target_false_alarms: float | None = None,
     horizon: int | None = None,
+    sph: int | None = None,
     console: Any = None,
 ) -> Path:
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
@@ -151,6 +152,7 @@ def export_results(
         evaluation="fit",  # a findings folder keeps monitor/fit.json: its scores are used as is
         target_false_alarms=target_false_alarms,
         horizon=horizon,
+        sph=sph,
         console=console,
     )
     out.parent.mkdir(parents=True, exist_ok=True)

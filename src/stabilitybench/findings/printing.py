@@ -189,17 +189,8 @@ def _per_perturbation(items: Sequence[BufferingFinding]) -> list[str]:
     return _table(["workload", "knob", "perturbation", "collapsed per level"], rows)
 
 
-def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
-    lines = [f"### Claim 3 — {CLAIMS['3']}", ""]
-    if claims.horizon is None:
-        return [*lines, "Not judged: the audit's detectors have not been evaluated.", ""]
-    lines += [
-        f"Prospective protocol: a warning counts when the collapse follows within "
-        f"{claims.horizon} {claims.horizon_unit or 'steps'}; thresholds calibrated per workload "
-        f"on held-out healthy seeds to {_num(claims.target_false_alarms_per_1k, 1)} false alarm "
-        "per 1k steps.",
-        "",
-    ]
+def _detector_table(items: Sequence[WarningFinding]) -> list[str]:
+    """Claim 3's per-detector table: recall beside chance and the clock, leads, false alarms."""
     rows = []
     for f in items:
         for d in f.detectors:
@@ -207,8 +198,10 @@ def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
                 [
                     f.workload,
                     d.detector,
-                    "–" if d.n_warned is None else _count(d.n_warned, f.n_collapsed),
+                    "–" if d.n_warned is None else _count(d.n_warned, d.n_collapses),
                     _ci(d.event_recall, d.event_recall_ci),
+                    _num(d.chance_recall_p95),
+                    _num(d.clock_recall),
                     _ci(d.lead_time_median, d.lead_time_iqr, 0),
                     _num(d.false_alarms_per_1k, 1),
                     _num(d.false_alarms_per_1k_not_collapsed, 1),
@@ -216,20 +209,39 @@ def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
                     _num(d.outcome_auroc),
                 ]
             )
-    lines += _table(
+    return _table(
         [
             "workload",
             "detector",
             "warned",
             "recall [95% CI]",
+            "chance p95",
+            "clock",
             "lead, median [IQR]",
             "FA/1k healthy",
-            "FA/1k not collapsed",
+            "FA/1k perturbed, not collapsed",
             "step AUROC [95% CI]",
             "outcome AUROC",
         ],
         rows,
     )
+
+
+def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
+    lines = [f"### Claim 3 — {CLAIMS['3']}", ""]
+    if claims.horizon is None:
+        return [*lines, "Not judged: the audit's detectors have not been evaluated.", ""]
+    lines += [
+        f"Alarm episodes, renewed every SOP = {claims.horizon} {claims.horizon_unit or 'steps'} "
+        f"while they stay on; an alarm is true when the collapse starts SPH = {claims.sph} to "
+        f"SPH + SOP steps after it; thresholds calibrated per workload on held-out healthy seeds "
+        f"to {_num(claims.target_false_alarms_per_1k, 1)} false alarm per 1k steps. Beside each "
+        "recall: chance (the 95th percentile of the recall of the detector's own alarms shifted "
+        "at random) and the clock control at the detector's false-alarm rate on perturbed runs "
+        "that did not collapse.",
+        "",
+    ]
+    lines += _detector_table(items)
     rows = [
         [
             f.workload,

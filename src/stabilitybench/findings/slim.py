@@ -14,7 +14,9 @@
 So the folder is an audit folder to `RunStore.open`: `findings --rejudge` and `export` of it judge
 the collapses again, evaluate the saved scores with the warning protocol and judge the claims,
 with the criteria of the version that runs them, and never refit or retrain (`monitor/fit.json`
-is there; scores are not recomputed). The large Parquet files are rewritten losslessly (same
+is there; saved scores are used as they are, and a detector that needs no fit and was added
+after they were written is scored from the kept telemetry: `evaluation.fitting.complete_scores`).
+The large Parquet files are rewritten losslessly (same
 columns, types and values) with zstd and encodings that suit numbers: byte-stream-split floats,
 delta-coded integers.
 """
@@ -47,13 +49,15 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     """The telemetry columns a findings folder keeps, in the table's order: the dense performance
     signal's (`metrics.records.DENSE_COLUMNS`: step, env_step, loss, episode returns), the
     claims' (`CLAIM_COLUMNS`), the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`)
-    and the re-scored detectors' (`RESCORE_COLUMNS`), the last two also as `role/signal` for a
-    run with several optimizers."""
+    the re-scored detectors' (`RESCORE_COLUMNS`) and the manifold report's
+    (`evaluation.manifold.SIGNALS`), the last three also as `role/signal` for a run with several
+    optimizers."""
+    from stabilitybench.evaluation.manifold import SIGNALS
     from stabilitybench.metrics.records import DENSE_COLUMNS
     from stabilitybench.report.data import TELEMETRY_SIGNALS
 
-    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS}
-    panels = {*TELEMETRY_SIGNALS, *RESCORE_COLUMNS}
+    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
+    panels = {*TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
 
     def kept(column: str) -> bool:
         role, _, signal = column.partition("/")

@@ -114,6 +114,18 @@ class WorkloadSpec(SpecModel):
                     )
         return knobs
 
+    @model_validator(mode="after")
+    def _sph_within_the_run(self) -> WorkloadSpec:
+        """A least useful lead as long as the run leaves no room for a warning (optimizer
+        steps: an RL workload's `total_steps` counts env steps, checked at evaluation)."""
+        sph = self.warning.sph if self.warning is not None else 0
+        if self.kind != "rl" and sph >= self.total_steps:
+            raise ValueError(
+                f"warning.sph ({sph}) must be less than total_steps ({self.total_steps}): no "
+                "warning could come in time"
+            )
+        return self
+
 
 class RLWorkloadSpec(WorkloadSpec):
     """A Stable-Baselines3 agent on a Gymnasium environment (`total_steps` = env steps)."""

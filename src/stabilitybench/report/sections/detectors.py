@@ -11,9 +11,12 @@ from stabilitybench.report.markup import esc, fmt_number, fmt_rate, notice, tabl
 HEADERS = [
     ("detector", False),
     ("event recall", True),
+    ("chance (p95)", True),
+    ("clock at its FA", True),
     ("lead time, median [IQR]", True),
     ("false alarms / 1k steps, healthy", True),
-    ("… not collapsed", True),
+    ("… perturbed, not collapsed", True),
+    ("time in warning", True),
     ("step AUROC [95% CI]", True),
     ("outcome AUROC", True),
 ]
@@ -35,9 +38,12 @@ def _row(name: str, d: DetectorResult) -> list[str]:
     return [
         detector_label(name),
         esc(fmt_rate(d.event_recall)),
+        esc(f"{fmt_rate(d.chance_recall)} ({fmt_rate(d.chance_recall_p95)})"),
+        esc(fmt_rate(d.clock_recall)),
         esc(with_interval(d.lead_time_median, d.lead_time_iqr)),
         esc(fmt_number(d.false_alarms_per_1k)),
         esc(fmt_number(d.false_alarms_per_1k_not_collapsed)),
+        esc(fmt_rate(d.time_in_warning)),
         esc(with_interval(d.auroc, d.auroc_ci)),
         esc(fmt_number(d.outcome_auroc)),
     ]
@@ -47,13 +53,19 @@ def _intro(e: Evaluation) -> str:
     return (
         f'<p class="muted">Thresholds set leave-one-seed-out on healthy runs for '
         f"{esc(fmt_number(e.target_false_alarms_per_1k))} false alarms per 1,000 steps; "
-        f"horizon {e.horizon} optimizer steps: an alarm at step t is a true warning if the run "
-        "collapses in (t, t + horizon]. Event recall: collapses with a true warning; lead time: "
-        "collapse step minus the first true warning; false alarms per 1,000 steps on held-out "
-        "healthy runs and on runs that did not collapse; step AUROC: how well the score ranks "
-        "steps followed by a collapse within the horizon (bootstrap over runs); outcome AUROC: "
-        "the score right after a perturbation's onset, collapsed vs not. Per workload, then "
-        "the mean over workloads (never pooled).</p>"
+        f"SPH {e.protocol.sph}, SOP {e.horizon} optimizer steps: a detector's alarm episode "
+        "alarms when it starts and again every SOP steps while it stays on; an alarm at step t "
+        "is true if the run's collapse starts in [t + SPH, t + SPH + SOP]. Event recall: "
+        "collapses with a true alarm, beside chance (a random predictor with the same alarm "
+        "rate and time in warning; in brackets the 95th percentile of the recall with each "
+        "run's alarms shifted at random) and the clock control (alarms from a fixed delay after "
+        "the onset, at the detector's own false-alarm rate on perturbed runs that did not "
+        "collapse); lead time: collapse start minus the start of the episode that holds the "
+        "first true alarm; false alarms per 1,000 steps on held-out healthy runs and on "
+        "perturbed runs that did not collapse; step AUROC: how well the score ranks the steps "
+        "where an alarm would be true (bootstrap over seeds); outcome AUROC: the score right "
+        "after a perturbation's onset, collapsed vs not. Per workload, then the mean over "
+        "workloads (never pooled).</p>"
     )
 
 
