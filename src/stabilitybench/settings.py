@@ -28,7 +28,9 @@ DROP_SIGMAS = 3.0
 BASELINE_QUANTILE = 0.95
 """The quantile of matched baselines' drops that a collapse must exceed."""
 CONFIRM_EVALS = 2
-"""Consecutive evaluations that confirm a collapse (and a recovery)."""
+"""Consecutive evaluations that confirm a collapse (and a recovery): the first drops by more than
+the collapse threshold, the others stay beyond what runs with nothing done show (a collapse is
+confirmed by not having recovered)."""
 EVALS_AFTER = 2
 """Evaluations left after a confirmed collapse that make it irreversible (fewer: censored)."""
 HORIZON = 100

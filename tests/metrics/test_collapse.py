@@ -69,6 +69,17 @@ def test_a_noise_level_dip_is_not_a_collapse() -> None:
     assert held.collapsed is False and held.drop_threshold == 7.0
 
 
+def test_a_collapse_is_confirmed_by_not_having_recovered() -> None:
+    # a 6 drop, then 3 (under half the gain, 4.5, but beyond what nothing-done runs show,
+    # max(3·0.5, 1.0) = 1.5): still away from healthy, so the collapse at 50 is confirmed; it
+    # never comes back within 1.0, so it is irreversible
+    partial = _judge([*LEARNED, 3.0, 6.0, 7.0, 7.0, 7.0])
+    assert partial.collapsed is True and partial.irreversible is True
+    assert partial.collapse_eval_at == 50
+    # the same 6 drop followed by a return within 1.5 is a noise-level dip
+    assert _judge([*LEARNED, 3.0, 7.6, 9.0, 9.0, 9.0]).collapsed is False
+
+
 def test_a_collapse_without_a_return_is_irreversible_only_with_room_left() -> None:
     down = _judge([*LEARNED, 3.0, 4.0, 3.5, 4.0, 3.0])
     assert down.collapsed and down.irreversible is True and down.recovery_steps is None

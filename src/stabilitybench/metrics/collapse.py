@@ -327,6 +327,17 @@ def confirmed_drops(drop: np.ndarray, confirm: int) -> np.ndarray:
     return windows.min(axis=1)
 
 
+def collapse_starts(drop: np.ndarray, limit: float, envelope: float, confirm: int) -> np.ndarray:
+    """(n - confirm + 1,) bool: the evaluations where a confirmed collapse starts — the drop
+    exceeds `limit` there and stays beyond `envelope` (what runs with nothing done show) at the
+    next `confirm - 1` evaluations: a collapse is confirmed by not having recovered, not by
+    staying a whole collapse deep. drop: (n,), a -inf perf as a +inf drop."""
+    if drop.size < confirm:
+        return np.zeros(0, dtype=bool)
+    windows = np.lib.stride_tricks.sliding_window_view(drop, confirm)
+    return (windows[:, 0] > limit) & (windows[:, 1:] > envelope).all(axis=1)
+
+
 def calibrate(
     baselines: Sequence[tuple[np.ndarray, np.ndarray]],
     onset_step: int,
@@ -448,8 +459,10 @@ def _judge(
     base = replace(base, progress_undefined=not learned, noise=noise, drop_threshold=drop_limit)
     drop = np.where(np.isinf(curve.perf), np.inf, base.perf_pre - curve.perf)
     post = [int(i) for i in np.flatnonzero(after)]
-    held = confirmed_drops(drop[post], rule.confirm_evals)
-    hits = np.flatnonzero(held > drop_limit)
+    envelope = max(
+        rule.drop_sigmas * sigma, calibration.baseline_drop if calibration is not None else 0.0
+    )
+    hits = np.flatnonzero(collapse_starts(drop[post], drop_limit, envelope, rule.confirm_evals))
     at = post[int(hits[0])] if hits.size else first_inf
     if at is not None and first_inf is not None and first_inf < at:
         at = first_inf  # a non-finite loss is a collapse at once
@@ -457,7 +470,7 @@ def _judge(
         if not learned:
             return replace(base, reason=NOT_LEARNED)
         tail = drop[post[-(rule.confirm_evals - 1) :]] if rule.confirm_evals > 1 else drop[:0]
-        if tail.size and bool((tail > drop_limit).all()):
+        if tail.size and tail[0] > drop_limit and bool((tail[1:] > envelope).all()):
             return replace(base, reason=UNCONFIRMED)
         return replace(base, collapsed=False, irreversible=False)
     if not learned and not np.isinf(curve.perf[at]):
