@@ -49,7 +49,8 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     """The telemetry columns a findings folder keeps, in the table's order: the dense performance
     signal's (`metrics.records.DENSE_COLUMNS`: step, env_step, loss, episode returns), the
     claims' (`CLAIM_COLUMNS`), the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`)
-    the re-scored detectors' (`RESCORE_COLUMNS`) and the manifold report's
+    the re-scored detectors' (`RESCORE_COLUMNS`, and every column in a registered detector's
+    `reads`: `detector_reads`) and the manifold report's
     (`evaluation.manifold.SIGNALS`), the last three also as `role/signal` for a run with several
     optimizers."""
     from stabilitybench.evaluation.manifold import SIGNALS
@@ -57,6 +58,7 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     from stabilitybench.report.data import TELEMETRY_SIGNALS
 
     exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
+    exact |= detector_reads()
     panels = {*TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
 
     def kept(column: str) -> bool:
@@ -64,6 +66,20 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
         return column in exact or (bool(role) and "/" not in signal and signal in panels)
 
     return [c for c in columns if kept(c)]
+
+
+def detector_reads() -> set[str]:
+    """Every column a registered detector that needs no fit reads (`reads`): a folder re-scores
+    a detector added after its scores were written from the same columns as its audit would."""
+    from stabilitybench.detectors.base import detector_classes
+
+    return {
+        column
+        for cls in detector_classes().values()
+        if not cls.fitted
+        for group in cls.reads
+        for column in group
+    }
 
 
 def monitor_files() -> tuple[str, ...]:
