@@ -127,6 +127,33 @@ def status(audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")]) 
 
 
 @app.command()
+def watch(
+    folder: Annotated[
+        Path, typer.Argument(help="An audit folder, or one run's folder (AUDIT/runs/RUN_ID).")
+    ],
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the view one time and exit (for scripts).")
+    ] = False,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all", help="Show every run (default: the running ones and the 5 last finished)."
+        ),
+    ] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Keep watching after every run has finished (Ctrl-C ends)."),
+    ] = False,
+) -> None:
+    """A live view of the runs as they train: progress, latest telemetry, detector alarms, guard
+    actions (reads only; Ctrl-C ends it)."""
+    from stabilitybench.watch import watch_folder
+
+    watch_folder(folder, console, interval=interval, once=once, show_all=show_all, follow=follow)
+
+
+@app.command()
 def query(
     audit_dir: Annotated[Path, typer.Argument(help="An audit folder.")],
     sql: Annotated[
