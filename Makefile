@@ -26,11 +26,13 @@ demo: $(STAMP)
 	$(BIN)/stabilitybench audit examples/quickstart.yaml --out $(AUDIT_DIR)
 
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
-# paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2), then their findings
+# paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2; paper_lm_doses: that
+# ramp at x300 and x1000, the hard negatives of the warning protocol; lm_buildup: the tiny GPT-2's
+# build-ups), then their findings
 # folders under results/ (summary, evaluation, report, spec, versions); after paper_rl and
 # paper_lm_collapse, the guard audit on that audit's ramp (examples/paper_rl_guards.yaml,
 # examples/paper_lm_guards.yaml: its msm guard reads the audit's fitted monitor).
-FINDINGS ?= paper_rl paper_lm paper_lm_collapse
+FINDINGS ?= paper_rl paper_lm paper_lm_collapse paper_lm_doses lm_buildup
 GUARDS_paper_rl = paper_rl_guards
 GUARDS_paper_lm_collapse = paper_lm_guards
 findings: $(STAMP)
