@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     __version__: str
     from stabilitybench.analysis import Analysis, analyse
     from stabilitybench.detectors import BaseDetector, register_detector
-    from stabilitybench.guard import Guard
+    from stabilitybench.guard import Guard, protect
     from stabilitybench.monitor import MetaStateMonitor
     from stabilitybench.perturbations import Perturbation
     from stabilitybench.settings import CollapseSettings, WarningSettings
@@ -40,6 +40,7 @@ _LAZY = {
     "Telemetry": "stabilitybench.telemetry",
     "WarningSettings": "stabilitybench.settings",
     "analyse": "stabilitybench.analysis",
+    "protect": "stabilitybench.guard",
     "register_detector": "stabilitybench.detectors",
     "register_workload": "stabilitybench.workloads.base",
 }
@@ -89,6 +90,7 @@ __all__ = [
     "WarningSettings",
     "__version__",
     "analyse",
+    "protect",
     "register_detector",
     "register_workload",
 ]

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from monitor_synthetic import ONSET, synthetic_telemetry
+from stabilitybench.detectors.auto import AutoDetector
 from stabilitybench.detectors.base import DetectorSettings
 from stabilitybench.detectors.coherence import CoherenceDetector
 from stabilitybench.detectors.controls import RandomDetector
@@ -14,7 +15,7 @@ from stabilitybench.evaluation.fitting import complete_scores, score_frame
 from stabilitybench.findings.slim import kept_telemetry_columns
 from stabilitybench.store import RunData, empty_events
 
-NEW = ("coherence", "clock", "random")
+NEW = ("coherence", "auto", "clock", "random")
 
 
 def _events() -> pd.DataFrame:
@@ -50,6 +51,7 @@ def test_the_missing_columns_are_scored_and_the_flag_rebuilt_from_the_events() -
     np.testing.assert_array_equal(completed["random"], RandomDetector().score(run.telemetry))
     np.testing.assert_array_equal(completed["coherence"], CoherenceDetector().score(run.telemetry))
     assert completed["coherence_native"].dtype == bool
+    np.testing.assert_array_equal(completed["auto"], AutoDetector().score(run.telemetry))
     fresh = score_frame(run, None, DetectorSettings())  # the new columns come last
     pd.testing.assert_frame_equal(completed[list(fresh.columns)], fresh)
 

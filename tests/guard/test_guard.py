@@ -217,8 +217,10 @@ def test_rollback_without_an_old_enough_snapshot_skips_and_says_so(
     assert event["name"] == "skip" and "no snapshot at least 5 steps old" in event["params"]["note"]
 
 
-def test_escalate_goes_skip_then_lr_cut_then_rollback(alarm_at: type[AlarmAt]) -> None:
-    alarm_at.steps = {30, 31, 33, 200}
+def test_escalate_goes_skip_then_lr_cut_then_reset_moments_then_rollback(
+    alarm_at: type[AlarmAt],
+) -> None:
+    alarm_at.steps = {30, 31, 33, 34, 200}
     kw = {"detector": "alarm_at", "action": "escalate", "every": 10, "keep": 3, "min_age": 10}
     _, guard, _, _ = _loop(210, kw)
     assert guard is not None
@@ -227,9 +229,12 @@ def test_escalate_goes_skip_then_lr_cut_then_rollback(alarm_at: type[AlarmAt]) -
     assert got == [
         (30, "skip", None),
         (31, "lr_cut", None),
-        (33, "rollback", 20),
+        (33, "reset_moments", None),
+        (34, "rollback", 20),
         (200, "skip", None),
     ]
+    # the rollback to 20 loses updates 20..34 but the three already undone: 12
+    assert [i.steps_lost for i in guard.interventions] == [1, 1, 1, 12, 1]
 
 
 def test_a_huge_lr_spike_ruins_the_unguarded_run_but_not_the_rolled_back_one() -> None:

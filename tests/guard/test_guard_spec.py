@@ -65,7 +65,7 @@ def no_snapshot_kind() -> Any:
         (
             {"detector": "zclip", "action": "undo"},
             None,
-            ["guards[1].action", "skip, lr_cut, rollback, escalate"],
+            ["guards[1].action", "skip, lr_cut, reset_moments, rollback, escalate"],
         ),
         ({"detector": "msm", "action": "rollback"}, None, ["guards[1].monitor", "fitted monitor"]),
         (
@@ -102,6 +102,11 @@ def no_snapshot_kind() -> Any:
         ({"detector": "zclip", "action": "escalate", "window": 0}, None, ["guards[1].window"]),
         ({"detector": "zclip", "action": "rollback", "min_age": -1}, None, ["guards[1].min_age"]),
         ({"detector": "zclip", "action": "lr_cut", "factor": 0}, None, ["guards[1].factor"]),
+        (
+            {"detector": "auto", "action": "reset_moments", "spike_ratio": 1},
+            None,
+            ["guards[1].spike_ratio", "a number > 1"],
+        ),
         ({"detector": "zclip", "action": "lr_cut", "factor": True}, None, ["guards[1].factor"]),
         ({"detector": "zclip", "action": "skip", "every": 2.5}, None, ["guards[1].every"]),
         ({"detector": "pca", "action": "skip"}, None, ["guards[1].detector", "must be fitted"]),
@@ -346,3 +351,23 @@ def test_recorded_steps_lost_wins_and_final_performance_is_compared_by_hand() ->
     assert low is not None and high is not None and low < 1.0 < high
     assert c.interventions_per_run == 1.0 and c.false_interventions_per_run == 1.0
     assert c.extra_compute == pytest.approx(4 / 400)
+
+
+def test_a_toy_audit_guarded_by_auto_escalate_needs_no_fit(tmp_path: Path) -> None:
+    spec = _spec(["none", {"detector": "auto", "action": "escalate"}])
+    spec["workloads"][0]["total_steps"] = 120  # past auto's 50 values of warm-up
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "audit"
+    result = CliRunner().invoke(
+        app, ["audit", str(path), "--out", str(out), "--workers", "1", "--no-report"]
+    )
+    assert result.exit_code == 0, result.output
+    store = RunStore.open(out)
+    guarded = [i for i in store.infos() if i.guard is not None]
+    assert len(guarded) == 2 and all(i.status == "done" for i in store.infos())
+    assert {(i.guard or {})["label"] for i in guarded} == {"auto:escalate"}
+    for info in guarded:
+        events = store.load(info.run_id).events
+        for params in events[events["kind"] == "guard"]["params"]:
+            assert json.loads(params)["detector"] == "auto"

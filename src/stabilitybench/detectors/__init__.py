@@ -1,6 +1,7 @@
 """Early-warning detectors behind one protocol: the registry (`base`), the reactive guards people
-use today (`builtin`), a gradient-coherence guard (`coherence`), the Meta-State Monitor (`msm`),
-a PCA meta-state (`pca`) and the controls a warning must beat (`controls`: a clock, chance)."""
+use today (`builtin`), a gradient-coherence guard (`coherence`), a detector that calibrates on the
+run itself (`auto`), the Meta-State Monitor (`msm`), a PCA meta-state (`pca`) and the controls a
+warning must beat (`controls`: a clock, chance)."""
 
 from __future__ import annotations
 

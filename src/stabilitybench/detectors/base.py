@@ -220,7 +220,10 @@ def _has_values(table: pd.DataFrame, column: str) -> bool:
 REGISTRY: Registry[type[BaseDetector]] = Registry(
     "detector",
     # The controls last: they list after the detectors that read the run.
-    [f"stabilitybench.detectors.{m}" for m in ("msm", "builtin", "coherence", "pca", "controls")],
+    [
+        f"stabilitybench.detectors.{m}"
+        for m in ("msm", "builtin", "coherence", "auto", "pca", "controls")
+    ],
 )
 
 

@@ -1,7 +1,10 @@
-"""Guards: act on a detector's alarm inside the training loop (skip, LR cut, rollback, escalate).
+"""Guards: act on a detector's alarm inside the training loop (skip, LR cut, moment reset,
+rollback, escalate).
 
-`Guard(telemetry, detector="zclip", action="rollback")` — see `guard.core`. `GuardConfig` and
-`parse_guard` (light: no torch) check a guard's settings for the audit spec.
+`stabilitybench.protect(model, optimizer)` puts one on a loop you already have (see
+`guard.protection`); `Guard(telemetry, detector="zclip", action="rollback")` on a `Telemetry` of
+your own — see `guard.core`. `GuardConfig` and `parse_guard` (light: no torch) check a guard's
+settings for the audit spec.
 """
 
 from __future__ import annotations
@@ -12,8 +15,17 @@ from stabilitybench.guard.config import ACTIONS, GUARDED_KINDS, GuardConfig, par
 
 if TYPE_CHECKING:
     from stabilitybench.guard.core import Guard, Intervention
+    from stabilitybench.guard.protection import protect
 
-__all__ = ["ACTIONS", "GUARDED_KINDS", "Guard", "GuardConfig", "Intervention", "parse_guard"]
+__all__ = [
+    "ACTIONS",
+    "GUARDED_KINDS",
+    "Guard",
+    "GuardConfig",
+    "Intervention",
+    "parse_guard",
+    "protect",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from stabilitybench.guard import core
 
         return getattr(core, name)
+    if name == "protect":
+        from stabilitybench.guard.protection import protect
+
+        return protect
     raise AttributeError(name)

@@ -26,10 +26,10 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from stabilitybench.errors import StabilityBenchError
 
-Action = Literal["skip", "lr_cut", "rollback", "escalate"]
+Action = Literal["skip", "lr_cut", "reset_moments", "rollback", "escalate"]
 ACTIONS: tuple[str, ...] = get_args(Action)
-# Actions that restore a snapshot of the training state (every one of them: skip restores the
-# pre-step state, rollback an older one, escalate may do either).
+# Actions that restore a snapshot of the training state (every one but lr_cut: skip and
+# reset_moments restore the pre-step state, rollback an older one, escalate may do any).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
 # Workload kinds whose loop hosts a guard (they can snapshot and restore their whole state).
 GUARDED_KINDS = ("lm", "rl", "toy")
@@ -43,6 +43,9 @@ def _integer_at_least(low: int) -> Any:
 
 LRFactor = Annotated[
     float, Field(strict=True, gt=0, lt=1, description="a number in (0, 1) (the LR multiplier)")
+]
+SpikeRatio = Annotated[
+    float, Field(strict=True, gt=1, description="a number > 1 (a multiple of the median)")
 ]
 AtLeastOne = Annotated[int, _integer_at_least(1)]
 AtLeastZero = Annotated[int, _integer_at_least(0)]
@@ -58,12 +61,13 @@ class GuardConfig:
 
     detector: str
     action: Action
-    factor: LRFactor = 0.5  # lr_cut / after a rollback: LR multiplier, in (0, 1)
+    factor: LRFactor = 0.5  # lr_cut / after a rollback or reset: LR multiplier, in (0, 1)
     cooldown: AtLeastOne = 50  # steps the LR stays cut after an alarm (>= 1)
     every: AtLeastOne = 20  # rollback: a CPU snapshot every `every` steps (>= 1)
     keep: AtLeastOne = 4  # rollback: snapshots kept, a ring (>= 1)
     min_age: AtLeastZero = 20  # rollback: restore the newest snapshot at least this many steps old
     window: AtLeastOne = 100  # escalate: alarms within this many steps count as repeats (>= 1)
+    spike_ratio: SpikeRatio = 3.0  # reset_moments: tensors whose grad norm > this × its median
     monitor: str | None = None  # msm: the folder of a fitted monitor (`<audit>/monitor/...`)
 
     @field_validator("detector", mode="before")
@@ -144,6 +148,7 @@ _FIELD_ORDER = (
     "keep",
     "min_age",
     "window",
+    "spike_ratio",
 )
 _UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
 _MISSING = ("missing", "missing_argument")

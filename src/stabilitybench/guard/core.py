@@ -9,7 +9,9 @@ The guard is a telemetry `StepHook` plus a per-step row callback:
   the detector's native rule says whether it is an alarm, and the action runs at once.
 - post-step: the LR cut is lifted again (so an LR scheduler or a perturbation schedule that set
   the LR is left as it was), and a step whose gradient was computed on a state the guard has just
-  thrown away is undone too.
+  thrown away is undone too; for `reset_moments` (and `escalate`), each tensor's gradient norm
+  goes into a ring on the device (`guard.moments.GradNormHistory`): one more pass over the
+  gradients per step, no host sync.
 
 Cost: the score needs the current step's values, so the guard turns on the telemetry's per-step
 read-back (one host–device sync per optimizer step); the skip buffer is one device copy of the
@@ -25,16 +27,20 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import GuardConfig, parse_guard
+from stabilitybench.guard.moments import GradNormHistory
 from stabilitybench.guard.snapshot import ProbeHistory, Snapshot, StepUndo
 from stabilitybench.telemetry.core import Telemetry
 from stabilitybench.types import StepContext
+
+if TYPE_CHECKING:
+    from stabilitybench.detectors.base import Detector
 
 # A row the probes measured carries a gradient norm (`critic/grad_norm` with several
 # optimizers); the guard scores only those rows.
@@ -44,6 +50,42 @@ _PROBED_COLUMNS = ("grad_norm", "grad_norm_raw")
 # cut the detector is shown them divided by the cut, so it judges the training and not the
 # guard's throttle (else a fitted monitor sees every cut as a deviation and alarms again).
 LR_PROPORTIONAL = frozenset({"lr", "update_norm", "update_ratio", "update_ratio_layer_max"})
+# Columns that describe the optimizer's own update and state. After a moment reset they are those
+# of a fresh start for a while (larger updates, a second-moment estimate of one gradient), which
+# is the guard's doing: for `cooldown` steps the detector is shown them at their median over the
+# `HELD_ROWS` rows before the reset (enough that the rows of the alarm's persistence do not set it).
+OPTIMIZER_STATE = frozenset(
+    {
+        "update_norm",
+        "update_ratio",
+        "update_ratio_layer_max",
+        "adam_rms_max",
+        "adam_rms_mean",
+        "eos_ratio",
+        "eos_curvature",
+    }
+)
+HELD_ROWS = 9
+# What `escalate` does at the 1st, 2nd, … alarm within `window` steps: the cheapest repair first
+# and each next one for deeper damage — one bad gradient (skip the update), a step size too large
+# for the state (cut the LR), a spike already folded into Adam's moments (reset them; a skip
+# cannot take back the steps of the alarm's persistence), the parameters themselves (roll back).
+ESCALATION = ("skip", "lr_cut", "reset_moments", "rollback")
+
+
+def is_optimizer_state(column: str) -> bool:
+    """Whether `column` ([role/]name) is one of `OPTIMIZER_STATE`."""
+    return column in OPTIMIZER_STATE or column.partition("/")[2] in OPTIMIZER_STATE
+
+
+def held_levels(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per column, the median of its finite values over `rows` (columns with none are left out)."""
+    out: dict[str, float] = {}
+    for column in {c for row in rows for c in row}:
+        values = [row[column] for row in rows if math.isfinite(row.get(column, math.nan))]
+        if values:
+            out[column] = float(np.median(values))
+    return out
 
 
 def uncut_row(row: Mapping[str, Any], factors: Mapping[str, float]) -> dict[str, Any]:
@@ -71,13 +113,14 @@ class Intervention:
     """One action the guard took; `event()` is its row of events.parquet."""
 
     step: int  # the optimizer step whose row alarmed
-    action: str  # what was done: skip | lr_cut | rollback
+    action: str  # what was done: skip | lr_cut | reset_moments | rollback
     detector: str
     score: float
-    configured: str  # the guard's action (escalate picks one of the three)
+    configured: str  # the guard's action (escalate picks one of the four)
     rolled_back_to: int | None = None  # rollback: the step the restored snapshot was taken at
     note: str | None = None  # e.g. a rollback that found no snapshot old enough and skipped
     steps_lost: int = 0  # updates this intervention threw away (skip: 1; rollback: since then)
+    reset_tensors: int | None = None  # reset_moments: tensors whose moments were reset
 
     def event(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -90,6 +133,8 @@ class Intervention:
             params["rolled_back_to"] = self.rolled_back_to
         if self.note:
             params["note"] = self.note
+        if self.reset_tensors is not None:
+            params["reset_tensors"] = self.reset_tensors
         params["steps_lost"] = self.steps_lost
         return {
             "kind": "guard",
@@ -113,6 +158,7 @@ class GuardStats:
     # rollback to the same snapshot throws away only what was trained since the first).
     rolled_back_steps: int = 0
     lr_cut_steps: int = 0  # steps run under a cut LR
+    moment_resets: int = 0  # tensors whose optimizer moments were reset
     snapshots: int = 0
     snapshot_bytes: int = 0  # of one rollback snapshot (CPU)
     undo_bytes: int = 0  # of the skip buffer (device)
@@ -150,23 +196,31 @@ class Guard:
     After a rollback, `guard.rolled_back_to` is the step of the restored snapshot: the loop
     should go on with NEW data (not replay the batches since then — ours draw fresh batches);
     model, optimizer state and the global RNGs are already restored, and the LR is cut for
-    `cooldown` steps. `guard.events()` lists every intervention for events.parquet.
+    `cooldown` steps. `reset_moments` undoes the step, forgets the optimizer moments of the
+    tensors whose gradient spiked (`guard.moments`) and cuts the LR for `cooldown` steps (SPAM
+    warms the LR up again after a reset: a fresh Adam state takes full-size steps). `escalate`
+    goes skip → lr_cut → reset_moments → rollback over repeated alarms within `window` steps.
+    `guard.events()` lists every intervention for events.parquet; `detector` may also be a
+    registered detector made with other settings (`AutoDetector(z_thresh=8)`); `close()` (or
+    leaving a `with guard:` block) stops the guard.
     """
 
     def __init__(
         self,
         telemetry: Telemetry,
-        detector: str = "zclip",
+        detector: str | Detector = "zclip",
         action: str = "skip",
         *,
         extra_optimizers: Sequence[torch.optim.Optimizer] = (),
         hold_after_rollback: bool = False,
+        close_telemetry: bool = False,
         **params: Any,
     ) -> None:
         monitor = params.pop("monitor", None)
+        name = detector if isinstance(detector, str) else getattr(detector, "name", detector)
         self.config = parse_guard(
             {
-                "detector": detector,
+                "detector": name,
                 "action": action,
                 **params,
                 **({"monitor": str(monitor)} if monitor else {}),
@@ -174,7 +228,11 @@ class Guard:
             where="guard",
         )
         self.telemetry = telemetry
-        self.detector = build_detector(self.config)
+        if isinstance(detector, str):
+            self.detector = build_detector(self.config)
+        else:  # a detector made with other settings than its defaults
+            self.detector = detector
+            detector.reset()
         # Snapshotted and undone with the instrumented ones, but neither scored nor LR-cut (SAC's
         # entropy-coefficient optimizer, say).
         self.optimizers = [*telemetry.optimizers.values(), *extra_optimizers]
@@ -183,7 +241,18 @@ class Guard:
         # After a rollback, undo every later update until `release()` (PPO: the rest of the
         # current rollout's epochs, collected by the policy the rollback threw away).
         self.hold_after_rollback = hold_after_rollback
+        # `close()` closes the telemetry too (`protect` made it).
+        self.close_telemetry = close_telemetry
+        self._init_state()
+        self._sync_before = telemetry.sync_every_step
+        telemetry.add_hook(self)
+        # The score must be known before the next update: one host sync per step.
+        telemetry.on_row(self._on_row, every_step=True)
+
+    def _init_state(self) -> None:
+        telemetry = self.telemetry
         self._holding = False
+        self._detached = False
         # Every optimizer's probes (the telemetry keeps one set per optimizer role).
         self._probes = [p for inst in telemetry._opts for p in inst.probes]
         self._undo = StepUndo(self.optimizers, self.model)
@@ -198,19 +267,26 @@ class Guard:
         # of the run's restored timeline, which the detector is shown (see `_on_row`).
         self._updates = telemetry.step + 1
         self._in_after_step = False
+        # reset_moments: per role, the ring of gradient norms; the optimizer-state columns of the
+        # last rows, and those shown until `_hold_until`.
+        self._resets = self.config.action in ("reset_moments", "escalate")
+        self._norms: dict[str, GradNormHistory] = {}
+        self._recent: deque[dict[str, float]] = deque(maxlen=HELD_ROWS)
+        self._held: dict[str, float] = {}
+        self._hold_until = -1
         self.interventions: list[Intervention] = []
         self.stats = GuardStats()
         self.scores: list[tuple[int, float]] = []
         self.rolled_back_to: int | None = None
         self.last_action: str | None = None
-        telemetry.add_hook(self)
-        # The score must be known before the next update: one host sync per step.
-        telemetry.on_row(self._on_row, every_step=True)
 
     # -- the loop's call -----------------------------------------------------------------------
-    def after_step(self) -> str | None:
-        """Finish this step's row now and act on it (call after `tel.log(...)`); returns the
-        action taken for this step, or None."""
+    def after_step(self, **scalars: float | int | torch.Tensor) -> str | None:
+        """Finish this step's row now and act on it (call after `tel.log(...)`, or pass the
+        scalars here: `guard.after_step(loss=loss)`); returns the action taken for this step,
+        or None."""
+        if scalars:
+            self.telemetry.log(**scalars)
         self.last_action = None
         self._in_after_step = True
         try:
@@ -219,11 +295,30 @@ class Guard:
             self._in_after_step = False
         return self.last_action
 
+    def close(self) -> None:
+        """Stop acting: from now on the guard does nothing at a step, the telemetry's per-step
+        read-back is off again (unless it was on before the guard), and a telemetry the guard
+        was given to close (`protect` made it) is closed."""
+        if self._detached:
+            return
+        self._detached = True
+        self.telemetry.sync_every_step = self._sync_before
+        if self.close_telemetry:
+            self.telemetry.close(read_back=False)
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def events(self) -> list[dict[str, Any]]:
         return [i.event() for i in self.interventions]
 
     # -- StepHook --------------------------------------------------------------------------------
     def on_pre_step(self, ctx: StepContext) -> None:
+        if self._detached:
+            return
         step = ctx.step
         if step <= self._cut_until:
             # Every optimizer's LR is cut (SAC's actor, critic and entropy coefficient alike).
@@ -256,6 +351,13 @@ class Guard:
             for g, was_set, saved in zip(ctx.optimizer.param_groups, *cut, strict=True):
                 if g["lr"] == was_set:
                     g["lr"] = saved
+        if self._detached:
+            return
+        if self._resets:
+            # The gradients this update used, as every pre-step hook left them (a perturbation
+            # that scales them included): one more pass over them (a norm per tensor), no sync.
+            norms = self._norms.setdefault(ctx.role, GradNormHistory())
+            norms.record(ctx.optimizer, ctx.params, ctx.grad_norms())
         if ctx.role != self._clock:
             return
         self._updates += 1
@@ -279,18 +381,12 @@ class Guard:
 
     # -- the decision ------------------------------------------------------------------------------
     def _on_row(self, row: dict[str, Any]) -> None:
+        if self._detached:
+            return
         if not any(key.rpartition("/")[2] in _PROBED_COLUMNS for key in row):
             return  # a step the telemetry's probes skipped (`every` > 1): nothing to score
         step = int(row["step"])
-        factors = self._cut_factors.pop(step, None)
-        for old in [s for s in self._cut_factors if s < step]:
-            del self._cut_factors[old]
-        # What the detector reads: the run on its restored timeline (after a rollback the state
-        # is that of an earlier step, and a monitor that judges by training progress must see it
-        # so: else a rolled-back run looks behind schedule, alarms, and is rolled back again),
-        # and without the guard's own LR cut (else the cut looks like a deviation).
-        shown = uncut_row(row, factors) if factors else dict(row)
-        shown["step"], shown["run_step"] = self._updates - 1, step
+        shown = self._shown(row, step)
         rewind = getattr(self.detector, "rewind_on_undo", False)
         before = self.detector.online_state() if rewind else None
         score = float(self.detector.update(shown))
@@ -303,51 +399,68 @@ class Guard:
         # gradient is already computed on the state about to be replaced, so undo it too.
         late = not self._in_after_step and self.telemetry.step == step and self._undo.step == step
         self._act(action, step, score)
-        if rewind and action in ("skip", "lr_cut"):
+        if rewind and action in ("skip", "lr_cut", "reset_moments"):
             # The step's update was undone: its row is not on the run's timeline either (else
             # the monitor's smoothing carries the alarm on, and every next step is skipped too).
             self.detector.set_online_state(before)
         if late and not self.telemetry._closed:
             self._discard_step = step + 1  # charged to this intervention at its post-step
 
+    def _shown(self, row: Mapping[str, Any], step: int) -> dict[str, Any]:
+        """What the detector reads: the run on its restored timeline (after a rollback the state
+        is that of an earlier step, and a monitor that judges by training progress must see it
+        so: else a rolled-back run looks behind schedule, alarms, and is rolled back again),
+        without the guard's own LR cut (else the cut looks like a deviation) and, after a moment
+        reset, with the optimizer-state columns held at their level before it."""
+        factors = self._cut_factors.pop(step, None)
+        for old in [s for s in self._cut_factors if s < step]:
+            del self._cut_factors[old]
+        shown = uncut_row(row, factors) if factors else dict(row)
+        if self._resets:
+            if step <= self._hold_until:
+                shown.update({k: v for k, v in self._held.items() if k in shown})
+            else:
+                self._recent.append(
+                    {
+                        k: float(v)
+                        for k, v in shown.items()
+                        if is_optimizer_state(k)
+                        and isinstance(v, int | float)
+                        and not isinstance(v, bool)
+                    }
+                )
+        shown["step"], shown["run_step"] = self._updates - 1, step
+        return shown
+
     def _choose(self, step: int) -> str:
+        """The action for an alarm at `step`: the configured one, or escalate's next rung."""
         if self.config.action != "escalate":
             return self.config.action
         self._alarm_steps.append(step)
         while self._alarm_steps and self._alarm_steps[0] <= step - self.config.window:
             self._alarm_steps.popleft()
         repeats = len(self._alarm_steps)
-        if repeats >= 3:
+        if repeats >= len(ESCALATION):
             self._alarm_steps.clear()
-            return "rollback"
-        return "skip" if repeats == 1 else "lr_cut"
+            return ESCALATION[-1]
+        return ESCALATION[repeats - 1]
 
     def _act(self, action: str, step: int, score: float) -> None:
         note = None
         rolled_back_to = None
+        reset_tensors = None
         updates_before = self._updates
         if action == "rollback":
-            candidates = [s for s in self._ring if step - s.step >= self.config.min_age]
-            if candidates:
-                snapshot = candidates[-1]
-                while self._ring and self._ring[-1].step > snapshot.step:
-                    self._ring.pop()  # taken on the way into the trouble
-                snapshot.restore(self.model, self.optimizers)
-                detector, history, updates = snapshot.extra
-                self.detector = copy.deepcopy(detector)
-                history.restore(self._probes)
-                rolled_back_to = snapshot.step
-                self.rolled_back_to = snapshot.step
-                self.stats.rolled_back_steps += self._updates - updates
-                self._updates = updates
-                self._holding = self.hold_after_rollback
-            else:
+            rolled_back_to = self._rollback(step)
+            if rolled_back_to is None:
                 action, note = "skip", f"no snapshot at least {self.config.min_age} steps old"
-        if action in ("skip", "lr_cut") and self._undo.step == step:
+        if action in ("skip", "lr_cut", "reset_moments") and self._undo.step == step:
             self._undo.restore()  # undo this step's update (lr_cut under escalate too)
             self._updates -= 1
             self.stats.skipped_steps += 1
-        if action in ("lr_cut", "rollback"):
+        if action == "reset_moments":
+            reset_tensors, note = self._reset_moments(step)
+        if action in ("lr_cut", "reset_moments", "rollback"):
             self._cut_until = max(self._cut_until, step + self.config.cooldown)
         self.stats.by_action[action] += 1
         self.last_action = action
@@ -361,8 +474,44 @@ class Guard:
                 rolled_back_to,
                 note,
                 steps_lost=updates_before - self._updates,
+                reset_tensors=reset_tensors,
             )
         )
+
+    def _rollback(self, step: int) -> int | None:
+        """Restore the newest snapshot at least `min_age` steps old; its step, or None."""
+        candidates = [s for s in self._ring if step - s.step >= self.config.min_age]
+        if not candidates:
+            return None
+        snapshot = candidates[-1]
+        while self._ring and self._ring[-1].step > snapshot.step:
+            self._ring.pop()  # taken on the way into the trouble
+        snapshot.restore(self.model, self.optimizers)
+        detector, history, updates = snapshot.extra
+        self.detector = copy.deepcopy(detector)
+        history.restore(self._probes)
+        self.rolled_back_to = snapshot.step
+        self.stats.rolled_back_steps += self._updates - updates
+        self._updates = updates
+        self._holding = self.hold_after_rollback
+        return int(snapshot.step)
+
+    def _reset_moments(self, step: int) -> tuple[int, str | None]:
+        """Reset the moments of the tensors whose gradient spiked, in every instrumented
+        optimizer (after this step's update was undone), and hold the optimizer-state columns
+        the detector is shown for `cooldown` steps. Returns the tensors reset and a note."""
+        reset, notes = 0, []
+        for role, history in self._norms.items():
+            count, note = history.reset(self.config.spike_ratio)
+            reset += count
+            if note:
+                notes.append(f"{role}: {note}" if role else note)
+        if not self._norms:
+            notes.append("no gradient norms recorded: nothing reset")
+        self.stats.moment_resets += reset
+        self._held = held_levels(list(self._recent))
+        self._hold_until = step + self.config.cooldown
+        return reset, "; ".join(notes) or None
 
 
 def guard_for_run(guard: Mapping[str, Any] | None, telemetry: Telemetry) -> Guard | None:

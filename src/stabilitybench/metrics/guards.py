@@ -33,13 +33,13 @@ class Intervention:
     def steps_lost(self) -> int:
         """Updates this intervention threw away, as the guard counted them (a second rollback to
         the same snapshot loses only what was trained since the first); for events written
-        before the guard recorded it: 1 for a skip, the steps since the snapshot for a rollback,
-        0 for an LR cut."""
+        before the guard recorded it: 1 for a skip (or a moment reset, which undoes its step),
+        the steps since the snapshot for a rollback, 0 for an LR cut."""
         if self.recorded_lost is not None:
             return self.recorded_lost
         if self.action == "rollback" and self.rolled_back_to is not None:
             return self.step + 1 - self.rolled_back_to
-        return 1 if self.action == "skip" else 0
+        return 1 if self.action in ("skip", "reset_moments") else 0
 
 
 def interventions_of(events: Any) -> list[Intervention]:

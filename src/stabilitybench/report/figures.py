@@ -66,12 +66,12 @@ class ConditionSeries:
     interventions: list[tuple[str, float]] = field(default_factory=list)  # (guard action, x)
 
 
-GUARD_MARKERS = {"skip": "v", "lr_cut": "s", "rollback": "<"}
+GUARD_MARKERS = {"skip": "v", "lr_cut": "s", "reset_moments": "D", "rollback": "<"}
 
 
 def _intervention_marks(ax: Any, series: Sequence[ConditionSeries], colors: Sequence[Any]) -> None:
     """Each guard intervention: a marker along the top of the performance panel, in the colour
-    of its series, shaped by the action (skip ▽, LR cut □, rollback ◁)."""
+    of its series, shaped by the action (skip ▽, LR cut □, moment reset ◇, rollback ◁)."""
     top = ax.get_xaxis_transform()  # x in data units, y in axes fraction
     for color, s in zip(colors, series, strict=True):
         for action, marker in GUARD_MARKERS.items():

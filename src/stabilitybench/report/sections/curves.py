@@ -28,7 +28,7 @@ INTRO = (
     '<p class="muted">Top panel: performance, median over seeds with the inter-quartile band; '
     "the dashed line is the unperturbed baseline with the same knobs. Shaded: perturbation "
     "windows; ×: collapse points; dash-dot lines: each detector's first alarm (`monitor score`); "
-    "markers along the top: a guard's interventions (▽ skip, □ LR cut, ◁ rollback), one series "
+    "markers along the top: a guard's interventions (▽ skip, □ LR cut, ◇ moment reset, ◁ rollback), one series "
     "per knob setting and guard. The panels below share the time axis: gradient norm, "
     "gradient coherence, update ratio and the monitor's meta-state deviation (when fitted).</p>"
 )

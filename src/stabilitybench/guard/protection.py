@@ -1,0 +1,104 @@
+"""`protect`: a guard on a training loop you already have, in one line.
+
+    guard = stabilitybench.protect(model, optimizer)          # detector auto, action escalate
+    for batch in data:
+        loss = ...; optimizer.zero_grad(); loss.backward(); optimizer.step()
+        guard.after_step(loss=loss)                            # score this step, act at once
+
+It is a thin front door to `Telemetry` + `Guard`: the detector `auto` learns each signal's normal
+range from the run itself, so nothing is fitted first; `escalate` goes skip → LR cut → moment
+reset → rollback as alarms repeat. `with stabilitybench.protect(model, optimizer) as guard:`
+stops the guard (and closes the telemetry it made) when the block ends.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.guard.config import parse_guard
+from stabilitybench.guard.core import Guard
+from stabilitybench.telemetry.core import Telemetry
+
+if TYPE_CHECKING:
+    from stabilitybench.detectors.base import Detector
+    from stabilitybench.telemetry.probes import ProbeSpec
+
+
+def _detector_name(detector: Any) -> Any:
+    """The registered name a detector is given by: itself, or a detector object's `name`."""
+    if isinstance(detector, str):
+        return detector
+    name = getattr(detector, "name", None)
+    if not isinstance(name, str) or not callable(getattr(detector, "update", None)):
+        raise StabilityBenchError(
+            "protect.detector: must be a registered detector's name (such as 'auto') or a "
+            f"detector object, got {detector!r}"
+        )
+    return name
+
+
+def _check_inputs(model: Any, optimizer: Any, telemetry: Any) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise StabilityBenchError(
+            "protect.optimizer: must be a torch.optim.Optimizer (the guard acts through its "
+            f"step hooks), got {type(optimizer).__name__}"
+        )
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise StabilityBenchError(
+            f"protect.model: must be a torch.nn.Module or None, got {type(model).__name__}"
+        )
+    if telemetry is None:
+        return
+    if not isinstance(telemetry, Telemetry):
+        raise StabilityBenchError(
+            f"protect.telemetry: must be a stabilitybench Telemetry, got {type(telemetry).__name__}"
+        )
+    if not any(opt is optimizer for opt in telemetry.optimizers.values()):
+        raise StabilityBenchError(
+            "protect.telemetry: it does not instrument this optimizer; make it with "
+            "Telemetry(model, optimizer) or leave it out"
+        )
+
+
+def protect(
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    action: str = "escalate",
+    detector: str | Detector = "auto",
+    *,
+    telemetry: Telemetry | None = None,
+    probes: ProbeSpec = "cheap",
+    **options: Any,
+) -> Guard:
+    """Guard `optimizer`'s steps: a detector's online score drives an action; returns the `Guard`.
+
+    `action`: skip | lr_cut | reset_moments | rollback | escalate (default). `detector`: a
+    registered detector that needs no fit (default `auto`, which calibrates on the run itself),
+    or a detector object made with other settings. `options`: the guard's settings (`factor`,
+    `cooldown`, `every`, `keep`, `min_age`, `window`, `spike_ratio`; see `GuardConfig`).
+
+    Without `telemetry`, a `Telemetry(model, optimizer, probes)` is made that keeps no rows in
+    memory (pass a `Telemetry` of your own to record them); `guard.close()`, or the end of a
+    `with` block, closes it. Call `guard.after_step(loss=loss)` after each `optimizer.step()`;
+    without it the guard acts when the next step starts and undoes that step too. Cost: one
+    host–device sync per optimizer step (the score must be known before the next update), plus
+    the actions' own copies (see `Guard`).
+
+    Bad input raises `StabilityBenchError` naming the argument: an optimizer that is not a
+    `torch.optim.Optimizer`, an unknown detector or action, a setting out of range.
+    """
+    _check_inputs(model, optimizer, telemetry)
+    settings = {"detector": _detector_name(detector), "action": action, **options}
+    parse_guard(settings, where="protect")  # every problem named before anything is attached
+    made = telemetry is None
+    tel = Telemetry(model, optimizer, probes=probes, keep_rows=False) if made else telemetry
+    assert tel is not None
+    try:
+        return Guard(tel, detector, action, close_telemetry=made, **options)
+    except BaseException:
+        if made:
+            tel.close(read_back=False)
+        raise
