@@ -128,16 +128,14 @@ class StepContext:
         return out
 
     def grad_norms(self) -> torch.Tensor:
-        """Norm of each parameter's gradient, shape (n_params,)."""
-        import torch
+        """Norm of each parameter's gradient, shape (n_params,), accumulated in float64."""
+        from stabilitybench.telemetry.reductions import tensor_norms
 
-        out: torch.Tensor = self.cached(
-            "grad_norms", lambda: torch.stack(torch._foreach_norm(self.grads())).float()
-        )
+        out: torch.Tensor = self.cached("grad_norms", lambda: tensor_norms(self.grads()))
         return out
 
     def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradient (0-d)."""
+        """Global L2 norm of the gradient (0-d, float64)."""
         import torch
 
         out: torch.Tensor = self.cached(

@@ -10,6 +10,7 @@ import torch
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.telemetry import Sink, Telemetry
 from stabilitybench.telemetry.probes import ProbeSpec
+from stabilitybench.telemetry.reductions import tensor_norms
 from stabilitybench.types import Schedule
 
 
@@ -149,7 +150,7 @@ def log_grad_norm_before_step(telemetry: Telemetry, optimizer: torch.optim.Optim
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if grads:
         with torch.no_grad():
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            norm = torch.linalg.vector_norm(tensor_norms(grads))  # float64, as `grad_norm`
         telemetry.log_before_step(optimizer, grad_norm_raw=norm)
 
 

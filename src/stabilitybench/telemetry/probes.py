@@ -10,6 +10,7 @@ import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.telemetry.base import Probe, Value
+from stabilitybench.telemetry.reductions import norm, row_dots, tensor_norms
 from stabilitybench.telemetry.stability_probes import STABILITY, build_stability_probe
 from stabilitybench.types import Phase, Schedule, StepContext
 
@@ -42,8 +43,10 @@ class GradCoherence(Probe):
     """Cosine of this step's gradient with the previous step's and with an EMA of past gradients.
 
     State: one (2, P) buffer holding the previous flat gradient and the EMA (two copies of the
-    gradient), so both dot products and both norms are one op each. A non-finite gradient is not
-    folded into either and gives NaN cosines; all of it is decided on the device (no host sync).
+    gradient), so both dot products are one pass; ‖previous‖ is the previous step's gradient norm.
+    Dot products and norms are accumulated in float64 (telemetry/reductions.py). A non-finite
+    gradient is not folded into either and gives NaN cosines; all of it is decided on the device
+    (no host sync).
     """
 
     name = "grad_coherence"
@@ -57,8 +60,8 @@ class GradCoherence(Probe):
         self.ema_decay = ema_decay
         self._state: torch.Tensor | None = None  # (2, P): [previous gradient, EMA]
         self._valid: torch.Tensor | None = None  # 0-d bool: the state holds a finite gradient
+        self._prev_norm: torch.Tensor | None = None  # 0-d: ‖previous gradient‖
         self._nan: torch.Tensor | None = None
-        self._eps: torch.Tensor | None = None
 
     def tracks(self, step: int) -> bool:
         return self.wants(step) or self.wants(step + 1)
@@ -66,23 +69,25 @@ class GradCoherence(Probe):
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         g = ctx.grad_flat()  # (P,)
         finite = ctx.grad_finite()  # 0-d bool, on the device
-        state, valid = self._state, self._valid
-        if state is None or valid is None or state.shape[1] != g.shape[0]:
+        g_norm = ctx.grad_norm()  # 0-d, float64
+        state, valid, prev_norm = self._state, self._valid, self._prev_norm
+        if state is None or valid is None or prev_norm is None or state.shape[1] != g.shape[0]:
             start = torch.where(finite, g, 0.0)
             self._state = torch.stack([start, start])
             self._valid = finite.clone()
-            self._nan = torch.full((2,), float("nan"), dtype=g.dtype, device=g.device)
-            self._eps = torch.full((), _EPS, dtype=g.dtype, device=g.device)
+            self._prev_norm = torch.where(finite, g_norm, 0.0)
+            self._nan = torch.full((2,), float("nan"), dtype=g_norm.dtype, device=g.device)
             nan = float("nan")
             return {"grad_cos_prev": nan, "grad_cos_ema": nan}
-        assert self._nan is not None and self._eps is not None
-        dots = torch.mv(state, g)  # (2,): g·prev, g·ema
-        norms = torch.linalg.vector_norm(state, dim=1)  # (2,): ‖prev‖, ‖ema‖
-        cos = dots / torch.addcmul(self._eps, norms, ctx.grad_norm())
+        assert self._nan is not None
+        dots = row_dots(state, g)  # (2,): g·prev, g·ema
+        norms = torch.stack([prev_norm, norm(state[1])])  # (2,): ‖prev‖, ‖ema‖
+        cos = dots / (norms * g_norm + _EPS)
         cos = torch.where(finite & valid, cos, self._nan)
         # Fold g in only when finite: then prev ← g, ema ← lerp(ema, g); otherwise unchanged.
         torch.where(finite, g, state[0], out=state[0])
         state[1].lerp_(state[0], finite * (1.0 - self.ema_decay))
+        torch.where(finite, g_norm, prev_norm, out=prev_norm)
         valid.logical_or_(finite)
         return {"grad_cos_prev": cos[0], "grad_cos_ema": cos[1]}
 
@@ -92,7 +97,8 @@ class UpdateNorm(Probe):
 
     Keeps one flat copy of the parameters before and after the step (a (2, P) buffer refreshed on
     each measured step), so the three norms cost a handful of ops whatever the number of
-    parameter tensors. Parameters spread over several devices or dtypes use per-tensor buffers.
+    parameter tensors; they are accumulated in float64 (telemetry/reductions.py). Parameters
+    spread over several devices or dtypes use per-tensor buffers.
     """
 
     name = "update_norm"
@@ -139,12 +145,11 @@ class UpdateNorm(Probe):
                 self._views = [p.view(-1) for p in params]
                 self._pointers = pointers
             torch.cat(self._views, out=self._flat[0])  # a copy of every parameter
-            self._before_norm = torch.linalg.vector_norm(self._flat[0]).float()
+            self._before_norm = norm(self._flat[0])
         else:
             assert self._buffers is not None
             torch._foreach_copy_(self._buffers, list(params))  # a copy of every parameter
-            norms = torch.stack(torch._foreach_norm(self._buffers)).float()
-            self._before_norm = torch.linalg.vector_norm(norms)
+            self._before_norm = torch.linalg.vector_norm(tensor_norms(self._buffers))
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         before_norm, self._before_norm = self._before_norm, None
@@ -154,13 +159,13 @@ class UpdateNorm(Probe):
             flat = self._flat
             torch.cat(self._views, out=flat[1])  # θ after
             flat[0].sub_(flat[1])  # now −Δθ
-            norms = torch.linalg.vector_norm(flat, dim=1).float()  # (2,): ‖Δθ‖, ‖θ after‖
+            norms = norm(flat)  # (2,): ‖Δθ‖, ‖θ after‖
             update, param_norm = norms[0], norms[1]
         else:
             assert self._buffers is not None
             params = list(ctx.params)
             torch._foreach_sub_(self._buffers, params)  # buffers now hold −Δθ
-            norms = torch.stack(torch._foreach_norm(self._buffers + params)).float()
+            norms = tensor_norms(self._buffers + params)
             update, param_norm = torch.linalg.vector_norm(norms.view(2, -1), dim=1)
         return {
             "update_norm": update,
@@ -198,18 +203,18 @@ class LayerNorms(Probe):
 
     def __init__(self, every: int | Schedule = 1) -> None:
         super().__init__(every)
-        self._grad_norms: list[torch.Tensor] | None = None
+        self._grad_norms: torch.Tensor | None = None  # (n_params,)
         self._before: list[torch.Tensor] | None = None
 
     def before_step(self, ctx: StepContext) -> None:
-        self._grad_norms = list(torch._foreach_norm(ctx.grads()))
+        self._grad_norms = ctx.grad_norms()  # shared with the grad_norm probe (cached)
         self._before = [p.detach().clone() for p in ctx.params]  # a copy of every parameter
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         if self._before is None or self._grad_norms is None:
             return {}
         deltas = torch._foreach_sub([p.detach() for p in ctx.params], self._before)
-        update_norms = torch._foreach_norm(deltas)
+        update_norms = tensor_norms(deltas)
         out: dict[str, Value] = {}
         for name, g, u in zip(ctx.param_names, self._grad_norms, update_norms, strict=True):
             out[f"grad_norm/{name}"] = g

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from stabilitybench.telemetry.base import Probe, Value
+from stabilitybench.telemetry.reductions import accumulation_dtype, tensor_norms
 from stabilitybench.types import Phase, Schedule, StepContext
 
 _EPS = 1e-12
@@ -102,7 +103,7 @@ class AdamRms(Probe):
         denom = [d * s for d, s in zip(roots, scales, strict=True)]
         torch._foreach_add_(denom, [m[4] for m in moments])
         ratio = torch._foreach_div(grads, denom)
-        norms = torch.stack(torch._foreach_norm(ratio)).float()  # (n,)
+        norms = tensor_norms(ratio)  # (n,)
         counts = torch.tensor([float(g.numel()) for g in grads], device=norms.device)
         rms = norms / counts.sqrt()
         best = rms.argmax()
@@ -162,9 +163,12 @@ class EdgeOfStability(Probe):
         ):
             delta = torch._foreach_sub(params, prev_p)  # Δθ per tensor
             dgrad = torch._foreach_sub(grads, prev_g)
-            numerator = torch.stack(
-                [torch.sum(a * b) for a, b in zip(dgrad, delta, strict=True)]
-            ).sum()
+            acc = accumulation_dtype(params[0].device)  # per-tensor sums added in it
+            numerator = (
+                torch.stack([torch.sum(a * b) for a, b in zip(dgrad, delta, strict=True)])
+                .to(acc)
+                .sum()
+            )
             if "betas" in group:
                 moments = {m[0]: m for m in adam_second_moments(ctx) or []}
                 weights = []
@@ -174,11 +178,11 @@ class EdgeOfStability(Probe):
                         weights.append(torch.sum(d * d * ((v / c).sqrt() + eps)))
                     else:
                         weights.append(torch.sum(d * d) * 0.0)  # no state yet: no metric
-                denominator = torch.stack(weights).sum()
+                denominator = torch.stack(weights).to(acc).sum()
                 beta1 = float(group["betas"][0])
                 limit = (2.0 + 2.0 * beta1) / (1.0 - beta1)
             else:
-                denominator = torch.stack([torch.sum(d * d) for d in delta]).sum()
+                denominator = torch.stack([torch.sum(d * d) for d in delta]).to(acc).sum()
                 momentum = float(group.get("momentum", 0.0) or 0.0)
                 dampening = float(group.get("dampening", 0.0) or 0.0)
                 limit = (2.0 + 2.0 * momentum) / max(1.0 - dampening, _EPS)
@@ -235,9 +239,9 @@ class LayerMaxima(Probe):
         if not self.index_names:
             self.index_names = list(ctx.param_names)
         params = list(ctx.params)
-        before_norms = torch.stack(torch._foreach_norm(self._before)).float()
+        before_norms = tensor_norms(self._before)  # (n,)
         torch._foreach_sub_(self._before, params)  # now −Δθ per tensor
-        update_norms = torch.stack(torch._foreach_norm(self._before)).float()
+        update_norms = tensor_norms(self._before)
         # A tensor whose norm was 0 (a zero-initialised bias) has no ratio: it counts as 0.
         ratios = torch.where(
             before_norms > 0, update_norms / before_norms.clamp_min(_EPS), 0.0
