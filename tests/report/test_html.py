@@ -77,7 +77,7 @@ def test_detector_table_shows_the_evaluation(full_report: tuple[Path, Path]) -> 
     assert "<h3>toy</h3>" in detectors and "Macro average over 1 workloads" in detectors
     assert "3 collapsed, 2 not collapsed, 4 healthy runs" in detectors
     assert "1 collapses came within 1 step of a jolt" in detectors
-    assert "horizon 100 optimizer steps" in detectors
+    assert "SOP 100 optimizer steps" in detectors and "clock control" in detectors
 
 
 def test_figures_folder_holds_one_png_per_embedded_figure(full_report: tuple[Path, Path]) -> None:
