@@ -41,6 +41,7 @@ FIELDS = (
     "time_in_warning",
     "auroc",
     "outcome_auroc",
+    "outcome_auroc_doses",
 )
 
 
@@ -106,7 +107,7 @@ def _print(audit: str, figures: dict[str, Any]) -> None:
                 f"{f(d['chance_recall_p95'])}  clock {f(d['clock_recall'])}  lead "
                 f"{'–' if lead is None else round(lead)}  FA {f(d['false_alarms_per_1k'])}  "
                 f"FA nc {f(d['false_alarms_per_1k_not_collapsed'])}  outcome "
-                f"{f(d['outcome_auroc'])}"
+                f"{f(d['outcome_auroc'])}  doses {f(d['outcome_auroc_doses'])}"
             )
 
 

@@ -385,6 +385,7 @@ def _warning_protocol(f: dict[str, Any]) -> str:
                         _rate(d["false_alarms_per_1k_not_collapsed"]),
                         _rate(d["auroc"]),
                         _rate(d["outcome_auroc"]),
+                        _rate(d.get("outcome_auroc_doses")),
                     ]
                 )
             parts.append(head)
@@ -400,6 +401,7 @@ def _warning_protocol(f: dict[str, Any]) -> str:
                         "FA/1k perturbed, not collapsed",
                         "step AUROC",
                         "outcome AUROC",
+                        "outcome AUROC between doses",
                     ],
                     rows,
                 )

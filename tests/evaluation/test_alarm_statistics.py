@@ -334,3 +334,29 @@ def test_the_registered_clock_scores_what_a_clock_should() -> None:
     # on the runs that did not collapse it alarms at 301, 401, …, 901: 7 in 700 steps
     assert result.false_alarms_per_1k_not_collapsed == pytest.approx(10.0)
     assert result.clock_recall == 1.0  # the clock matched to itself
+
+
+def test_the_outcome_auroc_between_doses_of_one_perturbation() -> None:
+    def dosed(seed: int, label: str, peak: float, collapse_at: int | None) -> ScoredRun:
+        run = _run(seed, {45: peak}, collapse_at=collapse_at, n=100)
+        return ScoredRun(run.run, replace(run.record, perturbation=label))
+
+    healthy = [_run(s, {}, healthy=True) for s in range(3)]
+    strong = [dosed(s, "lr_spike×1000", 5.0 + s, 80) for s in range(3)]
+    mild = [dosed(s, "lr_spike×300", p, None) for s, p in enumerate((1.0, 6.0, 8.0))]
+    sham = [ScoredRun(r.run, replace(r.record, perturbation_kind="sham")) for r in mild[:1]]
+    result, _ = evaluate_detector(
+        _Score,
+        WorkloadRuns(healthy, [*strong, *mild, *sham]),
+        _settings(),
+        np.random.default_rng(0),
+        20,
+    )
+    # window maxima over [onset 40, 50]: collapsed 5, 6, 7 vs the milder dose 1, 6, 8: 5 beats
+    # 1; 6 beats 1 and ties 6; 7 beats 1 and 6 → 4.5 of 9 pairs; the sham is not a dose
+    assert result.outcome_auroc_doses == pytest.approx(4.5 / 9)
+    # and without a milder dose there is nothing to compare
+    alone, _ = evaluate_detector(
+        _Score, WorkloadRuns(healthy, [*strong, *sham]), _settings(), np.random.default_rng(0), 20
+    )
+    assert alone.outcome_auroc_doses is None

@@ -83,6 +83,7 @@ FIELDS = {
     "auroc",
     "auroc_ci",
     "outcome_auroc",
+    "outcome_auroc_doses",
     "n_collapses",
     "n_no_lead_possible",
     "notes",

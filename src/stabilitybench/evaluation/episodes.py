@@ -93,6 +93,7 @@ def evaluate_detector(
     clock_control(result, WorkloadRuns(healthy, judged), settings)
     draws = _step_auroc(result, [*healthy, *judged], column, settings, rng, reps)
     _outcome_auroc(result, [r for r in judged if r.onset_step is not None], column)
+    _dose_auroc(result, judged, column)
     if len(judged) < len(split.judged):
         result.note(f"{len(split.judged) - len(judged)} judged runs have no `{column}` score")
     return result, draws
@@ -312,3 +313,33 @@ def _outcome_auroc(result: DetectorResult, runs: Sequence[ScoredRun], column: st
         return
     finite = np.where(np.isposinf(scores), np.finfo(float).max, scores)
     result.outcome_auroc = auroc(finite, labels)
+
+
+def dose_runs(judged: Sequence[ScoredRun]) -> list[ScoredRun]:
+    """The runs under a perturbation kind given at several doses (labels) in the workload, of
+    kinds where some of those runs collapse and some do not (sham and none never count)."""
+    by_kind: dict[str, list[ScoredRun]] = defaultdict(list)
+    for run in judged:
+        kind = run.record.perturbation_kind
+        if run.onset_step is not None and kind not in ("none", "sham"):
+            by_kind[kind].append(run)
+    out = []
+    for runs in by_kind.values():
+        doses = {r.record.perturbation for r in runs}
+        outcomes = {r.collapsed for r in runs}
+        if len(doses) > 1 and outcomes == {True, False}:
+            out += runs
+    return out
+
+
+def _dose_auroc(result: DetectorResult, judged: Sequence[ScoredRun], column: str) -> None:
+    """The outcome AUROC between doses of one perturbation that do and do not collapse: does
+    the score right after onset tell the runs that will collapse from those under a milder
+    dose of the same thing (hard negatives), or only that something was done?"""
+    runs = dose_runs(judged)
+    if not runs:
+        return
+    maxima = [window_max(r.values(column), r.steps, *r.outcome_window()) for r in runs]
+    scores = np.nan_to_num(np.asarray(maxima, dtype=float), nan=-np.inf)
+    finite = np.where(np.isposinf(scores), np.finfo(float).max, scores)
+    result.outcome_auroc_doses = auroc(finite, np.asarray([r.collapsed for r in runs], bool))

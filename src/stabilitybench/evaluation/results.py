@@ -30,6 +30,7 @@ MACRO_FIELDS = (
     "time_in_warning",
     "auroc",
     "outcome_auroc",
+    "outcome_auroc_doses",
 )
 
 
@@ -53,6 +54,7 @@ class DetectorResult:
     auroc: float | None = None  # step AUROC of "an alarm here would be true"
     auroc_ci: list[float] | None = None  # bootstrap over seeds, 95%
     outcome_auroc: float | None = None  # onset-window score, collapsed vs not (runs with an onset)
+    outcome_auroc_doses: float | None = None  # the same between doses of one perturbation only
     n_collapses: int = 0  # collapses with room for a warning (event recall's denominator)
     n_no_lead_possible: int = 0  # collapses that began less than SPH after their onset
     notes: list[str] = field(default_factory=list)
@@ -113,6 +115,10 @@ class Protocol:
         "clock_recall: the `clock` control (in warning from d steps after the onset, renewed "
         "every sop) at the smallest d whose false alarms per 1,000 post-onset steps on perturbed "
         "runs that did not collapse are at most the detector's own there"
+    )
+    doses: str = (
+        "outcome_auroc_doses: the outcome AUROC among runs of one perturbation kind given at "
+        "several doses of which some collapse and some do not (null where the audit has none)"
     )
     auroc: str = (
         "step AUROC: positives are the steps of collapsed runs where an alarm would be true; "

@@ -209,6 +209,7 @@ class DetectorRow:
     auroc: float | None
     auroc_ci: list[float | None]
     outcome_auroc: float | None
+    outcome_auroc_doses: float | None = None  # between doses of one perturbation
 
 
 @dataclass
@@ -676,6 +677,7 @@ def _detector_row(name: str, result: DetectorResult) -> DetectorRow:
         auroc=number(result.auroc),
         auroc_ci=number_pair(result.auroc_ci),
         outcome_auroc=number(result.outcome_auroc),
+        outcome_auroc_doses=number(result.outcome_auroc_doses),
     )
 
 
