@@ -17,8 +17,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {  # how to produce each file (the script's defaults unless said)
-    "collapse_labels": "python benchmarks/collapse_labels.py audits/quickstart",
-    "warning_protocol": "python benchmarks/warning_protocol.py audits/quickstart",
+    "collapse_labels": (
+        "python benchmarks/collapse_labels.py audits/quickstart results/paper_lm_collapse "
+        "results/paper_lm_guards results/paper_lm_doses results/lm_buildup"
+    ),
+    "warning_protocol": (
+        "python benchmarks/warning_protocol.py audits/quickstart results/paper_lm_collapse "
+        "results/paper_lm_doses results/lm_buildup"
+    ),
     "overhead": "python benchmarks/overhead.py",
     "lm_overhead": "python benchmarks/lm_overhead.py",
     "rl_overhead": "python benchmarks/rl_overhead.py --cases ppo-halfcheetah",

@@ -355,6 +355,9 @@ def test_the_outcome_auroc_between_doses_of_one_perturbation() -> None:
     # window maxima over [onset 40, 50]: collapsed 5, 6, 7 vs the milder dose 1, 6, 8: 5 beats
     # 1; 6 beats 1 and ties 6; 7 beats 1 and 6 → 4.5 of 9 pairs; the sham is not a dose
     assert result.outcome_auroc_doses == pytest.approx(4.5 / 9)
+    # the sham is the control arm, not a hard negative: its alarms are counted apart
+    assert result.false_alarms_per_1k_sham == pytest.approx(1000 / 60)  # its one spike
+    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(3000 / 180)  # 1, 6, 8
     # and without a milder dose there is nothing to compare
     alone, _ = evaluate_detector(
         _Score, WorkloadRuns(healthy, [*strong, *sham]), _settings(), np.random.default_rng(0), 20

@@ -79,6 +79,7 @@ FIELDS = {
     "false_alarms_per_1k",
     "false_alarms_per_1k_not_collapsed",
     "false_alarms_per_1k_collapsed",
+    "false_alarms_per_1k_sham",
     "time_in_warning",
     "auroc",
     "auroc_ci",

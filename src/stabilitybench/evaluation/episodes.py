@@ -108,6 +108,25 @@ def _rate(count: int, steps: int) -> float | None:
     return 1000.0 * count / steps if steps else None
 
 
+def _is_sham(run: ScoredRun) -> bool:
+    return run.record.perturbation_kind == "sham"
+
+
+def hard_negatives(judged: Sequence[ScoredRun]) -> list[ScoredRun]:
+    """Runs that were perturbed (an onset, not a sham: the sham is the control arm) and did not
+    collapse: where a detector that only sees that something was done alarms for nothing."""
+    return [r for r in judged if not r.collapsed and r.onset_step is not None and not _is_sham(r)]
+
+
+def _after_onset_rate(runs: Sequence[ScoredRun], state: dict[int, _Alarms]) -> float | None:
+    """Alarms per 1,000 steps over these runs, from each one's onset on."""
+    count = steps = 0
+    for run in runs:
+        after = run.steps >= run.onset_step
+        count, steps = count + int(state[id(run)].alarms[after].sum()), steps + int(after.sum())
+    return _rate(count, steps)
+
+
 def _false_alarms(
     result: DetectorResult,
     healthy: Sequence[ScoredRun],
@@ -125,14 +144,12 @@ def _false_alarms(
         np.sum([state[id(r)].on.sum() for r in healthy])
         / max(sum(len(r.steps) for r in healthy), 1)
     )
-    calm = [r for r in judged if not r.collapsed and r.onset_step is not None]
-    count = steps = 0
-    for run in calm:
-        after = run.steps >= run.onset_step
-        count, steps = count + int(state[id(run)].alarms[after].sum()), steps + int(after.sum())
-    result.false_alarms_per_1k_not_collapsed = _rate(count, steps)
+    calm = hard_negatives(judged)
+    result.false_alarms_per_1k_not_collapsed = _after_onset_rate(calm, state)
     if not calm:
         result.note("no perturbed run that did not collapse: no false-alarm rate on them")
+    sham = [r for r in judged if _is_sham(r) and not r.collapsed and r.onset_step is not None]
+    result.false_alarms_per_1k_sham = _after_onset_rate(sham, state)
     count = steps = 0
     for run in judged:
         interval = run.collapse_interval
@@ -230,15 +247,11 @@ def clock_control(result: DetectorResult, split: WorkloadRuns, settings: Warning
         and r.onset_step is not None
         and not r.no_lead_possible(settings.sph)
     ]
-    negatives = [
-        (r.onset_step, int(r.steps.max()))
-        for r in split.judged
-        if not r.collapsed and r.onset_step is not None
-    ]
+    negatives = [(r.onset_step, int(r.steps.max())) for r in hard_negatives(split.judged)]
     if fa is None or not negatives:
         result.note(
-            "no perturbed run that did not collapse (no hard negative): the clock control "
-            "cannot be matched"
+            "no perturbed run (other than the sham arm) that did not collapse: no hard "
+            "negative, so the clock control cannot be matched"
         )
         return
     result.clock_recall = clock_recall_at(collapses, negatives, fa, settings.sph, settings.horizon)

@@ -27,6 +27,7 @@ MACRO_FIELDS = (
     "false_alarms_per_1k",
     "false_alarms_per_1k_not_collapsed",
     "false_alarms_per_1k_collapsed",
+    "false_alarms_per_1k_sham",
     "time_in_warning",
     "auroc",
     "outcome_auroc",
@@ -48,7 +49,8 @@ class DetectorResult:
     lead_time_median: float | None = None  # collapse start − start of the first true episode
     lead_time_iqr: list[float] | None = None  # [q25, q75]
     false_alarms_per_1k: float | None = None  # on healthy runs of held-out seeds
-    false_alarms_per_1k_not_collapsed: float | None = None  # perturbed, not collapsed, after onset
+    false_alarms_per_1k_not_collapsed: float | None = None  # hard negatives, after onset
+    false_alarms_per_1k_sham: float | None = None  # the sham arm, after onset
     false_alarms_per_1k_collapsed: float | None = None  # collapsed runs, not true, before collapse
     time_in_warning: float | None = None  # share of healthy runs' steps inside an episode
     auroc: float | None = None  # step AUROC of "an alarm here would be true"
@@ -113,8 +115,9 @@ class Protocol:
     )
     clock: str = (
         "clock_recall: the `clock` control (in warning from d steps after the onset, renewed "
-        "every sop) at the smallest d whose false alarms per 1,000 post-onset steps on perturbed "
-        "runs that did not collapse are at most the detector's own there"
+        "every sop) at the smallest d whose false alarms per 1,000 post-onset steps on the hard "
+        "negatives (perturbed runs that did not collapse, the sham arm not among them) are at "
+        "most the detector's own there"
     )
     doses: str = (
         "outcome_auroc_doses: the outcome AUROC among runs of one perturbation kind given at "
@@ -122,7 +125,8 @@ class Protocol:
     )
     auroc: str = (
         "step AUROC: positives are the steps of collapsed runs where an alarm would be true; "
-        "negatives the post-onset steps of perturbed runs that did not collapse and the healthy "
+        "negatives the post-onset steps of perturbed runs (sham included) that did not collapse "
+        "and the healthy "
         "runs' steps from the earliest onset on; bootstrap over seeds"
     )
     no_lead_steps: int = 1  # a collapse this close to its perturbation's onset allows no lead

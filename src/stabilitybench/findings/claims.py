@@ -95,7 +95,7 @@ VERDICT_RULES = {
         "runs that did not collapse, its held-out false alarms are at most 2x the target and "
         "its median lead >= SPH; else not supported (< 3 collapses with room for a warning: "
         "inconclusive); not testable if the criterion flags > 10% of sham/unperturbed runs or "
-        "no perturbed run escaped collapse (no hard negative)"
+        "no perturbed run other than the sham arm escaped collapse (no hard negative)"
     ),
 }
 
@@ -386,7 +386,11 @@ def warning_verdict(msm: DetectorRow | None, rule: WarningRule) -> Verdict:
     if msm.n_collapses < MIN_COLLAPSES:
         return Verdict(INCONCLUSIVE, f"{msm.n_collapses} collapses (need {MIN_COLLAPSES})")
     if msm.clock_recall is None:
-        return Verdict(NOT_TESTABLE, "no perturbed run escaped collapse: no hard negative")
+        return Verdict(
+            NOT_TESTABLE,
+            "no perturbed run other than the sham arm escaped collapse: no hard negative to "
+            "tell a warning of collapse from a reaction to the perturbation",
+        )
     text = (
         f"recall {msm.event_recall:.2f} ({msm.n_warned}/{msm.n_collapses}), chance p95 "
         f"{_f(msm.chance_recall_p95)}, clock {_f(msm.clock_recall)}, FA/1k "
