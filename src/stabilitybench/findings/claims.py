@@ -197,6 +197,7 @@ class DetectorRow:
     event_recall_ci: list[float | None]
     n_warned: int | None
     n_collapses: int  # with room for a warning: the recall's denominator
+    n_no_lead_possible: int  # collapses that began less than SPH after their onset
     chance_recall: float | None
     chance_recall_p95: float | None
     clock_recall: float | None
@@ -205,6 +206,7 @@ class DetectorRow:
     false_alarms_per_1k: float | None
     false_alarms_per_1k_not_collapsed: float | None
     false_alarms_per_1k_collapsed: float | None
+    false_alarms_per_1k_sham: float | None
     time_in_warning: float | None
     auroc: float | None
     auroc_ci: list[float | None]
@@ -669,6 +671,7 @@ def _detector_row(name: str, result: DetectorResult) -> DetectorRow:
         event_recall_ci=[number(low), number(high)],
         n_warned=warned,
         n_collapses=n,
+        n_no_lead_possible=result.n_no_lead_possible,
         chance_recall=number(result.chance_recall),
         chance_recall_p95=number(result.chance_recall_p95),
         clock_recall=number(result.clock_recall),
@@ -677,6 +680,7 @@ def _detector_row(name: str, result: DetectorResult) -> DetectorRow:
         false_alarms_per_1k=number(result.false_alarms_per_1k),
         false_alarms_per_1k_not_collapsed=number(result.false_alarms_per_1k_not_collapsed),
         false_alarms_per_1k_collapsed=number(result.false_alarms_per_1k_collapsed),
+        false_alarms_per_1k_sham=number(result.false_alarms_per_1k_sham),
         time_in_warning=number(result.time_in_warning),
         auroc=number(result.auroc),
         auroc_ci=number_pair(result.auroc_ci),
