@@ -15,7 +15,15 @@ import mkdocs_gen_files
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
 # The order a reader meets them in (others follow alphabetically).
-ORDER = ["paper_rl", "paper_rl_guards", "paper_lm", "paper_lm_collapse", "paper_lm_guards"]
+ORDER = [
+    "paper_rl",
+    "paper_rl_guards",
+    "paper_lm",
+    "paper_lm_collapse",
+    "paper_lm_guards",
+    "paper_lm_doses",
+    "lm_buildup",
+]
 
 
 def _folders() -> list[Path]:
