@@ -377,7 +377,7 @@ def _warning_protocol(f: dict[str, Any]) -> str:
                 head += "."
             rows = []
             for name, d in w["detectors"].items():
-                if d["event_recall"] is None and d["auroc"] is None:
+                if d["event_recall"] is None and d["false_alarms_per_1k"] is None:
                     continue
                 lead = d["lead_time_median"]
                 rows.append(

@@ -122,6 +122,9 @@ def test_warning_rule() -> None:
         assert verdict.verdict == NOT_SUPPORTED and verdict.reason.endswith(why), verdict
     assert warning_verdict(_msm(fa=2.0), rule).verdict == SUPPORTED  # 2x is within
     assert warning_verdict(_msm(n=2), rule).verdict == INCONCLUSIVE
+    jolts = replace(_msm(n=0), event_recall=None, n_no_lead_possible=5)
+    verdict = warning_verdict(jolts, rule)
+    assert verdict.verdict == INCONCLUSIVE and "5 began less than SPH = 10" in verdict.reason
     assert warning_verdict(None, rule).verdict == INCONCLUSIVE
     # labels not trusted, or no perturbed run that escaped collapse: not testable
     untrusted = WarningRule(target_false_alarms=1.0, sph=10, sham_flag_rate=0.2)

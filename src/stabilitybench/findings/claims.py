@@ -383,10 +383,18 @@ def warning_verdict(msm: DetectorRow | None, rule: WarningRule) -> Verdict:
             NOT_TESTABLE,
             f"the criterion flags {rule.sham_flag_rate:.0%} of sham/unperturbed runs",
         )
-    if msm is None or msm.event_recall is None:
+    if msm is None or (msm.event_recall is None and msm.false_alarms_per_1k is None):
         return Verdict(INCONCLUSIVE, "the monitor was not evaluated on this workload")
-    if msm.n_collapses < MIN_COLLAPSES:
-        return Verdict(INCONCLUSIVE, f"{msm.n_collapses} collapses (need {MIN_COLLAPSES})")
+    if msm.n_collapses < MIN_COLLAPSES or msm.event_recall is None:
+        late = (
+            f"; {msm.n_no_lead_possible} began less than SPH = {rule.sph} steps after their onset"
+            if msm.n_no_lead_possible
+            else ""
+        )
+        return Verdict(
+            INCONCLUSIVE,
+            f"{msm.n_collapses} collapses left room for a warning (need {MIN_COLLAPSES}){late}",
+        )
     if msm.clock_recall is None:
         return Verdict(
             NOT_TESTABLE,
