@@ -5,7 +5,8 @@ and the per-step read-back the guard turns on — measured side by side, A/B int
 
 Prints, for the LM workload's GPT-2 model and AdamW: bytes of a snapshot, ms per skip-buffer
 capture and per rollback snapshot, and the wall time of training steps unguarded vs guarded
-(zclip + skip, zclip + rollback every 20) as ratios measured in the same run.
+(zclip + skip, zclip + rollback every 20, auto + skip, auto + escalate — what
+`stabilitybench.protect` sets up) as ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> None:
         "unguarded": None,
         "zclip+skip": {"detector": "zclip", "action": "skip"},
         "zclip+rollback": {"detector": "zclip", "action": "rollback", "every": 20},
+        "auto+skip": {"detector": "auto", "action": "skip"},
+        "auto+escalate": {"detector": "auto", "action": "escalate"},
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.reps):  # A/B/C interleaved: the machine is shared
