@@ -167,3 +167,39 @@ def test_a_guard_skips_a_step_of_the_lightning_module(alarm_at_step: Any) -> Non
         for i in range(6)
     ]
     assert same == [False, False, False, True, False, False]  # step 3's update undone
+
+
+class AdamRegression(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def _fit_auto(spike: bool) -> StabilityLightningCallback:
+    from stabilitybench.perturbations import PerturbationSchedule
+
+    schedule = (
+        PerturbationSchedule([{"kind": "lr_spike", "at": 90, "factor": 1000}]) if spike else None
+    )
+    callback = StabilityLightningCallback(
+        guard={"detector": "auto", "action": "escalate"}, schedule=schedule
+    )
+    torch.manual_seed(0)
+    pl.Trainer(
+        max_steps=150,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    ).fit(AdamRegression(), loader())
+    return callback
+
+
+def test_the_auto_guard_through_the_lightning_callback() -> None:
+    """`guard={"detector": "auto"}` needs nothing fitted: it acts right after an LR spike and
+    leaves the same run without the spike alone."""
+    assert _fit_auto(spike=False).guard_events() == []
+    events = _fit_auto(spike=True).guard_events()
+    assert events and 90 <= events[0]["start_step"] <= 95
+    assert events[0]["name"] == "skip"
