@@ -202,3 +202,25 @@ def test_a_guard_rolls_the_trainers_model_back_and_cuts_the_lr(
     lr = rows["lr"].tolist()
     decay = [1e-3 * (1 - s / 9) for s in range(9)]
     assert lr == pytest.approx([d * (0.5 if s in (6, 7) else 1.0) for s, d in enumerate(decay)])
+
+
+def test_the_auto_guard_through_the_trainer_callback(tmp_path: Path) -> None:
+    """`guard={"detector": "auto"}` needs nothing fitted: it acts right after an LR spike and
+    leaves the same run without the spike alone."""
+    from stabilitybench.perturbations import PerturbationSchedule
+
+    def events(spike: bool) -> list[dict[str, Any]]:
+        schedule = (
+            PerturbationSchedule([{"kind": "lr_spike", "at": 90, "factor": 1000}])
+            if spike
+            else None
+        )
+        callback = StabilityTrainerCallback(
+            guard={"detector": "auto", "action": "escalate"}, schedule=schedule
+        )
+        train(tmp_path, [callback], steps=150)
+        return callback.guard_events()
+
+    assert events(spike=False) == []
+    found = events(spike=True)
+    assert found and 90 <= found[0]["start_step"] <= 95 and found[0]["name"] == "skip"
