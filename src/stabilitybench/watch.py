@@ -312,9 +312,11 @@ def detector_view(name: str, scores: np.ndarray, alarms: np.ndarray) -> Detector
     finite = np.flatnonzero(np.isfinite(scores))
     if finite.size == 0:
         return DetectorView(name, math.nan, False, 0)
+    from stabilitybench.metrics.alarms import episode_bounds
+
     last = int(finite[-1])
-    episodes = int(alarms[0]) + int(np.count_nonzero(alarms[1:] & ~alarms[:-1]))
-    return DetectorView(name, float(scores[last]), bool(alarms[last]), episodes)
+    starts, _ = episode_bounds(alarms)
+    return DetectorView(name, float(scores[last]), bool(alarms[last]), len(starts))
 
 
 def guard_actions(events: pd.DataFrame) -> tuple[GuardAction, ...]:

@@ -30,11 +30,15 @@ from stabilitybench.detectors.columns import (
     first_column,
     max_column,
 )
+from stabilitybench.detectors.scores import (
+    MAD_TO_STD,
+    RangeScore,
+    RecentRangeState,
+    recent_range_scores,
+)
 from stabilitybench.errors import StabilityBenchError
 
-MAD_TO_STD = 1.4826  # MAD × this estimates the standard deviation of a normal sample
 _EPS = 1e-12  # the least scale of all, for a signal whose median is 0
-_CHUNK = 4096  # history windows whose medians are taken at once (bounds the memory)
 
 
 @dataclass(frozen=True)
@@ -96,28 +100,13 @@ def rise_scores(
     Against the previous `window` logged values (at most): their median and MAD·1.4826 (at least
     `scale_floor` × |median|). 0 until `warmup` values are logged, and for a value at or below
     the median. NaN (not logged) scores NaN and is not part of any window; ±inf scores +inf and
-    is not part of any window either.
+    is not part of any window either (`scores.recent_range_scores`).
     """
-    values = np.asarray(values, dtype=float)
-    out = np.where(np.isnan(values), np.nan, np.inf)
-    finite = np.isfinite(values)
-    logged = values[finite]  # (m,)
-    rises = np.zeros(logged.size)
-    for i in range(warmup, min(window, logged.size)):  # a history shorter than the window
-        history = logged[:i]
-        median = np.median(history)
-        mad = np.median(np.abs(history - median))
-        rises[i] = robust_rise(median, mad, logged[i], scale_floor)
-    if logged.size > window:
-        windows = sliding_window_view(logged[:-1], window)  # (m − window, window): before i
-        for start in range(0, len(windows), _CHUNK):
-            chunk = windows[start : start + _CHUNK]
-            median = np.median(chunk, axis=1)
-            mad = np.median(np.abs(chunk - median[:, None]), axis=1)
-            at = slice(window + start, window + start + len(chunk))
-            rises[at] = robust_rise(median, mad, logged[at], scale_floor)
-    out[finite] = rises
-    return out
+    return recent_range_scores(values, window, warmup, _rise(scale_floor))
+
+
+def _rise(scale_floor: float) -> RangeScore:
+    return lambda median, mad, value: robust_rise(median, mad, value, scale_floor)
 
 
 def persistent(raw: np.ndarray, persist: int = 3) -> np.ndarray:
@@ -140,29 +129,11 @@ def persistent(raw: np.ndarray, persist: int = 3) -> np.ndarray:
     return out
 
 
-class RiseState:
-    """Online twin of `rise_scores`: the last `window` logged values of one signal.
-
-    Cost per value: a median and a MAD over at most `window` values (two partitions, O(window)).
-    """
+class RiseState(RecentRangeState):
+    """Online twin of `rise_scores`: the last `window` logged values of one signal."""
 
     def __init__(self, window: int, warmup: int, scale_floor: float) -> None:
-        self.history: deque[float] = deque(maxlen=window)
-        self.warmup, self.scale_floor = warmup, scale_floor
-
-    def update(self, value: float) -> float:
-        if math.isnan(value):
-            return math.nan
-        if not math.isfinite(value):
-            return math.inf
-        score = 0.0
-        if len(self.history) >= self.warmup:
-            history = np.fromiter(self.history, dtype=float)
-            median = np.median(history)
-            mad = np.median(np.abs(history - median))
-            score = float(robust_rise(median, mad, np.float64(value), self.scale_floor))
-        self.history.append(value)
-        return score
+        super().__init__(window, warmup, _rise(scale_floor))
 
 
 def _check(name: str, value: Any, ok: bool, must_be: str) -> None:

@@ -9,24 +9,25 @@ below it. As every guard, it scores a non-finite value +inf and skips a missing 
 
 from __future__ import annotations
 
-import math
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike
 
 from stabilitybench.detectors.base import BaseDetector, register_detector
 from stabilitybench.detectors.columns import Signal, first_column
+from stabilitybench.detectors.scores import (
+    MAD_TO_STD,
+    RangeScore,
+    RecentRangeState,
+    recent_range_scores,
+)
 
 COS_EMA_COLUMNS = ("grad_cos_ema", "actor/grad_cos_ema", "critic/grad_cos_ema")
 COS_PREV_COLUMNS = ("grad_cos_prev", "actor/grad_cos_prev", "critic/grad_cos_prev")
-MAD_TO_STD = 1.4826  # MAD × this estimates the standard deviation of a normal sample
-_CHUNK = 4096  # history windows whose medians are taken at once (bounds the memory)
 
 
 # -- pure scoring function ---------------------------------------------------------------------
@@ -43,49 +44,20 @@ def coherence_drop_scores(
     Against the previous `window` logged values (at most): their median and MAD·1.4826 (at least
     `min_scale`), score (median − value) / scale, positive when the value drops. 0 until
     `warmup` values are logged. NaN (not logged) scores NaN and is not part of any window; ±inf
-    scores +inf and is not part of any window either.
+    scores +inf and is not part of any window either (`scores.recent_range_scores`).
     """
-    values = np.asarray(values, dtype=float)
-    out = np.where(np.isnan(values), np.nan, np.inf)
-    finite = np.isfinite(values)
-    logged = values[finite]  # (m,)
-    drops = np.zeros(logged.size)
-    for i in range(warmup, min(window, logged.size)):  # history shorter than the window
-        history = logged[:i]
-        median = np.median(history)
-        drops[i] = robust_drop(median, np.median(np.abs(history - median)), logged[i], min_scale)
-    if window >= warmup and logged.size > window:
-        windows = sliding_window_view(logged[:-1], window)  # (m − window, window): before i
-        for start in range(0, len(windows), _CHUNK):
-            chunk = windows[start : start + _CHUNK]
-            median = np.median(chunk, axis=1)
-            mad = np.median(np.abs(chunk - median[:, None]), axis=1)
-            at = slice(window + start, window + start + len(chunk))
-            drops[at] = robust_drop(median, mad, logged[at], min_scale)
-    out[finite] = drops
-    return out
+    return recent_range_scores(values, window, warmup, _drop(min_scale))
 
 
-class CoherenceState:
+def _drop(min_scale: float) -> RangeScore:
+    return lambda median, mad, value: robust_drop(median, mad, value, min_scale)
+
+
+class CoherenceState(RecentRangeState):
     """Online twin of `coherence_drop_scores`: the last `window` logged values."""
 
     def __init__(self, window: int, warmup: int, min_scale: float) -> None:
-        self.history: deque[float] = deque(maxlen=window)
-        self.warmup, self.min_scale = warmup, min_scale
-
-    def update(self, value: float) -> float:
-        if math.isnan(value):
-            return math.nan
-        if not math.isfinite(value):
-            return math.inf
-        score = 0.0
-        if len(self.history) >= self.warmup:
-            history = np.fromiter(self.history, dtype=float)
-            median = np.median(history)
-            mad = np.median(np.abs(history - median))
-            score = float(robust_drop(median, mad, np.float64(value), self.min_scale))
-        self.history.append(value)
-        return score
+        super().__init__(window, warmup, _drop(min_scale))
 
 
 # -- the detector ------------------------------------------------------------------------------

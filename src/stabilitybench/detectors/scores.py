@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -306,3 +308,63 @@ class EWSState:
                 tau = rolling_kendall_tau(np.fromiter(history, dtype=float), self.tau_window)[-1]
                 best = float(np.fmax(best, tau))
         return best
+
+
+# -- a value against the run's own recent range (median and MAD), for coherence and auto --------
+MAD_TO_STD = 1.4826  # MAD × this estimates the standard deviation of a normal sample
+_WINDOWS_AT_ONCE = 4096  # history windows whose medians are taken at once (bounds the memory)
+# score(median, mad, value) → how alarming `value` is against that range (vectorised)
+RangeScore = Callable[[Any, Any, Any], Any]
+
+
+def recent_range_scores(
+    values: np.ndarray, window: int, warmup: int, score: RangeScore
+) -> np.ndarray:
+    """`score(median, MAD, value)` of each value against the previous `window` logged values (at
+    most), values: (n,) → (n,). 0 until `warmup` values are logged (and everywhere when `warmup`
+    exceeds `window`). NaN (not logged) scores NaN and is not part of any window; ±inf scores
+    +inf and is not part of any window either."""
+    values = np.asarray(values, dtype=float)
+    out = np.where(np.isnan(values), np.nan, np.inf)
+    finite = np.isfinite(values)
+    logged = values[finite]  # (m,)
+    scores = np.zeros(logged.size)
+    for i in range(warmup, min(window, logged.size)):  # a history shorter than the window
+        history = logged[:i]
+        median = np.median(history)
+        scores[i] = score(median, np.median(np.abs(history - median)), logged[i])
+    if window >= warmup and logged.size > window:
+        windows = sliding_window_view(logged[:-1], window)  # (m − window, window): before i
+        for start in range(0, len(windows), _WINDOWS_AT_ONCE):
+            chunk = windows[start : start + _WINDOWS_AT_ONCE]
+            median = np.median(chunk, axis=1)
+            mad = np.median(np.abs(chunk - median[:, None]), axis=1)
+            at = slice(window + start, window + start + len(chunk))
+            scores[at] = score(median, mad, logged[at])
+    out[finite] = scores
+    return out
+
+
+class RecentRangeState:
+    """Online twin of `recent_range_scores`: the last `window` logged values of one signal.
+
+    Cost per value: a median and a MAD over at most `window` values (two partitions, O(window)).
+    """
+
+    def __init__(self, window: int, warmup: int, score: RangeScore) -> None:
+        self.history: deque[float] = deque(maxlen=window)
+        self.warmup, self.score = warmup, score
+
+    def update(self, value: float) -> float:
+        if math.isnan(value):
+            return math.nan
+        if not math.isfinite(value):
+            return math.inf
+        result = 0.0
+        if len(self.history) >= self.warmup:
+            history = np.fromiter(self.history, dtype=float)
+            median = np.median(history)
+            mad = np.median(np.abs(history - median))
+            result = float(self.score(median, mad, np.float64(value)))
+        self.history.append(value)
+        return result

@@ -33,9 +33,9 @@ from stabilitybench.evaluation.alarms import (
     weighted_auroc,
     window_max,
 )
-from stabilitybench.evaluation.protocol import ScoredRun, Thresholds
+from stabilitybench.evaluation.protocol import AlarmState, ScoredRun, Thresholds
 from stabilitybench.evaluation.results import DetectorResult
-from stabilitybench.metrics.alarms import episode_bounds, renewed_alarms
+from stabilitybench.metrics.alarms import episode_bounds
 from stabilitybench.settings import WarningSettings
 
 SURROGATES = 1000
@@ -53,14 +53,6 @@ class WorkloadRuns:
     @property
     def collapsed(self) -> list[ScoredRun]:
         return [r for r in self.judged if r.collapsed]
-
-
-@dataclass
-class _Alarms:
-    """One run's alarm state at its threshold: in warning (n,) and alarms (n,)."""
-
-    on: np.ndarray
-    alarms: np.ndarray
 
 
 def evaluate_detector(
@@ -86,7 +78,7 @@ def evaluate_detector(
     )
     if thresholds.in_sample:
         result.note("thresholds calibrated in-sample: the healthy runs share one seed")
-    state = {id(r): _alarms(thresholds, r) for r in [*healthy, *judged]}
+    state = {id(r): thresholds.state(r) for r in [*healthy, *judged]}
     _false_alarms(result, healthy, judged, state, settings)
     leadable = _recall(result, judged, state, settings)
     _chance(result, leadable, state, settings, rng)
@@ -97,11 +89,6 @@ def evaluate_detector(
     if len(judged) < len(split.judged):
         result.note(f"{len(split.judged) - len(judged)} judged runs have no `{column}` score")
     return result, draws
-
-
-def _alarms(thresholds: Thresholds, run: ScoredRun) -> _Alarms:
-    on = thresholds.in_warning(run)
-    return _Alarms(on, renewed_alarms(on, run.steps, thresholds.sop))
 
 
 def _rate(count: int, steps: int) -> float | None:
@@ -118,7 +105,7 @@ def hard_negatives(judged: Sequence[ScoredRun]) -> list[ScoredRun]:
     return [r for r in judged if not r.collapsed and r.onset_step is not None and not _is_sham(r)]
 
 
-def _after_onset_rate(runs: Sequence[ScoredRun], state: dict[int, _Alarms]) -> float | None:
+def _after_onset_rate(runs: Sequence[ScoredRun], state: dict[int, AlarmState]) -> float | None:
     """Alarms per 1,000 steps over these runs, from each one's onset on."""
     count = steps = 0
     for run in runs:
@@ -131,7 +118,7 @@ def _false_alarms(
     result: DetectorResult,
     healthy: Sequence[ScoredRun],
     judged: Sequence[ScoredRun],
-    state: dict[int, _Alarms],
+    state: dict[int, AlarmState],
     settings: WarningSettings,
 ) -> None:
     """False alarms per 1,000 steps: on held-out healthy runs (every alarm), on perturbed runs
@@ -165,7 +152,7 @@ def _false_alarms(
 def _recall(
     result: DetectorResult,
     judged: Sequence[ScoredRun],
-    state: dict[int, _Alarms],
+    state: dict[int, AlarmState],
     settings: WarningSettings,
 ) -> list[ScoredRun]:
     """Event recall and lead times over the collapses that leave room for a warning; returns
@@ -194,7 +181,7 @@ def _recall(
     return leadable
 
 
-def _lead(run: ScoredRun, alarms: _Alarms, settings: WarningSettings) -> int | None:
+def _lead(run: ScoredRun, alarms: AlarmState, settings: WarningSettings) -> int | None:
     """Collapse start − the start of the episode holding the run's first true alarm (None:
     no true alarm)."""
     interval = run.collapse_interval
@@ -209,7 +196,7 @@ def _lead(run: ScoredRun, alarms: _Alarms, settings: WarningSettings) -> int | N
 def _chance(
     result: DetectorResult,
     leadable: Sequence[ScoredRun],
-    state: dict[int, _Alarms],
+    state: dict[int, AlarmState],
     settings: WarningSettings,
     rng: np.random.Generator,
 ) -> None:
@@ -241,13 +228,17 @@ def clock_control(result: DetectorResult, split: WorkloadRuns, settings: Warning
     that did not collapse (None without such runs, with a note)."""
     fa = result.false_alarms_per_1k_not_collapsed
     collapses = [
-        (r.onset_step, r.collapse_interval[0])  # type: ignore[index]
+        (onset, interval[0])
         for r in split.judged
-        if r.collapse_interval is not None
-        and r.onset_step is not None
+        if (interval := r.collapse_interval) is not None
+        and (onset := r.onset_step) is not None
         and not r.no_lead_possible(settings.sph)
     ]
-    negatives = [(r.onset_step, int(r.steps.max())) for r in hard_negatives(split.judged)]
+    negatives = [
+        (onset, int(r.steps.max()))
+        for r in hard_negatives(split.judged)
+        if (onset := r.onset_step) is not None
+    ]
     if fa is None or not negatives:
         result.note(
             "no perturbed run (other than the sham arm) that did not collapse: no hard "

@@ -127,6 +127,14 @@ class ScoredRun:
         return onset, int(self.steps.max()) if end is None else end
 
 
+@dataclass(frozen=True)
+class AlarmState:
+    """One run's alarm state at its threshold: in warning (n,) and alarms (n,), both bool."""
+
+    on: np.ndarray
+    alarms: np.ndarray
+
+
 @dataclass
 class Thresholds:
     """Per (workload, seed): the threshold calibrated on the other seeds' healthy runs."""
@@ -171,10 +179,15 @@ class Thresholds:
         finite = [t for t in used if math.isfinite(t)]
         return float(np.median(finite)) if finite else None
 
+    def state(self, run: ScoredRun) -> AlarmState:
+        """The run's alarm episodes and alarms at its threshold."""
+        on = warning_mask(run.values(self.column), self.of(run), self.gap)
+        return AlarmState(on, renewed_alarms(on, run.steps, self.sop))
+
     def in_warning(self, run: ScoredRun) -> np.ndarray:
         """(n,) bool: the run's steps inside an alarm episode at its threshold."""
-        return warning_mask(run.values(self.column), self.of(run), self.gap)
+        return self.state(run).on
 
     def events(self, run: ScoredRun) -> np.ndarray:
         """(n,) bool: the run's alarms, its episodes' starts and renewals every `sop` steps."""
-        return renewed_alarms(self.in_warning(run), run.steps, self.sop)
+        return self.state(run).alarms
