@@ -295,6 +295,15 @@ class Guard:
             self._in_after_step = False
         return self.last_action
 
+    def before_step(self, **scalars: float | int | torch.Tensor) -> None:
+        """Values known before `optimizer.step()` (`loss=…`): they land in this step's row (the
+        device guard decides on them; this guard scores the finished row either way)."""
+        self.telemetry.log_before_step(None, **scalars)
+
+    def flush(self) -> None:
+        """Read every finished row back now (this guard already reads each one as it ends)."""
+        self.telemetry.flush()
+
     def close(self) -> None:
         """Stop acting: from now on the guard does nothing at a step, the telemetry's per-step
         read-back is off again (unless it was on before the guard), and a telemetry the guard

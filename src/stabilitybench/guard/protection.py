@@ -20,6 +20,7 @@ import torch
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import parse_guard
 from stabilitybench.guard.core import Guard
+from stabilitybench.guard.device import DeviceGuard, device_possible
 from stabilitybench.telemetry.core import Telemetry
 
 if TYPE_CHECKING:
@@ -71,8 +72,9 @@ def protect(
     *,
     telemetry: Telemetry | None = None,
     probes: ProbeSpec = "cheap",
+    on_device: bool | None = None,
     **options: Any,
-) -> Guard:
+) -> Guard | DeviceGuard:
     """Guard `optimizer`'s steps: a detector's online score drives an action; returns the `Guard`.
 
     `action`: skip | lr_cut | reset_moments | rollback | escalate (default). `detector`: a
@@ -87,16 +89,35 @@ def protect(
     host–device sync per optimizer step (the score must be known before the next update), plus
     the actions' own copies (see `Guard`).
 
+    `on_device`: for `skip` and `lr_cut` with `auto` or `olmo` on torch's SGD, Adam or AdamW,
+    the decision is made on the device before the update (`guard.device.DeviceGuard`): no host
+    sync, no copy of the parameters; pass the loss before the step to include it
+    (`guard.before_step(loss=loss)`), and read the decisions with `guard.flush()` (they reach
+    the host every `flush_every` steps). None (default): on the device whenever it can be;
+    True: on the device or an error saying why not; False: the host guard.
+
     Bad input raises `StabilityBenchError` naming the argument: an optimizer that is not a
     `torch.optim.Optimizer`, an unknown detector or action, a setting out of range.
     """
     _check_inputs(model, optimizer, telemetry)
-    settings = {"detector": _detector_name(detector), "action": action, **options}
-    parse_guard(settings, where="protect")  # every problem named before anything is attached
+    name = _detector_name(detector)
+    settings = {"detector": name, "action": action, **options}
+    # Every problem is named before anything is attached.
+    config = parse_guard(settings, where="protect")
+    why_not = device_possible(optimizer, config.detector, config.action)
+    if on_device not in (None, True, False):
+        raise StabilityBenchError(
+            f"protect.on_device: must be True, False or None, got {on_device!r}"
+        )
+    if on_device and why_not is not None:
+        raise StabilityBenchError(f"protect.on_device: not on the device: {why_not}")
+    device = on_device is not False and why_not is None
     made = telemetry is None
     tel = Telemetry(model, optimizer, probes=probes, keep_rows=False) if made else telemetry
     assert tel is not None
     try:
+        if device:
+            return DeviceGuard(tel, detector, action, close_telemetry=made, **options)
         return Guard(tel, detector, action, close_telemetry=made, **options)
     except BaseException:
         if made:

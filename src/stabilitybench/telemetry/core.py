@@ -41,6 +41,11 @@ class StepHook(Protocol):
     def row_fields(self, step: int) -> Mapping[str, Any]: ...
 
 
+# A hook may also define `on_pre_update(ctx)`, called after the probes' pre-step work (they have
+# seen the state before the update), and `on_post_update(ctx)`, called before the post-step
+# probes: a guard that performs the update itself (`guard.device.DeviceGuard`) uses them.
+
+
 class Sink(Protocol):
     """Where finished rows go besides memory (Parquet via the run store, TensorBoard).
 
@@ -410,11 +415,19 @@ class Telemetry:
                 probe.before_step(ctx)
                 if probe.phase is Phase.PRE_STEP:
                     self._store(inst, probe.observe(ctx))
+        for hook in self._hooks:  # after the probes saw the state before the update
+            pre_update = getattr(hook, "on_pre_update", None)
+            if pre_update is not None:
+                pre_update(ctx)
 
     @torch.no_grad()
     def _post_step(self, inst: _Instrumented) -> None:
         ctx = self._context(inst, Phase.POST_STEP)
         step = ctx.step
+        for hook in self._hooks:  # before the probes look at the state after the update
+            post_update = getattr(hook, "on_post_update", None)
+            if post_update is not None:
+                post_update(ctx)
         for probe in inst.probes:
             if probe.phase is Phase.POST_STEP and probe.tracks(step):
                 self._store(inst, probe.observe(ctx))

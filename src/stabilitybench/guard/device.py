@@ -1,0 +1,516 @@
+"""Decisions before the update, on the device: `skip` and `lr_cut` with no host sync and no copy.
+
+The host guard (`guard.core.Guard`) reads each step's row back to score it (one host–device sync
+per optimizer step) and, to undo a skipped update, copies the parameters and optimizer state on
+every step. `DeviceGuard` does neither, as OLMo-core's `SkipStepOptimizer` does:
+
+- after backward and the telemetry's own pre-step probes, it scores this step's gradient norm
+  (and the loss, when the loop passes it with `guard.before_step(loss=loss)`) against the run's
+  own recent history kept in a small device tensor, and decides — a 0-d device tensor;
+- it then performs the optimizer's update itself, with the decision folded in as two factors
+  (`masked_step`): `keep` (0 skips the update: moments, step count and parameters stay as they
+  were) and `scale` (the update's multiplier: the LR cut). Nothing is read; nothing is copied.
+  The optimizer's own `step()` then finds no gradients (they are set aside and put back right
+  after it) and does nothing;
+- the decisions and scores go into the step's row (`guard_alarm`, `guard_scale`, `guard_score`)
+  and reach the host with the telemetry's batched read-back (every `flush_every` steps, or at
+  once with `guard.flush()`): the host learns of an intervention that late, but it was made
+  on time.
+
+Detectors with a device form: `auto` (robust rise of the gradient norm / loss over the median of
+the last `window` accepted values, in MAD·1.4826, at least `scale_floor`·|median|, after
+`warmup` values; a value that alarms does not enter the history) and `olmo` (OLMo-core's rule:
+mean + `threshold_std`·std of the last `window` values, population std, once the window is full;
+every value enters it). Neither needs persistence here: a skipped update costs one step, and the
+decision must be made before the update it would have to take back. A non-finite gradient norm
+or loss always skips the update, whatever the action.
+
+Optimizers with a masked step: torch's `SGD` (momentum, dampening, Nesterov, weight decay),
+`Adam` and `AdamW` (not amsgrad, maximize or differentiable). Any other optimizer keeps the host
+guard (`unsupported_reason` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stabilitybench.errors import StabilityBenchError
+from stabilitybench.guard.config import parse_guard
+from stabilitybench.telemetry.core import Telemetry
+
+if TYPE_CHECKING:
+    from stabilitybench.detectors.base import Detector
+    from stabilitybench.guard.core import GuardStats, Intervention
+    from stabilitybench.types import StepContext
+
+DEVICE_DETECTORS: tuple[str, ...] = ("auto", "olmo")
+DEVICE_ACTIONS: tuple[str, ...] = ("skip", "lr_cut")
+COLUMNS: tuple[str, ...] = ("guard_alarm", "guard_scale", "guard_score")
+# What the device rule reads before the update: the gradient norm, the loss (when the loop gives
+# it before the step) and the ratio ‖Δθ‖/‖θ‖ of the update the optimizer is about to make (an LR
+# spike shows there before it is applied; in the gradient only after).
+SIGNALS: tuple[str, ...] = ("grad_norm", "loss", "update_ratio")
+_MAD_TO_STD = 1.4826
+_EPS = 1e-12
+
+
+# -- masked optimizer steps ----------------------------------------------------------------------
+def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why `optimizer` has no masked step (None when it has one)."""
+    kind = type(optimizer)
+    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        return (
+            f"{kind.__name__} has no masked step (the device guard has them for torch's SGD, "
+            "Adam and AdamW)"
+        )
+    for group in optimizer.param_groups:
+        for flag in ("amsgrad", "maximize", "differentiable"):
+            if group.get(flag):
+                return f"{kind.__name__} with {flag}=True has no masked step"
+    return None
+
+
+@torch.no_grad()
+def masked_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
+    """One update of `optimizer` with the decision folded in, no host sync.
+
+    `keep` (0-d bool): False leaves every moment, step count and parameter as it was (the
+    gradient is replaced by zeros first, so a non-finite one cannot leak in). `scale` (0-d
+    float): the update's multiplier (the LR cut; 0 with `keep` False). With keep True and scale
+    1 this is torch's own update, to float rounding (bias corrections are computed on the device).
+    """
+    if isinstance(optimizer, torch.optim.SGD):
+        _sgd_step(optimizer, keep, scale)
+    else:
+        _adam_step(optimizer, keep, scale)
+
+
+@torch.no_grad()
+def proposed_update_ratio(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """‖Δθ‖ / ‖θ‖ of the update `optimizer.step()` would make now (0-d, float64), no host sync.
+
+    Computed tensor by tensor from the gradients and the optimizer's state, without writing
+    either: each tensor's would-be update is a temporary freed before the next (no copy of the
+    parameters or the state is kept). Weight decay is left out: it is not what spikes.
+    """
+    sq_update: list[torch.Tensor] = []
+    params: list[torch.Tensor] = []
+    sgd = isinstance(optimizer, torch.optim.SGD)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            update = _sgd_update(optimizer, group, p) if sgd else _adam_update(optimizer, group, p)
+            sq_update.append(torch.linalg.vector_norm(update, dtype=torch.float64).square())
+            params.append(p)
+    if not params:
+        return torch.zeros((), dtype=torch.float64)
+    param_norms = torch._foreach_norm(params)
+    param_sq = torch.stack([n.double().square() for n in param_norms]).sum()
+    return torch.stack(sq_update).sum().sqrt() / (param_sq.sqrt() + _EPS)
+
+
+def _sgd_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> Any:
+    assert p.grad is not None
+    lr, momentum = group["lr"], group["momentum"]
+    if not momentum:
+        return p.grad * lr
+    buf = optimizer.state[p].get("momentum_buffer")
+    step = p.grad if buf is None else buf * momentum + p.grad * (1 - group["dampening"])
+    if group["nesterov"]:
+        step = p.grad + step * momentum
+    return step * lr
+
+
+def _adam_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> Any:
+    assert p.grad is not None
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    state = optimizer.state.get(p) or {}
+    grad = p.grad
+    if "exp_avg" in state:
+        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = state["step"].double() + 1
+    else:
+        exp_avg, exp_avg_sq = grad * (1 - beta1), grad.square().mul_(1 - beta2)
+        step = torch.ones((), dtype=torch.float64, device=p.device)
+    bias1 = 1 - torch.pow(beta1, step)
+    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
+    denom = (exp_avg_sq.sqrt_() / bias2_sqrt.to(p.dtype)).add_(eps)
+    return exp_avg.div_(denom).mul_((lr / bias1).to(p.dtype))
+
+
+def _masked_grad(p: torch.Tensor, keep: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    assert p.grad is not None
+    grad = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
+    return torch.where(keep, grad, grad.new_zeros(()))
+
+
+def _sgd_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
+    for group in optimizer.param_groups:
+        lr, momentum = group["lr"], group["momentum"]
+        dampening, nesterov = group["dampening"], group["nesterov"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d_p = _masked_grad(p, keep, group["weight_decay"])
+            if momentum:
+                state = optimizer.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # torch starts the buffer at the first gradient
+                    buf = state["momentum_buffer"] = d_p.detach().clone()
+                else:
+                    one = torch.ones((), dtype=buf.dtype, device=buf.device)
+                    buf.mul_(torch.where(keep, momentum * one, one)).add_(d_p, alpha=1 - dampening)
+                d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+            p.addcmul_(d_p, (-lr * scale).to(p.dtype))
+
+
+def _adam_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
+    decoupled_default = isinstance(optimizer, torch.optim.AdamW)
+    for group in optimizer.param_groups:
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, weight_decay = group["eps"], group["weight_decay"]
+        decoupled = group.get("decoupled_weight_decay", decoupled_default)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if not state:  # as torch's lazy initialisation (the step on the parameter's device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+            grad = _masked_grad(p, keep, 0.0 if decoupled else weight_decay)
+            kept = keep.to(p.dtype)
+            if decoupled and weight_decay:
+                p.mul_(1 - (lr * weight_decay) * scale.to(p.dtype))
+            step = state["step"]
+            step.add_(kept.to(step.dtype))
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, kept * (1 - beta1))
+            exp_avg_sq.mul_(1 - kept * (1 - beta2)).addcmul_(grad, grad, value=1 - beta2)
+            t = step.double().clamp_min(1)  # a skip at the very first step has no bias yet
+            bias1 = 1 - torch.pow(beta1, t)
+            bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt.to(p.dtype)).add_(eps)
+            step_size = (lr / bias1).to(p.dtype) * scale.to(p.dtype)
+            p.addcdiv_(exp_avg * -step_size, denom)
+
+
+# -- the rule ------------------------------------------------------------------------------------
+class DeviceRule:
+    """`auto`'s (robust) or `olmo`'s (mean/std) spike rule over a device ring of past values.
+
+    `decide(values, given)` takes this step's values ((k,) device tensor; a signal not given this
+    step is NaN) and returns (alarm 0-d bool, score 0-d float: the largest rise in σ, +inf for a
+    non-finite value). The ring position and the count of steps seen are host integers (they do
+    not depend on any value), so nothing is read.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        signals: int,
+        device: torch.device,
+        *,
+        window: int,
+        warmup: int,
+        threshold: float,
+        scale_floor: float = 0.0,
+    ) -> None:
+        self.kind, self.window, self.warmup = kind, window, warmup
+        self.threshold, self.scale_floor = threshold, scale_floor
+        self.history = torch.full((signals, window), math.nan, dtype=torch.float32, device=device)
+        self.seen = 0  # steps decided so far
+        self._robust = kind == "auto"
+
+    def nbytes(self) -> int:
+        return self.history.numel() * self.history.element_size()
+
+    def decide(
+        self, values: torch.Tensor, given: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        values = values.float()
+        nonfinite = (given & ~torch.isfinite(values)).any()
+        if self.seen >= self.warmup:
+            rise = self._rise(values)
+            score = torch.where(nonfinite, torch.full_like(rise, math.inf), rise)
+            alarm = nonfinite | (rise > self.threshold)
+        else:
+            score = torch.where(nonfinite, math.inf, 0.0).to(values)
+            alarm = nonfinite
+        slot = self.history[:, self.seen % self.window]
+        clean = torch.where(given & torch.isfinite(values), values, math.nan)
+        # auto: a value that alarmed stays out of the history (as auto's own +inf values do);
+        # olmo: every finite value enters it (OLMo-core appends every loss and norm).
+        entering = torch.where(alarm, slot, clean) if self._robust else clean
+        slot.copy_(entering)
+        self.seen += 1
+        return alarm, score
+
+    def _rise(self, values: torch.Tensor) -> torch.Tensor:
+        """The largest rise over the signals, in σ (0-d; NaN-free: a missing signal rises 0)."""
+        history = self.history
+        if self._robust:
+            location = history.nanmedian(dim=1).values
+            mad = (history - location[:, None]).abs().nanmedian(dim=1).values
+            scale = torch.maximum(_MAD_TO_STD * mad, self.scale_floor * location.abs())
+        else:
+            valid = ~torch.isnan(history)
+            count = valid.sum(dim=1).clamp_min(1)
+            filled = torch.where(valid, history, 0.0)
+            location = filled.sum(dim=1) / count
+            spread = torch.where(valid, history - location[:, None], 0.0)
+            scale = (spread.square().sum(dim=1) / count).sqrt()
+        rise = (values - location) / scale.clamp_min(_EPS)
+        if not self._robust:  # OLMo's rule: no score from a flat window
+            rise = torch.where(scale >= 1e-10, rise, 0.0)
+        return torch.nan_to_num(rise.clamp_min(0), nan=0.0).max()
+
+
+def device_rule(detector: Detector, signals: int, device: torch.device) -> DeviceRule:
+    """The device form of a registered detector made with its settings (`auto` or `olmo`)."""
+    name = getattr(detector, "name", None)
+    if name == "auto":
+        d: Any = detector
+        return DeviceRule(
+            "auto",
+            signals,
+            device,
+            window=d.window,
+            warmup=d.warmup,
+            threshold=d.z_thresh,
+            scale_floor=d.scale_floor,
+        )
+    if name == "olmo":
+        o: Any = detector
+        return DeviceRule(
+            "olmo", signals, device, window=o.window, warmup=o.window, threshold=o.threshold_std
+        )
+    raise StabilityBenchError(
+        f"guard.detector: {name!r} has no device form; allowed: {', '.join(DEVICE_DETECTORS)}"
+    )
+
+
+# -- the guard ------------------------------------------------------------------------------------
+class DeviceGuard:
+    """A guard whose `skip` / `lr_cut` decisions are made on the device, before the update.
+
+    The same surface as `Guard` where it can be: `after_step(**scalars)`, `before_step(loss=…)`,
+    `close()`, `with`, `events()`, `interventions`, `stats`, `scores`. `after_step` returns None:
+    the decision is not read back each step; `flush()` reads every decision so far (one sync).
+    """
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        detector: str | Detector = "auto",
+        action: str = "skip",
+        *,
+        close_telemetry: bool = False,
+        **params: Any,
+    ) -> None:
+        from stabilitybench.guard.core import GuardStats, build_detector
+
+        name = detector if isinstance(detector, str) else getattr(detector, "name", detector)
+        self.config = parse_guard({"detector": name, "action": action, **params}, where="guard")
+        if self.config.action not in DEVICE_ACTIONS:
+            raise StabilityBenchError(
+                f"guard.action: {self.config.action} is decided on the host; on the device: "
+                f"{', '.join(DEVICE_ACTIONS)}"
+            )
+        if len(telemetry.optimizers) != 1:
+            raise StabilityBenchError(
+                "guard: the device guard steps one optimizer; this telemetry instruments "
+                f"{len(telemetry.optimizers)}"
+            )
+        self.optimizer = next(iter(telemetry.optimizers.values()))
+        reason = unsupported_reason(self.optimizer)
+        if reason is not None:
+            raise StabilityBenchError(f"guard: {reason}")
+        self.telemetry = telemetry
+        self.detector = build_detector(self.config) if isinstance(detector, str) else detector
+        params_ = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.device = params_[0].device if params_ else torch.device("cpu")
+        # gradient norm, loss, proposed update ratio
+        self.rule = device_rule(self.detector, len(SIGNALS), self.device)
+        self.close_telemetry = close_telemetry
+        self.interventions: list[Intervention] = []
+        self.stats: GuardStats = GuardStats()
+        self.stats.undo_bytes = 0  # nothing copied: the decision is made before the update
+        self.scores: list[tuple[int, float]] = []
+        self.last_action: str | None = None  # never known without a read-back (see `flush`)
+        self._loss: torch.Tensor | None = None
+        self._set_aside: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._row: dict[str, torch.Tensor] = {}
+        self._cut_left = torch.zeros((), dtype=torch.int64, device=self.device)
+        # Made once: a tensor built from host values each step would be a host-to-device copy.
+        self._given = {
+            loss: torch.tensor([True, loss, True], device=self.device) for loss in (False, True)
+        }
+        self._nan = torch.full((), math.nan, device=self.device)
+        self._detached = False
+        telemetry.add_hook(self)
+        telemetry.on_row(self._on_row)  # batched: at each flush, no per-step sync
+
+    # -- the loop's calls ------------------------------------------------------------------------
+    def before_step(self, **scalars: float | int | torch.Tensor) -> None:
+        """Values known before `optimizer.step()`: `loss=` joins the decision (else the gradient
+        norm alone decides); every value lands in this step's row."""
+        loss = scalars.get("loss")
+        if loss is not None:
+            self._loss = (
+                loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(loss)
+            )
+        self.telemetry.log_before_step(None, **scalars)
+
+    def after_step(self, **scalars: float | int | torch.Tensor) -> None:
+        """Log this step's values (`loss=…`) to its row; the action was already taken."""
+        if scalars:
+            self.telemetry.log(**scalars)
+
+    def flush(self) -> None:
+        """Read every decision so far back to the host (one sync): `interventions`, `stats`."""
+        self.telemetry.flush()
+
+    def close(self) -> None:
+        if self._detached:
+            return
+        self._detached = True
+        self._restore_grads()
+        if self.close_telemetry:
+            self.telemetry.close(read_back=False)
+        else:
+            self.telemetry.flush()
+        _steps_to_host(self.optimizer)
+
+    def __enter__(self) -> DeviceGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [i.event() for i in self.interventions]
+
+    # -- StepHook ----------------------------------------------------------------------------------
+    def on_pre_step(self, ctx: StepContext) -> None:
+        return None
+
+    def on_pre_update(self, ctx: StepContext) -> None:
+        """After the probes' pre-step work: decide, update, and set the gradients aside."""
+        if self._detached:
+            return
+        with torch.no_grad():
+            alarm, score = self._decide(ctx)
+            cut = self.config.action == "lr_cut"
+            # lr_cut keeps every update but a non-finite one; skip keeps none that alarmed.
+            keep = ~torch.isinf(score) if cut else ~alarm
+            if cut:
+                left = torch.where(alarm, self.config.cooldown, (self._cut_left - 1).clamp_min(0))
+                self._cut_left = left
+                scale = torch.where(left > 0, self.config.factor, 1.0).to(torch.float32)
+                scale = torch.where(keep, scale, 0.0)
+            else:
+                scale = keep.to(torch.float32)
+            masked_step(self.optimizer, keep, scale)
+        self._row = {"guard_alarm": alarm, "guard_scale": scale, "guard_score": score}
+        self._set_aside = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
+        for p, _ in self._set_aside:
+            p.grad = None  # the optimizer's own step finds nothing to do
+
+    def on_post_update(self, ctx: StepContext) -> None:
+        self._restore_grads()  # before the post-step probes (and the loop) look at them
+
+    def on_post_step(self, ctx: StepContext) -> None:
+        return None
+
+    def row_fields(self, step: int) -> Mapping[str, Any]:
+        row, self._row = self._row, {}
+        return row
+
+    # -- inside ------------------------------------------------------------------------------------
+    def _decide(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_norm = ctx.grad_norm().to(torch.float32)
+        loss = self._nan if self._loss is None else self._loss.to(self.device, torch.float32)
+        given = self._given[self._loss is not None]
+        self._loss = None
+        ratio = proposed_update_ratio(self.optimizer).to(torch.float32)
+        return self.rule.decide(torch.stack([grad_norm, loss, ratio]), given)
+
+    def _restore_grads(self) -> None:
+        for p, grad in self._set_aside:
+            p.grad = grad
+        self._set_aside = []
+
+    def _on_row(self, row: dict[str, Any]) -> None:
+        """At each read-back: the decisions made on the device become interventions."""
+        from stabilitybench.guard.core import Intervention
+
+        alarm, scale = row.get("guard_alarm"), row.get("guard_scale")
+        if alarm is None or scale is None:
+            return
+        step, score = int(row["step"]), float(row.get("guard_score", math.nan))
+        self.scores.append((step, score))
+        if 0 < float(scale) < 1:
+            self.stats.lr_cut_steps += 1
+        if not float(alarm) > 0:
+            return
+        action = "skip" if float(scale) == 0 else "lr_cut"
+        self.stats.alarms += 1
+        self.stats.by_action[action] += 1
+        self.stats.skipped_steps += action == "skip"
+        self.interventions.append(
+            Intervention(
+                step,
+                action,
+                self.config.detector,
+                score,
+                self.config.action,
+                note="decided on the device before the update",
+                steps_lost=int(action == "skip"),
+            )
+        )
+
+
+def _steps_to_host(optimizer: torch.optim.Optimizer) -> None:
+    """Give torch's Adam its step counts back where its own step expects them (on the CPU,
+    unless capturable or fused): the masked step kept them on the parameters' device."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].cpu()
+
+
+def device_possible(optimizer: torch.optim.Optimizer, detector: str, action: str) -> str | None:
+    """Why a device guard cannot take (detector, action) on `optimizer`; None when it can."""
+    if action not in DEVICE_ACTIONS:
+        return (
+            f"action {action} is decided on the host (on the device: {', '.join(DEVICE_ACTIONS)})"
+        )
+    if detector not in DEVICE_DETECTORS:
+        return f"detector {detector} has no device form ({', '.join(DEVICE_DETECTORS)} have)"
+    return unsupported_reason(optimizer)
+
+
+__all__ = [
+    "COLUMNS",
+    "DEVICE_ACTIONS",
+    "DEVICE_DETECTORS",
+    "DeviceGuard",
+    "DeviceRule",
+    "device_possible",
+    "masked_step",
+    "unsupported_reason",
+]

@@ -1,0 +1,302 @@
+"""The device guard: `skip` and `lr_cut` decided before the update, with no host read per step and
+no copy of the parameters or optimizer state (`guard.device`)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import stabilitybench
+from host_reads import CountReads
+from stabilitybench import StabilityBenchError
+from stabilitybench.guard import Guard
+from stabilitybench.guard.device import (
+    DeviceGuard,
+    DeviceRule,
+    masked_step,
+    proposed_update_ratio,
+)
+from stabilitybench.perturbations import PerturbationSchedule
+
+torch.set_num_threads(1)
+SPIKE_AT = 150
+
+OPTIMIZERS = [
+    (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.01}),
+    (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    (torch.optim.SGD, {"lr": 0.1}),
+]
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _backward(model: torch.nn.Module, x: torch.Tensor, factor: float = 1.0) -> None:
+    model.zero_grad()
+    (model(x).pow(2).mean() * factor).backward()
+
+
+@pytest.mark.parametrize(("cls", "options"), OPTIMIZERS)
+def test_a_kept_step_is_torchs_own_update(cls: Any, options: dict[str, Any]) -> None:
+    ours, theirs = _net(), _net()
+    opt_ours, opt_theirs = cls(ours.parameters(), **options), cls(theirs.parameters(), **options)
+    keep, one = torch.tensor(True), torch.tensor(1.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        x = torch.randn(16, 5, generator=gen)
+        _backward(ours, x)
+        _backward(theirs, x)
+        opt_theirs.step()
+        with torch.no_grad():
+            masked_step(opt_ours, keep, one)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("cls", "options"), OPTIMIZERS)
+def test_a_skipped_step_changes_nothing_even_with_an_infinite_gradient(
+    cls: Any, options: dict[str, Any]
+) -> None:
+    model = _net()
+    opt = cls(model.parameters(), **options)
+    for _ in range(3):
+        _backward(model, torch.randn(16, 5))
+        opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    _backward(model, torch.randn(16, 5), factor=1e6)
+    next(model.parameters()).grad[0, 0] = math.inf  # type: ignore[index]
+    with torch.no_grad():
+        masked_step(opt, torch.tensor(False), torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    after = opt.state_dict()["state"]
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after[index][key]))
+
+
+@pytest.mark.parametrize(("cls", "options"), OPTIMIZERS[:3])
+def test_the_proposed_update_ratio_is_the_update_the_step_then_makes(
+    cls: Any, options: dict[str, Any]
+) -> None:
+    model = _net()
+    opt = cls(model.parameters(), **{**options, "weight_decay": 0.0})
+    for _ in range(5):
+        _backward(model, torch.randn(16, 5))
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        proposed = float(proposed_update_ratio(opt))
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert proposed == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-5)
+
+
+def test_the_robust_rule_keeps_alarming_values_out_of_its_history() -> None:
+    rule = DeviceRule("auto", 1, torch.device("cpu"), window=16, warmup=8, threshold=6.0)
+    given = torch.tensor([True])
+    rng = np.random.default_rng(0)
+    alarms = [
+        bool(rule.decide(torch.tensor([1.0 + 0.01 * rng.standard_normal()]), given)[0])
+        for _ in range(20)
+    ]
+    assert not any(alarms)
+    for _ in range(30):  # a value far above the range alarms every time: it never enters it
+        alarm, score = rule.decide(torch.tensor([5.0]), given)
+        assert bool(alarm) and float(score) > 6
+    alarm, score = rule.decide(torch.tensor([math.nan]), given)
+    assert bool(alarm) and math.isinf(float(score))  # a non-finite value always alarms
+    assert not bool(rule.decide(torch.tensor([math.nan]), torch.tensor([False]))[0])  # not given
+
+
+def _loop(
+    guard: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int
+) -> list[torch.Tensor]:
+    """`steps` training steps with the guard; the losses as tensors (nothing read)."""
+    losses = []
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(32, 8, generator=gen)
+        loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        guard.before_step(loss=loss)
+        opt.step()
+        guard.after_step()
+        losses.append(loss.detach())
+    return losses
+
+
+def _floats(losses: list[torch.Tensor]) -> list[float]:
+    return [float(v) for v in losses]
+
+
+def _model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_protect_skip_decides_on_the_device_and_skips_the_spike_before_it_lands(seed: int) -> None:
+    model, opt = _model(seed)
+    with stabilitybench.protect(model, opt, action="skip") as guard:
+        assert isinstance(guard, DeviceGuard) and not guard.telemetry.sync_every_step
+        healthy = _floats(_loop(guard, model, opt, 300))
+    assert guard.interventions == [] and len(guard.scores) == 300
+
+    model, opt = _model(seed)
+    with stabilitybench.protect(model, opt, action="skip") as guard:
+        spike = [{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000}]  # one ×1000 update
+        PerturbationSchedule(spike).attach(guard.telemetry)
+        spiked = _floats(_loop(guard, model, opt, 300))
+    # The ×1000 update is seen in the update it proposes, before it is made: that very step is
+    # skipped, and the run goes on as if it had not happened.
+    assert [(i.step, i.action) for i in guard.interventions] == [(SPIKE_AT, "skip")]
+    assert guard.stats.skipped_steps == 1 and guard.stats.undo_bytes == 0
+    assert float(np.mean(spiked[-20:])) < 1.5 * float(np.mean(healthy[-20:])) + 0.05
+    event = guard.events()[0]
+    assert event["name"] == "skip" and event["params"]["guard"] == "skip"
+
+
+def test_without_the_guard_the_same_spike_does_harm() -> None:
+    model, opt = _model(0)
+    with stabilitybench.protect(model, opt, action="skip", on_device=False) as host:
+        healthy = _floats(_loop(host, model, opt, 300))
+    model, opt = _model(0)
+    tel = stabilitybench.Telemetry(model, opt)
+    PerturbationSchedule([{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000}]).attach(tel)
+
+    class NoGuard:
+        def before_step(self, **_: Any) -> None: ...
+        def after_step(self, **_: Any) -> None: ...
+
+    spiked = _floats(_loop(NoGuard(), model, opt, 300))
+    tel.close()
+    assert max(spiked[SPIKE_AT + 1 : SPIKE_AT + 20]) > 10 * float(np.mean(healthy[-20:]))
+
+
+def test_lr_cut_scales_the_updates_for_the_cooldown_and_keeps_the_moments() -> None:
+    model, opt = _model(0)
+    guard = stabilitybench.protect(model, opt, action="lr_cut", factor=0.25, cooldown=10)
+    PerturbationSchedule([{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000}]).attach(
+        guard.telemetry
+    )
+    tel = guard.telemetry
+    rows: list[dict[str, Any]] = []
+    tel.on_row(rows.append)
+    _loop(guard, model, opt, 200)
+    guard.close()
+    scale = {int(r["step"]): r["guard_scale"] for r in rows}
+    assert guard.interventions[0].step == SPIKE_AT
+    assert all(scale[s] == 0.25 for s in range(SPIKE_AT, SPIKE_AT + 10))
+    assert scale[SPIKE_AT - 1] == 1.0 and guard.stats.lr_cut_steps >= 10
+    opt.step()  # torch's own step works again after the guard (its step counts are back on CPU)
+
+
+def test_no_host_read_per_step_and_no_copy_of_the_training_state() -> None:
+    model, opt = _model(0)
+    tel = stabilitybench.Telemetry(model, opt, flush_every=1000, keep_rows=True)
+    guard = stabilitybench.protect(model, opt, action="skip", telemetry=tel)
+    _loop(guard, model, opt, 60)  # warm-up: buffers, Adam's state
+    with CountReads() as counted:
+        _loop(guard, model, opt, 100)
+    assert counted.total == 0, counted.counts
+    held = _tensor_elements(guard.__dict__, {id(p) for p in model.parameters()}, opt)
+    # The history ring (3 signals x 128 steps) and a few scalars, whatever the model's size.
+    assert held <= guard.rule.history.numel() + 16, held
+    guard.close()
+    assert len(guard.scores) == 160
+
+
+def _tensor_elements(obj: Any, exclude: set[int], opt: Any, seen: set[int] | None = None) -> int:
+    """Elements of every tensor reachable from `obj` (not the model's parameters, nor the
+    optimizer and telemetry the guard was given: those exist without it)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or id(obj) in exclude or obj is opt:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel()
+    if isinstance(obj, stabilitybench.Telemetry):
+        return 0
+    if isinstance(obj, dict):
+        return sum(_tensor_elements(v, exclude, opt, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_elements(v, exclude, opt, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type | torch.nn.Module):
+        return _tensor_elements(vars(obj), exclude, opt, seen)
+    return 0
+
+
+def test_which_guard_protect_gives() -> None:
+    model, opt = _model(0)
+    assert isinstance(stabilitybench.protect(model, opt, "skip", "olmo"), DeviceGuard)
+    model, opt = _model(0)
+    assert isinstance(stabilitybench.protect(model, opt, "skip", on_device=False), Guard)
+    model, opt = _model(0)
+    assert isinstance(stabilitybench.protect(model, opt, "escalate"), Guard)  # host actions
+    model, opt = _model(0)
+    assert isinstance(stabilitybench.protect(model, opt, "skip", "zclip"), Guard)  # no device form
+    rms = torch.optim.RMSprop(model.parameters())
+    assert isinstance(stabilitybench.protect(model, rms, "skip"), Guard)  # no masked step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"action": "rollback", "on_device": True}, ["protect.on_device", "rollback", "host"]),
+        ({"detector": "zclip", "action": "skip", "on_device": True}, ["zclip", "device form"]),
+        ({"action": "skip", "on_device": "yes"}, ["protect.on_device", "True, False or None"]),
+        ({"action": "skip", "rms": True, "on_device": True}, ["RMSprop", "masked step"]),
+    ],
+)
+def test_bad_input_is_one_error(kwargs: dict[str, Any], words: list[str]) -> None:
+    model, opt = _model(0)
+    if kwargs.pop("rms", False):
+        opt = torch.optim.RMSprop(model.parameters())
+    with pytest.raises(StabilityBenchError) as error:
+        stabilitybench.protect(model, opt, **kwargs)
+    assert all(w in str(error.value) for w in words), str(error.value)
+    assert not opt._optimizer_step_pre_hooks  # nothing attached
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_on_cuda_the_guarded_steps_never_synchronize() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tel = stabilitybench.Telemetry(model, opt, flush_every=1000)
+    guard = stabilitybench.protect(model, opt, action="skip", telemetry=tel)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            x = torch.randn(32, 8, generator=gen, device="cuda")
+            loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            guard.before_step(loss=loss)
+            opt.step()
+            guard.after_step()
+
+    steps(60)  # past the warm-up, state allocated
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(50)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    guard.close()
+    assert len(guard.scores) == 110
