@@ -117,6 +117,22 @@ def no_snapshot_kind() -> Any:
         ),
         ({"action": "skip"}, None, ["guards[1].detector", "is required"]),
         (
+            {"detector": "auto", "action": "rollback", "on_device": True},
+            None,
+            ["guards[1].on_device", "decided on the host", "skip, lr_cut"],
+        ),
+        (
+            {"detector": "zclip", "action": "skip", "on_device": True},
+            None,
+            ["guards[1].on_device", "zclip has no device form", "auto, olmo"],
+        ),
+        ({"detector": "auto", "action": "skip", "on_device": 1}, None, ["guards[1].on_device"]),
+        (
+            {"detector": "auto", "action": "skip", "on_device": True},
+            None,
+            ["guards[1].on_device", "kind 'toy' does not"],
+        ),
+        (
             {"detector": "zclip", "action": "rollback"},
             [{"name": "mine", "kind": "no_snapshot", "total_steps": 10}],
             ["guards[1].action", "rollback needs a workload that can snapshot", "lm, rl, toy"],
@@ -320,6 +336,37 @@ def test_lm_workload_hosts_a_guard_and_writes_its_events(tmp_path: Path, alarm_a
     back = [json.loads(p)["rolled_back_to"] for p in events["params"]]
     assert back == [0, 6]  # 4 − 3 ≥ 3 → step 0's snapshot; 9 − 6 ≥ 3 → step 6's
     assert len(pd.read_parquet(tmp_path / "run" / "telemetry.parquet")) == 12
+
+
+def test_lm_workload_hosts_a_device_guard_that_reads_the_loss_before_the_update(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+
+    from stabilitybench.store import RunWriter
+    from stabilitybench.workloads.base import build_workload
+
+    config = {
+        "name": "gpt2-device-guard",
+        "kind": "lm",
+        "size": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "corpus": "shakespeare",
+        "total_steps": 70,
+        "eval": {"every": 35, "batches": 1},
+        "knobs": {"batch_size": 2, "block_size": 16, "grad_clip": 1.0},
+    }
+    guard = {"detector": "auto", "action": "skip", "on_device": True}
+    spike = [{"kind": "lr_spike", "at": 60, "factor": 1000, "duration": 1}]
+    spec = RunSpec(workload=config, seed=0, guard=guard, perturbations=spike)
+    outcome = build_workload(config).run(spec, RunWriter(tmp_path / "run"))
+    assert outcome["steps"] == 70
+    table = pd.read_parquet(tmp_path / "run" / "telemetry.parquet")
+    assert table["loss"].notna().all() and table["grad_norm_raw"].notna().all()
+    # The ×1000 update is skipped at its own step: the proposed update ratio showed it.
+    assert table.loc[table["guard_alarm"] > 0, "step"].tolist() == [60]
+    events = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    guarded = events[events["kind"] == "guard"]
+    assert list(guarded["name"]) == ["skip"] and list(guarded["start_step"]) == [60]
 
 
 def test_recorded_steps_lost_wins_and_final_performance_is_compared_by_hand() -> None:

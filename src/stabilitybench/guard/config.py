@@ -31,6 +31,10 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 # Actions that restore a snapshot of the training state (every one but lr_cut: skip and
 # reset_moments restore the pre-step state, rollback an older one, escalate may do any).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
+# What a guard decides on the device, before the update (`guard.device`; no torch here).
+DEVICE_ACTIONS: tuple[str, ...] = ("skip", "lr_cut")
+DEVICE_DETECTORS: tuple[str, ...] = ("auto", "olmo")
+DEVICE_KINDS: tuple[str, ...] = ("lm",)  # workload loops that host a device guard
 # Workload kinds whose loop hosts a guard (they can snapshot and restore their whole state).
 GUARDED_KINDS = ("lm", "rl", "toy")
 
@@ -69,6 +73,8 @@ class GuardConfig:
     window: AtLeastOne = 100  # escalate: alarms within this many steps count as repeats (>= 1)
     spike_ratio: SpikeRatio = 3.0  # reset_moments: tensors whose grad norm > this × its median
     monitor: str | None = None  # msm: the folder of a fitted monitor (`<audit>/monitor/...`)
+    # skip / lr_cut with auto or olmo: decide on the device before the update (guard.device)
+    on_device: bool = Field(default=False, strict=True, description="true or false")
 
     @field_validator("detector", mode="before")
     @classmethod
@@ -104,6 +110,23 @@ class GuardConfig:
             raise ValueError("only detector msm takes a monitor folder")
         return monitor
 
+    @field_validator("on_device", mode="after")
+    @classmethod
+    def _device_form(cls, on_device: bool, info: ValidationInfo) -> bool:
+        """On the device: an action decided before the update, by a detector with a device form."""
+        if not on_device:
+            return on_device
+        action, detector = info.data.get("action"), info.data.get("detector")
+        if action is not None and action not in DEVICE_ACTIONS:
+            raise ValueError(
+                f"action {action} is decided on the host; on the device: {', '.join(DEVICE_ACTIONS)}"
+            )
+        if detector is not None and detector not in DEVICE_DETECTORS:
+            raise ValueError(
+                f"detector {detector} has no device form; allowed: {', '.join(DEVICE_DETECTORS)}"
+            )
+        return on_device
+
     @field_validator("min_age", mode="after")
     @classmethod
     def _snapshot_kept(cls, min_age: int, info: ValidationInfo) -> int:
@@ -125,13 +148,19 @@ class GuardConfig:
         extra = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
-            if f.name not in ("detector", "action", "monitor")
+            if f.name not in ("detector", "action", "monitor", "on_device")
             and getattr(self, f.name) != f.default
         ]
-        return f"{self.detector}:{self.action}" + (f"({','.join(extra)})" if extra else "")
+        where = "@device" if self.on_device else ""
+        return f"{self.detector}:{self.action}{where}" + (f"({','.join(extra)})" if extra else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The fields that are set (`on_device` only when true: run ids of guards from before it
+        existed stay what they were)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if not out.get("on_device"):
+            out.pop("on_device", None)
+        return out
 
 
 _FIELDS = [f.name for f in fields(GuardConfig)]
@@ -149,6 +178,7 @@ _FIELD_ORDER = (
     "min_age",
     "window",
     "spike_ratio",
+    "on_device",
 )
 _UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
 _MISSING = ("missing", "missing_argument")
@@ -209,6 +239,11 @@ def guard_configs(items: list[Any], where: str = "guards") -> list[GuardConfig |
 
 def check_workload(config: GuardConfig, kind: str, where: str) -> None:
     """A guard on a workload whose loop cannot snapshot and restore its state is an error."""
+    if config.on_device and kind not in DEVICE_KINDS:
+        raise StabilityBenchError(
+            f"{where}.on_device: workloads of kinds {', '.join(DEVICE_KINDS)} give the loss "
+            f"before the update; kind {kind!r} does not (leave on_device out there)"
+        )
     if kind in GUARDED_KINDS:
         return
     if config.action == "lr_cut":

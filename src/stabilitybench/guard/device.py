@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.guard.config import parse_guard
+from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
 from stabilitybench.telemetry.core import Telemetry
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from stabilitybench.guard.core import GuardStats, Intervention
     from stabilitybench.types import StepContext
 
-DEVICE_DETECTORS: tuple[str, ...] = ("auto", "olmo")
-DEVICE_ACTIONS: tuple[str, ...] = ("skip", "lr_cut")
 COLUMNS: tuple[str, ...] = ("guard_alarm", "guard_scale", "guard_score")
 # What the device rule reads before the update: the gradient norm, the loss (when the loop gives
 # it before the step) and the ratio ‖Δθ‖/‖θ‖ of the update the optimizer is about to make (an LR
@@ -346,7 +344,6 @@ class DeviceGuard:
         self.stats.undo_bytes = 0  # nothing copied: the decision is made before the update
         self.scores: list[tuple[int, float]] = []
         self.last_action: str | None = None  # never known without a read-back (see `flush`)
-        self._loss: torch.Tensor | None = None
         self._set_aside: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._row: dict[str, torch.Tensor] = {}
         self._cut_left = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -356,18 +353,15 @@ class DeviceGuard:
         }
         self._nan = torch.full((), math.nan, device=self.device)
         self._detached = False
+        self.decides_before_update = True  # a loop gives it the loss before `step()`
         telemetry.add_hook(self)
         telemetry.on_row(self._on_row)  # batched: at each flush, no per-step sync
 
     # -- the loop's calls ------------------------------------------------------------------------
     def before_step(self, **scalars: float | int | torch.Tensor) -> None:
         """Values known before `optimizer.step()`: `loss=` joins the decision (else the gradient
-        norm alone decides); every value lands in this step's row."""
-        loss = scalars.get("loss")
-        if loss is not None:
-            self._loss = (
-                loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(loss)
-            )
+        norm and the proposed update decide), `grad_norm_raw=` (before clipping) stands in for
+        the gradient norm; every value lands in this step's row."""
         self.telemetry.log_before_step(None, **scalars)
 
     def after_step(self, **scalars: float | int | torch.Tensor) -> None:
@@ -437,10 +431,15 @@ class DeviceGuard:
 
     # -- inside ------------------------------------------------------------------------------------
     def _decide(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_norm = ctx.grad_norm().to(torch.float32)
-        loss = self._nan if self._loss is None else self._loss.to(self.device, torch.float32)
-        given = self._given[self._loss is not None]
-        self._loss = None
+        # Logged before the step (`before_step`, `log_before_step`): the loss, and the gradient
+        # norm before clipping where the loop clips (else the norm the optimizer sees).
+        raw = self.telemetry.current("grad_norm_raw")
+        grad_norm = (ctx.grad_norm() if raw is None else _device_value(raw, self.device)).to(
+            torch.float32
+        )
+        logged = self.telemetry.current("loss")
+        loss = self._nan if logged is None else _device_value(logged, self.device)
+        given = self._given[logged is not None]
         ratio = proposed_update_ratio(self.optimizer).to(torch.float32)
         return self.rule.decide(torch.stack([grad_norm, loss, ratio]), given)
 
@@ -477,6 +476,14 @@ class DeviceGuard:
                 steps_lost=int(action == "skip"),
             )
         )
+
+
+def _device_value(value: Any, device: torch.device) -> torch.Tensor:
+    """A logged value as a 0-d float32 tensor on `device` (a host number is copied over once:
+    the loop has already read it)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(device, torch.float32)
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
 
 
 def _steps_to_host(optimizer: torch.optim.Optimizer) -> None:

@@ -196,6 +196,11 @@ class Telemetry:
         inst = self._opts[0] if optimizer is None else self._instrumented(optimizer)
         inst.before_step.update({k: _host_or_device(v) for k, v in scalars.items()})
 
+    def current(self, key: str) -> Any:
+        """What the step under way has logged as `key` so far (a tensor stays on its device),
+        or None: a hook that acts before the update reads the loss the loop gave before it."""
+        return None if self._open is None else self._open.get(key)
+
     def add_hook(self, hook: StepHook) -> None:
         """Run `hook` around every optimizer step (perturbation schedules use this)."""
         self._hooks.append(hook)

@@ -29,6 +29,7 @@ the training split, alone), `upper` (the training text in capitals), or another 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -399,6 +400,8 @@ class LMTrainer:
         self.grad_noise = float(knobs["grad_noise"])
         self.grad_noise_relative = knobs["grad_noise_mode"] == "relative"
         self.schedule: Any = None
+        # Called after backward (and clipping) with the loss and the pre-clip gradient norm.
+        self.before_update: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch (x, y), each (B, T)."""
@@ -446,6 +449,8 @@ class LMTrainer:
             ).detach()
         if self.grad_noise > 0:
             self._add_grad_noise()
+        if self.before_update is not None:  # a guard that decides before the update reads them
+            self.before_update(cross_entropy.detach(), self.grad_norm_raw)
         self.optimizer.step()
         self.scheduler.step()
         return float(cross_entropy.detach())  # the logged loss leaves the z-loss term out
@@ -536,6 +541,8 @@ class LMWorkload:
             schedule.add_reseed(trainer.batch_gen.manual_seed)
             schedule.add_reseed(trainer.noise_gen.manual_seed)
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
+        if guard is not None and getattr(guard, "decides_before_update", False):
+            trainer.before_update = _log_before_update(telemetry)
 
         def train_step(step: int) -> float:
             loss = trainer.train_step()
@@ -564,3 +571,14 @@ class LMWorkload:
 
 
 register_workload("lm", LMWorkload)
+
+
+def _log_before_update(telemetry: Telemetry) -> Callable[[torch.Tensor, torch.Tensor | None], None]:
+    """Logs the loss (and the gradient norm before clipping) into the step's row before the
+    update, where a guard that decides on the device reads them."""
+
+    def log(loss: torch.Tensor, grad_norm_raw: torch.Tensor | None) -> None:
+        extra = {} if grad_norm_raw is None else {"grad_norm_raw": grad_norm_raw}
+        telemetry.log_before_step(None, loss=loss, **extra)
+
+    return log
