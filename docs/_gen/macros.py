@@ -32,6 +32,7 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "cli_latency": "python benchmarks/cli_latency.py",
     "monitor_cost": "python benchmarks/monitor_cost.py",
     "guard_snapshot": "python benchmarks/guard_snapshot.py --reps 3 --steps 20",
+    "guard_device": "python benchmarks/guard_device.py --reps 3 --steps 40",
     "telemetry_memory": "python benchmarks/telemetry_memory.py",
     "stability_probes_cost": "python benchmarks/stability_probes_cost.py --reps 4 --steps 5",
     "scaling": "python benchmarks/scaling.py --steps 3000",
@@ -188,6 +189,19 @@ def _monitor_cost(f: dict[str, Any], settings: dict[str, Any]) -> str:
             ],
         ],
     )
+
+
+def _guard_device(f: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"`{name}`",
+            f"{v['ms_per_step']:.1f} ms ({x(v['ratio'])} unguarded)",
+            f"{v['reads_per_step']:.2f}",
+            f"{v['guard_bytes'] / 2**20:.3f} MiB",
+        ]
+        for name, v in f["variants"].items()
+    ]
+    return table(["guard", "step time", "read-backs per step", "the guard holds"], rows)
 
 
 def _guard_snapshot(f: dict[str, Any]) -> str:
@@ -425,6 +439,7 @@ RENDER: dict[str, Callable[..., str]] = {
     "cli_latency": _cli_latency,
     "monitor_cost": _monitor_cost,
     "guard_snapshot": _guard_snapshot,
+    "guard_device": _guard_device,
     "telemetry_memory": _telemetry_memory,
     "stability_probes_cost": _stability_probes_cost,
     "scaling": _scaling,

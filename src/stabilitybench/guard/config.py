@@ -52,6 +52,7 @@ SpikeRatio = Annotated[
     float, Field(strict=True, gt=1, description="a number > 1 (a multiple of the median)")
 ]
 AtLeastOne = Annotated[int, _integer_at_least(1)]
+OnDevice = Annotated[bool, Field(strict=True, description="true or false")]
 AtLeastZero = Annotated[int, _integer_at_least(0)]
 
 
@@ -74,7 +75,7 @@ class GuardConfig:
     spike_ratio: SpikeRatio = 3.0  # reset_moments: tensors whose grad norm > this × its median
     monitor: str | None = None  # msm: the folder of a fitted monitor (`<audit>/monitor/...`)
     # skip / lr_cut with auto or olmo: decide on the device before the update (guard.device)
-    on_device: bool = Field(default=False, strict=True, description="true or false")
+    on_device: OnDevice = False
 
     @field_validator("detector", mode="before")
     @classmethod
