@@ -204,6 +204,7 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         self.run_json = self.run_dir / "run.json"
         self._telemetry = ParquetSink(self.run_dir / "telemetry.parquet")
+        self._events: ParquetSink | None = None  # streamed events (`stream_events`)
 
     # -- run.json ----------------------------------------------------------------------------
     def read_info(self) -> RunInfo:
@@ -260,18 +261,27 @@ class RunWriter:
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         write_parquet(self.run_dir / f"{name}.parquet", table)
 
+    def stream_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """Events as they happen (a guard's interventions): one part file under
+        `events.parquet.partial/`, which `watch` reads while the run goes on. `write_events`
+        replaces them with the run's whole events table at the end."""
+        if not events:
+            return
+        if self._events is None:
+            self._events = ParquetSink(self.run_dir / "events.parquet")
+        self._events.write_rows([_event_row(e) for e in events])
+
     def write_events(self, events: Sequence[Mapping[str, Any]]) -> None:
+        parts = partial_dir(self.run_dir / "events.parquet")
+        if parts.is_dir():  # the streamed events are in `events` too
+            shutil.rmtree(parts)
+        self._events = None
         if not events:
             self.write_table("events", empty_events())
             return
         import pandas as pd
 
-        rows = []
-        for event in events:
-            row = {c: event.get(c) for c in EVENT_COLUMNS}
-            if not isinstance(row["params"], str):
-                row["params"] = json.dumps(row["params"] or {}, sort_keys=True)
-            rows.append(row)
+        rows = [_event_row(e) for e in events]
         self.write_table("events", pd.DataFrame(rows, columns=list(EVENT_COLUMNS)))
 
     # -- Sink protocol -----------------------------------------------------------------------
@@ -288,6 +298,14 @@ class RunWriter:
     def read(self) -> pd.DataFrame:
         """The telemetry rows written so far."""
         return self._telemetry.read()
+
+
+def _event_row(event: Mapping[str, Any]) -> dict[str, Any]:
+    """One events-table row: the event's columns, its params as sorted JSON text."""
+    row = {c: event.get(c) for c in EVENT_COLUMNS}
+    if not isinstance(row["params"], str):
+        row["params"] = json.dumps(row["params"] or {}, sort_keys=True)
+    return row
 
 
 class RunStore:

@@ -418,3 +418,34 @@ def test_a_toy_audit_guarded_by_auto_escalate_needs_no_fit(tmp_path: Path) -> No
         events = store.load(info.run_id).events
         for params in events[events["kind"] == "guard"]["params"]:
             assert json.loads(params)["detector"] == "auto"
+
+
+def test_a_guarded_run_streams_its_interventions_as_they_happen(
+    tmp_path: Path, alarm_at: Any
+) -> None:
+    """Each intervention reaches the run's events (part files `watch` reads) at the step it was
+    taken; the finished events table has them all and the part files are gone."""
+    import pandas as pd
+
+    from stabilitybench.store import RunWriter
+    from stabilitybench.streaming import partial_dir, read_parts
+    from stabilitybench.workloads.base import build_workload
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class Watching(RunWriter):
+        def stream_events(self, events: Any) -> None:
+            super().stream_events(events)
+            parts = read_parts(partial_dir(self.run_dir / "events.parquet"))
+            seen.append((len(self.read()), sorted(parts["start_step"].astype(int))))
+
+    alarm_at.steps = {4, 9}
+    config = _spec(None)["workloads"][0]
+    spec = RunSpec(workload=config, seed=0, guard={"detector": "alarm_at", "action": "skip"})
+    writer = Watching(tmp_path / "run")
+    build_workload(config).run(spec, writer)
+    # streamed at once (the rows read back so far lag by the telemetry's flush, 100 steps)
+    assert [steps for _, steps in seen] == [[4], [4, 9]]
+    events = pd.read_parquet(tmp_path / "run" / "events.parquet")
+    assert sorted(events.loc[events["kind"] == "guard", "start_step"]) == [4, 9]
+    assert not partial_dir(tmp_path / "run" / "events.parquet").exists()

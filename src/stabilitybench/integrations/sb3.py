@@ -218,6 +218,7 @@ class StabilityCallback(BaseCallback):
             self.guard.release()
             if self.guard.stats.by_action["rollback"] > rollbacks and self._params_finite():
                 self._loss_diverged = False  # the state that logged a non-finite loss is gone
+            self._stream_guard_events()
         if self.stop_on_divergence and self.diverged:
             raise TrainingDiverged(
                 f"training diverged at env step {self.model.num_timesteps} "
@@ -247,6 +248,19 @@ class StabilityCallback(BaseCallback):
         if self.guard is not None:
             self.guard.after_step()
         self.telemetry.flush()
+
+    def _stream_guard_events(self) -> None:
+        """Hand the guard's new interventions to a sink that streams events (a run's
+        `RunWriter`: `watch` shows them while the run goes on)."""
+        assert self.guard is not None
+        streamed = getattr(self, "_streamed", 0)
+        new = self.guard.interventions[streamed:]
+        sinks = self.sink if isinstance(self.sink, list | tuple) else [self.sink]
+        for sink in sinks:
+            stream = getattr(sink, "stream_events", None)
+            if new and stream is not None:
+                stream([i.event() for i in new])
+        self._streamed = streamed + len(new)
 
     def guard_events(self) -> list[dict[str, Any]]:
         """The guard's interventions so far (events.parquet rows, `kind: guard`)."""

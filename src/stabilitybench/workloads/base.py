@@ -109,6 +109,7 @@ def train_and_validate(
     guard: Guard | None,
     *,
     stop_on_nonfinite_validation: bool,
+    writer: RunWriter | None = None,
 ) -> LoopResult:
     """The optimizer-step loop of a workload judged by validation loss (toy, LM).
 
@@ -116,12 +117,17 @@ def train_and_validate(
     telemetry logged; returns the training loss) and the guard after each step, and evaluates
     every `eval_every` steps and after the last. A non-finite training loss that the guard did
     not roll back ends the run as diverged (an evaluation row with perf −inf at that step); so
-    does a non-finite validation loss when `stop_on_nonfinite_validation`.
+    does a non-finite validation loss when `stop_on_nonfinite_validation`. With a `writer`, the
+    guard's interventions are streamed to the run's events as the host learns of them (`watch`).
     """
     evals = [val_loss_row(0, validation_loss())]
+    streamed = 0
     for step in range(total_steps):
         loss = train_step(step)
         action = guard.after_step() if guard is not None else None
+        if guard is not None and writer is not None and len(guard.interventions) > streamed:
+            writer.stream_events([i.event() for i in guard.interventions[streamed:]])
+            streamed = len(guard.interventions)
         if not math.isfinite(float(loss)) and action != "rollback":  # a host sync
             evals.append(val_loss_row(step, math.inf))
             return LoopResult(evals, True, step + 1)

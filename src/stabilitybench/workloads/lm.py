@@ -559,6 +559,7 @@ class LMWorkload:
                 train_step,
                 trainer.validation_loss,
                 guard,
+                writer=writer,
                 stop_on_nonfinite_validation=True,
             )
         finally:

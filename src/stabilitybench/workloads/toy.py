@@ -229,6 +229,7 @@ class ToyWorkload:
                 train_step,
                 trainer.validation_loss,
                 guard,
+                writer=writer,
                 stop_on_nonfinite_validation=False,
             )
         finally:
