@@ -28,16 +28,19 @@ demo: $(STAMP)
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
 # paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2; paper_lm_doses: that
 # ramp at x300 and x1000, the hard negatives of the warning protocol; lm_buildup: the tiny GPT-2's
-# build-ups), then their findings
-# folders under results/ (summary, evaluation, report, spec, versions); after paper_rl and
-# paper_lm_collapse, the guard audit on that audit's ramp (examples/paper_rl_guards.yaml,
-# examples/paper_lm_guards.yaml: its msm guard reads the audit's fitted monitor).
-FINDINGS ?= paper_rl paper_lm paper_lm_collapse paper_lm_doses lm_buildup
+# build-ups; paper_rl_td3: TD3 at a budget where it has learned before onset), then their findings
+# folders under results/ (summary, evaluation, report, spec, versions); after paper_rl,
+# paper_lm_collapse and lm_buildup, the guard audit on that audit's ramp
+# (examples/paper_rl_guards.yaml, paper_lm_guards.yaml, lm_buildup_guards.yaml: the msm guard
+# reads the audit's fitted monitor).
+FINDINGS ?= paper_rl paper_rl_td3 paper_lm paper_lm_collapse paper_lm_doses lm_buildup
 GUARDS_paper_rl = paper_rl_guards
 GUARDS_paper_lm_collapse = paper_lm_guards
+GUARDS_lm_buildup = lm_buildup_guards
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
-	  case $$a in paper_rl) g=$(GUARDS_paper_rl);; paper_lm_collapse) g=$(GUARDS_paper_lm_collapse);; *) g=;; esac; \
+	  case $$a in paper_rl) g=$(GUARDS_paper_rl);; paper_lm_collapse) g=$(GUARDS_paper_lm_collapse);; \
+	    lm_buildup) g=$(GUARDS_lm_buildup);; *) g=;; esac; \
 	  for b in $$a $$g; do \
 	    if [ "$$b" = "$$g" ]; then r=--no-report; else r=; fi; \
 	    $(BIN)/stabilitybench audit examples/$$b.yaml --out audits/$$b $$r && \

@@ -33,6 +33,7 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "monitor_cost": "python benchmarks/monitor_cost.py",
     "guard_snapshot": "python benchmarks/guard_snapshot.py --reps 3 --steps 20",
     "guard_device": "python benchmarks/guard_device.py --reps 3 --steps 40",
+    "guard_comparison": "python benchmarks/guard_comparison.py audits/lm_buildup_guards",
     "telemetry_memory": "python benchmarks/telemetry_memory.py",
     "stability_probes_cost": "python benchmarks/stability_probes_cost.py --reps 4 --steps 5",
     "scaling": "python benchmarks/scaling.py --steps 3000",
@@ -202,6 +203,56 @@ def _guard_device(f: dict[str, Any]) -> str:
         for name, v in f["variants"].items()
     ]
     return table(["guard", "step time", "read-backs per step", "the guard holds"], rows)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "–" if value is None else ("yes" if value else "**no**")
+
+
+def _guard_comparison(f: dict[str, Any]) -> str:
+    rows = []
+    for g in f["guards"]:
+        healthy, verdicts = g.get("healthy") or {}, g["verdicts"]
+        for p in g["perturbed"] or [{}]:
+            irr, plain = p.get("irreversible"), p.get("irreversible_unguarded")
+            reduction = p.get("reduction")
+            diff = healthy.get("final_difference") or {}
+            ci = diff.get("ci") or [None, None]
+            rows.append(
+                [
+                    f"`{g['guard']}`",
+                    "–" if irr is None else f"{irr['k']}/{irr['n']} vs {plain['k']}/{plain['n']}",
+                    "–" if reduction is None else f"{100 * reduction:.0f} %",
+                    "–" if p.get("updates_lost") is None else f"{100 * p['updates_lost']:.0f} %",
+                    n(healthy.get("interventions_per_run")),
+                    x(healthy.get("wall_ratio"), 2),
+                    "–"
+                    if diff.get("value") is None
+                    else f"{diff['value']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]",
+                    " / ".join(
+                        _yes_no(verdicts[k])
+                        for k in (
+                            "fewer_collapses",
+                            "extra_compute",
+                            "no_healthy_interventions",
+                            "performance_unchanged",
+                        )
+                    ),
+                ]
+            )
+    return table(
+        [
+            "guard",
+            "irreversible collapses, guarded vs not",
+            "fewer",
+            "updates lost (perturbed)",
+            "interventions per healthy run",
+            "healthy wall time",
+            "healthy final perf. difference [95 % CI]",
+            "goals met: ≥ 80 % fewer / ≤ 1.10× / 0 healthy / perf. unchanged",
+        ],
+        rows,
+    )
 
 
 def _guard_snapshot(f: dict[str, Any]) -> str:
@@ -440,6 +491,7 @@ RENDER: dict[str, Callable[..., str]] = {
     "monitor_cost": _monitor_cost,
     "guard_snapshot": _guard_snapshot,
     "guard_device": _guard_device,
+    "guard_comparison": _guard_comparison,
     "telemetry_memory": _telemetry_memory,
     "stability_probes_cost": _stability_probes_cost,
     "scaling": _scaling,
