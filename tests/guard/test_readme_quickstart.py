@@ -41,3 +41,16 @@ def test_quick_start_2_without_the_spike_never_intervenes() -> None:
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {})
     assert out.getvalue() == ""
+
+
+def test_quick_start_2_with_skip_decides_on_the_device_at_the_spike_itself() -> None:
+    """The README's sentence on `action="skip"`: the same loop, the ×1000 update skipped at its
+    own step (step 150) by a guard that decides on the device."""
+    code = _quick_start_2().replace('action="escalate"', 'action="skip"')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert out.getvalue().split("\n")[:-1] == ["skip 150 None"]
+    assert "skipped at its own step, step 150" in " ".join(
+        README.read_text(encoding="utf-8").split()
+    )
