@@ -521,17 +521,3 @@ class Guard:
         self._held = held_levels(list(self._recent))
         self._hold_until = step + self.config.cooldown
         return reset, "; ".join(notes) or None
-
-
-def guard_for_run(guard: Mapping[str, Any] | None, telemetry: Telemetry) -> Guard | None:
-    """The guard a run's spec asks for (`RunSpec.guard`), attached to its telemetry, or None
-    (`on_device: true`: a `DeviceGuard`, which has the same surface)."""
-    if not guard:
-        return None
-    params = dict(guard)
-    detector, action = str(params.pop("detector")), str(params.pop("action"))
-    if params.pop("on_device", False):
-        from stabilitybench.guard.device import DeviceGuard
-
-        return DeviceGuard(telemetry, detector, action, **params)  # type: ignore[return-value]
-    return Guard(telemetry, detector, action, **params)

@@ -13,6 +13,7 @@ stops the guard (and closes the telemetry it made) when the block ends.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,3 +124,15 @@ def protect(
         if made:
             tel.close(read_back=False)
         raise
+
+
+def guard_for_run(guard: Mapping[str, Any] | None, telemetry: Telemetry) -> Guard | None:
+    """The guard a run's spec asks for (`RunSpec.guard`), attached to its telemetry, or None
+    (`on_device: true`: a `DeviceGuard`, which has the same surface)."""
+    if not guard:
+        return None
+    params = dict(guard)
+    detector, action = str(params.pop("detector")), str(params.pop("action"))
+    if params.pop("on_device", False):
+        return DeviceGuard(telemetry, detector, action, **params)  # type: ignore[return-value]
+    return Guard(telemetry, detector, action, **params)

@@ -212,7 +212,7 @@ class TelemetryAdapter:
         if self.schedule is not None:
             self.schedule.attach(telemetry)
         if self.guard_config is not None:  # after the schedule: the guard sees its LR
-            from stabilitybench.guard.core import guard_for_run
+            from stabilitybench.guard.protection import guard_for_run
 
             self.guard = guard_for_run(self.guard_config.to_dict(), telemetry)
         if self.monitor is not None:

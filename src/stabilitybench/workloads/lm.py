@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.guard.core import guard_for_run
+from stabilitybench.guard.protection import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.telemetry.stability_probes import close_probes, index_names

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from stabilitybench.guard.core import guard_for_run
+from stabilitybench.guard.protection import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.types import RunSpec
