@@ -30,9 +30,9 @@ from stabilitybench.workloads.lm import LMTrainer, _log_before_update, parse_con
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "unguarded": None,
-    "auto+skip@device": {"detector": "auto", "action": "skip", "on_device": True},
-    "olmo+skip@device": {"detector": "olmo", "action": "skip", "on_device": True},
-    "auto+skip@host": {"detector": "auto", "action": "skip", "on_device": False},
+    "auto+skip(on_device)": {"detector": "auto", "action": "skip", "on_device": True},
+    "olmo+skip(on_device)": {"detector": "olmo", "action": "skip", "on_device": True},
+    "auto+skip(host)": {"detector": "auto", "action": "skip", "on_device": False},
 }
 
 

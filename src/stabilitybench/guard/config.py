@@ -149,11 +149,10 @@ class GuardConfig:
         extra = [
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
-            if f.name not in ("detector", "action", "monitor", "on_device")
+            if f.name not in ("detector", "action", "monitor")
             and getattr(self, f.name) != f.default
         ]
-        where = "@device" if self.on_device else ""
-        return f"{self.detector}:{self.action}{where}" + (f"({','.join(extra)})" if extra else "")
+        return f"{self.detector}:{self.action}" + (f"({','.join(extra)})" if extra else "")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that are set (`on_device` only when true: run ids of guards from before it
