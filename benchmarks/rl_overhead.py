@@ -45,9 +45,10 @@ PAPER_SPEC = Path(__file__).resolve().parents[1] / "examples" / "paper_rl.yaml"
 PAPER_STEPS = {"ppo": 8192, "sac": 1100, "td3": 1100}  # shortened; SAC/TD3 learn from step 100
 
 
-def paper_cases() -> dict[str, dict[str, Any]]:
-    """examples/paper_rl.yaml's workloads, shortened, with each swept knob at its reference."""
-    spec = yaml.safe_load(PAPER_SPEC.read_text())
+def paper_cases(path: Path = PAPER_SPEC) -> dict[str, dict[str, Any]]:
+    """A spec's RL workloads (examples/paper_rl.yaml's by default), shortened, with each swept
+    knob at its reference."""
+    spec = yaml.safe_load(path.read_text())
     cases = {}
     for workload in spec["workloads"]:
         reference = workload.get("reference") or {}
@@ -124,7 +125,17 @@ def main() -> None:
     parser.add_argument("--sac", action="store_true", help="also measure SAC on Pendulum-v1")
     parser.add_argument("--paper", action="store_true", help=f"the cases {', '.join(PAPER)}")
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {', '.join(CASES)}")
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        help="an audit spec whose RL workloads to measure instead (e.g. examples/paper_rl_td3.yaml)",
+    )
     args = parser.parse_args()
+    if args.spec is not None:
+        spec_cases = paper_cases(args.spec.resolve())
+        CASES.update(spec_cases)
+        args.cases = args.cases or list(spec_cases)
     torch.set_num_threads(1)
     os.chdir(tempfile.mkdtemp())  # mujoco writes MUJOCO_LOG.TXT into the working directory
     names = args.cases or (
@@ -167,7 +178,10 @@ def main() -> None:
                 flush=True,
             )
     name = "rl_overhead_paper" if args.paper and not args.cases else "rl_overhead"
-    record(name, {"cases": cases}, settings=vars(args), load_before=load_before)
+    if args.spec is not None:
+        name = f"rl_overhead_{args.spec.stem}"
+    settings = {**vars(args), "spec": None if args.spec is None else str(args.spec)}
+    record(name, {"cases": cases}, settings=settings, load_before=load_before)
 
 
 if __name__ == "__main__":
