@@ -252,7 +252,7 @@ def test_which_guard_protect_gives() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"action": "rollback", "on_device": True}, ["protect.on_device", "rollback", "host"]),
+        ({"action": "escalate", "on_device": True}, ["protect.on_device", "escalate", "host"]),
         ({"detector": "zclip", "action": "skip", "on_device": True}, ["zclip", "device form"]),
         ({"action": "skip", "on_device": "yes"}, ["protect.on_device", "True, False or None"]),
         ({"action": "skip", "rms": True, "on_device": True}, ["RMSprop", "masked step"]),
@@ -300,3 +300,42 @@ def test_on_cuda_the_guarded_steps_never_synchronize() -> None:
         torch.cuda.set_sync_debug_mode("default")
     guard.close()
     assert len(guard.scores) == 110
+
+
+def test_rollback_decided_on_the_device_is_read_in_batches_and_restores_a_snapshot() -> None:
+    """Corrupted weights (no update to skip) alarm at the next step; the host reads the alarm at
+    the next flush (every 10 steps here) and rolls back to the newest snapshot at least
+    `min_age` steps older than the alarm, throwing away every update since."""
+
+    def run(guarded: bool) -> tuple[list[float], list[Any]]:
+        model, opt = _model(0)
+        tel = stabilitybench.Telemetry(model, opt, flush_every=10)
+        PerturbationSchedule([{"kind": "weight_noise", "at": SPIKE_AT, "scale": 3.0}]).attach(tel)
+        guard = (
+            stabilitybench.protect(model, opt, "rollback", telemetry=tel, on_device=True)
+            if guarded
+            else None
+        )
+
+        class NoGuard:
+            def before_step(self, **_: Any) -> None: ...
+            def after_step(self, **_: Any) -> None: ...
+
+        losses = _floats(_loop(guard or NoGuard(), model, opt, 300))
+        if guard is not None:
+            assert isinstance(guard, DeviceGuard)
+            guard.close()
+        tel.close()
+        return losses, [] if guard is None else guard.interventions
+
+    plain, _ = run(False)
+    guarded, interventions = run(True)
+    rollbacks = [i for i in interventions if i.action == "rollback"]
+    assert len(rollbacks) == 1
+    (rollback,) = rollbacks
+    alarm = min(i.step for i in interventions)
+    assert SPIKE_AT < alarm <= SPIKE_AT + 2
+    assert rollback.step == 160  # read back at the flush after the alarm: up to 10 steps late
+    assert rollback.rolled_back_to == 120  # every 20, at least min_age 20 before the alarm
+    assert rollback.steps_lost == 160 + 1 - 120
+    assert float(np.mean(guarded[-20:])) < 0.25 * float(np.mean(plain[-20:]))

@@ -117,7 +117,7 @@ def no_snapshot_kind() -> Any:
         ),
         ({"action": "skip"}, None, ["guards[1].detector", "is required"]),
         (
-            {"detector": "auto", "action": "rollback", "on_device": True},
+            {"detector": "auto", "action": "reset_moments", "on_device": True},
             None,
             ["guards[1].on_device", "decided on the host", "skip, lr_cut"],
         ),

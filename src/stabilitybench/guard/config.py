@@ -32,7 +32,7 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 # reset_moments restore the pre-step state, rollback an older one, escalate may do any).
 SNAPSHOT_ACTIONS = frozenset(ACTIONS) - {"lr_cut"}
 # What a guard decides on the device, before the update (`guard.device`; no torch here).
-DEVICE_ACTIONS: tuple[str, ...] = ("skip", "lr_cut")
+DEVICE_ACTIONS: tuple[str, ...] = ("skip", "lr_cut", "rollback")
 DEVICE_DETECTORS: tuple[str, ...] = ("auto", "olmo")
 DEVICE_KINDS: tuple[str, ...] = ("lm",)  # workload loops that host a device guard
 # Workload kinds whose loop hosts a guard (they can snapshot and restore their whole state).

@@ -25,6 +25,9 @@ every value enters it). Neither needs persistence here: a skipped update costs o
 decision must be made before the update it would have to take back. A non-finite gradient norm
 or loss always skips the update, whatever the action.
 
+`rollback` (asked for with `on_device=True`) is decided on the device as well; the host reads
+the alarms in the telemetry's batches and restores a CPU snapshot then (see `DeviceGuard`).
+
 Optimizers with a masked step: torch's `SGD` (momentum, dampening, Nesterov, weight decay),
 `Adam` and `AdamW` (not amsgrad, maximize or differentiable). Any other optimizer keeps the host
 guard (`unsupported_reason` says why).
@@ -33,6 +36,7 @@ guard (`unsupported_reason` says why).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +44,7 @@ import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
+from stabilitybench.guard.snapshot import Snapshot
 from stabilitybench.telemetry.core import Telemetry
 
 if TYPE_CHECKING:
@@ -300,6 +305,12 @@ def device_rule(detector: Detector, signals: int, device: torch.device) -> Devic
 class DeviceGuard:
     """A guard whose `skip` / `lr_cut` decisions are made on the device, before the update.
 
+    `rollback` is decided there too, and skips each alarmed update at once; the host reads the
+    alarms in batches (every `flush_every` steps) and then restores the newest CPU snapshot
+    (taken every `every` steps, a ring of `keep`) at least `min_age` steps older than the first
+    alarm — up to `flush_every` steps after it, every update since being thrown away — and cuts
+    the LR for `cooldown` steps.
+
     The same surface as `Guard` where it can be: `after_step(**scalars)`, `before_step(loss=…)`,
     `close()`, `with`, `events()`, `interventions`, `stats`, `scores`. `after_step` returns None:
     the decision is not read back each step; `flush()` reads every decision so far (one sync).
@@ -352,6 +363,11 @@ class DeviceGuard:
             loss: torch.tensor([True, loss, True], device=self.device) for loss in (False, True)
         }
         self._nan = torch.full((), math.nan, device=self.device)
+        # rollback: the snapshot ring, the alarm the host has read and not yet acted on, and
+        # the step of the last rollback (alarms before it were of the timeline thrown away).
+        self._ring: deque[Snapshot] = deque(maxlen=self.config.keep)
+        self._due: tuple[int, float] | None = None
+        self._restored = -1
         self._detached = False
         self.decides_before_update = True  # a loop gives it the loss before `step()`
         telemetry.add_hook(self)
@@ -395,19 +411,31 @@ class DeviceGuard:
 
     # -- StepHook ----------------------------------------------------------------------------------
     def on_pre_step(self, ctx: StepContext) -> None:
-        return None
+        """rollback: a CPU snapshot every `every` steps (a device-to-host copy: on a GPU, a sync
+        every `every` steps), with the rule's ring as it was."""
+        if self._detached or self.config.action != "rollback" or ctx.step % self.config.every:
+            return
+        extra = (self.rule.history.clone(), self.rule.seen)
+        self._ring.append(Snapshot.take(ctx.step, self.telemetry.model, [self.optimizer], extra))
+        self.stats.snapshots += 1
 
     def on_pre_update(self, ctx: StepContext) -> None:
         """After the probes' pre-step work: decide, update, and set the gradients aside."""
         if self._detached:
             return
         with torch.no_grad():
+            rolled_back = self._due is not None and self._roll_back(ctx.step)
             alarm, score = self._decide(ctx)
             cut = self.config.action == "lr_cut"
-            # lr_cut keeps every update but a non-finite one; skip keeps none that alarmed.
+            # lr_cut keeps every update but a non-finite one; skip and rollback keep none that
+            # alarmed (nor, after a rollback, this step's: its gradient is of the state undone).
             keep = ~torch.isinf(score) if cut else ~alarm
-            if cut:
-                left = torch.where(alarm, self.config.cooldown, (self._cut_left - 1).clamp_min(0))
+            if rolled_back:
+                keep = torch.zeros_like(keep)
+            if self.config.action != "skip":
+                start = torch.full_like(self._cut_left, self.config.cooldown)
+                cut_now = alarm if cut else torch.full_like(alarm, rolled_back)
+                left = torch.where(cut_now, start, (self._cut_left - 1).clamp_min(0))
                 self._cut_left = left
                 scale = torch.where(left > 0, self.config.factor, 1.0).to(torch.float32)
                 scale = torch.where(keep, scale, 0.0)
@@ -443,13 +471,55 @@ class DeviceGuard:
         ratio = proposed_update_ratio(self.optimizer).to(torch.float32)
         return self.rule.decide(torch.stack([grad_norm, loss, ratio]), given)
 
+    def _roll_back(self, step: int) -> bool:
+        """Restore the newest snapshot at least `min_age` steps older than the alarm (else the
+        oldest one taken before it); the alarm reached the host up to `flush_every` steps late,
+        and every update since it is thrown away. Returns whether it restored one."""
+        from stabilitybench.guard.core import Intervention
+
+        assert self._due is not None
+        (alarm_step, score), self._due = self._due, None
+        old_enough = [s for s in self._ring if alarm_step - s.step >= self.config.min_age]
+        before = [s for s in self._ring if s.step <= alarm_step]
+        snapshot = old_enough[-1] if old_enough else (before[0] if before else None)
+        if snapshot is None:
+            note = f"no snapshot taken before step {alarm_step}: nothing restored"
+            self.interventions.append(
+                Intervention(step, "rollback", self.config.detector, score, "rollback", note=note)
+            )
+            return False
+        while self._ring and self._ring[-1].step > snapshot.step:
+            self._ring.pop()
+        snapshot.restore(self.telemetry.model, [self.optimizer])
+        history, seen = snapshot.extra
+        self.rule.history.copy_(history)
+        self.rule.seen = seen
+        self._restored = step
+        lost = step + 1 - snapshot.step  # the updates since the snapshot, and this step's
+        self.stats.rolled_back_steps += lost
+        self.stats.by_action["rollback"] += 1
+        self.interventions.append(
+            Intervention(
+                step,
+                "rollback",
+                self.config.detector,
+                score,
+                "rollback",
+                rolled_back_to=snapshot.step,
+                note=f"alarm at step {alarm_step}, read back at step {step}",
+                steps_lost=lost,
+            )
+        )
+        return True
+
     def _restore_grads(self) -> None:
         for p, grad in self._set_aside:
             p.grad = grad
         self._set_aside = []
 
     def _on_row(self, row: dict[str, Any]) -> None:
-        """At each read-back: the decisions made on the device become interventions."""
+        """At each read-back: the decisions made on the device become interventions (and, for
+        rollback, the first alarm since the last rollback is rolled back at the next update)."""
         from stabilitybench.guard.core import Intervention
 
         alarm, scale = row.get("guard_alarm"), row.get("guard_scale")
@@ -461,6 +531,8 @@ class DeviceGuard:
             self.stats.lr_cut_steps += 1
         if not float(alarm) > 0:
             return
+        if self.config.action == "rollback" and self._due is None and step > self._restored:
+            self._due = (step, score)
         action = "skip" if float(scale) == 0 else "lr_cut"
         self.stats.alarms += 1
         self.stats.by_action[action] += 1

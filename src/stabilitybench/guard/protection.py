@@ -94,7 +94,9 @@ def protect(
     the decision is made on the device before the update (`guard.device.DeviceGuard`): no host
     sync, no copy of the parameters; pass the loss before the step to include it
     (`guard.before_step(loss=loss)`), and read the decisions with `guard.flush()` (they reach
-    the host every `flush_every` steps). None (default): on the device whenever it can be;
+    the host every `flush_every` steps). `rollback` can be decided there too (`on_device=True`):
+    the host reads the alarms in those batches and rolls back up to `flush_every` steps late.
+    None (default): skip and lr_cut on the device whenever they can be, the rest on the host;
     True: on the device or an error saying why not; False: the host guard.
 
     Bad input raises `StabilityBenchError` naming the argument: an optimizer that is not a
@@ -112,7 +114,11 @@ def protect(
         )
     if on_device and why_not is not None:
         raise StabilityBenchError(f"protect.on_device: not on the device: {why_not}")
-    device = on_device is not False and why_not is None
+    # By default on the device where nothing has to be copied (skip, lr_cut); rollback on the
+    # device (decisions read in batches, snapshots kept) only when asked for.
+    device = why_not is None and (
+        on_device is True or (on_device is None and config.action in ("skip", "lr_cut"))
+    )
     made = telemetry is None
     tel = Telemetry(model, optimizer, probes=probes, keep_rows=False) if made else telemetry
     assert tel is not None
