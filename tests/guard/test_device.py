@@ -15,12 +15,8 @@ import stabilitybench
 from host_reads import CountReads
 from stabilitybench import StabilityBenchError
 from stabilitybench.guard import Guard
-from stabilitybench.guard.device import (
-    DeviceGuard,
-    DeviceRule,
-    masked_step,
-    proposed_update_ratio,
-)
+from stabilitybench.guard.device import DeviceGuard, DeviceRule
+from stabilitybench.guard.masked import masked_step, params_norm, update_estimate
 from stabilitybench.perturbations import PerturbationSchedule
 
 torch.set_num_threads(1)
@@ -85,18 +81,26 @@ def test_a_skipped_step_changes_nothing_even_with_an_infinite_gradient(
 
 
 @pytest.mark.parametrize(("cls", "options"), OPTIMIZERS[:3])
-def test_the_proposed_update_ratio_is_the_update_the_step_then_makes(
+def test_the_update_estimate_at_a_new_lr_is_the_last_update_scaled_by_it(
     cls: Any, options: dict[str, Any]
 ) -> None:
+    """The estimate reads the last kept update's direction: after a step at LR η that moved θ by
+    ‖Δθ‖, the estimate at 1000 η is 1000 ‖Δθ‖ / ‖θ‖ — an LR spike in full, before it lands."""
     model = _net()
     opt = cls(model.parameters(), **{**options, "weight_decay": 0.0})
+    keep, one = torch.tensor(True), torch.tensor(1.0)
     for _ in range(5):
         _backward(model, torch.randn(16, 5))
-        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        proposed = float(proposed_update_ratio(opt))
-        opt.step()
+        before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        directions = masked_step(opt, keep, one)
         after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        assert proposed == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-5)
+        for group in opt.param_groups:
+            group["lr"] *= 1000
+        estimate = float(update_estimate(opt, directions, params_norm(opt)))
+        for group in opt.param_groups:
+            group["lr"] /= 1000
+        realized = float((after - before).norm() / after.norm())
+        assert estimate == pytest.approx(1000 * realized, rel=1e-5)
 
 
 def test_the_robust_rule_keeps_alarming_values_out_of_its_history() -> None:

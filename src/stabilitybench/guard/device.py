@@ -44,166 +44,28 @@ import torch
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
+from stabilitybench.guard.core import GuardStats, Intervention, build_detector
+from stabilitybench.guard.masked import (
+    masked_step,
+    params_norm,
+    unsupported_reason,
+    update_estimate,
+)
 from stabilitybench.guard.snapshot import Snapshot
 from stabilitybench.telemetry.core import Telemetry
 
 if TYPE_CHECKING:
     from stabilitybench.detectors.base import Detector
-    from stabilitybench.guard.core import GuardStats, Intervention
     from stabilitybench.types import StepContext
 
 COLUMNS: tuple[str, ...] = ("guard_alarm", "guard_scale", "guard_score")
 # What the device rule reads before the update: the gradient norm, the loss (when the loop gives
-# it before the step) and the ratio ‖Δθ‖/‖θ‖ of the update the optimizer is about to make (an LR
-# spike shows there before it is applied; in the gradient only after).
+# it before the step) and the ratio ‖Δθ‖/‖θ‖ of the update about to be made, estimated at this
+# step's LR from the last kept update (an LR spike shows there before it is applied; in the
+# gradient only after).
 SIGNALS: tuple[str, ...] = ("grad_norm", "loss", "update_ratio")
 _MAD_TO_STD = 1.4826
 _EPS = 1e-12
-
-
-# -- masked optimizer steps ----------------------------------------------------------------------
-def unsupported_reason(optimizer: torch.optim.Optimizer) -> str | None:
-    """Why `optimizer` has no masked step (None when it has one)."""
-    kind = type(optimizer)
-    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-        return (
-            f"{kind.__name__} has no masked step (the device guard has them for torch's SGD, "
-            "Adam and AdamW)"
-        )
-    for group in optimizer.param_groups:
-        for flag in ("amsgrad", "maximize", "differentiable"):
-            if group.get(flag):
-                return f"{kind.__name__} with {flag}=True has no masked step"
-    return None
-
-
-@torch.no_grad()
-def masked_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
-    """One update of `optimizer` with the decision folded in, no host sync.
-
-    `keep` (0-d bool): False leaves every moment, step count and parameter as it was (the
-    gradient is replaced by zeros first, so a non-finite one cannot leak in). `scale` (0-d
-    float): the update's multiplier (the LR cut; 0 with `keep` False). With keep True and scale
-    1 this is torch's own update, to float rounding (bias corrections are computed on the device).
-    """
-    if isinstance(optimizer, torch.optim.SGD):
-        _sgd_step(optimizer, keep, scale)
-    else:
-        _adam_step(optimizer, keep, scale)
-
-
-@torch.no_grad()
-def proposed_update_ratio(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """‖Δθ‖ / ‖θ‖ of the update `optimizer.step()` would make now (0-d, float64), no host sync.
-
-    Computed tensor by tensor from the gradients and the optimizer's state, without writing
-    either: each tensor's would-be update is a temporary freed before the next (no copy of the
-    parameters or the state is kept). Weight decay is left out: it is not what spikes.
-    """
-    sq_update: list[torch.Tensor] = []
-    params: list[torch.Tensor] = []
-    sgd = isinstance(optimizer, torch.optim.SGD)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            update = _sgd_update(optimizer, group, p) if sgd else _adam_update(optimizer, group, p)
-            sq_update.append(torch.linalg.vector_norm(update, dtype=torch.float64).square())
-            params.append(p)
-    if not params:
-        return torch.zeros((), dtype=torch.float64)
-    param_norms = torch._foreach_norm(params)
-    param_sq = torch.stack([n.double().square() for n in param_norms]).sum()
-    return torch.stack(sq_update).sum().sqrt() / (param_sq.sqrt() + _EPS)
-
-
-def _sgd_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> Any:
-    assert p.grad is not None
-    lr, momentum = group["lr"], group["momentum"]
-    if not momentum:
-        return p.grad * lr
-    buf = optimizer.state[p].get("momentum_buffer")
-    step = p.grad if buf is None else buf * momentum + p.grad * (1 - group["dampening"])
-    if group["nesterov"]:
-        step = p.grad + step * momentum
-    return step * lr
-
-
-def _adam_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: torch.Tensor) -> Any:
-    assert p.grad is not None
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    state = optimizer.state.get(p) or {}
-    grad = p.grad
-    if "exp_avg" in state:
-        exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = state["step"].double() + 1
-    else:
-        exp_avg, exp_avg_sq = grad * (1 - beta1), grad.square().mul_(1 - beta2)
-        step = torch.ones((), dtype=torch.float64, device=p.device)
-    bias1 = 1 - torch.pow(beta1, step)
-    bias2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
-    denom = (exp_avg_sq.sqrt_() / bias2_sqrt.to(p.dtype)).add_(eps)
-    return exp_avg.div_(denom).mul_((lr / bias1).to(p.dtype))
-
-
-def _masked_grad(p: torch.Tensor, keep: torch.Tensor, weight_decay: float) -> torch.Tensor:
-    assert p.grad is not None
-    grad = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad
-    return torch.where(keep, grad, grad.new_zeros(()))
-
-
-def _sgd_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
-    for group in optimizer.param_groups:
-        lr, momentum = group["lr"], group["momentum"]
-        dampening, nesterov = group["dampening"], group["nesterov"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d_p = _masked_grad(p, keep, group["weight_decay"])
-            if momentum:
-                state = optimizer.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:  # torch starts the buffer at the first gradient
-                    buf = state["momentum_buffer"] = d_p.detach().clone()
-                else:
-                    one = torch.ones((), dtype=buf.dtype, device=buf.device)
-                    buf.mul_(torch.where(keep, momentum * one, one)).add_(d_p, alpha=1 - dampening)
-                d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-            p.addcmul_(d_p, (-lr * scale).to(p.dtype))
-
-
-def _adam_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, scale: torch.Tensor) -> None:
-    decoupled_default = isinstance(optimizer, torch.optim.AdamW)
-    for group in optimizer.param_groups:
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        eps, weight_decay = group["eps"], group["weight_decay"]
-        decoupled = group.get("decoupled_weight_decay", decoupled_default)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = optimizer.state[p]
-            if not state:  # as torch's lazy initialisation (the step on the parameter's device)
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:
-                state["step"] = state["step"].to(p.device)
-            grad = _masked_grad(p, keep, 0.0 if decoupled else weight_decay)
-            kept = keep.to(p.dtype)
-            if decoupled and weight_decay:
-                p.mul_(1 - (lr * weight_decay) * scale.to(p.dtype))
-            step = state["step"]
-            step.add_(kept.to(step.dtype))
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(grad, kept * (1 - beta1))
-            exp_avg_sq.mul_(1 - kept * (1 - beta2)).addcmul_(grad, grad, value=1 - beta2)
-            t = step.double().clamp_min(1)  # a skip at the very first step has no bias yet
-            bias1 = 1 - torch.pow(beta1, t)
-            bias2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt.to(p.dtype)).add_(eps)
-            step_size = (lr / bias1).to(p.dtype) * scale.to(p.dtype)
-            p.addcdiv_(exp_avg * -step_size, denom)
 
 
 # -- the rule ------------------------------------------------------------------------------------
@@ -325,7 +187,6 @@ class DeviceGuard:
         close_telemetry: bool = False,
         **params: Any,
     ) -> None:
-        from stabilitybench.guard.core import GuardStats, build_detector
 
         name = detector if isinstance(detector, str) else getattr(detector, "name", detector)
         self.config = parse_guard({"detector": name, "action": action, **params}, where="guard")
@@ -350,6 +211,11 @@ class DeviceGuard:
         # gradient norm, loss, proposed update ratio
         self.rule = device_rule(self.detector, len(SIGNALS), self.device)
         self.close_telemetry = close_telemetry
+        self._init_state()
+        telemetry.add_hook(self)
+        telemetry.on_row(self._on_row)  # batched: at each flush, no per-step sync
+
+    def _init_state(self) -> None:
         self.interventions: list[Intervention] = []
         self.stats: GuardStats = GuardStats()
         self.stats.undo_bytes = 0  # nothing copied: the decision is made before the update
@@ -363,6 +229,11 @@ class DeviceGuard:
             loss: torch.tensor([True, loss, True], device=self.device) for loss in (False, True)
         }
         self._nan = torch.full((), math.nan, device=self.device)
+        # Per parameter group, the norm of the last kept update's direction (update_estimate).
+        self._directions = [
+            torch.zeros((), dtype=torch.float64, device=self.device)
+            for _ in self.optimizer.param_groups
+        ]
         # rollback: the snapshot ring, the alarm the host has read and not yet acted on, and
         # the step of the last rollback (alarms before it were of the timeline thrown away).
         self._ring: deque[Snapshot] = deque(maxlen=self.config.keep)
@@ -370,13 +241,11 @@ class DeviceGuard:
         self._restored = -1
         self._detached = False
         self.decides_before_update = True  # a loop gives it the loss before `step()`
-        telemetry.add_hook(self)
-        telemetry.on_row(self._on_row)  # batched: at each flush, no per-step sync
 
     # -- the loop's calls ------------------------------------------------------------------------
     def before_step(self, **scalars: float | int | torch.Tensor) -> None:
         """Values known before `optimizer.step()`: `loss=` joins the decision (else the gradient
-        norm and the proposed update decide), `grad_norm_raw=` (before clipping) stands in for
+        norm and the estimated update decide), `grad_norm_raw=` (before clipping) stands in for
         the gradient norm; every value lands in this step's row."""
         self.telemetry.log_before_step(None, **scalars)
 
@@ -441,7 +310,11 @@ class DeviceGuard:
                 scale = torch.where(keep, scale, 0.0)
             else:
                 scale = keep.to(torch.float32)
-            masked_step(self.optimizer, keep, scale)
+            directions = masked_step(self.optimizer, keep, scale)
+            self._directions = [
+                torch.where(keep, new.to(old.device), old)
+                for new, old in zip(directions, self._directions, strict=True)
+            ]
         self._row = {"guard_alarm": alarm, "guard_scale": scale, "guard_score": score}
         self._set_aside = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
         for p, _ in self._set_aside:
@@ -468,15 +341,14 @@ class DeviceGuard:
         logged = self.telemetry.current("loss")
         loss = self._nan if logged is None else _device_value(logged, self.device)
         given = self._given[logged is not None]
-        ratio = proposed_update_ratio(self.optimizer).to(torch.float32)
+        ratio = update_estimate(self.optimizer, self._directions, params_norm(self.optimizer))
+        ratio = ratio.to(torch.float32)
         return self.rule.decide(torch.stack([grad_norm, loss, ratio]), given)
 
     def _roll_back(self, step: int) -> bool:
         """Restore the newest snapshot at least `min_age` steps older than the alarm (else the
         oldest one taken before it); the alarm reached the host up to `flush_every` steps late,
         and every update since it is thrown away. Returns whether it restored one."""
-        from stabilitybench.guard.core import Intervention
-
         assert self._due is not None
         (alarm_step, score), self._due = self._due, None
         old_enough = [s for s in self._ring if alarm_step - s.step >= self.config.min_age]
@@ -520,8 +392,6 @@ class DeviceGuard:
     def _on_row(self, row: dict[str, Any]) -> None:
         """At each read-back: the decisions made on the device become interventions (and, for
         rollback, the first alarm since the last rollback is rolled back at the next update)."""
-        from stabilitybench.guard.core import Intervention
-
         alarm, scale = row.get("guard_alarm"), row.get("guard_scale")
         if alarm is None or scale is None:
             return
@@ -590,6 +460,4 @@ __all__ = [
     "DeviceGuard",
     "DeviceRule",
     "device_possible",
-    "masked_step",
-    "unsupported_reason",
 ]

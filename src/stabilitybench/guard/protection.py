@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stabilitybench.errors import StabilityBenchError
-from stabilitybench.guard.config import parse_guard
+from stabilitybench.guard.config import GuardConfig, parse_guard
 from stabilitybench.guard.core import Guard
 from stabilitybench.guard.device import DeviceGuard, device_possible
 from stabilitybench.telemetry.core import Telemetry
@@ -65,6 +65,21 @@ def _check_inputs(model: Any, optimizer: Any, telemetry: Any) -> None:
         )
 
 
+def _on_device(optimizer: torch.optim.Optimizer, config: GuardConfig, on_device: Any) -> bool:
+    """Whether `protect` makes a device guard: by default where nothing has to be copied (skip,
+    lr_cut); rollback on the device (decisions read in batches, snapshots kept) when asked."""
+    if on_device not in (None, True, False):
+        raise StabilityBenchError(
+            f"protect.on_device: must be True, False or None, got {on_device!r}"
+        )
+    why_not = device_possible(optimizer, config.detector, config.action)
+    if on_device and why_not is not None:
+        raise StabilityBenchError(f"protect.on_device: not on the device: {why_not}")
+    return why_not is None and (
+        on_device is True or (on_device is None and config.action in ("skip", "lr_cut"))
+    )
+
+
 def protect(
     model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
@@ -107,18 +122,7 @@ def protect(
     settings = {"detector": name, "action": action, **options}
     # Every problem is named before anything is attached.
     config = parse_guard(settings, where="protect")
-    why_not = device_possible(optimizer, config.detector, config.action)
-    if on_device not in (None, True, False):
-        raise StabilityBenchError(
-            f"protect.on_device: must be True, False or None, got {on_device!r}"
-        )
-    if on_device and why_not is not None:
-        raise StabilityBenchError(f"protect.on_device: not on the device: {why_not}")
-    # By default on the device where nothing has to be copied (skip, lr_cut); rollback on the
-    # device (decisions read in batches, snapshots kept) only when asked for.
-    device = why_not is None and (
-        on_device is True or (on_device is None and config.action in ("skip", "lr_cut"))
-    )
+    device = _on_device(optimizer, config, on_device)
     made = telemetry is None
     tel = Telemetry(model, optimizer, probes=probes, keep_rows=False) if made else telemetry
     assert tel is not None
