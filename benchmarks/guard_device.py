@@ -25,6 +25,7 @@ from _record import record
 
 import stabilitybench
 from stabilitybench.guard.device import DeviceGuard
+from stabilitybench.guard.masked import masked_step, params_norm, update_estimate
 from stabilitybench.telemetry import Telemetry
 from stabilitybench.workloads.lm import LMTrainer, _log_before_update, parse_config
 
@@ -78,6 +79,30 @@ def run(size: str, guard: dict[str, Any] | None, steps: int) -> dict[str, float]
     return {"seconds": elapsed / steps, "reads_per_step": reads / steps, "bytes": held}
 
 
+def optimizer_ms(size: str, reps: int = 30) -> dict[str, float]:
+    """ms per torch AdamW step vs per masked step + update estimate, on the same state."""
+    t = trainer(size)
+    t.train_step()  # Adam's state exists
+    opt, keep, one = t.optimizer, torch.tensor(True), torch.tensor(1.0)
+    directions = masked_step(opt, keep, one)
+
+    def timed(step: Any) -> float:
+        step()
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return 1e3 * (time.perf_counter() - start) / reps
+
+    out: dict[str, list[float]] = {"torch_step": [], "masked_step": []}
+    for _ in range(3):  # interleaved
+        out["torch_step"].append(timed(opt.step))
+        out["masked_step"].append(
+            timed(lambda: update_estimate(opt, masked_step(opt, keep, one), params_norm(opt)))
+        )
+    del directions
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="tiny")
@@ -93,7 +118,11 @@ def main() -> None:
         for name, guard in VARIANTS.items():
             results[name].append(run(args.size, guard, args.steps))
     base = statistics.median(r["seconds"] for r in results["unguarded"])
-    figures: dict[str, Any] = {"parameters": n_params, "variants": {}}
+    figures: dict[str, Any] = {
+        "parameters": n_params,
+        "variants": {},
+        "optimizer_ms": optimizer_ms(args.size),
+    }
     print(f"model {args.size}: {n_params:,} parameters; {args.steps} steps x {args.reps} reps")
     for name, runs in results.items():
         seconds = statistics.median(r["seconds"] for r in runs)
@@ -109,6 +138,10 @@ def main() -> None:
             f"read-backs/step {row['reads_per_step']:.2f}  guard holds "
             f"{row['guard_bytes'] / 2**20:.3f} MiB"
         )
+    ms = figures["optimizer_ms"]
+    print(
+        f"AdamW step: torch {ms['torch_step']:.1f} ms, masked + estimate {ms['masked_step']:.1f} ms"
+    )
     record("guard_device", figures, settings=vars(args), load_before=load_before)
 
 

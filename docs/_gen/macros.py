@@ -202,6 +202,17 @@ def _guard_device(f: dict[str, Any]) -> str:
         ]
         for name, v in f["variants"].items()
     ]
+    ms = f.get("optimizer_ms")
+    if ms:
+        rows.append(
+            [
+                "AdamW step alone",
+                f"torch {ms['torch_step']:.1f} ms; masked + update estimate "
+                f"{ms['masked_step']:.1f} ms",
+                "",
+                "",
+            ]
+        )
     return table(["guard", "step time", "read-backs per step", "the guard holds"], rows)
 
 
