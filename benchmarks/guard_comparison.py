@@ -7,7 +7,9 @@ per guard, from the audit's own summary (the calibrated collapse criterion, guar
 same condition unguarded, seeds paired):
 
 - under each perturbation that collapses the unguarded runs: irreversible collapses guarded vs
-  unguarded, the reduction (goal: at least 80 % fewer), interventions and updates lost per run;
+  unguarded (collapses, where no unguarded collapse could be shown irreversible: one at the
+  run's last evaluations), the reduction (goal: at least 80 % fewer), interventions and updates
+  lost per run, the final performance's difference;
 - on healthy (unperturbed) runs: interventions per run (goal: 0), the wall-time ratio to the
   unguarded runs (goal: at most 1.10: the guard's extra compute) and the final performance's
   difference with its 95 % CI (goal: 0 inside it, performance unchanged).
@@ -47,7 +49,7 @@ def guard_rows(audit: Path) -> list[dict[str, Any]]:
         row = rows.setdefault(c.guard, {"audit": audit.name, "guard": c.guard, "perturbed": []})
         if c.false_interventions_per_run is not None:  # the unperturbed condition
             row["healthy"] = _healthy(c)
-        elif c.irreversible_unguarded.k > 0:
+        elif c.collapse_unguarded.k > 0:
             row["perturbed"].append(_perturbed(c))
     return list(rows.values())
 
@@ -68,14 +70,17 @@ def _healthy(c: GuardComparison) -> dict[str, Any]:
 
 
 def _perturbed(c: GuardComparison) -> dict[str, Any]:
-    guarded, plain = c.irreversible.k, c.irreversible_unguarded.k
-    plain_rate = plain / c.irreversible_unguarded.n
-    guarded_rate = guarded / c.irreversible.n if c.irreversible.n else None
-    reduction = None if guarded_rate is None else 1.0 - guarded_rate / plain_rate
+    """Irreversible collapses where the unguarded runs had any; else collapses (a run whose
+    collapse comes at its last evaluations cannot be shown irreversible: lm_buildup's ramp)."""
+    measure = "irreversible" if c.irreversible_unguarded.k > 0 else "collapse"
+    guarded, plain = getattr(c, measure), getattr(c, f"{measure}_unguarded")
+    guarded_rate = guarded.k / guarded.n if guarded.n else None
+    reduction = None if guarded_rate is None else 1.0 - guarded_rate / (plain.k / plain.n)
     return {
         "perturbation": c.perturbation,
-        "irreversible": _rate(c.irreversible),
-        "irreversible_unguarded": _rate(c.irreversible_unguarded),
+        "measure": measure,
+        "collapsed": _rate(guarded),
+        "collapsed_unguarded": _rate(plain),
         "reduction": reduction,
         "interventions_per_run": c.interventions_per_run,
         "updates_lost": c.extra_compute,
@@ -100,10 +105,10 @@ def _verdicts(row: dict[str, Any]) -> dict[str, bool | None]:
 def _print(row: dict[str, Any]) -> None:
     healthy = row.get("healthy") or {}
     for p in row["perturbed"]:
-        g, u = p["irreversible"], p["irreversible_unguarded"]
+        g, u = p["collapsed"], p["collapsed_unguarded"]
         reduction = "—" if p["reduction"] is None else f"{100 * p['reduction']:.0f} %"
         print(
-            f"{row['audit']:>20} {row['guard']:>40} {p['perturbation'][:28]:>28}: irreversible "
+            f"{row['audit']:>20} {row['guard']:>40} {p['perturbation'][:28]:>28}: {p['measure']} "
             f"{g['k']}/{g['n']} vs {u['k']}/{u['n']} unguarded ({reduction} fewer); "
             f"{p['interventions_per_run']:.1f} interventions/run, updates lost "
             f"{100 * (p['updates_lost'] or 0):.0f} %"

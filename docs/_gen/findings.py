@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
 # The order a reader meets them in (others follow alphabetically).
 ORDER = [
+    "paper_rl_td3",
     "paper_rl",
     "paper_rl_guards",
     "paper_lm",
@@ -23,6 +24,7 @@ ORDER = [
     "paper_lm_guards",
     "paper_lm_doses",
     "lm_buildup",
+    "lm_buildup_guards",
 ]
 
 

@@ -225,14 +225,16 @@ def _guard_comparison(f: dict[str, Any]) -> str:
     for g in f["guards"]:
         healthy, verdicts = g.get("healthy") or {}, g["verdicts"]
         for p in g["perturbed"] or [{}]:
-            irr, plain = p.get("irreversible"), p.get("irreversible_unguarded")
+            irr, plain = p.get("collapsed"), p.get("collapsed_unguarded")
             reduction = p.get("reduction")
             diff = healthy.get("final_difference") or {}
             ci = diff.get("ci") or [None, None]
             rows.append(
                 [
                     f"`{g['guard']}`",
-                    "–" if irr is None else f"{irr['k']}/{irr['n']} vs {plain['k']}/{plain['n']}",
+                    "–"
+                    if irr is None
+                    else f"{irr['k']}/{irr['n']} vs {plain['k']}/{plain['n']} ({p['measure']})",
                     "–" if reduction is None else f"{100 * reduction:.0f} %",
                     "–" if p.get("updates_lost") is None else f"{100 * p['updates_lost']:.0f} %",
                     n(healthy.get("interventions_per_run")),
@@ -254,7 +256,7 @@ def _guard_comparison(f: dict[str, Any]) -> str:
     return table(
         [
             "guard",
-            "irreversible collapses, guarded vs not",
+            "collapses, guarded vs not",
             "fewer",
             "updates lost (perturbed)",
             "interventions per healthy run",
