@@ -82,6 +82,11 @@ def as_schedule(value: int | Schedule) -> Schedule:
     return value
 
 
+PARAM_NORM = "param_norm"
+"""`StepContext.cached` key of ‖θ‖ before the update: the update_norm probe stores the norm it
+computes at pre-step, and the device guard reads it there instead of computing it again."""
+
+
 @dataclass
 class StepContext:
     """What a probe or a perturbation may look at during one optimizer step.

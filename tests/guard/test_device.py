@@ -96,7 +96,7 @@ def test_the_update_estimate_at_a_new_lr_is_the_last_update_scaled_by_it(
         after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         for group in opt.param_groups:
             group["lr"] *= 1000
-        estimate = float(update_estimate(opt, directions, params_norm(opt)))
+        estimate = float(update_estimate(opt, directions, params_norm(list(model.parameters()))))
         for group in opt.param_groups:
             group["lr"] /= 1000
         realized = float((after - before).norm() / after.norm())

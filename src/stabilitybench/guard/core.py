@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import torch
@@ -185,7 +185,39 @@ def build_detector(config: GuardConfig) -> Any:
     return detector
 
 
-class Guard:
+class GuardSurface:
+    """What a training loop calls on either guard (`Guard`, `guard.device.DeviceGuard`), beside
+    `after_step` and `close`, which each defines."""
+
+    telemetry: Telemetry
+    interventions: list[Intervention]
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def before_step(self, **scalars: float | int | torch.Tensor) -> None:
+        """Values known before `optimizer.step()` (`loss=…`, `grad_norm_raw=…`): they land in
+        this step's row (the device guard decides on them; the host guard scores the finished
+        row either way)."""
+        self.telemetry.log_before_step(None, **scalars)
+
+    def flush(self) -> None:
+        """Read every finished row back now: the device guard's decisions so far (one sync);
+        the host guard already reads each row as it ends."""
+        self.telemetry.flush()
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every intervention as an events.parquet row."""
+        return [i.event() for i in self.interventions]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Guard(GuardSurface):
     """Watch a registered detector's online score and act on its alarms.
 
     `Guard(tel, detector="zclip", action="rollback", every=20, keep=4, min_age=20)`; the
@@ -295,15 +327,6 @@ class Guard:
             self._in_after_step = False
         return self.last_action
 
-    def before_step(self, **scalars: float | int | torch.Tensor) -> None:
-        """Values known before `optimizer.step()` (`loss=…`): they land in this step's row (the
-        device guard decides on them; this guard scores the finished row either way)."""
-        self.telemetry.log_before_step(None, **scalars)
-
-    def flush(self) -> None:
-        """Read every finished row back now (this guard already reads each one as it ends)."""
-        self.telemetry.flush()
-
     def close(self) -> None:
         """Stop acting: from now on the guard does nothing at a step, the telemetry's per-step
         read-back is off again (unless it was on before the guard), and a telemetry the guard
@@ -314,15 +337,6 @@ class Guard:
         self.telemetry.sync_every_step = self._sync_before
         if self.close_telemetry:
             self.telemetry.close(read_back=False)
-
-    def __enter__(self) -> Guard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [i.event() for i in self.interventions]
 
     # -- StepHook --------------------------------------------------------------------------------
     def on_pre_step(self, ctx: StepContext) -> None:

@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stabilitybench.detectors.scores import MAD_TO_STD
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
-from stabilitybench.guard.core import GuardStats, Intervention, build_detector
+from stabilitybench.guard.core import GuardStats, GuardSurface, Intervention, build_detector
 from stabilitybench.guard.masked import (
     masked_step,
     params_norm,
@@ -53,18 +54,17 @@ from stabilitybench.guard.masked import (
 )
 from stabilitybench.guard.snapshot import Snapshot
 from stabilitybench.telemetry.core import Telemetry
+from stabilitybench.types import PARAM_NORM
 
 if TYPE_CHECKING:
     from stabilitybench.detectors.base import Detector
     from stabilitybench.types import StepContext
 
-COLUMNS: tuple[str, ...] = ("guard_alarm", "guard_scale", "guard_score")
 # What the device rule reads before the update: the gradient norm, the loss (when the loop gives
 # it before the step) and the ratio ‖Δθ‖/‖θ‖ of the update about to be made, estimated at this
 # step's LR from the last kept update (an LR spike shows there before it is applied; in the
 # gradient only after).
 SIGNALS: tuple[str, ...] = ("grad_norm", "loss", "update_ratio")
-_MAD_TO_STD = 1.4826
 _EPS = 1e-12
 
 
@@ -125,7 +125,7 @@ class DeviceRule:
         if self._robust:
             location = history.nanmedian(dim=1).values
             mad = (history - location[:, None]).abs().nanmedian(dim=1).values
-            scale = torch.maximum(_MAD_TO_STD * mad, self.scale_floor * location.abs())
+            scale = torch.maximum(MAD_TO_STD * mad, self.scale_floor * location.abs())
         else:
             valid = ~torch.isnan(history)
             count = valid.sum(dim=1).clamp_min(1)
@@ -164,7 +164,7 @@ def device_rule(detector: Detector, signals: int, device: torch.device) -> Devic
 
 
 # -- the guard ------------------------------------------------------------------------------------
-class DeviceGuard:
+class DeviceGuard(GuardSurface):
     """A guard whose `skip` / `lr_cut` decisions are made on the device, before the update.
 
     `rollback` is decided there too, and skips each alarmed update at once; the host reads the
@@ -190,20 +190,15 @@ class DeviceGuard:
 
         name = detector if isinstance(detector, str) else getattr(detector, "name", detector)
         self.config = parse_guard({"detector": name, "action": action, **params}, where="guard")
-        if self.config.action not in DEVICE_ACTIONS:
-            raise StabilityBenchError(
-                f"guard.action: {self.config.action} is decided on the host; on the device: "
-                f"{', '.join(DEVICE_ACTIONS)}"
-            )
         if len(telemetry.optimizers) != 1:
             raise StabilityBenchError(
                 "guard: the device guard steps one optimizer; this telemetry instruments "
                 f"{len(telemetry.optimizers)}"
             )
         self.optimizer = next(iter(telemetry.optimizers.values()))
-        reason = unsupported_reason(self.optimizer)
-        if reason is not None:
-            raise StabilityBenchError(f"guard: {reason}")
+        why_not = device_possible(self.optimizer, self.config.detector, self.config.action)
+        if why_not is not None:
+            raise StabilityBenchError(f"guard: {why_not}")
         self.telemetry = telemetry
         self.detector = build_detector(self.config) if isinstance(detector, str) else detector
         params_ = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -240,23 +235,12 @@ class DeviceGuard:
         self._due: tuple[int, float] | None = None
         self._restored = -1
         self._detached = False
-        self.decides_before_update = True  # a loop gives it the loss before `step()`
 
     # -- the loop's calls ------------------------------------------------------------------------
-    def before_step(self, **scalars: float | int | torch.Tensor) -> None:
-        """Values known before `optimizer.step()`: `loss=` joins the decision (else the gradient
-        norm and the estimated update decide), `grad_norm_raw=` (before clipping) stands in for
-        the gradient norm; every value lands in this step's row."""
-        self.telemetry.log_before_step(None, **scalars)
-
     def after_step(self, **scalars: float | int | torch.Tensor) -> None:
         """Log this step's values (`loss=…`) to its row; the action was already taken."""
         if scalars:
             self.telemetry.log(**scalars)
-
-    def flush(self) -> None:
-        """Read every decision so far back to the host (one sync): `interventions`, `stats`."""
-        self.telemetry.flush()
 
     def close(self) -> None:
         if self._detached:
@@ -268,15 +252,6 @@ class DeviceGuard:
         else:
             self.telemetry.flush()
         _steps_to_host(self.optimizer)
-
-    def __enter__(self) -> DeviceGuard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def events(self) -> list[dict[str, Any]]:
-        return [i.event() for i in self.interventions]
 
     # -- StepHook ----------------------------------------------------------------------------------
     def on_pre_step(self, ctx: StepContext) -> None:
@@ -341,7 +316,9 @@ class DeviceGuard:
         logged = self.telemetry.current("loss")
         loss = self._nan if logged is None else _device_value(logged, self.device)
         given = self._given[logged is not None]
-        ratio = update_estimate(self.optimizer, self._directions, params_norm(self.optimizer))
+        # ‖θ‖ before the update: the update_norm probe's, when it measured this step
+        norm = ctx.cached(PARAM_NORM, lambda: params_norm(ctx.params))
+        ratio = update_estimate(self.optimizer, self._directions, norm)
         ratio = ratio.to(torch.float32)
         return self.rule.decide(torch.stack([grad_norm, loss, ratio]), given)
 
@@ -454,7 +431,6 @@ def device_possible(optimizer: torch.optim.Optimizer, detector: str, action: str
 
 
 __all__ = [
-    "COLUMNS",
     "DEVICE_ACTIONS",
     "DEVICE_DETECTORS",
     "DeviceGuard",

@@ -68,10 +68,9 @@ def update_estimate(
 
 
 @torch.no_grad()
-def params_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """‖θ‖ over every parameter the optimizer steps (0-d, float64; one multi-tensor pass)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norms = torch._foreach_norm(params)
+def params_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """‖θ‖ over `params` (0-d, float64; one multi-tensor pass)."""
+    norms = torch._foreach_norm(list(params))
     return torch.linalg.vector_norm(torch.stack(norms).double())
 
 

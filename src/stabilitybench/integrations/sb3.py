@@ -135,6 +135,7 @@ class StabilityCallback(BaseCallback):
 
         self.guard_config = parse_guard(guard, where="guard") if guard is not None else None
         self.guard: Guard | None = None
+        self._streamed = 0  # the guard's interventions already handed to a streaming sink
         self.probes, self.every, self.sink = probes, every, sink
         self.schedule, self.monitor = schedule, monitor
         self.total_steps = total_steps
@@ -253,14 +254,13 @@ class StabilityCallback(BaseCallback):
         """Hand the guard's new interventions to a sink that streams events (a run's
         `RunWriter`: `watch` shows them while the run goes on)."""
         assert self.guard is not None
-        streamed = getattr(self, "_streamed", 0)
-        new = self.guard.interventions[streamed:]
+        new = self.guard.interventions[self._streamed :]
         sinks = self.sink if isinstance(self.sink, list | tuple) else [self.sink]
         for sink in sinks:
             stream = getattr(sink, "stream_events", None)
             if new and stream is not None:
                 stream([i.event() for i in new])
-        self._streamed = streamed + len(new)
+        self._streamed += len(new)
 
     def guard_events(self) -> list[dict[str, Any]]:
         """The guard's interventions so far (events.parquet rows, `kind: guard`)."""

@@ -12,7 +12,7 @@ from stabilitybench.errors import StabilityBenchError
 from stabilitybench.telemetry.base import Probe, Value
 from stabilitybench.telemetry.reductions import norm, row_dots, tensor_norms
 from stabilitybench.telemetry.stability_probes import STABILITY, build_stability_probe
-from stabilitybench.types import Phase, Schedule, StepContext
+from stabilitybench.types import PARAM_NORM, Phase, Schedule, StepContext
 
 _EPS = 1e-12
 
@@ -150,6 +150,8 @@ class UpdateNorm(Probe):
             assert self._buffers is not None
             torch._foreach_copy_(self._buffers, list(params))  # a copy of every parameter
             self._before_norm = torch.linalg.vector_norm(tensor_norms(self._buffers))
+        before = self._before_norm
+        ctx.cached(PARAM_NORM, lambda: before)  # shared with the device guard
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         before_norm, self._before_norm = self._before_norm, None

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.guard.device import DeviceGuard
 from stabilitybench.guard.protection import guard_for_run
 from stabilitybench.store import RunWriter
 from stabilitybench.telemetry import Telemetry
@@ -541,7 +542,7 @@ class LMWorkload:
             schedule.add_reseed(trainer.batch_gen.manual_seed)
             schedule.add_reseed(trainer.noise_gen.manual_seed)
         guard = guard_for_run(spec.guard, telemetry)  # after the schedule: sees the spiked LR
-        if guard is not None and getattr(guard, "decides_before_update", False):
+        if isinstance(guard, DeviceGuard):  # it decides before the update: give it the loss
             trainer.before_update = _log_before_update(telemetry)
 
         def train_step(step: int) -> float:
