@@ -100,6 +100,31 @@ BAD_SPECS = [
         _with("perturbations.1.at", 1.5),
         ["perturbations[1]", "at"],
     ),
+    (
+        "a workload's own unknown perturbation",
+        _with("workloads.0.perturbations", ["none", {"kind": "lr_spikes", "at": 0.5}]),
+        ["workloads[0].perturbations[1]", "lr_spikes"],
+    ),
+    (
+        "a workload's own perturbations repeat",
+        _with("workloads.0.perturbations", ["none", "none"]),
+        ["workloads[0].perturbations[1]", "repeats workloads[0].perturbations[0]"],
+    ),
+    (
+        "a workload's own empty perturbations",
+        _with("workloads.0.perturbations", []),
+        ["workloads[0].perturbations", "at least 1"],
+    ),
+    (
+        "a workload's own unknown guard action",
+        _with("workloads.0.guards", ["none", {"detector": "auto", "action": "pause"}]),
+        ["workloads[0].guards[1].action", "pause"],
+    ),
+    (
+        "a workload's own guard it cannot host",
+        _with("workloads.0.guards", [{"detector": "auto", "action": "skip", "on_device": True}]),
+        ["workloads[0].guards[0].on_device", "toy"],
+    ),
 ]
 
 
@@ -187,6 +212,40 @@ def test_eval_defaults_and_multi_perturbation_runs() -> None:
         combined[0].perturbation_label.startswith("lr_spike(")
         and "+grad_noise(" in combined[0].perturbation_label
     )
+
+
+def test_a_workload_may_list_its_own_perturbations_and_guards() -> None:
+    spec = toy_spec(seeds=[0])
+    own = {"kind": "lr_spike", "at": 0.5, "factor": 50, "duration": 20, "ramp": "geometric"}
+    guard = {"detector": "zclip", "action": "skip"}
+    spec["workloads"].append(
+        {
+            **copy.deepcopy(spec["workloads"][0]),
+            "name": "toy2",
+            "perturbations": ["none", own],
+            "guards": ["none", guard],
+        }
+    )
+    parsed = validate_spec(spec)
+    runs = expand(parsed)
+    first = [(r.perturbation_label, r.guard) for r in runs if r.workload["name"] == "toy"]
+    second = [(r.perturbation_label, r.guard) for r in runs if r.workload["name"] == "toy2"]
+    assert first == [("none", None), ("lr_spike(at=0.5,factor=50,duration=5)", None)]
+    assert [g for _, g in second] == [None, guard, None, guard]
+    assert {p for p, _ in second} == {
+        "none",
+        "lr_spike(at=0.5,factor=50,duration=20,ramp=geometric)",
+    }
+    # where an axis was listed is not part of a run: its config and id are the same
+    assert all("perturbations" not in r.workload and "guards" not in r.workload for r in runs)
+    alone = toy_spec(seeds=[0], perturbations=["none", own], guards=["none", guard])
+    alone["workloads"][0]["name"] = "toy2"
+    assert {r.run_id for r in expand(validate_spec(alone))} == {
+        r.run_id for r in runs if r.workload["name"] == "toy2"
+    }
+    # a spec that lists no axis on a workload hashes as before this field existed
+    assert "perturbations" not in resolved_workloads(validate_spec(toy_spec()))[0]
+    assert resolved_workloads(parsed)[1]["guards"] == ["none", guard]
 
 
 def test_unreachable_ray_address_is_refused_before_writing(write_spec: Any, tmp_path: Path) -> None:

@@ -132,6 +132,9 @@ def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) ->
         workloads.append(workload)
     _check_eval_every(spec, workloads)
     _perturbation_lists(spec.perturbations)
+    for index, workload in enumerate(workloads):
+        if workload.perturbations is not None:
+            _perturbation_lists(workload.perturbations, f"workloads[{index}].perturbations")
     _check_guards(spec, workloads, unfitted)
     return spec
 
@@ -143,13 +146,18 @@ def workload_specs(spec: AuditSpec) -> list[WorkloadSpec]:
 
 def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
     """The `guards:` axis as run guard dicts (None = unguarded); `[None]` without the key."""
-    if spec.guards is None:
+    return _guards(spec.guards)
+
+
+def _guards(items: list[Any] | None, where: str = "guards") -> list[dict[str, Any] | None]:
+    """A `guards:` list (the audit's or one workload's) as run guard dicts, checked."""
+    if items is None:
         return [None]
     from stabilitybench.guard.config import guard_configs
 
-    guard_configs(list(spec.guards))  # checks every entry (raises naming guards[i].field)
+    guard_configs(list(items), where)  # checks every entry (raises naming where[i].field)
     out: list[dict[str, Any] | None] = []
-    for item in spec.guards:
+    for item in items:
         if item == "none" or item is None:
             out.append(None)
         else:
@@ -161,10 +169,9 @@ def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
 def _check_guards(
     spec: AuditSpec, workloads: list[WorkloadSpec], unfitted: list[str] | None = None
 ) -> None:
-    """Each guard is valid and every workload of the audit can host it; a monitor folder that
-    is not fitted yet goes to `unfitted` when that is a list, and is an error otherwise."""
-    if spec.guards is None:
-        return
+    """Each guard is valid and every workload it runs on can host it (the audit's `guards:` on
+    the workloads without their own); a monitor folder that is not fitted yet goes to
+    `unfitted` when that is a list, and is an error otherwise."""
     from stabilitybench.guard.config import (
         check_monitor_folder,
         check_monitor_kind,
@@ -172,19 +179,27 @@ def _check_guards(
         parse_guard,
     )
 
-    for index, guard in enumerate(_guard_list(spec)):
-        if guard is None:
-            continue
-        config = parse_guard(guard, f"guards[{index}]")
-        try:
-            check_monitor_folder(config, f"guards[{index}]")
-        except StabilityBenchError as exc:
-            if unfitted is None:
-                raise
-            unfitted.append(str(exc))
-        for workload in workloads:
-            check_workload(config, workload.kind, f"guards[{index}]")
-            check_monitor_kind(config, workload.kind, workload.name, f"guards[{index}]")
+    axes: list[tuple[str, list[Any], list[WorkloadSpec]]] = []
+    if spec.guards is not None:
+        axes.append(("guards", spec.guards, [w for w in workloads if w.guards is None]))
+    for index, workload in enumerate(workloads):
+        if workload.guards is not None:
+            axes.append((f"workloads[{index}].guards", workload.guards, [workload]))
+    for where, items, hosts in axes:
+        for index, guard in enumerate(_guards(items, where)):
+            if guard is None:
+                continue
+            here = f"{where}[{index}]"
+            config = parse_guard(guard, here)
+            try:
+                check_monitor_folder(config, here)
+            except StabilityBenchError as exc:
+                if unfitted is None:
+                    raise
+                unfitted.append(str(exc))
+            for workload in hosts:
+                check_workload(config, workload.kind, here)
+                check_monitor_kind(config, workload.kind, workload.name, here)
 
 
 def _check_eval_every(spec: AuditSpec, workloads: list[WorkloadSpec]) -> None:
@@ -280,11 +295,14 @@ def _workload_model(workload: Any, index: int) -> type[WorkloadSpec]:
     return CustomWorkloadSpec
 
 
-def _perturbation_lists(items: list[Any]) -> list[tuple[dict[str, Any], ...]]:
-    """Each item of `perturbations` as a tuple of configs (empty for `none`), checked by `build`."""
+def _perturbation_lists(
+    items: list[Any], prefix: str = "perturbations"
+) -> list[tuple[dict[str, Any], ...]]:
+    """Each item of a `perturbations` list (the audit's or one workload's) as a tuple of configs
+    (empty for `none`), checked by `build`."""
     result: list[tuple[dict[str, Any], ...]] = []
     for index, item in enumerate(items):
-        where = f"perturbations[{index}]"
+        where = f"{prefix}[{index}]"
         if item == "none" or item is None:
             group: tuple[dict[str, Any], ...] = ()
         elif isinstance(item, dict):
@@ -300,7 +318,7 @@ def _perturbation_lists(items: list[Any]) -> list[tuple[dict[str, Any], ...]]:
             sub_where = where if len(group) == 1 else f"{where}[{sub}]"
             _check_perturbation(config, sub_where)
         if group in result:
-            raise StabilityBenchError(f"{where}: repeats perturbations[{result.index(group)}]")
+            raise StabilityBenchError(f"{where}: repeats {prefix}[{result.index(group)}]")
         result.append(group)
     return result
 
@@ -326,6 +344,10 @@ def _check_perturbation(config: dict[str, Any], where: str) -> None:
 # ---- expansion -------------------------------------------------------------------------------
 
 
+# workload keys that are not part of a run's own config
+NOT_RUN_KEYS = ("reference", "warning", "perturbations", "guards")
+
+
 def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
     """Each workload config with its eval settings resolved (its own > the top-level `eval`);
     what is still unset is left to the workload's own defaults."""
@@ -335,6 +357,10 @@ def resolved_workloads(spec: AuditSpec) -> list[dict[str, Any]]:
         config = model.model_dump(exclude_none=True)
         if model.warning is not None:  # what it sets, so the audit's `warning` fills the rest
             config["warning"] = model.warning.model_dump(include=model.warning.model_fields_set)
+        if model.perturbations is not None:  # its own axes, in the audit's resolved form
+            config["perturbations"] = [list(g) for g in _perturbation_lists(model.perturbations)]
+        if model.guards is not None:
+            config["guards"] = ["none" if g is None else g for g in _guards(model.guards)]
         keys = EVAL_KEYS.get(model.kind, ("every", "batches"))
         own = model.eval.model_dump(exclude_none=True) if model.eval is not None else {}
         merged = {**top, **own}
@@ -369,12 +395,17 @@ def spec_hash(spec: AuditSpec) -> str:
 def expand(spec: AuditSpec) -> list[RunSpec]:
     """The grid, in a stable order: workload → knob levels → perturbation → guard → seed."""
     runs: list[RunSpec] = []
-    perturbations = _perturbation_lists(spec.perturbations)
-    guards = _guard_list(spec)
     collapse = spec.collapse.recorded()
     for config in resolved_workloads(spec):
-        # how runs are judged is not part of a run: its id stays the same whatever they say
-        config = {k: v for k, v in config.items() if k not in ("reference", "warning")}
+        perturbations = (
+            [tuple(g) for g in config["perturbations"]]
+            if "perturbations" in config
+            else _perturbation_lists(spec.perturbations)
+        )
+        guards = _guards(config["guards"]) if "guards" in config else _guard_list(spec)
+        # how runs are judged, and where the grid's axes were listed, are not part of a run:
+        # its id stays the same whatever they say
+        config = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
         knobs: dict[str, Any] = config["knobs"]
         axes = [v if isinstance(v, list) else [v] for v in knobs.values()]
         for levels in itertools.product(*axes):

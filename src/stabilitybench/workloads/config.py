@@ -93,6 +93,11 @@ class WorkloadSpec(SpecModel):
     knobs: dict[str, Any] = Field(default_factory=dict)
     reference: dict[str, Any] | None = None
     warning: WarningSettings | None = None  # this workload's warning protocol (over the audit's)
+    # This workload's own grid axes, in place of the audit's `perturbations:` / `guards:` (the
+    # entries are checked, expanded and stored by the audit spec; a run's id does not say where
+    # its perturbation or guard was listed).
+    perturbations: list[Any] | None = Field(default=None, min_length=1)
+    guards: list[Any] | None = Field(default=None, min_length=1)
     kind: str  # last: each kind's own `kind` (a Literal) keeps its place in the field order
 
     _name_is_label = field_validator("name")(check_label)

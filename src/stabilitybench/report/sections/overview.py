@@ -65,6 +65,10 @@ def _facts(data: ReportData, store: RunStore) -> str:
         rows.append(("seeds", esc(", ".join(str(s) for s in seeds))))
     if isinstance(perturbations := spec.get("perturbations"), list):
         rows.append(("perturbations", esc("; ".join(map(short_perturbation, perturbations)))))
+    for w in workloads if isinstance(workloads, list) else []:
+        if isinstance(w, dict) and isinstance(own := w.get("perturbations"), list):
+            text = "; ".join(map(short_perturbation, own))
+            rows.append((f"perturbations of {esc(w.get('name', '?'))}", esc(text)))
     html = table([("", False), ("", False)], rows)
     return html.replace("<thead><tr><th></th><th></th></tr></thead>", "")
 
