@@ -120,6 +120,31 @@ def test_the_robust_rule_keeps_alarming_values_out_of_its_history() -> None:
     assert not bool(rule.decide(torch.tensor([math.nan]), torch.tensor([False]))[0])  # not given
 
 
+def test_a_loss_that_moved_is_learned_again_but_an_update_ratio_is_not() -> None:
+    """Skipping leaves the weights as they are, so a loss that moved to a new level cannot come
+    back: after `patience` alarms in a row the rule forgets that signal's range and learns it
+    again (warm-up included) instead of skipping forever. The update ratio moves with the LR
+    whatever is skipped: it keeps alarming while it is high."""
+    kw: dict[str, Any] = {"window": 16, "warmup": 8, "threshold": 6.0, "patience": 5}
+    rule = DeviceRule("auto", 2, torch.device("cpu"), relearn=(True, False), **kw)
+    given = torch.tensor([True, True])
+    rng = np.random.default_rng(0)
+
+    def step(loss: float, ratio: float) -> bool:
+        noise = 0.01 * rng.standard_normal(2)
+        return bool(rule.decide(torch.tensor([loss + noise[0], ratio + noise[1]]), given)[0])
+
+    assert not any(step(1.0, 1.0) for _ in range(20))
+    moved = [step(3.0, 1.0) for _ in range(30)]  # the loss moves to 3 and stays there
+    assert moved[:4] == [True] * 4  # alarms until its 5th alarm in a row...
+    assert not any(moved[4:])  # ...then it is learned again: no more skips
+    assert not bool(rule.streak.any())
+    assert step(9.0, 1.0)  # once learned again (8 values), a spike above 3 alarms again
+    high = [step(3.0, 4.0) for _ in range(30)]  # the ratio moves to 4 and stays there
+    assert all(high)
+    assert int(rule.streak[1]) == 30
+
+
 def _loop(
     guard: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int
 ) -> list[torch.Tensor]:

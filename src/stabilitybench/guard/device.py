@@ -19,7 +19,9 @@ every step. `DeviceGuard` does neither, as OLMo-core's `SkipStepOptimizer` does:
 
 Detectors with a device form: `auto` (robust rise of the gradient norm / loss over the median of
 the last `window` accepted values, in MAD·1.4826, at least `scale_floor`·|median|, after
-`warmup` values; a value that alarms does not enter the history) and `olmo` (OLMo-core's rule:
+`warmup` values; a value that alarms does not enter the history; a gradient norm or loss that
+alarms on RELEARN_AFTER steps in a row has moved to a new level, which skipping cannot undo, so
+its history is forgotten and learned again, warm-up included) and `olmo` (OLMo-core's rule:
 mean + `threshold_std`·std of the last `window` values, population std, once the window is full;
 every value enters it). Neither needs persistence here: a skipped update costs one step, and the
 decision must be made before the update it would have to take back. A non-finite gradient norm
@@ -65,6 +67,9 @@ if TYPE_CHECKING:
 # step's LR from the last kept update (an LR spike shows there before it is applied; in the
 # gradient only after).
 SIGNALS: tuple[str, ...] = ("grad_norm", "loss", "update_ratio")
+# `auto`: the signals that learn their range again after RELEARN_AFTER alarms in a row
+RELEARNS: tuple[bool, ...] = (True, True, False)
+RELEARN_AFTER = 16
 _EPS = 1e-12
 
 
@@ -88,39 +93,72 @@ class DeviceRule:
         warmup: int,
         threshold: float,
         scale_floor: float = 0.0,
+        relearn: tuple[bool, ...] | None = None,
+        patience: int = RELEARN_AFTER,
     ) -> None:
         self.kind, self.window, self.warmup = kind, window, warmup
-        self.threshold, self.scale_floor = threshold, scale_floor
+        self.threshold, self.scale_floor, self.patience = threshold, scale_floor, patience
         self.history = torch.full((signals, window), math.nan, dtype=torch.float32, device=device)
         self.seen = 0  # steps decided so far
         self._robust = kind == "auto"
+        # auto: the signals that learn their range again after `patience` alarms in a row, and
+        # each signal's current run of alarms (a device tensor: nothing is read)
+        flags = relearn if relearn is not None else (False,) * signals
+        self.relearn = torch.tensor(flags, dtype=torch.bool, device=device) & self._robust
+        self.streak = torch.zeros(signals, dtype=torch.int32, device=device)
 
     def nbytes(self) -> int:
-        return self.history.numel() * self.history.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.history, self.streak))
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What a snapshot keeps of the rule (copies)."""
+        return self.history.clone(), self.streak.clone(), self.seen
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        history, streak, self.seen = state
+        self.history.copy_(history)
+        self.streak.copy_(streak)
 
     def decide(
         self, values: torch.Tensor, given: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         values = values.float()
         nonfinite = (given & ~torch.isfinite(values)).any()
-        if self.seen >= self.warmup:
-            rise = self._rise(values)
-            score = torch.where(nonfinite, torch.full_like(rise, math.inf), rise)
-            alarm = nonfinite | (rise > self.threshold)
-        else:
-            score = torch.where(nonfinite, math.inf, 0.0).to(values)
-            alarm = nonfinite
-        slot = self.history[:, self.seen % self.window]
         clean = torch.where(given & torch.isfinite(values), values, math.nan)
-        # auto: a value that alarmed stays out of the history (as auto's own +inf values do);
-        # olmo: every finite value enters it (OLMo-core appends every loss and norm).
-        entering = torch.where(alarm, slot, clean) if self._robust else clean
-        slot.copy_(entering)
+        slot = self.history[:, self.seen % self.window]
+        if self._robust:
+            # each signal scores once it has `warmup` values in its history (a signal that
+            # learns again after a level shift waits for its own warm-up)
+            ready = (~torch.isnan(self.history)).sum(dim=1) >= self.warmup
+            rises = torch.where(ready, self._rises(values), 0.0)
+            over = rises > self.threshold
+            self.streak.copy_(torch.where(over, self.streak + 1, 0))
+            # A signal that stays over for `patience` steps in a row has moved to a new level:
+            # a skipped update leaves the weights as they were, so a loss or gradient norm that
+            # moved cannot come back by skipping; its history is forgotten and learned again.
+            # The update ratio does not learn again: it moves with the LR, whatever is skipped.
+            forget = over & self.relearn & (self.streak >= self.patience)
+            self.history.copy_(torch.where(forget[:, None], math.nan, self.history))
+            self.streak.copy_(torch.where(forget, 0, self.streak))
+            acting = over & ~forget
+            alarm = nonfinite | acting.any()
+            rise = rises.max()
+            # a value that alarmed stays out of the history (as auto's own +inf values do)
+            slot.copy_(torch.where(acting, slot, clean))
+        elif self.seen >= self.warmup:  # olmo: once the window is full
+            rise = self._rises(values).max()
+            alarm = nonfinite | (rise > self.threshold)
+            slot.copy_(clean)  # every finite value enters it (OLMo-core appends every one)
+        else:
+            rise = torch.zeros((), dtype=values.dtype, device=values.device)
+            alarm = nonfinite
+            slot.copy_(clean)
+        score = torch.where(nonfinite, torch.full_like(rise, math.inf), rise)
         self.seen += 1
         return alarm, score
 
-    def _rise(self, values: torch.Tensor) -> torch.Tensor:
-        """The largest rise over the signals, in σ (0-d; NaN-free: a missing signal rises 0)."""
+    def _rises(self, values: torch.Tensor) -> torch.Tensor:
+        """Each signal's rise in σ ((k,); NaN-free: a missing signal rises 0)."""
         history = self.history
         if self._robust:
             location = history.nanmedian(dim=1).values
@@ -136,7 +174,7 @@ class DeviceRule:
         rise = (values - location) / scale.clamp_min(_EPS)
         if not self._robust:  # OLMo's rule: no score from a flat window
             rise = torch.where(scale >= 1e-10, rise, 0.0)
-        return torch.nan_to_num(rise.clamp_min(0), nan=0.0).max()
+        return torch.nan_to_num(rise.clamp_min(0), nan=0.0)
 
 
 def device_rule(detector: Detector, signals: int, device: torch.device) -> DeviceRule:
@@ -152,6 +190,7 @@ def device_rule(detector: Detector, signals: int, device: torch.device) -> Devic
             warmup=d.warmup,
             threshold=d.z_thresh,
             scale_floor=d.scale_floor,
+            relearn=RELEARNS if signals == len(RELEARNS) else None,
         )
     if name == "olmo":
         o: Any = detector
@@ -259,7 +298,7 @@ class DeviceGuard(GuardSurface):
         every `every` steps), with the rule's ring as it was."""
         if self._detached or self.config.action != "rollback" or ctx.step % self.config.every:
             return
-        extra = (self.rule.history.clone(), self.rule.seen)
+        extra = self.rule.state()
         self._ring.append(Snapshot.take(ctx.step, self.telemetry.model, [self.optimizer], extra))
         self.stats.snapshots += 1
 
@@ -340,9 +379,7 @@ class DeviceGuard(GuardSurface):
         while self._ring and self._ring[-1].step > snapshot.step:
             self._ring.pop()
         snapshot.restore(self.telemetry.model, [self.optimizer])
-        history, seen = snapshot.extra
-        self.rule.history.copy_(history)
-        self.rule.seen = seen
+        self.rule.restore(snapshot.extra)
         self._restored = step
         lost = step + 1 - snapshot.step  # the updates since the snapshot, and this step's
         self.stats.rolled_back_steps += lost
