@@ -31,18 +31,19 @@ demo: $(STAMP)
 # build-ups; paper_rl_td3: TD3 at a budget where it has learned before onset), then their findings
 # folders under results/ (summary, evaluation, report, spec, versions); after paper_rl,
 # paper_lm_collapse and lm_buildup, the guard audit on that audit's ramp
-# (examples/paper_rl_guards.yaml, paper_lm_guards.yaml, lm_buildup_guards.yaml: the msm guard
-# reads the audit's fitted monitor).
+# (examples/paper_rl_guards.yaml, paper_lm_guards.yaml and paper_lm_ramp_guards.yaml,
+# lm_buildup_guards.yaml: the msm guard reads the audit's fitted monitor).
 FINDINGS ?= paper_rl paper_rl_td3 paper_lm paper_lm_collapse paper_lm_doses lm_buildup
 GUARDS_paper_rl = paper_rl_guards
-GUARDS_paper_lm_collapse = paper_lm_guards
+GUARDS_paper_lm_collapse = paper_lm_guards paper_lm_ramp_guards
 GUARDS_lm_buildup = lm_buildup_guards
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
-	  case $$a in paper_rl) g=$(GUARDS_paper_rl);; paper_lm_collapse) g=$(GUARDS_paper_lm_collapse);; \
-	    lm_buildup) g=$(GUARDS_lm_buildup);; *) g=;; esac; \
+	  case $$a in paper_rl) g="$(GUARDS_paper_rl)";; \
+	    paper_lm_collapse) g="$(GUARDS_paper_lm_collapse)";; \
+	    lm_buildup) g="$(GUARDS_lm_buildup)";; *) g=;; esac; \
 	  for b in $$a $$g; do \
-	    if [ "$$b" = "$$g" ]; then r=--no-report; else r=; fi; \
+	    if [ "$$b" != "$$a" ]; then r=--no-report; else r=; fi; \
 	    $(BIN)/stabilitybench audit examples/$$b.yaml --out audits/$$b $$r && \
 	    $(BIN)/stabilitybench export audits/$$b --out results/$$b && \
 	    $(BIN)/stabilitybench findings results/$$b || exit 2; \

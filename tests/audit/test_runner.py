@@ -117,6 +117,17 @@ def test_dry_run_prints_the_grid_and_writes_nothing(write_spec: Any, tmp_path: P
     assert result.exit_code == 0, result.output
     assert "4 runs" in result.output and "estimated cost" in result.output
     assert result.output.count("lr_spike(at=0.5,factor=50,duration=5)") == 2
+    assert "guard" not in result.output  # no guard column for an unguarded grid
+    assert not out.exists()
+    guarded = toy_spec()
+    guarded["workloads"][0]["guards"] = ["none", {"detector": "zclip", "action": "skip"}]
+    result = runner.invoke(
+        app,
+        ["audit", str(write_spec(guarded, name="g.yaml")), "--out", str(out), "--dry-run"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "8 runs" in result.output and result.output.count("zclip:skip") == 4
     assert not out.exists()
 
 

@@ -433,7 +433,9 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
     import os
 
     table = Table(title=escape(f"audit {plan.spec.name}: {len(plan.runs)} runs"))
-    for column in ("run id", "workload", "knobs", "perturbation", "seed", "est."):
+    guarded = any(run.guard is not None for run in plan.runs)
+    columns = ("run id", "workload", "knobs", "perturbation", "guard", "seed", "est.")
+    for column in columns if guarded else tuple(c for c in columns if c != "guard"):
         table.add_column(column, overflow="fold")
     if plan.statuses:
         table.add_column("status")
@@ -451,6 +453,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
             run.workload["name"],
             knobs,
             run.perturbation_label,
+            *([run.guard_label] if guarded else []),
             str(run.seed),
             _duration(seconds),
         ]
