@@ -1,8 +1,10 @@
 """Guards side by side on the same runs: what each saves, what it costs, what it does to healthy runs.
 
-    PYTHONPATH=src python benchmarks/guard_comparison.py audits/lm_buildup_guards [AUDIT ...]
+    PYTHONPATH=src python benchmarks/guard_comparison.py results/lm_buildup_guards \
+        results/paper_lm_ramp_guards results/quickstart_guards       # or audit folders
 
-For each guarded audit (a `guards:` axis with `none` among it, e.g. examples/lm_buildup_guards.yaml),
+For each guarded audit or findings folder with its per-run data (a `guards:` axis with `none`
+among it, e.g. examples/lm_buildup_guards.yaml),
 per guard, from the audit's own summary (the calibrated collapse criterion, guarded beside the
 same condition unguarded, seeds paired):
 

@@ -33,7 +33,10 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "monitor_cost": "python benchmarks/monitor_cost.py",
     "guard_snapshot": "python benchmarks/guard_snapshot.py --reps 3 --steps 20",
     "guard_device": "python benchmarks/guard_device.py --reps 3 --steps 40",
-    "guard_comparison": "python benchmarks/guard_comparison.py audits/lm_buildup_guards",
+    "guard_comparison": (
+        "python benchmarks/guard_comparison.py results/lm_buildup_guards "
+        "results/paper_lm_ramp_guards results/quickstart_guards"
+    ),
     "telemetry_memory": "python benchmarks/telemetry_memory.py",
     "stability_probes_cost": "python benchmarks/stability_probes_cost.py --reps 4 --steps 5",
     "scaling": "python benchmarks/scaling.py --steps 3000",
@@ -221,8 +224,19 @@ def _yes_no(value: bool | None) -> str:
 
 
 def _guard_comparison(f: dict[str, Any]) -> str:
+    """One table per guarded audit (the benchmark takes several)."""
+    audits = list(dict.fromkeys(g["audit"] for g in f["guards"]))
+    if len(audits) == 1:
+        return _guard_table(f["guards"])
+    return "\n\n".join(
+        f"**{audit}**\n\n" + _guard_table([g for g in f["guards"] if g["audit"] == audit])
+        for audit in audits
+    )
+
+
+def _guard_table(guards: list[dict[str, Any]]) -> str:
     rows = []
-    for g in f["guards"]:
+    for g in guards:
         healthy, verdicts = g.get("healthy") or {}, g["verdicts"]
         for p in g["perturbed"] or [{}]:
             irr, plain = p.get("collapsed"), p.get("collapsed_unguarded")
