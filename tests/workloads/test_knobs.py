@@ -80,6 +80,18 @@ def test_optimizer_knobs_reach_adamw_and_warmup_zero_starts_at_full_lr() -> None
     assert group["eps"] == 1e-6 and group["betas"] == (0.9, 0.99)
     assert group["lr"] == pytest.approx(2e-3)  # lr_multiplier(0, T, 0) = 1: no ramp-up
     assert lm.lr_multiplier(0, 100, 0) == 1.0
+    # after warmup: cosine decay to MIN_LR_RATIO, or the full LR with lr_schedule: constant
+    assert lm.lr_multiplier(100, 100, 10) == pytest.approx(lm.MIN_LR_RATIO)
+    assert [lm.lr_multiplier(s, 100, 10, "constant") for s in (4, 10, 60, 100)] == [
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+    ]
+    constant = lm.LMTrainer(lm.parse_config(lm_config(lr_schedule="constant", warmup=0)), seed=0)
+    for _ in range(3):
+        constant.scheduler.step()
+    assert constant.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     defaults = lm.parse_config(lm_config()).knobs
     assert (
         defaults["qk_layernorm"],

@@ -267,6 +267,10 @@ def test_huge_learning_rate_runs_to_the_end_or_reports_divergence(tmp_path: Path
             {"knobs": {"grad_noise_mode": "loud"}},
             "knobs.grad_noise_mode must be one of relative, absolute",
         ),
+        (
+            {"knobs": {"lr_schedule": "linear"}},
+            "knobs.lr_schedule must be one of cosine, constant, got 'linear'",
+        ),
         ({"total_steps": 0}, "total_steps must be an integer >= 1"),
         ({"eval": {"every": 5, "episodes": 3}}, "unknown key eval.episodes"),
         ({"tokenizer": "wordpiece"}, "tokenizer: expected one of byte, bpe"),

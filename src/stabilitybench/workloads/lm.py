@@ -13,7 +13,8 @@ Config (the `workload` dict of a RunSpec)::
     probes: cheap                    # cheap (default) | stability (adds the build-up probes)
 
 AdamW (decoupled weight decay on matrices only) with linear warmup and cosine decay to 10% of
-`lr` (`warmup: 0` starts at the full `lr`); betas (0.9, `adam_beta2`), eps `adam_eps`. The loss is
+`lr` (`warmup: 0` starts at the full `lr`; `lr_schedule: constant` keeps the full `lr` after the
+warmup); betas (0.9, `adam_beta2`), eps `adam_eps`. The loss is
 next-token cross-entropy computed here (so `label_smoothing` applies to it), plus `z_loss` ×
 mean(logsumexp(logits)²) when `z_loss` > 0 (PaLM's auxiliary loss; validation loss is the plain
 cross-entropy). `qk_layernorm: true` normalises each head's queries and keys with a LayerNorm over
@@ -82,6 +83,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "batch_size": 16,
     "block_size": 128,
     "warmup": 0.05,  # a fraction of total_steps (float < 1) or a number of steps (int)
+    "lr_schedule": "cosine",  # after warmup: cosine decay to MIN_LR_RATIO, or constant
     "weight_decay": 0.1,
     "grad_clip": 1.0,  # 0 turns clipping off
     "dropout": 0.0,
@@ -94,6 +96,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "adam_beta2": 0.95,
 }
 GRAD_NOISE_MODES = ("relative", "absolute")
+LR_SCHEDULES = ("cosine", "constant")
 MIN_LR_RATIO = 0.1
 ADAPTERS = {"batch"}  # perturbations may also transform training batches
 ATTN_LOGITS_EVERY = 10  # `probes: stability`: attention/output logits every 10 optimizer steps
@@ -177,6 +180,10 @@ def _check_knobs(knobs: Any) -> dict[str, Any]:
         number("warmup", 0, integer=True)
     else:
         number("warmup", 0.0, 1.0)
+    if values["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(
+            f"knobs.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {values['lr_schedule']!r}"
+        )
     if values["grad_noise_mode"] not in GRAD_NOISE_MODES:
         raise ValueError(
             f"knobs.grad_noise_mode must be one of {', '.join(GRAD_NOISE_MODES)}, got {values['grad_noise_mode']!r}"
@@ -332,10 +339,13 @@ def lm_losses(
     return ce, ce
 
 
-def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to MIN_LR_RATIO at `total_steps`."""
+def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to MIN_LR_RATIO at `total_steps`
+    (`schedule` "constant": the full LR after warmup)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -387,9 +397,9 @@ class LMTrainer:
         warmup_steps = (
             int(warmup) if _integer(warmup) else round(float(warmup) * settings.total_steps)
         )
-        total = settings.total_steps
+        total, schedule = settings.total_steps, str(knobs["lr_schedule"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, total, warmup_steps)
+            self.optimizer, lambda step: lr_multiplier(step, total, warmup_steps, schedule)
         )
         self.validation = corpora.fixed_batches(
             tokens.validation, settings.eval.batches, self.batch_size, self.block_size
