@@ -155,6 +155,24 @@ def test_td3_action_noise_knob() -> None:
     )
 
 
+def test_normalize_wraps_training_and_evaluation_envs(tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    config = {**PPO_CARTPOLE, "knobs": {**PPO_CARTPOLE["knobs"], "normalize": True}}
+    model = build_model(parse_config(config), seed=0)
+    assert isinstance(model.get_env(), VecNormalize)
+    assert "normalize" not in parse_config(PPO_CARTPOLE).knobs  # off unless asked for
+    assert not isinstance(build_model(parse_config(PPO_CARTPOLE), seed=0).get_env(), VecNormalize)
+    _, run = _run(tmp_path, config)
+    # evaluation returns are the env's own (CartPole: 1 per step, at most 500 an episode; the
+    # mean of 2 episodes is a multiple of 0.5), not the normalised rewards
+    perf = run.evals["perf"]
+    assert len(perf) == 5 and ((perf >= 8) & (perf <= 500)).all()
+    assert ((perf * 2) % 1 == 0).all()
+    with pytest.raises(StabilityBenchError, match=r"knobs\.normalize must be true or false"):
+        build_workload({**PPO_CARTPOLE, "knobs": {"normalize": 1}})
+
+
 def test_defaults_suit_short_budgets() -> None:
     assert parse_config({**PPO_CARTPOLE, "knobs": {}, "total_steps": 1000}).knobs["n_steps"] == 128
     assert (

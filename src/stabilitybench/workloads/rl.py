@@ -92,7 +92,7 @@ _INF = math.inf
 class Knob:
     """One hyper-parameter a spec may set: its type, its allowed range [low, high], its default."""
 
-    kind: str  # "int" | "float" | "ent_coef" (a float or "auto"/"auto_<initial value>")
+    kind: str  # "int" | "float" | "bool" | "ent_coef" (a float or "auto"/"auto_<initial value>")
     low: float = 0.0
     high: float = _INF
     low_open: bool = False  # low itself is not allowed
@@ -100,6 +100,7 @@ class Knob:
 
 
 _COMMON: dict[str, Knob] = {
+    "normalize": Knob("bool"),
     "learning_rate": Knob("float", 0.0, low_open=True),
     "batch_size": Knob("int", 1),
     "gamma": Knob("float", 0.0, 1.0, low_open=True),
@@ -134,7 +135,11 @@ KNOBS: dict[str, dict[str, Knob]] = {
 }
 """Knobs each algorithm accepts. `ent_coef` (PPO: entropy bonus; SAC: a fixed temperature, or
 "auto" to learn it) and TD3's `action_noise` (std of Gaussian exploration noise in units of half
-the action range) are the stochasticity knobs; the rest are SB3's hyper-parameters of that name.
+the action range) are the stochasticity knobs. `normalize: true` wraps the training env in SB3's
+`VecNormalize` (running mean/std of observations, returns scaled by a running std, as the SB3
+zoo trains PPO on MuJoCo); evaluation then sees observations normalised with the training env's
+statistics at that moment, and its returns are the env's own. The rest are SB3's
+hyper-parameters of that name.
 PPO's `max_grad_norm: null` turns gradient clipping off: SB3 always calls `clip_grad_norm_`, so the
 workload passes `inf`, which makes the clip coefficient clamp(inf / (norm + 1e-6), max=1) = 1 — the
 gradients are multiplied by exactly 1.0 and so are unchanged (the norm is still computed)."""
@@ -242,6 +247,10 @@ def _check_knobs(algo: str, knobs: dict[str, Any]) -> dict[str, Any]:
         knob = allowed[key]
         if value is None and knob.nullable:
             continue
+        if knob.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"knobs.{key} must be true or false, got {value!r}")
+            continue
         if knob.kind == "ent_coef" and isinstance(value, str):
             if value == "auto" or (value.startswith("auto_") and _positive_float(value[5:])):
                 continue
@@ -315,8 +324,12 @@ def build_model(
     from stable_baselines3.common.utils import set_random_seed
 
     set_random_seed(seed)
-    train_env = make_env(settings.env, seed, wrap_env)
     kwargs = dict(settings.knobs)
+    train_env = make_env(settings.env, seed, wrap_env)
+    if kwargs.pop("normalize", False):
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        train_env = VecNormalize(train_env, gamma=float(kwargs.get("gamma", 0.99)))
     if settings.algo == "td3":
         sigma = float(kwargs.pop("action_noise"))
         n_actions = int(np.prod(train_env.action_space.shape or (1,)))
@@ -400,7 +413,7 @@ class RLWorkload:
         if schedule is not None and env is not None:  # a sham re-seeds the training env
             schedule.add_reseed(env.seed)  # (SB3 applies the seed at the env's next reset)
         evaluation = _Evaluation(
-            model, make_env(settings.env, spec.seed + EVAL_SEED_OFFSET), settings.eval_episodes
+            model, _eval_env(settings, spec.seed + EVAL_SEED_OFFSET), settings.eval_episodes
         )
         telemetry_callback = _telemetry_callback(spec, settings, schedule, writer)
         evaluation.run(0, 0)
@@ -422,6 +435,17 @@ class RLWorkload:
         )
 
 
+def _eval_env(settings: RLConfig, seed: int) -> VecEnv:
+    """The evaluation env: like the training env, normalised (not updating its statistics, raw
+    rewards) where the training env is."""
+    env = make_env(settings.env, seed)
+    if settings.knobs.get("normalize"):
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        env = VecNormalize(env, training=False, norm_reward=False)
+    return env
+
+
 class _Evaluation:
     """Deterministic evaluation episodes on a separate env, and the `evals` rows they gave."""
 
@@ -431,8 +455,15 @@ class _Evaluation:
 
     def run(self, step: int, env_step: int) -> None:
         """Evaluate the current policy; one row with the mean and std of the episode returns."""
+        import copy
+
         import numpy as np
         from stable_baselines3.common.evaluation import evaluate_policy
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        train_env = self.model.get_env()
+        if isinstance(self.env, VecNormalize) and isinstance(train_env, VecNormalize):
+            self.env.obs_rms = copy.deepcopy(train_env.obs_rms)  # the policy's view, now
 
         returns, _ = evaluate_policy(
             self.model,
