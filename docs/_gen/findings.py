@@ -22,9 +22,11 @@ ORDER = [
     "paper_lm",
     "paper_lm_collapse",
     "paper_lm_guards",
+    "paper_lm_ramp_guards",
     "paper_lm_doses",
     "lm_buildup",
     "lm_buildup_guards",
+    "quickstart_guards",
 ]
 
 
