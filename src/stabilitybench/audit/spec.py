@@ -144,13 +144,9 @@ def workload_specs(spec: AuditSpec) -> list[WorkloadSpec]:
     return [_workload_model(w, i).model_validate(w) for i, w in enumerate(spec.workloads)]
 
 
-def _guard_list(spec: AuditSpec) -> list[dict[str, Any] | None]:
-    """The `guards:` axis as run guard dicts (None = unguarded); `[None]` without the key."""
-    return _guards(spec.guards)
-
-
 def _guards(items: list[Any] | None, where: str = "guards") -> list[dict[str, Any] | None]:
-    """A `guards:` list (the audit's or one workload's) as run guard dicts, checked."""
+    """A `guards:` list (the audit's or one workload's) as run guard dicts, checked (None =
+    unguarded); `[None]` without one."""
     if items is None:
         return [None]
     from stabilitybench.guard.config import guard_configs
@@ -382,7 +378,7 @@ def resolved_spec(spec: AuditSpec) -> dict[str, Any]:
     if spec.warning is not None:  # only where given, like a workload's own `warning`
         resolved["warning"] = spec.warning.model_dump(include=spec.warning.model_fields_set)
     if spec.guards is not None:  # only where given: specs without guards hash as before
-        resolved["guards"] = ["none" if g is None else g for g in _guard_list(spec)]
+        resolved["guards"] = ["none" if g is None else g for g in _guards(spec.guards)]
     return resolved
 
 
@@ -396,13 +392,17 @@ def expand(spec: AuditSpec) -> list[RunSpec]:
     """The grid, in a stable order: workload → knob levels → perturbation → guard → seed."""
     runs: list[RunSpec] = []
     collapse = spec.collapse.recorded()
+    audit_perturbations, audit_guards = (
+        _perturbation_lists(spec.perturbations),
+        _guards(spec.guards),
+    )
     for config in resolved_workloads(spec):
         perturbations = (
             [tuple(g) for g in config["perturbations"]]
             if "perturbations" in config
-            else _perturbation_lists(spec.perturbations)
+            else audit_perturbations
         )
-        guards = _guards(config["guards"]) if "guards" in config else _guard_list(spec)
+        guards = _guards(config["guards"]) if "guards" in config else audit_guards
         # how runs are judged, and where the grid's axes were listed, are not part of a run:
         # its id stays the same whatever they say
         config = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}

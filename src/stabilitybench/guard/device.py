@@ -67,8 +67,9 @@ if TYPE_CHECKING:
 # step's LR from the last kept update (an LR spike shows there before it is applied; in the
 # gradient only after).
 SIGNALS: tuple[str, ...] = ("grad_norm", "loss", "update_ratio")
-# `auto`: the signals that learn their range again after RELEARN_AFTER alarms in a row
-RELEARNS: tuple[bool, ...] = (True, True, False)
+# `auto`: the signals that learn their range again after RELEARN_AFTER alarms in a row (not the
+# update ratio: it moves with the LR, whatever is skipped)
+RELEARNS: tuple[bool, ...] = tuple(signal != "update_ratio" for signal in SIGNALS)
 RELEARN_AFTER = 16
 _EPS = 1e-12
 
@@ -132,14 +133,14 @@ class DeviceRule:
             ready = (~torch.isnan(self.history)).sum(dim=1) >= self.warmup
             rises = torch.where(ready, self._rises(values), 0.0)
             over = rises > self.threshold
-            self.streak.copy_(torch.where(over, self.streak + 1, 0))
+            streak = torch.where(over, self.streak + 1, 0)
             # A signal that stays over for `patience` steps in a row has moved to a new level:
             # a skipped update leaves the weights as they were, so a loss or gradient norm that
             # moved cannot come back by skipping; its history is forgotten and learned again.
             # The update ratio does not learn again: it moves with the LR, whatever is skipped.
-            forget = over & self.relearn & (self.streak >= self.patience)
-            self.history.copy_(torch.where(forget[:, None], math.nan, self.history))
-            self.streak.copy_(torch.where(forget, 0, self.streak))
+            forget = over & self.relearn & (streak >= self.patience)
+            self.history.masked_fill_(forget[:, None], math.nan)
+            self.streak.copy_(streak.masked_fill_(forget, 0))
             acting = over & ~forget
             alarm = nonfinite | acting.any()
             rise = rises.max()
@@ -190,7 +191,7 @@ def device_rule(detector: Detector, signals: int, device: torch.device) -> Devic
             warmup=d.warmup,
             threshold=d.z_thresh,
             scale_floor=d.scale_floor,
-            relearn=RELEARNS if signals == len(RELEARNS) else None,
+            relearn=RELEARNS,
         )
     if name == "olmo":
         o: Any = detector
