@@ -4,6 +4,7 @@ the signals, held for 3 rows; a non-finite value at once."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -227,3 +228,35 @@ def test_the_native_rule_is_above_z_thresh() -> None:
         True,
         False,
     ]
+
+
+def test_a_rollback_keeps_what_a_signal_learned_after_its_warm_up_at_the_snapshot() -> None:
+    """The tiny GPT-2's rollback loop: `adam_rms_max` jumps in its warm-up and then holds.
+    Restored with a snapshot taken in the warm-up, the detector scored the held level as a rise
+    again at the same offset after every restore; the signal's range is the run's, not the
+    restored state's, so it keeps what it has learned since. Warmed-up signals are restored."""
+    current = AutoDetector()
+    level = [1.0 + 0.05 * (i % 3) if i < 40 else 6.5 for i in range(90)]
+    rows = [{"loss": 3.0 + 0.01 * (i % 3), "adam_rms_max": v} for i, v in enumerate(level)]
+    snapshot = None
+    for i, row in enumerate(rows):
+        if i == 30:
+            snapshot = copy.deepcopy(current)
+        current.update(row)
+    assert snapshot is not None
+    # Replayed from the snapshot as it was, the held level scores as a rise after the warm-up.
+    replay = copy.deepcopy(snapshot)
+    assert max(replay.update(rows[-1]) for _ in range(30)) > replay.z_thresh
+    restored = copy.deepcopy(snapshot).rolled_back(current)
+    assert max(restored.update(rows[-1]) for _ in range(30)) < restored.z_thresh
+    # neither had the loss finished its warm-up: it keeps the current history too
+    assert len(restored._states[0].history) == 90 + 30
+    warmed = AutoDetector(warmup=10)
+    for row in rows[:30]:
+        warmed.update(row)
+    later = copy.deepcopy(warmed)
+    for row in rows[30:]:
+        later.update(row)
+    back = copy.deepcopy(warmed).rolled_back(later)
+    # loss and adam_rms_max (WATCHED 0 and 3) had finished warm-up: restored, not taken
+    assert [len(back._states[i].history) for i in (0, 3)] == [30, 30]

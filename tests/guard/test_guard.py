@@ -175,22 +175,55 @@ def test_rollback_restores_the_newest_snapshot_old_enough_with_rng(
     assert (event["start_step"], event["end_step"]) == (12, 12)
 
 
-def test_a_second_rollback_to_the_same_snapshot_loses_only_the_steps_since_the_first(
+def test_an_alarm_back_after_four_restores_of_the_same_snapshot_is_a_loop_and_is_skipped(
     alarm_at: type[AlarmAt],
 ) -> None:
-    alarm_at.steps = {12, 13}
+    alarm_at.steps = {12, 13, 14, 15, 16, 40, 200}
     kw = {"detector": "alarm_at", "action": "rollback", "every": 5, "keep": 3, "min_age": 5}
     before: dict[int, Any] = {}
     after: dict[int, Any] = {}
-    _, guard, _, _ = _loop(20, kw, before=before, after=after)
+    _, guard, _, _ = _loop(210, kw, before=before, after=after)
     assert guard is not None
-    # 12 → snapshot 5 (updates 5..12 lost: 8); 13 → snapshot 5 again: only update 13 is lost.
-    assert [(i.step, i.rolled_back_to, i.steps_lost) for i in guard.interventions] == [
-        (12, 5, 8),
-        (13, 5, 1),
+    # 12 → snapshot 5 (updates 5..12 lost: 8); 13, 14, 15 → snapshot 5 again: only the update
+    # since is lost (a disturbance may outlast one restore). 16: snapshot 5 a fifth time would
+    # replay the trouble, so the step is skipped, and so is 40 (within `window` = 100 steps of
+    # the last alarm). 200 is after a quiet window: it rolls back, to the newest snapshot.
+    got = [(i.step, i.action, i.rolled_back_to, i.steps_lost) for i in guard.interventions]
+    assert got == [
+        (12, "rollback", 5, 8),
+        (13, "rollback", 5, 1),
+        (14, "rollback", 5, 1),
+        (15, "rollback", 5, 1),
+        (16, "skip", None, 1),
+        (40, "skip", None, 1),
+        (200, "rollback", 195, 6),
     ]
-    assert guard.stats.rolled_back_steps == 9
-    assert _same(after[13], before[5])
+    assert guard.interventions[4].note is not None
+    assert guard.interventions[4].note.startswith("rollback loop: the snapshot of step 5 was")
+    assert guard.interventions[5].note == "after a rollback loop"
+    assert _same(after[15], before[5]) and _same(after[16], before[16])
+    assert guard.stats.rolled_back_steps == 8 + 3 + 6
+
+
+def test_escalate_does_not_loop_on_rollbacks_to_the_same_snapshot(
+    alarm_at: type[AlarmAt],
+) -> None:
+    # An alarm on every step from 30 to 60, as a ramp that the restored state meets again.
+    alarm_at.steps = set(range(30, 61))
+    kw = {"detector": "alarm_at", "action": "escalate", "every": 10, "keep": 3, "min_age": 10}
+    _, guard, _, _ = _loop(200, kw)
+    assert guard is not None
+    actions = [(i.step, i.action, i.rolled_back_to) for i in guard.interventions]
+    # skip, lr_cut, reset_moments, rollback to 20: four times (steps 30-45); the fifth rung
+    # (49) would restore 20 again: a loop, skipped, and every alarm after it until 60.
+    ladder = ["skip", "lr_cut", "reset_moments", "rollback"]
+    assert [a for _, a, _ in actions[:16]] == ladder * 4
+    assert {r for _, a, r in actions[:16] if a == "rollback"} == {20}
+    assert [a for _, a, _ in actions[16:19]] == ladder[:3]
+    assert actions[19][:2] == (49, "skip") and guard.interventions[19].note is not None
+    assert guard.interventions[19].note.startswith("rollback loop")
+    assert [a for _, a, _ in actions[20:]] == ["skip"] * (60 - 49)
+    assert guard.stats.by_action["rollback"] == 4
 
 
 def test_rollback_restores_the_torch_rng() -> None:

@@ -206,6 +206,18 @@ class AutoDetector(BaseDetector):
         self._signals = [w.online() for w in WATCHED]
         self._recent: deque[float] = deque(maxlen=self.persist)
 
+    def rolled_back(self, current: Any) -> Any:
+        """A signal still in its warm-up at the snapshot keeps what it has learned since: its
+        range is a property of the run, not of the restored state, and a warm-up restarted
+        from the snapshot's few values scores the same level as a rise again at the same offset
+        after every rollback (a rollback loop: `adam_rms_max` on the tiny GPT-2, which climbs
+        during the first 50 steps and then holds)."""
+        if isinstance(current, AutoDetector) and len(current._states) == len(self._states):
+            for i, state in enumerate(self._states):
+                if len(state.history) < self.warmup <= len(current._states[i].history):
+                    self._states[i] = current._states[i]
+        return self
+
     def update(self, row: Mapping[str, Any]) -> float:
         raw = math.nan
         for state, signal in zip(self._states, self._signals, strict=True):

@@ -108,6 +108,13 @@ class BaseDetector:
     def set_online_state(self, state: Any) -> None:
         """Go back to a state `online_state()` returned."""
 
+    def rolled_back(self, current: Any) -> Any:
+        """This detector, a copy a guard kept with a rollback snapshot, as the guard restores it
+        while `current` is the detector's state now (to be discarded): itself by default, as
+        the snapshot's training state is restored. A detector whose state also holds what does
+        not replay (a warm-up finished since) takes that part from `current`."""
+        return self
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.name and not cls.__dict__.get("column"):

@@ -165,6 +165,12 @@ class GuardStats:
     by_action: Counter[str] = field(default_factory=Counter)  # interventions by action
 
 
+# A rollback loop: a snapshot restored this many times, and the alarm back again before a newer
+# snapshot was old enough. Fewer is not yet a loop: a disturbance that outlasts one restore (an
+# LR spike of a few steps, each update of it alarming) needs one restore per step of it.
+LOOP_RESTORES = 4
+
+
 def build_detector(config: GuardConfig) -> Any:
     """The registered detector a guard drives, fresh (msm: loaded from `config.monitor`)."""
     from stabilitybench.detectors.base import DetectorSettings, detector_class
@@ -311,6 +317,13 @@ class Guard(GuardSurface):
         self.scores: list[tuple[int, float]] = []
         self.rolled_back_to: int | None = None
         self.last_action: str | None = None
+        # Rollback loops: the step of the snapshot restored last and how many times in a row it
+        # was; whether alarms are skipped until `window` steps pass without one (after a loop),
+        # and the last alarm's step.
+        self._restored_step: int | None = None
+        self._restores = 0
+        self._looping = False
+        self._last_alarm: float = -math.inf
 
     # -- the loop's call -----------------------------------------------------------------------
     def after_step(self, **scalars: float | int | torch.Tensor) -> str | None:
@@ -456,7 +469,14 @@ class Guard(GuardSurface):
         return shown
 
     def _choose(self, step: int) -> str:
-        """The action for an alarm at `step`: the configured one, or escalate's next rung."""
+        """The action for an alarm at `step`: the configured one, or escalate's next rung; skip
+        after a rollback loop until `window` steps have passed without an alarm."""
+        quiet = step - self._last_alarm >= self.config.window
+        self._last_alarm = step
+        if self._looping:
+            if not quiet:
+                return "skip"
+            self._looping = False
         if self.config.action != "escalate":
             return self.config.action
         self._alarm_steps.append(step)
@@ -474,9 +494,27 @@ class Guard(GuardSurface):
         reset_tensors = None
         updates_before = self._updates
         if action == "rollback":
-            rolled_back_to = self._rollback(step)
-            if rolled_back_to is None:
+            snapshot = self._rollback_target(step)
+            if snapshot is None:
                 action, note = "skip", f"no snapshot at least {self.config.min_age} steps old"
+            elif snapshot.step == self._restored_step and self._restores >= LOOP_RESTORES:
+                # Restoring it again would replay what brought the alarm back (a rise the
+                # detector's restored state sees again at the same offset, a perturbation that
+                # has not ended): a loop that would freeze the run at that snapshot.
+                action, note = (
+                    "skip",
+                    (
+                        f"rollback loop: the snapshot of step {snapshot.step} was restored "
+                        f"{self._restores} times and the alarm came back each time before a newer "
+                        f"one was old enough; alarms are skipped until {self.config.window} steps "
+                        "pass without one"
+                    ),
+                )
+                self._looping = True
+            else:
+                rolled_back_to = self._rollback(snapshot)
+        elif action == "skip" and self._looping:
+            note = "after a rollback loop"
         if action in ("skip", "lr_cut", "reset_moments") and self._undo.step == step:
             self._undo.restore()  # undo this step's update (lr_cut under escalate too)
             self._updates -= 1
@@ -501,18 +539,25 @@ class Guard(GuardSurface):
             )
         )
 
-    def _rollback(self, step: int) -> int | None:
-        """Restore the newest snapshot at least `min_age` steps old; its step, or None."""
+    def _rollback_target(self, step: int) -> Snapshot | None:
+        """The newest snapshot at least `min_age` steps old, or None."""
         candidates = [s for s in self._ring if step - s.step >= self.config.min_age]
-        if not candidates:
-            return None
-        snapshot = candidates[-1]
+        return candidates[-1] if candidates else None
+
+    def _rollback(self, snapshot: Snapshot) -> int:
+        """Restore `snapshot` (model, optimizers, RNGs, the detector, the probes' history);
+        its step."""
         while self._ring and self._ring[-1].step > snapshot.step:
             self._ring.pop()  # taken on the way into the trouble
         snapshot.restore(self.model, self.optimizers)
         detector, history, updates = snapshot.extra
-        self.detector = copy.deepcopy(detector)
+        restored = copy.deepcopy(detector)
+        rolled_back = getattr(restored, "rolled_back", None)
+        self.detector = rolled_back(self.detector) if rolled_back is not None else restored
         history.restore(self._probes)
+        same = snapshot.step == self._restored_step
+        self._restores = self._restores + 1 if same else 1
+        self._restored_step = snapshot.step
         self.rolled_back_to = snapshot.step
         self.stats.rolled_back_steps += self._updates - updates
         self._updates = updates
