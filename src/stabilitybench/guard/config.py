@@ -71,7 +71,9 @@ class GuardConfig:
     every: AtLeastOne = 20  # rollback: a CPU snapshot every `every` steps (>= 1)
     keep: AtLeastOne = 4  # rollback: snapshots kept, a ring (>= 1)
     min_age: AtLeastZero = 20  # rollback: restore the newest snapshot at least this many steps old
-    window: AtLeastOne = 100  # escalate: alarms within this many steps count as repeats (>= 1)
+    # escalate: alarms within this many steps count as repeats; after a rollback loop, alarms are
+    # skipped until this many steps pass without one (>= 1)
+    window: AtLeastOne = 100
     spike_ratio: SpikeRatio = 3.0  # reset_moments: tensors whose grad norm > this × its median
     monitor: str | None = None  # msm: the folder of a fitted monitor (`<audit>/monitor/...`)
     # skip / lr_cut with auto or olmo: decide on the device before the update (guard.device)

@@ -238,6 +238,11 @@ class Guard(GuardSurface):
     tensors whose gradient spiked (`guard.moments`) and cuts the LR for `cooldown` steps (SPAM
     warms the LR up again after a reset: a fresh Adam state takes full-size steps). `escalate`
     goes skip → lr_cut → reset_moments → rollback over repeated alarms within `window` steps.
+    A rollback loop — the same snapshot restored four times, the alarm back each time before a
+    newer snapshot was old enough (a perturbation that outlasts the restores, a rise the
+    restored detector meets again at the same offset) — is broken: the snapshot is not restored
+    a fifth time; that alarm and every alarm until `window` steps pass without one are skipped
+    (event note "rollback loop: …", then "after a rollback loop").
     `guard.events()` lists every intervention for events.parquet; `detector` may also be a
     registered detector made with other settings (`AutoDetector(z_thresh=8)`); `close()` (or
     leaving a `with guard:` block) stops the guard.
