@@ -413,3 +413,37 @@ def test_a_rollback_restores_the_probes_history_too() -> None:
         step()
     assert history.nbytes() == saved.numel() * saved.element_size() + 1  # (2, P) + a bool
     tel.close()
+
+
+def test_after_a_loop_an_alarm_that_window_skips_do_not_end_stands_the_guard_down(
+    alarm_at: type[AlarmAt],
+) -> None:
+    # An alarm on every step from 30 to 150: about the state, which skipping does not change
+    # (a monitor that keeps judging a moved run off course).
+    alarm_at.steps = set(range(30, 151))
+    kw = {
+        "detector": "alarm_at",
+        "action": "escalate",
+        "every": 10,
+        "keep": 3,
+        "min_age": 10,
+        "window": 20,
+    }
+    _, guard, _, _ = _loop(250, kw)
+    assert guard is not None
+    got = [(i.step, i.action) for i in guard.interventions]
+    # The ladder four times (30-45), three rungs (46-48), the loop broken at 49, then 20 skips
+    # (50-69), the last of which stands the guard down: no action from 70 on.
+    assert got[19] == (49, "skip") and got[-1] == (69, "skip")
+    assert [a for _, a in got[20:]] == ["skip"] * 20
+    last = guard.interventions[-1].note
+    assert last is not None and "stands down" in last
+    assert guard.stats.alarms == 151 - 30
+    # After 20 quiet steps the loop is over: a new alarm starts the ladder again.
+    alarm_at.steps = set(range(30, 151)) | {200}
+    _, guard, _, _ = _loop(250, kw)
+    assert guard is not None and (guard.interventions[-1].step, guard.interventions[-1].action) == (
+        200,
+        "skip",
+    )
+    assert guard.interventions[-1].note is None

@@ -242,7 +242,8 @@ class Guard(GuardSurface):
     newer snapshot was old enough (a perturbation that outlasts the restores, a rise the
     restored detector meets again at the same offset) — is broken: the snapshot is not restored
     a fifth time; that alarm and every alarm until `window` steps pass without one are skipped
-    (event note "rollback loop: …", then "after a rollback loop").
+    (event note "rollback loop: …", then "after a rollback loop"), but after `window` such
+    skips with the alarm still on, the guard stands down (no action) until that quiet window.
     `guard.events()` lists every intervention for events.parquet; `detector` may also be a
     registered detector made with other settings (`AutoDetector(z_thresh=8)`); `close()` (or
     leaving a `with guard:` block) stops the guard.
@@ -328,6 +329,8 @@ class Guard(GuardSurface):
         self._restored_step: int | None = None
         self._restores = 0
         self._looping = False
+        self._loop_skips = 0  # alarms skipped since the loop was broken
+        self._standing_down = False  # skipping did not end it: no action until a quiet window
         self._last_alarm: float = -math.inf
 
     # -- the loop's call -----------------------------------------------------------------------
@@ -436,6 +439,8 @@ class Guard(GuardSurface):
             return
         self.stats.alarms += 1
         action = self._choose(step)
+        if action == "none":
+            return  # standing down after a rollback loop that skipping did not end
         # Called from the next step's pre-step (no `after_step()` in the loop): that step's
         # gradient is already computed on the state about to be replaced, so undo it too.
         late = not self._in_after_step and self.telemetry.step == step and self._undo.step == step
@@ -480,8 +485,11 @@ class Guard(GuardSurface):
         self._last_alarm = step
         if self._looping:
             if not quiet:
+                if self._standing_down:
+                    return "none"
+                self._loop_skips += 1
                 return "skip"
-            self._looping = False
+            self._looping = self._standing_down = False
         if self.config.action != "escalate":
             return self.config.action
         self._alarm_steps.append(step)
@@ -515,11 +523,21 @@ class Guard(GuardSurface):
                         "pass without one"
                     ),
                 )
-                self._looping = True
+                self._looping, self._loop_skips = True, 0
             else:
                 rolled_back_to = self._rollback(snapshot)
         elif action == "skip" and self._looping:
             note = "after a rollback loop"
+            if self._loop_skips >= self.config.window:
+                # Skipping leaves the state as it is: an alarm that lasts through `window` skips
+                # is about the state (a run the disturbance already moved, which a monitor
+                # keeps judging off its course), not about the update. Skipping on would freeze
+                # the run to its end.
+                self._standing_down = True
+                note += (
+                    f"; {self._loop_skips} alarms skipped and it is still on: the guard stands "
+                    f"down (no action) until {self.config.window} steps pass without an alarm"
+                )
         if action in ("skip", "lr_cut", "reset_moments") and self._undo.step == step:
             self._undo.restore()  # undo this step's update (lr_cut under escalate too)
             self._updates -= 1
