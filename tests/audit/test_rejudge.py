@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from stabilitybench.analysis import analyse
 from stabilitybench.cli import app
-from stabilitybench.findings.slim import kept_telemetry_columns
+from stabilitybench.evaluation.fitting import complete_scores
+from stabilitybench.findings.slim import kept_score_columns, kept_telemetry_columns
 from stabilitybench.store import RunStore
 
 from .conftest import toy_spec
@@ -90,7 +91,16 @@ def test_the_folder_keeps_each_runs_scores_and_the_telemetry_the_analysis_reads(
     assert store.run_ids() == sorted(original_tables)
     assert (results / "monitor" / "fit.json").is_file()
     for run_id, tables in original_tables.items():
-        pd.testing.assert_frame_equal(store.load(run_id).scores, tables["scores"])
+        # The fitted detectors' scores are kept as they are; the others are scored again from
+        # the kept telemetry, to the same values (a diverged step's +inf included).
+        run = store.load(run_id)
+        assert run.scores is not None
+        original = tables["scores"]
+        assert list(run.scores.columns) == kept_score_columns(list(original.columns))
+        assert {"msd", "msd_native"} <= set(run.scores.columns)
+        assert not {"auto", "zclip_native", "clock"} & set(run.scores.columns)
+        completed = complete_scores(run, run.scores)[list(original.columns)]
+        pd.testing.assert_frame_equal(completed, original)
         kept = kept_telemetry_columns(list(tables["telemetry"].columns))
         assert {"step", "loss", "grad_norm", "param_norm"} <= set(kept) and "lr" not in kept
         pd.testing.assert_frame_equal(store.table(run_id, "telemetry"), tables["telemetry"][kept])
@@ -100,6 +110,7 @@ def test_the_folder_keeps_each_runs_scores_and_the_telemetry_the_analysis_reads(
 
 def test_kept_telemetry_columns() -> None:
     columns = ["step", "env_step", "loss", "param_norm", "lr", "ent_coef", "grad_cos_prev"]
+    columns += ["nonfinite_grads"]
     columns += ["actor/grad_norm", "a/b/grad_norm", "actor/param_norm", "episode_return"]
     assert kept_telemetry_columns(columns) == [
         "step",
@@ -108,6 +119,7 @@ def test_kept_telemetry_columns() -> None:
         "param_norm",
         "ent_coef",
         "grad_cos_prev",
+        "nonfinite_grads",
         "actor/grad_norm",
         "actor/param_norm",
         "episode_return",

@@ -6,7 +6,7 @@
     runs/<run_id>/run.json                  identity, status, outcome (every run)
     runs/<run_id>/evals.parquet             every evaluation (a finished run), as stored
     runs/<run_id>/events.parquet            every perturbation window and intervention, as stored
-    runs/<run_id>/scores.parquet            every detector's per-step columns, as fitted
+    runs/<run_id>/scores.parquet            the fitted detectors' per-step columns (msm, pca)
     runs/<run_id>/telemetry.parquet         `kept_telemetry_columns` of the run's telemetry only
     monitor/fit.json, attribution.json, evaluation.json, score.json   (those the audit has)
     monitor/workload-*/                     each fitted monitor, when under `MAX_MODEL_BYTES`
@@ -14,8 +14,12 @@
 So the folder is an audit folder to `RunStore.open`: `findings --rejudge` and `export` of it judge
 the collapses again, evaluate the saved scores with the warning protocol and judge the claims,
 with the criteria of the version that runs them, and never refit or retrain (`monitor/fit.json`
-is there; saved scores are used as they are, and a detector that needs no fit and was added
-after they were written is scored from the kept telemetry: `evaluation.fitting.complete_scores`).
+is there; saved scores are used as they are). The scores of the detectors that need no fit are
+not kept: they are a function of the telemetry alone, and the analysis scores them from the kept
+telemetry (`evaluation.fitting.complete_scores`, as for a detector added after the scores were
+written) to the same values — on the committed findings folders, every column of every run (see
+tests/audit/test_rejudge.py). They were most of a folder: on a long RL run, 13 detectors' scores
+per optimizer step.
 The large Parquet files are rewritten losslessly (same
 columns, types and values) with zstd and encodings that suit numbers: byte-stream-split floats,
 delta-coded integers.
@@ -36,11 +40,11 @@ MAX_MODEL_BYTES = 1 << 20
 re-judge never needs it, a reader may want to score other runs with it."""
 CLAIM_COLUMNS = ("ent_coef",)
 """Telemetry the claims read: SAC's learned temperature orders an `ent_coef: auto` level."""
-RESCORE_COLUMNS = ("perturbed", "grad_cos_prev", "grad_cos_ema")
-"""Telemetry the detectors that need no fit read, kept whatever the report shows so that one
-added after the folder's scores were written can be scored from it
-(`evaluation.fitting.complete_scores`): the perturbation flag the clock control counts from,
-the gradient cosines of the coherence guard (the loss and gradient norm are kept anyway)."""
+RESCORE_COLUMNS = ("perturbed", "grad_cos_prev", "grad_cos_ema", "nonfinite_grads")
+"""Telemetry the detectors that need no fit read, kept whatever the report shows so that they
+are scored from it (`evaluation.fitting.complete_scores`): the perturbation flag the clock
+control counts from, the gradient cosines of the coherence guard, the count of non-finite
+gradients that makes a diverged step score +inf (the loss and gradient norm are kept anyway)."""
 RUN_TABLES = ("evals", "events")
 """A finished run's tables copied byte for byte."""
 
@@ -66,6 +70,21 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
         return column in exact or (bool(role) and "/" not in signal and signal in panels)
 
     return [c for c in columns if kept(c)]
+
+
+def kept_score_columns(columns: Sequence[str]) -> list[str]:
+    """The scores.parquet columns a findings folder keeps, in order: all but those of the
+    registered detectors that need no fit (`<column>`, `<column>_native`), which the analysis
+    scores again from the kept telemetry."""
+    from stabilitybench.detectors.base import detector_classes
+
+    rederived = {
+        name
+        for cls in detector_classes().values()
+        if not cls.fitted
+        for name in (cls.column, f"{cls.column}_native")
+    }
+    return [c for c in columns if c not in rederived]
 
 
 def detector_reads() -> set[str]:
@@ -129,19 +148,31 @@ def _copy_run(store: RunStore, run_id: str, dest: Path) -> None:
         if (source / f"{name}.parquet").is_file():
             shutil.copyfile(source / f"{name}.parquet", dest / f"{name}.parquet")
     if (source / "scores.parquet").is_file():
-        write_compact(dest / "scores.parquet", source / "scores.parquet")
+        # From an audit only: an older findings folder's telemetry may lack a column the
+        # re-scoring reads (`nonfinite_grads`), so its scores are copied whole.
+        slim = not store.is_findings_folder
+        write_compact(dest / "scores.parquet", source / "scores.parquet", scores=slim)
     if (source / "telemetry.parquet").is_file():
         write_compact(dest / "telemetry.parquet", source / "telemetry.parquet", telemetry=True)
 
 
-def write_compact(dest: Path, source: Path, *, telemetry: bool = False) -> None:
+def write_compact(
+    dest: Path, source: Path, *, telemetry: bool = False, scores: bool = False
+) -> None:
     """Rewrite the Parquet file `source` as `dest`, losslessly and small (`telemetry`: only
-    `kept_telemetry_columns`)."""
+    `kept_telemetry_columns`; `scores`: only `kept_score_columns`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = pq.read_schema(source).names
-    table = pq.read_table(source, columns=kept_telemetry_columns(columns) if telemetry else None)
+    kept = (
+        kept_telemetry_columns(columns)
+        if telemetry
+        else kept_score_columns(columns)
+        if scores
+        else None
+    )
+    table = pq.read_table(source, columns=kept)
     encodings: dict[str, str] = {}
     for column in table.schema:
         if pa.types.is_floating(column.type):
