@@ -1,5 +1,6 @@
 """`stabilitybench.protect`: one line puts a guard on a loop you already have — the self-calibrating
-detector with escalate by default — as a context manager too; bad input is one clear error."""
+detector, skipping on the device by default — as a context manager too; bad input is one clear
+error."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import stabilitybench
 from stabilitybench import StabilityBenchError
 from stabilitybench.detectors.auto import AutoDetector
 from stabilitybench.guard import Guard
+from stabilitybench.guard.device import DeviceGuard
 from stabilitybench.perturbations import PerturbationSchedule
 from stabilitybench.telemetry import Telemetry
 
@@ -41,15 +43,37 @@ def _train(guard: Guard, model: torch.nn.Module, opt: torch.optim.Optimizer, ste
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_healthy_run_is_left_alone_and_an_lr_spike_is_caught(seed: int) -> None:
+def test_by_default_it_skips_on_the_device_and_a_healthy_run_is_left_alone(seed: int) -> None:
     model, opt = _model(seed)
     with stabilitybench.protect(model, opt) as guard:
+        assert isinstance(guard, DeviceGuard) and not guard.telemetry.sync_every_step
+        healthy = _train(guard, model, opt, 300)
+    assert guard.config.detector == "auto" and guard.config.action == "skip"
+    assert guard.events() == []
+
+    model, opt = _model(seed)
+    with stabilitybench.protect(model, opt) as guard:
+        spike = [{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000}]  # one ×1000 update
+        PerturbationSchedule(spike).attach(guard.telemetry)
+        spiked = _train(guard, model, opt, 300)
+    # The update about to be made is estimated before it is: the spiked one is skipped itself.
+    assert [(e["name"], e["start_step"]) for e in guard.events()] == [("skip", SPIKE_AT)]
+    level = float(np.mean(healthy[-20:]))
+    assert float(np.mean(spiked[-20:])) < 3 * level + 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_escalate_leaves_a_healthy_run_alone_and_climbs_to_a_rollback_on_a_spike(
+    seed: int,
+) -> None:
+    model, opt = _model(seed)
+    with stabilitybench.protect(model, opt, action="escalate") as guard:
         healthy = _train(guard, model, opt, 300)
     assert guard.config.detector == "auto" and guard.config.action == "escalate"
     assert guard.interventions == [] and len(guard.scores) == 300
 
     model, opt = _model(seed)
-    with stabilitybench.protect(model, opt) as guard:
+    with stabilitybench.protect(model, opt, action="escalate") as guard:
         spike = [{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000}]  # one ×1000 update
         PerturbationSchedule(spike).attach(guard.telemetry)
         spiked = _train(guard, model, opt, 300)
@@ -79,7 +103,7 @@ def test_as_a_context_manager_it_closes_the_telemetry_it_made() -> None:
 def test_with_a_telemetry_of_your_own_it_only_stops_the_guard() -> None:
     model, opt = _model(0)
     tel = Telemetry(model, opt)
-    with stabilitybench.protect(model, opt, telemetry=tel) as guard:
+    with stabilitybench.protect(model, opt, "escalate", telemetry=tel) as guard:
         assert guard.telemetry is tel and tel.sync_every_step
         _train(guard, model, opt, 4)
     assert not tel.sync_every_step  # the per-step read-back is off again
