@@ -368,3 +368,29 @@ def test_rollback_decided_on_the_device_is_read_in_batches_and_restores_a_snapsh
     assert rollback.rolled_back_to == 120  # every 20, at least min_age 20 before the alarm
     assert rollback.steps_lost == 160 + 1 - 120
     assert float(np.mean(guarded[-20:])) < 0.25 * float(np.mean(plain[-20:]))
+
+
+def test_a_rollback_loop_on_the_device_is_broken_and_the_alarmed_updates_stay_skipped() -> None:
+    """A ×1000 LR held for 150 steps: every update alarms, each read-back rolls back to the same
+    snapshot (step 120); the fifth time is a loop, so nothing is restored, and no rollback comes
+    until the alarm has been off for `window` steps — the alarmed updates are skipped anyway."""
+    model, opt = _model(0)
+    tel = stabilitybench.Telemetry(model, opt, flush_every=10)
+    spike = [{"kind": "lr_spike", "at": SPIKE_AT, "factor": 1000, "duration": 150}]
+    PerturbationSchedule(spike).attach(tel)
+    guard = stabilitybench.protect(model, opt, "rollback", telemetry=tel, on_device=True)
+    assert isinstance(guard, DeviceGuard)
+    losses = _floats(_loop(guard, model, opt, 400))
+    guard.close()
+    tel.close()
+    rollbacks = [i for i in guard.interventions if i.action == "rollback"]
+    assert [(i.step, i.rolled_back_to) for i in rollbacks] == [
+        (160, 120),
+        (170, 120),
+        (180, 120),
+        (190, 120),
+        (200, None),
+    ]
+    assert rollbacks[-1].note is not None and rollbacks[-1].note.startswith("rollback loop")
+    assert guard.stats.by_action["rollback"] == 4
+    assert math.isfinite(losses[-1])

@@ -47,7 +47,13 @@ import torch
 from stabilitybench.detectors.scores import MAD_TO_STD
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
-from stabilitybench.guard.core import GuardStats, GuardSurface, Intervention, build_detector
+from stabilitybench.guard.core import (
+    LOOP_RESTORES,
+    GuardStats,
+    GuardSurface,
+    Intervention,
+    build_detector,
+)
 from stabilitybench.guard.masked import (
     masked_step,
     params_norm,
@@ -274,6 +280,12 @@ class DeviceGuard(GuardSurface):
         self._ring: deque[Snapshot] = deque(maxlen=self.config.keep)
         self._due: tuple[int, float] | None = None
         self._restored = -1
+        # Rollback loops (as `Guard`'s): the snapshot restored last, how many times in a row,
+        # whether rollbacks wait for `window` steps without an alarm, and the last alarm's step.
+        self._restored_snapshot: int | None = None
+        self._restores = 0
+        self._looping = False
+        self._last_alarm: float = -math.inf
         self._detached = False
 
     # -- the loop's calls ------------------------------------------------------------------------
@@ -371,12 +383,25 @@ class DeviceGuard(GuardSurface):
         old_enough = [s for s in self._ring if alarm_step - s.step >= self.config.min_age]
         before = [s for s in self._ring if s.step <= alarm_step]
         snapshot = old_enough[-1] if old_enough else (before[0] if before else None)
+        note = None
         if snapshot is None:
             note = f"no snapshot taken before step {alarm_step}: nothing restored"
+        elif snapshot.step == self._restored_snapshot and self._restores >= LOOP_RESTORES:
+            self._looping = True
+            note = (
+                f"rollback loop: the snapshot of step {snapshot.step} was restored "
+                f"{self._restores} times and the alarm came back each time; nothing restored, "
+                "the alarmed updates are skipped on the device, and no rollback is made until "
+                f"{self.config.window} steps pass without an alarm"
+            )
+        if snapshot is None or note is not None:
             self.interventions.append(
                 Intervention(step, "rollback", self.config.detector, score, "rollback", note=note)
             )
             return False
+        same = snapshot.step == self._restored_snapshot
+        self._restores = self._restores + 1 if same else 1
+        self._restored_snapshot = snapshot.step
         while self._ring and self._ring[-1].step > snapshot.step:
             self._ring.pop()
         snapshot.restore(self.telemetry.model, [self.optimizer])
@@ -416,7 +441,15 @@ class DeviceGuard(GuardSurface):
             self.stats.lr_cut_steps += 1
         if not float(alarm) > 0:
             return
-        if self.config.action == "rollback" and self._due is None and step > self._restored:
+        quiet = step - self._last_alarm >= self.config.window
+        self._last_alarm = step
+        self._looping = self._looping and not quiet
+        if (
+            self.config.action == "rollback"
+            and self._due is None
+            and step > self._restored
+            and not self._looping
+        ):
             self._due = (step, score)
         action = "skip" if float(scale) == 0 else "lr_cut"
         self.stats.alarms += 1
