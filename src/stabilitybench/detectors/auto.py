@@ -212,7 +212,7 @@ class AutoDetector(BaseDetector):
         from the snapshot's few values scores the same level as a rise again at the same offset
         after every rollback (a rollback loop: `adam_rms_max` on the tiny GPT-2, which climbs
         during the first 50 steps and then holds)."""
-        if isinstance(current, AutoDetector) and len(current._states) == len(self._states):
+        if isinstance(current, AutoDetector):
             for i, state in enumerate(self._states):
                 if len(state.history) < self.warmup <= len(current._states[i].history):
                     self._states[i] = current._states[i]

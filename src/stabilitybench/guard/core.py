@@ -171,6 +171,35 @@ class GuardStats:
 LOOP_RESTORES = 4
 
 
+@dataclass
+class RollbackLoop:
+    """A guard's bookkeeping of rollback loops (`Guard` and `DeviceGuard` alike): the snapshot
+    restored last and how many times in a row, and whether a loop was broken and not yet
+    followed by `window` steps without an alarm."""
+
+    window: int
+    restored_step: int | None = None
+    restores: int = 0
+    looping: bool = False
+    last_alarm: float = -math.inf
+
+    def alarm(self, step: int) -> bool:
+        """Record an alarm at `step`; whether a broken loop still holds (no quiet window yet)."""
+        quiet = step - self.last_alarm >= self.window
+        self.last_alarm = step
+        self.looping = self.looping and not quiet
+        return self.looping
+
+    def is_loop(self, snapshot_step: int) -> bool:
+        """Whether restoring the snapshot of `snapshot_step` again would make a loop."""
+        return snapshot_step == self.restored_step and self.restores >= LOOP_RESTORES
+
+    def restored(self, snapshot_step: int) -> None:
+        same = snapshot_step == self.restored_step
+        self.restores = self.restores + 1 if same else 1
+        self.restored_step = snapshot_step
+
+
 def build_detector(config: GuardConfig) -> Any:
     """The registered detector a guard drives, fresh (msm: loaded from `config.monitor`)."""
     from stabilitybench.detectors.base import DetectorSettings, detector_class
@@ -323,15 +352,11 @@ class Guard(GuardSurface):
         self.scores: list[tuple[int, float]] = []
         self.rolled_back_to: int | None = None
         self.last_action: str | None = None
-        # Rollback loops: the step of the snapshot restored last and how many times in a row it
-        # was; whether alarms are skipped until `window` steps pass without one (after a loop),
-        # and the last alarm's step.
-        self._restored_step: int | None = None
-        self._restores = 0
-        self._looping = False
-        self._loop_skips = 0  # alarms skipped since the loop was broken
-        self._standing_down = False  # skipping did not end it: no action until a quiet window
-        self._last_alarm: float = -math.inf
+        # Rollback loops; after one, the alarms skipped since, and whether skipping did not end
+        # it (no action until a quiet window).
+        self._loop = RollbackLoop(self.config.window)
+        self._loop_skips = 0
+        self._standing_down = False
 
     # -- the loop's call -----------------------------------------------------------------------
     def after_step(self, **scalars: float | int | torch.Tensor) -> str | None:
@@ -481,15 +506,12 @@ class Guard(GuardSurface):
     def _choose(self, step: int) -> str:
         """The action for an alarm at `step`: the configured one, or escalate's next rung; skip
         after a rollback loop until `window` steps have passed without an alarm."""
-        quiet = step - self._last_alarm >= self.config.window
-        self._last_alarm = step
-        if self._looping:
-            if not quiet:
-                if self._standing_down:
-                    return "none"
-                self._loop_skips += 1
-                return "skip"
-            self._looping = self._standing_down = False
+        if self._loop.alarm(step):
+            if self._standing_down:
+                return "none"
+            self._loop_skips += 1
+            return "skip"
+        self._standing_down = False
         if self.config.action != "escalate":
             return self.config.action
         self._alarm_steps.append(step)
@@ -510,7 +532,7 @@ class Guard(GuardSurface):
             snapshot = self._rollback_target(step)
             if snapshot is None:
                 action, note = "skip", f"no snapshot at least {self.config.min_age} steps old"
-            elif snapshot.step == self._restored_step and self._restores >= LOOP_RESTORES:
+            elif self._loop.is_loop(snapshot.step):
                 # Restoring it again would replay what brought the alarm back (a rise the
                 # detector's restored state sees again at the same offset, a perturbation that
                 # has not ended): a loop that would freeze the run at that snapshot.
@@ -518,15 +540,15 @@ class Guard(GuardSurface):
                     "skip",
                     (
                         f"rollback loop: the snapshot of step {snapshot.step} was restored "
-                        f"{self._restores} times and the alarm came back each time before a newer "
+                        f"{self._loop.restores} times and the alarm came back each time before a newer "
                         f"one was old enough; alarms are skipped until {self.config.window} steps "
                         "pass without one"
                     ),
                 )
-                self._looping, self._loop_skips = True, 0
+                self._loop.looping, self._loop_skips = True, 0
             else:
                 rolled_back_to = self._rollback(snapshot)
-        elif action == "skip" and self._looping:
+        elif action == "skip" and self._loop.looping:
             note = "after a rollback loop"
             if self._loop_skips >= self.config.window:
                 # Skipping leaves the state as it is: an alarm that lasts through `window` skips
@@ -578,9 +600,7 @@ class Guard(GuardSurface):
         rolled_back = getattr(restored, "rolled_back", None)
         self.detector = rolled_back(self.detector) if rolled_back is not None else restored
         history.restore(self._probes)
-        same = snapshot.step == self._restored_step
-        self._restores = self._restores + 1 if same else 1
-        self._restored_step = snapshot.step
+        self._loop.restored(snapshot.step)
         self.rolled_back_to = snapshot.step
         self.stats.rolled_back_steps += self._updates - updates
         self._updates = updates

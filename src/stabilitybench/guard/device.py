@@ -48,10 +48,10 @@ from stabilitybench.detectors.scores import MAD_TO_STD
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.guard.config import DEVICE_ACTIONS, DEVICE_DETECTORS, parse_guard
 from stabilitybench.guard.core import (
-    LOOP_RESTORES,
     GuardStats,
     GuardSurface,
     Intervention,
+    RollbackLoop,
     build_detector,
 )
 from stabilitybench.guard.masked import (
@@ -280,12 +280,7 @@ class DeviceGuard(GuardSurface):
         self._ring: deque[Snapshot] = deque(maxlen=self.config.keep)
         self._due: tuple[int, float] | None = None
         self._restored = -1
-        # Rollback loops (as `Guard`'s): the snapshot restored last, how many times in a row,
-        # whether rollbacks wait for `window` steps without an alarm, and the last alarm's step.
-        self._restored_snapshot: int | None = None
-        self._restores = 0
-        self._looping = False
-        self._last_alarm: float = -math.inf
+        self._loop = RollbackLoop(self.config.window)  # as `Guard`'s
         self._detached = False
 
     # -- the loop's calls ------------------------------------------------------------------------
@@ -386,11 +381,11 @@ class DeviceGuard(GuardSurface):
         note = None
         if snapshot is None:
             note = f"no snapshot taken before step {alarm_step}: nothing restored"
-        elif snapshot.step == self._restored_snapshot and self._restores >= LOOP_RESTORES:
-            self._looping = True
+        elif self._loop.is_loop(snapshot.step):
+            self._loop.looping = True
             note = (
                 f"rollback loop: the snapshot of step {snapshot.step} was restored "
-                f"{self._restores} times and the alarm came back each time; nothing restored, "
+                f"{self._loop.restores} times and the alarm came back each time; nothing restored, "
                 "the alarmed updates are skipped on the device, and no rollback is made until "
                 f"{self.config.window} steps pass without an alarm"
             )
@@ -399,9 +394,7 @@ class DeviceGuard(GuardSurface):
                 Intervention(step, "rollback", self.config.detector, score, "rollback", note=note)
             )
             return False
-        same = snapshot.step == self._restored_snapshot
-        self._restores = self._restores + 1 if same else 1
-        self._restored_snapshot = snapshot.step
+        self._loop.restored(snapshot.step)
         while self._ring and self._ring[-1].step > snapshot.step:
             self._ring.pop()
         snapshot.restore(self.telemetry.model, [self.optimizer])
@@ -441,14 +434,12 @@ class DeviceGuard(GuardSurface):
             self.stats.lr_cut_steps += 1
         if not float(alarm) > 0:
             return
-        quiet = step - self._last_alarm >= self.config.window
-        self._last_alarm = step
-        self._looping = self._looping and not quiet
+        looping = self._loop.alarm(step)
         if (
             self.config.action == "rollback"
             and self._due is None
             and step > self._restored
-            and not self._looping
+            and not looping
         ):
             self._due = (step, score)
         action = "skip" if float(scale) == 0 else "lr_cut"
