@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,13 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     summary = json.loads((out / "summary.json").read_text())
     printed = runner.invoke(app, ["summary", str(finished), "--json"])
     assert summary == json.loads(printed.stdout)  # the same document `summary --json` prints
+    # The evaluation judges the folder's data (its floats rounded: `findings.slim`), as
+    # `monitor evaluate` of the folder does; the claims agree with the audit's own.
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert evaluation == json.loads(
-        runner.invoke(app, ["monitor", "evaluate", str(finished), "--json"]).stdout
-    )
+    judged = shutil.copytree(out, tmp_path / "copy")
+    printed = runner.invoke(app, ["monitor", "evaluate", str(judged), "--json"])
+    assert printed.exit_code == 0, printed.output
+    assert evaluation == json.loads(printed.stdout)
     assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "toy-test"
     version = json.loads((out / "version.json").read_text())
     assert version["runs"] == {"done": 6} and "stabilitybench" in version["versions"]
@@ -70,6 +74,10 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     assert text.startswith("## Findings: toy-test") and "### Claim 3" in text
     shown = runner.invoke(app, ["findings", str(out)])
     assert shown.exit_code == 0 and shown.stdout == text
+    # The audit judged at full precision comes to the same claims (export writes nothing into
+    # the audit but the fitted scores).
+    assert not (finished / "monitor" / "evaluation.json").exists()
+    assert runner.invoke(app, ["monitor", "evaluate", str(finished)]).exit_code == 0
     assert runner.invoke(app, ["findings", str(finished)]).stdout == text
     claims = json.loads(runner.invoke(app, ["findings", str(out), "--json"]).stdout)
     assert claims == json.loads((out / "findings.json").read_text())

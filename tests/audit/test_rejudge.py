@@ -1,5 +1,6 @@
-"""A findings folder keeps slim per-run data: re-judged by `findings --rejudge` and re-exported
-without its audit folder, without refitting or retraining, to the same numbers."""
+"""A findings folder keeps slim per-run data (its floats rounded to 9 significant bits): re-judged
+by `findings --rejudge` and re-exported without its audit folder, without refitting or
+retraining, to the same numbers as its documents."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -16,7 +18,12 @@ from typer.testing import CliRunner
 from stabilitybench.analysis import analyse
 from stabilitybench.cli import app
 from stabilitybench.evaluation.fitting import complete_scores
-from stabilitybench.findings.slim import kept_score_columns, kept_telemetry_columns
+from stabilitybench.findings.slim import (
+    exact_columns,
+    kept_score_columns,
+    kept_telemetry_columns,
+    rounded,
+)
 from stabilitybench.store import RunStore
 
 from .conftest import toy_spec
@@ -91,21 +98,47 @@ def test_the_folder_keeps_each_runs_scores_and_the_telemetry_the_analysis_reads(
     assert store.run_ids() == sorted(original_tables)
     assert (results / "monitor" / "fit.json").is_file()
     for run_id, tables in original_tables.items():
-        # The fitted detectors' scores are kept as they are; the others are scored again from
-        # the kept telemetry, to the same values (a diverged step's +inf included).
+        # The fitted detectors' scores are kept rounded; the others are scored again from the
+        # kept telemetry (rounded too), to nearly the same values (a diverged step's +inf
+        # included).
         run = store.load(run_id)
         assert run.scores is not None
         original = tables["scores"]
         assert list(run.scores.columns) == kept_score_columns(list(original.columns))
         assert {"msd", "msd_native"} <= set(run.scores.columns)
         assert not {"auto", "zclip_native", "clock"} & set(run.scores.columns)
+        pd.testing.assert_frame_equal(run.scores, _rounded(original[list(run.scores.columns)]))
         completed = complete_scores(run, run.scores)[list(original.columns)]
-        pd.testing.assert_frame_equal(completed, original)
+        pd.testing.assert_frame_equal(completed, original, rtol=0.02, atol=0.05)
         kept = kept_telemetry_columns(list(tables["telemetry"].columns))
         assert {"step", "loss", "grad_norm", "param_norm"} <= set(kept) and "lr" not in kept
-        pd.testing.assert_frame_equal(store.table(run_id, "telemetry"), tables["telemetry"][kept])
+        telemetry = store.table(run_id, "telemetry")
+        pd.testing.assert_frame_equal(telemetry, _rounded(tables["telemetry"][kept]))
+        assert telemetry["loss"].equals(tables["telemetry"]["loss"])  # the labels' signal: exact
     per_run = sum(f.stat().st_size for f in (results / "runs").rglob("*") if f.is_file())
     assert per_run / len(original_tables) < MAX_BYTES_PER_RUN
+
+
+def _rounded(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` as a findings folder keeps it: float columns but `exact_columns` rounded."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == np.float64 and column.rpartition("/")[2] not in exact_columns():
+            out[column] = rounded(out[column].to_numpy())
+    return out
+
+
+def test_rounding_keeps_nine_bits_of_precision_and_is_idempotent() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [rng.standard_normal(10_000) * 10.0 ** rng.integers(-30, 30, 10_000), [0.0, -0.0]]
+    )
+    kept = rounded(values)
+    assert np.all(np.abs(kept - values) <= np.abs(values) * 2.0**-9)
+    assert np.array_equal(rounded(kept), kept)
+    assert np.array_equal(np.signbit(kept), np.signbit(values))
+    special = rounded(np.array([np.nan, np.inf, -np.inf, 1e300, -1e300, 3.4028235e38]))
+    assert np.isnan(special[0]) and list(special[1:]) == [np.inf, -np.inf, np.inf, -np.inf, np.inf]
 
 
 def test_kept_telemetry_columns() -> None:

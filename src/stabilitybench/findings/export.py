@@ -139,7 +139,8 @@ def export_results(
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
     findings folder (`out` may be that folder): its findings are judged again from its runs."""
-    from stabilitybench.analysis import analyse
+    from stabilitybench.evaluation.fitting import FIT_FILE, fit_audit
+    from stabilitybench.evaluation.results import MONITOR_DIR
     from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
@@ -147,20 +148,14 @@ def export_results(
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
-    analysis = analyse(
-        store,
-        evaluation="fit",  # a findings folder keeps monitor/fit.json: its scores are used as is
-        target_false_alarms=target_false_alarms,
-        horizon=horizon,
-        sph=sph,
-        console=console,
-    )
+    if not store.is_findings_folder and not (store.root / MONITOR_DIR / FIT_FILE).exists():
+        fit_audit(store, console=console)  # on the audit's full telemetry, never on the folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
     try:
-        _write_folder(tmp, store, analysis, spec)
         write_run_data(store, tmp)
+        _judge_folder(tmp, store, spec, target_false_alarms, horizon, sph, console)
         write_json(
             tmp / "version.json",
             {
@@ -178,6 +173,34 @@ def export_results(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _judge_folder(
+    folder: Path,
+    source: RunStore,
+    spec: str,
+    target_false_alarms: float | None,
+    horizon: int | None,
+    sph: int | None,
+    console: Any,
+) -> None:
+    """Judge the per-run data just written to `folder` and write the documents and the report
+    beside it: the documents are what `findings --rejudge` finds in the folder (its floats are
+    rounded: `findings.slim`). It is marked a findings folder first, so nothing is fitted on it
+    (monitor/fit.json is there: the saved scores are used as they are)."""
+    from stabilitybench.analysis import analyse
+
+    write_json(folder / FINDINGS_FILE, {})
+    analysis = analyse(
+        RunStore(folder),
+        evaluation="fit",
+        target_false_alarms=target_false_alarms,
+        horizon=horizon,
+        sph=sph,
+        console=console,
+    )
+    analysis.summary.audit.path = str(source.root)  # where the runs came from
+    _write_folder(folder, RunStore(folder), analysis, spec)
 
 
 def _write_folder(folder: Path, store: RunStore, analysis: Analysis, spec: str) -> None:

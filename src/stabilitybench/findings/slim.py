@@ -20,9 +20,14 @@ telemetry (`evaluation.fitting.complete_scores`, as for a detector added after t
 written) to the same values — on the committed findings folders, every column of every run (see
 tests/audit/test_rejudge.py). They were most of a folder: on a long RL run, 13 detectors' scores
 per optimizer step.
-The large Parquet files are rewritten losslessly (same
-columns, types and values) with zstd and encodings that suit numbers: byte-stream-split floats,
-delta-coded integers.
+The large Parquet files are rewritten with the same columns and types, with zstd and encodings
+that suit numbers (byte-stream-split floats, delta-coded integers), and their per-step floats
+rounded to `KEPT_MANTISSA_BITS` bits of mantissa (`rounded`: a relative error of at most 2^-9,
+finer than bfloat16): one float per step and signal is the entropy of a run's data, 47k optimizer
+steps of a PPO run kept 3 MB exactly and keep 0.7 MB rounded. The performance and claim columns
+(`EXACT_COLUMNS`), the integers and the flags are kept exactly. `export` judges the folder it
+wrote (`findings.export`), so its documents are what `findings --rejudge` finds in it; the audit
+itself, judged at full precision, can differ at a threshold's edge.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from stabilitybench.evaluation.results import EVALUATION_FILE, MONITOR_DIR
 from stabilitybench.store import AUDIT_FILE, FINDINGS_FILE, RUNS_DIR, RunStore
@@ -45,6 +52,8 @@ RESCORE_COLUMNS = ("perturbed", "grad_cos_prev", "grad_cos_ema", "nonfinite_grad
 are scored from it (`evaluation.fitting.complete_scores`): the perturbation flag the clock
 control counts from, the gradient cosines of the coherence guard, the count of non-finite
 gradients that makes a diverged step score +inf (the loss and gradient norm are kept anyway)."""
+KEPT_MANTISSA_BITS = 8
+"""Bits of mantissa a findings folder keeps of a per-step float (float32 keeps 23, bfloat16 7)."""
 RUN_TABLES = ("evals", "events")
 """A finished run's tables copied byte for byte."""
 
@@ -85,6 +94,29 @@ def kept_score_columns(columns: Sequence[str]) -> list[str]:
         for name in (cls.column, f"{cls.column}_native")
     }
     return [c for c in columns if c not in rederived]
+
+
+def exact_columns() -> set[str]:
+    """The per-step float columns kept exactly: the performance signal's (loss, episode returns:
+    the collapse labels read them) and the claims' (`CLAIM_COLUMNS`)."""
+    from stabilitybench.metrics.records import DENSE_COLUMNS
+
+    return {*DENSE_COLUMNS, *CLAIM_COLUMNS}
+
+
+def rounded(values: np.ndarray) -> np.ndarray:
+    """`values` (float64) rounded to the nearest float32 with `KEPT_MANTISSA_BITS` bits of
+    mantissa, returned as float64: a relative error of at most 2^-(KEPT_MANTISSA_BITS + 1); NaN
+    and ±inf kept, magnitudes beyond float32's range become ±inf. Rounding twice changes nothing."""
+    with np.errstate(over="ignore"):
+        single = np.asarray(values, dtype=np.float64).astype(np.float32)
+    bits = single.view(np.uint32).copy()
+    finite = np.isfinite(single)
+    drop = 23 - KEPT_MANTISSA_BITS
+    mask = np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
+    # Half a kept unit added, the rest cut: to nearest (a carry into the exponent is correct).
+    bits[finite] = (bits[finite] + np.uint32(1 << (drop - 1))) & mask
+    return bits.view(np.float32).astype(np.float64)
 
 
 def detector_reads() -> set[str]:
@@ -159,8 +191,9 @@ def _copy_run(store: RunStore, run_id: str, dest: Path) -> None:
 def write_compact(
     dest: Path, source: Path, *, telemetry: bool = False, scores: bool = False
 ) -> None:
-    """Rewrite the Parquet file `source` as `dest`, losslessly and small (`telemetry`: only
-    `kept_telemetry_columns`; `scores`: only `kept_score_columns`)."""
+    """Rewrite the Parquet file `source` as `dest`, small (`telemetry`: only
+    `kept_telemetry_columns`; `scores`: only `kept_score_columns`), its float columns but
+    `exact_columns` `rounded`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -173,6 +206,14 @@ def write_compact(
         else None
     )
     table = pq.read_table(source, columns=kept)
+    exact = exact_columns()
+    for index, column in enumerate(table.schema):
+        if column.type == pa.float64() and column.name.rpartition("/")[2] not in exact:
+            data = table.column(index).combine_chunks()
+            values = rounded(data.to_numpy(zero_copy_only=False))
+            table = table.set_column(
+                index, column, pa.array(values, mask=data.is_null().to_numpy(zero_copy_only=False))
+            )
     encodings: dict[str, str] = {}
     for column in table.schema:
         if pa.types.is_floating(column.type):
@@ -183,6 +224,7 @@ def write_compact(
         table,
         dest,
         compression="zstd",
+        compression_level=19,
         use_dictionary=[c for c in table.column_names if c not in encodings],
         column_encoding=encodings,
         write_statistics=False,
