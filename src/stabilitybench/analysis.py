@@ -45,15 +45,15 @@ def analyse(
     """Analyse the audit in `store`. A user error in the summary or a fresh evaluation raises
     `StabilityBenchError`; a saved evaluation that cannot be read is a note (claim 3 is then
     not judged). `target_false_alarms`, `horizon` and `sph` override the spec's `warning` settings."""
-    from stabilitybench.evaluation.fitting import FIT_FILE, fit_audit
-    from stabilitybench.evaluation.results import MONITOR_DIR, evaluation_path, load_evaluation
+    from stabilitybench.evaluation.fitting import fit_audit, needs_fit
+    from stabilitybench.evaluation.results import evaluation_path, load_evaluation
     from stabilitybench.findings.claims import audit_claims
     from stabilitybench.metrics.summary import summarize
 
     summary = summarize(store)
     notes: list[str] = []
     result: Evaluation | None = None
-    if evaluation == "fit" and not (store.root / MONITOR_DIR / FIT_FILE).exists():
+    if evaluation == "fit" and needs_fit(store):
         fit_audit(store, console=console)
     if evaluation in ("fresh", "fit"):
         from stabilitybench.evaluation.evaluate import evaluate_audit

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from stabilitybench.audit.spec import load_spec
 from stabilitybench.cli import app
+from stabilitybench.evaluation.fitting import needs_fit, unscored_runs
+from stabilitybench.store import RunStore
 
 from .conftest import toy_spec
 
@@ -118,6 +120,19 @@ def test_unfinished_audit_is_refused_unless_partial(finished: Path, tmp_path: Pa
         assert json.loads((out / "version.json").read_text())["partial"] is True
     finally:
         info_path.write_text(original)
+
+
+def test_an_audit_resumed_after_its_fit_is_fitted_again(finished: Path, tmp_path: Path) -> None:
+    fitted = runner.invoke(app, ["monitor", "fit", str(finished)])
+    assert fitted.exit_code == 0, fitted.output
+    scores = sorted((finished / "runs").glob("*/scores.parquet"))
+    assert len(scores) == 6 and not needs_fit(RunStore(finished))
+    scores[-1].unlink()  # as if that run had finished after the fit (a resumed audit)
+    assert unscored_runs(RunStore(finished)) == [scores[-1].parent.name]
+    done = runner.invoke(app, ["export", str(finished), "--out", str(tmp_path / "res")])
+    assert done.exit_code == 0, done.output
+    assert scores[-1].is_file() and not needs_fit(RunStore(finished))
+    assert (tmp_path / "res" / "runs" / scores[-1].parent.name / "scores.parquet").is_file()
 
 
 def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from stabilitybench.evaluation.results import MONITOR_DIR
 from stabilitybench.io import write_json, write_parquet
 from stabilitybench.metrics.serialize import to_jsonable
 from stabilitybench.store import RunData, RunStore
+from stabilitybench.types import RunStatus
 
 FIT_FILE = "fit.json"
 ATTRIBUTION_FILE = "attribution.json"  # per run: what moved the monitor at its first alarm
@@ -62,6 +63,32 @@ def is_healthy(run: RunData) -> bool:
 def done_runs(store: RunStore) -> list[RunData]:
     """Finished runs that recorded telemetry."""
     return [r for r in store.iter_runs() if len(r.telemetry) > 0]
+
+
+def unscored_runs(store: RunStore) -> list[str]:
+    """Finished runs of an audit fitted before they finished (a resumed audit): runs with
+    telemetry and no scores, in a workload that has a finished healthy run. Empty for an audit
+    not fitted yet and for a findings folder (its scores are what they are)."""
+    if store.is_findings_folder or not (store.root / MONITOR_DIR / FIT_FILE).exists():
+        return []
+    done = [store.info(run_id) for run_id in store.run_ids()]
+    done = [info for info in done if info.status == RunStatus.DONE]
+    fitted = {info.workload for info in done if info.is_healthy}
+    return [
+        info.run_id
+        for info in done
+        if info.workload in fitted
+        and (store.run_dir(info.run_id) / "telemetry.parquet").is_file()
+        and not (store.run_dir(info.run_id) / SCORES_FILE).is_file()
+    ]
+
+
+def needs_fit(store: RunStore) -> bool:
+    """Whether the audit in `store` has to be fitted before it is evaluated: never fitted, or
+    runs finished after the fit (`unscored_runs`: the fit is done again on all of them)."""
+    if store.is_findings_folder:
+        return False
+    return not (store.root / MONITOR_DIR / FIT_FILE).exists() or bool(unscored_runs(store))
 
 
 def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:

@@ -139,8 +139,7 @@ def export_results(
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
     findings folder (`out` may be that folder): its findings are judged again from its runs."""
-    from stabilitybench.evaluation.fitting import FIT_FILE, fit_audit
-    from stabilitybench.evaluation.results import MONITOR_DIR
+    from stabilitybench.evaluation.fitting import fit_audit, needs_fit
     from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
@@ -148,8 +147,8 @@ def export_results(
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
-    if not store.is_findings_folder and not (store.root / MONITOR_DIR / FIT_FILE).exists():
-        fit_audit(store, console=console)  # on the audit's full telemetry, never on the folder
+    if needs_fit(store):  # never fitted, or resumed since: on the audit's full telemetry
+        fit_audit(store, console=console)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
