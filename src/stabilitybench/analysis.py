@@ -58,16 +58,24 @@ def analyse(
     if evaluation in ("fresh", "fit"):
         from stabilitybench.evaluation.evaluate import evaluate_audit
 
-        result = evaluate_audit(
-            store, target_false_alarms, horizon, sph=sph, records=summary.runs
-        )  # also saved under monitor/
+        try:
+            result = evaluate_audit(
+                store, target_false_alarms, horizon, sph=sph, records=summary.runs
+            )  # also saved under monitor/
+        except StabilityBenchError as exc:
+            if evaluation == "fresh":
+                raise
+            # `fit` (export, findings): the rest is judged; claim 3 says why it is not.
+            notes.append(f"claim 3 is not judged: {exc}")
     elif evaluation_path(store.root).exists():
         try:
             result = load_evaluation(store.root)
         except StabilityBenchError as exc:
             notes.append(str(exc))
     claims = audit_claims(summary, result, store)
-    if result is None:
+    if result is None and notes:
+        claims.notes.extend(notes)
+    elif result is None:
         claims.notes.append(
             f"claim 3 needs `stabilitybench monitor fit {store.root}` then "
             f"`monitor evaluate {store.root}`"

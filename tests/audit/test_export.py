@@ -135,6 +135,26 @@ def test_an_audit_resumed_after_its_fit_is_fitted_again(finished: Path, tmp_path
     assert (tmp_path / "res" / "runs" / scores[-1].parent.name / "scores.parquet").is_file()
 
 
+def test_an_audit_without_perturbations_is_exported_with_claim_3_left_out(tmp_path: Path) -> None:
+    # A sweep of recipes with no perturbation (paper_lm_intrinsic): the runs are judged, the
+    # warning protocol has nothing to evaluate, and the findings say so.
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(toy_spec(perturbations=["none"]), sort_keys=False))
+    audit, out = tmp_path / "audit", tmp_path / "res"
+    assert (
+        runner.invoke(app, ["audit", str(spec), "--out", str(audit), "--no-report"]).exit_code == 0
+    )
+    done = runner.invoke(app, ["export", str(audit), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "evaluation.json").read_text()) is None
+    text = runner.invoke(app, ["findings", str(out)]).stdout
+    assert "claim 3 is not judged: the audit has no finished perturbed runs" in " ".join(
+        text.split()
+    )
+    explicit = runner.invoke(app, ["monitor", "evaluate", str(audit)])
+    assert explicit.exit_code == 2  # asked for by name, it is an error
+
+
 def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:
     _expect_error(["export", str(finished), "--out", str(finished / "x")], "inside the audit")
     _expect_error(["export", str(finished), "--out", str(finished)], "the audit folder itself")

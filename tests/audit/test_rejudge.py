@@ -143,7 +143,7 @@ def test_rounding_keeps_nine_bits_of_precision_and_is_idempotent() -> None:
 
 def test_kept_telemetry_columns() -> None:
     columns = ["step", "env_step", "loss", "param_norm", "lr", "ent_coef", "grad_cos_prev"]
-    columns += ["nonfinite_grads"]
+    columns += ["nonfinite_grads", "attn_logit_max", "attn_logit_max/0"]
     columns += ["actor/grad_norm", "a/b/grad_norm", "actor/param_norm", "episode_return"]
     assert kept_telemetry_columns(columns) == [
         "step",
@@ -153,6 +153,7 @@ def test_kept_telemetry_columns() -> None:
         "ent_coef",
         "grad_cos_prev",
         "nonfinite_grads",
+        "attn_logit_max",
         "actor/grad_norm",
         "actor/param_norm",
         "episode_return",

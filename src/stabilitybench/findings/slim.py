@@ -47,6 +47,9 @@ MAX_MODEL_BYTES = 1 << 20
 re-judge never needs it, a reader may want to score other runs with it."""
 CLAIM_COLUMNS = ("ent_coef",)
 """Telemetry the claims read: SAC's learned temperature orders an `ent_coef: auto` level."""
+PROBE_COLUMNS = ("attn_logit_max", "out_logit_max")
+"""The stability probes' maxima over layers (`probes: stability`, every 10 steps): the attention-
+and output-logit growth a sweep for divergences on their own reads (`paper_lm_intrinsic`)."""
 RESCORE_COLUMNS = ("perturbed", "grad_cos_prev", "grad_cos_ema", "nonfinite_grads")
 """Telemetry the detectors that need no fit read, kept whatever the report shows so that they
 are scored from it (`evaluation.fitting.complete_scores`): the perturbation flag the clock
@@ -61,7 +64,8 @@ RUN_TABLES = ("evals", "events")
 def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     """The telemetry columns a findings folder keeps, in the table's order: the dense performance
     signal's (`metrics.records.DENSE_COLUMNS`: step, env_step, loss, episode returns), the
-    claims' (`CLAIM_COLUMNS`), the report's telemetry panels' (`report.data.TELEMETRY_SIGNALS`)
+    claims' (`CLAIM_COLUMNS`), the stability probes' maxima (`PROBE_COLUMNS`), the report's
+    telemetry panels' (`report.data.TELEMETRY_SIGNALS`)
     the re-scored detectors' (`RESCORE_COLUMNS`, and every column in a registered detector's
     `reads`: `detector_reads`) and the manifold report's
     (`evaluation.manifold.SIGNALS`), the last three also as `role/signal` for a run with several
@@ -70,7 +74,8 @@ def kept_telemetry_columns(columns: Sequence[str]) -> list[str]:
     from stabilitybench.metrics.records import DENSE_COLUMNS
     from stabilitybench.report.data import TELEMETRY_SIGNALS
 
-    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
+    exact = {*DENSE_COLUMNS, *CLAIM_COLUMNS, *PROBE_COLUMNS, *TELEMETRY_SIGNALS, *RESCORE_COLUMNS}
+    exact |= set(SIGNALS)
     exact |= detector_reads()
     panels = {*TELEMETRY_SIGNALS, *RESCORE_COLUMNS, *SIGNALS}
 
