@@ -41,6 +41,11 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "stability_probes_cost": "python benchmarks/stability_probes_cost.py --reps 4 --steps 5",
     "scaling": "python benchmarks/scaling.py --steps 3000",
     "import_throughput": "python benchmarks/import_throughput.py",
+    "lm_intrinsic_sweep": "python benchmarks/lm_intrinsic_sweep.py results/paper_lm_intrinsic",
+    "lm_intrinsic_edge": (
+        "python benchmarks/lm_intrinsic_sweep.py results/paper_lm_intrinsic_edge "
+        "--name lm_intrinsic_edge"
+    ),
 }
 
 
@@ -507,6 +512,64 @@ def _warning_protocol(f: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _lm_intrinsic(f: dict[str, Any]) -> str:
+    def recipe(run: dict[str, Any]) -> str:
+        knobs = {k: v for k, v in run["knobs"].items() if k != "lr"}
+        return f"`{run['workload']}`" + (
+            " " + ", ".join(f"{k} {v}" for k, v in knobs.items()) if knobs else ""
+        )
+
+    def g(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3g}"
+
+    rows = [
+        [
+            recipe(r),
+            r["knobs"].get("lr", "–"),
+            r["seed"],
+            f"{r['first_val_loss']:.2f}",
+            f"{r['best_val_loss']:.2f} (step {r['best_step']})",
+            f"{r['final_val_loss']:.2f}",
+            "–" if r["given_back"] is None else f"{r['given_back']:.0%}",
+            g(r["attn_logit_max"]),
+            g(r["out_logit_max"]),
+            f"**{r['outcome']}**" if r["outcome"] != "trained" else r["outcome"],
+        ]
+        for r in f["runs"]
+    ]
+    body = table(
+        [
+            "recipe",
+            "lr",
+            "seed",
+            "val loss first",
+            "best",
+            "final",
+            "gain given back",
+            "attention-logit max",
+            "output-logit max",
+            "outcome",
+        ],
+        rows,
+    )
+    if any(r["runs"] > 1 for r in f.get("recipes", [])):
+        body += "\n\n" + table(
+            ["recipe", "lr", "runs", "diverged [95 % CI]", "of them after training"],
+            [
+                [
+                    recipe(r),
+                    r["knobs"].get("lr", "–"),
+                    r["runs"],
+                    f"{r['diverged']}/{r['runs']} [{r['diverged_ci'][0]:.2f}, "
+                    f"{r['diverged_ci'][1]:.2f}]",
+                    r["after_training"],
+                ]
+                for r in f["recipes"]
+            ],
+        )
+    return body
+
+
 RENDER: dict[str, Callable[..., str]] = {
     "collapse_labels": _collapse_labels,
     "warning_protocol": _warning_protocol,
@@ -523,6 +586,8 @@ RENDER: dict[str, Callable[..., str]] = {
     "stability_probes_cost": _stability_probes_cost,
     "scaling": _scaling,
     "import_throughput": _import_throughput,
+    "lm_intrinsic_sweep": _lm_intrinsic,
+    "lm_intrinsic_edge": _lm_intrinsic,
 }
 
 
