@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results"
 # The order a reader meets them in (others follow alphabetically).
 ORDER = [
+    "paper_rl_ppo",
     "paper_rl_td3",
     "paper_rl",
     "paper_rl_guards",
@@ -24,6 +25,8 @@ ORDER = [
     "paper_lm_guards",
     "paper_lm_ramp_guards",
     "paper_lm_doses",
+    "paper_lm_intrinsic",
+    "paper_lm_intrinsic_edge",
     "lm_buildup",
     "lm_buildup_guards",
     "quickstart_guards",
