@@ -38,8 +38,7 @@ RECIPE_KNOBS = ("lr", "qk_layernorm", "z_loss", "adam_beta2")
 def _max(telemetry: Any, column: str) -> float | None:
     if column not in telemetry.columns:
         return None
-    values = telemetry[column].to_numpy(dtype=float)
-    values = values[~np.isnan(values)]
+    values = telemetry[column].dropna()
     return float(values.max()) if len(values) else None
 
 
@@ -50,7 +49,7 @@ def run_figures(store: RunStore, run_id: str) -> dict[str, Any]:
     val = evals["val_loss"].to_numpy(dtype=float)  # NaN: a non-finite validation loss
     val = np.where(np.isfinite(val), val, np.inf)
     steps = evals["step"].to_numpy()
-    best = int(np.nanargmin(val))
+    best = int(np.argmin(val))
     gain = val[0] - val[best]
     given_back = (val[-1] - val[best]) / gain if gain > 0 else None
     loss = run.telemetry["loss"].to_numpy(dtype=float)

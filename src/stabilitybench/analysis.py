@@ -53,6 +53,7 @@ def analyse(
     summary = summarize(store)
     notes: list[str] = []
     result: Evaluation | None = None
+    not_judged: str | None = None  # why claim 3 is left out, when an evaluation could not be made
     if evaluation == "fit" and needs_fit(store):
         fit_audit(store, console=console)
     if evaluation in ("fresh", "fit"):
@@ -66,18 +67,18 @@ def analyse(
             if evaluation == "fresh":
                 raise
             # `fit` (export, findings): the rest is judged; claim 3 says why it is not.
-            notes.append(f"claim 3 is not judged: {exc}")
+            not_judged = f"claim 3 is not judged: {exc}"
+            notes.append(not_judged)
     elif evaluation_path(store.root).exists():
         try:
             result = load_evaluation(store.root)
         except StabilityBenchError as exc:
             notes.append(str(exc))
     claims = audit_claims(summary, result, store)
-    if result is None and notes:
-        claims.notes.extend(notes)
-    elif result is None:
+    if result is None:
         claims.notes.append(
-            f"claim 3 needs `stabilitybench monitor fit {store.root}` then "
+            not_judged
+            or f"claim 3 needs `stabilitybench monitor fit {store.root}` then "
             f"`monitor evaluate {store.root}`"
         )
     return Analysis(summary, result, claims, notes)

@@ -71,8 +71,7 @@ def unscored_runs(store: RunStore) -> list[str]:
     not fitted yet and for a findings folder (its scores are what they are)."""
     if store.is_findings_folder or not (store.root / MONITOR_DIR / FIT_FILE).exists():
         return []
-    done = [store.info(run_id) for run_id in store.run_ids()]
-    done = [info for info in done if info.status == RunStatus.DONE]
+    done = [info for info in store.infos() if info.status == RunStatus.DONE]
     fitted = {info.workload for info in done if info.is_healthy}
     return [
         info.run_id

@@ -25,7 +25,7 @@ that suit numbers (byte-stream-split floats, delta-coded integers), and their pe
 rounded to `KEPT_MANTISSA_BITS` bits of mantissa (`rounded`: a relative error of at most 2^-9,
 finer than bfloat16): one float per step and signal is the entropy of a run's data, 47k optimizer
 steps of a PPO run kept 3 MB exactly and keep 0.7 MB rounded. The performance and claim columns
-(`EXACT_COLUMNS`), the integers and the flags are kept exactly. `export` judges the folder it
+(`exact_columns`), the integers and the flags are kept exactly. `export` judges the folder it
 wrote (`findings.export`), so its documents are what `findings --rejudge` finds in it; the audit
 itself, judged at full precision, can differ at a threshold's edge.
 """
