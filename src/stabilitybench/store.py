@@ -116,6 +116,8 @@ class RunInfo(BaseModel):
     # per-layer probes: the names behind each indexed column family
     telemetry_index: dict[str, list[str]] | None = None
     source: dict[str, Any] | None = None  # an imported run: where it came from, what was read
+    # a run forked from a prefix it shared with others (`share_prefix`): where, with whom, cost
+    shared_prefix: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, info: RunInfo | Mapping[str, Any]) -> RunInfo:
@@ -256,6 +258,26 @@ class RunWriter:
 
     def fail(self, error: str) -> None:
         self._end(RunStatus.FAILED, error=error)
+
+    def relocate(self, run_dir: Path) -> None:
+        """Go on writing into `run_dir` (a started run's folder), with a copy of what this
+        writer has written so far: a forked run takes over the prefix it shared with others."""
+        run_dir = Path(run_dir)
+        for item in self.run_dir.iterdir():
+            if item.name == "run.json":
+                continue
+            target = run_dir / item.name
+            if item.is_dir():
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, target)
+        self.run_dir = run_dir
+        self.run_json = run_dir / "run.json"
+        self._telemetry.path = run_dir / self._telemetry.path.name
+        self._telemetry.parts_dir = partial_dir(self._telemetry.path)
+        if self._events is not None:
+            self._events.path = run_dir / self._events.path.name
+            self._events.parts_dir = partial_dir(self._events.path)
 
     # -- tables ------------------------------------------------------------------------------
     def write_table(self, name: str, table: pd.DataFrame) -> None:

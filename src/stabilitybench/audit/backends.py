@@ -1,9 +1,12 @@
-"""Where runs execute: a local process pool (default) or Ray tasks. Both call `execute_run`."""
+"""Where runs execute: a local process pool (default) or Ray tasks. Both call `execute_task`
+(`execute_run`, or `execute_shared` for runs that share a prefix)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -49,10 +52,19 @@ class RunTask:
     store_root: str
     spec: dict[str, Any]
     info: dict[str, Any]
+    # further runs (spec, run.json) trained with this one up to where they part (`share_prefix`)
+    shared: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = ()
 
     @property
     def run_id(self) -> str:
         return str(self.info["run_id"])
+
+    def members(self) -> list[RunTask]:
+        """This task's runs, one task each."""
+        return [
+            RunTask(self.store_root, self.spec, self.info),
+            *(RunTask(self.store_root, spec, info) for spec, info in self.shared),
+        ]
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,71 @@ def execute_run(store_root: str, spec: dict[str, Any], info: dict[str, Any]) -> 
     return RunResult(run_spec.run_id, RunStatus.DONE.value, None, time.time() - started)
 
 
+def execute_task(
+    store_root: str,
+    spec: dict[str, Any],
+    info: dict[str, Any],
+    shared: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (),
+) -> list[RunResult]:
+    """Run a task's runs in this process (forking where they share a prefix); their results."""
+    if not shared:
+        return [execute_run(store_root, spec, info)]
+    return execute_shared(store_root, [(spec, info), *shared])
+
+
+PREFIX_DIR = ".prefix"
+"""The audit folder's `.prefix/<run id>/`: a shared prefix's files while it trains."""
+
+
+def execute_shared(
+    store_root: str, members: list[tuple[dict[str, Any], dict[str, Any]]]
+) -> list[RunResult]:
+    """Train runs that share a prefix (the workload's `run_shared`); a failing prefix fails
+    every one of them. Each run's result is read back from its run.json."""
+    import time
+    import traceback
+
+    from stabilitybench.types import RunSpec
+    from stabilitybench.workloads.base import build_workload
+
+    limit_threads()
+    specs = [RunSpec.from_dict(spec) for spec, _ in members]
+    writers = [RunWriter(Path(store_root) / "runs" / s.run_id) for s in specs]
+    for writer, (_, info) in zip(writers, members, strict=True):
+        writer.start(info)
+    prefix = Path(store_root) / PREFIX_DIR / specs[0].run_id
+    shutil.rmtree(prefix, ignore_errors=True)  # an earlier, killed attempt's
+    prefix.mkdir(parents=True)
+    started = time.time()
+    try:
+        workload = build_workload(specs[0].workload)
+        workload.run_shared(specs, writers, prefix)  # type: ignore[attr-defined]
+    except (Exception, SystemExit):
+        text = traceback.format_exc()
+        for writer in writers:
+            if writer.read_info().status == RunStatus.RUNNING:
+                writer.fail(text)
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            prefix.parent.rmdir()  # only if no other prefix is training
+    results = []
+    for run_spec, writer in zip(specs, writers, strict=True):
+        state = writer.read_info()
+        if state.status == RunStatus.RUNNING:  # cannot happen, but never leave one running
+            writer.fail("the shared prefix ended without running this run")
+            state = writer.read_info()
+        results.append(
+            RunResult(
+                run_spec.run_id,
+                state.status.value,
+                None if state.error is None else last_line(state.error),
+                state.wall_s if state.wall_s is not None else time.time() - started,
+            )
+        )
+    return results
+
+
 last_line = last_error_line
 
 
@@ -173,25 +250,31 @@ class LocalBackend:
             initializer=limit_threads,
             max_tasks_per_child=1,  # a fresh process per run: no state leaks between runs
         ) as executor:
-            futures: dict[Future[RunResult], RunTask] = {
-                executor.submit(execute_run, t.store_root, t.spec, t.info): t for t in tasks
+            futures: dict[Future[list[RunResult]], RunTask] = {
+                executor.submit(execute_task, t.store_root, t.spec, t.info, t.shared): t
+                for t in tasks
             }
             for future in as_completed(futures):
                 task = futures[future]
                 try:
-                    result = future.result()
+                    results = future.result()
                 except BrokenProcessPool:
-                    maybe = _fail_if_started(task, WORKER_DIED)
-                    if maybe is None:
-                        retry.append(task)
-                        continue
-                    result = maybe
+                    results = []
+                    for member in task.members():
+                        maybe = _fail_if_started(member, WORKER_DIED)
+                        if maybe is None:
+                            retry.append(member)
+                        else:
+                            results.append(maybe)
                 except Exception as exc:  # failed outside the workload (e.g. the disk)
                     text = f"{type(exc).__name__}: {exc}"
-                    RunWriter(_run_dir(task)).fail(text)
-                    result = RunResult(task.run_id, RunStatus.FAILED.value, text)
-                progressed = True
-                on_result(result)
+                    results = []
+                    for member in task.members():
+                        RunWriter(_run_dir(member)).fail(text)
+                        results.append(RunResult(member.run_id, RunStatus.FAILED.value, text))
+                progressed = progressed or bool(results)
+                for result in results:
+                    on_result(result)
         if retry and not progressed:
             for task in retry:
                 RunWriter(_run_dir(task)).fail(WORKER_DIED)
@@ -251,18 +334,21 @@ class RayBackend:
 
         # A task lost with its node or worker process (not a failing run: execute_run records those)
         # is retried once elsewhere; the retry starts the run afresh (`attempts` counts it).
-        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(execute_run)
-        refs = {remote.remote(t.store_root, t.spec, t.info): t for t in tasks}
+        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(execute_task)
+        refs = {remote.remote(t.store_root, t.spec, t.info, t.shared): t for t in tasks}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             task = refs.pop(ready[0])
             try:
-                result = ray.get(ready[0])
+                results = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the worker died, or failed outside the run
                 text = f"Ray task failed: {last_line(str(exc))}"
-                RunWriter(_run_dir(task)).fail(text)
-                result = RunResult(task.run_id, RunStatus.FAILED.value, text)
-            on_result(result)
+                results = []
+                for member in task.members():
+                    RunWriter(_run_dir(member)).fail(text)
+                    results.append(RunResult(member.run_id, RunStatus.FAILED.value, text))
+            for result in results:
+                on_result(result)
 
 
 def _check_reachable(address: str) -> None:

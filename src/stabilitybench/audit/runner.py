@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,9 +228,18 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
         console.print(
             f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
         )
+    groups = share_prefix_groups(todo) if plan.spec.share_prefix else [[run] for run in todo]
     tasks = [
-        RunTask(str(store.root), run.to_dict(), run_info(run, _reference(plan, run)).document())
-        for run in todo
+        RunTask(
+            str(store.root),
+            group[0].to_dict(),
+            run_info(group[0], _reference(plan, group[0])).document(),
+            tuple(
+                (run.to_dict(), run_info(run, _reference(plan, run)).document())
+                for run in group[1:]
+            ),
+        )
+        for group in groups
     ]
     labels = {run.run_id: run.label for run in todo}
     counts = {"done": 0, "failed": 0}
@@ -242,9 +252,9 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
         TextColumn("left"),
         TimeRemainingColumn(),
         console=console,
-        disable=not tasks,
+        disable=not todo,
     ) as progress:
-        bar = progress.add_task(escape(plan.spec.name), total=len(tasks), done=0, failed=0)
+        bar = progress.add_task(escape(plan.spec.name), total=len(todo), done=0, failed=0)
 
         def on_result(result: RunResult) -> None:
             key = "done" if result.status == RunStatus.DONE.value else "failed"
@@ -265,6 +275,26 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
             status = store.info(run_id).status.value
             final[status] = final.get(status, 0) + 1
     return final
+
+
+def share_prefix_groups(runs: list[RunSpec]) -> list[list[RunSpec]]:
+    """`share_prefix: true`: the runs to do, grouped where they can train their common prefix
+    once (RL runs of one workload config and seed that differ only in perturbations whose
+    onsets are fractions of the env steps, unguarded: `shared_fork_step`); every other run
+    alone. In the grid's order."""
+    from stabilitybench.workloads.rl import shared_fork_step
+
+    keyed: dict[str, list[RunSpec]] = {}
+    for run in runs:
+        key = json.dumps([run.workload, run.seed, run.guard], sort_keys=True, default=str)
+        keyed.setdefault(key, []).append(run)
+    groups: list[list[RunSpec]] = []
+    for members in keyed.values():
+        if members[0].workload.get("kind") == "rl" and shared_fork_step(members) is not None:
+            groups.append(members)
+        else:
+            groups.extend([run] for run in members)
+    return groups
 
 
 def _note(console: Console, what: str, exc: BaseException, retry: str) -> None:

@@ -44,6 +44,9 @@ class AuditSpec(SpecModel):
     warning: WarningSettings | None = None
     # Optional grid axis: `none` (unguarded) or {detector, action, ...} (see stabilitybench.guard).
     guards: list[Any] | None = Field(default=None, min_length=1)
+    # Execution only (not part of the spec's hash): RL runs that differ only in perturbations
+    # train their common prefix once and fork where they part (see `share_prefix_groups`).
+    share_prefix: bool = False
 
     _name_is_label = field_validator("name")(check_label)
 

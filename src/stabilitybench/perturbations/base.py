@@ -286,6 +286,12 @@ class Perturbation:
             )
 
     @property
+    def onset_env(self) -> int | None:
+        """The env step its window opens at, where `at` is a fraction of an RL run's env steps
+        (None where its onset is an optimizer step)."""
+        return self._onset_env
+
+    @property
     def resolved(self) -> bool:
         return self._onset_step is not None or self._onset_env is not None
 

@@ -59,6 +59,30 @@ class PerturbationSchedule:
     def __len__(self) -> int:
         return len(self.perturbations)
 
+    def adopt(self, perturbations: Iterable[Perturbation | Mapping[str, Any]]) -> None:
+        """Take `perturbations` on mid-run, as if they had been this (empty) schedule's from the
+        start: a run that shares its prefix with others (`share_prefix`) is given its own
+        perturbations where it forks, which must be before any of them begins."""
+        if self.perturbations:
+            raise StabilityBenchError("PerturbationSchedule.adopt: the schedule is not empty")
+        adopted = [build(p) for p in perturbations]
+        for index, p in enumerate(adopted):
+            p.bind(index=index, seed=self.seed)
+            p.schedule = self
+            p.resolve(self.total_steps, self.total_env_steps)
+            if p.start_step is not None or (
+                p.onset_env is not None and p.onset_env < self.env_step
+            ):
+                raise StabilityBenchError(
+                    f"PerturbationSchedule.adopt: {p.label!r} would have begun before the fork "
+                    f"(env step {self.env_step})"
+                )
+        self.perturbations = adopted
+        if self.telemetry is not None:
+            for p in adopted:
+                p.check_model(self.telemetry.model)
+                p.on_attach(self.telemetry)
+
     def add_reseed(self, reseed: Callable[[int], object]) -> None:
         """Register a function that restarts one of the workload's own random streams from a
         seed (an LM's batch generator, an environment's generator); a `sham` calls it."""
@@ -212,12 +236,16 @@ def _wrapper_class() -> type:
         def __init__(self, env: Any, schedule: PerturbationSchedule) -> None:
             super().__init__(env)
             self.schedule = schedule
-            self.env_perts = [p for p in schedule.perturbations if p.scope == "env"]
             self.obs_stats = _RunningStats()
             self.reward_stats = _RunningStats()
             self._shifted: dict[int, Any] = {}  # perturbation index → saved model array
             if any(p.adapter == "mujoco" for p in self.env_perts):
                 _mujoco_model(env)
+
+        @property
+        def env_perts(self) -> list[Perturbation]:
+            # read each time: a schedule may adopt its perturbations mid-run (`adopt`)
+            return [p for p in self.schedule.perturbations if p.scope == "env"]
 
         def _perturb_obs(self, obs: Any) -> Any:
             for p in self.env_perts:

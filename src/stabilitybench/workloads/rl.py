@@ -20,8 +20,9 @@ when a run is validated or started, so `import stabilitybench` does not need the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -434,6 +435,194 @@ class RLWorkload:
             env_steps=env_step,
         )
 
+    def run_shared(
+        self, specs: Sequence[RunSpec], writers: Sequence[RunWriter], prefix: Path
+    ) -> None:
+        """Train the runs `specs` as one up to where they part, then each on its own.
+
+        `specs` differ only in their perturbations (`shared_fork_step` says whether they can
+        share; the runner groups them). Their common prefix is trained once, writing into the
+        folder `prefix`; one env step before the first onset the process forks (`os.fork`), one
+        child per run, one after the other: each child takes its run's perturbations on
+        (`PerturbationSchedule.adopt`), moves the prefix's files into its run's folder
+        (`writers[i]`, started), trains to the end, records the run (done or failed) and exits.
+        The runs are those the runs would be one by one: the same process state at the fork,
+        the same code after it (tested); a run without perturbations carries an empty schedule
+        and so a `perturbed` column (all false). Returns in the parent once every child ended.
+        """
+        import time
+
+        from stabilitybench.perturbations import PerturbationSchedule
+
+        _sb3_available()
+        settings = parse_config(specs[0].workload)
+        fork_at = shared_fork_step(specs)
+        if fork_at is None:
+            raise StabilityBenchError(
+                "run_shared: these runs cannot share a prefix (see shared_fork_step)"
+            )
+        for spec in specs:
+            self._schedule(spec, settings)  # validated before any training
+        started = time.time()
+        schedule = PerturbationSchedule(
+            [],
+            total_steps=settings.expected_updates(),
+            total_env_steps=settings.total_steps,
+            seed=specs[0].seed,
+        )
+        model = build_model(settings, specs[0].seed, schedule.wrap_env)
+        env = model.get_env()
+        if env is not None:
+            schedule.add_reseed(env.seed)
+        evaluation = _Evaluation(
+            model, _eval_env(settings, specs[0].seed + EVAL_SEED_OFFSET), settings.eval_episodes
+        )
+        writer = RunWriter(prefix)
+        telemetry_callback = _telemetry_callback(specs[0], settings, schedule, writer)
+        branches = _Branches(specs, writers, writer, schedule, fork_at, started)
+        evaluation.run(0, 0)
+        try:
+            diverged, env_step = _learn(
+                model, settings, telemetry_callback, evaluation, _fork_at(fork_at, branches.fork)
+            )
+            if branches.branch is None:  # the prefix ended (diverged) before the fork
+                branches.fork()
+            outcome = finish_run(
+                writer,
+                evaluation.rows,
+                [*schedule.events(), *telemetry_callback.guard_events()],
+                extra_eval_column="return_std",
+                diverged=diverged,
+                steps=telemetry_callback.telemetry.step + 1,
+                env_steps=env_step,
+            )
+        except _PrefixDone:  # the parent: every branch has ended
+            _close(model, evaluation, telemetry_callback, None)
+            return
+        except BaseException:
+            if branches.branch is None:
+                raise
+            branches.end(failed=True)
+        else:
+            assert branches.branch is not None  # a child: the parent leaves by _PrefixDone
+            _close(model, evaluation, telemetry_callback, writer)
+            writer.finish(outcome)
+            branches.end(failed=False)
+
+
+def shared_fork_step(specs: Sequence[RunSpec]) -> int | None:
+    """The env step at which runs that share a prefix fork (one before the first onset among
+    them), or None where they cannot share one: fewer than two runs, runs that differ in more
+    than their perturbations, a guard (it acts on the prefix with the LR the schedule sets),
+    or a perturbation whose onset is an optimizer step (`at` an int) rather than a fraction of
+    the env steps."""
+    from stabilitybench.perturbations import build
+
+    if len(specs) < 2:
+        return None
+    first = specs[0]
+    if any(s.workload != first.workload or s.seed != first.seed for s in specs):
+        return None
+    if any(s.guard is not None for s in specs):
+        return None
+    total = parse_config(first.workload).total_steps
+    onsets: list[int] = []
+    for spec in specs:
+        for config in spec.perturbations:
+            perturbation = build(dict(config))
+            if isinstance(perturbation.at, int):
+                return None
+            perturbation.resolve(None, total)
+            if perturbation.onset_env is None:
+                return None
+            onsets.append(perturbation.onset_env)
+    if not onsets or min(onsets) < 2:
+        return None
+    return min(onsets) - 1
+
+
+def _fork_at(env_step: int, fork: Callable[[], None]) -> Any:
+    """An SB3 callback that calls `fork()` once, at the first env step >= `env_step`."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class ForkAt(BaseCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fired = False
+
+        def _on_step(self) -> bool:
+            if not self.fired and self.model.num_timesteps >= env_step:
+                self.fired = True
+                fork()
+            return True
+
+    return ForkAt()
+
+
+class _PrefixDone(Exception):
+    """Raised in the parent of a shared prefix once every branch has ended."""
+
+
+class _Branches:
+    """The runs forked from one shared prefix, and which of them this process is."""
+
+    def __init__(
+        self,
+        specs: Sequence[RunSpec],
+        writers: Sequence[RunWriter],
+        writer: RunWriter,
+        schedule: Any,
+        fork_at: int,
+        started: float,
+    ) -> None:
+        self.specs, self.writers, self.writer = specs, writers, writer
+        self.schedule, self.fork_at, self.started = schedule, fork_at, started
+        self.branch: int | None = None  # in a child: the index of its run
+
+    def fork(self) -> None:
+        """Fork one child per run, each waited for before the next; the child returns (and
+        goes on training as its run), the parent raises _PrefixDone."""
+        import os
+        import time
+        import traceback
+
+        prefix_s = time.time() - self.started
+        shared = {
+            "env_step": self.fork_at,
+            "wall_s": prefix_s,
+            "runs": [s.run_id for s in self.specs],
+        }
+        for index, spec in enumerate(self.specs):
+            pid = os.fork()
+            if pid == 0:
+                self.branch = index
+                try:
+                    target = self.writers[index]
+                    target.update_info(started=time.time() - prefix_s, shared_prefix=shared)
+                    self.writer.relocate(target.run_dir)
+                    self.schedule.adopt(spec.perturbations)
+                except BaseException:
+                    target.fail(traceback.format_exc())
+                    os._exit(1)
+                return
+            _, status = os.waitpid(pid, 0)
+            target = self.writers[index]
+            if target.read_info().status.value == "running":  # the child died without a word
+                target.fail(f"the forked process of this run died (wait status {status})")
+        raise _PrefixDone
+
+    def end(self, *, failed: bool) -> None:
+        """A child's last act: record a failure (inside an except block) and exit."""
+        import os
+        import traceback
+
+        if failed:
+            try:
+                self.writer.fail(traceback.format_exc())
+            finally:
+                os._exit(1)
+        os._exit(0)
+
 
 def _eval_env(settings: RLConfig, seed: int) -> VecEnv:
     """The evaluation env: like the training env, normalised (not updating its statistics, raw
@@ -506,6 +695,7 @@ def _learn(
     settings: RLConfig,
     telemetry_callback: StabilityCallback,
     evaluation: _Evaluation,
+    *extra: Any,
 ) -> tuple[bool, int]:
     """Train for `total_steps` env steps, evaluating every `eval_every`; (diverged, env steps).
 
@@ -520,7 +710,9 @@ def _learn(
         if not telemetry_callback.diverged:  # a NaN policy cannot act; run() records -inf
             evaluation.run(max(telemetry_callback.telemetry.step, 0), env_step)
 
-    callback = CallbackList([telemetry_callback, EveryEnvSteps(settings.eval_every, periodic_eval)])
+    callback = CallbackList(
+        [telemetry_callback, EveryEnvSteps(settings.eval_every, periodic_eval), *extra]
+    )
     try:
         model.learn(settings.total_steps, callback=callback)
     except TrainingDiverged:
@@ -545,12 +737,13 @@ def _close(
     model: BaseAlgorithm,
     evaluation: _Evaluation,
     telemetry_callback: StabilityCallback,
-    writer: RunWriter,
+    writer: RunWriter | None,
 ) -> None:
-    """Flush the telemetry (and name its argmax indices in run.json); close both envs."""
+    """Flush the telemetry (and name its argmax indices in run.json); close both envs. Without
+    a `writer` (the parent of a shared prefix), only close the envs."""
     from stabilitybench.telemetry.stability_probes import index_names
 
-    if telemetry_callback.attached:
+    if writer is not None and telemetry_callback.attached:
         telemetry_callback.close(read_back=False)
         index = index_names(telemetry_callback.telemetry.probes)
         if index:  # what the *_argmax columns' tensor indices name (clock optimizer)
