@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from stabilitybench.metrics.summary import AuditSummary
     from stabilitybench.store import RunStore
 
-EvaluationMode = Literal["saved", "fresh", "fit"]
+EvaluationMode = Literal["saved", "fresh", "rejudge", "fit"]
 """`saved`: read `monitor/evaluation.json` if there is one; `fresh`: evaluate the fitted
-detectors now (and save it); `fit`: the same, fitting the detectors first if they are not."""
+detectors now (and save it); `rejudge`: the same, but an audit that cannot be evaluated (no
+perturbed runs) leaves claim 3 out with the reason instead of failing; `fit`: like `rejudge`,
+fitting the detectors first if they are not."""
 
 
 @dataclass
@@ -56,7 +58,7 @@ def analyse(
     not_judged: str | None = None  # why claim 3 is left out, when an evaluation could not be made
     if evaluation == "fit" and needs_fit(store):
         fit_audit(store, console=console)
-    if evaluation in ("fresh", "fit"):
+    if evaluation in ("fresh", "rejudge", "fit"):
         from stabilitybench.evaluation.evaluate import evaluate_audit
 
         try:
@@ -66,7 +68,7 @@ def analyse(
         except StabilityBenchError as exc:
             if evaluation == "fresh":
                 raise
-            # `fit` (export, findings): the rest is judged; claim 3 says why it is not.
+            # `fit`, `rejudge` (export, findings): the rest is judged; claim 3 says why not.
             not_judged = f"claim 3 is not judged: {exc}"
             notes.append(not_judged)
     elif evaluation_path(store.root).exists():

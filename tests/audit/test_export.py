@@ -151,6 +151,10 @@ def test_an_audit_without_perturbations_is_exported_with_claim_3_left_out(tmp_pa
     assert "claim 3 is not judged: the audit has no finished perturbed runs" in " ".join(
         text.split()
     )
+    for folder in (out, audit):  # judged again: the same claims, not an error
+        again = runner.invoke(app, ["findings", str(folder), "--rejudge"])
+        assert again.exit_code == 0, again.output
+        assert again.stdout == text
     explicit = runner.invoke(app, ["monitor", "evaluate", str(audit)])
     assert explicit.exit_code == 2  # asked for by name, it is an error
 

@@ -182,3 +182,18 @@ def test_a_failing_prefix_fails_every_run(
     assert [r.status for r in results] == ["failed"] * 3
     assert all("no model today" in (r.error or "") for r in results)
     assert not (root / PREFIX_DIR).exists()
+
+
+def test_dry_run_counts_each_prefix_once(tmp_path: Path) -> None:
+    def estimate(spec: dict[str, Any]) -> str:
+        path = tmp_path / "spec.yaml"
+        path.write_text(json.dumps(spec))
+        args = ["audit", str(path), "--out", str(tmp_path / "out"), "--dry-run"]
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        return next(line for line in result.output.splitlines() if "estimated cost" in line)
+
+    plain, shared = estimate(_spec(TD3)), estimate(_spec(TD3, share_prefix=True))
+    assert "share_prefix saves" not in plain
+    assert "share_prefix saves" in shared
+    assert not (tmp_path / "out").exists()

@@ -441,6 +441,23 @@ def _lm_seconds(spec: LMWorkloadSpec, steps: float, eval_batches: float) -> floa
     return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
 
 
+def _shared_seconds(plan: AuditPlan) -> float | None:
+    """`share_prefix`: the estimated seconds of the runs to do that their groups save (each
+    group trains its prefix once instead of once per run); None without `share_prefix`."""
+    if not plan.spec.share_prefix:
+        return None
+    from stabilitybench.workloads.rl import shared_fork_step
+
+    saved = 0.0
+    for group in share_prefix_groups(plan.todo):
+        fork = shared_fork_step(group) if len(group) > 1 else None
+        if fork is None:
+            continue
+        share = fork / float(workload_spec(group[0].workload).total_steps)
+        saved += (len(group) - 1) * share * estimate_run_seconds(group[0].workload)
+    return saved
+
+
 def _knob_number(knobs: dict[str, Any], key: str, default: float) -> float:
     """A knob's value for the estimate: a number, the first of a swept list, else `default`."""
     value = knobs.get(key)
@@ -471,6 +488,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         table.add_column("status")
     total_s = 0.0
     todo_s = 0.0
+    shared_s = _shared_seconds(plan)
     for run in plan.runs:
         seconds = estimate_run_seconds(run.workload)
         total_s += seconds
@@ -492,10 +510,14 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         table.add_row(*[escape(cell) for cell in row])
     console.print(table)
     parallel = min(workers or os.cpu_count() or 1, max(len(plan.todo), 1))
+    saved = ""
+    if shared_s is not None:
+        saved = f" (share_prefix saves ≈ {_duration(shared_s)}: each shared prefix trained once)"
+        todo_s -= shared_s
     console.print(
         f"estimated cost: {_duration(total_s)} of CPU time for the whole grid; "
         f"{len(plan.todo)} runs to do ≈ {_duration(todo_s / parallel)} with {parallel} worker(s)"
-        " (rough: from per-kind rates on one core)",
+        f"{saved} (rough: from per-kind rates on one core)",
         highlight=False,
     )
     for message in plan.unfitted:

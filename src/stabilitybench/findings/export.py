@@ -275,10 +275,10 @@ def rejudged_claims(path: Path) -> Claims:
     from stabilitybench.findings.slim import working_copy
 
     if not is_findings_folder(path):
-        return analyse(_store_with_runs(path), evaluation="fresh").claims
+        return analyse(_store_with_runs(path), evaluation="rejudge").claims
     open_source(path)  # a findings folder without runs/: one clear error
     with tempfile.TemporaryDirectory(prefix="stabilitybench-rejudge-") as tmp:
-        return analyse(working_copy(path, Path(tmp)), evaluation="fresh").claims
+        return analyse(working_copy(path, Path(tmp)), evaluation="rejudge").claims
 
 
 def _store_with_runs(path: Path) -> RunStore:
