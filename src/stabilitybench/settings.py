@@ -69,6 +69,10 @@ class CollapseSettings(_Settings):
     baseline_quantile: float = Field(default=BASELINE_QUANTILE, gt=0.0, le=1.0)
     confirm_evals: int = Field(default=CONFIRM_EVALS, ge=1)  # consecutive evaluations
     evals_after: int = Field(default=EVALS_AFTER, ge=0)  # left after a collapse: else censored
+    # Where a run has no onset of its own and borrows none from perturbed runs (an audit of
+    # recipes, no perturbation): the fraction of its planned optimizer steps from which a
+    # collapse counts, fixed before the runs (never read off their curves).
+    onset: float | None = Field(default=None, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _recovery_above_threshold(self) -> CollapseSettings:

@@ -159,6 +159,38 @@ def test_an_audit_without_perturbations_is_exported_with_claim_3_left_out(tmp_pa
     assert explicit.exit_code == 2  # asked for by name, it is an error
 
 
+def test_an_audit_of_recipes_judges_claim_3_on_the_recipes_on_trial(tmp_path: Path) -> None:
+    # No perturbation, but a recipe away from the reference and `collapse.onset`: the warning
+    # protocol judges the recipe's runs against the healthy ones (here it does not learn by
+    # the onset, so no collapse leaves room for a warning: inconclusive, not "not judged").
+    workload = {
+        "name": "toy",
+        "kind": "toy",
+        "total_steps": 60,
+        "eval": {"every": 10, "batches": 1},
+        "knobs": {"lr": [0.01, 0.3], "hidden": 16},
+    }
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            toy_spec(
+                seeds=3, workloads=[workload], perturbations=["none"], collapse={"onset": 0.3}
+            ),
+            sort_keys=False,
+        )
+    )
+    audit = tmp_path / "audit"
+    done = runner.invoke(app, ["audit", str(spec), "--out", str(audit)])
+    assert done.exit_code == 0, done.output
+    text = " ".join(runner.invoke(app, ["findings", str(audit)]).stdout.split())
+    assert "claim 3 is not judged" not in text
+    assert "| toy | 0 / 0 / 3 | – | **inconclusive**: 0 collapses left room" in text
+    summary = json.loads(runner.invoke(app, ["summary", str(audit), "--json"]).stdout)
+    trial = [r for r in summary["runs"] if r["knobs"]["lr"] == 0.3]
+    assert len(trial) == 3 and all(r["intrinsic"] and r["onset_source"] == "spec" for r in trial)
+    assert {r["onset_step"] for r in summary["runs"]} == {18}
+
+
 def test_bad_destinations_are_refused(finished: Path, tmp_path: Path) -> None:
     _expect_error(["export", str(finished), "--out", str(finished / "x")], "inside the audit")
     _expect_error(["export", str(finished), "--out", str(finished)], "the audit folder itself")

@@ -108,3 +108,62 @@ def test_magnitude_is_the_parameter_the_perturbation_declares() -> None:
     assert perturbation_magnitude("momentum_shock", {"value": 0.99}) == 0.99
     assert perturbation_magnitude("optimizer_reset", {"at": 0.3}) is None
     assert perturbation_magnitude("lr_spike+weight_noise", {"lr_spike": {"factor": 3}}) is None
+
+
+def _recipe_run(
+    store: RunStore, run_id: str, seed: int, lr: float, perf: list[float], healthy: bool
+) -> None:
+    writer = store.writer(run_id)
+    workload = {"name": "w", "kind": "toy", "total_steps": 80, "knobs": {"lr": lr}}
+    writer.start(
+        {
+            "run_id": run_id,
+            "workload": "w",
+            "kind": "toy",
+            "knobs": {"lr": lr},
+            "seed": seed,
+            "healthy": healthy,
+            "perturbation": {"kind": "none", "label": "none", "params": {}},
+            "spec": {"workload": workload, "perturbations": [], "seed": seed},
+        }
+    )
+    writer.write_table("evals", pd.DataFrame({"step": EVAL_STEPS, "perf": perf}))
+    writer.write_events([])
+    writer.finish({})
+
+
+def test_recipes_on_trial_are_judged_from_the_spec_onset_against_the_healthy_runs(
+    tmp_path: Path,
+) -> None:
+    # An audit of recipes, no perturbation (paper_lm_intrinsic): `collapse.onset` 0.25 of 80
+    # steps puts every run's onset at step 20. The lr-9 recipe is on trial (not the reference,
+    # and no perturbed run shares it): it is judged against the healthy lr-1 runs of other
+    # seeds, which are flat at 2 (no noise, no drop), so falling from P_pre 1.5 to 0.2 is a
+    # collapse; its own recipe's other seeds, which also fall, calibrate nothing.
+    store = RunStore(tmp_path / "a")
+    store.root.mkdir()
+    store.write_audit({"name": "a", "spec": {"collapse": {"onset": 0.25}}})
+    flat = [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    falls = [0.0, 1.0, 2.0, 2.0, 0.2, 0.2, 0.2, 0.2]
+    for seed in (0, 1, 2):
+        _recipe_run(store, f"healthy{seed}", seed, 1.0, flat, True)
+        _recipe_run(store, f"trial{seed}", seed, 9.0, falls if seed < 2 else flat, False)
+    records = {r.run_id: r for r in audit_records(store)}
+    for seed in (0, 1, 2):
+        healthy, trial = records[f"healthy{seed}"], records[f"trial{seed}"]
+        assert trial.intrinsic and not healthy.intrinsic
+        assert trial.onset == healthy.onset
+        assert trial.onset.step == 20 and trial.onset.source == "spec"
+        assert healthy.collapsed is False
+    assert records["trial0"].collapsed and records["trial1"].collapsed
+    assert records["trial2"].collapsed is False  # a hard negative
+    assert records["trial0"].collapse.noise == 0.0  # type: ignore[union-attr]
+    # the criterion's false-positive rate counts the healthy runs only, not the recipes on trial
+    from stabilitybench.metrics.summary import sham_flag_rates
+
+    (rate,) = sham_flag_rates(list(records.values()))
+    assert (rate.n_flagged, rate.n_judged) == (0, 3)
+    # without `collapse.onset` a recipe on trial falls back on its own best level (no onset)
+    store.write_audit({"name": "a", "spec": {}})
+    again = {r.run_id: r for r in audit_records(store)}
+    assert again["trial0"].onset.step is None and again["trial0"].intrinsic

@@ -95,7 +95,9 @@ def require_runs(runs: Sequence[RunData], need_perturbed: bool) -> None:
         raise StabilityBenchError(
             f"the audit has no finished baseline runs (perturbation none); {BASELINE_HINT}"
         )
-    if need_perturbed and not any(not r.is_baseline for r in runs):
+    # runs to judge warnings against: perturbed runs, or unperturbed runs away from the
+    # healthy recipe (recipes on trial: an audit of intrinsic instability)
+    if need_perturbed and not any(not r.is_baseline or not is_healthy(r) for r in runs):
         if runs and all(r.info.kind == "imported" for r in runs):
             raise StabilityBenchError(
                 "the audit holds imported runs only, with no perturbed runs to judge warnings "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,9 @@ from stabilitybench.settings import CollapseSettings
 from stabilitybench.store import AuditRecord, RunInfo, RunStore
 from stabilitybench.types import last_error_line
 
-# Where a run's onset came from: its own events, or (a baseline) matched perturbed runs.
-ONSET_SOURCES = ("events", "matched_seed", "matched_knobs", "matched_workload")
+# Where a run's onset came from: its own events, (a baseline) matched perturbed runs, or the
+# spec's `collapse.onset` (a fraction of the run, for runs that neither gives one).
+ONSET_SOURCES = ("events", "matched_seed", "matched_knobs", "matched_workload", "spec")
 # The telemetry columns the dense performance signal is made from (`metrics.dense`).
 DENSE_COLUMNS = ("step", "env_step", "loss", "episode_return", "episodes")
 
@@ -127,6 +128,9 @@ class RunRecord:
     error_text: str | None = field(default=None, repr=False)  # the whole stored error
     outcome_final_perf: float | None = None  # what the workload reported (run.json outcome)
     guard: str = "none"  # the guard's label (`detector:action(...)`), `none` if unguarded
+    # unperturbed, unguarded, at knob levels that are not the reference and that no perturbed
+    # run shares: a recipe on trial (intrinsic instability), judged against the healthy runs
+    intrinsic: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -164,6 +168,7 @@ class RunRecord:
             "diverged": None if c is None else c.diverged,
             "onset_step": self.onset.step,
             "onset_source": self.onset.source,
+            "intrinsic": self.intrinsic,
             "collapse_step": None if c is None else c.collapse_step,
             "collapse_env_steps": None if c is None else c.collapse_env_steps,
             "collapse_at": None if c is None else c.collapse_at,
@@ -463,25 +468,65 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
     # First pass: identities and onsets only, to match baselines to perturbed runs.
     bare = [run_record(i, None, onsets.get(i.run_id, Onset()), config) for i in infos]
     onsets.update(baseline_onsets([r for r in bare if r.done]))
+    if config.onset is not None:
+        for info in infos:
+            if info.status == "done" and onsets.get(info.run_id, Onset()).step is None:
+                onsets[info.run_id] = spec_onset(info, config.onset)
+    trial = intrinsic_runs(bare)
+    bare = [replace(r, intrinsic=r.run_id in trial) for r in bare]
     evals = {r.run_id: store.table(r.run_id, "evals") for r in bare if r.done}
     baselines = _baseline_curves(bare, evals)
     records = []
     for info, first in zip(infos, bare, strict=True):
         rid, onset = info.run_id, onsets.get(info.run_id, Onset())
-        records.append(
-            run_record(
-                info,
-                evals.get(rid),
-                onset,
-                config,
-                telemetry=store.table(rid, "telemetry", columns=DENSE_COLUMNS)
-                if rid in evals
-                else None,
-                events=events.get(rid),
-                calibration=calibration_for(first, onset, baselines, config),
-            )
+        record = run_record(
+            info,
+            evals.get(rid),
+            onset,
+            config,
+            telemetry=store.table(rid, "telemetry", columns=DENSE_COLUMNS)
+            if rid in evals
+            else None,
+            events=events.get(rid),
+            calibration=calibration_for(first, onset, baselines, config),
         )
+        records.append(replace(record, intrinsic=first.intrinsic))
     return records
+
+
+def spec_onset(info: RunInfo, fraction: float) -> Onset:
+    """The spec's `collapse.onset` for one run: `fraction` of its planned optimizer steps (RL:
+    of its env steps, and the optimizer steps those give); no onset for a run without a
+    workload config (an imported run)."""
+    workload = info.spec.get("workload") if isinstance(info.spec, Mapping) else None
+    if not isinstance(workload, Mapping) or "total_steps" not in workload:
+        return Onset()
+    if workload.get("kind") == "rl":
+        from stabilitybench.workloads.rl import parse_config
+
+        settings = parse_config(dict(workload))
+        return Onset(
+            round(fraction * settings.expected_updates()),
+            round(fraction * settings.total_steps),
+            "spec",
+        )
+    return Onset(round(fraction * int(workload["total_steps"])), None, "spec")
+
+
+def intrinsic_runs(records: Sequence[RunRecord]) -> set[str]:
+    """The run ids of recipes on trial: finished, unperturbed, unguarded runs that are not
+    healthy and whose workload and knob levels no perturbed run shares (there they would be
+    the baselines of a perturbation, as a stochasticity level's unperturbed runs are)."""
+    perturbed = {(r.workload, r.knobs_key) for r in records if not r.is_baseline}
+    return {
+        r.run_id
+        for r in records
+        if r.done
+        and r.is_baseline
+        and r.guard == "none"
+        and not r.healthy
+        and (r.workload, r.knobs_key) not in perturbed
+    }
 
 
 BaselineCurves = dict[tuple[str, str], list[tuple[int | None, EvalCurve]]]
@@ -507,24 +552,31 @@ def calibration_for(
     record: RunRecord, onset: Onset, baselines: BaselineCurves, config: CollapseSettings
 ) -> Calibration | None:
     """What the matched baselines of *other* seeds (same workload and knobs, not perturbed, not
-    guarded) show from this run's onset on; for a run without an onset, what the workload's
+    guarded; for a recipe on trial, `intrinsic`: the workload's healthy runs) show from this
+    run's onset on; for a run without an onset, what the workload's
     healthy runs of other seeds show (`calibrate_fall_back`); None without such runs."""
+    healthy = [
+        (c.steps, c.perf)
+        for seed, c in baselines.get((record.workload, HEALTHY), [])
+        if seed != record.seed
+    ]
     if onset.step is None:
         if record.kind == "imported":  # logs of unknown health calibrate nothing
             return None
-        healthy = [
-            (c.steps, c.perf)
-            for seed, c in baselines.get((record.workload, HEALTHY), [])
-            if seed != record.seed
-        ]
         return calibrate_fall_back(
             healthy, confirm=config.confirm_evals, quantile=config.baseline_quantile
         )
-    matched = [
-        (c.steps, c.perf)
-        for seed, c in baselines.get((record.workload, record.knobs_key), [])
-        if seed != record.seed
-    ]
+    # A recipe on trial is judged against the healthy runs, not against its own recipe's
+    # other seeds (which share what is on trial).
+    matched = (
+        healthy
+        if record.intrinsic
+        else [
+            (c.steps, c.perf)
+            for seed, c in baselines.get((record.workload, record.knobs_key), [])
+            if seed != record.seed
+        ]
+    )
     return calibrate(
         matched,
         onset.step,

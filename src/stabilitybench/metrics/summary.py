@@ -76,6 +76,7 @@ def sham_flag_rates(records: Sequence[RunRecord]) -> list[ShamFlagRate]:
             and r.done
             and r.guard == "none"
             and r.perturbation_kind in ("none", "sham")
+            and not r.intrinsic  # a recipe on trial is what is judged, not a control
         ]
         judged = [r for r in controls if r.collapsed is not None]
         flagged = sum(bool(r.collapsed) for r in judged)
