@@ -66,6 +66,27 @@ def test_ray_and_local_backends_record_identical_telemetry(
             )
 
 
+def test_runs_that_share_a_prefix_on_ray_are_the_local_runs(
+    local_ray: Any, write_spec: Any, tmp_path: Path
+) -> None:
+    # `share_prefix` forks inside the Ray worker as it does inside a pool worker.
+    from .test_share_prefix import TD3, _spec
+
+    spec = write_spec(_spec(TD3, share_prefix=True))
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert _audit(spec, local, "--workers", "1").exit_code == 0
+    result = _audit(spec, remote, "--backend", "ray", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    local_store, ray_store = RunStore.open(local), RunStore.open(remote)
+    assert local_store.run_ids() == ray_store.run_ids()
+    for run_id in local_store.run_ids():
+        assert ray_store.info(run_id).shared_prefix is not None
+        for table in ("telemetry", "evals", "events"):
+            pd.testing.assert_frame_equal(
+                local_store.table(run_id, table), ray_store.table(run_id, table)
+            )
+
+
 def test_a_ray_task_whose_worker_dies_is_retried_once_then_recorded_failed(
     local_ray: Any, write_spec: Any, tmp_path: Path
 ) -> None:

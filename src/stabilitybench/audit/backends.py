@@ -139,6 +139,22 @@ def execute_task(
     return execute_shared(store_root, [(spec, info), *shared])
 
 
+def execute_task_isolated(
+    store_root: str,
+    spec: dict[str, Any],
+    info: dict[str, Any],
+    shared: tuple[tuple[dict[str, Any], dict[str, Any]], ...] = (),
+) -> list[RunResult]:
+    """`execute_task` in a Ray worker: runs that share a prefix fork (`os.fork`), and a Ray
+    worker process, with threads of its own, deadlocks in a forked child; so they run in a
+    fresh, single-threaded process of their own (spawned), which forks safely."""
+    if not shared:
+        return execute_task(store_root, spec, info)
+    context = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=limit_threads) as pool:
+        return pool.submit(execute_task, store_root, spec, info, shared).result()
+
+
 PREFIX_DIR = ".prefix"
 """The audit folder's `.prefix/<run id>/`: a shared prefix's files while it trains."""
 
@@ -334,7 +350,7 @@ class RayBackend:
 
         # A task lost with its node or worker process (not a failing run: execute_run records those)
         # is retried once elsewhere; the retry starts the run afresh (`attempts` counts it).
-        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(execute_task)
+        remote = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(execute_task_isolated)
         refs = {remote.remote(t.store_root, t.spec, t.info, t.shared): t for t in tasks}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)

@@ -407,15 +407,7 @@ class RLWorkload:
         _sb3_available()
         settings = parse_config(spec.workload)
         schedule = self._schedule(spec, settings)
-        model = build_model(
-            settings, spec.seed, schedule.wrap_env if schedule is not None else None
-        )
-        env = model.get_env()
-        if schedule is not None and env is not None:  # a sham re-seeds the training env
-            schedule.add_reseed(env.seed)  # (SB3 applies the seed at the env's next reset)
-        evaluation = _Evaluation(
-            model, _eval_env(settings, spec.seed + EVAL_SEED_OFFSET), settings.eval_episodes
-        )
+        model, evaluation = _start(settings, spec.seed, schedule)
         telemetry_callback = _telemetry_callback(spec, settings, schedule, writer)
         evaluation.run(0, 0)
         try:
@@ -438,18 +430,11 @@ class RLWorkload:
     def run_shared(
         self, specs: Sequence[RunSpec], writers: Sequence[RunWriter], prefix: Path
     ) -> None:
-        """Train the runs `specs` as one up to where they part, then each on its own.
-
-        `specs` differ only in their perturbations (`shared_fork_step` says whether they can
-        share; the runner groups them). Their common prefix is trained once, writing into the
-        folder `prefix`; one env step before the first onset the process forks (`os.fork`), one
-        child per run, one after the other: each child takes its run's perturbations on
-        (`PerturbationSchedule.adopt`), moves the prefix's files into its run's folder
-        (`writers[i]`, started), trains to the end, records the run (done or failed) and exits.
-        The runs are those the runs would be one by one: the same process state at the fork,
-        the same code after it (tested); a run without perturbations carries an empty schedule
-        and so a `perturbed` column (all false). Returns in the parent once every child ended.
-        """
+        """Train the runs `specs` (which differ only in their perturbations: `shared_fork_step`)
+        as one up to where they part, writing into the folder `prefix`, then fork one child per
+        run (`_Branches`); returns in the parent once every child has recorded its run. The runs
+        are those they would be one by one (tested); a run without perturbations carries an
+        empty schedule, and so a `perturbed` column (all false)."""
         import time
 
         from stabilitybench.perturbations import PerturbationSchedule
@@ -470,13 +455,7 @@ class RLWorkload:
             total_env_steps=settings.total_steps,
             seed=specs[0].seed,
         )
-        model = build_model(settings, specs[0].seed, schedule.wrap_env)
-        env = model.get_env()
-        if env is not None:
-            schedule.add_reseed(env.seed)
-        evaluation = _Evaluation(
-            model, _eval_env(settings, specs[0].seed + EVAL_SEED_OFFSET), settings.eval_episodes
-        )
+        model, evaluation = _start(settings, specs[0].seed, schedule)
         writer = RunWriter(prefix)
         telemetry_callback = _telemetry_callback(specs[0], settings, schedule, writer)
         branches = _Branches(specs, writers, writer, schedule, fork_at, started)
@@ -508,6 +487,18 @@ class RLWorkload:
             _close(model, evaluation, telemetry_callback, writer)
             writer.finish(outcome)
             branches.end(failed=False)
+
+
+def _start(settings: RLConfig, seed: int, schedule: Any) -> tuple[BaseAlgorithm, _Evaluation]:
+    """The seeded model on its training env (wrapped by `schedule`, if any) and the evaluation."""
+    model = build_model(settings, seed, schedule.wrap_env if schedule is not None else None)
+    env = model.get_env()
+    if schedule is not None and env is not None:  # a sham re-seeds the training env
+        schedule.add_reseed(env.seed)  # (SB3 applies the seed at the env's next reset)
+    evaluation = _Evaluation(
+        model, _eval_env(settings, seed + EVAL_SEED_OFFSET), settings.eval_episodes
+    )
+    return model, evaluation
 
 
 def shared_fork_step(specs: Sequence[RunSpec]) -> int | None:
@@ -564,7 +555,14 @@ class _PrefixDone(Exception):
 
 
 class _Branches:
-    """The runs forked from one shared prefix, and which of them this process is."""
+    """The runs forked from one shared prefix, and which of them this process is.
+
+    One env step before the first onset the process forks (`os.fork`), one child per run, one
+    after the other (the parent waits for each): the child takes its run's perturbations on
+    (`PerturbationSchedule.adopt`), moves the prefix's files into its run's folder (its writer,
+    started), trains to the end, records the run (done or failed) and exits (`end`). The same
+    process state at the fork and the same code after it make each run the run it would be
+    alone."""
 
     def __init__(
         self,
