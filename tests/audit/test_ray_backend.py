@@ -70,9 +70,9 @@ def test_runs_that_share_a_prefix_on_ray_are_the_local_runs(
     local_ray: Any, write_spec: Any, tmp_path: Path
 ) -> None:
     # `share_prefix` forks inside the Ray worker as it does inside a pool worker.
-    from .test_share_prefix import TD3, _spec
+    from .test_share_prefix import PERTURBATIONS, TD3, _spec
 
-    spec = write_spec(_spec(TD3, share_prefix=True))
+    spec = write_spec({**_spec(TD3, share_prefix=True), "perturbations": PERTURBATIONS[:3]})
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert _audit(spec, local, "--workers", "1").exit_code == 0
     result = _audit(spec, remote, "--backend", "ray", "--workers", "1")
