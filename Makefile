@@ -28,13 +28,14 @@ demo: $(STAMP)
 # The paper-scale audits (examples/paper_*.yaml; hours of CPU, resumable: rerun to continue;
 # paper_lm_collapse: paper_lm with a ramp strong enough to collapse GPT-2; paper_lm_doses: that
 # ramp at x300 and x1000, the hard negatives of the warning protocol; lm_buildup: the tiny GPT-2's
-# build-ups; paper_rl_td3 and paper_rl_ppo: TD3 and PPO at budgets where they have learned
-# before onset; paper_lm_intrinsic: the sweep for a GPT-2 that diverges on its own), then their findings
+# build-ups; paper_rl_td3, paper_rl_sac and paper_rl_ppo: TD3, SAC and PPO at budgets where they
+# have learned before onset; paper_lm_intrinsic: the sweep for a GPT-2 that diverges on its own;
+# paper_lm_intrinsic_judged: its edge as recipes on trial), then their findings
 # folders under results/ (summary, evaluation, report, spec, versions); after paper_rl,
 # paper_lm_collapse and lm_buildup, the guard audit on that audit's ramp
 # (examples/paper_rl_guards.yaml, paper_lm_guards.yaml and paper_lm_ramp_guards.yaml,
 # lm_buildup_guards.yaml: the msm guard reads the audit's fitted monitor).
-FINDINGS ?= paper_rl paper_rl_td3 paper_rl_ppo paper_lm paper_lm_collapse paper_lm_doses paper_lm_intrinsic paper_lm_intrinsic_edge lm_buildup
+FINDINGS ?= paper_rl paper_rl_td3 paper_rl_sac paper_rl_ppo paper_lm paper_lm_collapse paper_lm_doses paper_lm_intrinsic paper_lm_intrinsic_edge paper_lm_intrinsic_judged lm_buildup
 GUARDS_paper_rl = paper_rl_guards
 GUARDS_paper_lm_collapse = paper_lm_guards paper_lm_ramp_guards
 GUARDS_lm_buildup = lm_buildup_guards

@@ -18,6 +18,7 @@ RESULTS = ROOT / "results"
 ORDER = [
     "paper_rl_ppo",
     "paper_rl_td3",
+    "paper_rl_sac",
     "paper_rl",
     "paper_rl_guards",
     "paper_lm",
@@ -27,6 +28,7 @@ ORDER = [
     "paper_lm_doses",
     "paper_lm_intrinsic",
     "paper_lm_intrinsic_edge",
+    "paper_lm_intrinsic_judged",
     "lm_buildup",
     "lm_buildup_guards",
     "quickstart_guards",
