@@ -175,8 +175,9 @@ def execute_shared(
     writers = [RunWriter(Path(store_root) / "runs" / s.run_id) for s in specs]
     for writer, (_, info) in zip(writers, members, strict=True):
         writer.start(info)
+    for run_spec in specs:  # an earlier, killed attempt's (its group may have begun elsewhere)
+        shutil.rmtree(Path(store_root) / PREFIX_DIR / run_spec.run_id, ignore_errors=True)
     prefix = Path(store_root) / PREFIX_DIR / specs[0].run_id
-    shutil.rmtree(prefix, ignore_errors=True)  # an earlier, killed attempt's
     prefix.mkdir(parents=True)
     started = time.time()
     try:
