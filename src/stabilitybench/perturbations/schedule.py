@@ -42,6 +42,8 @@ class PerturbationSchedule:
         vocab_size: int | None = None,
     ) -> None:
         self.perturbations = [build(p) for p in perturbations]
+        # the env-scoped ones, which the RL wrapper reads on every env step (kept by `adopt`)
+        self.env_perts = [p for p in self.perturbations if p.scope == "env"]
         self.total_steps = total_steps
         self.total_env_steps = total_env_steps
         self.seed = seed
@@ -78,6 +80,7 @@ class PerturbationSchedule:
                     f"(env step {self.env_step})"
                 )
         self.perturbations = adopted
+        self.env_perts = [p for p in adopted if p.scope == "env"]
         if self.telemetry is not None:
             for p in adopted:
                 p.check_model(self.telemetry.model)
@@ -244,8 +247,8 @@ def _wrapper_class() -> type:
 
         @property
         def env_perts(self) -> list[Perturbation]:
-            # read each time: a schedule may adopt its perturbations mid-run (`adopt`)
-            return [p for p in self.schedule.perturbations if p.scope == "env"]
+            # the schedule's list, not a copy: a schedule may adopt its perturbations mid-run
+            return self.schedule.env_perts  # type: ignore[no-any-return]
 
         def _perturb_obs(self, obs: Any) -> Any:
             for p in self.env_perts:
