@@ -111,7 +111,13 @@ def test_magnitude_is_the_parameter_the_perturbation_declares() -> None:
 
 
 def _recipe_run(
-    store: RunStore, run_id: str, seed: int, lr: float, perf: list[float], healthy: bool
+    store: RunStore,
+    run_id: str,
+    seed: int,
+    lr: float,
+    perf: list[float],
+    healthy: bool,
+    guard: dict[str, str] | None = None,
 ) -> None:
     writer = store.writer(run_id)
     workload = {"name": "w", "kind": "toy", "total_steps": 80, "knobs": {"lr": lr}}
@@ -125,6 +131,7 @@ def _recipe_run(
             "healthy": healthy,
             "perturbation": {"kind": "none", "label": "none", "params": {}},
             "spec": {"workload": workload, "perturbations": [], "seed": seed},
+            "guard": guard,
         }
     )
     writer.write_table("evals", pd.DataFrame({"step": EVAL_STEPS, "perf": perf}))
@@ -167,3 +174,45 @@ def test_recipes_on_trial_are_judged_from_the_spec_onset_against_the_healthy_run
     store.write_audit({"name": "a", "spec": {}})
     again = {r.run_id: r for r in audit_records(store)}
     assert again["trial0"].onset.step is None and again["trial0"].intrinsic
+
+
+def test_a_guarded_recipe_on_trial_is_judged_against_the_healthy_runs(tmp_path: Path) -> None:
+    # A guard audit of a recipe on trial (guards on GPT-2's own divergences): the guarded lr-9
+    # runs are not recipes on trial themselves (a guard changed them) but sit at its levels, so
+    # they are judged as it is, against the healthy lr-1 runs of other seeds. Against their own
+    # level's unguarded runs, which all fall, the fall of a guarded run would not be a collapse.
+    # A guard's interventions there are not false alarms; on the healthy level they are.
+    from stabilitybench.metrics.guards import Intervention, guard_comparisons
+
+    store = RunStore(tmp_path / "a")
+    store.root.mkdir()
+    store.write_audit({"name": "a", "spec": {"collapse": {"onset": 0.25}}})
+    flat = [0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    falls = [0.0, 1.0, 2.0, 2.0, 0.2, 0.2, 0.2, 0.2]
+    guard = {"detector": "auto", "action": "skip", "label": "auto:skip"}
+    for seed in (0, 1, 2):
+        _recipe_run(store, f"healthy{seed}", seed, 1.0, flat, True)
+        _recipe_run(store, f"trial{seed}", seed, 9.0, falls, False)
+        _recipe_run(store, f"guarded{seed}", seed, 9.0, falls if seed else flat, False, guard)
+        _recipe_run(store, f"guarded_healthy{seed}", seed, 1.0, flat, False, guard)
+    records = {r.run_id: r for r in audit_records(store)}
+    for seed in (0, 1, 2):
+        trial, guarded = records[f"trial{seed}"], records[f"guarded{seed}"]
+        assert trial.intrinsic and trial.on_trial and trial.collapsed
+        assert guarded.on_trial and not guarded.intrinsic and guarded.guard == "auto:skip"
+        assert guarded.onset.step == 20 and guarded.onset.source == "spec"
+        healthy = records[f"guarded_healthy{seed}"]
+        assert not healthy.on_trial and healthy.collapsed is False
+    assert records["guarded0"].collapsed is False
+    assert records["guarded1"].collapsed and records["guarded2"].collapsed
+    assert records["guarded1"].collapse.noise == 0.0  # type: ignore[union-attr]
+    stops = {
+        f"{name}{seed}": [Intervention(30, "skip")]
+        for name in ("guarded", "guarded_healthy")
+        for seed in (0, 1, 2)
+    }
+    comparisons = {c.knobs["lr"]: c for c in guard_comparisons(list(records.values()), stops)}
+    on_trial, healthy_level = comparisons[9.0], comparisons[1.0]
+    assert on_trial.on_trial and on_trial.false_interventions_per_run is None
+    assert (on_trial.collapse.k, on_trial.collapse_unguarded.k) == (2, 3)
+    assert not healthy_level.on_trial and healthy_level.false_interventions_per_run == 1.0

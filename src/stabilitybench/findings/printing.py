@@ -302,7 +302,9 @@ def _guards(claims: Claims) -> list[str]:
         rows.append(
             [
                 f"{g.workload} {knobs_text(g.knobs)}",
-                claims.perturbation_names.get(g.perturbation, g.perturbation),
+                "none (recipe on trial)"
+                if g.on_trial
+                else claims.perturbation_names.get(g.perturbation, g.perturbation),
                 g.guard,
                 f"{_count(g.collapse.k, g.collapse.n)} vs {_count(g.collapse_unguarded.k, g.collapse_unguarded.n)}",
                 f"{_count(g.irreversible.k, g.irreversible.n)} vs "
@@ -324,7 +326,8 @@ def _guards(claims: Claims) -> list[str]:
     header += ["final perf Δ (IQM, guarded − unguarded)", "wall ratio"]
     lines += _table(header, rows)
     lines += [
-        "Interventions on unperturbed runs are false alarms acted on; extra compute: updates "
+        "Interventions on unperturbed runs are false alarms acted on, except on a recipe on "
+        "trial (a recipe that may diverge on its own); extra compute: updates "
         "skipped or rolled back per step trained; wall ratio: median guarded / unguarded wall "
         "time; 95% bootstrap CI on Δ.",
         "",

@@ -101,6 +101,9 @@ class GuardComparison:
     extra_compute: float | None = None  # steps lost / steps trained, over the guarded runs
     wall_time_ratio: float | None = None  # median guarded wall_s / median unguarded wall_s
     false_interventions_per_run: float | None = None  # on healthy (unperturbed) guarded runs
+    # unperturbed at a recipe on trial's knob levels (`RunRecord.on_trial`): what may diverge is
+    # the recipe, so its interventions are not false alarms
+    on_trial: bool = False
     final: Level | None = None  # final performance, guarded
     final_unguarded: Level | None = None  # the same condition unguarded
     # Guarded IQM − unguarded IQM with a percentile-bootstrap CI (runs resampled per arm).
@@ -237,8 +240,9 @@ def _comparison(
         if guarded_wall is not None and plain_wall
         else None,
         false_interventions_per_run=(sum(len(e) for e in events) / n if n else None)
-        if members[0].is_baseline
+        if members[0].is_baseline and not members[0].on_trial
         else None,
+        on_trial=members[0].on_trial,
         **_finals_of(done, plain, rng, reps),
     )
 

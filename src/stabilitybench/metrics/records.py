@@ -131,6 +131,10 @@ class RunRecord:
     # unperturbed, unguarded, at knob levels that are not the reference and that no perturbed
     # run shares: a recipe on trial (intrinsic instability), judged against the healthy runs
     intrinsic: bool = False
+    # unperturbed at the knob levels of a recipe on trial, guarded or not (a guard audit of that
+    # recipe): judged against the healthy runs too, and a guard's interventions there are not
+    # false alarms (the recipe is what may diverge)
+    on_trial: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -169,6 +173,7 @@ class RunRecord:
             "onset_step": self.onset.step,
             "onset_source": self.onset.source,
             "intrinsic": self.intrinsic,
+            "on_trial": self.on_trial,
             "collapse_step": None if c is None else c.collapse_step,
             "collapse_env_steps": None if c is None else c.collapse_env_steps,
             "collapse_at": None if c is None else c.collapse_at,
@@ -473,7 +478,15 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
             if info.status == "done" and onsets.get(info.run_id, Onset()).step is None:
                 onsets[info.run_id] = spec_onset(info, config.onset)
     trial = intrinsic_runs(bare)
-    bare = [replace(r, intrinsic=r.run_id in trial) for r in bare]
+    levels = {(r.workload, r.knobs_key) for r in bare if r.run_id in trial}
+    bare = [
+        replace(
+            r,
+            intrinsic=r.run_id in trial,
+            on_trial=r.is_baseline and (r.workload, r.knobs_key) in levels,
+        )
+        for r in bare
+    ]
     evals = {r.run_id: store.table(r.run_id, "evals") for r in bare if r.done}
     baselines = _baseline_curves(bare, evals)
     records = []
@@ -490,7 +503,7 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
             events=events.get(rid),
             calibration=calibration_for(first, onset, baselines, config),
         )
-        records.append(replace(record, intrinsic=first.intrinsic))
+        records.append(replace(record, intrinsic=first.intrinsic, on_trial=first.on_trial))
     return records
 
 
@@ -552,8 +565,8 @@ def calibration_for(
     record: RunRecord, onset: Onset, baselines: BaselineCurves, config: CollapseSettings
 ) -> Calibration | None:
     """What the matched baselines of *other* seeds (same workload and knobs, not perturbed, not
-    guarded; for a recipe on trial, `intrinsic`: the workload's healthy runs) show from this
-    run's onset on; for a run without an onset, what the workload's
+    guarded; for a run at a recipe on trial's levels, `on_trial`, guarded or not: the workload's
+    healthy runs) show from this run's onset on; for a run without an onset, what the workload's
     healthy runs of other seeds show (`calibrate_fall_back`); None without such runs."""
     healthy = [
         (c.steps, c.perf)
@@ -566,11 +579,11 @@ def calibration_for(
         return calibrate_fall_back(
             healthy, confirm=config.confirm_evals, quantile=config.baseline_quantile
         )
-    # A recipe on trial is judged against the healthy runs, not against its own recipe's
-    # other seeds (which share what is on trial).
+    # A recipe on trial, guarded or not, is judged against the healthy runs, not against its own
+    # recipe's other seeds (which share what is on trial).
     matched = (
         healthy
-        if record.intrinsic
+        if record.on_trial
         else [
             (c.steps, c.perf)
             for seed, c in baselines.get((record.workload, record.knobs_key), [])
