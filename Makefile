@@ -30,7 +30,8 @@ demo: $(STAMP)
 # ramp at x300 and x1000, the hard negatives of the warning protocol; lm_buildup: the tiny GPT-2's
 # build-ups; paper_rl_td3, paper_rl_sac and paper_rl_ppo: TD3, SAC and PPO at budgets where they
 # have learned before onset; paper_lm_intrinsic: the sweep for a GPT-2 that diverges on its own;
-# paper_lm_intrinsic_judged: its edge as recipes on trial), then their findings
+# paper_lm_intrinsic_judged: its edge as recipes on trial, then paper_lm_intrinsic_guards: guards
+# on those recipes' own divergences), then their findings
 # folders under results/ (summary, evaluation, report, spec, versions); after paper_rl,
 # paper_lm_collapse and lm_buildup, the guard audit on that audit's ramp
 # (examples/paper_rl_guards.yaml, paper_lm_guards.yaml and paper_lm_ramp_guards.yaml,
@@ -39,11 +40,13 @@ FINDINGS ?= paper_rl paper_rl_td3 paper_rl_sac paper_rl_ppo paper_lm paper_lm_co
 GUARDS_paper_rl = paper_rl_guards
 GUARDS_paper_lm_collapse = paper_lm_guards paper_lm_ramp_guards
 GUARDS_lm_buildup = lm_buildup_guards
+GUARDS_paper_lm_intrinsic_judged = paper_lm_intrinsic_guards
 findings: $(STAMP)
 	@for a in $(FINDINGS); do \
 	  case $$a in paper_rl) g="$(GUARDS_paper_rl)";; \
 	    paper_lm_collapse) g="$(GUARDS_paper_lm_collapse)";; \
-	    lm_buildup) g="$(GUARDS_lm_buildup)";; *) g=;; esac; \
+	    lm_buildup) g="$(GUARDS_lm_buildup)";; \
+	    paper_lm_intrinsic_judged) g="$(GUARDS_paper_lm_intrinsic_judged)";; *) g=;; esac; \
 	  for b in $$a $$g; do \
 	    if [ "$$b" != "$$a" ]; then r=--no-report; else r=; fi; \
 	    $(BIN)/stabilitybench audit examples/$$b.yaml --out audits/$$b $$r && \

@@ -29,6 +29,7 @@ ORDER = [
     "paper_lm_intrinsic",
     "paper_lm_intrinsic_edge",
     "paper_lm_intrinsic_judged",
+    "paper_lm_intrinsic_guards",
     "lm_buildup",
     "lm_buildup_guards",
     "quickstart_guards",
