@@ -363,3 +363,38 @@ def test_the_outcome_auroc_between_doses_of_one_perturbation() -> None:
         _Score, WorkloadRuns(healthy, [*strong, *sham]), _settings(), np.random.default_rng(0), 20
     )
     assert alone.outcome_auroc_doses is None
+
+
+def test_recipes_on_trial_count_from_the_spec_onset() -> None:
+    # An audit of recipes (no perturbation, `collapse.onset`): the runs on trial take their
+    # onset from the spec. The ones that do not diverge are the hard negatives, and the clock
+    # control counts from that onset; a healthy run's spec onset is not an onset.
+    def on_trial(run: ScoredRun) -> ScoredRun:
+        record = replace(
+            run.record,
+            perturbation="none",
+            perturbation_kind="none",
+            onset=Onset(40, None, "spec"),
+            intrinsic=True,
+            on_trial=True,
+        )
+        return ScoredRun(run.run, record)
+
+    healthy = [_run(s, {}, healthy=True) for s in range(3)]
+    spec_healthy = ScoredRun(
+        healthy[0].run, replace(healthy[0].record, onset=Onset(40, None, "spec"))
+    )
+    assert spec_healthy.onset_step is None
+    diverge = [on_trial(_run(s, {70: 10.0}, collapse_at=80)) for s in range(3)]
+    hold = [on_trial(_run(s, {45: 10.0, 70: 10.0}, collapse_at=None)) for s in range(3)]
+    assert all(r.onset_step == 40 for r in [*diverge, *hold])
+    result, _ = evaluate_detector(
+        _Score, WorkloadRuns(healthy, [*diverge, *hold]), _settings(), np.random.default_rng(0), 20
+    )
+    assert result.event_recall == 1.0
+    # two alarms in each hard negative's 60 steps from its onset on
+    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(1000 * 6 / 180)
+    assert result.clock_recall is not None  # matched at that rate, not "no hard negative"
+    # before: every onset was "events"-only and the recipes on trial had no hard negatives
+    plain = [ScoredRun(r.run, replace(r.record, on_trial=False)) for r in hold]
+    assert all(r.onset_step is None for r in plain)

@@ -93,9 +93,16 @@ class ScoredRun:
 
     @property
     def onset_step(self) -> int | None:
-        """The perturbation's onset (optimizer step) when the run's events give one."""
+        """The perturbation's onset (optimizer step) when the run's events give one; for a
+        recipe on trial (`RunRecord.on_trial`), the onset the spec fixes (`collapse.onset`):
+        what is on trial starts there, so its runs that do not diverge are the hard negatives
+        and the clock control counts from there. Healthy runs have no onset here."""
         onset = self.record.onset
-        return onset.step if onset.source == "events" and onset.step is not None else None
+        if onset.step is None:
+            return None
+        if onset.source == "events" or (onset.source == "spec" and self.record.on_trial):
+            return onset.step
+        return None
 
     @property
     def collapse_interval(self) -> tuple[int, int] | None:
