@@ -35,7 +35,8 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "guard_device": "python benchmarks/guard_device.py --reps 3 --steps 40",
     "guard_comparison": (
         "python benchmarks/guard_comparison.py results/lm_buildup_guards "
-        "results/paper_lm_ramp_guards results/quickstart_guards"
+        "results/paper_lm_ramp_guards results/quickstart_guards "
+        "results/paper_lm_intrinsic_guards"
     ),
     "telemetry_memory": "python benchmarks/telemetry_memory.py",
     "stability_probes_cost": "python benchmarks/stability_probes_cost.py --reps 4 --steps 5",
