@@ -57,6 +57,13 @@ LM_FIXED_SHARE = (
 )
 OFF_POLICY_ENV_S = 0.0015  # SAC/TD3: env step + action, per env step (HalfCheetah, measured)
 OFF_POLICY_UPDATE_S = (0.005, 0.00004)  # one gradient step: fixed + per sample of the batch
+LM_VOCAB_SECONDS = 2.8e-8
+"""Seconds per token, per vocabulary entry beyond the 256 bytes and per 128 of `n_embd`, a step
+(the embedding and output layer): the tiny GPT-2 at 16 x 64 tokens trained 400 steps in 43.7 s
+on bytes and 64.6 s on 2,048 BPE tokens, two runs at a time on 2 cores (measured)."""
+LM_PROBE_SHARE = 0.09
+"""`probes: stability` (the build-up probes, every 10 steps): 47.5 s instead of 43.7 s and 69.3 s
+instead of 64.6 s in the same measurement."""
 TOY_SECONDS_PER_STEP = 0.001
 
 
@@ -437,8 +444,31 @@ def _lm_seconds(spec: LMWorkloadSpec, steps: float, eval_batches: float) -> floa
         spec.knobs, "block_size", 128
     )
     per_step *= LM_FIXED_SHARE + (1 - LM_FIXED_SHARE) * tokens / LM_REFERENCE_TOKENS
+    per_step += LM_VOCAB_SECONDS * tokens * _extra_vocab(spec) * _embedding_width(spec) / 128
+    if spec.probes is not None:
+        per_step *= 1 + LM_PROBE_SHARE
     eval_s = eval_batches * per_step / 3.0
     return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
+
+
+def _extra_vocab(spec: LMWorkloadSpec) -> int:
+    """Vocabulary entries beyond the 256 bytes the reference rate was measured with (the
+    tokenizer asked for; a trained BPE may stop a little short of it)."""
+    from stabilitybench.workloads.corpus import TokenizerSpec
+
+    try:
+        return max(TokenizerSpec.parse(spec.tokenizer).vocab_size - 256, 0)
+    except StabilityBenchError:
+        return 0
+
+
+def _embedding_width(spec: LMWorkloadSpec) -> int:
+    """The model's `n_embd` (128, the tiny model's, for a size this cannot read)."""
+    from stabilitybench.workloads.lm import SIZES
+
+    size = spec.size if isinstance(spec.size, dict) else SIZES.get(str(spec.size), {})
+    width = size.get("n_embd", 128)
+    return width if isinstance(width, int) and width > 0 else 128
 
 
 def _shared_seconds(plan: AuditPlan) -> float | None:
