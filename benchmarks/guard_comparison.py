@@ -28,7 +28,7 @@ from typing import Any
 
 from _record import record
 
-from stabilitybench.metrics.guards import GuardComparison
+from stabilitybench.metrics.guards import ON_TRIAL_CONDITION, GuardComparison
 from stabilitybench.metrics.summary import summarize
 from stabilitybench.store import RunStore
 
@@ -79,7 +79,7 @@ def _perturbed(c: GuardComparison) -> dict[str, Any]:
     guarded_rate = guarded.k / guarded.n if guarded.n else None
     reduction = None if guarded_rate is None else 1.0 - guarded_rate / (plain.k / plain.n)
     return {
-        "perturbation": "none (recipe on trial)" if c.on_trial else c.perturbation,
+        "perturbation": ON_TRIAL_CONDITION if c.on_trial else c.perturbation,
         "measure": measure,
         "collapsed": _rate(guarded),
         "collapsed_unguarded": _rate(plain),

@@ -248,8 +248,7 @@ def _safe_infos(store: RunStore) -> list[dict[str, Any]]:
 def test_the_lm_estimate_counts_the_vocabulary_and_the_probes() -> None:
     # The measured rates (tiny GPT-2, 16 x 64 tokens, 400 steps, two runs at a time on 2 cores):
     # 43.7 s on bytes, 64.6 s on 2,048 BPE tokens, 69.3 s with the stability probes too.
-    from stabilitybench.audit.runner import _lm_seconds
-    from stabilitybench.workloads.config import workload_spec
+    from stabilitybench.audit.runner import estimate_run_seconds
 
     def seconds(**extra: object) -> float:
         config = {
@@ -257,10 +256,11 @@ def test_the_lm_estimate_counts_the_vocabulary_and_the_probes() -> None:
             "kind": "lm",
             "size": "tiny",
             "total_steps": 400,
+            "eval": {"every": 400, "batches": 1},
             "knobs": {"batch_size": 16, "block_size": 64},
             **extra,
         }
-        return _lm_seconds(workload_spec(config), 400, 1)  # type: ignore[arg-type]
+        return estimate_run_seconds(config)
 
     byte, bpe = seconds(), seconds(tokenizer="bpe")
     probed = seconds(tokenizer="bpe", probes="stability")

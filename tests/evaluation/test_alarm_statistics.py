@@ -375,7 +375,6 @@ def test_recipes_on_trial_count_from_the_spec_onset() -> None:
             perturbation="none",
             perturbation_kind="none",
             onset=Onset(40, None, "spec"),
-            intrinsic=True,
             on_trial=True,
         )
         return ScoredRun(run.run, record)

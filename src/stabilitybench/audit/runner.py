@@ -418,7 +418,16 @@ def estimate_run_seconds(workload: dict[str, Any]) -> float:
     if isinstance(spec, RLWorkloadSpec):
         return _rl_seconds(spec, steps, n_evals * (evaluation.episodes or 5))
     if isinstance(spec, LMWorkloadSpec):
-        return _lm_seconds(spec, steps, n_evals * (evaluation.batches or 8))
+        from stabilitybench.workloads.lm import parse_config
+
+        shape = parse_config(workload)  # the model's width and the tokenizer's vocabulary
+        return _lm_seconds(
+            spec,
+            steps,
+            n_evals * (evaluation.batches or 8),
+            vocab_size=shape.tokenizer.vocab_size,
+            width=shape.size["n_embd"],
+        )
     if isinstance(spec, ToyWorkloadSpec):
         return PROCESS_OVERHEAD_S + steps * TOY_SECONDS_PER_STEP
     return PROCESS_OVERHEAD_S + steps * 0.01
@@ -438,37 +447,24 @@ def _rl_seconds(spec: RLWorkloadSpec, steps: float, eval_episodes: float) -> flo
     return PROCESS_OVERHEAD_S + 2.0 + steps * per_env_step + eval_s
 
 
-def _lm_seconds(spec: LMWorkloadSpec, steps: float, eval_batches: float) -> float:
+def _lm_seconds(
+    spec: LMWorkloadSpec,
+    steps: float,
+    eval_batches: float,
+    *,
+    vocab_size: int = 256,
+    width: int = 128,
+) -> float:
     per_step = LM_SECONDS_PER_STEP.get(str(spec.size), 1.0)
     tokens = _knob_number(spec.knobs, "batch_size", 16) * _knob_number(
         spec.knobs, "block_size", 128
     )
     per_step *= LM_FIXED_SHARE + (1 - LM_FIXED_SHARE) * tokens / LM_REFERENCE_TOKENS
-    per_step += LM_VOCAB_SECONDS * tokens * _extra_vocab(spec) * _embedding_width(spec) / 128
+    per_step += LM_VOCAB_SECONDS * tokens * max(vocab_size - 256, 0) * width / 128
     if spec.probes is not None:
         per_step *= 1 + LM_PROBE_SHARE
     eval_s = eval_batches * per_step / 3.0
     return PROCESS_OVERHEAD_S + 2.0 + steps * per_step + eval_s
-
-
-def _extra_vocab(spec: LMWorkloadSpec) -> int:
-    """Vocabulary entries beyond the 256 bytes the reference rate was measured with (the
-    tokenizer asked for; a trained BPE may stop a little short of it)."""
-    from stabilitybench.workloads.corpus import TokenizerSpec
-
-    try:
-        return max(TokenizerSpec.parse(spec.tokenizer).vocab_size - 256, 0)
-    except StabilityBenchError:
-        return 0
-
-
-def _embedding_width(spec: LMWorkloadSpec) -> int:
-    """The model's `n_embd` (128, the tiny model's, for a size this cannot read)."""
-    from stabilitybench.workloads.lm import SIZES
-
-    size = spec.size if isinstance(spec.size, dict) else SIZES.get(str(spec.size), {})
-    width = size.get("n_embd", 128)
-    return width if isinstance(width, int) and width > 0 else 128
 
 
 def _shared_seconds(plan: AuditPlan) -> float | None:

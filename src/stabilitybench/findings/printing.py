@@ -12,6 +12,7 @@ from stabilitybench.findings.claims import (
     DecouplingFinding,
     WarningFinding,
 )
+from stabilitybench.metrics.guards import ON_TRIAL_CONDITION
 from stabilitybench.metrics.summary_printing import knobs_text
 
 CLAIMS = {
@@ -302,7 +303,7 @@ def _guards(claims: Claims) -> list[str]:
         rows.append(
             [
                 f"{g.workload} {knobs_text(g.knobs)}",
-                "none (recipe on trial)"
+                ON_TRIAL_CONDITION
                 if g.on_trial
                 else claims.perturbation_names.get(g.perturbation, g.perturbation),
                 g.guard,

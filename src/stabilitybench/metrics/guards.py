@@ -77,6 +77,9 @@ class Rate:
         return cls(n, k, k / n if n else None, [low if n else None, high if n else None])
 
 
+ON_TRIAL_CONDITION = "none (recipe on trial)"
+"""How tables name the condition of a guarded recipe on trial (`GuardComparison.on_trial`)."""
+
 Condition = tuple[str, str, str, str]
 """(workload, knobs key, perturbation, guard label) — runs of one condition differ by seed."""
 

@@ -128,13 +128,16 @@ class RunRecord:
     error_text: str | None = field(default=None, repr=False)  # the whole stored error
     outcome_final_perf: float | None = None  # what the workload reported (run.json outcome)
     guard: str = "none"  # the guard's label (`detector:action(...)`), `none` if unguarded
-    # unperturbed, unguarded, at knob levels that are not the reference and that no perturbed
-    # run shares: a recipe on trial (intrinsic instability), judged against the healthy runs
-    intrinsic: bool = False
-    # unperturbed at the knob levels of a recipe on trial, guarded or not (a guard audit of that
-    # recipe): judged against the healthy runs too, and a guard's interventions there are not
-    # false alarms (the recipe is what may diverge)
+    # unperturbed at the knob levels of a recipe on trial (`intrinsic_runs`), guarded or not (a
+    # guard audit of that recipe): judged against the healthy runs, and a guard's interventions
+    # there are not false alarms (the recipe is what may diverge)
     on_trial: bool = False
+
+    @property
+    def intrinsic(self) -> bool:
+        """A recipe on trial itself: finished, unguarded, at those levels (unperturbed, at knob
+        levels that are not the reference and that no perturbed run shares)."""
+        return self.on_trial and self.guard == "none" and self.done
 
     @property
     def is_baseline(self) -> bool:
@@ -480,12 +483,7 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
     trial = intrinsic_runs(bare)
     levels = {(r.workload, r.knobs_key) for r in bare if r.run_id in trial}
     bare = [
-        replace(
-            r,
-            intrinsic=r.run_id in trial,
-            on_trial=r.is_baseline and (r.workload, r.knobs_key) in levels,
-        )
-        for r in bare
+        replace(r, on_trial=r.is_baseline and (r.workload, r.knobs_key) in levels) for r in bare
     ]
     evals = {r.run_id: store.table(r.run_id, "evals") for r in bare if r.done}
     baselines = _baseline_curves(bare, evals)
@@ -503,7 +501,7 @@ def audit_records(store: RunStore, config: CollapseSettings | None = None) -> li
             events=events.get(rid),
             calibration=calibration_for(first, onset, baselines, config),
         )
-        records.append(replace(record, intrinsic=first.intrinsic, on_trial=first.on_trial))
+        records.append(replace(record, on_trial=first.on_trial))
     return records
 
 
