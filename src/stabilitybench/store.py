@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.host import host_info
 from stabilitybench.io import read_json, write_json, write_parquet
 from stabilitybench.streaming import (
     PART_GLOB,
@@ -118,6 +119,8 @@ class RunInfo(BaseModel):
     source: dict[str, Any] | None = None  # an imported run: where it came from, what was read
     # a run forked from a prefix it shared with others (`share_prefix`): where, with whom, cost
     shared_prefix: dict[str, Any] | None = None
+    # the machine it trained on, as the attempt that wrote it started (`host.host_info`)
+    host: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, info: RunInfo | Mapping[str, Any]) -> RunInfo:
@@ -239,6 +242,7 @@ class RunWriter:
                     "started": time.time(),
                     "attempts": attempts,
                     "error": None,
+                    "host": host_info(),
                 }
             )
         )

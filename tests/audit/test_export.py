@@ -66,6 +66,13 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     version = json.loads((out / "version.json").read_text())
     assert version["runs"] == {"done": 6} and "stabilitybench" in version["versions"]
     assert version["rejudged"] is False
+    # Every run recorded the machine it trained on; here all six trained on this one.
+    from stabilitybench.host import MACHINE_KEYS, host_info
+
+    (host,) = version["hosts"]
+    assert host["runs"] == 6 and {k: host[k] for k in MACHINE_KEYS} == {
+        k: host_info().get(k) for k in MACHINE_KEYS
+    }
     assert any((out / "figures").glob("*.png"))
     html = (out / "report.html").read_text()
     for png in (out / "figures").glob("*.png"):  # the report's own images, not re-rendered

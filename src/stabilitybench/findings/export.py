@@ -6,8 +6,10 @@
 - `evaluation.json` — `monitor evaluate --json` (the monitor is fitted first if it is not yet);
 - `report.html` and `figures/*.png` — the self-contained report and its figures;
 - `spec.yaml` — the audit spec as expanded and recorded in audit.json;
-- `version.json` — the package version, the versions of the libraries the runs used, the
-  number of runs by status, and when the export was made;
+- `version.json` — the package version and the versions of the libraries of the export, the
+  number of runs by status, the distinct machines the runs trained on (`hosts`: CPU, torch and
+  its CPU capability, with a run count; `unknown` for runs that recorded none), and when the
+  export was made;
 - `findings.json` and `findings.md` — the paper's three claims judged per workload with CIs and
   a verdict (`metrics/claims.py`); `stabilitybench findings FOLDER` prints findings.md;
 - `audit.json`, `runs/<run_id>/` and `monitor/` — the per-run data the analysis reads, slim
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.host import distinct_hosts
 from stabilitybench.io import write_json
 from stabilitybench.store import FINDINGS_FILE, RUNS_DIR, RunStore
 
@@ -152,6 +155,13 @@ def export_results(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
+    hosts = distinct_hosts(i.host for i in store.infos())
+    known = [h for h in hosts if not h.get("unknown")]
+    if len(known) > 1 and console is not None:
+        console.print(
+            f"[yellow]note:[/] the runs trained on {len(known)} different machines (version.json "
+            "`hosts`); at the edge of stability a run's outcome can depend on the CPU"
+        )
     try:
         write_run_data(store, tmp)
         _judge_folder(tmp, store, spec, target_false_alarms, horizon, sph, console)
@@ -162,6 +172,7 @@ def export_results(
                 "versions": library_versions(),
                 "python": sys.version.split()[0],
                 "runs": counts,
+                "hosts": hosts,
                 "partial": bool(allow_partial and set(counts) - {"done", "failed"}),
                 "rejudged": store.is_findings_folder,  # re-exported from its per-run data
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
