@@ -210,6 +210,9 @@ class RunWriter:
         self.run_json = self.run_dir / "run.json"
         self._telemetry = ParquetSink(self.run_dir / "telemetry.parquet")
         self._events: ParquetSink | None = None  # streamed events (`stream_events`)
+        # the attempt this writer started (`start`) or took over (`relocate`): a newer attempt
+        # of the same run (an audit resumed while this one's process lived on) owns run.json
+        self._attempt: int | None = None
 
     # -- run.json ----------------------------------------------------------------------------
     def read_info(self) -> RunInfo:
@@ -235,6 +238,7 @@ class RunWriter:
                 else:
                     item.unlink()
         attempts = self.read_info().attempts + 1
+        self._attempt = attempts
         self.write_info(
             RunInfo.of(info).model_copy(
                 update={
@@ -249,6 +253,8 @@ class RunWriter:
 
     def _end(self, status: RunStatus, **fields: Any) -> None:
         info = self.read_info()
+        if self._attempt is not None and info.attempts != self._attempt:
+            return  # superseded: a later attempt started this run and records its end
         now = time.time()
         started = now if info.started is None else info.started
         self.write_info(
@@ -258,7 +264,8 @@ class RunWriter:
         )
 
     def finish(self, outcome: Mapping[str, Any] | None = None) -> None:
-        self._end(RunStatus.DONE, outcome=RunOutcome.model_validate(dict(outcome or {})))
+        recorded = RunOutcome.model_validate(dict(outcome or {}))
+        self._end(RunStatus.DONE, outcome=recorded, error=None)
 
     def fail(self, error: str) -> None:
         self._end(RunStatus.FAILED, error=error)
@@ -282,6 +289,7 @@ class RunWriter:
         if self._events is not None:
             self._events.path = run_dir / self._events.path.name
             self._events.parts_dir = partial_dir(self._events.path)
+        self._attempt = self.read_info().attempts  # the attempt that started run_dir
 
     # -- tables ------------------------------------------------------------------------------
     def write_table(self, name: str, table: pd.DataFrame) -> None:

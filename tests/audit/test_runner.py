@@ -3,6 +3,7 @@ test_ray_backend.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -236,6 +237,77 @@ def test_resume_after_sigkill_finishes_every_run_exactly_once(
             assert info.attempts == 1 and info.started == before[info.run_id].started
         elif info.run_id in before and before[info.run_id].status == "running":  # killed, redone
             assert info.attempts == 2
+
+
+def _live_processes_of_session(session: int) -> list[int]:
+    """The pids, not zombies, of the processes in session `session` (Linux /proc)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, sid = fields[0], int(fields[3])
+        if sid == session and state != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_killing_the_audit_process_alone_ends_its_workers(write_spec: Any, tmp_path: Path) -> None:
+    # `kill PID` of an audit started with `nohup … &` reaches the audit process only; its
+    # workers (through its fork server) must not train on, or a resumed audit would train the
+    # same runs beside them (and they would record those runs as failed over the new attempts).
+    spec = toy_spec(seeds=[0, 1], perturbations=["none"])
+    spec["workloads"][0]["total_steps"] = 10_000_000
+    out = tmp_path / "audit"
+    command = [
+        str(Path(sys.executable).parent / "stabilitybench"),
+        *("audit", str(write_spec(spec)), "--out", str(out), "--workers", "2", "--no-report"),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    store = RunStore(out)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and process.poll() is None:
+            running = [i for i in _safe_infos(store) if i.status == "running"]
+            if len(running) == 2 and len(_live_processes_of_session(process.pid)) >= 4:
+                break  # the audit, its fork server and two workers
+            time.sleep(0.1)
+        assert process.poll() is None, "the audit ended before it could be killed"
+        process.send_signal(signal.SIGKILL)  # the audit process only, not its group
+        process.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and _live_processes_of_session(process.pid):
+            time.sleep(0.1)
+        assert _live_processes_of_session(process.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    # The runs it was training are left `running`: a resumed audit trains them again.
+    assert sorted(i.status for i in store.infos()) == ["running", "running"]
+
+
+def test_a_superseded_attempt_does_not_record_its_end(tmp_path: Path) -> None:
+    from stabilitybench.store import RunInfo, RunWriter
+
+    old, new = RunWriter(tmp_path / "run"), RunWriter(tmp_path / "run")
+    old.start(RunInfo(run_id="run"))
+    new.start(RunInfo(run_id="run"))  # an audit resumed while the first attempt lived on
+    old.fail("its folder was cleared under it")
+    assert new.read_info().status == "running" and new.read_info().attempts == 2
+    new.finish({})
+    old.fail("too late")
+    # A run recorded done carries no error, whatever an earlier writer left in run.json.
+    stale = RunWriter(tmp_path / "stale")
+    stale.start(RunInfo(run_id="stale"))
+    stale.update_info(error="left by a superseded attempt")
+    stale.finish({})
+    assert stale.read_info().error is None
+    info = new.read_info()
+    assert info.status == "done" and info.error is None and info.attempts == 2
 
 
 def _safe_infos(store: RunStore) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.lifetime import die_with_parent
 from stabilitybench.store import RunWriter
 from stabilitybench.types import RunStatus, last_error_line
 
@@ -22,6 +23,7 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUM
 # Imported once in the fork server, so each run's fresh process starts warm (torch.optim pulls in
 # torch._dynamo on the first optimizer: ~1 s per process otherwise).
 PRELOAD = (
+    "stabilitybench.audit.fork_server",  # first: the fork server ends with the audit
     "torch",
     "torch._dynamo",
     "pandas",
@@ -92,6 +94,13 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def worker_init() -> None:
+    """A pool worker's initializer: one thread per run, and the worker ends with its parent
+    (`lifetime.die_with_parent`: a killed audit leaves no run training on)."""
+    die_with_parent()
+    limit_threads()
+
+
 def limit_threads() -> None:
     """One thread per run: runs are the unit of parallelism."""
     for name in THREAD_ENV:
@@ -151,7 +160,7 @@ def execute_task_isolated(
     if not shared:
         return execute_task(store_root, spec, info)
     context = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=limit_threads) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=worker_init) as pool:
         return pool.submit(execute_task, store_root, spec, info, shared).result()
 
 
@@ -264,7 +273,7 @@ class LocalBackend:
         with ProcessPoolExecutor(
             max_workers=min(self.workers, len(tasks)),
             mp_context=_pool_context(str(t.spec["workload"]["kind"]) for t in tasks),
-            initializer=limit_threads,
+            initializer=worker_init,
             max_tasks_per_child=1,  # a fresh process per run: no state leaks between runs
         ) as executor:
             futures: dict[Future[list[RunResult]], RunTask] = {

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 from pydantic import Field, ValidationInfo, field_validator
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.lifetime import die_with_parent
 from stabilitybench.store import RunWriter
 from stabilitybench.types import RunSpec
 from stabilitybench.workloads.base import RunOutcome, finish_run, register_workload
@@ -593,6 +594,7 @@ class _Branches:
         for index, spec in enumerate(self.specs):
             pid = os.fork()
             if pid == 0:
+                die_with_parent()  # ends with the worker that forked it (`lifetime`)
                 self.branch = index
                 try:
                     target = self.writers[index]
