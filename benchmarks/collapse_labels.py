@@ -92,6 +92,9 @@ def main() -> None:
                     f"    {c['perturbation']}: {c['n_collapsed']}/{c['n_judged']} collapsed"
                     + (f", excess over {c['control']} {excess:+.2f}" if excess is not None else "")
                 )
+    flagged = sum(w["n_flagged"] for a in figures.values() for w in a.values())
+    judged = sum(w["n_judged"] for a in figures.values() for w in a.values())
+    print(f"all: criterion flags {flagged} of {judged} judged sham/unperturbed runs")
     record("collapse_labels", figures, settings={"audits": [str(a) for a in args.audits]})
 
 

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "collapse_labels": (
-        "python benchmarks/collapse_labels.py audits/quickstart results/paper_lm_collapse "
-        "results/paper_lm_guards results/paper_lm_doses results/lm_buildup"
+        "python benchmarks/collapse_labels.py results/paper_rl_ppo results/paper_rl_td3 "
+        "results/paper_rl_sac results/paper_lm_collapse results/paper_lm_guards "
+        "results/paper_lm_doses results/lm_buildup"
     ),
     "warning_protocol": (
         "python benchmarks/warning_protocol.py audits/quickstart results/paper_lm_collapse "
@@ -436,6 +437,10 @@ def _collapse_labels(f: dict[str, Any]) -> str:
                     conditions or "–",
                 ]
             )
+    flagged = sum(w["n_flagged"] for a in f.values() for w in a.values())
+    judged = sum(w["n_judged"] for a in f.values() for w in a.values())
+    runs = sum(w["n_runs"] for a in f.values() for w in a.values())
+    rows.append(["all", "", f"{flagged} flagged of {judged} judged", f"{judged} of {runs}", "", ""])
     return table(
         [
             "audit",

@@ -144,6 +144,31 @@ def test_the_estimate_follows_the_cost_knobs() -> None:
     assert 0.5 < estimate_run_seconds(halved) / estimate_run_seconds(sac) < 0.6
     ppo = {**sac, "name": "ppo", "algo": "ppo", "knobs": {"batch_size": 4}}
     assert estimate_run_seconds(ppo) == estimate_run_seconds({**ppo, "knobs": {}})
+    # No gradient steps before `learning_starts`; TD3's larger networks cost more per update.
+    late = {**sac, "knobs": {"learning_starts": 4000}}
+    assert 0.5 < estimate_run_seconds(late) / estimate_run_seconds(sac) < 0.6
+    assert 1.8 < estimate_run_seconds({**sac, "algo": "td3"}) / estimate_run_seconds(sac) < 2.2
+
+
+def test_the_rl_estimate_matches_the_paper_audits_runs() -> None:
+    # The committed paper audits' runs (HalfCheetah-v5, two at a time on 2 cores): the median
+    # estimate is within 15 % of the median wall time each run took (share_prefix runs count
+    # their prefix, as run.json's `started` does).
+    import statistics
+
+    from stabilitybench.audit.runner import estimate_run_seconds
+
+    results = Path(__file__).resolve().parents[2] / "results"
+    for audit in ("paper_rl_ppo", "paper_rl_td3", "paper_rl_sac"):
+        walls, estimates = [], []
+        for path in (results / audit / "runs").glob("*/run.json"):
+            info = json.loads(path.read_text())
+            if info["status"] == "done" and not info.get("guard"):
+                walls.append(info["wall_s"])
+                estimates.append(estimate_run_seconds(info["spec"]["workload"]))
+        assert walls, audit
+        ratio = statistics.median(estimates) / statistics.median(walls)
+        assert 0.85 < ratio < 1.15, (audit, ratio)
 
 
 def test_failing_runs_are_isolated_and_summarised(write_spec: Any, tmp_path: Path) -> None:
