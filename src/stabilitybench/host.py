@@ -23,9 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-HOST_KEYS = ("cpu", "machine", "cores", "os", "python", "torch", "torch_cpu", "torch_threads")
-"""What `host_info` records; `MACHINE_KEYS` are those that can change a run's arithmetic."""
 MACHINE_KEYS = ("cpu", "machine", "torch", "torch_cpu")
+"""The keys of `host_info` that can change a run's arithmetic (cores, OS and threads do not)."""
 
 
 def cpu_model() -> str:
