@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {  # how to produce each file (the script's defaults unless said)
     "collapse_labels": (
-        "python benchmarks/collapse_labels.py audits/quickstart results/paper_lm_collapse "
-        "results/paper_lm_guards results/paper_lm_doses results/lm_buildup"
+        "python benchmarks/collapse_labels.py results/paper_rl_ppo results/paper_rl_td3 "
+        "results/paper_rl_sac results/paper_lm_collapse results/paper_lm_guards "
+        "results/paper_lm_doses results/lm_buildup"
     ),
     "warning_protocol": (
         "python benchmarks/warning_protocol.py audits/quickstart results/paper_lm_collapse "
