@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from monitor_synthetic import synthetic_telemetry
 
+from monitor_synthetic import synthetic_telemetry
 from stabilitybench.detectors.msm import MSMDetector
 from stabilitybench.monitor.attribution import Contribution, MonitorAttribution, argmax_columns
 from stabilitybench.monitor.ssm import MetaStateMonitor
