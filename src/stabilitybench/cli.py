@@ -100,6 +100,16 @@ def audit(
     report: Annotated[
         bool, typer.Option(help="Fit the monitor and write the HTML report at the end.")
     ] = True,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only the runs with KEY=VALUE (a knob, seed, workload or perturbation "
+            "label; repeat a key for either value, give several keys for all): a slice of an "
+            "audit too long for one sitting. Export it with --partial --refittable and "
+            "`stabilitybench merge` the slices.",
+        ),
+    ] = None,
 ) -> None:
     """Run every run of an audit spec (resumable: finished runs are skipped)."""
     from stabilitybench.audit.runner import run_audit_cli
@@ -112,6 +122,7 @@ def audit(
         ray_address=ray_address,
         dry_run=dry_run,
         report=report,
+        only=only,
         console=console,
     )
     raise typer.Exit(code)
@@ -383,6 +394,14 @@ def export(
     partial: Annotated[
         bool, typer.Option("--partial", help="Export an unfinished audit's finished runs.")
     ] = False,
+    refittable: Annotated[
+        bool,
+        typer.Option(
+            "--refittable",
+            help="Keep every telemetry column (rounded), so that `merge` can fit the monitor "
+            "again on this folder's runs together with another part's.",
+        ),
+    ] = False,
 ) -> None:
     """Write summary.json, evaluation.json, findings (the three claims), report.html with its
     figures, the spec, the versions and the slim per-run data (runs/: evaluations, events,
@@ -398,7 +417,41 @@ def export(
         target_false_alarms=target_false_alarms,
         horizon=horizon,
         sph=sph,
+        refittable=refittable,
         console=console,
+    )
+    console.print(escape(describe(path)), highlight=False)
+
+
+@app.command()
+def merge(
+    parts: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The parts: findings folders exported with --refittable, or audit folders."
+        ),
+    ],
+    spec: Annotated[
+        Path, typer.Option("--spec", help="The audit spec (YAML) whose runs the parts hold.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The findings folder to write.")],
+    partial: Annotated[
+        bool,
+        typer.Option("--partial", help="Merge even if some of the spec's runs are in no part."),
+    ] = False,
+    refittable: Annotated[
+        bool,
+        typer.Option("--refittable", help="Keep every telemetry column in the merged folder."),
+    ] = False,
+) -> None:
+    """Merge the parts of one audit, run in slices (`audit --only`) on different machines or
+    days, into one findings folder: the runs are checked against the spec, the monitor is fitted
+    again on all of them, and everything is judged as an export of the whole audit would be."""
+    from stabilitybench.findings.export import describe
+    from stabilitybench.findings.merge import merge_parts
+
+    path = merge_parts(
+        parts, spec, out, allow_partial=partial, refittable=refittable, console=console
     )
     console.print(escape(describe(path)), highlight=False)
 

@@ -30,6 +30,7 @@ from stabilitybench.audit.spec import (
     load_spec,
     references,
     resolved_spec,
+    same_value,
     spec_hash,
 )
 from stabilitybench.errors import StabilityBenchError
@@ -88,18 +89,93 @@ class AuditPlan:
     statuses: dict[str, str] = field(default_factory=dict)  # run_id → status, for an existing audit
     references: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload → healthy knobs
     unfitted: list[str] = field(default_factory=list)  # dry run: guards' monitors not fitted yet
+    only: dict[str, list[Any]] = field(default_factory=dict)  # `--only`: the slice to run
+
+    @property
+    def unfinished(self) -> list[RunSpec]:
+        """The runs not done, in the slice or not."""
+        return [r for r in self.runs if self.statuses.get(r.run_id) != RunStatus.DONE.value]
 
     @property
     def todo(self) -> list[RunSpec]:
-        return [r for r in self.runs if self.statuses.get(r.run_id) != RunStatus.DONE.value]
+        """The runs to run now: those not done, in the `--only` slice."""
+        return [r for r in self.unfinished if in_slice(r, self.only)]
+
+    @property
+    def outside(self) -> int:
+        """How many of the spec's runs `--only` leaves out."""
+        return sum(not in_slice(r, self.only) for r in self.runs)
 
 
-def plan_audit(spec_path: str | Path, out: str | Path, *, dry_run: bool = False) -> AuditPlan:
+ONLY_KEYS = ("seed", "workload", "perturbation")
+"""What `--only KEY=VALUE` selects on besides the knobs."""
+
+
+def run_facet(run: RunSpec, key: str) -> Any:
+    """The value `--only` compares for `key`: a knob's level, or the seed, workload name or
+    perturbation label; None where the run's workload has no such knob."""
+    if key == "seed":
+        return run.seed
+    if key == "workload":
+        return run.workload["name"]
+    if key == "perturbation":
+        return run.perturbation_label
+    return run.workload.get("knobs", {}).get(key)
+
+
+def in_slice(run: RunSpec, only: dict[str, list[Any]]) -> bool:
+    """Whether `run` is in the `--only` slice: for every key, one of its values."""
+    return all(
+        any((value is not None and same_value(run_facet(run, key), value)) for value in values)
+        for key, values in only.items()
+    )
+
+
+def parse_only(items: list[str], runs: list[RunSpec]) -> dict[str, list[Any]]:
+    """`--only KEY=VALUE` options → key → the values given (a key given twice: either value;
+    different keys: all of them), values read as YAML (`0.3` is a number); a user error for a
+    malformed item, a key that is no knob, seed, workload or perturbation of the spec, or a
+    slice that holds no run."""
+    import yaml
+
+    only: dict[str, list[Any]] = {}
+    knobs = {k for run in runs for k in run.workload.get("knobs", {})}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise StabilityBenchError(
+                f"--only: {item!r} is not KEY=VALUE (e.g. --only action_noise=0.3 --only seed=1)"
+            )
+        if key not in knobs and key not in ONLY_KEYS:
+            known = ", ".join(sorted(knobs) + list(ONLY_KEYS))
+            raise StabilityBenchError(f"--only: {key!r} is none of the spec's keys ({known})")
+        try:
+            value = text.strip() if key == "perturbation" else yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text.strip()
+        only.setdefault(key, []).append(value)
+    if only and not any(in_slice(r, only) for r in runs):
+        raise StabilityBenchError(
+            f"--only: no run of the spec has {' and '.join(items)} (see `--dry-run` for the grid)"
+        )
+    return only
+
+
+def plan_audit(
+    spec_path: str | Path,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    only: list[str] | None = None,
+) -> AuditPlan:
     """Validate the spec, the runs and `--out` without writing anything. A dry run tolerates
-    guard monitors that are not fitted yet (it lists them in `unfitted`); a real run does not."""
+    guard monitors that are not fitted yet (it lists them in `unfitted`); a real run does not.
+    `only`: `--only KEY=VALUE` items, the slice of the grid to run (`parse_only`)."""
     unfitted: list[str] | None = [] if dry_run else None
     spec = load_spec(spec_path, unfitted=unfitted)
     runs = expand(spec)
+    selected = parse_only(list(only or []), runs)
     check_runs(spec, runs)
     digest = spec_hash(spec)
     out = Path(out).expanduser().absolute()
@@ -112,6 +188,7 @@ def plan_audit(spec_path: str | Path, out: str | Path, *, dry_run: bool = False)
         statuses=statuses,
         references=references(spec),
         unfitted=unfitted or [],
+        only=selected,
     )
 
 
@@ -177,7 +254,8 @@ def _reference(plan: AuditPlan, run: RunSpec) -> dict[str, Any] | None:
 
 
 def prepare_store(plan: AuditPlan) -> RunStore:
-    """Create the audit folder (or reuse it) and mark every unfinished run `pending`."""
+    """Create the audit folder (or reuse it) and mark every unfinished run `pending` (those
+    outside an `--only` slice too: the folder is an audit of the whole spec, resumable)."""
     from stabilitybench import __version__
 
     store = RunStore(plan.out)
@@ -196,7 +274,7 @@ def prepare_store(plan: AuditPlan) -> RunStore:
         )
     elif store.audit().references is None:  # an audit created before references existed
         store.write_audit(store.audit().model_copy(update={"references": plan.references}))
-    for run in plan.todo:
+    for run in plan.unfinished:
         store.writer(run.run_id).update_info(
             **run_info(run, _reference(plan, run)).document(), status=RunStatus.PENDING.value
         )
@@ -240,10 +318,17 @@ def execute_plan(
 def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, int]:
     store = prepare_store(plan)
     todo = plan.todo
-    skipped = len(plan.runs) - len(todo)
+    skipped = len(plan.runs) - plan.outside - len(todo)
+    if plan.outside:
+        console.print(
+            f"--only: {len(plan.runs) - plan.outside} of the spec's {len(plan.runs)} runs; the "
+            f"other {plan.outside} stay pending (run them with another --only, here or elsewhere, "
+            "and `stabilitybench merge` the exports)"
+        )
     if skipped:
         console.print(
-            f"resuming: {skipped} of {len(plan.runs)} runs already done, {len(todo)} to run"
+            f"resuming: {skipped} of {len(plan.runs) - plan.outside} runs already done, "
+            f"{len(todo)} to run"
         )
     groups = share_prefix_groups(todo) if plan.spec.share_prefix else [[run] for run in todo]
     tasks = [
@@ -362,12 +447,14 @@ def run_audit_cli(
     ray_address: str | None = None,
     dry_run: bool = False,
     report: bool = True,
+    only: list[str] | None = None,
     console: Console | None = None,
 ) -> int:
-    """`stabilitybench audit`: returns the exit code (0 all done, 1 some runs failed)."""
+    """`stabilitybench audit`: returns the exit code (0 all done, 1 some runs failed); with
+    `only`, all of the slice done is 0."""
     console = console or Console()
     make_backend(backend, workers, ray_address)  # check the options before anything else
-    plan = plan_audit(spec_path, out, dry_run=dry_run)
+    plan = plan_audit(spec_path, out, dry_run=dry_run, only=only)
     if dry_run:
         print_plan(plan, console, workers=workers)
         return 0
@@ -388,6 +475,16 @@ def run_audit_cli(
     print_where(plan.out, report_path, console)
     total = len(plan.runs)
     unfinished = total - counts["done"] - counts["failed"]
+    if plan.only:  # the runs outside the slice are not this command's to finish
+        store = RunStore(plan.out)
+        counts = {"done": 0, "failed": 0}
+        for run in plan.runs:
+            if in_slice(run, plan.only) and (store.run_dir(run.run_id) / "run.json").exists():
+                status = store.info(run.run_id).status.value
+                if status in counts:
+                    counts[status] += 1
+        total = len(plan.runs) - plan.outside
+        unfinished = total - counts["done"] - counts["failed"]
     if counts["failed"] or unfinished:
         console.print(
             f"[red]{counts['failed']} of {total} runs failed[/]"
@@ -396,6 +493,16 @@ def run_audit_cli(
             highlight=False,
         )
         return 1
+    if plan.only:
+        console.print(
+            f"[green]all {total} runs of the slice done[/]"
+            + escape(
+                f"; {plan.outside} runs of the spec are outside it (export this part with "
+                f"`stabilitybench export {plan.out} --out PART --partial --refittable`)"
+            ),
+            highlight=False,
+        )
+        return 0
     console.print(f"[green]all {total} runs done[/]")
     return 0
 

@@ -33,6 +33,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.host import distinct_hosts
 from stabilitybench.io import write_json
@@ -137,11 +139,17 @@ def export_results(
     target_false_alarms: float | None = None,
     horizon: int | None = None,
     sph: int | None = None,
+    refittable: bool = False,
+    origin: str | None = None,
+    parts: list[dict[str, Any]] | None = None,
     console: Any = None,
 ) -> Path:
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
-    findings folder (`out` may be that folder): its findings are judged again from its runs."""
+    findings folder (`out` may be that folder): its findings are judged again from its runs.
+    `refittable`: keep every telemetry column (`findings.slim.write_run_data`); `origin`: where
+    the runs came from, for summary.json (default: `store`'s folder); `parts`: what
+    version.json records of the parts a merged audit was assembled from (`findings.merge`)."""
     from stabilitybench.evaluation.fitting import fit_audit, needs_fit
     from stabilitybench.findings.slim import write_run_data
 
@@ -151,7 +159,14 @@ def export_results(
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
     if needs_fit(store):  # never fitted, or resumed since: on the audit's full telemetry
-        fit_audit(store, console=console)
+        try:
+            fit_audit(store, console=console)
+        except StabilityBenchError as exc:
+            if not allow_partial:
+                raise
+            # A slice without the healthy runs (`audit --only`): `merge` fits the whole.
+            if console is not None:
+                console.print(escape(f"note: the monitor is not fitted ({exc})"), highlight=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
@@ -163,8 +178,10 @@ def export_results(
             "`hosts`); at the edge of stability a run's outcome can depend on the CPU"
         )
     try:
-        write_run_data(store, tmp)
-        _judge_folder(tmp, store, spec, target_false_alarms, horizon, sph, console)
+        write_run_data(store, tmp, refittable=refittable)
+        _judge_folder(
+            tmp, origin or str(store.root), spec, target_false_alarms, horizon, sph, console
+        )
         write_json(
             tmp / "version.json",
             {
@@ -175,6 +192,8 @@ def export_results(
                 "hosts": hosts,
                 "partial": bool(allow_partial and set(counts) - {"done", "failed"}),
                 "rejudged": store.is_findings_folder,  # re-exported from its per-run data
+                "refittable": refittable,  # every telemetry column kept: `merge` can refit
+                **({"parts": parts} if parts is not None else {}),
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
@@ -187,7 +206,7 @@ def export_results(
 
 def _judge_folder(
     folder: Path,
-    source: RunStore,
+    origin: str,
     spec: str,
     target_false_alarms: float | None,
     horizon: int | None,
@@ -209,7 +228,7 @@ def _judge_folder(
         sph=sph,
         console=console,
     )
-    analysis.summary.audit.path = str(source.root)  # where the runs came from
+    analysis.summary.audit.path = origin  # where the runs came from
     _write_folder(folder, RunStore(folder), analysis, spec)
 
 

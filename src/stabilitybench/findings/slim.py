@@ -8,6 +8,7 @@
     runs/<run_id>/events.parquet            every perturbation window and intervention, as stored
     runs/<run_id>/scores.parquet            the fitted detectors' per-step columns (msm, pca)
     runs/<run_id>/telemetry.parquet         `kept_telemetry_columns` of the run's telemetry only
+                                            (every column with `export --refittable`)
     monitor/fit.json, attribution.json, evaluation.json, score.json   (those the audit has)
     monitor/workload-*/                     each fitted monitor, when under `MAX_MODEL_BYTES`
 
@@ -153,12 +154,14 @@ def has_run_data(path: Path) -> bool:
     return (path / AUDIT_FILE).is_file() and (path / RUNS_DIR).is_dir()
 
 
-def write_run_data(store: RunStore, folder: Path) -> None:
-    """Copy the per-run data of the audit in `store` into `folder` (see the module docstring)."""
+def write_run_data(store: RunStore, folder: Path, *, refittable: bool = False) -> None:
+    """Copy the per-run data of the audit in `store` into `folder` (see the module docstring);
+    `refittable`: every telemetry column, not only `kept_telemetry_columns`, so the monitor can
+    be fitted on the folder's runs again (`findings.merge`)."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(store.audit_file, folder / AUDIT_FILE)
     for run_id in store.run_ids():
-        _copy_run(store, run_id, folder / RUNS_DIR / run_id)
+        _copy_run(store, run_id, folder / RUNS_DIR / run_id, refittable=refittable)
     _copy_monitor(store.root / MONITOR_DIR, folder / MONITOR_DIR)
 
 
@@ -174,7 +177,7 @@ def working_copy(path: Path, folder: Path) -> RunStore:
     return RunStore(folder)
 
 
-def _copy_run(store: RunStore, run_id: str, dest: Path) -> None:
+def _copy_run(store: RunStore, run_id: str, dest: Path, *, refittable: bool = False) -> None:
     """run.json of any run; the tables of a finished one (the analysis reads no others)."""
     source = store.run_dir(run_id)
     dest.mkdir(parents=True)
@@ -190,21 +193,31 @@ def _copy_run(store: RunStore, run_id: str, dest: Path) -> None:
         slim = not store.is_findings_folder
         write_compact(dest / "scores.parquet", source / "scores.parquet", scores=slim)
     if (source / "telemetry.parquet").is_file():
-        write_compact(dest / "telemetry.parquet", source / "telemetry.parquet", telemetry=True)
+        write_compact(
+            dest / "telemetry.parquet",
+            source / "telemetry.parquet",
+            telemetry=True,
+            refittable=refittable,
+        )
 
 
 def write_compact(
-    dest: Path, source: Path, *, telemetry: bool = False, scores: bool = False
+    dest: Path,
+    source: Path,
+    *,
+    telemetry: bool = False,
+    scores: bool = False,
+    refittable: bool = False,
 ) -> None:
     """Rewrite the Parquet file `source` as `dest`, small (`telemetry`: only
-    `kept_telemetry_columns`; `scores`: only `kept_score_columns`), its float columns but
-    `exact_columns` `rounded`."""
+    `kept_telemetry_columns`, or every column if `refittable`; `scores`: only
+    `kept_score_columns`), its float columns but `exact_columns` `rounded`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns = pq.read_schema(source).names
     kept = (
-        kept_telemetry_columns(columns)
+        (None if refittable else kept_telemetry_columns(columns))
         if telemetry
         else kept_score_columns(columns)
         if scores
