@@ -169,6 +169,34 @@ def test_a_run_is_scored_again_only_when_a_part_file_arrives(running_audit: Path
     assert later.runs[0].progress == (50, 100)
 
 
+def test_runs_that_share_a_prefix_show_its_progress(tmp_path: Path) -> None:
+    """While a shared prefix trains (`share_prefix`), its runs have written nothing of their
+    own: each shows the prefix's telemetry under `.prefix/<first run>/`, marked as shared."""
+    from stabilitybench.io import write_json
+    from stabilitybench.store import PREFIX_DIR, PREFIX_MEMBERS, RunWriter
+
+    store = RunStore(tmp_path / "audit")
+    store.write_audit({"name": "shared"})
+    spec = {"workload": {"name": "toy", "kind": "toy", "total_steps": 100}}
+    for run_id in ("run-a", "run-b", "run-c"):
+        store.writer(run_id).start(RunInfo(run_id=run_id, label=run_id, kind="toy", spec=spec))
+    prefix = store.root / PREFIX_DIR / "run-a"
+    prefix.mkdir(parents=True)
+    write_json(prefix / PREFIX_MEMBERS, ["run-a", "run-b"])
+    RunWriter(prefix).write_rows(_telemetry_rows(range(0, 30)))
+    runs = {r.run_id: r for r in read_snapshot(resolve_target(store.root)).runs}
+    assert runs["run-a"].shared and runs["run-b"].shared and not runs["run-c"].shared
+    assert runs["run-a"].progress == runs["run-b"].progress == (30, 100)
+    assert runs["run-c"].progress == (None, 100)
+    table = io.StringIO()
+    Console(file=table, width=300).print(render(read_snapshot(resolve_target(store.root))))
+    assert table.getvalue().count("(shared prefix)") == 2
+    # After the fork a run writes its own tables, and shows them.
+    store.writer("run-b").write_rows(_telemetry_rows(range(0, 35)))
+    runs = {r.run_id: r for r in read_snapshot(resolve_target(store.root)).runs}
+    assert not runs["run-b"].shared and runs["run-b"].progress == (35, 100)
+
+
 def test_running_runs_come_first_then_the_latest_finished(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "audit")
     store.write_audit({"name": "order"})

@@ -55,6 +55,10 @@ EVENT_COLUMNS = (
 )
 AUDIT_FILE = "audit.json"
 RUNS_DIR = "runs"
+PREFIX_DIR = ".prefix"
+"""The audit folder's `.prefix/<run id>/`: a shared prefix's files while it trains (`share_prefix`),
+named after the first of its runs, with `members.json` listing them all."""
+PREFIX_MEMBERS = "members.json"
 FINDINGS_FILE = "summary.json"  # what `export` writes in a findings folder, never in an audit's
 
 
@@ -275,7 +279,7 @@ class RunWriter:
         writer has written so far: a forked run takes over the prefix it shared with others."""
         run_dir = Path(run_dir)
         for item in self.run_dir.iterdir():
-            if item.name == "run.json":
+            if item.name in ("run.json", PREFIX_MEMBERS):
                 continue
             target = run_dir / item.name
             if item.is_dir():

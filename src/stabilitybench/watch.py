@@ -21,7 +21,7 @@ from rich.text import Text
 
 from stabilitybench.errors import StabilityBenchError
 from stabilitybench.io import read_json
-from stabilitybench.store import AUDIT_FILE, RunInfo, RunStore
+from stabilitybench.store import AUDIT_FILE, PREFIX_DIR, PREFIX_MEMBERS, RunInfo, RunStore
 from stabilitybench.streaming import PART_GLOB, partial_dir, read_parts
 from stabilitybench.types import RunStatus
 
@@ -100,6 +100,9 @@ class RunView:
     run_id: str
     info: RunInfo
     tables: TableView
+    shared: bool = (
+        False  # the tables are those of the prefix it shares with others (`share_prefix`)
+    )
 
     @property
     def label(self) -> str:
@@ -176,11 +179,36 @@ def read_snapshot(
     else:
         shown = infos
     before = {} if previous is None else {r.run_id: r.tables for r in previous.runs}
-    runs = tuple(RunView(d.name, info, read_tables(d, before.get(d.name))) for d, info in shown)
+    prefixes = {} if target.single_run else shared_prefixes(target.folder)
+    views = []
+    for d, info in shown:
+        prefix = prefixes.get(d.name) if info.status == RunStatus.RUNNING else None
+        if prefix is not None and not any(_written(table_stamp(d), n) for n in WATCHED_TABLES):
+            views.append(RunView(d.name, info, read_tables(prefix, before.get(d.name)), True))
+        else:
+            views.append(RunView(d.name, info, read_tables(d, before.get(d.name))))
+    runs = tuple(views)
     counts = {s.value: 0 for s in RunStatus}
     for _, info in infos:
         counts[info.status.value] += 1
     return WatchSnapshot(target.title, runs, counts)
+
+
+def shared_prefixes(folder: Path) -> dict[str, Path]:
+    """run id → the folder of the prefix it shares with other runs while that prefix trains
+    (`.prefix/<run id>/`, its `members.json`; a prefix without one, from an older version, is
+    its first run's only)."""
+    root = folder / PREFIX_DIR
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    for prefix in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            members = [str(m) for m in read_json(prefix / PREFIX_MEMBERS)]
+        except (OSError, ValueError, TypeError):
+            members = [prefix.name]
+        found.update(dict.fromkeys(members, prefix))
+    return found
 
 
 def _read_info(run_dir: Path) -> RunInfo | None:
@@ -378,9 +406,12 @@ class _RowCells(NamedTuple):
 
 def _cells(run: RunView, signals: Sequence[str], detectors: Sequence[str]) -> _RowCells:
     by_name = {d.name: d for d in run.tables.detectors}
+    label = Text(run.label)
+    if run.shared:
+        label.append(" (shared prefix)", style="dim")
     return _RowCells(
         [
-            Text(run.label),
+            label,
             Text(run.info.status.value, style=_STATUS_STYLE.get(run.info.status, "")),
             progress_cell(*run.progress),
             *[_number(run.tables.values.get(s)) for s in signals],

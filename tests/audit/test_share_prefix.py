@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from stabilitybench.audit.backends import PREFIX_DIR, execute_shared
+from stabilitybench.audit.backends import execute_shared
 from stabilitybench.audit.runner import run_info, share_prefix_groups
 from stabilitybench.audit.spec import AuditSpec, expand, spec_hash
 from stabilitybench.cli import app
-from stabilitybench.store import RunStore
+from stabilitybench.store import PREFIX_DIR, PREFIX_MEMBERS, RunStore
 from stabilitybench.types import RunSpec
 from stabilitybench.workloads.rl import shared_fork_step
 
@@ -78,6 +78,8 @@ def test_shared_prefix_gives_the_runs_a_plain_audit_gives(
     assert plain.audit().spec_hash == shared.audit().spec_hash  # execution only
     assert plain.run_ids() == shared.run_ids() and len(plain.run_ids()) == len(PERTURBATIONS)
     assert not (shared.root / PREFIX_DIR).exists()
+    # the prefix's list of its runs (for `watch`) stays with the prefix
+    assert not list(shared.root.glob(f"runs/*/{PREFIX_MEMBERS}"))
     fork_steps = set()
     for run_id in plain.run_ids():
         a, b = plain.load(run_id), shared.load(run_id)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stabilitybench.errors import StabilityBenchError
+from stabilitybench.io import write_json
 from stabilitybench.lifetime import die_with_parent
-from stabilitybench.store import RunWriter
+from stabilitybench.store import PREFIX_DIR, PREFIX_MEMBERS, RunWriter
 from stabilitybench.types import RunStatus, last_error_line
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -164,10 +165,6 @@ def execute_task_isolated(
         return pool.submit(execute_task, store_root, spec, info, shared).result()
 
 
-PREFIX_DIR = ".prefix"
-"""The audit folder's `.prefix/<run id>/`: a shared prefix's files while it trains."""
-
-
 def execute_shared(
     store_root: str, members: list[tuple[dict[str, Any], dict[str, Any]]]
 ) -> list[RunResult]:
@@ -188,6 +185,7 @@ def execute_shared(
         shutil.rmtree(Path(store_root) / PREFIX_DIR / run_spec.run_id, ignore_errors=True)
     prefix = Path(store_root) / PREFIX_DIR / specs[0].run_id
     prefix.mkdir(parents=True)
+    write_json(prefix / PREFIX_MEMBERS, [s.run_id for s in specs])  # for `watch`
     started = time.time()
     try:
         workload = build_workload(specs[0].workload)
