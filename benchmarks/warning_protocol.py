@@ -1,6 +1,7 @@
 """Every detector's warning figures beside what no foresight scores, per audit and workload — the
 tables the early-warning guide quotes.
 
+    make demo   # audits/quickstart, the one audit folder it reads (the rest: results/)
     python benchmarks/warning_protocol.py audits/quickstart results/paper_lm_collapse ...
 
 For each audit folder (or re-judgeable findings folder, evaluated in a scratch copy so that it

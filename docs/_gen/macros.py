@@ -23,7 +23,8 @@ COMMANDS = {  # how to produce each file (the script's defaults unless said)
         "results/paper_lm_doses results/lm_buildup"
     ),
     "warning_protocol": (
-        "python benchmarks/warning_protocol.py audits/quickstart results/paper_lm_collapse "
+        "make demo && python benchmarks/warning_protocol.py audits/quickstart "
+        "results/paper_lm_collapse "
         "results/paper_lm_doses results/lm_buildup"
     ),
     "overhead": "python benchmarks/overhead.py",
