@@ -315,10 +315,9 @@ def execute_plan(
                 lock.release()
 
 
-def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, int]:
-    store = prepare_store(plan)
-    todo = plan.todo
-    skipped = len(plan.runs) - plan.outside - len(todo)
+def _say_what_runs(plan: AuditPlan, console: Console) -> None:
+    """The slice `--only` runs, and the runs a resumed audit has already done."""
+    skipped = len(plan.runs) - plan.outside - len(plan.todo)
     if plan.outside:
         console.print(
             f"--only: {len(plan.runs) - plan.outside} of the spec's {len(plan.runs)} runs; the "
@@ -328,8 +327,14 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
     if skipped:
         console.print(
             f"resuming: {skipped} of {len(plan.runs) - plan.outside} runs already done, "
-            f"{len(todo)} to run"
+            f"{len(plan.todo)} to run"
         )
+
+
+def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, int]:
+    store = prepare_store(plan)
+    todo = plan.todo
+    _say_what_runs(plan, console)
     groups = share_prefix_groups(todo) if plan.spec.share_prefix else [[run] for run in todo]
     tasks = [
         RunTask(
@@ -473,18 +478,10 @@ def run_audit_cli(
     finally:
         lock.release()
     print_where(plan.out, report_path, console)
-    total = len(plan.runs)
-    unfinished = total - counts["done"] - counts["failed"]
     if plan.only:  # the runs outside the slice are not this command's to finish
-        store = RunStore(plan.out)
-        counts = {"done": 0, "failed": 0}
-        for run in plan.runs:
-            if in_slice(run, plan.only) and (store.run_dir(run.run_id) / "run.json").exists():
-                status = store.info(run.run_id).status.value
-                if status in counts:
-                    counts[status] += 1
-        total = len(plan.runs) - plan.outside
-        unfinished = total - counts["done"] - counts["failed"]
+        counts = _slice_counts(plan)
+    total = len(plan.runs) - plan.outside
+    unfinished = total - counts["done"] - counts["failed"]
     if counts["failed"] or unfinished:
         console.print(
             f"[red]{counts['failed']} of {total} runs failed[/]"
@@ -505,6 +502,18 @@ def run_audit_cli(
         return 0
     console.print(f"[green]all {total} runs done[/]")
     return 0
+
+
+def _slice_counts(plan: AuditPlan) -> dict[str, int]:
+    """Done and failed runs of the `--only` slice."""
+    store = RunStore(plan.out)
+    counts = {"done": 0, "failed": 0}
+    for run in plan.runs:
+        if in_slice(run, plan.only) and (store.run_dir(run.run_id) / "run.json").exists():
+            status = store.info(run.run_id).status.value
+            if status in counts:
+                counts[status] += 1
+    return counts
 
 
 def print_where(out: Path, report_path: Path | None, console: Console) -> None:

@@ -150,7 +150,7 @@ def export_results(
     `refittable`: keep every telemetry column (`findings.slim.write_run_data`); `origin`: where
     the runs came from, for summary.json (default: `store`'s folder); `parts`: what
     version.json records of the parts a merged audit was assembled from (`findings.merge`)."""
-    from stabilitybench.evaluation.fitting import fit_audit, needs_fit
+    from stabilitybench.evaluation.fitting import needs_fit
     from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
@@ -159,24 +159,11 @@ def export_results(
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
     if needs_fit(store):  # never fitted, or resumed since: on the audit's full telemetry
-        try:
-            fit_audit(store, console=console)
-        except StabilityBenchError as exc:
-            if not allow_partial:
-                raise
-            # A slice without the healthy runs (`audit --only`): `merge` fits the whole.
-            if console is not None:
-                console.print(escape(f"note: the monitor is not fitted ({exc})"), highlight=False)
+        _fit(store, allow_partial, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
     tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
-    hosts = distinct_hosts(i.host for i in store.infos())
-    known = [h for h in hosts if not h.get("unknown")]
-    if len(known) > 1 and console is not None:
-        console.print(
-            f"[yellow]note:[/] the runs trained on {len(known)} different machines (version.json "
-            "`hosts`); at the edge of stability a run's outcome can depend on the CPU"
-        )
+    hosts = _hosts(store, console)
     try:
         write_run_data(store, tmp, refittable=refittable)
         _judge_folder(
@@ -202,6 +189,32 @@ def export_results(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _hosts(store: RunStore, console: Any) -> list[dict[str, Any]]:
+    """The distinct machines the runs trained on, said when there are several."""
+    hosts = distinct_hosts(i.host for i in store.infos())
+    known = [h for h in hosts if not h.get("unknown")]
+    if len(known) > 1 and console is not None:
+        console.print(
+            f"[yellow]note:[/] the runs trained on {len(known)} different machines (version.json "
+            "`hosts`); at the edge of stability a run's outcome can depend on the CPU"
+        )
+    return hosts
+
+
+def _fit(store: RunStore, allow_partial: bool, console: Any) -> None:
+    """Fit the monitor on the audit's full telemetry; for a partial export, a slice that cannot
+    be fitted (`audit --only` without the healthy runs: `merge` fits the whole) is a note."""
+    from stabilitybench.evaluation.fitting import fit_audit
+
+    try:
+        fit_audit(store, console=console)
+    except StabilityBenchError as exc:
+        if not allow_partial:
+            raise
+        if console is not None:
+            console.print(escape(f"note: the monitor is not fitted ({exc})"), highlight=False)
 
 
 def _judge_folder(
