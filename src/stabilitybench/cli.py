@@ -402,6 +402,13 @@ def export(
             "again on this folder's runs together with another part's.",
         ),
     ] = False,
+    fit: Annotated[
+        bool,
+        typer.Option(
+            help="Fit the monitor if the audit has none (--no-fit: claim 3 is not judged; for a "
+            "slice that `merge` fits with the rest).",
+        ),
+    ] = True,
 ) -> None:
     """Write summary.json, evaluation.json, findings (the three claims), report.html with its
     figures, the spec, the versions and the slim per-run data (runs/: evaluations, events,
@@ -418,6 +425,7 @@ def export(
         horizon=horizon,
         sph=sph,
         refittable=refittable,
+        fit=fit,
         console=console,
     )
     console.print(escape(describe(path)), highlight=False)

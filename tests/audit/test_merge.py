@@ -45,7 +45,8 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         assert result.exit_code == 0, result.output
         assert "6 runs of the spec are outside it" in " ".join(result.output.split())
         part = root / f"part_{name}"
-        result = invoke("export", audit, "--out", part, "--partial", "--refittable")
+        fit = "--fit" if name == "high" else "--no-fit"  # a slice merge will fit anyway
+        result = invoke("export", audit, "--out", part, "--partial", "--refittable", fit)
         assert result.exit_code == 0, result.output
         paths[f"audit_{name}"], paths[name] = audit, part
     whole = root / "audit_whole"
@@ -76,6 +77,9 @@ def test_a_refittable_part_keeps_every_telemetry_column(parts: dict[str, Path]) 
     kept = pq.read_schema(parts["low"] / "runs" / run_id / "telemetry.parquet").names
     assert kept == full
     assert json.loads((parts["low"] / "version.json").read_text())["refittable"] is True
+    # exported --no-fit: no monitor, so claim 3 says why it is not judged
+    assert not (parts["low"] / "monitor" / "fit.json").exists()
+    assert "claim 3" in (parts["low"] / "findings.md").read_text()
 
 
 def test_merge_gives_the_whole_audits_verdicts(parts: dict[str, Path], tmp_path: Path) -> None:

@@ -140,6 +140,7 @@ def export_results(
     horizon: int | None = None,
     sph: int | None = None,
     refittable: bool = False,
+    fit: bool = True,
     origin: str | None = None,
     parts: list[dict[str, Any]] | None = None,
     console: Any = None,
@@ -147,7 +148,9 @@ def export_results(
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
     findings folder (`out` may be that folder): its findings are judged again from its runs.
-    `refittable`: keep every telemetry column (`findings.slim.write_run_data`); `origin`: where
+    `refittable`: keep every telemetry column (`findings.slim.write_run_data`); `fit`: False
+    exports an audit without a fitted monitor as it is (a slice that `merge` fits with the
+    rest; claim 3 is then not judged); `origin`: where
     the runs came from, for summary.json (default: `store`'s folder); `parts`: what
     version.json records of the parts a merged audit was assembled from (`findings.merge`)."""
     from stabilitybench.evaluation.fitting import needs_fit
@@ -158,7 +161,7 @@ def export_results(
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
     spec = _spec_yaml(store)
-    if needs_fit(store):  # never fitted, or resumed since: on the audit's full telemetry
+    if fit and needs_fit(store):  # never fitted, or resumed since: on the full telemetry
         _fit(store, allow_partial, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
