@@ -396,18 +396,10 @@ def export(
     ] = False,
     refittable: Annotated[
         bool,
-        typer.Option(
-            "--refittable",
-            help="Keep every telemetry column (rounded), so that `merge` can fit the monitor "
-            "again on this folder's runs together with another part's.",
-        ),
+        typer.Option("--refittable", help="Keep every telemetry column (rounded), for `merge`."),
     ] = False,
     fit: Annotated[
-        bool,
-        typer.Option(
-            help="Fit the monitor if the audit has none (--no-fit: claim 3 is not judged; for a "
-            "slice that `merge` fits with the rest).",
-        ),
+        bool, typer.Option(help="Fit the monitor if the audit has none (--no-fit: for `merge`).")
     ] = True,
 ) -> None:
     """Write summary.json, evaluation.json, findings (the three claims), report.html with its

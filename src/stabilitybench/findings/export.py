@@ -148,11 +148,9 @@ def export_results(
     """Write the findings folder `out` for the audit in `store` (see the module docstring);
     `target_false_alarms` and `horizon` override the spec's `warning` settings. `store` may be a
     findings folder (`out` may be that folder): its findings are judged again from its runs.
-    `refittable`: keep every telemetry column (`findings.slim.write_run_data`); `fit`: False
-    exports an audit without a fitted monitor as it is (a slice that `merge` fits with the
-    rest; claim 3 is then not judged); `origin`: where
-    the runs came from, for summary.json (default: `store`'s folder); `parts`: what
-    version.json records of the parts a merged audit was assembled from (`findings.merge`)."""
+    `refittable`: keep every telemetry column; `fit`: False exports an unfitted audit unfitted
+    (a slice `merge` fits with the rest); `origin`: where the runs came from (summary.json);
+    `parts`: what version.json records of a merged audit's parts (`findings.merge`)."""
     from stabilitybench.evaluation.fitting import needs_fit
     from stabilitybench.findings.slim import write_run_data
 
