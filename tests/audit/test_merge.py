@@ -77,6 +77,11 @@ def test_a_refittable_part_keeps_every_telemetry_column(parts: dict[str, Path]) 
     kept = pq.read_schema(parts["low"] / "runs" / run_id / "telemetry.parquet").names
     assert kept == full
     assert json.loads((parts["low"] / "version.json").read_text())["refittable"] is True
+    # a re-export keeps every column (it would drop what `merge` needs)
+    again = parts["root"] / "again"
+    assert invoke("export", parts["low"], "--out", again, "--partial").exit_code == 0
+    assert pq.read_schema(again / "runs" / run_id / "telemetry.parquet").names == full
+    assert json.loads((again / "version.json").read_text())["refittable"] is True
     # exported --no-fit: no monitor, so claim 3 says why it is not judged
     assert not (parts["low"] / "monitor" / "fit.json").exists()
     assert "claim 3" in (parts["low"] / "findings.md").read_text()

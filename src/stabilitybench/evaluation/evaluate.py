@@ -72,6 +72,18 @@ __all__ = [
 _FIT_HINT = "run `stabilitybench monitor fit DIR`"
 
 
+def _no_fit(store: RunStore) -> StabilityBenchError:
+    """The error for an audit without a fitted monitor; a findings folder's names no path (it is
+    judged in a scratch copy: the documents say the same whoever judges them)."""
+    if store.is_findings_folder:
+        return StabilityBenchError(
+            "no fitted monitor: the folder was exported without one (`export --no-fit`, or a "
+            "slice without healthy runs); `merge` it with the other slices of its audit, or "
+            "export the audit folder again"
+        )
+    return StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
+
+
 def evaluate_audit(
     store: RunStore,
     target_false_alarms: float | None = None,
@@ -134,13 +146,13 @@ def _scored_runs(
         _require_healthy(scored_all)
     require_runs(runs, need_perturbed=True)
     if not (store.root / MONITOR_DIR / FIT_FILE).exists():
-        raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
+        raise _no_fit(store)
     for run in runs:  # a detector that needs no fit, added after the scores were written
         if run.scores is not None and len(run.scores) > 0:
             run.scores = complete_scores(run, run.scores)
     with_scores = [r for r in scored_all if r.run.scores is not None and len(r.run.scores) > 0]
     if not with_scores:
-        raise StabilityBenchError(f"no fitted monitor in {store.root}: {_FIT_HINT}")
+        raise _no_fit(store)
     protocol = Protocol(
         no_lead_steps=NO_LEAD_STEPS,
         bootstrap_reps=reps,

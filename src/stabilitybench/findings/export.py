@@ -155,6 +155,7 @@ def export_results(
     from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
+    refittable = refittable or _refittable(store)  # a re-export keeps what its source kept
     _check_destination(store, out)
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
@@ -190,6 +191,18 @@ def export_results(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _refittable(store: RunStore) -> bool:
+    """Whether `store` is a findings folder exported `--refittable` (every telemetry column)."""
+    from stabilitybench.io import read_json
+
+    version = store.root / "version.json"
+    return (
+        store.is_findings_folder
+        and version.is_file()
+        and bool(read_json(version).get("refittable"))
+    )
 
 
 def _hosts(store: RunStore, console: Any) -> list[dict[str, Any]]:
