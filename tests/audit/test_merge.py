@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from stabilitybench.cli import app
@@ -191,3 +193,13 @@ def test_only_selects_by_seed_and_perturbation(write_spec: Any, tmp_path: Path) 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "4 runs to do" in " ".join(result.output.split())
+    # the estimate counts the slice's runs only: a third of the whole grid's time here
+    from stabilitybench.audit.runner import plan_audit, print_plan
+
+    def estimate(only: list[str]) -> str:
+        out = io.StringIO()
+        print_plan(plan_audit(spec, tmp_path / "b", dry_run=True, only=only), Console(file=out))
+        return " ".join(out.getvalue().split()).split("runs to do ≈ ")[1].split(" with")[0]
+
+    whole, part = estimate([]), estimate(["seed=1", "seed=2", "perturbation=none"])
+    assert (whole, part) == ("6 s", "2 s")

@@ -657,7 +657,7 @@ def print_plan(plan: AuditPlan, console: Console, workers: int | None = None) ->
         seconds = estimate_run_seconds(run.workload)
         total_s += seconds
         status = plan.statuses.get(run.run_id, "new")
-        if status != RunStatus.DONE.value:
+        if status != RunStatus.DONE.value and in_slice(run, plan.only):
             todo_s += seconds
         knobs = ", ".join(f"{k}={v}" for k, v in workload_spec(run.workload).knobs.items())
         row = [
