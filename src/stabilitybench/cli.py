@@ -407,19 +407,21 @@ def export(
     scores, a few telemetry columns) into one small folder that opens offline; a findings folder
     given as the audit is judged again from its runs (--out may be that folder)."""
     from stabilitybench.findings.export import describe, export_results, open_source
+    from stabilitybench.lifetime import exit_on_terminate
 
     store = open_source(audit_dir)
-    path = export_results(
-        store,
-        out,
-        allow_partial=partial,
-        target_false_alarms=target_false_alarms,
-        horizon=horizon,
-        sph=sph,
-        refittable=refittable,
-        fit=fit,
-        console=console,
-    )
+    with exit_on_terminate():  # `kill PID`: the half-written folder goes
+        path = export_results(
+            store,
+            out,
+            allow_partial=partial,
+            target_false_alarms=target_false_alarms,
+            horizon=horizon,
+            sph=sph,
+            refittable=refittable,
+            fit=fit,
+            console=console,
+        )
     console.print(escape(describe(path)), highlight=False)
 
 
@@ -449,10 +451,12 @@ def merge(
     again on all of them, and everything is judged as an export of the whole audit would be."""
     from stabilitybench.findings.export import describe
     from stabilitybench.findings.merge import merge_parts
+    from stabilitybench.lifetime import exit_on_terminate
 
-    path = merge_parts(
-        parts, spec, out, allow_partial=partial, refittable=refittable, console=console
-    )
+    with exit_on_terminate():  # `kill PID`: the assembled and half-written folders go
+        path = merge_parts(
+            parts, spec, out, allow_partial=partial, refittable=refittable, console=console
+        )
     console.print(escape(describe(path)), highlight=False)
 
 

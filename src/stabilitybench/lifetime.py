@@ -17,6 +17,8 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -37,3 +39,24 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     if os.getppid() != parent:  # the parent ended between getppid and prctl
         os.kill(os.getpid(), sig)
     return True
+
+
+@contextmanager
+def exit_on_terminate() -> Iterator[None]:
+    """While inside: SIGTERM (`kill PID`) raises SystemExit(143) in the main thread, so that a
+    command's own cleanup runs (`export` and `merge` remove their temporary folder) instead of
+    the process ending where it stands. Outside the main thread it does nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -203,3 +203,39 @@ def test_only_selects_by_seed_and_perturbation(write_spec: Any, tmp_path: Path) 
 
     whole, part = estimate([]), estimate(["seed=1", "seed=2", "perturbation=none"])
     assert (whole, part) == ("6 s", "2 s")
+
+
+def test_sigterm_raises_system_exit_inside_and_nothing_outside() -> None:
+    import os
+    import signal
+
+    from stabilitybench.lifetime import exit_on_terminate
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as raised, exit_on_terminate():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert raised.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_killed_export_leaves_no_half_written_folder(
+    parts: dict[str, Path], tmp_path: Path
+) -> None:
+    """`kill PID` of an export (SIGTERM) removes its temporary folder on the way out."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "stabilitybench.cli", "export", str(parts["whole"])]
+    process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".killed.*")) and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    if process.poll() is not None:
+        pytest.skip("the export ended before its temporary folder was seen")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert not out.exists() and not list(tmp_path.glob(".killed.*"))
