@@ -100,9 +100,8 @@ class RunView:
     run_id: str
     info: RunInfo
     tables: TableView
-    shared: bool = (
-        False  # the tables are those of the prefix it shares with others (`share_prefix`)
-    )
+    # the tables are those of the prefix it shares with other runs (`share_prefix`)
+    shared: bool = False
 
     @property
     def label(self) -> str:

@@ -290,7 +290,8 @@ def execute_plan(
     console: Console | None = None,
     lock: AuditLock | None = None,
 ) -> dict[str, int]:
-    """Run every unfinished run; return counts by status over the whole grid.
+    """Run every unfinished run (of the `--only` slice); return counts by status over the
+    whole grid (over the slice).
 
     The audit folder is locked while runs execute (a second audit of it is refused). Pass a
     `lock` to keep holding it afterwards (the caller releases it); otherwise it is released here.
@@ -376,7 +377,7 @@ def _execute(plan: AuditPlan, runner: Backend, console: Console) -> dict[str, in
 
         runner.run(tasks, on_result)
     final = {s.value: 0 for s in RunStatus}
-    ids = {r.run_id for r in plan.runs}
+    ids = {r.run_id for r in plan.runs if in_slice(r, plan.only)}
     for run_id in store.run_ids():
         if run_id in ids:
             status = store.info(run_id).status.value
@@ -478,9 +479,7 @@ def run_audit_cli(
     finally:
         lock.release()
     print_where(plan.out, report_path, console)
-    if plan.only:  # the runs outside the slice are not this command's to finish
-        counts = _slice_counts(plan)
-    total = len(plan.runs) - plan.outside
+    total = len(plan.runs) - plan.outside  # the runs outside a slice are not this command's
     unfinished = total - counts["done"] - counts["failed"]
     if counts["failed"] or unfinished:
         console.print(
@@ -502,18 +501,6 @@ def run_audit_cli(
         return 0
     console.print(f"[green]all {total} runs done[/]")
     return 0
-
-
-def _slice_counts(plan: AuditPlan) -> dict[str, int]:
-    """Done and failed runs of the `--only` slice."""
-    store = RunStore(plan.out)
-    counts = {"done": 0, "failed": 0}
-    for run in plan.runs:
-        if in_slice(run, plan.only) and (store.run_dir(run.run_id) / "run.json").exists():
-            status = store.info(run.run_id).status.value
-            if status in counts:
-                counts[status] += 1
-    return counts
 
 
 def print_where(out: Path, report_path: Path | None, console: Console) -> None:

@@ -155,7 +155,7 @@ def export_results(
     from stabilitybench.findings.slim import write_run_data
 
     out = Path(out)
-    refittable = refittable or _refittable(store)  # a re-export keeps what its source kept
+    refittable = refittable or is_refittable(store)  # a re-export keeps what its source kept
     _check_destination(store, out)
     counts = _status_counts(store)
     _check_complete(store, counts, allow_partial)
@@ -193,7 +193,7 @@ def export_results(
     return out
 
 
-def _refittable(store: RunStore) -> bool:
+def is_refittable(store: RunStore) -> bool:
     """Whether `store` is a findings folder exported `--refittable` (every telemetry column)."""
     from stabilitybench.io import read_json
 

@@ -99,18 +99,16 @@ def merge_parts(
 
 def _open_part(path: Path) -> RunStore:
     """A part: an audit folder (full telemetry), or a findings folder exported `--refittable`."""
-    from stabilitybench.findings.export import open_source
+    from stabilitybench.findings.export import is_refittable, open_source
 
     if not path.is_dir():
         raise StabilityBenchError(f"merge: {path} is not a folder (a findings or audit folder)")
     store = open_source(path)
-    if store.is_findings_folder:
-        version = path / "version.json"
-        if not version.is_file() or not read_json(version).get("refittable"):
-            raise StabilityBenchError(
-                f"merge: {path} keeps only the telemetry the analysis reads, so the monitor "
-                f"cannot be fitted on it again; {REFITTABLE_HINT}"
-            )
+    if store.is_findings_folder and not is_refittable(store):
+        raise StabilityBenchError(
+            f"merge: {path} keeps only the telemetry the analysis reads, so the monitor "
+            f"cannot be fitted on it again; {REFITTABLE_HINT}"
+        )
     return store
 
 
