@@ -78,6 +78,8 @@ def test_export_writes_the_findings_folder(finished: Path, tmp_path: Path) -> No
     for png in (out / "figures").glob("*.png"):  # the report's own images, not re-rendered
         assert base64.b64encode(png.read_bytes()).decode("ascii") in html
     assert "<html" in html and 'src="http' not in html  # self-contained
+    # It names the audit folder the runs came from, not the temporary folder it was built in.
+    assert f"<td>{finished}</td>" in html and ".tmp" not in html
     # The claims: `findings` prints findings.md, from the folder or from the audit itself.
     text = (out / "findings.md").read_text()
     assert text.startswith("## Findings: toy-test") and "### Claim 3" in text

@@ -53,8 +53,11 @@ def _facts(data: ReportData, store: RunStore) -> str:
 
     spec = audit_spec(data)
     version = data.audit.version
+    # A findings folder's report is written in export's temporary folder: name where its runs
+    # came from (the summary's path, which export sets to the audit folder or the merged parts).
+    source = data.summary.audit.path if data.summary is not None else None
     rows = [
-        ("audit folder", esc(store.root)),
+        ("audit folder", esc(source or store.root)),
         ("package version (audit)", esc(version or "unknown")),
         ("package version (report)", esc(__version__)),
     ]
