@@ -218,3 +218,31 @@ def test_an_unknown_view_is_one_clear_error() -> None:
 
     with pytest.raises(StabilityBenchError, match="feature_view must be one of level, change"):
         FeatureExtractor(["grad_norm"], np.zeros(1), np.ones(1), view="slope")
+
+
+def test_a_role_that_did_not_step_is_missing_not_diverged() -> None:
+    """TD3 steps its actor every `policy_delay` critic steps: the actor's columns are empty on the
+    other rows. That is no divergence (it used to score every other TD3 step +inf); a missing
+    grad norm on a row where the role stepped (its `nonfinite_grads` recorded) still is."""
+    from stabilitybench.monitor.features import divergence_mask
+
+    def two_roles(seed: int) -> pd.DataFrame:
+        base = synthetic_telemetry(seed, n=40)
+        table = pd.DataFrame({"step": base["step"]})
+        for role in ("critic", "actor"):
+            for column in ("grad_norm", "update_ratio", "nonfinite_grads"):
+                table[f"{role}/{column}"] = base[column].to_numpy(dtype=float)
+        table.loc[table.index % 2 == 0, [c for c in table if c.startswith("actor/")]] = np.nan
+        return table
+
+    features = FeatureExtractor.fit([two_roles(0)])
+    table = two_roles(1)
+    assert not divergence_mask(table).any()
+    x = features.transform(table, clip=False)
+    assert np.all(np.isfinite(x)) and np.all(x[:, -1] == 0.0)
+    stepped = table.copy()
+    stepped.loc[5, "actor/grad_norm"] = np.nan  # the actor stepped (counter 0) with no norm
+    assert divergence_mask(stepped).tolist() == [i == 5 for i in range(40)]
+    features.reset()
+    online = np.stack([features.transform_row(r) for r in table.to_dict("records")])
+    np.testing.assert_allclose(online, features.transform(table), atol=1e-12)

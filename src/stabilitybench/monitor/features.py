@@ -229,7 +229,12 @@ def transform_array(values: np.ndarray, kind: str) -> np.ndarray:
 
 
 def divergence_mask(table: pd.DataFrame, scalings: Mapping[str, str] | None = None) -> np.ndarray:
-    """Per row: non-finite gradients were recorded (`nonfinite_grads` > 0 or a non-finite grad norm)."""
+    """Per row: non-finite gradients were recorded (`nonfinite_grads` > 0 or a non-finite grad norm).
+
+    A missing grad norm is a divergence only on a row where its optimizer stepped: where the
+    same role's `nonfinite_grads` was recorded (or, without that column, always). A role that
+    did not step on that row — TD3's actor, updated every `policy_delay` critic steps — leaves
+    its columns empty, and that is no divergence (it made every other TD3 step +inf)."""
     known = column_scalings() if scalings is None else scalings
     mask = np.zeros(len(table), dtype=bool)
     for column in table.columns:
@@ -238,7 +243,13 @@ def divergence_mask(table: pd.DataFrame, scalings: Mapping[str, str] | None = No
         if base == "nonfinite_grads":
             mask |= np.nan_to_num(values, nan=0.0) > 0
         elif base == "grad_norm":
-            mask |= np.isinf(values) | np.isnan(values)
+            counter = str(column)[: len(str(column)) - len(base)] + "nonfinite_grads"
+            stepped = (
+                ~np.isnan(pd.to_numeric(table[counter], errors="coerce").to_numpy(dtype=float))
+                if counter in table.columns
+                else True
+            )
+            mask |= np.isinf(values) | (np.isnan(values) & stepped)
     return mask
 
 
@@ -516,6 +527,11 @@ def _row_diverged(row: Mapping[str, Any], scalings: Mapping[str, str]) -> bool:
         elif base == "grad_norm":
             if value is None:
                 continue
-            if not math.isfinite(float(value)):
+            v = float(value)
+            if math.isinf(v):
                 return True
+            if math.isnan(v):  # missing, unless its optimizer stepped (`divergence_mask`)
+                counter = row.get(column[: len(column) - len(base)] + "nonfinite_grads", 0.0)
+                if counter is not None and not math.isnan(float(counter)):
+                    return True
     return False
