@@ -228,6 +228,12 @@ def transform_array(values: np.ndarray, kind: str) -> np.ndarray:
         return values.astype(float)
 
 
+def _counter_of(column: str, base: str) -> str:
+    """The `nonfinite_grads` column of `column`'s optimizer role (`actor/grad_norm` →
+    `actor/nonfinite_grads`): recorded on the rows where that optimizer stepped."""
+    return column[: len(column) - len(base)] + "nonfinite_grads"
+
+
 def divergence_mask(table: pd.DataFrame, scalings: Mapping[str, str] | None = None) -> np.ndarray:
     """Per row: non-finite gradients were recorded (`nonfinite_grads` > 0 or a non-finite grad norm).
 
@@ -243,7 +249,7 @@ def divergence_mask(table: pd.DataFrame, scalings: Mapping[str, str] | None = No
         if base == "nonfinite_grads":
             mask |= np.nan_to_num(values, nan=0.0) > 0
         elif base == "grad_norm":
-            counter = str(column)[: len(str(column)) - len(base)] + "nonfinite_grads"
+            counter = _counter_of(str(column), base)
             stepped = (
                 ~np.isnan(pd.to_numeric(table[counter], errors="coerce").to_numpy(dtype=float))
                 if counter in table.columns
@@ -531,7 +537,7 @@ def _row_diverged(row: Mapping[str, Any], scalings: Mapping[str, str]) -> bool:
             if math.isinf(v):
                 return True
             if math.isnan(v):  # missing, unless its optimizer stepped (`divergence_mask`)
-                counter = row.get(column[: len(column) - len(base)] + "nonfinite_grads", 0.0)
+                counter = row.get(_counter_of(column, base), 0.0)
                 if counter is not None and not math.isnan(float(counter)):
                     return True
     return False
