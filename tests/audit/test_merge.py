@@ -239,7 +239,26 @@ def test_a_killed_export_leaves_no_half_written_folder(
     process.send_signal(signal.SIGTERM)
     code = process.wait(timeout=60)
     assert not list(tmp_path.glob(".killed.*"))  # whenever the signal landed
-    if code == 0:  # it landed as the finished folder was renamed into place
-        assert (out / "findings.md").is_file()
+    assert code in (0, 143)
+    if out.exists():  # it landed as (or after) the finished folder was renamed into place
+        assert (out / "findings.md").is_file() and (out / "version.json").is_file()
     else:
-        assert code == 143 and not out.exists()
+        assert code == 143
+
+
+@pytest.mark.parametrize("where", ["_hosts", "write_run_data", "_replace"])
+def test_a_signal_anywhere_after_the_mkdir_leaves_no_temporary_folder(
+    parts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """SIGTERM is SystemExit(143) inside `export`; wherever it lands once the temporary folder
+    exists (even before the first file is written), the folder goes with it."""
+    import stabilitybench.findings.export as export
+    import stabilitybench.findings.slim as slim
+
+    def terminated(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit(143)
+
+    monkeypatch.setattr(slim if where == "write_run_data" else export, where, terminated)
+    with pytest.raises(SystemExit):
+        export.export_results(RunStore(parts["whole"]), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -164,9 +164,9 @@ def export_results(
         _fit(store, allow_partial, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{time.time_ns()}.tmp")
-    tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
-    hosts = _hosts(store, console)
-    try:
+    try:  # from the mkdir on: a SIGTERM that lands anywhere after it removes the folder
+        tmp.mkdir()  # mode 0o777 filtered by the user's umask, like the files in it
+        hosts = _hosts(store, console)
         write_run_data(store, tmp, refittable=refittable)
         _judge_folder(
             tmp, origin or str(store.root), spec, target_false_alarms, horizon, sph, console
