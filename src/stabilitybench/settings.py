@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stabilitybench.errors import StabilityBenchError
+
 COLLAPSE_THRESHOLD = 0.5
 """Progress below which a run has collapsed (a fraction of its pre-onset progress)."""
 COLLAPSE_RECOVERY = 0.9
@@ -49,6 +51,12 @@ TARGET_FALSE_ALARMS = 1.0
 """False alarms per 1,000 steps on held-out healthy runs that thresholds are calibrated for."""
 MAX_TARGET_FALSE_ALARMS = 500.0
 """An alarm is an up-crossing, which needs a step below the threshold before it."""
+MAX_SHARE_IN_WARNING = 0.5
+"""The most of a healthy run that the warning settings let a calibrated detector spend in
+warning: an episode renews its alarm every `horizon` steps, so a target of r false alarms per
+1,000 steps allows up to r × horizon / 1,000 of the steps in warning (an alarm that never goes
+off costs 1,000 / horizon per 1k). Above half, a recall comes nearly free and the target no
+longer tells a detector that warns from one that is always on."""
 
 
 class _Settings(BaseModel):
@@ -98,6 +106,27 @@ class WarningSettings(_Settings):
         default=TARGET_FALSE_ALARMS, gt=0.0, le=MAX_TARGET_FALSE_ALARMS, allow_inf_nan=False
     )  # per 1,000 steps on held-out healthy runs
 
+    @property
+    def share_in_warning(self) -> float:
+        """The most of a healthy run a detector calibrated to these settings can be in warning."""
+        return self.target_false_alarms * self.horizon / 1000.0
+
+    def check(self, where: str) -> None:
+        """A user error if the target lets a calibrated detector stay in warning (see
+        `MAX_SHARE_IN_WARNING`); `where` names the settings (`warning`, a workload)."""
+        if self.share_in_warning <= MAX_SHARE_IN_WARNING:
+            return
+        always_on = 1000.0 / self.horizon
+        raise StabilityBenchError(
+            f"{where}: target_false_alarms {self.target_false_alarms:g} per 1,000 steps with "
+            f"horizon {self.horizon} lets a calibrated detector be in warning on up to "
+            f"{min(self.share_in_warning, 1.0):.0%} of healthy steps (an episode renews its alarm "
+            f"every horizon steps: one that never goes off costs {always_on:g} per 1k), so a "
+            f"recall would come nearly free; keep target_false_alarms x horizon at most "
+            f"{MAX_SHARE_IN_WARNING * 1000:g}, e.g. target_false_alarms "
+            f"{100 / self.horizon:g} with horizon {self.horizon}"
+        )
+
     def over(self, override: WarningSettings | None) -> WarningSettings:
         """These settings with the fields `override` set explicitly put over them."""
         if override is None:
@@ -112,5 +141,7 @@ def warning_by_workload(spec: Mapping[str, Any]) -> dict[str, WarningSettings]:
     found = {}
     for workload in spec.get("workloads") or []:
         own = workload.get("warning")
-        found[str(workload["name"])] = top.over(WarningSettings.model_validate(own or {}))
+        name = str(workload["name"])
+        found[name] = top.over(WarningSettings.model_validate(own or {}))
+        found[name].check(f"warning of workload {name!r}")
     return found

@@ -125,6 +125,21 @@ def test_calibrated_threshold_meets_the_false_alarm_target() -> None:
     assert calibrate_threshold(runs, target_per_1k=1e-6) > max(r.max() for r in runs)
 
 
+def test_calibration_never_reaches_past_a_threshold_that_misses_the_target() -> None:
+    """Renewed episodes make the rate fall again far below: a score on a plateau with frequent
+    blips above it misses the target at the blips' level (20 per 1k) and meets it on the plateau
+    (one episode renewed every 1,000 steps: 1 per 1k) while in warning 98 % of the time. The
+    calibration keeps the alarm off instead (the old bisection chose the plateau)."""
+    from stabilitybench.metrics.alarms import warning_mask
+
+    run = np.ones(5000)
+    run[:100] = 0.0
+    run[100::50] = 2.0
+    threshold = calibrate_threshold([run, run.copy()], target_per_1k=2.0, sop=1000)
+    assert false_alarm_rate([run], 1.0, sop=1000) <= 2.0 < false_alarm_rate([run], 2.0, sop=1000)
+    assert threshold > 2.0 and not warning_mask(run, threshold).any()
+
+
 def test_unfitted_monitor_and_empty_input_are_user_errors() -> None:
     with pytest.raises(StabilityBenchError, match="not fitted"):
         MetaStateMonitor().score(synthetic_telemetry(0, n=10))

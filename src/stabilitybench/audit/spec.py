@@ -134,6 +134,7 @@ def validate_spec(data: dict[str, Any], *, unfitted: list[str] | None = None) ->
         _check_reference(workload, index)
         workloads.append(workload)
     _check_eval_every(spec, workloads)
+    _check_warning(spec, workloads)
     _perturbation_lists(spec.perturbations)
     for index, workload in enumerate(workloads):
         if workload.perturbations is not None:
@@ -216,6 +217,17 @@ def _check_eval_every(spec: AuditSpec, workloads: list[WorkloadSpec]) -> None:
                 f"{workload.name!r}; no evaluation would happen during the run, so collapse "
                 f"could not be judged; use an eval.every of at most {total}"
             )
+
+
+def _check_warning(spec: AuditSpec, workloads: list[WorkloadSpec]) -> None:
+    """Each workload's warning settings (its own over the audit's) must keep a calibrated
+    detector out of warning most of the time (`WarningSettings.check`)."""
+    top = spec.warning or WarningSettings()
+    for index, workload in enumerate(workloads):
+        if workload.warning is None:
+            top.check("warning")
+        else:
+            top.over(workload.warning).check(f"workloads[{index}].warning")
 
 
 def _check_reference(workload: WorkloadSpec, index: int) -> None:

@@ -113,6 +113,7 @@ def evaluate_audit(
     protocol.target_false_alarms = audit_level.target_false_alarms
     chosen = {n: per_workload.get(n, audit_level).over(override) for n in groups}
     for name, settings in chosen.items():
+        settings.check(f"warning of workload {name!r}")
         _check_length(name, groups[name], settings)
     rng = np.random.default_rng(seed)
     draws: dict[str, dict[str, np.ndarray]] = defaultdict(dict)

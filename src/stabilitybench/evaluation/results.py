@@ -104,8 +104,9 @@ class Protocol:
     )
     lead: str = "collapse start − the start of the episode that holds the first true alarm"
     calibration: str = (
-        "per workload and held-out seed: the smallest threshold with at most the target alarms "
-        "per 1,000 steps (episode starts and renewals) on the healthy runs of the other seeds"
+        "per workload and held-out seed: the smallest threshold at which it and every stricter "
+        "one give at most the target alarms per 1,000 steps (episode starts and renewals) on "
+        "the healthy runs of the other seeds"
     )
     chance: str = (
         "chance_recall: 1 − (1 − w)·exp(−λ·sop), w the detector's time in warning and λ its "

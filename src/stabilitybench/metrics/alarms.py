@@ -98,32 +98,25 @@ def false_alarm_rate(
 def calibrate_threshold(
     scores: Sequence[np.ndarray], target_per_1k: float, *, sop: int | None = None, gap: int = 0
 ) -> float:
-    """Smallest threshold whose false-alarm rate on these runs is at most `target_per_1k`.
+    """Smallest threshold at which this and every stricter threshold give at most
+    `target_per_1k` false alarms per 1,000 steps on these runs.
 
-    scores: one (n_i,) array per held-out healthy run. Candidates are the observed values
-    (the largest finite one plus a margin is always feasible). Returns +inf for no data.
+    scores: one (n_i,) array per held-out healthy run. Candidates are the observed values from
+    the median up, scanned down from the top until one misses the target (the largest finite
+    value plus a margin is always feasible). The rate need not fall with the threshold: a lower
+    one merges episodes into fewer (renewed) alarms, so a threshold far below the first miss
+    can meet the target again while it keeps the alarm on most of the time; the scan never
+    reaches past the first miss. Returns +inf for no data.
     """
     values = np.concatenate([np.asarray(s, dtype=float) for s in scores]) if scores else np.zeros(0)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return math.inf
     top = float(values.max())
-    fallback = top + max(1e-9, 1e-6 * abs(top))
+    best = top + max(1e-9, 1e-6 * abs(top))
     candidates = np.unique(np.quantile(values, np.linspace(0.5, 1.0, 201)))
-
-    def rate(threshold: float) -> float:
-        return false_alarm_rate(scores, threshold, sop=sop, gap=gap)
-
-    lo, hi = 0, len(candidates) - 1
-    best = fallback
-    # The rate falls (nearly) monotonically with the threshold: bisect, then confirm.
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if rate(float(candidates[mid])) <= target_per_1k:
-            best = float(candidates[mid])
-            hi = mid - 1
-        else:
-            lo = mid + 1
-    if rate(best) > target_per_1k:
-        best = fallback
+    for candidate in candidates[::-1]:
+        if false_alarm_rate(scores, float(candidate), sop=sop, gap=gap) > target_per_1k:
+            break
+        best = float(candidate)
     return best
