@@ -124,7 +124,7 @@ class WarningSettings(_Settings):
             f"every horizon steps: one that never goes off costs {always_on:g} per 1k), so a "
             f"recall would come nearly free; keep target_false_alarms x horizon at most "
             f"{MAX_SHARE_IN_WARNING * 1000:g}, e.g. target_false_alarms "
-            f"{100 / self.horizon:g} with horizon {self.horizon}"
+            f"{100 / self.horizon:.2g} with horizon {self.horizon}"
         )
 
     def over(self, override: WarningSettings | None) -> WarningSettings:

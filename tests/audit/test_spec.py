@@ -91,6 +91,16 @@ BAD_SPECS = [
         ["warning.target_false_alarms", "greater than 0"],
     ),
     (
+        "warning target a detector always in warning meets",
+        toy_spec(warning={"horizon": 1000}),
+        ["warning: target_false_alarms 1 per 1,000 steps with horizon 1000", "up to 100%"],
+    ),
+    (
+        "workload's warning target a detector mostly in warning meets",
+        _with("workloads.0.warning", {"horizon": 600}),
+        ["workloads[0].warning", "up to 60%", "target_false_alarms 0.17 with horizon 600"],
+    ),
+    (
         "warning sph as long as the run",
         _with("workloads.0.warning", {"sph": 60}),
         ["workloads[0]", "warning.sph (60) must be less than total_steps (60)"],
@@ -267,3 +277,10 @@ def test_shipped_examples_are_valid_audits(example: Path, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     assert "estimated cost" in result.output
     assert not out.exists()
+
+
+def test_a_long_horizon_passes_with_a_target_each_workload_lowers() -> None:
+    spec = toy_spec(warning={"horizon": 1000})
+    spec["workloads"][0]["warning"] = {"target_false_alarms": 0.1}
+    validated = validate_spec(spec)
+    assert validated.warning is not None and validated.warning.horizon == 1000

@@ -99,6 +99,7 @@ def _run(
     onset: int | None = 40,
     workload: str = "w",
     n: int = 100,
+    label: str | None = None,
 ) -> ScoredRun:
     """A scored run of n steps: zeros, `spikes` {step: score}; judged runs collapse at
     `collapse_at` (None: they do not), their perturbation starting at `onset`."""
@@ -107,12 +108,12 @@ def _run(
         scores[step] = value
     kind = "none" if healthy else "lr_spike"
     info = {
-        "run_id": f"{workload}-{seed}-{kind}-{collapse_at}-{sorted(spikes)}",
+        "run_id": f"{workload}-{seed}-{label or kind}-{collapse_at}-{sorted(spikes)}",
         "workload": workload,
         "seed": seed,
         "status": "done",
         "healthy": healthy,
-        "perturbation": {"kind": kind, "label": kind, "params": {}},
+        "perturbation": {"kind": kind, "label": label or kind, "params": {}},
     }
     frame = pd.DataFrame({"step": np.arange(n), "score": scores})
     run = RunData(info["run_id"], info, frame, pd.DataFrame(), pd.DataFrame(), scores=frame)
@@ -397,3 +398,24 @@ def test_recipes_on_trial_count_from_the_spec_onset() -> None:
     # before: every onset was "events"-only and the recipes on trial had no hard negatives
     plain = [ScoredRun(r.run, replace(r.record, on_trial=False)) for r in hold]
     assert all(r.onset_step is None for r in plain)
+
+
+def test_the_clock_knows_which_perturbation_began() -> None:
+    """A detector that alarms on every ramp run, collapsed or not, and stays quiet after the
+    spikes: matched over all the runs that did not collapse, a clock cannot be that quiet and
+    warns of nothing; matched per perturbation, it warns of what the detector does."""
+    healthy = [_run(s, {}, healthy=True) for s in range(3)]
+    ramp = [_run(s, {70: 10}, collapse_at=90, label="ramp") for s in range(3)]
+    ramp_calm = _run(3, {70: 10}, label="ramp")  # the ramp, seen, but no collapse
+    spikes = [_run(s, {}, label="spike") for s in range(2)]  # quiet: nothing follows
+    doomed = _run(4, {70: 10}, collapse_at=90, label="doomed")  # every run of it collapses
+    settings = _settings(horizon=20, sph=2, target_false_alarms=1.0)
+    split = WorkloadRuns(healthy, [*ramp, ramp_calm, *spikes, doomed])
+    result, _ = evaluate_detector(_Score, split, settings, np.random.default_rng(0), 20)
+    assert result.event_recall == 1.0  # the alarm at 70 is 20 steps before each collapse at 90
+    # 1 alarm in the 3 calm runs' 180 post-onset steps: a clock raises at least one per run
+    assert result.false_alarms_per_1k_not_collapsed == pytest.approx(1000 / 180)
+    # per perturbation: on the ramp, 1 alarm in 60 steps; a clock from step 80 (one alarm)
+    # warns of the collapses at 90 (80 <= 90 - SPH); the `doomed` collapse is one a clock
+    # that knows the perturbation predicts; the spikes have no collapse to warn of
+    assert result.clock_recall == 1.0

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from monitor_synthetic import make_audit
 from stabilitybench.cli import app
 from stabilitybench.detectors.base import detector_classes
+from stabilitybench.errors import StabilityBenchError
 from stabilitybench.evaluation.alarms import auroc, auroc_bootstrap_ci
 from stabilitybench.evaluation.evaluate import evaluate_audit, fit_audit
 from stabilitybench.metrics.serialize import to_jsonable
@@ -254,6 +255,9 @@ def test_warning_settings_come_from_the_spec_per_workload_and_the_cli_overrides(
     )
     overridden = evaluate_audit(fitted, horizon=5).workloads["synth"]
     assert (overridden.horizon, overridden.target_false_alarms_per_1k) == (5, 1.0)
+    # a target that a detector in warning on every step would meet is refused, not scored
+    with pytest.raises(StabilityBenchError, match=r"warning of workload 'synth'.*up to 100%"):
+        evaluate_audit(fitted, target_false_alarms=10.0)
 
 
 def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:

@@ -82,7 +82,7 @@ def evaluate_detector(
     _false_alarms(result, healthy, judged, state, settings)
     leadable = _recall(result, judged, state, settings)
     _chance(result, leadable, state, settings, rng)
-    clock_control(result, WorkloadRuns(healthy, judged), settings)
+    clock_control(result, WorkloadRuns(healthy, judged), settings, state)
     draws = _step_auroc(result, [*healthy, *judged], column, settings, rng, reps)
     _outcome_auroc(result, [r for r in judged if r.onset_step is not None], column)
     _dose_auroc(result, judged, column)
@@ -223,29 +223,53 @@ def _chance(
     result.chance_recall_p95 = float(np.percentile(draws, 95))
 
 
-def clock_control(result: DetectorResult, split: WorkloadRuns, settings: WarningSettings) -> None:
-    """The clock control's recall at this detector's false-alarm rate on the perturbed runs
-    that did not collapse (None without such runs, with a note)."""
-    fa = result.false_alarms_per_1k_not_collapsed
-    collapses = [
-        (onset, interval[0])
+def clock_control(
+    result: DetectorResult,
+    split: WorkloadRuns,
+    settings: WarningSettings,
+    state: dict[int, AlarmState],
+) -> None:
+    """The clock control's recall: a clock that knows which perturbation began (it runs from
+    that perturbation's onset), matched per perturbation to this detector's false-alarm rate on
+    that perturbation's runs that did not collapse; a collapse of a perturbation none of whose
+    runs escaped is one the clock warns of (knowing the perturbation is enough to predict it).
+    None without any such run, with a note. `state`: the detector's alarms per run."""
+    leadable = [
+        r
         for r in split.judged
-        if (interval := r.collapse_interval) is not None
-        and (onset := r.onset_step) is not None
+        if r.collapse_interval is not None
+        and r.onset_step is not None
         and not r.no_lead_possible(settings.sph)
     ]
-    negatives = [
-        (onset, int(r.steps.max()))
-        for r in hard_negatives(split.judged)
-        if (onset := r.onset_step) is not None
-    ]
-    if fa is None or not negatives:
+    calm = [r for r in hard_negatives(split.judged) if r.onset_step is not None]
+    if result.false_alarms_per_1k_not_collapsed is None or not calm:
         result.note(
             "no perturbed run (other than the sham arm) that did not collapse: no hard "
             "negative, so the clock control cannot be matched"
         )
         return
-    result.clock_recall = clock_recall_at(collapses, negatives, fa, settings.sph, settings.horizon)
+    groups: dict[str, tuple[list[ScoredRun], list[ScoredRun]]] = defaultdict(lambda: ([], []))
+    for run in leadable:
+        groups[run.record.perturbation][0].append(run)
+    for run in calm:
+        groups[run.record.perturbation][1].append(run)
+    warned = 0.0
+    for collapsed, negatives in groups.values():
+        if not collapsed:
+            continue
+        if not negatives:  # every run of this perturbation collapsed
+            warned += len(collapsed)
+            continue
+        fa = _after_onset_rate(negatives, state)
+        recall = clock_recall_at(
+            [(r.onset_step, r.collapse_interval[0]) for r in collapsed],  # type: ignore[index,misc]
+            [(r.onset_step, int(r.steps.max())) for r in negatives],  # type: ignore[misc]
+            fa or 0.0,
+            settings.sph,
+            settings.horizon,
+        )
+        warned += (recall or 0.0) * len(collapsed)
+    result.clock_recall = warned / len(leadable) if leadable else None
 
 
 def _seed_units(

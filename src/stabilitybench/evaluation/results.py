@@ -45,7 +45,7 @@ class DetectorResult:
         None  # a random predictor with the same alarm rate and warning time
     )
     chance_recall_p95: float | None = None  # 95th percentile of the recall of shifted alarms
-    clock_recall: float | None = None  # the clock control at the same FA on non-collapsed runs
+    clock_recall: float | None = None  # the clock control, per perturbation at the same FA
     lead_time_median: float | None = None  # collapse start − start of the first true episode
     lead_time_iqr: list[float] | None = None  # [q25, q75]
     false_alarms_per_1k: float | None = None  # on healthy runs of held-out seeds
@@ -116,9 +116,11 @@ class Protocol:
     )
     clock: str = (
         "clock_recall: the `clock` control (in warning from d steps after the onset, renewed "
-        "every sop) at the smallest d whose false alarms per 1,000 post-onset steps on the hard "
-        "negatives (perturbed runs that did not collapse, the sham arm not among them) are at "
-        "most the detector's own there"
+        "every sop), per perturbation at the smallest d whose false alarms per 1,000 post-onset "
+        "steps on that perturbation's hard negatives (its runs that did not collapse, the sham "
+        "arm not among them) are at most the detector's own there; a collapse of a perturbation "
+        "without hard negatives counts as warned (knowing the perturbation predicts it); the "
+        "recall over every collapse with room, null without any hard negative"
     )
     doses: str = (
         "outcome_auroc_doses: the outcome AUROC among runs of one perturbation kind given at "
