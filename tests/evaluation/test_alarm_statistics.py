@@ -182,10 +182,10 @@ def test_warning_figures_by_hand() -> None:
     # episodes in the 225 steps out of warning
     assert result.chance_recall == pytest.approx(1 - (1 - 5 / 230) * math.exp(-3 / 225 * 20))
     assert result.chance_recall_p95 is not None and 0 <= result.chance_recall_p95 <= 1
-    # clock: 2 alarms per 60 post-onset steps on the calm run is reached from d = 20 on
-    # (alarms at 60 and 80); it then warns of the collapses with room 60 − 2 − 40 = 18 < 20,
-    # 38 and 48 → 2 of 3
-    assert result.clock_recall == pytest.approx(2 / 3)
+    # clock: 2 alarms per 60 post-onset steps on the calm run; two alarms from onset + 18
+    # (58, 78) warn of the collapses with room 60 − 2 − 40 = 18, 38 and 48 (18 <= room <= 58):
+    # 3 of 3 (a clock that stays on waits until d = 20 and warns of 2)
+    assert result.clock_recall == pytest.approx(1.0)
     # outcome AUROC, max over [onset 40, 50]: collapsed 10, 0, 0, 0 vs not collapsed 10
     assert result.outcome_auroc == pytest.approx(0.5 / 4)
     # step AUROC: positives at [c − 22, c − 2] of the collapses with room; negatives the
@@ -261,9 +261,15 @@ def test_the_clock_control_at_a_matched_false_alarm_rate() -> None:
     calm = [(300, 999)] * 4
     # from onset on, a clock renewed every 100 steps raises 7 alarms in 700 steps = 10 per 1k
     assert clock_recall_at(collapses, calm, 10.0, 10, 100) == 1.0
-    # at 5 per 1k it must wait until only 3-4 alarms fit: d with 1 + (699 − d) // 100 <= 3.5
-    # → d = 400 > 280 − 10: it warns of nothing
-    assert clock_recall_at(collapses, calm, 5.0, 10, 100) == 0.0
+    # at 5 per 1k a clock that stays on must wait until only 3 alarms fit (d = 400 > 280 − 10)
+    # and warns of nothing; but 3 alarms from onset + 170 (470, 570, 670) cost as much and
+    # warn of every collapse (170 <= 270 <= 170 + 3·100): the best schedule counts
+    assert clock_recall_at(collapses, calm, 5.0, 10, 100) == 1.0
+    # one alarm on each calm run is 4 in 2,800 steps (1.43 per 1k): below that, no schedule
+    assert clock_recall_at(collapses, calm, 1.4, 10, 100) == 0.0
+    # at 1.5 per 1k one alarm per run: it covers one SOP, so of collapses 270 and 680 steps
+    # after onset (less SPH) it warns of one
+    assert clock_recall_at([(300, 580), (300, 990)], calm, 1.5, 10, 100) == 0.5
     assert clock_recall_at(collapses, [], 5.0, 10, 100) is None
 
 

@@ -197,25 +197,35 @@ def clock_recall_at(
     sph: int,
     sop: int,
 ) -> float | None:
-    """The recall of the `clock` control (in warning from `d` steps after the onset on, renewed
-    every `sop`) at the smallest delay `d` whose false alarms per 1,000 post-onset steps on the
-    runs that did not collapse are at most `false_alarms_per_1k`.
+    """The recall of the best `clock` control at `false_alarms_per_1k` on the runs that did not
+    collapse: a schedule that knows only the onset, in warning from `d` steps after it for `k`
+    alarms (the first at onset + d, then one every `sop`; `k` unbounded: it stays on), over every
+    `d` and `k` whose false alarms per 1,000 post-onset steps on those runs are at most the rate.
 
     collapses: (onset, collapse start) per collapsed run; negatives: (onset, last step) per
-    perturbed run that did not collapse. A clock started at onset + d warns of a collapse at c
-    iff onset + d <= c − sph (a renewal then falls in the window). None without negatives.
-    """
+    perturbed run that did not collapse. Its alarms at onset + d + j·sop (j < k) warn of a
+    collapse at c iff onset + d <= c − sph <= onset + d + k·sop. A single alarm at the onset is
+    among them: a detector that only marks the onset, whatever follows, does no better.
+    None without negatives."""
     if not negatives or not collapses:
         return None
     onsets = np.asarray([o for o, _ in negatives], dtype=float)
-    ends = np.asarray([e for _, e in negatives], dtype=float)
-    steps = float(np.sum(np.maximum(ends - onsets + 1, 0)))
+    length = np.maximum(np.asarray([e for _, e in negatives], dtype=float) - onsets + 1, 0)
+    steps = float(np.sum(length))
     if steps <= 0:
         return None
     room = np.asarray([c - sph - o for o, c in collapses], dtype=float)
-    for d in range(int(np.max(ends - onsets)) + 2):
-        start = onsets + d
-        alarms = np.where(start <= ends, 1 + np.floor((ends - start) / sop), 0.0)
-        if 1000.0 * alarms.sum() / steps <= false_alarms_per_1k:
-            return float(np.mean(room >= d))
-    return 0.0
+    delays = np.arange(int(np.max(length)) + 1, dtype=float)[:, None]  # (d, 1)
+    # alarms a clock that stays on raises on each negative run: 1 + ⌊(L − 1 − d) / sop⌋
+    fits = np.where(delays <= length - 1, 1 + np.floor((length - 1 - delays) / sop), 0.0)
+    most = int(fits.max())
+    best = 0.0
+    for k in range(1, most + 2):  # k = most + 1: more than any run holds, it stays on
+        rate = 1000.0 * np.minimum(fits, k).sum(axis=1) / steps  # (d,)
+        ok = delays[rate <= false_alarms_per_1k, 0]
+        if ok.size == 0:
+            continue
+        span = np.inf if k > most else k * sop
+        warned = (room[None, :] >= ok[:, None]) & (room[None, :] <= ok[:, None] + span)
+        best = max(best, float(warned.mean(axis=1).max()))
+    return best

@@ -115,10 +115,11 @@ class Protocol:
         "circularly at random before its collapse"
     )
     clock: str = (
-        "clock_recall: the `clock` control (in warning from d steps after the onset, renewed "
-        "every sop), per perturbation at the smallest d whose false alarms per 1,000 post-onset "
-        "steps on that perturbation's hard negatives (its runs that did not collapse, the sham "
-        "arm not among them) are at most the detector's own there; a collapse of a perturbation "
+        "clock_recall: the `clock` control, per perturbation the best schedule that knows only "
+        "the onset (k alarms from d steps after it, one every sop; k unbounded: it stays on) "
+        "among those whose false alarms per 1,000 post-onset steps on that perturbation's hard "
+        "negatives (its runs that did not collapse, the sham arm not among them) are at most "
+        "the detector's own there; a collapse of a perturbation "
         "without hard negatives counts as warned (knowing the perturbation predicts it); the "
         "recall over every collapse with room, null without any hard negative"
     )

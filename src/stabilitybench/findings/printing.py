@@ -240,8 +240,9 @@ def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
         f"SPH + SOP steps after it; thresholds calibrated per workload on held-out healthy seeds "
         f"to {_num(claims.target_false_alarms_per_1k, 1)} false alarm per 1k steps{_share(claims)}. "
         "Beside each recall: chance (the 95th percentile of the recall of the detector's own "
-        "alarms shifted at random) and the clock control: a clock from the onset of the run's "
-        "perturbation, matched per perturbation to the detector's false-alarm rate on the runs "
+        "alarms shifted at random) and the clock control: the best alarm schedule that knows "
+        "only the onset of the run's perturbation (from a fixed delay, one alarm or more), "
+        "matched per perturbation to the detector's false-alarm rate on the runs "
         "of that perturbation that did not collapse (it warns of every collapse of a "
         "perturbation none of whose runs escaped); `in warning, healthy` is the share of "
         "held-out healthy steps inside an alarm episode.",
