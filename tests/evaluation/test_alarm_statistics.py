@@ -425,3 +425,8 @@ def test_the_clock_knows_which_perturbation_began() -> None:
     # warns of the collapses at 90 (80 <= 90 - SPH); the `doomed` collapse is one a clock
     # that knows the perturbation predicts; the spikes have no collapse to warn of
     assert result.clock_recall == 1.0
+    # only perturbations none of whose runs escaped collapse: nothing to match the clock on
+    alone = WorkloadRuns(healthy, [doomed, *spikes])
+    result, _ = evaluate_detector(_Score, alone, settings, np.random.default_rng(0), 20)
+    assert result.clock_recall is None
+    assert any("no hard negative of the same perturbation" in n for n in result.notes)

@@ -233,7 +233,7 @@ def clock_control(
     that perturbation's onset), matched per perturbation to this detector's false-alarm rate on
     that perturbation's runs that did not collapse; a collapse of a perturbation none of whose
     runs escaped is one the clock warns of (knowing the perturbation is enough to predict it).
-    None without any such run, with a note. `state`: the detector's alarms per run."""
+    None, with a note, where no collapse's perturbation has such a run (nothing to match). `state`: the detector's alarms per run."""
     leadable = [
         r
         for r in split.judged
@@ -253,11 +253,17 @@ def clock_control(
         groups[run.record.perturbation][0].append(run)
     for run in calm:
         groups[run.record.perturbation][1].append(run)
+    if leadable and not any(collapsed and negatives for collapsed, negatives in groups.values()):
+        result.note(
+            "no run of a perturbation that collapsed runs escaped collapse: no hard negative of "
+            "the same perturbation, so the clock control cannot be matched"
+        )
+        return
     warned = 0.0
     for collapsed, negatives in groups.values():
         if not collapsed:
             continue
-        if not negatives:  # every run of this perturbation collapsed
+        if not negatives:  # every run of this perturbation collapsed: knowing it is enough
             warned += len(collapsed)
             continue
         fa = _after_onset_rate(negatives, state)

@@ -97,7 +97,7 @@ VERDICT_RULES = {
         "the clock warns), its held-out false alarms are at most 2x the target and "
         "its median lead >= SPH; else not supported (< 3 collapses with room for a warning: "
         "inconclusive); not testable if the criterion flags > 10% of sham/unperturbed runs or "
-        "no perturbed run other than the sham arm escaped collapse (no hard negative)"
+        "no run of the perturbations that collapsed runs escaped collapse (no hard negative)"
     ),
 }
 
@@ -400,8 +400,9 @@ def warning_verdict(msm: DetectorRow | None, rule: WarningRule) -> Verdict:
     if msm.clock_recall is None:
         return Verdict(
             NOT_TESTABLE,
-            "no perturbed run other than the sham arm escaped collapse: no hard negative to "
-            "tell a warning of collapse from a reaction to the perturbation",
+            "no run of the perturbations that collapsed runs escaped collapse (the sham arm "
+            "aside): no hard negative to tell a warning of collapse from a reaction to the "
+            "perturbation",
         )
     text = (
         f"recall {msm.event_recall:.2f} ({msm.n_warned}/{msm.n_collapses}), chance p95 "
