@@ -100,6 +100,7 @@ def _run(
     workload: str = "w",
     n: int = 100,
     label: str | None = None,
+    params: dict[str, object] | None = None,
 ) -> ScoredRun:
     """A scored run of n steps: zeros, `spikes` {step: score}; judged runs collapse at
     `collapse_at` (None: they do not), their perturbation starting at `onset`."""
@@ -113,7 +114,7 @@ def _run(
         "seed": seed,
         "status": "done",
         "healthy": healthy,
-        "perturbation": {"kind": kind, "label": label or kind, "params": {}},
+        "perturbation": {"kind": kind, "label": label or kind, "params": params or {}},
     }
     frame = pd.DataFrame({"step": np.arange(n), "score": scores})
     run = RunData(info["run_id"], info, frame, pd.DataFrame(), pd.DataFrame(), scores=frame)
@@ -411,12 +412,14 @@ def test_the_clock_knows_which_perturbation_began() -> None:
     spikes: matched over all the runs that did not collapse, a clock cannot be that quiet and
     warns of nothing; matched per perturbation, it warns of what the detector does."""
     healthy = [_run(s, {}, healthy=True) for s in range(3)]
-    ramp = [_run(s, {70: 10}, collapse_at=90, label="ramp") for s in range(3)]
-    ramp_calm = _run(3, {70: 10}, label="ramp")  # the ramp, seen, but no collapse
-    spikes = [_run(s, {}, label="spike") for s in range(2)]  # quiet: nothing follows
-    doomed = _run(4, {70: 10}, collapse_at=90, label="doomed")  # every run of it collapses
+    ramp, spike = {"duration": 40, "ramp": "geometric"}, {"duration": 2}
+    ramps = [_run(s, {70: 10}, collapse_at=90, params={**ramp, "factor": 30}) for s in range(3)]
+    # the same ramp at a lower dose: seen, but no collapse (the clock knows a ramp, not its dose)
+    ramp_calm = _run(3, {70: 10}, params={**ramp, "factor": 10})
+    spikes = [_run(s, {}, params={**spike, "factor": 10}) for s in range(2)]  # quiet after
+    doomed = _run(4, {70: 10}, collapse_at=90, params={"duration": 20})  # every run collapses
     settings = _settings(horizon=20, sph=2, target_false_alarms=1.0)
-    split = WorkloadRuns(healthy, [*ramp, ramp_calm, *spikes, doomed])
+    split = WorkloadRuns(healthy, [*ramps, ramp_calm, *spikes, doomed])
     result, _ = evaluate_detector(_Score, split, settings, np.random.default_rng(0), 20)
     assert result.event_recall == 1.0  # the alarm at 70 is 20 steps before each collapse at 90
     # 1 alarm in the 3 calm runs' 180 post-onset steps: a clock raises at least one per run

@@ -10,6 +10,7 @@ control at the detector's own false-alarm rate on the runs that did not collapse
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,6 +224,19 @@ def _chance(
     result.chance_recall_p95 = float(np.percentile(draws, 95))
 
 
+def without_dose(run: ScoredRun) -> str:
+    """What was done to the run, but not how strongly: its perturbation's kind and every
+    parameter except the one its class declares as its size (`magnitude_field`), so an LR ramp
+    at x300 and at x1000 are one perturbation, a ramp and a spike two."""
+    from stabilitybench.perturbations import registry
+
+    info = run.run.info.perturbation
+    cls = registry().get(info.kind)
+    size = None if cls is None else cls.magnitude_field
+    params = {k: v for k, v in info.params.items() if k != size}
+    return json.dumps([info.kind, params], sort_keys=True, default=str)
+
+
 def clock_control(
     result: DetectorResult,
     split: WorkloadRuns,
@@ -230,7 +244,7 @@ def clock_control(
     state: dict[int, AlarmState],
 ) -> None:
     """The clock control's recall: a clock that knows which perturbation began (it runs from
-    that perturbation's onset), matched per perturbation to this detector's false-alarm rate on
+    that perturbation's onset), but not its dose (`without_dose`), matched per perturbation to this detector's false-alarm rate on
     that perturbation's runs that did not collapse; a collapse of a perturbation none of whose
     runs escaped is one the clock warns of (knowing the perturbation is enough to predict it).
     None, with a note, where no collapse's perturbation has such a run (nothing to match). `state`: the detector's alarms per run."""
@@ -250,9 +264,9 @@ def clock_control(
         return
     groups: dict[str, tuple[list[ScoredRun], list[ScoredRun]]] = defaultdict(lambda: ([], []))
     for run in leadable:
-        groups[run.record.perturbation][0].append(run)
+        groups[without_dose(run)][0].append(run)
     for run in calm:
-        groups[run.record.perturbation][1].append(run)
+        groups[without_dose(run)][1].append(run)
     if leadable and not any(collapsed and negatives for collapsed, negatives in groups.values()):
         result.note(
             "no run of a perturbation that collapsed runs escaped collapse: no hard negative of "

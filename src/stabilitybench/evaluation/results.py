@@ -115,7 +115,8 @@ class Protocol:
         "circularly at random before its collapse"
     )
     clock: str = (
-        "clock_recall: the `clock` control, per perturbation the best schedule that knows only "
+        "clock_recall: the `clock` control, per perturbation (its kind and parameters, not its "
+        "dose) the best schedule that knows only "
         "the onset (k alarms from d steps after it, one every sop; k unbounded: it stays on) "
         "among those whose false alarms per 1,000 post-onset steps on that perturbation's hard "
         "negatives (its runs that did not collapse, the sham arm not among them) are at most "

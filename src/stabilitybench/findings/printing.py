@@ -242,7 +242,7 @@ def _claim3(items: Sequence[WarningFinding], claims: Claims) -> list[str]:
         "Beside each recall: chance (the 95th percentile of the recall of the detector's own "
         "alarms shifted at random) and the clock control: the best alarm schedule that knows "
         "only the onset of the run's perturbation (from a fixed delay, one alarm or more), "
-        "matched per perturbation to the detector's false-alarm rate on the runs "
+        "matched per perturbation (not per dose) to the detector's false-alarm rate on the runs "
         "of that perturbation that did not collapse (it warns of every collapse of a "
         "perturbation none of whose runs escaped); `in warning, healthy` is the share of "
         "held-out healthy steps inside an alarm episode.",

@@ -59,7 +59,7 @@ def _intro(e: Evaluation) -> str:
         "collapses with a true alarm, beside chance (a random predictor with the same alarm "
         "rate and time in warning; in brackets the 95th percentile of the recall with each "
         "run's alarms shifted at random) and the clock control (the best schedule of alarms "
-        "from a fixed delay after the onset of the run's perturbation, one or more, matched per perturbation to the detector's own "
+        "from a fixed delay after the onset of the run's perturbation, one or more, matched per perturbation (not per dose) to the detector's own "
         "false-alarm rate on that perturbation's runs that did not collapse; a perturbation "
         "none of whose runs escaped: the clock warns); lead time: collapse start minus the start of the episode that holds the "
         "first true alarm; false alarms per 1,000 steps on held-out healthy runs and on "
