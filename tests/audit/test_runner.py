@@ -108,6 +108,32 @@ def test_a_different_spec_is_refused_for_an_existing_audit(
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+def test_a_spec_that_changes_only_how_warnings_are_scored_resumes_the_audit(
+    write_spec: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`warning` scores the runs and trains nothing: the audit resumes, its record takes the new
+    settings (what `evaluate` then reads), and a change to the runs is still refused."""
+    from stabilitybench.audit.backends import LocalBackend
+    from stabilitybench.store import RunStore
+
+    monkeypatch.setattr(LocalBackend, "run", lambda self, tasks, on_result: None)
+    out = tmp_path / "audit"
+    assert _audit(write_spec(toy_spec(seeds=[0])), out).exit_code == 1
+    first = RunStore(out).audit()
+    spec = toy_spec(seeds=[0], warning={"horizon": 20, "target_false_alarms": 2.0})
+    spec["workloads"][0]["warning"] = {"sph": 5}
+    result = _audit(write_spec(spec, name="rescored.yaml"), out)
+    assert result.exit_code == 1 and "different spec" not in result.output  # resumed
+    after = RunStore(out).audit()
+    assert after.spec_hash != first.spec_hash and after.run_ids == first.run_ids
+    assert after.spec["warning"] == {"horizon": 20, "target_false_alarms": 2.0}
+    assert after.spec["workloads"][0]["warning"] == {"sph": 5}
+    changed = toy_spec(seeds=[0], warning={"horizon": 20, "target_false_alarms": 2.0})
+    changed["workloads"][0]["total_steps"] = 80
+    refused = _audit(write_spec(changed, name="changed.yaml"), out)
+    assert refused.exit_code == 2 and "different spec" in " ".join(refused.output.split())
+
+
 def test_dry_run_prints_the_grid_and_writes_nothing(write_spec: Any, tmp_path: Path) -> None:
     out = tmp_path / "audit"
     result = runner.invoke(

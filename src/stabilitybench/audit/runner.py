@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ def plan_audit(
     check_runs(spec, runs)
     digest = spec_hash(spec)
     out = Path(out).expanduser().absolute()
-    statuses = folder_statuses(out, digest)
+    statuses = folder_statuses(out, digest, resolved_spec(spec))
     return AuditPlan(
         spec=spec,
         runs=runs,
@@ -192,8 +193,22 @@ def plan_audit(
     )
 
 
-def folder_statuses(out: Path, digest: str) -> dict[str, str]:
-    """run_id → status of an existing audit folder of this spec ({} for a new or empty one)."""
+def without_scoring(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved spec without what only scores the runs (`warning`, the audit's and each
+    workload's): two specs equal here train the same runs."""
+    out = {k: v for k, v in resolved.items() if k != "warning"}
+    out["workloads"] = [
+        {k: v for k, v in w.items() if k != "warning"} for w in resolved.get("workloads") or []
+    ]
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def folder_statuses(
+    out: Path, digest: str, resolved: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """run_id → status of an existing audit folder of this spec ({} for a new or empty one). A
+    folder whose spec differs from `resolved` (this spec) only in `warning` is this spec's: its
+    runs are the same, and `prepare_store` records the new warning settings."""
     if out.exists() and not out.is_dir():
         raise StabilityBenchError(f"--out: {out} is a file; give a folder for the audit")
     if not out.is_dir() or all(p.name == LOCK_FILE for p in out.iterdir()):
@@ -205,7 +220,8 @@ def folder_statuses(out: Path, digest: str) -> dict[str, str]:
             "(no audit.json); give a new or empty folder"
         )
     existing = store.audit()
-    if existing.spec_hash != digest:
+    same_runs = resolved is not None and without_scoring(existing.spec) == without_scoring(resolved)
+    if existing.spec_hash != digest and not same_runs:
         raise StabilityBenchError(
             f"--out: {out} was created from a different spec (audit "
             f"{existing.name!r}); runs of different specs are never mixed, "
@@ -272,8 +288,15 @@ def prepare_store(plan: AuditPlan) -> RunStore:
                 "references": plan.references,
             }
         )
-    elif store.audit().references is None:  # an audit created before references existed
-        store.write_audit(store.audit().model_copy(update={"references": plan.references}))
+    else:
+        audit = store.audit()
+        if audit.spec_hash != plan.spec_hash:  # only `warning` differs (`folder_statuses`)
+            audit = audit.model_copy(
+                update={"spec": resolved_spec(plan.spec), "spec_hash": plan.spec_hash}
+            )
+            store.write_audit(audit)
+        if audit.references is None:  # an audit created before references existed
+            store.write_audit(audit.model_copy(update={"references": plan.references}))
     for run in plan.unfinished:
         store.writer(run.run_id).update_info(
             **run_info(run, _reference(plan, run)).document(), status=RunStatus.PENDING.value
@@ -306,7 +329,7 @@ def execute_plan(
             lock.acquire()
         # Another audit may have finished runs since `plan_audit` looked: look again, now that
         # nobody else can write the folder.
-        plan.statuses = folder_statuses(plan.out, plan.spec_hash)
+        plan.statuses = folder_statuses(plan.out, plan.spec_hash, resolved_spec(plan.spec))
         return _execute(plan, runner, console)
     finally:
         try:
