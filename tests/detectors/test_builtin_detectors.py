@@ -225,6 +225,25 @@ def test_rolling_kendall_tau_matches_scipy() -> None:
     assert np.isnan(taus[13])
 
 
+def test_rolling_kendall_tau_is_tau_a_over_every_pair_with_ties_and_gaps() -> None:
+    """Tau-a (ties count 0, over all w(w−1)/2 pairs) of each full window, exactly; a window
+    holding a NaN is NaN."""
+    rng = np.random.default_rng(8)
+    values = np.round(rng.standard_normal(120), 1)  # many ties
+    values[[30, 31, 90]] = np.nan
+    window = 12
+    taus = score_fns.rolling_kendall_tau(values, window)
+    pairs = window * (window - 1) / 2
+    for end in range(window - 1, len(values)):
+        win = values[end - window + 1 : end + 1]
+        if np.isnan(win).any():
+            assert np.isnan(taus[end])
+            continue
+        by_hand = sum(np.sign(win[j] - win[i]) for i in range(window) for j in range(i + 1, window))
+        assert taus[end] == by_hand / pairs
+    assert np.isnan(taus[: window - 1]).all()
+
+
 def test_ews_rises_on_critical_slowing_down_and_stays_low_on_white_noise() -> None:
     rng = np.random.default_rng(7)
     n = 400

@@ -216,15 +216,25 @@ def rolling_kendall_tau(values: np.ndarray, window: int) -> np.ndarray:
     """Kendall's tau (tau-a) between time and value over each trailing window; NaN until full.
 
     The classic early-warning trend statistic (Dakos et al. 2012). Windows with NaN give NaN.
+    Per lag L, the signs of x[t + L] − x[t] are summed over the window with a cumulative sum:
+    O(n·window), where comparing every pair of every window is O(n·window²); the sums are of
+    −1, 0 and 1, so exact either way.
     """
-    out = np.full(len(values), np.nan)
-    if len(values) < window:
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    out = np.full(n, np.nan)
+    if n < window:
         return out
-    win = sliding_window_view(values, window)  # (m, w)
-    diffs = np.sign(win[:, None, :] - win[:, :, None])  # (m, w, w): sign(x_j − x_i)
-    upper = np.triu(np.ones((window, window), dtype=bool), k=1)
-    tau = diffs[:, upper].sum(axis=1) / upper.sum()
-    tau[np.isnan(win).any(axis=1)] = np.nan
+    ends = np.arange(window - 1, n)  # the last index of each full window
+    total = np.zeros(len(ends))
+    for lag in range(1, window):
+        signs = np.nan_to_num(np.sign(values[lag:] - values[:-lag]))  # pairs (t, t + lag)
+        cumulative = np.concatenate([[0.0], np.cumsum(signs)])
+        # a window ending at e holds the pairs starting at e − window + 1 … e − lag
+        total += cumulative[ends - lag + 1] - cumulative[ends - window + 1]
+    tau = total / (window * (window - 1) / 2)
+    gaps = np.concatenate([[0], np.cumsum(np.isnan(values))])
+    tau[(gaps[ends + 1] - gaps[ends - window + 1]) > 0] = np.nan
     out[window - 1 :] = tau
     return out
 
