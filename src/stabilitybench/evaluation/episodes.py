@@ -5,7 +5,8 @@ A detector's alarms are its episodes' starts and their renewals every SOP steps
 [t + SPH, t + SPH + SOP] (`protocol.ScoredRun.collapse_interval`). Beside every recall stand
 what no foresight scores: a random predictor with the detector's own alarm rate and time in
 warning (analytic, and by surrogates that shift each run's alarms at random), and the `clock`
-control at the detector's own false-alarm rate on the runs that did not collapse.
+control: the best alarm schedule that knows only the onset of the run's perturbation, at the
+detector's own false-alarm rate on the runs of that perturbation that did not collapse.
 """
 
 from __future__ import annotations
@@ -244,10 +245,12 @@ def clock_control(
     state: dict[int, AlarmState],
 ) -> None:
     """The clock control's recall: a clock that knows which perturbation began (it runs from
-    that perturbation's onset), but not its dose (`without_dose`), matched per perturbation to this detector's false-alarm rate on
-    that perturbation's runs that did not collapse; a collapse of a perturbation none of whose
-    runs escaped is one the clock warns of (knowing the perturbation is enough to predict it).
-    None, with a note, where no collapse's perturbation has such a run (nothing to match). `state`: the detector's alarms per run."""
+    that perturbation's onset) but not its dose (`without_dose`), matched per perturbation to
+    this detector's false-alarm rate on that perturbation's runs that did not collapse
+    (`clock_recall_at`: the best onset-only schedule); a collapse of a perturbation none of
+    whose runs escaped is one the clock warns of (knowing the perturbation predicts it). None,
+    with a note, where no collapse's perturbation has such a run (nothing to match). `state`:
+    the detector's alarms per run."""
     leadable = [
         r
         for r in split.judged

@@ -67,14 +67,14 @@ HEADERS = {
     ],
 }
 LEGEND = (
-    "recall: collapses with a true alarm (collapse starting SPH to SPH + SOP steps after it); "
-    "p95: the 95th percentile of recall with each run's alarms shifted at random (chance); "
-    "clock: the recall of the best alarm schedule that knows only the onset of each run's "
-    "perturbation (not its dose), at the detector's own false-alarm rate on that "
-    "perturbation's runs that did not collapse; lead: collapse − start of the first true alarm's episode; FA/1k: false "
-    "alarms per 1,000 steps on held-out healthy runs (FA nc: on perturbed runs that did not "
-    "collapse, after onset); warn: share of healthy steps in warning; AUROC: step AUROC; "
-    "outc.: onset-window outcome AUROC"
+    "recall: collapses with a true alarm (collapse starting SPH to SPH + SOP steps after it); p95: "
+    "the 95th percentile of recall with each run's alarms shifted at random (chance); clock: the "
+    "recall of the best alarm schedule that knows only the onset of each run's perturbation (not "
+    "its dose), at the detector's own false-alarm rate on that perturbation's runs that did not "
+    "collapse; lead: collapse − start of the first true alarm's episode; FA/1k: false alarms per "
+    "1,000 steps on held-out healthy runs (FA nc: on perturbed runs that did not collapse, after "
+    "onset); warn: share of healthy steps in warning; AUROC: step AUROC; outc.: onset-window "
+    "outcome AUROC"
 )
 
 

@@ -90,14 +90,14 @@ VERDICT_RULES = {
     ),
     "3": (
         "the monitor (msm), alarm episodes renewed every SOP, true if the collapse starts SPH to "
-        "SPH + SOP steps later: supported if its event recall is above its chance 95th "
-        "percentile (shifted alarms) and above the clock control (the best alarm schedule from "
-        "the onset of the run's perturbation, matched per perturbation (not per dose) to its false-alarm rate on the runs of "
-        "that perturbation that did not collapse; a perturbation none of whose runs escaped: "
-        "the clock warns), its held-out false alarms are at most 2x the target and "
-        "its median lead >= SPH; else not supported (< 3 collapses with room for a warning: "
-        "inconclusive); not testable if the criterion flags > 10% of sham/unperturbed runs or "
-        "no run of the perturbations that collapsed runs escaped collapse (no hard negative)"
+        "SPH + SOP steps later: supported if its event recall is above its chance 95th percentile "
+        "(shifted alarms) and above the clock control (the best alarm schedule from the onset of "
+        "the run's perturbation, matched per perturbation (not per dose) to its false-alarm rate "
+        "on the runs of that perturbation that did not collapse; a perturbation none of whose runs "
+        "escaped: the clock warns), its held-out false alarms are at most 2x the target and its "
+        "median lead >= SPH; else not supported (< 3 collapses with room for a warning: "
+        "inconclusive); not testable if the criterion flags > 10% of sham/unperturbed runs or no "
+        "run of the perturbations that collapsed runs escaped collapse (no hard negative)"
     ),
 }
 

@@ -270,7 +270,10 @@ def _share(claims: Claims) -> str:
     if claims.target_false_alarms_per_1k is None or claims.horizon is None:
         return ""
     share = min(claims.target_false_alarms_per_1k * claims.horizon / 1000.0, 1.0)
-    return f" (so on the runs it is calibrated on a detector is in warning at most {share:.0%} of the time)"
+    return (
+        f" (so on the runs it is calibrated on a detector is in warning at most {share:.0%} "
+        "of the time)"
+    )
 
 
 def _practice(claims: Claims) -> list[str]:
