@@ -260,6 +260,23 @@ def test_warning_settings_come_from_the_spec_per_workload_and_the_cli_overrides(
         evaluate_audit(fitted, target_false_alarms=10.0)
 
 
+def test_a_command_line_target_mends_a_spec_whose_target_is_refused(fitted: RunStore) -> None:
+    """A folder whose spec allows a detector always in warning (horizon 1000 at the default
+    target) is refused as it is, and scored once `--target-false-alarms` brings it in range."""
+    original = fitted.audit()
+    spec = dict(original.spec)
+    spec["warning"] = {"horizon": 1000}
+    spec["workloads"] = [{"name": "synth"}]
+    fitted.write_audit(original.model_copy(update={"spec": spec}))
+    try:
+        with pytest.raises(StabilityBenchError, match="up to 100%"):
+            evaluate_audit(fitted)
+        mended = evaluate_audit(fitted, target_false_alarms=0.1).workloads["synth"]
+    finally:
+        fitted.write_audit(original)
+    assert (mended.horizon, mended.target_false_alarms_per_1k) == (1000, 0.1)
+
+
 def test_scores_are_queryable_for_the_report(fitted: RunStore) -> None:
     frame = fitted.query("SELECT count(*) AS n, max(msd) AS top FROM scores")
     assert int(frame["n"].iloc[0]) == sum(len(fitted.load(r).telemetry) for r in fitted.run_ids())

@@ -203,9 +203,7 @@ def without_scoring(resolved: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def folder_statuses(
-    out: Path, digest: str, resolved: Mapping[str, Any] | None = None
-) -> dict[str, str]:
+def folder_statuses(out: Path, digest: str, resolved: Mapping[str, Any]) -> dict[str, str]:
     """run_id → status of an existing audit folder of this spec ({} for a new or empty one). A
     folder whose spec differs from `resolved` (this spec) only in `warning` is this spec's: its
     runs are the same, and `prepare_store` records the new warning settings."""
@@ -220,8 +218,7 @@ def folder_statuses(
             "(no audit.json); give a new or empty folder"
         )
     existing = store.audit()
-    same_runs = resolved is not None and without_scoring(existing.spec) == without_scoring(resolved)
-    if existing.spec_hash != digest and not same_runs:
+    if existing.spec_hash != digest and without_scoring(existing.spec) != without_scoring(resolved):
         raise StabilityBenchError(
             f"--out: {out} was created from a different spec (audit "
             f"{existing.name!r}); runs of different specs are never mixed, "

@@ -14,6 +14,7 @@ from stabilitybench.findings.claims import (
 )
 from stabilitybench.metrics.guards import ON_TRIAL_CONDITION
 from stabilitybench.metrics.summary_printing import knobs_text
+from stabilitybench.settings import share_in_warning
 
 CLAIMS = {
     "1": "high final performance is often decoupled from stability",
@@ -269,7 +270,7 @@ def _share(claims: Claims) -> str:
     warning on at most target × SOP / 1,000 of the calibration steps."""
     if claims.target_false_alarms_per_1k is None or claims.horizon is None:
         return ""
-    share = min(claims.target_false_alarms_per_1k * claims.horizon / 1000.0, 1.0)
+    share = min(share_in_warning(claims.target_false_alarms_per_1k, claims.horizon), 1.0)
     return (
         f" (so on the runs it is calibrated on a detector is in warning at most {share:.0%} "
         "of the time)"
